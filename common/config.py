@@ -1,0 +1,231 @@
+"""Typed configuration: `site.yaml` (one per hospital) and `federation.yaml` (the coordinator's).
+
+Every default lives here, once. Loading rejects unknown keys and wrong types with a message that
+names the file, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or invalid; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- site
+
+
+class PhantomConfig(_Strict):
+    """The built-in procedural "phantom clinic": several images per patient."""
+
+    n_patients: int = Field(60, ge=3)
+    images_per_patient: int = Field(6, ge=1)
+    n_classes: int = Field(2, ge=2, le=10)
+    seed: int = 0
+
+
+class SplitConfig(_Strict):
+    """Patient-level split fractions; whatever is left after train and holdout is test."""
+
+    train: float = Field(0.5, gt=0, lt=1)
+    holdout: float = Field(0.25, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _leaves_a_test_split(self) -> "SplitConfig":
+        if self.train + self.holdout >= 1:
+            raise ValueError(f"train + holdout must be < 1 to leave a test split, got {self.train + self.holdout}")
+        return self
+
+
+class DataConfig(_Strict):
+    source: Literal["phantom", "npz", "folder", "csv"] = "phantom"
+    path: Path | None = None  # the .npz file, image folder or CSV manifest; relative to site.yaml
+    image_size: int = Field(32, ge=8, le=256)  # every image is resized to image_size x image_size, grey
+    max_images: int | None = Field(None, ge=1)  # cap for quick runs; taken deterministically
+    phantom: PhantomConfig = PhantomConfig()
+    split: SplitConfig = SplitConfig()
+
+    @model_validator(mode="after")
+    def _path_when_needed(self) -> "DataConfig":
+        if self.source != "phantom" and self.path is None:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        return self
+
+
+class GanConfig(_Strict):
+    z_dim: int = Field(64, ge=1)
+    w_dim: int = Field(64, ge=1)
+    mapping_layers: int = Field(2, ge=1)
+    channels: int = Field(64, ge=4)  # feature maps at the lowest resolution; halves as resolution doubles
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    r1_gamma: float = Field(0.1, ge=0)
+    ema_beta: float = Field(0.99, ge=0, lt=1)
+    checkpoint_every: int = Field(500, ge=1)
+
+
+class ClassifierConfig(_Strict):
+    width: int = Field(32, ge=4)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+
+
+class ModelsConfig(_Strict):
+    gan: GanConfig = GanConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+
+
+class WalkConfig(_Strict):
+    """The PLAN objective of DESIGN.md section 1 and its optimiser."""
+
+    method: Literal["plan", "linear"] = "plan"
+    points: int = Field(8, ge=3)  # codes per path, endpoints included
+    iters: int = Field(100, ge=1)
+    lr: float = Field(0.1, gt=0)
+    weight_identity: float = Field(0.1, ge=0)
+    weight_smooth: float = Field(1.0, ge=0)
+    weight_class: float = Field(1.0, ge=0)
+
+
+class SynthConfig(_Strict):
+    route: Literal["plan", "cvae"] = "plan"
+    k: int = Field(3, ge=1)  # k-same: codes averaged into one anchor
+    target_size: int = Field(240, ge=1)  # synthetic images to generate before the audit
+    invert_steps: int = Field(150, ge=1)
+    invert_lr: float = Field(0.05, gt=0)
+    walk: WalkConfig = WalkConfig()
+    seed: int = 0
+
+
+class PolicyConfig(_Strict):
+    """Release gate. Per-sample filters first, then set-level checks; all must pass to publish."""
+
+    min_pixel_distance: float = Field(0.02, ge=0)  # per sample: mean squared error in [0,1] to the nearest train image
+    max_mia_auc: float = Field(0.65, ge=0, le=1)  # black-box membership attack on the accepted set
+    max_reid_rate: float = Field(0.10, ge=0, le=1)  # share of accepted samples phi_id re-identifies
+    max_closer_to_train: float = Field(0.75, ge=0, le=1)  # share of samples nearer train than holdout
+    min_accepted: int = Field(20, ge=1)  # publish nothing smaller
+
+    def stricter(self, floor: "PolicyConfig") -> "PolicyConfig":
+        """This policy tightened so that it is at least as strict as `floor` (the federation's)."""
+        return PolicyConfig(
+            min_pixel_distance=max(self.min_pixel_distance, floor.min_pixel_distance),
+            max_mia_auc=min(self.max_mia_auc, floor.max_mia_auc),
+            max_reid_rate=min(self.max_reid_rate, floor.max_reid_rate),
+            max_closer_to_train=min(self.max_closer_to_train, floor.max_closer_to_train),
+            min_accepted=max(self.min_accepted, floor.min_accepted),
+        )
+
+
+class CoordinatorAddress(_Strict):
+    exchange: str = "127.0.0.1:50051"  # host:port of the bundle exchange (gRPC, TLS)
+    superlink: str = "127.0.0.1:9092"  # host:port SuperNodes connect to (Fleet API)
+    ca_cert: Path = Path("keys/ca.crt")  # the federation CA; relative to the site directory
+    supernode_port: int = Field(9094, ge=1, le=65535)  # local port this site's SuperNode binds
+
+
+class SiteConfig(_Strict):
+    name: str = Field("site", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    models: ModelsConfig = ModelsConfig()
+    synth: SynthConfig = SynthConfig()
+    policy: PolicyConfig = PolicyConfig()
+    coordinator: CoordinatorAddress = CoordinatorAddress()
+
+
+# ---------------------------------------------------------------- federation
+
+
+class DownstreamConfig(_Strict):
+    """The classifier every site trains on pooled synthetic data; the same on both sides."""
+
+    width: int = Field(32, ge=4)
+    rounds: int = Field(3, ge=1)
+    local_epochs: int = Field(2, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+
+
+class FederationConfig(_Strict):
+    name: str = Field("federation", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    image_size: int = Field(32, ge=8, le=256)
+    n_classes: int = Field(2, ge=2)
+    quorum: int = Field(2, ge=1)  # sites with a pooled bundle (and a connected SuperNode) before the run starts
+    exchange_host: str = "127.0.0.1"
+    exchange_port: int = Field(50051, ge=1, le=65535)
+    superlink_host: str = "127.0.0.1"
+    superlink_fleet_port: int = Field(9092, ge=1, le=65535)  # SuperNodes
+    superlink_control_port: int = Field(9093, ge=1, le=65535)  # the flwr CLI
+    max_bundle_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    policy: PolicyConfig = PolicyConfig()  # the floor every site's gate must meet
+    downstream: DownstreamConfig = DownstreamConfig()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown key")
+        else:
+            got = e.get("input")
+            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {field}: {e['msg']}{got_text}")
+    return "\n".join(lines)
+
+
+def _load(path: Path, model: type[_M]) -> _M:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, got {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(path, e)) from None
+
+
+def load_site_config(path: Path) -> SiteConfig:
+    """Read and validate a `site.yaml`. Relative data paths are resolved against its folder."""
+    cfg = _load(Path(path), SiteConfig)
+    if cfg.data.path is not None and not cfg.data.path.is_absolute():
+        cfg.data.path = (Path(path).parent / cfg.data.path).resolve()
+    return cfg
+
+
+def load_federation_config(path: Path) -> FederationConfig:
+    return _load(Path(path), FederationConfig)
+
+
+def dump_yaml(model: BaseModel) -> str:
+    return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)
