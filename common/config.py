@@ -170,8 +170,8 @@ class FederationConfig(_Strict):
     exchange_host: str = "127.0.0.1"
     exchange_port: int = Field(50051, ge=1, le=65535)
     superlink_host: str = "127.0.0.1"
-    superlink_fleet_port: int = Field(9092, ge=1, le=65535)  # SuperNodes
-    superlink_control_port: int = Field(9093, ge=1, le=65535)  # the flwr CLI
+    superlink_port: int = Field(9092, ge=1, le=65535)  # one HTTPS port for SuperNodes, the flwr CLI and ServerApps
+    run_timeout_s: float = Field(1800, gt=0)  # a Flower run that takes longer is reported as failed
     max_bundle_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     policy: PolicyConfig = PolicyConfig()  # the floor every site's gate must meet
     downstream: DownstreamConfig = DownstreamConfig()

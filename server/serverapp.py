@@ -1,0 +1,62 @@
+"""The Flower ServerApp the coordinator submits: FedAvg over the sites' downstream classifiers.
+
+Run config (set by server.federation.submit_run): `federation-config`, the absolute path of the
+coordinator's federation.yaml; `out-dir`, where the final model and results go.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import save
+
+from common.config import load_federation_config
+from common.fileio import atomic_write_bytes, atomic_write_json
+from common.models import DownstreamCNN
+from server.strategy import SiteRecordingFedAvg
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    fed = load_federation_config(Path(str(context.run_config["federation-config"])))
+    out = Path(str(context.run_config["out-dir"]))
+    ds = fed.downstream
+    model = DownstreamCNN(fed.n_classes, width=ds.width, image_size=fed.image_size)
+    strategy = SiteRecordingFedAvg(
+        min_train_nodes=fed.quorum, min_evaluate_nodes=fed.quorum, min_available_nodes=fed.quorum
+    )
+    # The architecture travels with every message so that a ClientApp builds the same model.
+    model_config = {"n-classes": fed.n_classes, "width": ds.width, "image-size": fed.image_size}
+    train_config = ConfigRecord(
+        {**model_config, "local-epochs": ds.local_epochs, "lr": ds.lr, "batch-size": ds.batch_size}
+    )
+    t0 = time.time()
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=ds.rounds,
+        train_config=train_config,
+        evaluate_config=ConfigRecord(model_config),
+    )
+    state = {k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "model.safetensors", save(state))
+    rounds_done = sorted(result.evaluate_metrics_clientapp)
+    atomic_write_json(
+        out / "results.json",
+        {
+            "rounds": ds.rounds,
+            "rounds_completed": len(rounds_done),
+            "completed": len(rounds_done) == ds.rounds,
+            "seconds": round(time.time() - t0, 1),
+            "evaluate": {str(r): dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
+            "train": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
+            "per_site": {str(r): v for r, v in strategy.per_site.items()},
+        },
+    )
