@@ -229,3 +229,24 @@ def load_federation_config(path: Path) -> FederationConfig:
 
 def dump_yaml(model: BaseModel) -> str:
     return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)
+
+
+def commented_yaml(model: BaseModel, *, title: str) -> str:
+    """YAML of `model` with each field's description as a comment above it (for `init` commands)."""
+    lines = [f"# {title}", "# Every key is optional; the values below are the defaults unless set by init."]
+
+    def emit(m: BaseModel, indent: int) -> None:
+        pad = "  " * indent
+        for name, field in type(m).model_fields.items():
+            value = getattr(m, name)
+            if field.description:
+                lines.append(f"{pad}# {field.description}")
+            if isinstance(value, BaseModel):
+                lines.append(f"{pad}{name}:")
+                emit(value, indent + 1)
+            else:
+                dumped = yaml.safe_dump({name: value if not isinstance(value, Path) else str(value)}, default_flow_style=True, width=10_000)
+                lines.append(f"{pad}{dumped.strip()[1:-1]}")
+
+    emit(model, 0)
+    return "\n".join(lines) + "\n"

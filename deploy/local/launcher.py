@@ -1,0 +1,141 @@
+"""A whole federation on one machine: a coordinator and N sites on loopback, each its own process.
+
+Every step goes through the real command lines (`plan-server`, `plan-node`), so what the demo and
+the end-to-end test exercise is what an operator runs. Every process started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from common.fileio import atomic_write_text
+from common.procs import spawn, stop
+
+
+class LaunchError(RuntimeError):
+    """A process of the local federation failed; the message carries the tail of its log."""
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports free on 127.0.0.1 right now."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _cli(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LaunchError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr.strip() or proc.stdout.strip()}")
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else "(no log)"
+
+
+def site_names(n: int) -> list[str]:
+    return [f"site-{chr(ord('a') + i)}" for i in range(n)]
+
+
+def setup(
+    root: Path,
+    *,
+    n_sites: int,
+    site_overrides: dict | None = None,
+    federation_overrides: dict | None = None,
+) -> tuple[Path, list[Path]]:
+    """Create the coordinator and site workspaces under `root` and register every site's key."""
+    root = Path(root).resolve()
+    coord = root / "coordinator"
+    exchange_port, superlink_port, *node_ports = free_ports(2 + n_sites)
+    fed = {"name": "local", "quorum": n_sites, "exchange_port": exchange_port, "superlink_port": superlink_port}
+    fed = _merge(fed, federation_overrides or {})
+    _run([_cli("plan-server"), "init", "--dir", str(coord), "--quorum", str(n_sites)])
+    fed_path = coord / "federation.yaml"
+    atomic_write_text(fed_path, yaml.safe_dump(_merge(yaml.safe_load(fed_path.read_text()), fed), sort_keys=False))
+    sites = []
+    for i, name in enumerate(site_names(n_sites)):
+        site = root / "sites" / name
+        _run([
+            _cli("plan-node"), "init", "--site-dir", str(site), "--name", name, "--phantom-seed", str(100 + i),
+            "--exchange", f"127.0.0.1:{exchange_port}", "--superlink", f"127.0.0.1:{superlink_port}",
+            "--supernode-port", str(node_ports[i]), "--ca-cert", str(coord / "ca" / "ca.crt"),
+        ])  # fmt: skip
+        if site_overrides:
+            cfg_path = site / "site.yaml"
+            atomic_write_text(cfg_path, yaml.safe_dump(_merge(yaml.safe_load(cfg_path.read_text()), site_overrides), sort_keys=False))
+        _run([_cli("plan-server"), "sites", "add", name, "--key", str(site / "keys" / "signing.pub"), "--dir", str(coord)])
+        sites.append(site)
+    return coord, sites
+
+
+def run(
+    coord: Path,
+    sites: list[Path],
+    *,
+    timeout: float = 1800,
+    say: Callable[[str], None] = print,
+) -> dict:
+    """Start the coordinator and every site, wait for the federation run, stop everything.
+
+    Returns the coordinator's results.json of the run.
+    """
+    logs = coord.parent / "logs"
+    env = dict(os.environ)
+    # Sites share this machine's cores: one thread each keeps them from fighting over them.
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, len(sites))))
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        procs["coordinator"] = spawn(
+            [_cli("plan-server"), "start", "--dir", str(coord), "--exit-after-run"], log=logs / "coordinator.log", env=env
+        )
+        for site in sites:
+            procs[site.name] = spawn([_cli("plan-node"), "start", "--site-dir", str(site)], log=logs / f"{site.name}.log", env=env)
+        say(f"started coordinator and {len(sites)} sites; logs in {logs}")
+        deadline = time.time() + timeout
+        while procs["coordinator"].poll() is None:
+            for name, p in procs.items():
+                if name != "coordinator" and p.poll() is not None:
+                    raise LaunchError(f"{name} exited with code {p.returncode} before the run finished:\n{_tail(logs / f'{name}.log')}")
+            if time.time() > deadline:
+                raise LaunchError(f"the federation did not finish within {timeout:.0f} s:\n{_tail(logs / 'coordinator.log')}")
+            time.sleep(2)
+        latest = coord / "runs" / "latest.json"
+        if not latest.exists():
+            raise LaunchError(f"the coordinator exited with code {procs['coordinator'].returncode} and no run:\n{_tail(logs / 'coordinator.log')}")
+        run_dir = coord / "runs" / json.loads(latest.read_text())["run_dir"]
+        return json.loads((run_dir / "results.json").read_text())
+    finally:
+        # SuperNodes first, then the SuperLink (inside the coordinator).
+        for name, p in procs.items():
+            if name != "coordinator":
+                stop(p)
+        if "coordinator" in procs:
+            stop(procs["coordinator"])

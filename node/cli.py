@@ -1,0 +1,153 @@
+"""`plan-node`: a site's command line. Each command parses its arguments and calls one stage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from common.config import ConfigError, SiteConfig, commented_yaml
+from common.fileio import atomic_write_text
+from common.signing import generate_signing_key
+from node.workspace import Workspace
+
+app = typer.Typer(
+    help="plan-node: train a private generative model on a hospital's images, audit and publish "
+    "synthetic data as a signed bundle, and join the Flower federation.",
+    no_args_is_help=True,
+)
+console = Console(stderr=True)
+
+SiteDir = typer.Option(Path("site"), "--site-dir", help="The site workspace (site.yaml, keys, data, models...).")
+
+
+def _workspace(site_dir: Path) -> Workspace:
+    ws = Workspace(site_dir)
+    try:
+        ws.config()
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    return ws
+
+
+def _stop_on_sigterm() -> None:
+    # SIGTERM must unwind through `finally`, so that child processes (the SuperNode) are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+@app.command()
+def init(
+    site_dir: Path = SiteDir,
+    name: str = typer.Option("site", help="Site name (lower case, digits, - and _), as registered at the coordinator."),
+    source: str = typer.Option("phantom", help="Data source: phantom, npz, folder or csv."),
+    data_path: Path = typer.Option(None, help="The .npz file, image folder or CSV manifest (not for phantom)."),
+    phantom_seed: int = typer.Option(0, help="Seed of the built-in phantom clinic (a different clinic per seed)."),
+    exchange: str = typer.Option("127.0.0.1:50051", help="The coordinator's exchange, host:port."),
+    superlink: str = typer.Option("127.0.0.1:9092", help="The coordinator's Flower SuperLink, host:port."),
+    supernode_port: int = typer.Option(9094, help="Local port this site's SuperNode binds."),
+    ca_cert: Path = typer.Option(None, help="The federation CA certificate (copied to keys/ca.crt)."),
+) -> None:
+    """Create a site workspace: a commented site.yaml and the site's Ed25519 signing key."""
+    ws = Workspace(site_dir)
+    if ws.config_path.exists():
+        console.print(f"[red]error:[/red] {ws.config_path} already exists; refusing to overwrite a site")
+        raise typer.Exit(2)
+    try:
+        cfg = SiteConfig(
+            name=name,
+            data={"source": source, "path": data_path.resolve() if data_path else None, "phantom": {"seed": phantom_seed}},
+            coordinator={"exchange": exchange, "superlink": superlink, "supernode_port": supernode_port},
+        )
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    ws.keys.mkdir(parents=True, exist_ok=True)
+    ws.keys.chmod(0o700)
+    if ca_cert is not None:
+        shutil.copyfile(ca_cert, ws.resolve(cfg.coordinator.ca_cert))
+    generate_signing_key(ws.signing_key, ws.signing_pub)
+    atomic_write_text(ws.config_path, commented_yaml(cfg, title=f"plan-node site config for {name!r}"))
+    console.print(f"site {name!r} initialised in {ws.root}; register {ws.signing_pub} at the coordinator")
+
+
+def _pipeline(site_dir: Path, upto: str, force: bool) -> Workspace:
+    from node.stages import run_pipeline
+
+    ws = _workspace(site_dir)
+    run_pipeline(ws, upto=upto, force=force)
+    return ws
+
+
+@app.command()
+def train(site_dir: Path = SiteDir, force: bool = typer.Option(False, help="Run even if up to date.")) -> None:
+    """Ingest and split the data, then train the GAN, phi_id and phi_class (resumes if interrupted)."""
+    _pipeline(site_dir, "train", force)
+
+
+@app.command()
+def synthesize(site_dir: Path = SiteDir, force: bool = typer.Option(False, help="Run even if up to date.")) -> None:
+    """Invert, k-same anchors, PLAN walks (or linear), and sample synthetic candidates."""
+    _pipeline(site_dir, "synthesize", force)
+
+
+@app.command()
+def audit(site_dir: Path = SiteDir, force: bool = typer.Option(False, help="Run even if up to date.")) -> None:
+    """Membership and re-identification audit of the candidates; the release gate."""
+    ws = _pipeline(site_dir, "audit", force)
+    from node.status import site_status
+
+    print(json.dumps(site_status(ws)["audit"], indent=2))
+
+
+@app.command()
+def publish(site_dir: Path = SiteDir) -> None:
+    """Sign the accepted set as a bundle and upload it to the coordinator (only if the gate passed)."""
+    from node.publish import publish as publish_stage
+
+    bundle_id = publish_stage(_workspace(site_dir))
+    if bundle_id is None:
+        console.print("nothing published: the audit gate did not pass")
+        raise typer.Exit(1)
+    console.print(f"published bundle {bundle_id}")
+
+
+@app.command()
+def pull(site_dir: Path = SiteDir) -> None:
+    """Download and verify every bundle in the coordinator's pool."""
+    from node.pull import pull as pull_stage
+
+    new = pull_stage(_workspace(site_dir))
+    console.print(f"{len(new)} new verified bundle(s) in the pool")
+
+
+@app.command()
+def start(site_dir: Path = SiteDir) -> None:
+    """Run every stage not yet done, publish, pull, then join the federation (flower-supernode)."""
+    from node.start import start_node
+
+    _stop_on_sigterm()
+    raise typer.Exit(start_node(_workspace(site_dir), say=console.print))
+
+
+@app.command()
+def status(site_dir: Path = SiteDir, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Stages done, the last audit, published bundles and the pool."""
+    from node.status import site_status
+
+    info = site_status(_workspace(site_dir))
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    out = Console()
+    out.print(f"[bold]{info['site']}[/bold]")
+    for stage, s in info["stages"].items():
+        out.print(f"  {stage:<12} done in {s['seconds']:.1f} s")
+    out.print(f"  audit: {info['audit']}")
+    out.print(f"  published: {info['published']}")
+    out.print(f"  pool: {len(info['pool'] or [])} bundle(s)")

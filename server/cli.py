@@ -1,0 +1,109 @@
+"""`plan-server`: the coordinator's command line. It parses arguments and calls server.coordinator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common.config import ConfigError, FederationConfig
+from server.coordinator import CoordinatorDir, init_coordinator, run_coordinator
+from server.store import BundleStore
+
+app = typer.Typer(help="plan-node coordinator: bundle exchange, trust store and Flower federation.", no_args_is_help=True)
+sites = typer.Typer(help="Register and list the sites whose signed bundles the coordinator accepts.", no_args_is_help=True)
+app.add_typer(sites, name="sites")
+console = Console(stderr=True)
+
+DirOption = typer.Option(Path("coord"), "--dir", help="The coordinator directory.")
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def init(
+    dir: Path = DirOption,
+    name: str = typer.Option("federation", help="Federation name (lower case, digits, - and _)."),
+    quorum: int = typer.Option(2, help="Sites with a pooled bundle and a SuperNode online before the run starts."),
+    rounds: int = typer.Option(3, help="Federated rounds of the downstream classifier."),
+) -> None:
+    """Create a coordinator directory: federation.yaml, the federation CA and TLS certificate."""
+    try:
+        cfg = FederationConfig(name=name, quorum=quorum, downstream={"rounds": rounds})
+        cd = init_coordinator(dir, cfg)
+    except (ValueError, FileExistsError) as e:
+        _fail(str(e))
+    console.print(f"coordinator initialised in {cd.root}; give sites {cd.ca_cert}")
+
+
+@app.command()
+def start(
+    dir: Path = DirOption,
+    exit_after_run: bool = typer.Option(False, "--exit-after-run", help="Stop after the first federation run."),
+) -> None:
+    """Serve the exchange and the Flower SuperLink; run the federation once the pool has a quorum."""
+    try:
+        results = run_coordinator(CoordinatorDir(dir), exit_after_run=exit_after_run, say=console.print)
+    except ConfigError as e:
+        _fail(str(e))
+    if results is not None and not results.get("completed"):
+        raise typer.Exit(1)
+
+
+@sites.command("add")
+def sites_add(
+    name: str = typer.Argument(..., help="Site name, as in its site.yaml."),
+    key: Path = typer.Option(..., "--key", help="The site's Ed25519 signing public key (PEM)."),
+    dir: Path = DirOption,
+) -> None:
+    """Register a site's signing key: its bundles are accepted from now on."""
+    try:
+        pem = key.read_text()
+    except OSError as e:
+        _fail(f"{key}: cannot read public key ({e.strerror})")
+    try:
+        CoordinatorDir(dir).trust().add(name, pem)
+    except ValueError as e:
+        _fail(str(e))
+    console.print(f"site {name!r} registered")
+
+
+@sites.command("list")
+def sites_list(dir: Path = DirOption, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Registered sites and their key ids."""
+    registered = CoordinatorDir(dir).trust().all()
+    if as_json:
+        print(json.dumps(registered, indent=2))
+        return
+    table = Table("site", "keys")
+    for site, keys in sorted(registered.items()):
+        table.add_row(site, str(len(keys)))
+    Console().print(table)
+
+
+@app.command()
+def status(dir: Path = DirOption, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Registered sites, pooled bundles and the last federation run."""
+    cd = CoordinatorDir(dir)
+    latest = cd.runs / "latest.json"
+    info = {
+        "sites": sorted(cd.trust().all()),
+        "bundles": BundleStore(cd.store).list(),
+        "last_run": json.loads(latest.read_text()) if latest.exists() else None,
+    }
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    out = Console()
+    out.print(f"sites registered: {', '.join(info['sites']) or 'none'}")
+    table = Table("bundle", "site", "samples", "stored")
+    for b in info["bundles"]:
+        table.add_row(str(b["bundle_id"])[:12], str(b["site"]), str(b["n_samples"]), str(b["stored_at"]))
+    out.print(table)
+    out.print(f"last run: {info['last_run'] or 'none'}")

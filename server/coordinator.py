@@ -1,0 +1,168 @@
+"""The coordinator's workspace and its main loop: exchange + SuperLink, then one federation run at quorum.
+
+Layout of the coordinator directory (`--dir`):
+
+    federation.yaml     the federation config (quorum, ports, policy floor, downstream model)
+    ca/                 the federation CA (ca.key 0600 never leaves this machine)
+    tls/                the coordinator's server certificate for the exchange and the SuperLink
+    trust.db            registered site signing keys
+    store/              the bundle pool: content-addressed tars + SQLite index
+    superlink.db        Flower's state, so registrations and run history survive a restart
+    runs/<stamp>/       one folder per federation run: results.json, model.safetensors
+    logs/               the SuperLink's log
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from common.config import FederationConfig, dump_yaml, load_federation_config
+from common.fileio import atomic_write_json, atomic_write_text
+from common.procs import stop
+from common.tls import issue_server_cert, make_ca
+from server import federation
+from server.exchange import serve
+from server.store import BundleStore
+from server.trust import TrustStore
+
+
+@dataclass(frozen=True)
+class CoordinatorDir:
+    root: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "federation.yaml"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.ca_dir / "ca.crt"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.root / "tls"
+
+    @property
+    def trust_db(self) -> Path:
+        return self.root / "trust.db"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / ".flwr"
+
+    def config(self) -> FederationConfig:
+        return load_federation_config(self.config_path)
+
+    def trust(self) -> TrustStore:
+        return TrustStore(self.trust_db)
+
+
+def init_coordinator(root: Path, config: FederationConfig, *, hosts: list[str] | None = None) -> CoordinatorDir:
+    """Create a coordinator directory: federation.yaml, the federation CA and the server certificate."""
+    cd = CoordinatorDir(Path(root))
+    if cd.config_path.exists():
+        raise FileExistsError(f"{cd.config_path} already exists; refusing to overwrite a federation")
+    cd.root.mkdir(parents=True, exist_ok=True)
+    make_ca(cd.ca_dir, config.name)
+    issue_server_cert(cd.ca_dir, cd.tls_dir, hosts=hosts or ["localhost", "127.0.0.1", "::1"])
+    atomic_write_text(cd.config_path, "# plan-node federation config; every key is optional.\n" + dump_yaml(config))
+    return cd
+
+
+def run_coordinator(
+    cd: CoordinatorDir,
+    *,
+    exit_after_run: bool = False,
+    say: Callable[[str], None] = print,
+) -> dict | None:
+    """Serve the exchange and the SuperLink; submit one Flower run once the pool has a quorum.
+
+    Returns the run's results when `exit_after_run`, otherwise serves until interrupted.
+    """
+    fed = cd.config()
+    store = BundleStore(cd.store)
+    trust = cd.trust()
+    exchange = serve(
+        store=store,
+        trust=trust,
+        host=fed.exchange_host,
+        port=fed.exchange_port,
+        cert_path=cd.tls_dir / "server.crt",
+        key_path=cd.tls_dir / "server.key",
+        max_bundle_bytes=fed.max_bundle_bytes,
+    )
+    say(f"exchange listening on {fed.exchange_host}:{fed.exchange_port} (TLS)")
+    superlink = federation.start_superlink(
+        flwr_home=cd.flwr_home,
+        host=fed.superlink_host,
+        port=fed.superlink_port,
+        ca_cert=cd.ca_cert,
+        cert=cd.tls_dir / "server.crt",
+        key=cd.tls_dir / "server.key",
+        database=cd.root / "superlink.db",
+        log=cd.root / "logs" / "superlink.log",
+    )
+    try:
+        federation.wait_superlink(cd.flwr_home, superlink)
+        say(f"SuperLink listening on {fed.superlink_host}:{fed.superlink_port} (TLS)")
+        _wait_for_quorum(cd, store, fed.quorum, superlink, say)
+        results = _run_once(cd, fed, store, say)
+        if exit_after_run:
+            return results
+        say("federation run finished; still serving the exchange (Ctrl-C to stop)")
+        while superlink.poll() is None:
+            time.sleep(5)
+        return results
+    finally:
+        stop(superlink)
+        exchange.stop(grace=2)
+
+
+def _wait_for_quorum(cd: CoordinatorDir, store: BundleStore, quorum: int, superlink, say) -> None:
+    last = None
+    while True:
+        if superlink.poll() is not None:
+            raise federation.FlowerError(f"flower-superlink exited with code {superlink.returncode}")
+        pooled = sorted(store.sites_with_bundles())
+        online = federation.online_nodes(cd.flwr_home)
+        state = (tuple(pooled), online)
+        if state != last:
+            say(f"pool: {len(pooled)}/{quorum} sites ({', '.join(pooled) or 'none'}); SuperNodes online: {online}/{quorum}")
+            last = state
+        if len(pooled) >= quorum and online >= quorum:
+            return
+        time.sleep(2)
+
+
+def _run_once(cd: CoordinatorDir, fed: FederationConfig, store: BundleStore, say) -> dict:
+    out = cd.runs / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = federation.submit_run(
+        cd.flwr_home,
+        run_config={"federation-config": str(cd.config_path.resolve()), "out-dir": str(out.resolve())},
+    )
+    say(f"submitted Flower run {run_id} ({fed.downstream.rounds} rounds)")
+    status = federation.wait_run(cd.flwr_home, run_id, timeout=fed.run_timeout_s)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"completed": False}
+    results.update({"run_id": run_id, "status": status, "pool": sorted(store.sites_with_bundles())})
+    atomic_write_json(results_path, results)
+    atomic_write_json(cd.runs / "latest.json", {"run_dir": out.name, "run_id": run_id, "status": status})
+    say(f"run {run_id}: {status}; rounds completed {results.get('rounds_completed', 0)}/{fed.downstream.rounds}")
+    return results
