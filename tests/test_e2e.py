@@ -1,0 +1,128 @@
+"""End to end: a coordinator and two sites on loopback, real processes, real TLS, real Flower.
+
+Slow (a few minutes on 2 cores); run by `make test` and CI.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from deploy.local import launcher
+from deploy.local.demo import summarize
+
+pytestmark = pytest.mark.slow
+
+TINY_SITE = {
+    "data": {"phantom": {"n_patients": 40, "images_per_patient": 5}},
+    "models": {"gan": {"steps": 300, "checkpoint_every": 150}, "classifier": {"epochs": 10}},
+    "synth": {"target_size": 120, "invert_steps": 60, "walk": {"iters": 40}},
+}
+TINY_FEDERATION = {"downstream": {"rounds": 2, "local_epochs": 2}}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fed")
+    if shutil.which("plan-node", path=str(Path(launcher._cli("plan-node")).parent)) is None:
+        pytest.skip("plan-node is not installed in this environment; run `make test`")
+    coord, sites = launcher.setup(root, n_sites=2, site_overrides=TINY_SITE, federation_overrides=TINY_FEDERATION)
+    results = launcher.run(coord, sites, timeout=1200)
+    return coord, sites, results
+
+
+def test_every_site_bundle_is_verified_and_pooled(federation):
+    coord, sites, _ = federation
+    from server.store import BundleStore
+
+    stored = BundleStore(coord / "store").list()
+    assert sorted(b["site"] for b in stored) == [s.name for s in sites]
+    for site in sites:
+        index = json.loads((site / "pool" / "index.json").read_text())
+        assert sorted(b["site"] for b in index) == [s.name for s in sites], f"{site.name} pool: {index}"
+
+
+def test_federation_completes_with_metrics_from_every_site(federation):
+    coord, sites, results = federation
+    assert results["completed"] and results["rounds_completed"] == TINY_FEDERATION["downstream"]["rounds"]
+    assert results["status"] == "finished:completed"
+    for rnd, phases in results["per_site"].items():
+        for phase in ("train", "evaluate"):
+            got = phases[phase]
+            assert sorted(got) == [s.name for s in sites], f"round {rnd} {phase}: {got}"
+            assert all("error" not in m for m in got.values()), f"round {rnd} {phase}: {got}"
+    summary = summarize(sites, results, seconds=0)
+    for s in summary["sites"]:
+        assert s["audit"]["passed"] and s["n_published"] > 0
+        # Two balanced classes: chance is 0.5.
+        assert s["test_accuracy_federated"] > 0.6, s
+        assert s["test_accuracy_local_only"] is not None
+
+
+def _serve_pool(coord: Path):
+    from server.coordinator import CoordinatorDir
+    from server.exchange import serve
+    from server.store import BundleStore
+
+    cd = CoordinatorDir(coord)
+    port = launcher.free_ports(1)[0]
+    server = serve(
+        store=BundleStore(cd.store), trust=cd.trust(), host="127.0.0.1", port=port,
+        cert_path=cd.tls_dir / "server.crt", key_path=cd.tls_dir / "server.key", max_bundle_bytes=cd.config().max_bundle_bytes,
+    )  # fmt: skip
+    return server, f"127.0.0.1:{port}"
+
+
+def _store_snapshot(coord: Path) -> tuple:
+    from server.store import BundleStore
+
+    files = sorted((p.relative_to(coord / "store"), p.stat().st_size) for p in (coord / "store").rglob("*") if p.is_file() and "incoming" not in p.parts)
+    return files, BundleStore(coord / "store").list()
+
+
+def _tampered_copy(tar_path: Path, out: Path) -> Path:
+    """The same tar with one byte of one PNG payload flipped."""
+    data = bytearray(tar_path.read_bytes())
+    with tarfile.open(tar_path) as tf:
+        member = next(m for m in tf.getmembers() if m.name.endswith(".png"))
+    data[member.offset_data + member.size // 2] ^= 0xFF
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_tampered_and_unregistered_bundles_are_rejected(federation, tmp_path):
+    from common.bundle import build_bundle, pack_bundle
+    from common.signing import generate_signing_key, load_private_key
+    from node.exchange_client import ExchangeClient, ExchangeError
+
+    coord, sites, _ = federation
+    site = sites[0]
+    tars = sorted((site / "bundles").glob("*.tar"))
+    assert tars, "the site kept no bundle tar"
+    server, address = _serve_pool(coord)
+    try:
+        client = ExchangeClient(address, coord / "ca" / "ca.crt")
+        before = _store_snapshot(coord)
+
+        with pytest.raises(ExchangeError, match="sha256|digest|Payload-Oxum|mismatch"):
+            client.upload(_tampered_copy(tars[0], tmp_path / "tampered.tar"))
+        assert _store_snapshot(coord) == before
+
+        generate_signing_key(tmp_path / "rogue.key", tmp_path / "rogue.pub")
+        import numpy as np
+
+        rogue_dir = tmp_path / "rogue"
+        build_bundle(
+            rogue_dir, images=np.zeros((4, 32, 32), np.uint8), labels=np.array([0, 1, 0, 1]),
+            audit={"passed": True}, datacard={"site": site.name}, site=site.name, sequence=99,
+            signing_key=load_private_key(tmp_path / "rogue.key"), config_digest="0" * 64,
+        )  # fmt: skip
+        with pytest.raises(ExchangeError, match="signature|registered|key"):
+            client.upload(pack_bundle(rogue_dir))
+        assert _store_snapshot(coord) == before
+    finally:
+        server.stop(grace=1)
