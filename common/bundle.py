@@ -376,6 +376,21 @@ def safe_extract(tar_path: Path, dest: Path, *, max_bytes: int, max_members: int
     return extracted
 
 
+def read_bundle_site(tar_path: Path) -> str:
+    """The site a bundle tar's attestation claims, NOT verified: for addressing an upload only."""
+    try:
+        with tarfile.open(tar_path, mode="r:") as tf:
+            m = tf.getmember(ATTESTATION)
+            if not m.isreg() or m.size > MAX_JSON_BYTES:
+                raise BundleError(f"{tar_path}: {ATTESTATION} is not a regular file of sane size")
+            env = json.loads(tf.extractfile(m).read())
+        return json.loads(base64.b64decode(env["payload"]))["predicate"]["site"]
+    except BundleError:
+        raise
+    except (KeyError, ValueError, TypeError, tarfile.TarError, OSError) as e:
+        raise BundleError(f"{tar_path}: cannot read the site from {ATTESTATION} ({e})") from None
+
+
 # ---------------------------------------------------------------- verify
 
 

@@ -137,6 +137,8 @@ class CoordinatorAddress(_Strict):
     superlink: str = "127.0.0.1:9092"  # host:port SuperNodes connect to (Fleet API)
     ca_cert: Path = Path("keys/ca.crt")  # the federation CA; relative to the site directory
     supernode_port: int = Field(9094, ge=1, le=65535)  # local port this site's SuperNode binds
+    timeout_s: float = Field(60, gt=0)  # seconds per exchange call (upload, list, download)
+    max_bundle_bytes: int = Field(512 * 1024 * 1024, ge=1024)  # larger bundles are not downloaded or extracted
 
 
 class SiteConfig(_Strict):

@@ -1,0 +1,167 @@
+"""A node's client for the coordinator's exchange (common/exchange.proto), over TLS.
+
+Every call raises ExchangeError carrying the server's status code and message. Downloads are
+written to a temporary file beside the destination and renamed only once their size and
+sha256 match what the server announced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+
+from common import exchange_pb2 as pb
+from common import exchange_pb2_grpc as pb_grpc
+from common.fileio import sha256_file
+from common.bundle import read_bundle_site
+from common.keyfile import read_private_file
+from common.wire import CHUNK_BYTES, grpc_options
+
+
+
+class ExchangeError(RuntimeError):
+    """A call to the exchange failed. `code` is the gRPC status code name (e.g. "PERMISSION_DENIED")."""
+
+    def __init__(self, message: str, code: str = "UNKNOWN"):
+        super().__init__(message)
+        self.code = code
+
+
+def _record(info: pb.BundleInfo) -> dict:
+    return {
+        "bundle_id": info.bundle_id, "site": info.site, "sequence": info.sequence, "sha256": info.sha256,
+        "size": info.size, "n_samples": info.n_samples, "stored_at": info.stored_at,
+    }
+
+
+class ExchangeClient:
+    """Talks to the exchange at `address` ("host:port"), trusting only the CA in `ca_cert_path`.
+
+    timeout: seconds per call. client_cert/client_key: this site's certificate for mutual TLS.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        ca_cert_path: Path,
+        *,
+        timeout: float = 60,
+        client_cert: Path | None = None,
+        client_key: Path | None = None,
+    ):
+        try:
+            ca = Path(ca_cert_path).read_bytes()
+        except OSError as e:
+            raise ExchangeError(f"{ca_cert_path}: cannot read the federation CA certificate ({e.strerror})") from None
+        cert = Path(client_cert).read_bytes() if client_cert else None
+        key = read_private_file(Path(client_key)) if client_key else None
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.secure_channel(
+            address,
+            creds,
+            options=grpc_options(),
+        )
+        self._stub = pb_grpc.ExchangeStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "ExchangeClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _fail(self, e: grpc.RpcError, what: str) -> ExchangeError:
+        code = e.code().name if e.code() else "UNKNOWN"
+        return ExchangeError(f"{what} at {self.address}: {code}: {e.details()}", code)
+
+    def upload(self, tar_path: Path, *, site: str | None = None) -> dict:
+        """Upload a bundle tar; returns the server's record of it.
+
+        site: the sending site, by default the one the bundle's attestation names; the server
+        checks it against the signature either way.
+        """
+        tar_path = Path(tar_path)
+        site = site or read_bundle_site(tar_path)
+        size = tar_path.stat().st_size
+        digest = sha256_file(tar_path)
+
+        def chunks() -> Iterator[pb.UploadChunk]:
+            yield pb.UploadChunk(header=pb.UploadHeader(site=site, size=size, sha256=digest))
+            with open(tar_path, "rb") as f:
+                for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+                    yield pb.UploadChunk(data=block)
+
+        try:
+            reply = self._stub.Upload(chunks(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise self._fail(e, f"upload of {tar_path.name}") from None
+        return _record(reply.bundle)
+
+    def list(self, site: str | None = None) -> list[dict]:
+        """Every bundle in the coordinator's pool (only `site`'s when given)."""
+        try:
+            reply = self._stub.List(pb.ListRequest(site=site), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise self._fail(e, "list") from None
+        return [_record(b) for b in reply.bundles]
+
+    def download(self, bundle_id: str, dest_path: Path) -> dict:
+        """Download a bundle tar to `dest_path` (atomically, size and sha256 checked); returns its record."""
+        dest_path = Path(dest_path)
+        dest_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest_path.parent, prefix=f".{dest_path.name}.", suffix=".part")
+        try:
+            info, h, size = None, hashlib.sha256(), 0
+            with os.fdopen(fd, "wb") as out:
+                try:
+                    for msg in self._stub.Download(pb.DownloadRequest(bundle_id=bundle_id), timeout=self.timeout):
+                        if info is None:
+                            if msg.WhichOneof("kind") != "info":
+                                raise ExchangeError(f"download of {bundle_id}: server sent data before the bundle info")
+                            info = msg.info
+                            continue
+                        size += len(msg.data)
+                        if size > info.size:
+                            raise ExchangeError(f"download of {bundle_id}: more than the announced {info.size} bytes")
+                        h.update(msg.data)
+                        out.write(msg.data)
+                except grpc.RpcError as e:
+                    raise self._fail(e, f"download of {bundle_id}") from None
+                out.flush()
+                os.fsync(out.fileno())
+            if info is None:
+                raise ExchangeError(f"download of {bundle_id}: empty reply")
+            if size != info.size or h.hexdigest() != info.sha256:
+                raise ExchangeError(
+                    f"download of {bundle_id}: got {size} bytes with sha256 {h.hexdigest()}, "
+                    f"announced {info.size} bytes with sha256 {info.sha256}"
+                )
+            os.replace(tmp, dest_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return _record(info)
+
+    def trusted_keys(self) -> dict[str, list[str]]:
+        """site -> PEM public keys the coordinator currently trusts (authenticated by TLS only)."""
+        try:
+            reply = self._stub.TrustedKeys(pb.Empty(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise self._fail(e, "trusted keys") from None
+        return {site: list(keys.pem) for site, keys in reply.sites.items()}
+
+    def health(self) -> dict:
+        try:
+            reply = self._stub.Health(pb.Empty(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise self._fail(e, "health") from None
+        return {"status": reply.status, "n_bundles": reply.n_bundles, "n_sites": reply.n_sites, "version": reply.version}

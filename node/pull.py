@@ -1,0 +1,131 @@
+"""Stage `pull`: fetch, verify and keep every bundle in the coordinator's pool; `load_pool`.
+
+Writes (workspace-relative):
+    pool/<bundle_id>/        a verified bundle (bag/ + attestation.dsse.json), renamed into place whole
+    pool/index.json          {bundle_id: {site, sequence, n_samples, sha256, pulled_at}}
+    pool/rejected.json       {bundle_id: {site, reason, at}}: bundles that failed verification
+Temporary files live in pool/.incoming/ and are removed.
+
+Each bundle is checked with common.bundle.verify_bundle against the site keys the coordinator
+publishes (TrustedKeys, authenticated by the TLS channel to the federation CA only, for now).
+A bundle that fails is not kept, is recorded in rejected.json and logged; it is tried again
+on the next pull.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from common.bundle import BundleError, load_bundle_images, verify_bundle
+from common.fileio import atomic_write_json
+from node.exchange_client import ExchangeClient, ExchangeError
+from node.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+def _read_index(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of bundle_id -> entry")
+    return data
+
+
+def _pull_one(ws: Workspace, client: ExchangeClient, rec: dict, keys: dict, max_bytes: int) -> dict:
+    """Download, verify and place one bundle; return its index entry. Raises on failure, leaving nothing."""
+    incoming = ws.pool / ".incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=incoming, prefix=f"{rec['bundle_id'][:12]}-"))
+    try:
+        if rec["size"] > max_bytes:
+            raise BundleError(f"bundle is {rec['size']} bytes, over the limit of {max_bytes}", "too_large")
+        tar = work / "bundle.tar"
+        client.download(rec["bundle_id"], tar)
+        vb = verify_bundle(tar, keys, max_bytes=max_bytes, dest=work / "bundle")
+        if vb.bundle_id != rec["bundle_id"] or vb.site != rec["site"]:
+            raise BundleError(
+                f"coordinator lists it as {rec['bundle_id']} of site {rec['site']!r} but it is signed as "
+                f"{vb.bundle_id} of site {vb.site!r}",
+                "untrusted",
+            )
+        final = ws.pool / vb.bundle_id
+        if final.exists():  # a leftover not in the index (crash after rename): replace it
+            shutil.rmtree(final)
+        vb.dir.rename(final)
+        return {
+            "site": vb.site,
+            "sequence": vb.sequence,
+            "n_samples": vb.n_samples,
+            "sha256": rec["sha256"],
+            "pulled_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def pull(ws: Workspace, *, client: ExchangeClient | None = None) -> list[str]:
+    """Pull every pooled bundle not yet in pool/; return the ids of the newly verified ones.
+
+    Raises ExchangeError if the coordinator cannot be reached (listing or keys).
+    """
+    cfg = ws.config()
+    own = client is None
+    if own:
+        client = ExchangeClient(
+            cfg.coordinator.exchange, ws.resolve(cfg.coordinator.ca_cert), timeout=cfg.coordinator.timeout_s
+        )
+    try:
+        keys = client.trusted_keys()
+        listing = client.list()
+        ws.pool.mkdir(parents=True, exist_ok=True)
+        index_path, rejected_path = ws.pool / "index.json", ws.pool / "rejected.json"
+        index, rejected = _read_index(index_path), _read_index(rejected_path)
+        new: list[str] = []
+        for rec in listing:
+            bid = rec["bundle_id"]
+            if bid in index and (ws.pool / bid).is_dir():
+                continue
+            try:
+                index[bid] = _pull_one(ws, client, rec, keys, cfg.coordinator.max_bundle_bytes)
+            except (BundleError, ExchangeError) as e:
+                log.warning("bundle %s of site %r rejected: %s", bid, rec["site"], e)
+                rejected[bid] = {"site": rec["site"], "reason": str(e), "at": dt.datetime.now(dt.timezone.utc).isoformat()}
+                atomic_write_json(rejected_path, rejected)
+                continue
+            rejected.pop(bid, None)
+            atomic_write_json(index_path, index)  # after each bundle: a crash loses no finished work
+            new.append(bid)
+            log.info("pooled bundle %s of site %r (%d samples)", bid, index[bid]["site"], index[bid]["n_samples"])
+        if rejected_path.exists() or rejected:
+            atomic_write_json(rejected_path, rejected)
+        return new
+    finally:
+        if own:
+            client.close()
+        shutil.rmtree(ws.pool / ".incoming", ignore_errors=True)
+
+
+def load_pool(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N,H,W], labels int64 [N]): every verified bundle in pool/index.json, own site
+    included, in bundle-id order. Empty arrays (shape [0,0,0] and [0]) when the pool is empty.
+    """
+    index = _read_index(ws.pool / "index.json")
+    images, labels = [], []
+    for bid in sorted(index):
+        x, y = load_bundle_images(ws.pool / bid)
+        if images and x.shape[1:] != images[0].shape[1:]:
+            raise BundleError(f"{ws.pool / bid}: images are {x.shape[1:]}, other pooled bundles {images[0].shape[1:]}")
+        images.append(x)
+        labels.append(y)
+    if not images:
+        return np.zeros((0, 0, 0), np.uint8), np.zeros((0,), np.int64)
+    return np.concatenate(images), np.concatenate(labels)

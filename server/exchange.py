@@ -1,0 +1,153 @@
+"""The exchange gRPC service (common/exchange.proto): upload, list, download, trusted keys, health.
+
+Uploads stream into the bundle store, which verifies them before anything is kept. Refusals
+carry a status code and a message naming the cause:
+
+    INVALID_ARGUMENT     malformed stream, size or digest mismatch, bad bag or attestation, unsafe archive
+    PERMISSION_DENIED    unregistered site, signature not from the site's key, audit did not pass
+    RESOURCE_EXHAUSTED   bigger than max_bundle_bytes (checked on the header and while streaming)
+    ALREADY_EXISTS       replay: bundle already stored, or sequence not above the site's last
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from concurrent import futures
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+
+from common import exchange_pb2 as pb
+from common import exchange_pb2_grpc as pb_grpc
+from common.bundle import code_version
+from common.keyfile import read_private_file
+from common.wire import CHUNK_BYTES, grpc_options
+from server.store import BundleRecord, BundleStore, StoreRefused
+from server.trust import TrustStore
+
+log = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CODES = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "unsafe": grpc.StatusCode.INVALID_ARGUMENT,
+    "untrusted": grpc.StatusCode.PERMISSION_DENIED,
+    "policy": grpc.StatusCode.PERMISSION_DENIED,
+    "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "replay": grpc.StatusCode.ALREADY_EXISTS,
+}
+
+
+def _info(rec: BundleRecord) -> pb.BundleInfo:
+    return pb.BundleInfo(
+        bundle_id=rec.bundle_id, site=rec.site, sequence=rec.sequence, sha256=rec.sha256,
+        size=rec.size, n_samples=rec.n_samples, stored_at=rec.stored_at,
+    )
+
+
+class ExchangeServicer(pb_grpc.ExchangeServicer):
+    def __init__(self, *, store: BundleStore, trust: TrustStore, max_bundle_bytes: int):
+        self.store = store
+        self.trust = trust
+        self.max_bundle_bytes = max_bundle_bytes
+
+    def _data(self, requests: Iterator[pb.UploadChunk], declared: int) -> Iterator[bytes]:
+        """The upload's data chunks, refused as soon as they break a limit, before they are written."""
+        received = 0
+        for msg in requests:
+            if msg.WhichOneof("kind") != "data":
+                raise StoreRefused("only data chunks may follow the upload header", "invalid")
+            if len(msg.data) > CHUNK_BYTES:
+                raise StoreRefused(f"data chunk of {len(msg.data)} bytes exceeds {CHUNK_BYTES}", "invalid")
+            received += len(msg.data)
+            if received > self.max_bundle_bytes:
+                raise StoreRefused(f"upload exceeds the limit of {self.max_bundle_bytes} bytes", "too_large")
+            if received > declared:
+                raise StoreRefused(f"upload sends more than the declared {declared} bytes", "invalid")
+            yield msg.data
+
+    def Upload(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first upload chunk must carry the header")
+        h = first.header
+        if not _SHA256.match(h.sha256):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"header sha256 {h.sha256!r} is not 64 lower-case hex digits")
+        if h.size == 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header size is 0")
+        if h.size > self.max_bundle_bytes:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"declared size {h.size} bytes exceeds the limit of {self.max_bundle_bytes} bytes",
+            )
+        if not self.trust.keys(h.site):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {h.site!r} is not registered")
+        try:
+            rec = self.store.put(
+                self._data(request_iterator, h.size), verify=self.trust, site=h.site, size=h.size, sha256=h.sha256
+            )
+        except StoreRefused as e:
+            log.warning("upload from site %r refused (%s): %s", h.site, e.reason, e)
+            context.abort(_CODES.get(e.reason, grpc.StatusCode.INVALID_ARGUMENT), str(e))
+        log.info("stored bundle %s from site %r (sequence %d, %d samples)", rec.bundle_id, rec.site, rec.sequence, rec.n_samples)
+        return pb.UploadReply(bundle=_info(rec))
+
+    def List(self, request, context):
+        return pb.ListReply(bundles=[_info(r) for r in self.store.list(request.site or None)])
+
+    def Download(self, request, context):
+        rec = self.store.get(request.bundle_id)
+        if rec is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no bundle {request.bundle_id!r} in the store")
+        yield pb.DownloadChunk(info=_info(rec))
+        with self.store.open(rec.bundle_id) as f:
+            for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+                yield pb.DownloadChunk(data=block)
+
+    def TrustedKeys(self, request, context):
+        return pb.KeysReply(sites={s: pb.PublicKeys(pem=keys) for s, keys in self.trust.all().items()})
+
+    def Health(self, request, context):
+        return pb.HealthReply(
+            status="ok", n_bundles=len(self.store.list()), n_sites=len(self.trust.sites()), version=code_version()
+        )
+
+
+def serve(
+    *,
+    store: BundleStore,
+    trust: TrustStore,
+    host: str,
+    port: int,
+    cert_path: Path,
+    key_path: Path,
+    max_bundle_bytes: int,
+    client_ca_path: Path | None = None,
+    max_workers: int = 8,
+) -> grpc.Server:
+    """Start the exchange on host:port with TLS and return the running server (call .stop()).
+
+    cert_path/key_path: the server certificate and its key (0600). With `client_ca_path`, clients
+    must present a certificate issued by that CA (mutual TLS).
+    """
+    cert = Path(cert_path).read_bytes()
+    key = read_private_file(Path(key_path))
+    client_ca = Path(client_ca_path).read_bytes() if client_ca_path else None
+    creds = grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=grpc_options())
+    pb_grpc.add_ExchangeServicer_to_server(
+        ExchangeServicer(store=store, trust=trust, max_bundle_bytes=max_bundle_bytes), server
+    )
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_secure_port(address, creds)
+    except RuntimeError as e:
+        raise OSError(f"exchange: cannot listen on {address} ({e})") from None
+    if bound == 0:
+        raise OSError(f"exchange: cannot listen on {address} (port in use?)")
+    server.start()
+    return server

@@ -1,0 +1,234 @@
+"""The coordinator's bundle pool: content-addressed tars on disk plus an SQLite index.
+
+Layout under `root`:
+
+    objects/<sha256>.tar   every accepted bundle, named by the sha256 of its tar bytes
+    incoming/              uploads being received and verified (temporary; emptied on start)
+    index.db               SQLite: bundles(bundle_id PK, site, sequence, sha256, size, n_samples, stored_at)
+
+An upload is written to incoming/, checked (declared size and digest, then `verify_bundle`
+against the trust store, then the replay check), renamed into objects/ and indexed in one
+transaction. On any failure the temporary file is removed and the index is unchanged, so the
+store never holds a partial or unverified bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator, Mapping, Sequence
+
+from common.bundle import BundleError, verify_bundle
+from server.trust import TrustStore
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS bundles (
+    bundle_id TEXT PRIMARY KEY,
+    site TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    sha256 TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    n_samples INTEGER NOT NULL,
+    stored_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS bundles_site ON bundles (site, sequence);
+"""
+_BLOCK = 1 << 20
+
+
+class StoreRefused(Exception):
+    """An upload was refused; nothing was stored.
+
+    `reason`: "invalid" (malformed, digest mismatch), "unsafe" (dangerous archive), "untrusted"
+    (unregistered site, bad signature, wrong sender), "too_large", "policy" (audit did not
+    pass), or "replay" (bundle id already stored, or sequence not above the site's last).
+    """
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class BundleRecord:
+    bundle_id: str
+    site: str
+    sequence: int
+    sha256: str
+    size: int  # bytes of the tar
+    n_samples: int
+    stored_at: float  # seconds since the epoch
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class BundleStore:
+    """Verified bundles under `root`; uploads over `max_bundle_bytes` bytes are refused."""
+
+    def __init__(self, root: Path, *, max_bundle_bytes: int = 512 * 1024 * 1024):
+        self.root = Path(root)
+        self.max_bundle_bytes = max_bundle_bytes
+        self.objects = self.root / "objects"
+        self.incoming = self.root / "incoming"
+        self.index_path = self.root / "index.db"
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            db.executescript(_SCHEMA)
+        self._recover()
+
+    # ------------------------------------------------------------ internals
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.index_path, timeout=30, isolation_level=None)
+        try:
+            yield db
+        finally:
+            db.close()
+
+    def _recover(self) -> None:
+        """Remove what a crash may have left: temporary uploads and objects never indexed."""
+        for p in self.incoming.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        with self._db() as db:
+            indexed = {r[0] for r in db.execute("SELECT sha256 FROM bundles")}
+        for p in self.objects.glob("*.tar"):
+            if p.stem not in indexed:
+                p.unlink()
+
+    def _receive(self, source, dest: Path, declared: int | None) -> tuple[int, str]:
+        """Copy `source` (path, bytes, binary file or iterable of byte chunks) to `dest`.
+
+        Refuses before writing a byte past the store's limit ("too_large") or past the
+        declared size ("invalid"). Returns (size in bytes, sha256 hex).
+        """
+        if declared is not None and declared > self.max_bundle_bytes:
+            raise StoreRefused(
+                f"declared size {declared} bytes exceeds the limit of {self.max_bundle_bytes} bytes", "too_large"
+            )
+        h, size = hashlib.sha256(), 0
+        with contextlib.ExitStack() as stack:
+            if isinstance(source, (str, Path)):
+                f = stack.enter_context(open(source, "rb"))
+                chunks: Iterable[bytes] = iter(lambda: f.read(_BLOCK), b"")
+            elif isinstance(source, (bytes, bytearray, memoryview)):
+                chunks = [bytes(source)]
+            elif hasattr(source, "read"):
+                chunks = iter(lambda: source.read(_BLOCK), b"")
+            else:
+                chunks = source
+            out = stack.enter_context(open(dest, "wb"))
+            for chunk in chunks:
+                size += len(chunk)
+                if size > self.max_bundle_bytes:
+                    raise StoreRefused(
+                        f"bundle exceeds the limit of {self.max_bundle_bytes} bytes", "too_large"
+                    )
+                if declared is not None and size > declared:
+                    raise StoreRefused(f"received more than the declared {declared} bytes", "invalid")
+                h.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        return size, h.hexdigest()
+
+    # ------------------------------------------------------------ public
+
+    def put(
+        self,
+        source: Path | bytes | BinaryIO | Iterable[bytes],
+        *,
+        verify: TrustStore | Mapping[str, Sequence],
+        site: str | None = None,
+        size: int | None = None,
+        sha256: str | None = None,
+    ) -> BundleRecord:
+        """Receive, verify and store one bundle tar; return its record or raise StoreRefused.
+
+        verify: the trust store (or site -> public keys) the bundle's signature must verify
+        against. `site`, `size`, `sha256`: what the sender declared; each, when given, must
+        match what arrived (site: the site that signed the bundle).
+        """
+        trusted = verify.all() if isinstance(verify, TrustStore) else dict(verify)
+        fd, tmp_name = tempfile.mkstemp(dir=self.incoming, prefix="upload-", suffix=".tar")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        work = Path(tempfile.mkdtemp(dir=self.incoming, prefix="verify-"))
+        try:
+            got_size, got_sha = self._receive(source, tmp, size)
+            if size is not None and got_size != size:
+                raise StoreRefused(f"received {got_size} bytes but {size} were declared", "invalid")
+            if sha256 is not None and got_sha != sha256:
+                raise StoreRefused(f"sha256 of the received bytes is {got_sha}, declared {sha256}", "invalid")
+            try:
+                vb = verify_bundle(tmp, trusted, max_bytes=self.max_bundle_bytes, dest=work / "x")
+            except BundleError as e:
+                raise StoreRefused(str(e), e.reason) from None
+            if site is not None and vb.site != site:
+                raise StoreRefused(
+                    f"bundle is signed for site {vb.site!r} but was uploaded as site {site!r}", "untrusted"
+                )
+            with self._db() as db:
+                # BEGIN IMMEDIATE takes the write lock: replay check and insert are one step,
+                # across threads and processes.
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    if db.execute("SELECT 1 FROM bundles WHERE bundle_id = ?", (vb.bundle_id,)).fetchone():
+                        raise StoreRefused(f"bundle {vb.bundle_id} is already stored (replay)", "replay")
+                    if db.execute("SELECT 1 FROM bundles WHERE sha256 = ?", (got_sha,)).fetchone():
+                        raise StoreRefused(f"a bundle with sha256 {got_sha} is already stored (replay)", "replay")
+                    last = db.execute("SELECT MAX(sequence) FROM bundles WHERE site = ?", (vb.site,)).fetchone()[0]
+                    if last is not None and vb.sequence <= last:
+                        raise StoreRefused(
+                            f"sequence {vb.sequence} of site {vb.site!r} is not above its last stored "
+                            f"sequence {last} (replay)",
+                            "replay",
+                        )
+                    record = BundleRecord(vb.bundle_id, vb.site, vb.sequence, got_sha, got_size, vb.n_samples, time.time())
+                    obj = self.objects / f"{got_sha}.tar"
+                    os.replace(tmp, obj)
+                    try:
+                        db.execute("INSERT INTO bundles VALUES (?, ?, ?, ?, ?, ?, ?)", tuple(asdict(record).values()))
+                        db.execute("COMMIT")
+                    except BaseException:
+                        obj.unlink(missing_ok=True)
+                        raise
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            return record
+        finally:
+            tmp.unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True)
+
+    def list(self, site: str | None = None) -> list[BundleRecord]:
+        """Stored bundles, oldest first; only `site`'s when given."""
+        q = "SELECT * FROM bundles" + (" WHERE site = ?" if site else "") + " ORDER BY stored_at, site, sequence"
+        with self._db() as db:
+            return [BundleRecord(*r) for r in db.execute(q, (site,) if site else ())]
+
+    def get(self, bundle_id: str) -> BundleRecord | None:
+        with self._db() as db:
+            r = db.execute("SELECT * FROM bundles WHERE bundle_id = ?", (bundle_id,)).fetchone()
+        return BundleRecord(*r) if r else None
+
+    def open(self, bundle_id: str) -> BinaryIO:
+        """The stored tar of `bundle_id`, opened for reading; KeyError if unknown."""
+        rec = self.get(bundle_id)
+        if rec is None:
+            raise KeyError(f"no bundle {bundle_id!r} in the store")
+        return open(self.objects / f"{rec.sha256}.tar", "rb")
+
+    def sites_with_bundles(self) -> set[str]:
+        with self._db() as db:
+            return {r[0] for r in db.execute("SELECT DISTINCT site FROM bundles")}

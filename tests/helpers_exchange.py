@@ -1,0 +1,75 @@
+"""Shared pieces for the signing/bundle/exchange tests: keys, bundles, a live TLS exchange."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.bundle import build_bundle, pack_bundle
+from common.signing import generate_signing_key, load_private_key
+from common.tls import issue_server_cert, make_ca
+from server.exchange import serve
+from server.store import BundleStore
+from server.trust import TrustStore
+
+PASSED_AUDIT = {"passed": True, "mia_auc": 0.52, "reid_rate": 0.01, "policy": {"max_mia_auc": 0.65}}
+
+
+def site_key(dir: Path, name: str):
+    """(private key, public PEM text) of a fresh Ed25519 key under dir/name.{key,pub}."""
+    generate_signing_key(dir / f"{name}.key", dir / f"{name}.pub")
+    return load_private_key(dir / f"{name}.key"), (dir / f"{name}.pub").read_text()
+
+
+def sample_set(n: int = 12, size: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, size, size), dtype=np.uint8), rng.integers(0, 2, n).astype(np.int64)
+
+
+def make_bundle(out: Path, priv, *, site: str = "a", sequence: int = 1, seed: int = 0, n: int = 12,
+                audit: dict | None = None) -> Path:
+    """Build and pack a bundle; return the tar path."""
+    images, labels = sample_set(n=n, seed=seed)
+    bid = build_bundle(
+        out, images=images, labels=labels, audit=audit or PASSED_AUDIT, datacard={"route": "plan"},
+        site=site, sequence=sequence, signing_key=priv, config_digest="0" * 64,
+    )
+    return pack_bundle(out / bid)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveExchange:
+    address: str
+    ca_cert: Path
+    store: BundleStore
+    trust: TrustStore
+    server: object
+
+
+@contextlib.contextmanager
+def live_exchange(root: Path, *, max_bundle_bytes: int = 64 * 1024 * 1024, client_ca: bool = False):
+    """A real exchange server with TLS on 127.0.0.1 (free port), stopped on exit."""
+    make_ca(root / "ca", "test-federation")
+    issue_server_cert(root / "ca", root / "tls")
+    store = BundleStore(root / "store", max_bundle_bytes=max_bundle_bytes)
+    trust = TrustStore(root / "trust.db")
+    port = free_port()
+    server = serve(
+        store=store, trust=trust, host="127.0.0.1", port=port,
+        cert_path=root / "tls" / "server.crt", key_path=root / "tls" / "server.key",
+        max_bundle_bytes=max_bundle_bytes, client_ca_path=root / "ca" / "ca.crt" if client_ca else None,
+    )
+    try:
+        yield LiveExchange(f"127.0.0.1:{port}", root / "ca" / "ca.crt", store, trust, server)
+    finally:
+        server.stop(grace=None)
