@@ -1,0 +1,65 @@
+"""Models both sides of the federation build: the coordinator to aggregate, every site to train.
+
+`ConvNet` is also the node's phi_id / phi_class design (node.classifiers.SmallCNN); it lives here
+so the coordinator needs nothing from `node`.
+
+Inputs [B,1,H,W] with pixels in [-1,1]. GroupNorm rather than BatchNorm: FedAvg averages these
+networks across sites, and the walk and the audit run them on batches of generated images;
+neither should depend on batch statistics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(math.gcd(8, c_out), c_out), nn.ReLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(math.gcd(8, c_out), c_out), nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+class ConvNet(nn.Module):
+    """Three conv blocks (width, 2*width, 4*width channels, each halving the resolution), a hidden
+    layer on the flattened (image_size/8)^2 map and a linear head. Flattening, not global pooling:
+    where things are (a patient's anatomy) is what re-identification needs.
+
+    features(x): [B,1,H,W] -> [B, 4*width], the penultimate layer.
+    forward(x): [B,1,H,W] -> logits [B, n_out].
+    """
+
+    def __init__(self, n_out: int, *, width: int, image_size: int):
+        super().__init__()
+        if image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {image_size}")
+        self.n_out, self.width, self.image_size = n_out, width, image_size
+        self.body = nn.Sequential(_block(1, width), _block(width, 2 * width), _block(2 * width, 4 * width))
+        self.hidden = nn.Linear(4 * width * (image_size // 8) ** 2, 4 * width)
+        self.head = nn.Linear(4 * width, n_out)
+
+    @property
+    def feature_dim(self) -> int:
+        return 4 * self.width
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.hidden(self.body(x).flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class DownstreamCNN(ConvNet):
+    """The federated downstream classifier: images [B,1,H,W] in [-1,1] -> logits [B,n_classes].
+
+    The parameter order of `state_dict()` is the wire format of the Flower federation, so changing
+    this class changes the protocol.
+    """
+
+    def __init__(self, n_classes: int, *, width: int, image_size: int):
+        super().__init__(n_classes, width=width, image_size=image_size)
