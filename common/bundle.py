@@ -431,7 +431,11 @@ def _open_statement(env: dict, trusted_keys: Mapping[str, Sequence]) -> dict:
     if not isinstance(site, str) or site not in trusted_keys or not trusted_keys[site]:
         raise BundleError(f"site {site!r} is not registered", "untrusted")
     try:
-        keys = {key_id(k): k for k in (load_public_key(p) for p in trusted_keys[site])}
+        # str keys are PEM text: encode so a key is never mistaken for a file name to read.
+        keys = {
+            key_id(k): k
+            for k in (load_public_key(p.encode() if isinstance(p, str) else p) for p in trusted_keys[site])
+        }
     except SigningKeyError as e:
         raise BundleError(f"registered key of site {site!r} is unusable: {e}", "untrusted") from None
     try:

@@ -64,7 +64,9 @@ class TrustStore:
         if not isinstance(site, str) or not _SITE.match(site):
             raise TrustError(f"site name {site!r} must match {_SITE.pattern}")
         try:
-            pem = public_pem(load_public_key(public_key_pem))  # normalised, and checked to be Ed25519
+            # bytes: always parsed as PEM text, never taken for a file name
+            raw = public_key_pem.encode() if isinstance(public_key_pem, str) else public_key_pem
+            pem = public_pem(load_public_key(raw))  # normalised, and checked to be Ed25519
         except SigningKeyError as e:
             raise TrustError(f"site {site!r}: {e}") from None
         with self._db() as db:
