@@ -1,0 +1,140 @@
+"""publish and pull stages on two site workspaces against a live TLS exchange."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from common.fileio import atomic_write_json
+from common.signing import generate_signing_key
+from node.exchange_client import ExchangeClient, ExchangeError
+from node.publish import publish
+from node.pull import load_pool, pull
+from node.workspace import Workspace
+from tests.helpers_exchange import PASSED_AUDIT, live_exchange, sample_set
+
+
+def _site(root, name, ex, *, seed, passed=True, run="run-1"):
+    ws = Workspace(root / name)
+    ws.root.mkdir(parents=True)
+    shutil.copy(ex.ca_cert, ws.root / "ca.crt")
+    (ws.config_path).write_text(yaml.safe_dump({
+        "name": name,
+        "coordinator": {"exchange": ex.address, "ca_cert": "ca.crt", "timeout_s": 10},
+    }))
+    generate_signing_key(ws.signing_key, ws.signing_pub)
+    _synth(ws, run=run, seed=seed, passed=passed)
+    return ws
+
+
+def _synth(ws, *, run, seed, passed=True, n=10):
+    images, labels = sample_set(n=n, seed=seed)
+    (ws.synth / run).mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(ws.synth / run / "accepted.npz", images=images, labels=labels)
+    atomic_write_json(ws.synth / run / "audit.json", {**PASSED_AUDIT, "passed": passed})
+    atomic_write_json(ws.synth / "latest.json", {"run_id": run})
+    return images, labels
+
+
+@pytest.fixture
+def fed(tmp_path):
+    with live_exchange(tmp_path / "coord") as ex:
+        a = _site(tmp_path, "a", ex, seed=1)
+        b = _site(tmp_path, "b", ex, seed=2)
+        for ws in (a, b):
+            ex.trust.add(ws.config().name, ws.signing_pub.read_text())
+        yield ex, a, b
+
+
+def test_publish_then_pull_on_two_sites(fed):
+    ex, a, b = fed
+    id_a, id_b = publish(a), publish(b)
+    assert id_a and id_b and id_a != id_b
+    rec = json.loads((a.bundles / "published.json").read_text())
+    assert rec["last_sequence"] == 1 and rec["bundles"][0]["status"] == "uploaded"
+    assert (a.bundles / id_a).is_dir() and (a.bundles / f"{id_a}.tar").is_file()
+
+    # idempotent: the same accepted set is not uploaded again
+    assert publish(a) == id_a
+    assert len(ex.store.list()) == 2
+
+    for ws in (a, b):
+        assert sorted(pull(ws)) == sorted([id_a, id_b])
+        assert pull(ws) == []  # nothing new
+        index = json.loads((ws.pool / "index.json").read_text())
+        assert set(index) == {id_a, id_b} and index[id_a]["site"] == "a" and index[id_b]["n_samples"] == 10
+        assert not (ws.pool / ".incoming").exists()
+        images, labels = load_pool(ws)
+        assert images.shape == (20, 8, 8) and images.dtype == np.uint8 and labels.dtype == np.int64
+        want = {id_a: sample_set(n=10, seed=1), id_b: sample_set(n=10, seed=2)}
+        order = sorted(want)
+        np.testing.assert_array_equal(images, np.concatenate([want[i][0] for i in order]))
+        np.testing.assert_array_equal(labels, np.concatenate([want[i][1] for i in order]))
+
+    # a new accepted set gets the next sequence number
+    _synth(a, run="run-2", seed=3)
+    id_a2 = publish(a)
+    assert id_a2 not in (id_a, id_b)
+    assert json.loads((a.bundles / "published.json").read_text())["last_sequence"] == 2
+    assert pull(b) == [id_a2]
+
+
+def test_failed_audit_is_not_published(fed, tmp_path):
+    ex, a, b = fed
+    _synth(a, run="run-x", seed=4, passed=False)
+    assert publish(a) is None
+    assert not (a.bundles / "published.json").exists()
+    assert ex.store.list() == []
+
+
+def test_retry_after_lost_reply(fed):
+    ex, a, b = fed
+    bid = publish(a)
+    # the reply was "lost": the record still says built, the server has it
+    path = a.bundles / "published.json"
+    rec = json.loads(path.read_text())
+    rec["bundles"][0]["status"] = "built"
+    atomic_write_json(path, rec)
+    assert publish(a) == bid
+    assert json.loads(path.read_text())["bundles"][0]["status"] == "uploaded"
+    assert len(ex.store.list()) == 1
+
+
+def test_failed_upload_is_retried_and_crash_leftovers_rebuilt(fed):
+    ex, a, b = fed
+
+    class Down:
+        def upload(self, *args, **kw):
+            raise ExchangeError("upload at x: UNAVAILABLE: down", "UNAVAILABLE")
+
+    with pytest.raises(ExchangeError, match="UNAVAILABLE"):
+        publish(a, client=Down())
+    rec = json.loads((a.bundles / "published.json").read_text())
+    assert rec["last_sequence"] == 1 and rec["bundles"][0]["status"] == "built"
+    bid = rec["bundles"][0]["bundle_id"]
+    (a.bundles / f"{bid}.tar").unlink()  # a crash lost the tar: rebuilt under a fresh sequence
+    assert publish(a) == bid
+    rec = json.loads((a.bundles / "published.json").read_text())
+    assert rec["last_sequence"] == 2 and rec["bundles"] == [rec["bundles"][0]]
+    assert [r.sequence for r in ex.store.list()] == [2]
+
+
+def test_pull_rejects_bundles_that_fail_verification(fed):
+    ex, a, b = fed
+    bid = publish(a)
+    ex.trust.revoke("a")  # the coordinator no longer vouches for site a
+    assert pull(b) == []
+    assert not (b.pool / bid).exists()
+    rejected = json.loads((b.pool / "rejected.json").read_text())
+    assert "site 'a' is not registered" in rejected[bid]["reason"]
+    images, labels = load_pool(b)
+    assert images.shape[0] == 0 and labels.shape == (0,)
+
+
+def test_publish_with_a_given_client(fed):
+    ex, a, b = fed
+    with ExchangeClient(ex.address, ex.ca_cert, timeout=10) as c:
+        bid = publish(a, client=c)
+        assert [r["bundle_id"] for r in c.list()] == [bid]
