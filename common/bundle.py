@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from common.dsse import EnvelopeError, sign_envelope, verify_envelope
-from common.fileio import atomic_write_text, sha256_file
+from common.fileio import sha256_file
 from common.signing import SigningKeyError, key_id, load_public_key
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -56,7 +56,6 @@ BAG = "bag"
 TAG_FILES = ("bagit.txt", "bag-info.txt", "manifest-sha256.txt", TAGMANIFEST, "audit.json", "datacard.json")
 _PAYLOAD_FILE = re.compile(r"^images/(\d{1,2})/(\d{1,9})\.png$")
 _BUNDLE_ID = re.compile(r"^[0-9a-f]{32}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_IMAGE_SIDE = 4096  # pixels; a decoded PNG larger than this is refused (decompression bombs)
 MAX_JSON_BYTES = 16 * 1024 * 1024  # attestation and tag files are read whole; bound them
 
@@ -519,6 +518,8 @@ def verify_bundle(
     removes `VerifiedBundle.dir`. On failure, raises BundleError and removes what it extracted.
     """
     tar_path = Path(tar_path)
+    if dest is not None and Path(dest).exists() and any(Path(dest).iterdir()):
+        raise BundleError(f"{dest}: extraction folder is not empty")  # before we own anything in it
     created = dest is None or not Path(dest).exists()
     out = Path(tempfile.mkdtemp(prefix="plan-bundle-")) if dest is None else Path(dest)
     try:

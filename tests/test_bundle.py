@@ -207,3 +207,13 @@ def test_build_refuses_bad_arrays(tmp_path, key_a):
     with pytest.raises(BundleError, match="need as many labels as images"):
         build_bundle(tmp_path, images=images, labels=labels[:-1], audit=PASSED_AUDIT, datacard={},
                      site="a", sequence=1, signing_key=key_a[0], config_digest="0" * 64)
+
+
+def test_verify_never_touches_a_non_empty_destination(tmp_path, key_a):
+    priv, pem = key_a
+    tar = make_bundle(tmp_path / "b", priv)
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "dest" / "precious").write_text("keep me")
+    with pytest.raises(BundleError, match="not empty"):
+        verify_bundle(tar, {"a": [pem]}, max_bytes=MAX, dest=tmp_path / "dest")
+    assert (tmp_path / "dest" / "precious").read_text() == "keep me"
