@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast proto clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The generated exchange code is committed; regenerate it after editing common/exchange.proto.
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. common/exchange.proto
 
 clean:
 	rm -rf out .pytest_cache

@@ -96,7 +96,7 @@ def run_coordinator(
     Returns the run's results when `exit_after_run`, otherwise serves until interrupted.
     """
     fed = cd.config()
-    store = BundleStore(cd.store)
+    store = BundleStore(cd.store, max_bundle_bytes=fed.max_bundle_bytes)
     trust = cd.trust()
     exchange = serve(
         store=store,
