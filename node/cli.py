@@ -13,6 +13,7 @@ from rich.console import Console
 
 from common.config import ConfigError, SiteConfig, commented_yaml
 from common.fileio import atomic_write_text
+from common.nodekey import generate_node_key
 from common.signing import generate_signing_key
 from node.workspace import Workspace
 
@@ -72,8 +73,9 @@ def init(
     if ca_cert is not None:
         shutil.copyfile(ca_cert, ws.resolve(cfg.coordinator.ca_cert))
     generate_signing_key(ws.signing_key, ws.signing_pub)
+    generate_node_key(ws.node_key, ws.node_pub)
     atomic_write_text(ws.config_path, commented_yaml(cfg, title=f"plan-node site config for {name!r}"))
-    console.print(f"site {name!r} initialised in {ws.root}; register {ws.signing_pub} at the coordinator")
+    console.print(f"site {name!r} initialised in {ws.root}; register {ws.signing_pub} and {ws.node_pub} at the coordinator")
 
 
 def _pipeline(site_dir: Path, upto: str, force: bool) -> Workspace:

@@ -18,6 +18,7 @@ def start_supernode(ws: Workspace, *, log: Path) -> subprocess.Popen:
         "--superlink", cfg.coordinator.superlink,
         "--root-certificates", str(ws.resolve(cfg.coordinator.ca_cert)),
         "--port", str(cfg.coordinator.supernode_port),
+        "--auth-supernode-private-key", str(ws.node_key),
         "--node-config", f'site-dir="{ws.root.resolve()}"',
     ]
     return spawn(cmd, log=log, env=flower_env(ws.root / ".flwr"))

@@ -64,6 +64,15 @@ class Workspace:
     def signing_pub(self) -> Path:
         return self.keys / "signing.pub"
 
+    @property
+    def node_key(self) -> Path:
+        """The Flower SuperNode's authentication key (OpenSSH EC P-384)."""
+        return self.keys / "flower_node.key"
+
+    @property
+    def node_pub(self) -> Path:
+        return self.keys / "flower_node.pub"
+
     def config(self) -> SiteConfig:
         return load_site_config(self.config_path)
 

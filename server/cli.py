@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.config import ConfigError, FederationConfig
+from common.nodekey import check_node_public_key
 from server.coordinator import CoordinatorDir, init_coordinator, run_coordinator
 from server.store import BundleStore
 
@@ -60,15 +61,22 @@ def start(
 def sites_add(
     name: str = typer.Argument(..., help="Site name, as in its site.yaml."),
     key: Path = typer.Option(..., "--key", help="The site's Ed25519 signing public key (PEM)."),
+    node_key: Path = typer.Option(None, "--node-key", help="The site's Flower SuperNode public key (OpenSSH)."),
     dir: Path = DirOption,
 ) -> None:
-    """Register a site's signing key: its bundles are accepted from now on."""
+    """Register a site's signing key (its bundles are accepted) and its SuperNode key (it may join runs)."""
     try:
         pem = key.read_text()
+        node_line = check_node_public_key(node_key.read_text(), source=str(node_key)) if node_key else None
     except OSError as e:
-        _fail(f"{key}: cannot read public key ({e.strerror})")
+        _fail(f"{e.filename}: cannot read public key ({e.strerror})")
+    except ValueError as e:
+        _fail(str(e))
+    cd = CoordinatorDir(dir)
     try:
-        CoordinatorDir(dir).trust().add(name, pem)
+        if node_line:
+            cd.add_node_key(name, node_line)
+        cd.trust().add(name, pem)
     except ValueError as e:
         _fail(str(e))
     console.print(f"site {name!r} registered")

@@ -66,6 +66,17 @@ class CoordinatorDir:
     def flwr_home(self) -> Path:
         return self.root / ".flwr"
 
+    @property
+    def node_keys(self) -> Path:
+        """`<site>.pub`: each site's Flower SuperNode public key; `nodes.json`: node id -> site."""
+        return self.root / "flower_nodes"
+
+    def add_node_key(self, site: str, public_key_line: str) -> None:
+        path = self.node_keys / f"{site}.pub"
+        if path.exists() and path.read_text().strip() != public_key_line:
+            raise ValueError(f"site {site!r} already has another Flower node key ({path})")
+        atomic_write_text(path, public_key_line + "\n")
+
     def config(self) -> FederationConfig:
         return load_federation_config(self.config_path)
 
@@ -120,7 +131,8 @@ def run_coordinator(
     )
     try:
         federation.wait_superlink(cd.flwr_home, superlink)
-        say(f"SuperLink listening on {fed.superlink_host}:{fed.superlink_port} (TLS)")
+        say(f"SuperLink listening on {fed.superlink_host}:{fed.superlink_port} (TLS, SuperNode authentication)")
+        _register_nodes(cd, say)
         _wait_for_quorum(cd, store, fed.quorum, superlink, say)
         results = _run_once(cd, fed, store, say)
         if exit_after_run:
@@ -132,6 +144,19 @@ def run_coordinator(
     finally:
         stop(superlink)
         exchange.stop(grace=2)
+
+
+def _register_nodes(cd: CoordinatorDir, say) -> None:
+    """Register every site's SuperNode key at the SuperLink; remember which node id is which site."""
+    names_path = cd.node_keys / "nodes.json"
+    names = json.loads(names_path.read_text()) if names_path.exists() else {}
+    for pub in sorted(cd.node_keys.glob("*.pub")):
+        node_id = federation.register_node(cd.flwr_home, pub, name=pub.stem)
+        if node_id is not None:
+            names[node_id] = pub.stem
+            say(f"SuperNode key of {pub.stem!r} registered (node {node_id})")
+    if names:
+        atomic_write_json(names_path, names)
 
 
 def _wait_for_quorum(cd: CoordinatorDir, store: BundleStore, quorum: int, superlink, say) -> None:

@@ -22,6 +22,8 @@ def start_superlink(*, flwr_home: Path, host: str, port: int, ca_cert: Path, cer
         "--ssl-certfile", str(cert),
         "--ssl-keyfile", str(key),
         "--database", str(database),
+        # Only SuperNodes whose public key the coordinator registered may join.
+        "--enable-supernode-auth",
         # Offline sites: never `uv sync` an app's dependencies; they are installed with plan-node.
         "--disable-runtime-dependency-installation",
         "--host", host,
@@ -50,6 +52,17 @@ def wait_superlink(flwr_home: Path, proc: subprocess.Popen, *, timeout: float = 
         except (FlowerError, subprocess.TimeoutExpired):
             time.sleep(1)
     raise FlowerError(f"flower-superlink did not answer within {timeout:.0f} s")
+
+
+def register_node(flwr_home: Path, public_key: Path, *, name: str) -> str | None:
+    """Register a SuperNode's public key; returns its node id, or None if it was registered before."""
+    try:
+        data = flwr_json(["supernode", "register", str(public_key), CONNECTION, "--name", name], flwr_home=flwr_home)
+    except FlowerError as e:
+        if "already in use" in str(e):  # registrations persist in the SuperLink's database
+            return None
+        raise
+    return str(data["node-id"])
 
 
 def submit_run(flwr_home: Path, *, run_config: dict[str, str]) -> str:

@@ -91,7 +91,10 @@ def setup(
         if site_overrides:
             cfg_path = site / "site.yaml"
             atomic_write_text(cfg_path, yaml.safe_dump(_merge(yaml.safe_load(cfg_path.read_text()), site_overrides), sort_keys=False))
-        _run([_cli("plan-server"), "sites", "add", name, "--key", str(site / "keys" / "signing.pub"), "--dir", str(coord)])
+        _run([
+            _cli("plan-server"), "sites", "add", name, "--key", str(site / "keys" / "signing.pub"),
+            "--node-key", str(site / "keys" / "flower_node.pub"), "--dir", str(coord),
+        ])  # fmt: skip
         sites.append(site)
     return coord, sites
 
