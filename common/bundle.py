@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import stat
+import struct
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ class VerifiedBundle:
     sequence: int
     statement: dict
     n_samples: int
+    key_id: str = ""  # the registered key that verified the signature
 
     @property
     def predicate(self) -> dict:
@@ -417,38 +419,69 @@ def _check_layout(files: list[str]) -> None:
             raise BundleError(f"{required}: missing from bundle")
 
 
-def _open_statement(env: dict, trusted_keys: Mapping[str, Sequence]) -> dict:
-    """The verified in-toto statement, checked against the keys of the site it claims."""
+def _key_entries(site: str, entries: Sequence) -> list[tuple[str, object, int, int | None]]:
+    """(key id, public key, valid_after, valid_until) of each trusted-key entry of `site`.
+
+    An entry is a PEM (str/bytes), an Ed25519PublicKey (valid for every sequence), or a dict
+    {"pem", "valid_after", "valid_until"} as server.trust / common.trustdoc give.
+    """
+    out = []
+    for e in entries:
+        after, until, pem = 0, None, e
+        if isinstance(e, Mapping):
+            pem, after, until = e.get("pem"), e.get("valid_after", 0), e.get("valid_until")
+            if not isinstance(after, int) or not (until is None or isinstance(until, int)):
+                raise BundleError(f"registered key of site {site!r}: bad validity window {after!r}..{until!r}", "untrusted")
+        try:
+            # str keys are PEM text: encode so a key is never mistaken for a file name to read.
+            k = load_public_key(pem.encode() if isinstance(pem, str) else pem)
+        except SigningKeyError as err:
+            raise BundleError(f"registered key of site {site!r} is unusable: {err}", "untrusted") from None
+        out.append((key_id(k), k, after, until))
+    return out
+
+
+def _open_statement(env: dict, trusted_keys: Mapping[str, Sequence]) -> tuple[dict, str]:
+    """(the verified in-toto statement, id of the key that signed it).
+
+    Only keys of the site the statement claims, whose sequence window holds the sequence it
+    claims, are tried: both claims are inside the signed payload, so once a signature verifies
+    they are authentic.
+    """
     if not isinstance(env, dict) or not isinstance(env.get("payload"), str):
         raise BundleError(f"{ATTESTATION}: not a DSSE envelope")
-    # Read the claimed site from the (not yet trusted) payload only to pick which keys to try.
+    # Read the claimed site and sequence from the (not yet trusted) payload only to pick keys.
     try:
         claimed = json.loads(base64.b64decode(env["payload"], validate=True))
         site = claimed["predicate"]["site"]
+        sequence = claimed["predicate"]["sequence"]
     except Exception:
-        raise BundleError(f"{ATTESTATION}: payload is not an in-toto statement naming a site") from None
+        raise BundleError(f"{ATTESTATION}: payload is not an in-toto statement naming a site and sequence") from None
     if not isinstance(site, str) or site not in trusted_keys or not trusted_keys[site]:
-        raise BundleError(f"site {site!r} is not registered", "untrusted")
-    try:
-        # str keys are PEM text: encode so a key is never mistaken for a file name to read.
-        keys = {
-            key_id(k): k
-            for k in (load_public_key(p.encode() if isinstance(p, str) else p) for p in trusted_keys[site])
-        }
-    except SigningKeyError as e:
-        raise BundleError(f"registered key of site {site!r} is unusable: {e}", "untrusted") from None
-    try:
-        payload = verify_envelope(env, keys, payload_type=PAYLOAD_TYPE)
-    except EnvelopeError as e:
+        raise BundleError(f"site {site!r} is not registered (or its keys were revoked)", "untrusted")
+    if not isinstance(sequence, int) or isinstance(sequence, bool):
+        raise BundleError(f"{ATTESTATION}: predicate.sequence {sequence!r} is not an integer")
+    entries = _key_entries(site, trusted_keys[site])
+    usable = {kid: k for kid, k, after, until in entries if after < sequence and (until is None or sequence <= until)}
+    windows = ", ".join(f"{kid[:12]}: {after + 1}..{'' if until is None else until}" for kid, _, after, until in entries)
+    for kid, k in usable.items():
+        try:
+            payload = verify_envelope(env, {kid: k}, payload_type=PAYLOAD_TYPE)
+        except EnvelopeError:
+            continue
+        break
+    else:
         raise BundleError(
-            f"signature does not verify against any registered key of site {site!r} ({e})", "untrusted"
-        ) from None
+            f"signature does not verify against any registered key of site {site!r} valid for sequence "
+            f"{sequence} (keys and their sequence windows: {windows})",
+            "untrusted",
+        )
     statement = json.loads(payload)
     if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE:
         raise BundleError(f"{ATTESTATION}: statement _type is {statement.get('_type')!r}, expected {STATEMENT_TYPE!r}")
     if statement.get("predicateType") != PREDICATE_TYPE:
         raise BundleError(f"{ATTESTATION}: predicateType {statement.get('predicateType')!r} is not {PREDICATE_TYPE!r}")
-    return statement
+    return statement, kid
 
 
 def _check_bag(bag_dir: Path) -> None:
@@ -498,6 +531,23 @@ def _read_labels(data_dir: Path) -> list[tuple[str, int]]:
     return rows
 
 
+def _check_png_header(path: Path, rel: str) -> None:
+    """Refuse a payload file that is not a PNG or whose header declares more than MAX_IMAGE_SIDE
+    pixels a side: a few compressed bytes can decode to gigabytes (decompression bomb), so this is
+    checked from the 24-byte header, before anyone decodes it."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        raise BundleError(f"data/{rel}: not a PNG file")
+    width, height = struct.unpack(">II", head[16:24])
+    if not (0 < width <= MAX_IMAGE_SIDE and 0 < height <= MAX_IMAGE_SIDE):
+        raise BundleError(
+            f"data/{rel}: PNG declares {width}x{height} pixels, over the limit of {MAX_IMAGE_SIDE} a side "
+            f"(decompression bomb?)",
+            "too_large",
+        )
+
+
 def verify_bundle(
     tar_path: Path,
     trusted_keys: Mapping[str, Sequence],
@@ -507,7 +557,9 @@ def verify_bundle(
 ) -> VerifiedBundle:
     """Extract `tar_path` safely and check everything before anyone uses it.
 
-    trusted_keys: site -> that site's current public keys (PEM text or Ed25519PublicKey).
+    trusted_keys: site -> that site's keys: PEM text, Ed25519PublicKey, or {"pem", "valid_after",
+    "valid_until"} (server.trust's sequence windows; only a key whose window holds the bundle's
+    signed sequence may verify it).
     Checks: safe extraction within `max_bytes`; exactly the expected files; the DSSE signature
     against a registered key of the site the statement names; the bag (every payload and tag
     digest, completeness); the statement's subject digest against the actual tag manifest;
@@ -526,7 +578,7 @@ def verify_bundle(
         files = safe_extract(tar_path, out, max_bytes=max_bytes)
         _check_layout(files)
         env = _read_json(out / ATTESTATION, ATTESTATION)
-        statement = _open_statement(env, trusted_keys)
+        statement, signer = _open_statement(env, trusted_keys)
         bag_dir = out / BAG
         _check_bag(bag_dir)
 
@@ -570,13 +622,16 @@ def verify_bundle(
         if payload != listed | {"labels.csv"}:
             extra = sorted(payload - listed - {"labels.csv"}) or sorted(listed - payload)
             raise BundleError(f"data/{extra[0]}: payload and labels.csv disagree")
+        for rel, _ in rows:
+            _check_png_header(bag_dir / "data" / rel, rel)
         if pred.get("n_samples") != len(rows):
             raise BundleError(f"{ATTESTATION}: predicate.n_samples {pred.get('n_samples')!r} but labels.csv has {len(rows)}")
 
         if audit.get("passed") is not True:
             raise BundleError(f"audit did not pass (predicate.audit.passed is {audit.get('passed')!r})", "policy")
         return VerifiedBundle(
-            dir=out, site=site, bundle_id=bundle_id, sequence=sequence, statement=statement, n_samples=len(rows)
+            dir=out, site=site, bundle_id=bundle_id, sequence=sequence, statement=statement, n_samples=len(rows),
+            key_id=signer,
         )
     except BaseException:
         if created:

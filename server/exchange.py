@@ -4,9 +4,14 @@ Uploads stream into the bundle store, which verifies them before anything is kep
 carry a status code and a message naming the cause:
 
     INVALID_ARGUMENT     malformed stream, size or digest mismatch, bad bag or attestation, unsafe archive
-    PERMISSION_DENIED    unregistered site, signature not from the site's key, audit did not pass
+    PERMISSION_DENIED    unregistered or revoked site, client certificate of another site, signature
+                         not from a key of the site valid for the bundle's sequence, audit did not pass
     RESOURCE_EXHAUSTED   bigger than max_bundle_bytes (checked on the header and while streaming)
     ALREADY_EXISTS       replay: bundle already stored, or sequence not above the site's last
+
+With mutual TLS (`client_ca_path`, the default of the coordinator) a client without a certificate
+of the federation CA never gets past the handshake, and an upload's claimed site (its header,
+which must also be the site that signed the bundle) must be the CN of the client's certificate.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from common import exchange_pb2 as pb
 from common import exchange_pb2_grpc as pb_grpc
 from common.bundle import code_version
 from common.keyfile import read_private_file
+from common.signing import load_private_key
+from common.trustdoc import sign_trust_document
 from common.wire import CHUNK_BYTES, grpc_options
 from server.store import BundleRecord, BundleStore, StoreRefused
 from server.trust import TrustStore
@@ -47,11 +54,24 @@ def _info(rec: BundleRecord) -> pb.BundleInfo:
     )
 
 
+def peer_site(context) -> str | None:
+    """The CN of the client's TLS certificate (its site name), or None without one."""
+    names = context.auth_context().get("x509_common_name") or []
+    return names[0].decode("utf-8", "replace") if names else None
+
+
 class ExchangeServicer(pb_grpc.ExchangeServicer):
-    def __init__(self, *, store: BundleStore, trust: TrustStore, max_bundle_bytes: int):
+    """mutual_tls: the server requires client certificates, so the upload's site must be the peer's CN.
+    coordinator_key: signs the published trust store (None: TrustedKeys sends no signed document)."""
+
+    def __init__(self, *, store: BundleStore, trust: TrustStore, max_bundle_bytes: int,
+                 mutual_tls: bool = False, coordinator_key=None, federation: str = "federation"):
         self.store = store
         self.trust = trust
         self.max_bundle_bytes = max_bundle_bytes
+        self.mutual_tls = mutual_tls
+        self.coordinator_key = coordinator_key
+        self.federation = federation
 
     def _data(self, requests: Iterator[pb.UploadChunk], declared: int) -> Iterator[bytes]:
         """The upload's data chunks, refused as soon as they break a limit, before they are written."""
@@ -82,8 +102,13 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"declared size {h.size} bytes exceeds the limit of {self.max_bundle_bytes} bytes",
             )
+        if self.mutual_tls and peer_site(context) != h.site:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"client certificate is for site {peer_site(context)!r} but the upload claims site {h.site!r}",
+            )
         if not self.trust.keys(h.site):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {h.site!r} is not registered")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {h.site!r} is not registered (or its key was revoked)")
         try:
             rec = self.store.put(
                 self._data(request_iterator, h.size), verify=self.trust, site=h.site, size=h.size, sha256=h.sha256
@@ -107,7 +132,10 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
                 yield pb.DownloadChunk(data=block)
 
     def TrustedKeys(self, request, context):
-        return pb.KeysReply(sites={s: pb.PublicKeys(pem=keys) for s, keys in self.trust.all().items()})
+        signed = b""
+        if self.coordinator_key is not None:
+            signed = sign_trust_document(self.trust.windows(), self.coordinator_key, federation=self.federation)
+        return pb.KeysReply(sites={s: pb.PublicKeys(pem=keys) for s, keys in self.trust.all().items()}, signed_document=signed)
 
     def Health(self, request, context):
         return pb.HealthReply(
@@ -125,12 +153,16 @@ def serve(
     key_path: Path,
     max_bundle_bytes: int,
     client_ca_path: Path | None = None,
+    coordinator_key_path: Path | None = None,
+    federation: str = "federation",
     max_workers: int = 8,
 ) -> grpc.Server:
     """Start the exchange on host:port with TLS and return the running server (call .stop()).
 
     cert_path/key_path: the server certificate and its key (0600). With `client_ca_path`, clients
-    must present a certificate issued by that CA (mutual TLS).
+    must present a certificate issued by that CA (mutual TLS) and may upload only as the site
+    their certificate names. coordinator_key_path: the coordinator's Ed25519 key (0600) that
+    signs the published trust store.
     """
     cert = Path(cert_path).read_bytes()
     key = read_private_file(Path(key_path))
@@ -140,7 +172,12 @@ def serve(
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=grpc_options())
     pb_grpc.add_ExchangeServicer_to_server(
-        ExchangeServicer(store=store, trust=trust, max_bundle_bytes=max_bundle_bytes), server
+        ExchangeServicer(
+            store=store, trust=trust, max_bundle_bytes=max_bundle_bytes, mutual_tls=client_ca is not None,
+            coordinator_key=load_private_key(coordinator_key_path) if coordinator_key_path else None,
+            federation=federation,
+        ),
+        server,
     )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:

@@ -4,7 +4,9 @@ Layout under `root`:
 
     objects/<sha256>.tar   every accepted bundle, named by the sha256 of its tar bytes
     incoming/              uploads being received and verified (temporary; emptied on start)
-    index.db               SQLite: bundles(bundle_id PK, site, sequence, sha256, size, n_samples, stored_at)
+    index.db               SQLite: bundles(bundle_id PK, site, sequence, sha256, size, n_samples,
+                           stored_at, key_id), and removed(...): bundles purged after their key was
+                           revoked, kept so that they stay replays and sequences never go back
 
 An upload is written to incoming/, checked (declared size and digest, then `verify_bundle`
 against the trust store, then the replay check), renamed into objects/ and indexed in one
@@ -36,11 +38,23 @@ CREATE TABLE IF NOT EXISTS bundles (
     sha256 TEXT NOT NULL UNIQUE,
     size INTEGER NOT NULL,
     n_samples INTEGER NOT NULL,
-    stored_at REAL NOT NULL
+    stored_at REAL NOT NULL,
+    key_id TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS bundles_site ON bundles (site, sequence);
+CREATE TABLE IF NOT EXISTS removed (
+    bundle_id TEXT PRIMARY KEY,
+    site TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    removed_at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 """
 _BLOCK = 1 << 20
+# Explicit column order: an index migrated with ALTER TABLE has the same columns in this order anyway.
+_COLUMNS = "bundle_id, site, sequence, sha256, size, n_samples, stored_at, key_id"
 
 
 class StoreRefused(Exception):
@@ -65,6 +79,7 @@ class BundleRecord:
     size: int  # bytes of the tar
     n_samples: int
     stored_at: float  # seconds since the epoch
+    key_id: str = ""  # the site key that signed it ("" for bundles stored before keys were recorded)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +97,9 @@ class BundleStore:
         self.objects.mkdir(parents=True, exist_ok=True)
         self.incoming.mkdir(parents=True, exist_ok=True)
         with self._db() as db:
+            columns = {r[1] for r in db.execute("PRAGMA table_info(bundles)")}
+            if columns and "key_id" not in columns:  # an index written before signers were recorded
+                db.execute("ALTER TABLE bundles ADD COLUMN key_id TEXT NOT NULL DEFAULT ''")
             db.executescript(_SCHEMA)
         self._recover()
 
@@ -158,7 +176,7 @@ class BundleStore:
         against. `site`, `size`, `sha256`: what the sender declared; each, when given, must
         match what arrived (site: the site that signed the bundle).
         """
-        trusted = verify.all() if isinstance(verify, TrustStore) else dict(verify)
+        trusted = verify.windows() if isinstance(verify, TrustStore) else dict(verify)
         fd, tmp_name = tempfile.mkstemp(dir=self.incoming, prefix="upload-", suffix=".tar")
         os.close(fd)
         tmp = Path(tmp_name)
@@ -186,18 +204,26 @@ class BundleStore:
                         raise StoreRefused(f"bundle {vb.bundle_id} is already stored (replay)", "replay")
                     if db.execute("SELECT 1 FROM bundles WHERE sha256 = ?", (got_sha,)).fetchone():
                         raise StoreRefused(f"a bundle with sha256 {got_sha} is already stored (replay)", "replay")
-                    last = db.execute("SELECT MAX(sequence) FROM bundles WHERE site = ?", (vb.site,)).fetchone()[0]
+                    if db.execute("SELECT 1 FROM removed WHERE bundle_id = ? OR sha256 = ?", (vb.bundle_id, got_sha)).fetchone():
+                        raise StoreRefused(f"bundle {vb.bundle_id} was removed from the pool (replay)", "replay")
+                    last = self._last_sequence(db, vb.site)
                     if last is not None and vb.sequence <= last:
                         raise StoreRefused(
                             f"sequence {vb.sequence} of site {vb.site!r} is not above its last stored "
                             f"sequence {last} (replay)",
                             "replay",
                         )
-                    record = BundleRecord(vb.bundle_id, vb.site, vb.sequence, got_sha, got_size, vb.n_samples, time.time())
+                    record = BundleRecord(
+                        vb.bundle_id, vb.site, vb.sequence, got_sha, got_size, vb.n_samples, time.time(), vb.key_id
+                    )
                     obj = self.objects / f"{got_sha}.tar"
                     os.replace(tmp, obj)
                     try:
-                        db.execute("INSERT INTO bundles VALUES (?, ?, ?, ?, ?, ?, ?)", tuple(asdict(record).values()))
+                        db.execute(
+                            "INSERT INTO bundles (bundle_id, site, sequence, sha256, size, n_samples, stored_at, key_id) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            tuple(asdict(record).values()),
+                        )
                         db.execute("COMMIT")
                     except BaseException:
                         obj.unlink(missing_ok=True)
@@ -211,15 +237,59 @@ class BundleStore:
             tmp.unlink(missing_ok=True)
             shutil.rmtree(work, ignore_errors=True)
 
+    @staticmethod
+    def _last_sequence(db: sqlite3.Connection, site: str) -> int | None:
+        """The highest sequence of `site` ever stored, removed bundles included."""
+        row = db.execute(
+            "SELECT MAX(s) FROM (SELECT MAX(sequence) AS s FROM bundles WHERE site = ?"
+            " UNION ALL SELECT MAX(sequence) FROM removed WHERE site = ?)",
+            (site, site),
+        ).fetchone()
+        return row[0]
+
+    def last_sequence(self, site: str) -> int:
+        """The highest sequence of `site` the store has ever accepted; 0 if none (for key rotation)."""
+        with self._db() as db:
+            return self._last_sequence(db, site) or 0
+
+    def remove_signed_by(self, site: str, key_ids: Sequence[str], *, reason: str) -> list[BundleRecord]:
+        """Take every bundle of `site` signed by one of `key_ids` out of the pool; return their records.
+
+        Bundles stored before signers were recorded (key_id "") are removed too: they may have
+        been signed by a revoked key. Index rows go first, in one transaction (remembered in
+        `removed`, so they stay replays); then the objects, and a crash between the two leaves
+        orphan objects that the next start removes.
+        """
+        keys = [*key_ids, ""]
+        marks = ",".join("?" * len(keys))
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                gone = [BundleRecord(*r) for r in db.execute(
+                    f"SELECT {_COLUMNS} FROM bundles WHERE site = ? AND key_id IN ({marks})", (site, *keys)
+                )]
+                now = time.time()
+                for r in gone:
+                    db.execute("INSERT OR REPLACE INTO removed VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               (r.bundle_id, r.site, r.sequence, r.sha256, r.key_id, now, reason))
+                    db.execute("DELETE FROM bundles WHERE bundle_id = ?", (r.bundle_id,))
+                db.execute("COMMIT")
+            finally:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+        for r in gone:
+            (self.objects / f"{r.sha256}.tar").unlink(missing_ok=True)
+        return gone
+
     def list(self, site: str | None = None) -> list[BundleRecord]:
         """Stored bundles, oldest first; only `site`'s when given."""
-        q = "SELECT * FROM bundles" + (" WHERE site = ?" if site else "") + " ORDER BY stored_at, site, sequence"
+        q = f"SELECT {_COLUMNS} FROM bundles" + (" WHERE site = ?" if site else "") + " ORDER BY stored_at, site, sequence"
         with self._db() as db:
             return [BundleRecord(*r) for r in db.execute(q, (site,) if site else ())]
 
     def get(self, bundle_id: str) -> BundleRecord | None:
         with self._db() as db:
-            r = db.execute("SELECT * FROM bundles WHERE bundle_id = ?", (bundle_id,)).fetchone()
+            r = db.execute(f"SELECT {_COLUMNS} FROM bundles WHERE bundle_id = ?", (bundle_id,)).fetchone()
         return BundleRecord(*r) if r else None
 
     def open(self, bundle_id: str) -> BinaryIO:

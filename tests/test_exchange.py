@@ -42,7 +42,7 @@ def test_trust_store(tmp_path, keys):
     t = TrustStore(tmp_path / "trust.db")
     t.add("a", keys["a"][1])
     t.add("a", keys["a"][1])  # same key again: no-op
-    with pytest.raises(TrustError, match="already registered with another key; key rotation is not supported"):
+    with pytest.raises(TrustError, match="already registered with key .*; use `plan-server sites rotate`"):
         t.add("a", keys["b"][1])
     with pytest.raises(TrustError, match="must match"):
         t.add("Bad Name", keys["b"][1])
@@ -50,9 +50,11 @@ def test_trust_store(tmp_path, keys):
         t.add("c", "garbage")
     assert TrustStore(tmp_path / "trust.db").all() == {"a": [keys["a"][1]]}  # persisted
     t.revoke("a")
-    assert t.sites() == [] and t.keys("a") == []
+    assert t.sites() == [] and t.keys("a") == [] and t.windows() == {}
     with pytest.raises(TrustError, match="not registered"):
         t.revoke("a")
+    with pytest.raises(TrustError, match="was revoked; a site needs a new key"):
+        t.add("a", keys["a"][1])
     t.add("a", keys["b"][1])  # after revocation, a new key may be registered
 
 
