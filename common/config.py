@@ -140,6 +140,9 @@ class CoordinatorAddress(_Strict):
     exchange: str = "127.0.0.1:50051"  # host:port of the bundle exchange (gRPC, TLS)
     superlink: str = "127.0.0.1:9092"  # host:port SuperNodes connect to (Fleet API)
     ca_cert: Path = Path("keys/ca.crt")  # the federation CA; relative to the site directory
+    client_cert: Path = Path("keys/client.crt")  # this site's certificate for mutual TLS (from the site kit)
+    client_key: Path = Path("keys/client.key")  # its private key, mode 0600 (from the site kit)
+    coordinator_pub: Path = Path("keys/coordinator.pub")  # verifies the trust store the coordinator publishes
     supernode_port: int = Field(9094, ge=1, le=65535)  # local port this site's SuperNode binds
     timeout_s: float = Field(60, gt=0)  # seconds per exchange call (upload, list, download)
     max_bundle_bytes: int = Field(512 * 1024 * 1024, ge=1024)  # larger bundles are not downloaded or extracted

@@ -53,9 +53,16 @@ def init(
     superlink: str = typer.Option("127.0.0.1:9092", help="The coordinator's Flower SuperLink, host:port."),
     supernode_port: int = typer.Option(9094, help="Local port this site's SuperNode binds."),
     ca_cert: Path = typer.Option(None, help="The federation CA certificate (copied to keys/ca.crt)."),
+    kit: Path = typer.Option(None, "--kit", help="Install the site kit from the coordinator into this (initialised) workspace."),
 ) -> None:
-    """Create a site workspace: a commented site.yaml and the site's Ed25519 signing key."""
+    """Create a site workspace: a commented site.yaml and the site's Ed25519 signing key.
+
+    With --kit, install the coordinator's site kit into an existing workspace instead (node/kit.py).
+    """
     ws = Workspace(site_dir)
+    if kit is not None:
+        _install_kit(ws, kit)
+        return
     if ws.config_path.exists():
         console.print(f"[red]error:[/red] {ws.config_path} already exists; refusing to overwrite a site")
         raise typer.Exit(2)
@@ -76,6 +83,23 @@ def init(
     generate_node_key(ws.node_key, ws.node_pub)
     atomic_write_text(ws.config_path, commented_yaml(cfg, title=f"plan-node site config for {name!r}"))
     console.print(f"site {name!r} initialised in {ws.root}; register {ws.signing_pub} and {ws.node_pub} at the coordinator")
+
+
+def _install_kit(ws: Workspace, kit: Path) -> None:
+    from common.sitekit import KitError
+    from node.kit import install_kit
+
+    if not ws.config_path.exists():
+        console.print(f"[red]error:[/red] {ws.config_path} not found: run `plan-node init --site-dir {ws.root} --name NAME` "
+                      f"first, send keys/signing.pub to the coordinator, then install the kit it returns")
+        raise typer.Exit(2)
+    try:
+        meta = install_kit(_workspace(ws.root), kit)
+    except (KitError, ConfigError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"site kit of federation {meta['federation']!r} installed in {ws.keys}; exchange {meta['exchange']}, "
+                  f"SuperLink {meta['superlink']}")
 
 
 def _pipeline(site_dir: Path, upto: str, force: bool) -> Workspace:

@@ -7,6 +7,7 @@ sha256 match what the server announced.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 import tempfile
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import grpc
+from cryptography import x509
 
 from common import exchange_pb2 as pb
 from common import exchange_pb2_grpc as pb_grpc
@@ -23,13 +25,41 @@ from common.keyfile import read_private_file
 from common.wire import CHUNK_BYTES, grpc_options
 
 
-
 class ExchangeError(RuntimeError):
     """A call to the exchange failed. `code` is the gRPC status code name (e.g. "PERMISSION_DENIED")."""
 
     def __init__(self, message: str, code: str = "UNKNOWN"):
         super().__init__(message)
         self.code = code
+
+
+def _read_client_cert(path: Path) -> bytes:
+    """The PEM client certificate at `path`, refused here with a clear message if it is unreadable or
+    outside its validity period (the server would only say that the TLS handshake failed)."""
+    try:
+        pem = path.read_bytes()
+        cert = x509.load_pem_x509_certificate(pem)
+    except OSError as e:
+        raise ExchangeError(f"{path}: cannot read the site's client certificate ({e.strerror}); "
+                            f"install the site kit with `plan-node init --kit`") from None
+    except ValueError as e:
+        raise ExchangeError(f"{path}: not a PEM certificate ({e})") from None
+    now = dt.datetime.now(dt.timezone.utc)
+    if now > cert.not_valid_after_utc:
+        raise ExchangeError(f"{path}: client certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}; "
+                            f"ask the coordinator's operator for a new site kit", "CERTIFICATE_EXPIRED")
+    if now < cert.not_valid_before_utc:
+        raise ExchangeError(f"{path}: client certificate is not valid before {cert.not_valid_before_utc.isoformat()}")
+    return pem
+
+
+def site_client(ws) -> "ExchangeClient":
+    """The exchange client of site workspace `ws`: its CA, client certificate and key from site.yaml."""
+    c = ws.config().coordinator
+    return ExchangeClient(
+        c.exchange, ws.resolve(c.ca_cert), timeout=c.timeout_s,
+        client_cert=ws.resolve(c.client_cert), client_key=ws.resolve(c.client_key),
+    )
 
 
 def _record(info: pb.BundleInfo) -> dict:
@@ -58,7 +88,7 @@ class ExchangeClient:
             ca = Path(ca_cert_path).read_bytes()
         except OSError as e:
             raise ExchangeError(f"{ca_cert_path}: cannot read the federation CA certificate ({e.strerror})") from None
-        cert = Path(client_cert).read_bytes() if client_cert else None
+        cert = _read_client_cert(Path(client_cert)) if client_cert else None
         key = read_private_file(Path(client_key)) if client_key else None
         creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
         self.address = address
@@ -152,12 +182,23 @@ class ExchangeClient:
         return _record(info)
 
     def trusted_keys(self) -> dict[str, list[str]]:
-        """site -> PEM public keys the coordinator currently trusts (authenticated by TLS only)."""
+        """site -> current PEM keys, as the coordinator lists them: for display only (unsigned).
+        Verify bundles against `trust_document()` opened with common.trustdoc instead."""
         try:
             reply = self._stub.TrustedKeys(pb.Empty(), timeout=self.timeout)
         except grpc.RpcError as e:
             raise self._fail(e, "trusted keys") from None
         return {site: list(keys.pem) for site, keys in reply.sites.items()}
+
+    def trust_document(self) -> bytes:
+        """The trust store as a DSSE envelope signed by the coordinator (common.trustdoc)."""
+        try:
+            reply = self._stub.TrustedKeys(pb.Empty(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise self._fail(e, "trusted keys") from None
+        if not reply.signed_document:
+            raise ExchangeError(f"trusted keys at {self.address}: the coordinator sent no signed trust document")
+        return reply.signed_document
 
     def health(self) -> dict:
         try:

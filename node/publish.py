@@ -30,7 +30,7 @@ import numpy as np
 from common.bundle import build_bundle, bundle_id_for, code_version, pack_bundle
 from common.fileio import atomic_write_json, sha256_file
 from common.signing import load_private_key
-from node.exchange_client import ExchangeClient, ExchangeError
+from node.exchange_client import ExchangeClient, ExchangeError, site_client
 from node.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,7 @@ def _load_ledger(ws: Workspace, site: str) -> dict:
 def _upload(ws: Workspace, cfg, client: ExchangeClient | None, tar: Path, entry: dict) -> None:
     own = client is None
     if own:
-        client = ExchangeClient(
-            cfg.coordinator.exchange, ws.resolve(cfg.coordinator.ca_cert), timeout=cfg.coordinator.timeout_s
-        )
+        client = site_client(ws)
     try:
         try:
             client.upload(tar, site=cfg.name)

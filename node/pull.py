@@ -6,8 +6,9 @@ Writes (workspace-relative):
     pool/rejected.json       {bundle_id: {site, reason, at}}: bundles that failed verification
 Temporary files live in pool/.incoming/ and are removed.
 
-Each bundle is checked with common.bundle.verify_bundle against the site keys the coordinator
-publishes (TrustedKeys, authenticated by the TLS channel to the federation CA only, for now).
+Each bundle is checked with common.bundle.verify_bundle against the trust store the coordinator
+publishes, signed with the coordinator's key (common.trustdoc; its public key came in the site
+kit as keys/coordinator.pub): each site's unrevoked keys with their sequence windows.
 A bundle that fails is not kept, is recorded in rejected.json and logged; it is tried again
 on the next pull.
 """
@@ -25,7 +26,9 @@ import numpy as np
 
 from common.bundle import BundleError, load_bundle_images, verify_bundle
 from common.fileio import atomic_write_json
-from node.exchange_client import ExchangeClient, ExchangeError
+from common.signing import SigningKeyError, load_public_key
+from common.trustdoc import TrustDocumentError, open_trust_document
+from node.exchange_client import ExchangeClient, ExchangeError, site_client
 from node.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,22 @@ def _read_index(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object of bundle_id -> entry")
     return data
+
+
+def trusted_windows(ws: Workspace, client: ExchangeClient) -> dict[str, list[dict]]:
+    """site -> keys with sequence windows, from the trust document the coordinator signed.
+
+    Raises ExchangeError if the document is missing or not signed by keys/coordinator.pub.
+    """
+    path = ws.resolve(ws.config().coordinator.coordinator_pub)
+    try:
+        coordinator_pub = load_public_key(path)
+    except SigningKeyError as e:
+        raise ExchangeError(f"{e}; install the site kit with `plan-node init --kit`") from None
+    try:
+        return open_trust_document(client.trust_document(), coordinator_pub)["sites"]
+    except TrustDocumentError as e:
+        raise ExchangeError(f"trusted keys at {client.address}: {e} ({path})", "UNAUTHENTICATED") from None
 
 
 def _pull_one(ws: Workspace, client: ExchangeClient, rec: dict, keys: dict, max_bytes: int) -> dict:
@@ -80,11 +99,9 @@ def pull(ws: Workspace, *, client: ExchangeClient | None = None) -> list[str]:
     cfg = ws.config()
     own = client is None
     if own:
-        client = ExchangeClient(
-            cfg.coordinator.exchange, ws.resolve(cfg.coordinator.ca_cert), timeout=cfg.coordinator.timeout_s
-        )
+        client = site_client(ws)
     try:
-        keys = client.trusted_keys()
+        keys = trusted_windows(ws, client)
         listing = client.list()
         ws.pool.mkdir(parents=True, exist_ok=True)
         index_path, rejected_path = ws.pool / "index.json", ws.pool / "rejected.json"

@@ -12,6 +12,7 @@ from rich.table import Table
 from common.config import ConfigError, FederationConfig
 from common.nodekey import check_node_public_key
 from server.coordinator import CoordinatorDir, init_coordinator, run_coordinator
+from server.cli_keys import register as _register_key_commands
 from server.store import BundleStore
 
 app = typer.Typer(help="plan-node coordinator: bundle exchange, trust store and Flower federation.", no_args_is_help=True)
@@ -82,19 +83,6 @@ def sites_add(
     console.print(f"site {name!r} registered")
 
 
-@sites.command("list")
-def sites_list(dir: Path = DirOption, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Registered sites and their key ids."""
-    registered = CoordinatorDir(dir).trust().all()
-    if as_json:
-        print(json.dumps(registered, indent=2))
-        return
-    table = Table("site", "keys")
-    for site, keys in sorted(registered.items()):
-        table.add_row(site, str(len(keys)))
-    Console().print(table)
-
-
 @app.command()
 def status(dir: Path = DirOption, as_json: bool = typer.Option(False, "--json")) -> None:
     """Registered sites, pooled bundles and the last federation run."""
@@ -115,3 +103,7 @@ def status(dir: Path = DirOption, as_json: bool = typer.Option(False, "--json"))
         table.add_row(str(b["bundle_id"])[:12], str(b["site"]), str(b["n_samples"]), str(b["stored_at"]))
     out.print(table)
     out.print(f"last run: {info['last_run'] or 'none'}")
+
+
+# ca init, kit, exchange, sites rotate|revoke|list: the federation's keys (server/cli_keys.py).
+_register_key_commands(app, sites)

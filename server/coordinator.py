@@ -5,6 +5,8 @@ Layout of the coordinator directory (`--dir`):
     federation.yaml     the federation config (quorum, ports, policy floor, downstream model)
     ca/                 the federation CA (ca.key 0600 never leaves this machine)
     tls/                the coordinator's server certificate for the exchange and the SuperLink
+    keys/               coordinator.key (0600) + .pub: signs the trust store the exchange publishes
+    clients/            <site>.crt: the client certificate in each site kit issued (server.kit)
     trust.db            registered site signing keys
     store/              the bundle pool: content-addressed tars + SQLite index
     superlink.db        Flower's state, so registrations and run history survive a restart
@@ -23,7 +25,7 @@ from typing import Callable
 from common.config import FederationConfig, dump_yaml, load_federation_config
 from common.fileio import atomic_write_json, atomic_write_text
 from common.procs import stop
-from common.tls import issue_server_cert, make_ca
+from server.authority import init_authority
 from server import federation
 from server.exchange import serve
 from server.store import BundleStore
@@ -49,6 +51,14 @@ class CoordinatorDir:
     @property
     def tls_dir(self) -> Path:
         return self.root / "tls"
+
+    @property
+    def coordinator_key(self) -> Path:
+        return self.root / "keys" / "coordinator.key"
+
+    @property
+    def coordinator_pub(self) -> Path:
+        return self.root / "keys" / "coordinator.pub"
 
     @property
     def trust_db(self) -> Path:
@@ -90,10 +100,27 @@ def init_coordinator(root: Path, config: FederationConfig, *, hosts: list[str] |
     if cd.config_path.exists():
         raise FileExistsError(f"{cd.config_path} already exists; refusing to overwrite a federation")
     cd.root.mkdir(parents=True, exist_ok=True)
-    make_ca(cd.ca_dir, config.name)
-    issue_server_cert(cd.ca_dir, cd.tls_dir, hosts=hosts or ["localhost", "127.0.0.1", "::1"])
+    init_authority(cd.root, config.name, hosts=hosts)  # CA, server certificate, coordinator key
     atomic_write_text(cd.config_path, "# plan-node federation config; every key is optional.\n" + dump_yaml(config))
     return cd
+
+
+def start_exchange(cd: CoordinatorDir, store: BundleStore | None = None):
+    """Start the coordinator's exchange (mutual TLS, signed trust store); returns the grpc.Server."""
+    fed = cd.config()
+    store = store or BundleStore(cd.store, max_bundle_bytes=fed.max_bundle_bytes)
+    return serve(
+        store=store,
+        trust=cd.trust(),
+        host=fed.exchange_host,
+        port=fed.exchange_port,
+        cert_path=cd.tls_dir / "server.crt",
+        key_path=cd.tls_dir / "server.key",
+        max_bundle_bytes=fed.max_bundle_bytes,
+        client_ca_path=cd.ca_cert,  # mutual TLS: only holders of a site kit get in
+        coordinator_key_path=cd.coordinator_key,
+        federation=fed.name,
+    )
 
 
 def run_coordinator(
@@ -108,17 +135,8 @@ def run_coordinator(
     """
     fed = cd.config()
     store = BundleStore(cd.store, max_bundle_bytes=fed.max_bundle_bytes)
-    trust = cd.trust()
-    exchange = serve(
-        store=store,
-        trust=trust,
-        host=fed.exchange_host,
-        port=fed.exchange_port,
-        cert_path=cd.tls_dir / "server.crt",
-        key_path=cd.tls_dir / "server.key",
-        max_bundle_bytes=fed.max_bundle_bytes,
-    )
-    say(f"exchange listening on {fed.exchange_host}:{fed.exchange_port} (TLS)")
+    exchange = start_exchange(cd, store)
+    say(f"exchange listening on {fed.exchange_host}:{fed.exchange_port} (mutual TLS)")
     superlink = federation.start_superlink(
         flwr_home=cd.flwr_home,
         host=fed.superlink_host,

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from common.bundle import build_bundle, pack_bundle
+from common.config import FederationConfig
 from common.signing import generate_signing_key, load_private_key
-from common.tls import issue_server_cert, make_ca
+from server.coordinator import CoordinatorDir, init_coordinator
 from server.exchange import serve
 from server.store import BundleStore
 from server.trust import TrustStore
@@ -54,22 +55,29 @@ class LiveExchange:
     store: BundleStore
     trust: TrustStore
     server: object
+    cd: CoordinatorDir  # a real coordinator directory: CA, server certificate, coordinator key
+
+
+def coordinator_dir(root: Path, *, port: int | None = None, max_bundle_bytes: int = 64 * 1024 * 1024) -> CoordinatorDir:
+    """`plan-server init`'s directory (federation "test") with the exchange on 127.0.0.1:port."""
+    cfg = FederationConfig(name="test", exchange_port=port or free_port(), max_bundle_bytes=max_bundle_bytes)
+    return init_coordinator(root, cfg)
 
 
 @contextlib.contextmanager
 def live_exchange(root: Path, *, max_bundle_bytes: int = 64 * 1024 * 1024, client_ca: bool = False):
-    """A real exchange server with TLS on 127.0.0.1 (free port), stopped on exit."""
-    make_ca(root / "ca", "test-federation")
-    issue_server_cert(root / "ca", root / "tls")
-    store = BundleStore(root / "store", max_bundle_bytes=max_bundle_bytes)
-    trust = TrustStore(root / "trust.db")
-    port = free_port()
+    """A real exchange server with TLS (mutual with `client_ca`) on 127.0.0.1, stopped on exit."""
+    cd = coordinator_dir(root, max_bundle_bytes=max_bundle_bytes)
+    port = cd.config().exchange_port
+    store = BundleStore(cd.store, max_bundle_bytes=max_bundle_bytes)
+    trust = cd.trust()
     server = serve(
         store=store, trust=trust, host="127.0.0.1", port=port,
-        cert_path=root / "tls" / "server.crt", key_path=root / "tls" / "server.key",
-        max_bundle_bytes=max_bundle_bytes, client_ca_path=root / "ca" / "ca.crt" if client_ca else None,
+        cert_path=cd.tls_dir / "server.crt", key_path=cd.tls_dir / "server.key",
+        max_bundle_bytes=max_bundle_bytes, client_ca_path=cd.ca_cert if client_ca else None,
+        coordinator_key_path=cd.coordinator_key, federation="test",
     )
     try:
-        yield LiveExchange(f"127.0.0.1:{port}", root / "ca" / "ca.crt", store, trust, server)
+        yield LiveExchange(f"127.0.0.1:{port}", cd.ca_cert, store, trust, server, cd)
     finally:
         server.stop(grace=None)

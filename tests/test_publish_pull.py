@@ -1,7 +1,6 @@
 """publish and pull stages on two site workspaces against a live TLS exchange."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -9,22 +8,23 @@ import yaml
 
 from common.fileio import atomic_write_json
 from common.signing import generate_signing_key
-from node.exchange_client import ExchangeClient, ExchangeError
+from node.exchange_client import ExchangeError, site_client
+from node.kit import install_kit
 from node.publish import publish
 from node.pull import load_pool, pull
 from node.workspace import Workspace
+from server.kit import make_kit
 from tests.helpers_exchange import PASSED_AUDIT, live_exchange, sample_set
 
 
 def _site(root, name, ex, *, seed, passed=True, run="run-1"):
+    """A site workspace that joined through a real site kit (registration, client certificate, mTLS)."""
     ws = Workspace(root / name)
     ws.root.mkdir(parents=True)
-    shutil.copy(ex.ca_cert, ws.root / "ca.crt")
-    (ws.config_path).write_text(yaml.safe_dump({
-        "name": name,
-        "coordinator": {"exchange": ex.address, "ca_cert": "ca.crt", "timeout_s": 10},
-    }))
+    (ws.config_path).write_text(yaml.safe_dump({"name": name, "coordinator": {"timeout_s": 10}}))
     generate_signing_key(ws.signing_key, ws.signing_pub)
+    make_kit(ex.cd, name, ws.signing_pub.read_text(), root / f"{name}.kit.tar", exchange=ex.address)
+    install_kit(ws, root / f"{name}.kit.tar")
     _synth(ws, run=run, seed=seed, passed=passed)
     return ws
 
@@ -40,11 +40,9 @@ def _synth(ws, *, run, seed, passed=True, n=10):
 
 @pytest.fixture
 def fed(tmp_path):
-    with live_exchange(tmp_path / "coord") as ex:
+    with live_exchange(tmp_path / "coord", client_ca=True) as ex:
         a = _site(tmp_path, "a", ex, seed=1)
         b = _site(tmp_path, "b", ex, seed=2)
-        for ws in (a, b):
-            ex.trust.add(ws.config().name, ws.signing_pub.read_text())
         yield ex, a, b
 
 
@@ -135,6 +133,6 @@ def test_pull_rejects_bundles_that_fail_verification(fed):
 
 def test_publish_with_a_given_client(fed):
     ex, a, b = fed
-    with ExchangeClient(ex.address, ex.ca_cert, timeout=10) as c:
+    with site_client(a) as c:
         bid = publish(a, client=c)
         assert [r["bundle_id"] for r in c.list()] == [bid]
