@@ -98,8 +98,8 @@ class WalkConfig(_Strict):
     """The PLAN objective of DESIGN.md section 1 and its optimiser."""
 
     method: Literal["plan", "linear"] = "plan"
-    points: int = Field(8, ge=3)  # codes per path, endpoints included
-    iters: int = Field(100, ge=1)
+    points: int = Field(14, ge=3)  # codes per path, endpoints included; the interior ones are rendered
+    iters: int = Field(60, ge=1)
     lr: float = Field(0.1, gt=0)
     weight_identity: float = Field(0.1, ge=0)
     weight_smooth: float = Field(1.0, ge=0)
@@ -108,10 +108,10 @@ class WalkConfig(_Strict):
 
 class SynthConfig(_Strict):
     route: Literal["plan", "cvae"] = "plan"
-    k: int = Field(3, ge=1)  # k-same: codes averaged into one anchor
+    k: int = Field(3, ge=1)  # k-same: patients whose mean codes are averaged into one anchor
     target_size: int = Field(240, ge=1)  # synthetic images to generate before the audit
-    invert_steps: int = Field(150, ge=1)
-    invert_lr: float = Field(0.05, gt=0)
+    invert_steps: int = Field(80, ge=1)
+    invert_lr: float = Field(0.1, gt=0)
     walk: WalkConfig = WalkConfig()
     seed: int = 0
 
@@ -119,8 +119,15 @@ class SynthConfig(_Strict):
 class PolicyConfig(_Strict):
     """Release gate. Per-sample filters first, then set-level checks; all must pass to publish."""
 
-    min_pixel_distance: float = Field(0.02, ge=0)  # per sample: mean squared error in [0,1] to the nearest train image
-    max_mia_auc: float = Field(0.65, ge=0, le=1)  # black-box membership attack on the accepted set
+    # per sample: mean squared error on [0,1] pixels to the nearest train image. On the phantom
+    # no real non-member image comes closer than 0.005 to a train image; a copy with sensor
+    # noise is at ~1e-4.
+    min_pixel_distance: float = Field(0.003, ge=0)
+    # Black-box membership attack on the accepted set, worst distance space. On the default
+    # phantom split (14 holdout patients; the AUC's patient-level standard error is ~0.08) sets
+    # made only from patients the models never saw already score 0.58-0.62 in pixel space, and
+    # training images with sensor noise score ~0.99; 0.75 separates the two.
+    max_mia_auc: float = Field(0.75, ge=0, le=1)
     max_reid_rate: float = Field(0.10, ge=0, le=1)  # share of accepted samples phi_id re-identifies
     max_closer_to_train: float = Field(0.75, ge=0, le=1)  # share of samples nearer train than holdout
     min_accepted: int = Field(20, ge=1)  # publish nothing smaller

@@ -1,0 +1,43 @@
+"""Stage `local_only`: the downstream classifier trained on this site's real train split alone
+and tested on its real test split, the yardstick for what the federation adds."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from common.config import DownstreamConfig
+from common.fileio import atomic_write_json
+from common.models import DownstreamCNN
+from node.device import pick_device
+from node.ingest import load_split, read_splits
+from node.task import evaluate_classifier, train_classifier
+from node.workspace import Workspace
+
+
+def local_only(ws: Workspace, *, downstream: DownstreamConfig | None = None) -> dict:
+    """Train DownstreamCNN with the federation's downstream hyperparameters (epochs = rounds *
+    local_epochs, so it sees the real data as often as a federated client does) and write
+    reports/local_only.json {"test_accuracy", "test_loss", "n_train", "n_test", ...}."""
+    cfg = ws.config()
+    ds = downstream or DownstreamConfig()
+    device = pick_device(cfg.device)
+    train, test = load_split(ws, "train"), load_split(ws, "test")
+    n_classes = read_splits(ws)["n_classes"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.models.seed)
+        model = DownstreamCNN(n_classes, width=ds.width, image_size=cfg.data.image_size)
+    t0 = time.time()
+    loss = train_classifier(
+        model, train.images, train.labels, epochs=ds.rounds * ds.local_epochs, lr=ds.lr,
+        batch_size=ds.batch_size, device=device, seed=cfg.models.seed,
+    )
+    ev = evaluate_classifier(model, test.images, test.labels, device=device)
+    report = {
+        "test_accuracy": ev["accuracy"], "test_loss": ev["loss"], "n_train": len(train), "n_test": ev["n"],
+        "final_train_loss": loss, "epochs": ds.rounds * ds.local_epochs, "downstream": ds.model_dump(mode="json"),
+        "seconds": round(time.time() - t0, 2),
+    }
+    atomic_write_json(ws.reports / "local_only.json", report)
+    return report

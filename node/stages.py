@@ -1,0 +1,85 @@
+"""The node's ML stages, each a function from workspace files to workspace files, run through
+the ledger (node.workspace.run_stage) so an up-to-date stage is skipped.
+
+stage       inputs                                          outputs
+ingest      site.yaml (+ data.path when not phantom)        data/dataset.npz, data/splits.json
+train       site.yaml, data/                                models/ (G_ema, G, D, phi_id, phi_class, phi_attack + .json, gan_state)
+synthesize  site.yaml, models/ weights + sidecars           synth/latest.json, synth/<run>/candidates.npz, synth.json
+audit       site.yaml, data/, models/phi_*, synth/<run>/candidates.npz   synth/<run>/audit.json, accepted.npz
+local_only  site.yaml, data/                                reports/local_only.json
+
+site.yaml is an input of every stage, so any edit reruns the chain through the ledger; train
+and synthesize then compare digests of their own config section and data themselves and
+return at once when nothing they depend on changed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from common.config import PolicyConfig
+from node.audit import audit
+from node.baseline import local_only
+from node.ingest import ingest
+from node.synthesize import latest_run, run_id_for, synthesize
+from node.train import MODEL_NAMES, train
+from node.workspace import Workspace, run_stage
+
+STAGES = ("ingest", "train", "synthesize", "audit", "local_only")
+
+
+def _model_files(ws: Workspace, names=MODEL_NAMES) -> list[Path]:
+    return [ws.models / f"{n}{ext}" for n in names for ext in (".safetensors", ".json")]
+
+
+def stage_io(ws: Workspace, stage: str) -> tuple[list[Path], list[Path]]:
+    """(inputs, outputs) of a stage, for the ledger."""
+    data = [ws.data / "dataset.npz", ws.data / "splits.json"]
+    if stage == "ingest":
+        cfg = ws.config().data
+        src = [Path(cfg.path)] if cfg.source != "phantom" and cfg.path is not None else []
+        return [ws.config_path, *src], data
+    if stage == "train":
+        return [ws.config_path, *data], _model_files(ws)
+    if stage == "synthesize":
+        ins = [ws.config_path, *data, *_model_files(ws, ("G_ema", "phi_id", "phi_class"))]
+        run = ws.synth / run_id_for(ws) if (ws.models / "G_ema.json").exists() else ws.synth / "unknown"
+        return ins, [ws.synth / "latest.json", run / "candidates.npz", run / "synth.json"]
+    if stage == "audit":
+        run = ws.synth / latest_run(ws)
+        return (
+            [ws.config_path, *data, *_model_files(ws, ("phi_id", "phi_attack")), ws.synth / "latest.json", run / "candidates.npz"],
+            [run / "audit.json", run / "accepted.npz"],
+        )
+    if stage == "local_only":
+        return [ws.config_path, *data], [ws.reports / "local_only.json"]
+    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+
+
+def run_one(ws: Workspace, stage: str, *, force: bool = False, policy: PolicyConfig | None = None) -> bool:
+    """Run one stage through the ledger; True if it ran, False if it was up to date.
+
+    A `policy` other than the site's (e.g. tightened by a federation floor) always reruns audit."""
+    fns: dict[str, Callable[[], object]] = {
+        "ingest": lambda: ingest(ws), "train": lambda: train(ws), "synthesize": lambda: synthesize(ws),
+        "audit": lambda: audit(ws, policy=policy), "local_only": lambda: local_only(ws),
+    }
+    if stage not in fns:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    inputs, outputs = stage_io(ws, stage)
+    ran = run_stage(ws, stage, fns[stage], inputs=inputs, outputs=outputs, force=force or (stage == "audit" and policy is not None))
+    return ran
+
+
+def run_pipeline(ws: Workspace, *, upto: str | None = None, force: bool = False) -> dict[str, bool]:
+    """Run ingest -> train -> synthesize -> audit -> local_only (up to and including `upto`).
+    Returns {stage: ran?}."""
+    if upto is not None and upto not in STAGES:
+        raise ValueError(f"unknown stage {upto!r}; expected one of {STAGES}")
+    ran = {}
+    for stage in STAGES:
+        ran[stage] = run_one(ws, stage, force=force)
+        if stage == upto:
+            break
+    return ran

@@ -1,0 +1,95 @@
+"""Paths between anchors in W: the straight line (baseline) and the PLAN walk (Pennisi et al.
+2023), optimised so every image on a path stays far from every real identity and in its class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from node.progress import progress
+
+
+def linear_paths(start: torch.Tensor, end: torch.Tensor, *, points: int) -> torch.Tensor:
+    """start, end [P,D] -> [P,points,D] evenly spaced codes, endpoints included."""
+    t = torch.linspace(0, 1, points, dtype=start.dtype, device=start.device)[None, :, None]
+    return start[:, None] + t * (end - start)[:, None]
+
+
+@dataclass
+class WalkResult:
+    paths: torch.Tensor  # [P,T,D], endpoints equal to start and end
+    loss: torch.Tensor  # [P] final per-path loss
+    initial_loss: torch.Tensor  # [P] the same loss on the straight line
+    terms: dict[str, torch.Tensor]  # final per-path identity, smooth, class terms, each [P]
+    iters: int  # optimiser steps taken
+
+
+def path_loss(
+    G, phi_id, phi_class, paths: torch.Tensor, labels: torch.Tensor, *,
+    weight_identity: float, weight_smooth: float, weight_class: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PLAN objective per path; paths [P,T,D], labels [P] -> (loss [P], terms).
+
+    identity: mean over the T-2 interior points of KL(uniform || softmax(phi_id(G(w)))), i.e.
+      -log(C) - mean_c log p_c; 0 when phi_id cannot tell which train patient it is.
+    smooth:   sum over the T-1 steps of ||w_{t+1} - w_t||^2 (endpoints included).
+    class:    mean over the interior points of CE(phi_class(G(w)), y).
+    Endpoints are fixed anchors, so their image terms are constants and left out.
+    """
+    P, T, D = paths.shape
+    interior = paths[:, 1:-1].reshape(-1, D)
+    img = G.synthesis(interior)
+    logp_id = F.log_softmax(phi_id(img), dim=1)  # [P*(T-2), C_id]
+    identity = (-torch.log(torch.tensor(float(logp_id.shape[1]))) - logp_id.mean(1)).reshape(P, T - 2).mean(1)
+    cls = F.cross_entropy(phi_class(img), labels.repeat_interleave(T - 2), reduction="none").reshape(P, T - 2).mean(1)
+    smooth = (paths[:, 1:] - paths[:, :-1]).square().sum(dim=(1, 2))
+    loss = weight_identity * identity + weight_smooth * smooth + weight_class * cls
+    return loss, {"identity": identity.detach(), "smooth": smooth.detach(), "class": cls.detach()}
+
+
+def plan_paths(
+    G, phi_id, phi_class, start: torch.Tensor, end: torch.Tensor, labels: torch.Tensor, *,
+    points: int, iters: int, lr: float = 0.1, weight_identity: float = 0.1, weight_smooth: float = 1.0,
+    weight_class: float = 1.0, patience: int = 20, min_improvement: float = 1e-4, device: torch.device | str,
+) -> WalkResult:
+    """Optimise all P paths at once as one tensor [P,points,D]: endpoints `start`/`end` [P,D]
+    fixed, interior initialised on the straight line, Adam with `lr` on the sum of the per-path
+    losses (path_loss). Stops after `iters` steps, or earlier when the total loss has not
+    improved by a relative `min_improvement` for `patience` steps; returns the best paths seen.
+    """
+    for m in (G, phi_id, phi_class):
+        m.to(device).eval().requires_grad_(False)
+    start, end = start.to(device), end.to(device)
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+    line = linear_paths(start, end, points=points)
+    interior = line[:, 1:-1].clone().requires_grad_(True)
+    opt = torch.optim.Adam([interior], lr=lr)
+    weights = {"weight_identity": weight_identity, "weight_smooth": weight_smooth, "weight_class": weight_class}
+
+    def assemble() -> torch.Tensor:
+        return torch.cat([start[:, None], interior, end[:, None]], dim=1)
+
+    with torch.no_grad():
+        initial, _ = path_loss(G, phi_id, phi_class, line, labels, **weights)
+    best_total, best_paths, since_best, steps = initial.sum().item(), line.detach().clone(), 0, 0
+    with progress("walk", total=iters) as update:
+        for steps in range(1, iters + 1):
+            current = assemble()
+            loss, _ = path_loss(G, phi_id, phi_class, current, labels, **weights)
+            total = loss.sum()
+            if total.item() < best_total - min_improvement * abs(best_total):
+                best_total, best_paths, since_best = total.item(), current.detach().clone(), 0
+            else:
+                since_best += 1
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            update(1, info=f"loss {total.item():.4f}")
+            if since_best >= patience:
+                break
+    with torch.no_grad():
+        final, terms = path_loss(G, phi_id, phi_class, best_paths, labels, **weights)
+    return WalkResult(best_paths.cpu(), final.cpu(), initial.cpu(), {k: v.cpu() for k, v in terms.items()}, steps)
