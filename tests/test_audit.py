@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import torch
+
+from common.config import PolicyConfig
+from node.audit import audit_images, membership_attack, nearest_record, reid_rate, reid_threshold, roc_auc, tpr_at_fpr
+from node.classifiers import SmallCNN
+from node.distances import min_pixel_mse, min_sq_dist
+from node.phantom import make_phantom
+
+
+def test_roc_auc_known_values():
+    assert roc_auc([3, 4, 5], [0, 1, 2]) == 1.0
+    assert roc_auc([0, 1], [2, 3]) == 0.0
+    assert roc_auc([1, 1], [1, 1]) == 0.5
+    assert roc_auc([0.8, 0.4], [0.6, 0.2]) == 0.75  # 3 of 4 pairs ordered
+    rng = np.random.default_rng(0)
+    assert abs(roc_auc(rng.normal(size=4000), rng.normal(size=4000)) - 0.5) < 0.03
+
+
+def test_tpr_at_fpr_and_reid():
+    neg = np.arange(100.0)  # 0..99
+    pos = np.array([99.5, 98.5, 50.0])
+    assert tpr_at_fpr(pos, neg, 0.01) == pytest.approx(2 / 3)  # threshold 98: one negative (99) above
+    assert tpr_at_fpr(pos, neg, 0.0) == pytest.approx(1 / 3)  # threshold 99: no negative above
+    thr = reid_threshold(np.linspace(0, 1, 101))
+    assert thr == pytest.approx(0.95)
+    assert reid_rate(np.array([0.1, 0.96, 0.99, 0.5]), thr) == 0.5
+
+
+def test_nearest_neighbours_match_brute_force():
+    rng = np.random.default_rng(0)
+    a, b = torch.from_numpy(rng.normal(size=(37, 5))), torch.from_numpy(rng.normal(size=(11, 5)))
+    m, j = min_sq_dist(a, b, chunk=8)
+    full = ((a[:, None] - b[None]) ** 2).sum(-1)
+    assert torch.allclose(m, full.min(1).values) and torch.equal(j, full.argmin(1))
+    x = rng.integers(0, 255, (4, 6, 6), dtype=np.uint8)
+    assert np.allclose(min_pixel_mse(x, x), 0)
+
+
+def test_nearest_record_and_membership_figures():
+    nr = nearest_record(np.array([0.1, 0.5, 0.2]), np.array([0.2, 0.4, 0.3]))
+    assert nr["closer_to_train"] == pytest.approx(2 / 3) and nr["min_train"] == pytest.approx(0.1)
+    t, h = torch.zeros(5, 2), torch.full((5, 2), 5.0)
+    assert membership_attack(t + 0.01, t, h)["auc"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def phantom_split():
+    x, y, p = make_phantom(n_patients=24, images_per_patient=4, n_classes=2, size=16, seed=0)
+    pid = np.unique(p, return_inverse=True)[1]
+    train, hold = pid < 16, pid >= 16
+    torch.manual_seed(0)
+    return x[train], p[train], x[hold], p[hold], SmallCNN(16, width=4, image_size=16), SmallCNN(16, width=4, image_size=16)
+
+
+def _audit(cand, split, policy):
+    xt, pt, xh, ph, phi_id, att = split
+    return audit_images(cand, xt, xh, phi_id=phi_id, attacker=att, policy=policy, device="cpu", train_ids=pt, holdout_ids=ph)
+
+
+def test_leaky_set_fails_the_default_gate(phantom_split):
+    xt = phantom_split[0]
+    rng = np.random.default_rng(0)
+    leaky = np.clip(xt.astype(int) + rng.integers(-2, 3, xt.shape), 0, 255).astype(np.uint8)
+    report, accepted = _audit(leaky, phantom_split, PolicyConfig(min_accepted=1))
+    assert not report["passed"] and report["n_accepted"] == 0 and report["dropped"]["too_close"] == len(xt)
+    # even with the per-sample filter off, the set-level attacks see the leak
+    report, _ = _audit(leaky, phantom_split, PolicyConfig(min_pixel_distance=0.0, min_accepted=1))
+    assert not report["passed"] and report["mia_auc"] > 0.95
+    assert {c["name"]: c["passed"] for c in report["checks"]}["mia_auc"] is False
+
+
+def test_gate_drops_near_duplicates_only(phantom_split):
+    xt = phantom_split[0]
+    # fresh patients of the same clinic: a set that should pass, plus three copies of train images
+    fresh, _, _ = make_phantom(n_patients=30, images_per_patient=2, n_classes=2, size=16, seed=99)
+    cand = np.concatenate([fresh, xt[:3]])
+    report, accepted = _audit(cand, phantom_split, PolicyConfig(min_accepted=10))
+    assert not accepted[-3:].any()
+    assert accepted[:-3].mean() > 0.8
+    assert report["n_candidates"] == 63 and report["dropped"]["too_close"] >= 3
+    assert set(report) >= {"passed", "checks", "mia_auc", "reid_rate", "n_candidates", "n_accepted", "policy", "nearest_record"}
+    assert all(set(c) >= {"name", "value", "threshold", "passed"} for c in report["checks"])
+
+
+def test_empty_accepted_set_fails_cleanly(phantom_split):
+    report, accepted = _audit(phantom_split[0][:2], phantom_split, PolicyConfig())
+    assert report["n_accepted"] == 0 and not report["passed"] and report["mia_auc"] != report["mia_auc"]  # nan

@@ -1,0 +1,63 @@
+"""Inversion, k-same and the walk."""
+
+import numpy as np
+import torch
+
+from node.classifiers import SmallCNN
+from node.gan import Generator
+from node.invert import project, reconstruction_mse
+from node.ksame import anchors, ksame_clusters
+from node.walk import linear_paths, path_loss, plan_paths
+
+
+def _G():
+    torch.manual_seed(0)
+    return Generator(z_dim=8, w_dim=8, mapping_layers=1, image_size=16, channels=16)
+
+
+def test_inversion_reduces_reconstruction_error():
+    G = _G()
+    with torch.no_grad():
+        target = G.synthesis(torch.randn(6, 8))
+    start = reconstruction_mse(G, G.w_avg[None].repeat(6, 1), target, device="cpu")
+    w = project(G, target, num_steps=40, lr=0.1, device="cpu")
+    assert w.shape == (6, 8)
+    assert reconstruction_mse(G, w, target, device="cpu").mean() < 0.5 * start.mean()
+
+
+def test_ksame_cluster_sizes():
+    w = np.random.default_rng(0).normal(size=(23, 4))
+    cl = ksame_clusters(w, 5)
+    assert all(len(c) >= 5 for c in cl) and len(cl) == 4
+    assert sorted(np.concatenate(cl).tolist()) == list(range(23))  # every code in exactly one cluster
+    assert anchors(w, cl).shape == (4, 4)
+    assert np.allclose(anchors(w, cl)[0], w[cl[0]].mean(0))
+    assert [len(c) for c in ksame_clusters(w[:3], 5)] == [3]
+    assert len(ksame_clusters(w, 1)) == 23
+
+
+def test_ksame_groups_neighbours():
+    w = np.concatenate([np.zeros((3, 2)), np.full((3, 2), 10.0)]) + np.random.default_rng(0).normal(0, 0.1, (6, 2))
+    cl = ksame_clusters(w, 3)
+    assert sorted(map(sorted, (c.tolist() for c in cl))) == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_linear_paths():
+    s, e = torch.zeros(4, 3), torch.ones(4, 3)
+    p = linear_paths(s, e, points=5)
+    assert p.shape == (4, 5, 3) and torch.equal(p[:, 0], s) and torch.equal(p[:, -1], e)
+    assert torch.allclose(p[:, 2], torch.full((4, 3), 0.5))
+
+
+def test_plan_walk_keeps_endpoints_and_lowers_the_loss():
+    G = _G()
+    torch.manual_seed(1)
+    phi_id, phi_class = SmallCNN(6, width=4, image_size=16), SmallCNN(2, width=4, image_size=16)
+    start, end = torch.randn(3, 8), torch.randn(3, 8)
+    labels = torch.tensor([0, 1, 0])
+    res = plan_paths(G, phi_id, phi_class, start, end, labels, points=6, iters=30, lr=0.05, weight_identity=1.0, device="cpu")
+    assert res.paths.shape == (3, 6, 8)
+    assert torch.equal(res.paths[:, 0], start) and torch.equal(res.paths[:, -1], end)
+    assert res.loss.sum() < res.initial_loss.sum()
+    line_loss, _ = path_loss(G, phi_id, phi_class, linear_paths(start, end, points=6), labels, weight_identity=1.0, weight_smooth=1.0, weight_class=1.0)
+    assert torch.allclose(line_loss, res.initial_loss)

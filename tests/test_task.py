@@ -1,0 +1,43 @@
+import numpy as np
+import torch
+
+from common.models import DownstreamCNN
+from node.classifiers import SmallCNN
+from node.task import evaluate_classifier, train_classifier
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 60, (64, 16, 16)).astype(np.uint8)
+    y = np.arange(64) % 2
+    x[y == 1, 4:12, 4:12] = 250  # a bright square marks class 1
+    return x, y.astype(np.int64)
+
+
+def test_small_cnn_shapes():
+    m = SmallCNN(5, width=4, image_size=32)
+    x = torch.randn(3, 1, 32, 32)
+    assert m.features(x).shape == (3, 16) and m(x).shape == (3, 5)
+
+
+def test_train_and_evaluate_learns_an_easy_task():
+    x, y = _data()
+    torch.manual_seed(0)
+    m = DownstreamCNN(2, width=4, image_size=16)
+    loss = train_classifier(m, x, y, epochs=8, lr=3e-3, batch_size=16, device="cpu", seed=0)
+    ev = evaluate_classifier(m, x, y, device="cpu")
+    assert loss < 0.5 and ev["accuracy"] > 0.9 and ev["n"] == 64
+
+
+def test_proximal_term_keeps_weights_near_global():
+    x, y = _data()
+    torch.manual_seed(0)
+    start = DownstreamCNN(2, width=4, image_size=16)
+    glob = [p.detach().clone() for p in start.parameters()]
+    drift = {}
+    for mu in (0.0, 10.0):
+        m = DownstreamCNN(2, width=4, image_size=16)
+        m.load_state_dict(start.state_dict())
+        train_classifier(m, x, y, epochs=3, lr=3e-3, batch_size=16, device="cpu", seed=0, proximal_mu=mu, global_params=[g.numpy() for g in glob])
+        drift[mu] = sum((p.detach() - g).square().sum().item() for p, g in zip(m.parameters(), glob))
+    assert drift[10.0] < drift[0.0]
