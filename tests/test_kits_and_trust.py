@@ -150,6 +150,12 @@ def test_rotation_keeps_old_bundles_valid_and_revocation_purges(tmp_path):
         store.put(tmp_path / "1" / f"{b1.bundle_id}.tar", verify=cd.trust())
     _ok(server_app, ["sites", "revoke", "a", "--dir", coord])
     assert store.list() == [] and cd.trust().windows() == {}
+    # a fresh key after revoking everything: the purged sequences 1..3 are still spent
+    fresh, _ = site_key(tmp_path / "k", "fresh")
+    _ok(server_app, ["sites", "add", "a", "--key", tmp_path / "k" / "fresh.pub", "--dir", coord])
+    with pytest.raises(StoreRefused, match=r"sequence 3 of site 'a' is not above its last stored sequence 3"):
+        store.put(make_bundle(tmp_path / "5", fresh, sequence=3, seed=5), verify=cd.trust())
+    assert store.put(make_bundle(tmp_path / "6", fresh, sequence=4, seed=6), verify=cd.trust()).sequence == 4
 
 
 def test_pull_verifies_the_signed_trust_store(tmp_path):
