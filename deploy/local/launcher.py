@@ -71,7 +71,7 @@ def setup(
     site_overrides: dict | None = None,
     federation_overrides: dict | None = None,
 ) -> tuple[Path, list[Path]]:
-    """Create the coordinator and site workspaces under `root` and register every site's key."""
+    """Create the coordinator and site workspaces under `root`; each site joins through its site kit."""
     root = Path(root).resolve()
     coord = root / "coordinator"
     exchange_port, superlink_port, *node_ports = free_ports(2 + n_sites)
@@ -91,10 +91,14 @@ def setup(
         if site_overrides:
             cfg_path = site / "site.yaml"
             atomic_write_text(cfg_path, yaml.safe_dump(_merge(yaml.safe_load(cfg_path.read_text()), site_overrides), sort_keys=False))
+        # A site kit per site, as an operator would: registers its signing and SuperNode keys and
+        # carries its client certificate for the exchange's mutual TLS (README, "Federation keys").
+        kit = coord / "kits" / f"{name}.kit.tar"
         _run([
-            _cli("plan-server"), "sites", "add", name, "--key", str(site / "keys" / "signing.pub"),
-            "--node-key", str(site / "keys" / "flower_node.pub"), "--dir", str(coord),
+            _cli("plan-server"), "kit", name, "--key", str(site / "keys" / "signing.pub"),
+            "--node-key", str(site / "keys" / "flower_node.pub"), "--out", str(kit), "--dir", str(coord),
         ])  # fmt: skip
+        _run([_cli("plan-node"), "init", "--site-dir", str(site), "--kit", str(kit)])
         sites.append(site)
     return coord, sites
 
