@@ -66,7 +66,9 @@ def make_ca(dir: Path, name: str, *, days: int = 3650) -> tuple[Path, Path]:
     """Create a self-signed CA `dir/ca.crt` and its key `dir/ca.key` (0600). Returns both paths."""
     dir = Path(dir)
     key = _new_key()
-    subject = _name(name)
+    # Never a bare `name`: a site of the same name would get a client certificate whose subject
+    # equals the issuer's, which TLS stacks take for a self-signed certificate and refuse.
+    subject = _name(f"plan-node federation CA ({name})")
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         _builder(subject, subject, key.public_key(), days)

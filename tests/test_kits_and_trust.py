@@ -182,3 +182,13 @@ def test_pull_verifies_the_signed_trust_store(tmp_path):
 
         with pytest.raises(ExchangeError, match="not signed by the coordinator's key"):
             pull(ws)
+
+
+def test_a_site_named_like_the_federation_connects(tmp_path):
+    from common.tls import issue_client_cert
+    from node.exchange_client import ExchangeClient
+
+    with live_exchange(tmp_path / "coord", client_ca=True) as ex:  # federation "test"
+        crt, key = issue_client_cert(ex.cd.ca_dir, tmp_path / "tls", "test")
+        with ExchangeClient(ex.address, ex.ca_cert, timeout=5, client_cert=crt, client_key=key) as c:
+            assert c.health()["status"] == "ok"
