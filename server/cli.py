@@ -90,7 +90,7 @@ def status(dir: Path = DirOption, as_json: bool = typer.Option(False, "--json"))
     latest = cd.runs / "latest.json"
     info = {
         "sites": sorted(cd.trust().all()),
-        "bundles": BundleStore(cd.store).list(),
+        "bundles": [b.as_dict() for b in BundleStore(cd.store).list()],
         "last_run": json.loads(latest.read_text()) if latest.exists() else None,
     }
     if as_json:
