@@ -108,7 +108,7 @@ class WalkConfig(_Strict):
 
 class SynthConfig(_Strict):
     route: Literal["plan", "cvae"] = "plan"
-    k: int = Field(3, ge=1)  # k-same: patients whose mean codes are averaged into one anchor
+    k: int = Field(5, ge=1)  # k-same: patients whose mean codes are averaged into one anchor
     target_size: int = Field(240, ge=1)  # synthetic images to generate before the audit
     invert_steps: int = Field(80, ge=1)
     invert_lr: float = Field(0.1, gt=0)
@@ -182,7 +182,14 @@ class FederationConfig(_Strict):
     name: str = Field("federation", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     image_size: int = Field(32, ge=8, le=256)
     n_classes: int = Field(2, ge=2)
-    quorum: int = Field(2, ge=1)  # sites with a pooled bundle (and a connected SuperNode) before the run starts
+    quorum: int = Field(2, ge=1)  # sites with a bundle in the pool before the run starts
+    # SuperNodes online before the run starts, and the fewest a round may train with; None: quorum.
+    # A site whose own set failed its gate still trains on the others' pooled data.
+    min_nodes: int | None = Field(None, ge=1)
+
+    @property
+    def nodes_needed(self) -> int:
+        return self.min_nodes if self.min_nodes is not None else self.quorum
     exchange_host: str = "127.0.0.1"
     exchange_port: int = Field(50051, ge=1, le=65535)
     superlink_host: str = "127.0.0.1"

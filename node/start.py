@@ -17,11 +17,11 @@ def start_node(ws: Workspace, *, say: Callable[[str], None] = print) -> int:
     cfg = ws.config()
     run_pipeline(ws)
     bundle_id = publish(ws)
-    say(f"[{cfg.name}] published bundle {bundle_id}" if bundle_id else f"[{cfg.name}] nothing published (see the audit report)")
+    say(f"{cfg.name}: published bundle {bundle_id}" if bundle_id else f"{cfg.name}: nothing published (see the audit report)")
     pulled = pull(ws)
-    say(f"[{cfg.name}] pool: {len(pulled)} new verified bundle(s)")
+    say(f"{cfg.name}: pool: {len(pulled)} new verified bundle(s)")
     supernode = start_supernode(ws, log=ws.root / "logs" / "supernode.log")
-    say(f"[{cfg.name}] SuperNode connecting to {cfg.coordinator.superlink}")
+    say(f"{cfg.name}: SuperNode connecting to {cfg.coordinator.superlink}")
     try:
         return supernode.wait()
     finally:

@@ -32,12 +32,13 @@ def _fail(message: str) -> None:
 def init(
     dir: Path = DirOption,
     name: str = typer.Option("federation", help="Federation name (lower case, digits, - and _)."),
-    quorum: int = typer.Option(2, help="Sites with a pooled bundle and a SuperNode online before the run starts."),
+    quorum: int = typer.Option(2, help="Sites with a bundle in the pool before the run starts."),
+    min_nodes: int = typer.Option(None, help="SuperNodes online before the run starts (default: the quorum)."),
     rounds: int = typer.Option(3, help="Federated rounds of the downstream classifier."),
 ) -> None:
     """Create a coordinator directory: federation.yaml, the federation CA and TLS certificate."""
     try:
-        cfg = FederationConfig(name=name, quorum=quorum, downstream={"rounds": rounds})
+        cfg = FederationConfig(name=name, quorum=quorum, min_nodes=min_nodes, downstream={"rounds": rounds})
         cd = init_coordinator(dir, cfg)
     except (ValueError, FileExistsError) as e:
         _fail(str(e))

@@ -151,7 +151,7 @@ def run_coordinator(
         federation.wait_superlink(cd.flwr_home, superlink)
         say(f"SuperLink listening on {fed.superlink_host}:{fed.superlink_port} (TLS, SuperNode authentication)")
         _register_nodes(cd, say)
-        _wait_for_quorum(cd, store, fed.quorum, superlink, say)
+        _wait_for_quorum(cd, store, fed.quorum, fed.nodes_needed, superlink, say)
         results = _run_once(cd, fed, store, say)
         if exit_after_run:
             return results
@@ -177,7 +177,7 @@ def _register_nodes(cd: CoordinatorDir, say) -> None:
         atomic_write_json(names_path, names)
 
 
-def _wait_for_quorum(cd: CoordinatorDir, store: BundleStore, quorum: int, superlink, say) -> None:
+def _wait_for_quorum(cd: CoordinatorDir, store: BundleStore, quorum: int, nodes_needed: int, superlink, say) -> None:
     last = None
     while True:
         if superlink.poll() is not None:
@@ -186,9 +186,9 @@ def _wait_for_quorum(cd: CoordinatorDir, store: BundleStore, quorum: int, superl
         online = federation.online_nodes(cd.flwr_home)
         state = (tuple(pooled), online)
         if state != last:
-            say(f"pool: {len(pooled)}/{quorum} sites ({', '.join(pooled) or 'none'}); SuperNodes online: {online}/{quorum}")
+            say(f"pool: {len(pooled)}/{quorum} sites ({', '.join(pooled) or 'none'}); SuperNodes online: {online}/{nodes_needed}")
             last = state
-        if len(pooled) >= quorum and online >= quorum:
+        if len(pooled) >= quorum and online >= nodes_needed:
             return
         time.sleep(2)
 

@@ -29,7 +29,7 @@ def main(grid: Grid, context: Context) -> None:
     ds = fed.downstream
     model = DownstreamCNN(fed.n_classes, width=ds.width, image_size=fed.image_size)
     strategy = SiteRecordingFedAvg(
-        min_train_nodes=fed.quorum, min_evaluate_nodes=fed.quorum, min_available_nodes=fed.quorum
+        min_train_nodes=fed.nodes_needed, min_evaluate_nodes=fed.nodes_needed, min_available_nodes=fed.nodes_needed
     )
     # The architecture travels with every message so that a ClientApp builds the same model.
     model_config = {"n-classes": fed.n_classes, "width": ds.width, "image-size": fed.image_size}

@@ -37,7 +37,7 @@ def site_summary(site: Path, results: dict) -> dict:
     return {
         "name": name,
         "n_real_train": len(splits.get("train", [])),
-        "n_published": sum(int(b.get("n_samples", 0)) for b in published.get("bundles", [])),
+        "n_published": sum(int(b["n_samples"]) for b in published.get("bundles", []) if b.get("status") == "uploaded"),
         "audit": {
             "passed": bool(audit and audit.get("passed")),
             "mia_auc": audit.get("mia_auc") if audit else None,
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (replaced)")
     parser.add_argument("--sites", type=int, default=3, help="number of sites")
+    parser.add_argument("--quorum", type=int, default=2, help="sites that must pass their audit gate (all sites train)")
     parser.add_argument("--timeout", type=float, default=1500, help="seconds before the demo gives up")
     args = parser.parse_args(argv)
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():
         shutil.rmtree(out)
     t0 = time.time()
-    coord, sites = launcher.setup(out, n_sites=args.sites)
+    coord, sites = launcher.setup(out, n_sites=args.sites, quorum=args.quorum)
     results = launcher.run(coord, sites, timeout=args.timeout, say=lambda m: Console(stderr=True).print(m))
     summary = summarize(sites, results, seconds=time.time() - t0)
     atomic_write_json(out / "results.json", summary)

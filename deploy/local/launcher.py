@@ -68,6 +68,7 @@ def setup(
     root: Path,
     *,
     n_sites: int,
+    quorum: int | None = None,
     site_overrides: dict | None = None,
     federation_overrides: dict | None = None,
 ) -> tuple[Path, list[Path]]:
@@ -75,9 +76,11 @@ def setup(
     root = Path(root).resolve()
     coord = root / "coordinator"
     exchange_port, superlink_port, *node_ports = free_ports(2 + n_sites)
-    fed = {"name": "local", "quorum": n_sites, "exchange_port": exchange_port, "superlink_port": superlink_port}
+    # Every site trains in the federation; `quorum` of them must have passed their gate.
+    quorum = n_sites if quorum is None else quorum
+    fed = {"name": "local", "quorum": quorum, "min_nodes": n_sites, "exchange_port": exchange_port, "superlink_port": superlink_port}
     fed = _merge(fed, federation_overrides or {})
-    _run([_cli("plan-server"), "init", "--dir", str(coord), "--quorum", str(n_sites)])
+    _run([_cli("plan-server"), "init", "--dir", str(coord), "--quorum", str(quorum), "--min-nodes", str(n_sites)])
     fed_path = coord / "federation.yaml"
     atomic_write_text(fed_path, yaml.safe_dump(_merge(yaml.safe_load(fed_path.read_text()), fed), sort_keys=False))
     sites = []
@@ -101,6 +104,28 @@ def setup(
         _run([_cli("plan-node"), "init", "--site-dir", str(site), "--kit", str(kit)])
         sites.append(site)
     return coord, sites
+
+
+def gate_results(sites: list[Path]) -> dict[str, bool | None]:
+    """Each site's latest audit verdict; None while it has none yet."""
+    out: dict[str, bool | None] = {}
+    for site in sites:
+        latest = site / "synth" / "latest.json"
+        audit = site / "synth" / json.loads(latest.read_text())["run_id"] / "audit.json" if latest.exists() else None
+        out[site.name] = bool(json.loads(audit.read_text())["passed"]) if audit and audit.exists() else None
+    return out
+
+
+def _check_quorum_reachable(coord: Path, sites: list[Path]) -> None:
+    """Fail fast, rather than wait forever, once too few sites passed their gate to reach the quorum."""
+    verdicts = gate_results(sites)
+    quorum = yaml.safe_load((coord / "federation.yaml").read_text())["quorum"]
+    passed = [name for name, ok in verdicts.items() if ok]
+    if None not in verdicts.values() and len(passed) < quorum:
+        raise LaunchError(
+            f"only {len(passed)} site(s) passed their audit gate ({', '.join(passed) or 'none'}); "
+            f"the quorum is {quorum}, so the federation cannot start. See each site's synth/<run>/audit.json."
+        )
 
 
 def run(
@@ -131,6 +156,7 @@ def run(
             for name, p in procs.items():
                 if name != "coordinator" and p.poll() is not None:
                     raise LaunchError(f"{name} exited with code {p.returncode} before the run finished:\n{_tail(logs / f'{name}.log')}")
+            _check_quorum_reachable(coord, sites)
             if time.time() > deadline:
                 raise LaunchError(f"the federation did not finish within {timeout:.0f} s:\n{_tail(logs / 'coordinator.log')}")
             time.sleep(2)
