@@ -131,6 +131,17 @@ class PolicyConfig(_Strict):
     max_reid_rate: float = Field(0.10, ge=0, le=1)  # share of accepted samples phi_id re-identifies
     max_closer_to_train: float = Field(0.75, ge=0, le=1)  # share of samples nearer train than holdout
     min_accepted: int = Field(20, ge=1)  # publish nothing smaller
+    # Black-box attack's true-positive rate at 1% false positives, worst space: the share of
+    # members an attacker singles out almost without error. With ~80 holdout images 1% FPR is
+    # "above every holdout record". Fresh non-member sets score <= 0.1 on the phantom; noisy
+    # copies of train images ~1.
+    max_tpr_at_low_fpr: float = Field(0.2, ge=0, le=1)
+    # Mean LPIPS of the accepted set to its nearest train image (mmL); 0 turns it off. A value
+    # above 0 needs the LPIPS backbone in the model store, else the check fails as not evaluated.
+    min_mmL: float = Field(0.0, ge=0)
+    # Differential privacy budget, checked only where the synthesis declares an epsilon (the
+    # PLAN route declares none); None: no limit.
+    max_dp_epsilon: float | None = Field(None, gt=0)
 
     def stricter(self, floor: "PolicyConfig") -> "PolicyConfig":
         """This policy tightened so that it is at least as strict as `floor` (the federation's)."""
@@ -140,6 +151,9 @@ class PolicyConfig(_Strict):
             max_reid_rate=min(self.max_reid_rate, floor.max_reid_rate),
             max_closer_to_train=min(self.max_closer_to_train, floor.max_closer_to_train),
             min_accepted=max(self.min_accepted, floor.min_accepted),
+            max_tpr_at_low_fpr=min(self.max_tpr_at_low_fpr, floor.max_tpr_at_low_fpr),
+            min_mmL=max(self.min_mmL, floor.min_mmL),
+            max_dp_epsilon=min((e for e in (self.max_dp_epsilon, floor.max_dp_epsilon) if e is not None), default=None),
         )
 
 

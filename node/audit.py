@@ -3,27 +3,39 @@ run, the per-sample filter and the release gate (DESIGN.md section 5).
 
 Spaces: "pixel" (mean squared error on [0,1]), "phi_id" and "attacker" (squared Euclidean
 distance between penultimate-layer embeddings of phi_id and of the independently trained
-attacker). Set-level figures take the worst space.
+attacker), and "lpips" (exact LPIPS, node.lpips_matrix) when the backbone weights are in the
+model store; otherwise the report says why LPIPS is missing. Set-level figures take the worst
+space.
+
+Attacks on the released set: black-box nearest neighbour per space (AUC, TPR at 1% and 0.1%
+FPR, ROC), DOMIAS density ratio in the attacker's embedding, and a loss-threshold attack on a
+classifier trained on the set. `mia_auc` is the worst of them. LOGAN (the GAN's discriminator)
+is reported, not gated. Every figure has a 95% bootstrap interval (patients resampled for T and
+H, records for the synthetic set).
 
 Gate: (1) drop each candidate whose pixel MSE to its nearest train image is below
 policy.min_pixel_distance, or that phi_id re-identifies (top-class probability above the 95th
-percentile of the same score on holdout images); (2) on the accepted set recompute the
-membership attack AUC, the share closer to train than to holdout, and the re-identification rate
-judged by the attacker (which the walk never optimised against, so it is not fooled by
-construction; 0.05 is what a set unrelated to the train patients scores); (3) all checks of
-the policy must pass, including n_accepted >= min_accepted.
+percentile of the same score on holdout images); (2) on the accepted set recompute the figures,
+with the re-identification rate judged by the attacker (which the walk never optimised against,
+so it is not fooled by construction; 0.05 is what a set unrelated to the train patients
+scores); (3) common.policy.evaluate: all checks of the policy must pass, including
+n_accepted >= min_accepted.
 """
 
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import torch
 
 from common.config import PolicyConfig
 from common.fileio import atomic_write_bytes, atomic_write_json
+from common.policy import evaluate
+from node.attacks import bootstrap_ci, density_ratio_scores, discriminator_scores, downstream_scores, roc_points
 from node.device import pick_device
+from node.lpips_matrix import lpips_nearest
 from node.distances import embed, min_sq_dist, pixels01
 from node.ingest import load_split
 from node.synthesize import latest_run
@@ -112,39 +124,91 @@ def balanced_sample(train_ids: np.ndarray | None, holdout_ids: np.ndarray | None
     return np.flatnonzero(np.isin(train_ids, keep))
 
 
-def set_figures(spaces: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], t_balanced: np.ndarray) -> dict:
-    """Per space (name -> (S, T, H) feature matrices): nearest-record and membership figures.
-    `t_balanced` indexes a holdout-shaped sample of T (balanced_sample) for the closer-to-train share."""
+def _space_fn(feats: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, scale: float = 1.0):
+    """Nearest-neighbour function of a feature space: nn(a, b, ia, ib) with a, b in "s", "t", "h"
+    and index arrays into them -> (squared distance / scale [len(ia)] float64, index into ib)."""
+    by = dict(zip("sth", feats))
+
+    def nn(a, b, ia, ib):
+        if len(ia) == 0:
+            return np.zeros(0), np.zeros(0, dtype=int)
+        d, j = min_sq_dist(by[a][torch.from_numpy(ia)], by[b][torch.from_numpy(ib)])
+        return (d / scale).numpy(), j.numpy()
+
+    return nn
+
+
+def _lpips_fn(model, images: tuple[np.ndarray, np.ndarray, np.ndarray]):
+    """Nearest-neighbour function of the LPIPS space (node.lpips_matrix, reference blocks bound memory)."""
+    by = dict(zip("sth", images))
+
+    def nn(a, b, ia, ib):
+        if len(ia) == 0:
+            return np.zeros(0), np.zeros(0, dtype=int)
+        return lpips_nearest(model, by[a][ia], by[b][ib])
+
+    return nn
+
+
+def _auc_block(pos: np.ndarray, neg: np.ndarray, pos_groups: np.ndarray, neg_groups: np.ndarray, *, n_boot: int, seed: int, roc: bool = True) -> dict:
+    """AUC, TPR at 1% and 0.1% FPR with patient-level bootstrap intervals, and ROC points."""
+    pg, ng = (pos, pos_groups), (neg, neg_groups)
+    out = {
+        "auc": roc_auc(pos, neg),
+        "auc_ci": bootstrap_ci(roc_auc, [pg, ng], n=n_boot, seed=seed),
+        "tpr_at_1pct_fpr": tpr_at_fpr(pos, neg, 0.01),
+        "tpr_at_1pct_fpr_ci": bootstrap_ci(lambda p, n: tpr_at_fpr(p, n, 0.01), [pg, ng], n=n_boot, seed=seed),
+        "tpr_at_0.1pct_fpr": tpr_at_fpr(pos, neg, 0.001),
+        "tpr_at_0.1pct_fpr_ci": bootstrap_ci(lambda p, n: tpr_at_fpr(p, n, 0.001), [pg, ng], n=n_boot, seed=seed),
+        "n_members": int(len(pos)),
+        "n_nonmembers": int(len(neg)),
+    }
+    if roc:
+        out["roc"] = roc_points(pos, neg)
+    return out
+
+
+def set_figures(spaces: dict, t_balanced: np.ndarray, s_idx: np.ndarray, *, n_t: int, n_h: int,
+                train_ids: np.ndarray, holdout_ids: np.ndarray, n_boot: int = 200, seed: int = 0,
+                details: dict | None = None) -> dict:
+    """Per space (name -> nn function, see _space_fn): nearest-record and black-box membership
+    figures of the synthetic records `s_idx`, with bootstrap intervals. `t_balanced` indexes a
+    holdout-shaped sample of T (balanced_sample) for the closer-to-train share. Distances and
+    closest pairs go into `details` (for the HTML report), not into the figures."""
     out = {}
-    for name, (s, t, h) in spaces.items():
-        scale = s.shape[1] if name == "pixel" else 1  # pixel distances as MSE
-        if len(s):
-            d_t = (min_sq_dist(s, t[t_balanced])[0] / scale).numpy()
-            d_h = (min_sq_dist(s, h)[0] / scale).numpy()
-        else:
-            d_t = d_h = np.zeros(0)
-        out[name] = {"nearest_record": nearest_record(d_t, d_h), "membership": membership_attack(s, t, h)}
+    all_t, all_h = np.arange(n_t), np.arange(n_h)
+    for name, nn in spaces.items():
+        if len(s_idx) == 0:
+            nan = float("nan")
+            out[name] = {"nearest_record": nearest_record(np.zeros(0), np.zeros(0)),
+                         "membership": {"auc": nan, "tpr_at_1pct_fpr": nan, "tpr_at_0.1pct_fpr": nan}}
+            continue
+        d_t, j_t = nn("s", "t", s_idx, t_balanced)
+        d_h, _ = nn("s", "h", s_idx, all_h)
+        nr = nearest_record(d_t, d_h)
+        recs = np.arange(len(s_idx))
+        nr["closer_to_train_ci"] = bootstrap_ci(
+            lambda i: float((d_t[i] < d_h[i]).mean() + 0.5 * (d_t[i] == d_h[i]).mean()), [(recs, recs)], n=n_boot, seed=seed)
+        nr["mean_min_train_ci"] = bootstrap_ci(np.mean, [(d_t, recs)], n=n_boot, seed=seed)
+        pos, neg = -nn("t", "s", all_t, s_idx)[0], -nn("h", "s", all_h, s_idx)[0]
+        out[name] = {"nearest_record": nr, "membership": _auc_block(pos, neg, train_ids, holdout_ids, n_boot=n_boot, seed=seed)}
+        if details is not None:
+            order = np.argsort(d_t)[:8]
+            details[name] = {"d_s_train": d_t, "d_s_holdout": d_h, "member_scores": pos, "nonmember_scores": neg,
+                             "closest": [(int(s_idx[i]), int(t_balanced[j_t[i]]), float(d_t[i])) for i in order]}
     return out
 
 
 def _worst(figs: dict, key: str, sub: str) -> float:
     vals = [f[key][sub] for f in figs.values()]
-    return float("nan") if any(np.isnan(v) for v in vals) else float(max(vals))
+    return float("nan") if not vals or any(np.isnan(v) for v in vals) else float(max(vals))
 
 
-def gate(figs: dict, reid: float, n_accepted: int, policy: PolicyConfig) -> tuple[bool, list[dict]]:
-    """The set-level checks of the policy; nan figures (an empty set) fail."""
-    checks = [
-        ("mia_auc", _worst(figs, "membership", "auc"), policy.max_mia_auc, "max"),
-        ("reid_rate", reid, policy.max_reid_rate, "max"),
-        ("closer_to_train", _worst(figs, "nearest_record", "closer_to_train"), policy.max_closer_to_train, "max"),
-        ("n_accepted", float(n_accepted), float(policy.min_accepted), "min"),
-    ]
-    out = []
-    for name, value, thr, kind in checks:
-        ok = (not np.isnan(value)) and (value <= thr if kind == "max" else value >= thr)
-        out.append({"name": name, "value": None if np.isnan(value) else value, "threshold": thr, "kind": kind, "passed": bool(ok)})
-    return all(c["passed"] for c in out), out
+def gate(report: dict, policy: PolicyConfig) -> tuple[bool, list[dict]]:
+    """The set-level checks of the policy on the report's top-level figures (common.policy:
+    the same function the coordinator applies to a received bundle); nan or missing figures fail."""
+    checks = evaluate(_nan_to_none(report), policy)
+    return all(c["passed"] for c in checks), checks
 
 
 # ---------------------------------------------------------------- the stage
@@ -156,13 +220,29 @@ def _top_prob(model, images: np.ndarray, device) -> np.ndarray:
     return torch.softmax(predict_logits(model, images, device=device), 1).max(1).values.numpy()
 
 
+def _reid_block(s_scores: np.ndarray, h_scores: np.ndarray, holdout_ids: np.ndarray, *, n_boot: int, seed: int) -> dict:
+    """Re-id rate of synthetic scores against the 95th percentile of holdout scores, with an
+    interval resampling both the synthetic records and the holdout patients (the threshold moves too)."""
+    rate = reid_rate(s_scores, reid_threshold(h_scores)) if len(h_scores) else float("nan")
+    ci = bootstrap_ci(lambda s, h: reid_rate(s, reid_threshold(h)), [(s_scores, np.arange(len(s_scores))), (h_scores, holdout_ids)], n=n_boot, seed=seed)
+    return {"rate": rate, "rate_ci": ci, "threshold": reid_threshold(h_scores), "quantile": REID_QUANTILE}
+
+
 def audit_images(
     candidates: np.ndarray, train: np.ndarray, holdout: np.ndarray, *,
     phi_id, attacker, policy: PolicyConfig, device: torch.device | str, seed: int = 0,
     train_ids: np.ndarray | None = None, holdout_ids: np.ndarray | None = None,
+    candidate_labels: np.ndarray | None = None, train_labels: np.ndarray | None = None, holdout_labels: np.ndarray | None = None,
+    discriminator=None, lpips_model=None, lpips_reason: str | None = None, dp_epsilon: float | None = None,
+    n_boot: int = 200, downstream_epochs: int = 20, details: dict | None = None,
 ) -> tuple[dict, np.ndarray]:
     """Audit candidate images uint8 [S,H,W] against train and holdout images (with their
     patient ids; without, every image is its own patient).
+
+    Optional parts: labels of all three sets (the downstream-model attack), the GAN's
+    `discriminator` (LOGAN), an `lpips_model` (node.lpips_matrix.build_lpips; when None the
+    report says why, from `lpips_reason`), a declared DP epsilon. `details`, when a dict, is
+    filled with distances, scores and closest pairs for the HTML report.
 
     Returns (report dict as written to audit.json, boolean mask [S] of accepted candidates)."""
     S = len(candidates)
@@ -171,49 +251,94 @@ def audit_images(
     # per-sample filter
     pix_s, pix_t, pix_h = pixels01(candidates), pixels01(train), pixels01(holdout)
     d_pix_train = (min_sq_dist(pix_s, pix_t)[0] / pix_s.shape[1]).numpy() if S else np.zeros(0)
-    thr_id = reid_threshold(_top_prob(phi_id, holdout, device))
+    id_hold = _top_prob(phi_id, holdout, device)
+    thr_id = reid_threshold(id_hold)
     id_score = _top_prob(phi_id, candidates, device)
     too_close = d_pix_train < policy.min_pixel_distance
     reidentified = id_score > thr_id
     accepted = ~too_close & ~reidentified
+    acc_idx, all_idx = np.flatnonzero(accepted), np.arange(S)
 
-    thr_att = reid_threshold(_top_prob(attacker, holdout, device))
+    att_hold = _top_prob(attacker, holdout, device)
     att_score = _top_prob(attacker, candidates, device)
 
-    emb = {name: (embed(m, candidates, device=device) if S else torch.zeros(0, 1), embed(m, train, device=device), embed(m, holdout, device=device))
+    empty = torch.zeros(0, 1)
+    emb = {name: (embed(m, candidates, device=device) if S else empty, embed(m, train, device=device), embed(m, holdout, device=device))
            for name, m in (("phi_id", phi_id), ("attacker", attacker))}
-    spaces_all = {"pixel": (pix_s, pix_t, pix_h), **emb}
-    spaces_acc = {k: (s[torch.from_numpy(accepted)] if S else s, t, h) for k, (s, t, h) in spaces_all.items()}
+    spaces = {"pixel": _space_fn((pix_s, pix_t, pix_h), scale=pix_s.shape[1])}
+    spaces.update({k: _space_fn(v) for k, v in emb.items()})
+    if lpips_model is not None:
+        spaces["lpips"] = _lpips_fn(lpips_model, (candidates, train, holdout))
     t_bal = balanced_sample(train_ids, holdout_ids, seed=seed)
+    kw = {"n_t": len(train), "n_h": len(holdout), "train_ids": train_ids, "holdout_ids": holdout_ids, "n_boot": n_boot, "seed": seed}
 
-    figs_all = set_figures(spaces_all, t_bal)
-    figs_acc = set_figures(spaces_acc, t_bal)
-    reid_acc = reid_rate(att_score[accepted], thr_att)
+    figs_acc = set_figures(spaces, t_bal, acc_idx, details=details, **kw)
+    figs_all = set_figures(spaces, t_bal, all_idx, **{**kw, "n_boot": 0}) if S else figs_acc
     n_acc = int(accepted.sum())
-    passed, checks = gate(figs_acc, reid_acc, n_acc, policy)
+
+    # attacks on the released (accepted) set beyond the nearest-neighbour one
+    attacks: dict = {}
+    if n_acc >= 2:
+        s_e, t_e, h_e = (a.numpy() for a in emb["attacker"])
+        pos, neg = density_ratio_scores(s_e[acc_idx], t_e, h_e, holdout_ids=holdout_ids)
+        attacks["density_ratio"] = {"space": "attacker", **_auc_block(pos, neg, train_ids, holdout_ids, n_boot=n_boot, seed=seed)}
+    if n_acc >= 2 and candidate_labels is not None and train_labels is not None and holdout_labels is not None and downstream_epochs > 0:
+        pos, neg, info = downstream_scores(candidates[acc_idx], np.asarray(candidate_labels)[acc_idx], (train, train_labels), (holdout, holdout_labels),
+                                           width=8, epochs=downstream_epochs, seed=seed, device=device)
+        attacks["downstream_loss"] = {**info, **_auc_block(pos, neg, train_ids, holdout_ids, n_boot=n_boot, seed=seed)}
+    # LOGAN attacks the GAN, not the released set: reported, not gated (D is never released, and
+    # k-same, the walk and the filter stand between G and what is published)
+    if discriminator is not None and S >= 3:
+        ctx = candidates[:3]
+        pos, neg = discriminator_scores(discriminator, train, ctx, device=device), discriminator_scores(discriminator, holdout, ctx, device=device)
+        attacks["discriminator"] = {"gated": False, **_auc_block(pos, neg, train_ids, holdout_ids, n_boot=n_boot, seed=seed)}
+    gated = [f["membership"]["auc"] for f in figs_acc.values()] + [a["auc"] for k, a in attacks.items() if k != "discriminator"]
+
+    reid = {
+        "phi_id": _reid_block(id_score[accepted], id_hold, holdout_ids, n_boot=n_boot, seed=seed),
+        "attacker": _reid_block(att_score[accepted], att_hold, holdout_ids, n_boot=n_boot, seed=seed),
+    }
+    lp = figs_acc.get("lpips", {}).get("nearest_record", {})
     report = {
-        "passed": passed,
-        "checks": checks,
-        "mia_auc": _worst(figs_acc, "membership", "auc"),
-        "reid_rate": reid_acc,
+        "passed": False,
+        "checks": [],
+        "mia_auc": float("nan") if not gated or any(np.isnan(gated)) else float(max(gated)),
+        "mia_auc_attack": None,
+        "tpr_at_low_fpr": _worst(figs_acc, "membership", "tpr_at_1pct_fpr"),
+        "reid_rate": reid["attacker"]["rate"],
+        "reid_rate_ci": reid["attacker"]["rate_ci"],
         "closer_to_train": _worst(figs_acc, "nearest_record", "closer_to_train"),
+        "min_pixel_mse_to_train": float(d_pix_train[accepted].min()) if n_acc else float("nan"),
+        "mmL": lp.get("mean_min_train"),
+        "min_lpips_to_train": lp.get("min_train"),
+        "dp_epsilon": dp_epsilon,
         "n_candidates": S,
         "n_accepted": n_acc,
         "dropped": {"too_close": int(too_close.sum()), "reidentified": int(reidentified.sum()), "either": int((~accepted).sum())},
         "policy": policy.model_dump(mode="json"),
+        "lpips": {"available": lpips_model is not None, **({"reason": lpips_reason} if lpips_model is None else {"net": getattr(lpips_model, "pnet_type", None)})},
         "nearest_record": {k: v["nearest_record"] for k, v in figs_acc.items()},
         "membership": {k: v["membership"] for k, v in figs_acc.items()},
+        "attacks": attacks,
+        "reid": reid,
         "candidates": {
             "nearest_record": {k: v["nearest_record"] for k, v in figs_all.items()},
-            "membership": {k: v["membership"] for k, v in figs_all.items()},
+            "membership": {k: {m: v["membership"].get(m) for m in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")} for k, v in figs_all.items()},
             "reid_rate_phi_id": reid_rate(id_score, thr_id),
-            "reid_rate_attacker": reid_rate(att_score, thr_att),
+            "reid_rate_attacker": reid_rate(att_score, reid_threshold(att_hold)),
             "min_pixel_mse_to_train": float(d_pix_train.min()) if S else None,
         },
-        "reid_thresholds": {"phi_id": thr_id, "attacker": thr_att, "quantile": REID_QUANTILE},
+        "reid_thresholds": {"phi_id": thr_id, "attacker": reid_threshold(att_hold), "quantile": REID_QUANTILE},
+        "bootstrap": {"resamples": n_boot, "level": 0.95, "unit": "patient for T and H, record for S"},
         "n_train": len(train),
         "n_holdout": len(holdout),
     }
+    if gated and not any(np.isnan(gated)):
+        names = [f"black_box/{k}" for k in figs_acc] + [k for k in attacks if k != "discriminator"]
+        report["mia_auc_attack"] = names[int(np.argmax(gated))]
+    report["passed"], report["checks"] = gate(report, policy)
+    if details is not None:
+        details["accepted"] = accepted
     return report, accepted
 
 
@@ -227,11 +352,25 @@ def _nan_to_none(x):
     return x
 
 
+def _load_lpips(ws: Workspace):
+    """(LPIPS model, None) with the AlexNet backbone from the model store, or (None, reason)."""
+    from common.modelstore import ModelStoreError, default_store_dir
+    from node.lpips_matrix import build_lpips
+
+    try:
+        return build_lpips("alex", store_dir=default_store_dir(ws.root)), None
+    except ModelStoreError as e:
+        return None, str(e)
+
+
 def audit(ws: Workspace, *, policy: PolicyConfig | None = None) -> dict:
-    """Audit synth/<latest run>/candidates.npz; write audit.json and accepted.npz beside it.
+    """Audit synth/<latest run>/candidates.npz; write audit.json and accepted.npz beside it, and
+    the site-only HTML report reports/audit-<run>.html (it shows real images).
 
     `policy` defaults to the site's; pass the site's policy tightened by the federation floor
     (PolicyConfig.stricter) to audit for release into a federation."""
+    from node.audit_report import write_report
+
     cfg = ws.config()
     policy = policy or cfg.policy
     device = pick_device(cfg.device)
@@ -239,15 +378,23 @@ def audit(ws: Workspace, *, policy: PolicyConfig | None = None) -> dict:
     run_dir = ws.synth / run_id
     with np.load(run_dir / "candidates.npz", allow_pickle=False) as z:
         cand = {k: z[k] for k in ("images", "labels", "path")}
+    synth_info = json.loads((run_dir / "synth.json").read_text()) if (run_dir / "synth.json").exists() else {}
     train, holdout = load_split(ws, "train"), load_split(ws, "holdout")
+    lpips_model, lpips_reason = _load_lpips(ws)
+    D = load_model(ws, "D", device) if (ws.models / "D.safetensors").exists() else None
+    details: dict = {}
     report, accepted = audit_images(
         cand["images"], train.images, holdout.images,
         phi_id=load_model(ws, "phi_id", device), attacker=load_model(ws, "phi_attack", device),
         policy=policy, device=device, seed=cfg.synth.seed, train_ids=train.patient_ids, holdout_ids=holdout.patient_ids,
+        candidate_labels=cand["labels"], train_labels=train.labels, holdout_labels=holdout.labels,
+        discriminator=D, lpips_model=lpips_model, lpips_reason=lpips_reason, dp_epsilon=synth_info.get("dp_epsilon"),
+        details=details,
     )
     report = _nan_to_none({"run_id": run_id, **report})
     buf = io.BytesIO()
     np.savez(buf, **{k: v[accepted] for k, v in cand.items()})
     atomic_write_bytes(run_dir / "accepted.npz", buf.getvalue())
     atomic_write_json(run_dir / "audit.json", report)
+    write_report(ws.reports / f"audit-{run_id}.html", report, details, candidates=cand["images"], train=train.images)
     return report

@@ -1,0 +1,73 @@
+"""The release policy as a pure function of an audit result (DESIGN.md section 5).
+
+The same function decides a site's gate (node/audit.py) and the coordinator's check of a
+received bundle's signed audit against the federation's floor (server/store.py): a site that
+edits its own policy, or signs an audit made under a laxer one, is still refused upstream.
+
+An audit result is the dict written to audit.json and signed into the bundle's predicate; the
+figures read here are top-level keys:
+
+    mia_auc                  worst membership-attack AUC on the released set
+    tpr_at_low_fpr           worst black-box TPR at 1% FPR
+    reid_rate                share of the set the independent attacker re-identifies
+    closer_to_train          share of the set nearer a train than a holdout record
+    n_accepted               samples released
+    min_pixel_mse_to_train   smallest pixel MSE of a released sample to a train image
+    mmL                      mean LPIPS to the nearest train image (None: LPIPS unavailable)
+    dp_epsilon               declared differential-privacy epsilon (None: none declared)
+
+A figure that a check needs but the audit lacks (or holds as null) fails that check.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from common.config import PolicyConfig
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(float(x)):
+        return None
+    return float(x)
+
+
+def evaluate(audit: dict, policy: PolicyConfig) -> list[dict]:
+    """Every applicable check: [{name, value, threshold, kind ("max"/"min"), passed, message}].
+
+    `message` says what failed by how much ("mia_auc 0.82 > max 0.75 (by 0.07)")."""
+    checks = [
+        ("mia_auc", "max", policy.max_mia_auc),
+        ("tpr_at_low_fpr", "max", policy.max_tpr_at_low_fpr),
+        ("reid_rate", "max", policy.max_reid_rate),
+        ("closer_to_train", "max", policy.max_closer_to_train),
+        ("n_accepted", "min", float(policy.min_accepted)),
+        ("min_pixel_mse_to_train", "min", policy.min_pixel_distance),
+    ]
+    if policy.min_mmL > 0:
+        checks.append(("mmL", "min", policy.min_mmL))
+    if policy.max_dp_epsilon is not None and audit.get("dp_epsilon") is not None:
+        checks.append(("dp_epsilon", "max", policy.max_dp_epsilon))
+    out = []
+    for name, kind, thr in checks:
+        value = _num(audit.get(name))
+        if value is None:
+            ok, msg = False, f"{name} not evaluated (missing from the audit) but the policy requires {kind} {thr:g}"
+        else:
+            ok = value <= thr if kind == "max" else value >= thr
+            op = ">" if kind == "max" else "<"
+            msg = "" if ok else f"{name} {value:.4g} {op} {kind} {thr:.4g} (by {abs(value - thr):.3g})"
+        out.append({"name": name, "value": value, "threshold": thr, "kind": kind, "passed": bool(ok), "message": msg})
+    return out
+
+
+def check_audit(audit: dict, policy: PolicyConfig) -> list[str]:
+    """Messages of the checks `audit` fails under `policy`; empty when it passes. An audit that
+    says it did not pass fails too, whatever its figures."""
+    if not isinstance(audit, dict):
+        return ["audit is not an object"]
+    failures = [c["message"] for c in evaluate(audit, policy) if not c["passed"]]
+    if audit.get("passed") is not True:
+        failures.append(f"audit.passed is {audit.get('passed')!r}")
+    return failures

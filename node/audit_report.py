@@ -1,0 +1,163 @@
+"""The audit's self-contained HTML report for the site's data-protection officer: pass/fail
+table against the policy, ROC curves, histograms of distances train vs holdout, and the closest
+synthetic / real pairs. Plots are inline SVG, images inline base64 PNG: the file opens offline.
+
+It shows real patient images, so it stays at the site (reports/, never in a bundle).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common.fileio import atomic_write_text
+
+_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "&ndash;"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return html.escape(str(x))
+
+
+def _ci(lo_hi) -> str:
+    if not lo_hi or lo_hi[0] is None:
+        return ""
+    return f" <span class=ci>[{lo_hi[0]:.3g}, {lo_hi[1]:.3g}]</span>"
+
+
+def svg_roc(curves: dict[str, dict], *, size: int = 300) -> str:
+    """ROC curves {label: {"fpr": [...], "tpr": [...]}} on one square plot, with the chance diagonal."""
+    m = 35
+    w = size - m - 10
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size + 150}" height="{size}" font-size="11">',
+             f'<rect x="{m}" y="10" width="{w}" height="{w}" fill="none" stroke="#444"/>',
+             f'<line x1="{m}" y1="{10 + w}" x2="{m + w}" y2="10" stroke="#aaa" stroke-dasharray="4"/>',
+             f'<text x="{m + w / 2}" y="{size - 5}" text-anchor="middle">false-positive rate</text>',
+             f'<text x="10" y="{10 + w / 2}" transform="rotate(-90 10 {10 + w / 2})" text-anchor="middle">true-positive rate</text>']
+    for i, (label, c) in enumerate(curves.items()):
+        if not c.get("fpr"):
+            continue
+        pts = " ".join(f"{m + f * w:.1f},{10 + (1 - t) * w:.1f}" for f, t in zip(c["fpr"], c["tpr"]))
+        col = _COLOURS[i % len(_COLOURS)]
+        parts.append(f'<polyline points="{pts}" fill="none" stroke="{col}" stroke-width="1.5"/>')
+        parts.append(f'<text x="{m + w + 8}" y="{20 + 14 * i}" fill="{col}">{html.escape(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def svg_hist(series: dict[str, np.ndarray], *, title: str, bins: int = 30, width: int = 420, height: int = 180) -> str:
+    """Overlaid histograms (densities) of several 1-D arrays on a shared axis."""
+    vals = [np.asarray(v, dtype=np.float64) for v in series.values() if len(v)]
+    if not vals:
+        return ""
+    lo, hi = min(v.min() for v in vals), max(v.max() for v in vals)
+    hi = hi if hi > lo else lo + 1e-9
+    edges = np.linspace(lo, hi, bins + 1)
+    hists = {k: np.histogram(v, edges, density=True)[0] for k, v in series.items() if len(v)}
+    top = max(h.max() for h in hists.values()) or 1.0
+    m, pw, ph = 30, width - 40, height - 40
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11">',
+             f'<text x="{m}" y="12">{html.escape(title)}</text>',
+             f'<line x1="{m}" y1="{20 + ph}" x2="{m + pw}" y2="{20 + ph}" stroke="#444"/>',
+             f'<text x="{m}" y="{height - 5}">{lo:.3g}</text><text x="{m + pw}" y="{height - 5}" text-anchor="end">{hi:.3g}</text>']
+    bw = pw / bins
+    for i, (label, h) in enumerate(hists.items()):
+        col = _COLOURS[i % len(_COLOURS)]
+        for j, v in enumerate(h):
+            bh = v / top * ph
+            parts.append(f'<rect x="{m + j * bw:.1f}" y="{20 + ph - bh:.1f}" width="{bw:.1f}" height="{bh:.1f}" fill="{col}" fill-opacity="0.45"/>')
+        parts.append(f'<text x="{m + pw}" y="{14 + 13 * (i + 1)}" text-anchor="end" fill="{col}">{html.escape(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def png_data_uri(img: np.ndarray, *, scale: int = 3) -> str:
+    """uint8 grey [H,W] -> data:image/png;base64 URI, upscaled (nearest) for legibility."""
+    im = Image.fromarray(np.ascontiguousarray(img), mode="L")
+    im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def render(report: dict, details: dict, *, candidates: np.ndarray, train: np.ndarray) -> str:
+    """The report as one HTML string."""
+    passed = report.get("passed")
+    rows = []
+    for c in report.get("checks", []):
+        ok = c["passed"]
+        rows.append(f"<tr class={'ok' if ok else 'bad'}><td>{html.escape(c['name'])}</td><td>{_fmt(c['value'], 4)}</td>"
+                    f"<td>{c['kind']} {_fmt(c['threshold'], 4)}</td><td>{'pass' if ok else 'FAIL'}</td>"
+                    f"<td>{html.escape(c.get('message') or '')}</td></tr>")
+    att_rows = []
+    for space, m in (report.get("membership") or {}).items():
+        att_rows.append((f"black-box nearest neighbour ({space})", m))
+    for name, a in (report.get("attacks") or {}).items():
+        label = {"density_ratio": "density ratio, DOMIAS (attacker embedding)", "downstream_loss": "downstream classifier, loss threshold",
+                 "discriminator": "GAN discriminator, LOGAN (white-box, not gated)"}.get(name, name)
+        att_rows.append((label, a))
+    att_html = "".join(
+        f"<tr><td>{html.escape(lbl)}</td><td>{_fmt(m.get('auc'))}{_ci(m.get('auc_ci'))}</td>"
+        f"<td>{_fmt(m.get('tpr_at_1pct_fpr'))}{_ci(m.get('tpr_at_1pct_fpr_ci'))}</td>"
+        f"<td>{_fmt(m.get('tpr_at_0.1pct_fpr'))}{_ci(m.get('tpr_at_0.1pct_fpr_ci'))}</td></tr>" for lbl, m in att_rows)
+    nr_html = "".join(
+        f"<tr><td>{html.escape(space)}</td><td>{_fmt(n.get('closer_to_train'))}{_ci(n.get('closer_to_train_ci'))}</td>"
+        f"<td>{_fmt(n.get('mean_min_train'))}{_ci(n.get('mean_min_train_ci'))}</td><td>{_fmt(n.get('min_train'))}</td>"
+        f"<td>{_fmt(n.get('mean_min_holdout'))}</td></tr>" for space, n in (report.get("nearest_record") or {}).items())
+    reid_html = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{_fmt(r.get('rate'))}{_ci(r.get('rate_ci'))}</td><td>{_fmt(r.get('threshold'))}</td></tr>"
+        for k, r in (report.get("reid") or {}).items())
+    curves = {f"bb {k}": m.get("roc", {}) for k, m in (report.get("membership") or {}).items()}
+    curves.update({k: a.get("roc", {}) for k, a in (report.get("attacks") or {}).items()})
+    hists, grids = [], []
+    for space, d in details.items():
+        if not isinstance(d, dict) or "d_s_train" not in d:
+            continue
+        hists.append(svg_hist({"synthetic -> nearest train": d["d_s_train"], "synthetic -> nearest holdout": d["d_s_holdout"]},
+                              title=f"{space}: distance of each released sample to its nearest record"))
+        hists.append(svg_hist({"train (members)": -d["member_scores"], "holdout (non-members)": -d["nonmember_scores"]},
+                              title=f"{space}: distance of each real record to its nearest released sample"))
+        cells = "".join(
+            f"<figure><img src='{png_data_uri(candidates[s])}'><img src='{png_data_uri(train[t])}'><figcaption>d={dist:.3g}</figcaption></figure>"
+            for s, t, dist in d["closest"])
+        grids.append(f"<h3>{html.escape(space)}</h3><div class=grid>{cells}</div>")
+    lp = report.get("lpips") or {}
+    lp_note = "" if lp.get("available") else f"<p class=warn>LPIPS not computed: {html.escape(str(lp.get('reason')))}</p>"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Privacy audit {html.escape(str(report.get('run_id')))}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}} tr.ok td:nth-child(4){{color:#080}} tr.bad td{{background:#fdd}}
+.ci{{color:#666;font-size:90%}} .grid{{display:flex;flex-wrap:wrap;gap:10px}} figure{{margin:0;text-align:center}}
+figure img{{display:inline-block;margin:1px}} .verdict{{font-size:140%;font-weight:bold;color:{'#080' if passed else '#b00'}}} .warn{{color:#a60}}</style></head><body>
+<h1>Privacy audit of synthetic run {html.escape(str(report.get('run_id')))}</h1>
+<p class=verdict>{'PASSED: the accepted set may be published' if passed else 'FAILED: nothing is published'}</p>
+<p>{report.get('n_accepted')} of {report.get('n_candidates')} candidates accepted (dropped: {html.escape(str(report.get('dropped')))});
+train {report.get('n_train')} images, holdout {report.get('n_holdout')} images. 95% bootstrap intervals in brackets
+({html.escape(str((report.get('bootstrap') or {}).get('unit')))}). This report shows real patient images: it must stay at the site.</p>
+{lp_note}
+<h2>Release gate</h2><table><tr><th>check</th><th>value</th><th>policy</th><th></th><th>by how much</th></tr>{''.join(rows)}</table>
+<h2>Membership attacks on the released set</h2><p>AUC 0.5 is ideal (the attacker guesses).</p>
+<table><tr><th>attack</th><th>AUC</th><th>TPR at 1% FPR</th><th>TPR at 0.1% FPR</th></tr>{att_html}</table>
+{svg_roc(curves)}
+<h2>Nearest records</h2><p>Share of released samples nearer a train than a holdout record (0.5 is ideal), mean and smallest distance to train.</p>
+<table><tr><th>space</th><th>closer to train</th><th>mean min to train</th><th>min to train</th><th>mean min to holdout</th></tr>{nr_html}</table>
+{''.join(hists)}
+<h2>Re-identification</h2><p>Share of released samples whose top identity probability exceeds the 95th percentile on holdout images (0.05 is what unrelated images score).</p>
+<table><tr><th>network</th><th>re-id rate</th><th>threshold</th></tr>{reid_html}</table>
+<h2>Closest released / train pairs</h2><p>Each pair: released sample (left), its nearest train image (right).</p>{''.join(grids)}
+</body></html>"""
+
+
+def write_report(path: Path, report: dict, details: dict, *, candidates: np.ndarray, train: np.ndarray) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, render(report, details, candidates=candidates, train=train))
+    return path
