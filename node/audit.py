@@ -35,7 +35,7 @@ from common.fileio import atomic_write_bytes, atomic_write_json
 from common.policy import evaluate
 from node.attacks import bootstrap_ci, density_ratio_scores, discriminator_scores, downstream_scores, roc_points
 from node.device import pick_device
-from node.lpips_matrix import lpips_nearest
+from node.lpips_matrix import lpips_features, lpips_nearest, nearest_sq, prepare
 from node.distances import embed, min_sq_dist, pixels01
 from node.ingest import load_split
 from node.synthesize import latest_run
@@ -138,13 +138,20 @@ def _space_fn(feats: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, scale: 
     return nn
 
 
-def _lpips_fn(model, images: tuple[np.ndarray, np.ndarray, np.ndarray]):
-    """Nearest-neighbour function of the LPIPS space (node.lpips_matrix, reference blocks bound memory)."""
+def _lpips_fn(model, images: tuple[np.ndarray, np.ndarray, np.ndarray], *, max_cached: int = 8192):
+    """Nearest-neighbour function of the LPIPS space (node.lpips_matrix). Up to `max_cached`
+    images in all (~1 GB of AlexNet features at 64x64), each image's features are computed once
+    and kept; beyond, every query runs lpips_nearest, whose reference blocks bound the memory."""
     by = dict(zip("sth", images))
+    cached = sum(len(v) for v in images) <= max_cached
+    feats = {k: lpips_features(model, prepare(v)) for k, v in by.items()} if cached else {}
 
     def nn(a, b, ia, ib):
         if len(ia) == 0:
             return np.zeros(0), np.zeros(0, dtype=int)
+        if cached:
+            d, j = nearest_sq(feats[a][torch.from_numpy(ia)], feats[b][torch.from_numpy(ib)])
+            return d.double().numpy(), j.numpy()
         return lpips_nearest(model, by[a][ia], by[b][ib])
 
     return nn

@@ -108,7 +108,7 @@ def init_coordinator(root: Path, config: FederationConfig, *, hosts: list[str] |
 def start_exchange(cd: CoordinatorDir, store: BundleStore | None = None):
     """Start the coordinator's exchange (mutual TLS, signed trust store); returns the grpc.Server."""
     fed = cd.config()
-    store = store or BundleStore(cd.store, max_bundle_bytes=fed.max_bundle_bytes)
+    store = store or BundleStore(cd.store, max_bundle_bytes=fed.max_bundle_bytes, policy=fed.policy)
     return serve(
         store=store,
         trust=cd.trust(),
@@ -134,7 +134,7 @@ def run_coordinator(
     Returns the run's results when `exit_after_run`, otherwise serves until interrupted.
     """
     fed = cd.config()
-    store = BundleStore(cd.store, max_bundle_bytes=fed.max_bundle_bytes)
+    store = BundleStore(cd.store, max_bundle_bytes=fed.max_bundle_bytes, policy=fed.policy)
     exchange = start_exchange(cd, store)
     say(f"exchange listening on {fed.exchange_host}:{fed.exchange_port} (mutual TLS)")
     superlink = federation.start_superlink(

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Mapping, Sequence
 
 from common.bundle import BundleError, verify_bundle
+from common.config import PolicyConfig
+from common.policy import check_audit
 from server.trust import TrustStore
 
 _SCHEMA = """
@@ -86,11 +88,13 @@ class BundleRecord:
 
 
 class BundleStore:
-    """Verified bundles under `root`; uploads over `max_bundle_bytes` bytes are refused."""
+    """Verified bundles under `root`; uploads over `max_bundle_bytes` bytes are refused, and, with
+    a `policy` (the federation's floor), bundles whose signed audit figures fail it."""
 
-    def __init__(self, root: Path, *, max_bundle_bytes: int = 512 * 1024 * 1024):
+    def __init__(self, root: Path, *, max_bundle_bytes: int = 512 * 1024 * 1024, policy: PolicyConfig | None = None):
         self.root = Path(root)
         self.max_bundle_bytes = max_bundle_bytes
+        self.policy = policy
         self.objects = self.root / "objects"
         self.incoming = self.root / "incoming"
         self.index_path = self.root / "index.db"
@@ -195,6 +199,12 @@ class BundleStore:
                 raise StoreRefused(
                     f"bundle is signed for site {vb.site!r} but was uploaded as site {site!r}", "untrusted"
                 )
+            if self.policy is not None:
+                # the site's own gate ran under the site's policy; the floor is checked here, on
+                # the figures the site signed (common.policy, the same function as the site's gate)
+                failures = check_audit(vb.predicate.get("audit"), self.policy)
+                if failures:
+                    raise StoreRefused("signed audit fails the federation policy: " + "; ".join(failures), "policy")
             with self._db() as db:
                 # BEGIN IMMEDIATE takes the write lock: replay check and insert are one step,
                 # across threads and processes.
