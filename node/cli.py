@@ -127,8 +127,17 @@ def audit(site_dir: Path = SiteDir, force: bool = typer.Option(False, help="Run 
     """Membership and re-identification audit of the candidates; the release gate."""
     ws = _pipeline(site_dir, "audit", force)
     from node.status import site_status
+    from node.synthesize import latest_run
 
     print(json.dumps(site_status(ws)["audit"], indent=2))
+    run = latest_run(ws)
+    full = json.loads((ws.synth / run / "audit.json").read_text())
+    for c in full.get("checks", []):
+        if not c.get("passed"):
+            console.print(f"[red]gate:[/red] {c.get('message') or c.get('name')}")
+    if not (full.get("lpips") or {}).get("available", True):
+        console.print(f"[yellow]LPIPS not computed:[/yellow] {full['lpips'].get('reason')}")
+    console.print(f"report: {ws.reports / f'audit-{run}.html'} (shows real images: keep it at the site)")
 
 
 @app.command()
