@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.models import DownstreamCNN
+from node.device import pick_device
 from node.ingest import load_split
-from node.pull import load_pool
+from node.pull import load_pool, pull
 from node.task import evaluate_classifier, train_classifier
 from node.workspace import Workspace
 
@@ -41,7 +41,12 @@ def _reply(msg: Message, ws: Workspace, records: dict) -> Message:
 def train(msg: Message, context: Context) -> Message:
     ws = _workspace(context)
     model, cfg = _model_from(msg)
+    # Bundles pooled after this site started its SuperNode are fetched and verified now, so
+    # every round trains on the whole verified pool (and only on verified bundles).
+    pull(ws)
     images, labels = load_pool(ws)
+    if len(labels) == 0:
+        raise RuntimeError(f"{ws.root}: the verified pool is empty; nothing to train on")
     global_params = [p.detach().clone() for p in model.parameters()]
     loss = train_classifier(
         model,
@@ -50,7 +55,7 @@ def train(msg: Message, context: Context) -> Message:
         epochs=int(cfg["local-epochs"]),
         lr=float(cfg["lr"]),
         batch_size=int(cfg["batch-size"]),
-        device=torch.device("cpu"),
+        device=pick_device(ws.config().device),
         seed=int(cfg["server-round"]),
         proximal_mu=float(cfg.get("proximal-mu", 0.0)),
         global_params=global_params,
@@ -64,6 +69,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     ws = _workspace(context)
     model, _ = _model_from(msg)
     test = load_split(ws, "test")
-    result = evaluate_classifier(model, test.images, test.labels, device=torch.device("cpu"))
+    result = evaluate_classifier(model, test.images, test.labels, device=pick_device(ws.config().device))
     metrics = MetricRecord({"num-examples": int(result["n"]), "accuracy": float(result["accuracy"]), "loss": float(result["loss"])})
     return _reply(msg, ws, {"metrics": metrics})
