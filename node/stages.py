@@ -5,7 +5,7 @@ stage       inputs                                          outputs
 ingest      site.yaml (+ data.path when not phantom)        data/dataset.npz, data/splits.json
 train       site.yaml, data/                                models/ (G_ema, G, D, phi_id, phi_class, phi_attack + .json, gan_state)
 synthesize  site.yaml, models/ weights + sidecars           synth/latest.json, synth/<run>/candidates.npz, synth.json
-audit       site.yaml, data/, models/phi_*, synth/<run>/candidates.npz   synth/<run>/audit.json, accepted.npz
+audit       site.yaml, data/, models/phi_*, D, synth/<run>/candidates.npz   synth/<run>/audit.json, accepted.npz (+ reports/audit-<run>.html)
 local_only  site.yaml, data/                                reports/local_only.json
 
 site.yaml is an input of every stage, so any edit reruns the chain through the ledger; train
@@ -49,7 +49,7 @@ def stage_io(ws: Workspace, stage: str) -> tuple[list[Path], list[Path]]:
     if stage == "audit":
         run = ws.synth / latest_run(ws)
         return (
-            [ws.config_path, *data, *_model_files(ws, ("phi_id", "phi_attack")), ws.synth / "latest.json", run / "candidates.npz"],
+            [ws.config_path, *data, *_model_files(ws, ("phi_id", "phi_attack", "D")), ws.synth / "latest.json", run / "candidates.npz"],
             [run / "audit.json", run / "accepted.npz"],
         )
     if stage == "local_only":
