@@ -19,6 +19,7 @@ from node.gan import Discriminator, Generator
 from node.gan_training import train_gan
 from node.ingest import load_split, read_splits
 from node.pixels import to_tensor
+from node.quality import generator_quality
 from node.task import evaluate_classifier, train_classifier
 from node.workspace import Workspace
 
@@ -80,6 +81,14 @@ def train(ws: Workspace) -> None:
         model, info = _train_classifier_model(n_out, train_set.images, labels, width=width, image_size=image_size, cc=cc, seed=seed, device=device)
         extra = {"identities": identities.tolist()} if name != "phi_class" else {}
         save_model(ws.models / f"{name}.safetensors", model, sidecar={**common, "class": "SmallCNN", "steps": cc.epochs, **info, **extra})
+        if name == "phi_class":
+            phi_class = model
+
+    # Quality of the final checkpoint, now that phi_class exists to embed and label with; the
+    # sidecar is rewritten with it (the weights, and so their digest, are unchanged).
+    quality = generator_quality(res.G_ema, phi_class, to_tensor(train_set.images), n=max(256, len(train_set)), seed=mc.seed, device=device)
+    save_model(ws.models / "G_ema.safetensors", res.G_ema,
+               sidecar={**common, "class": "Generator", "kwargs": g_kwargs, "steps": res.steps, "metrics": {**gan_metrics, "quality": quality}})
 
 
 def load_model(ws: Workspace, name: str, device: torch.device | str = "cpu") -> torch.nn.Module:

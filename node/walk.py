@@ -53,12 +53,18 @@ def path_loss(
 def plan_paths(
     G, phi_id, phi_class, start: torch.Tensor, end: torch.Tensor, labels: torch.Tensor, *,
     points: int, iters: int, lr: float = 0.1, weight_identity: float = 0.1, weight_smooth: float = 1.0,
-    weight_class: float = 1.0, patience: int = 20, min_improvement: float = 1e-4, device: torch.device | str,
+    weight_class: float = 1.0, patience: int | None = 20, min_improvement: float = 1e-4, keep_best: bool = True,
+    device: torch.device | str,
 ) -> WalkResult:
     """Optimise all P paths at once as one tensor [P,points,D]: endpoints `start`/`end` [P,D]
     fixed, interior initialised on the straight line, Adam with `lr` on the sum of the per-path
-    losses (path_loss). Stops after `iters` steps, or earlier when the total loss has not
-    improved by a relative `min_improvement` for `patience` steps; returns the best paths seen.
+    losses (path_loss). Adam is elementwise and the paths share no parameters, so each path
+    follows exactly the trajectory it would follow alone; batching only changes the speed.
+
+    Stopping rule: after `iters` steps, or earlier when for `patience` steps no path has lowered
+    its own loss by a relative `min_improvement` (patience None: always `iters` steps).
+    keep_best: return each path's lowest-loss iterate (the last one included); otherwise the
+    last iterate of every path.
     """
     for m in (G, phi_id, phi_class):
         m.to(device).eval().requires_grad_(False)
@@ -74,22 +80,31 @@ def plan_paths(
 
     with torch.no_grad():
         initial, _ = path_loss(G, phi_id, phi_class, line, labels, **weights)
-    best_total, best_paths, since_best, steps = initial.sum().item(), line.detach().clone(), 0, 0
+    best_loss, best_paths = initial.clone(), line.detach().clone()
+    since_best, steps = 0, 0
+
+    def remember(current: torch.Tensor, loss: torch.Tensor) -> bool:
+        improved = loss < best_loss - min_improvement * best_loss.abs()
+        best_loss[improved] = loss[improved]
+        best_paths[improved] = current.detach()[improved]
+        return bool(improved.any())
+
     with progress("walk", total=iters) as update:
         for steps in range(1, iters + 1):
             current = assemble()
             loss, _ = path_loss(G, phi_id, phi_class, current, labels, **weights)
+            since_best = 0 if remember(current, loss.detach()) else since_best + 1
             total = loss.sum()
-            if total.item() < best_total - min_improvement * abs(best_total):
-                best_total, best_paths, since_best = total.item(), current.detach().clone(), 0
-            else:
-                since_best += 1
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
             update(1, info=f"loss {total.item():.4f}")
-            if since_best >= patience:
+            if patience is not None and since_best >= patience:
                 break
     with torch.no_grad():
-        final, terms = path_loss(G, phi_id, phi_class, best_paths, labels, **weights)
-    return WalkResult(best_paths.cpu(), final.cpu(), initial.cpu(), {k: v.cpu() for k, v in terms.items()}, steps)
+        last = assemble().detach()
+        last_loss, _ = path_loss(G, phi_id, phi_class, last, labels, **weights)
+        remember(last, last_loss)
+        out = best_paths if keep_best else last
+        final, terms = path_loss(G, phi_id, phi_class, out, labels, **weights)
+    return WalkResult(out.cpu(), final.cpu(), initial.cpu(), {k: v.cpu() for k, v in terms.items()}, steps)

@@ -1,0 +1,171 @@
+"""Shared set-up of the PLAN benchmarks: a site workspace (phantom or a MedMNIST .npz) trained
+through the node's own stages, and k-same anchor pairs in W made by the node's own functions.
+
+Workspaces live under bench/work/<name>/ (git-ignored) and are reused: ingest and train go
+through the ledger, so a second benchmark on the same data and config retrains nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.config import SiteConfig, commented_yaml
+from common.fileio import atomic_write_text
+from node.checkpoint import config_digest, read_sidecar
+from node.data import ImageSet
+from node.ingest import load_split
+from node.invert import project, reconstruction_mse
+from node.ksame import anchors, ksame_clusters
+from node.pixels import to_tensor
+from node.stages import run_one
+from node.synthesize import choose_pairs, paths_per_class, patient_codes
+from node.train import load_model
+from node.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / "work"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def site(name: str, cfg: SiteConfig) -> tuple[Workspace, dict]:
+    """Workspace bench/work/<name> with site.yaml from `cfg`, ingested and trained.
+    Returns (workspace, {"ingest": seconds or None when up to date, "train": ...})."""
+    ws = Workspace(WORK / name)
+    ws.root.mkdir(parents=True, exist_ok=True)
+    text = commented_yaml(cfg, title=f"benchmark site {name}")
+    if not ws.config_path.exists() or ws.config_path.read_text() != text:
+        atomic_write_text(ws.config_path, text)
+    times = {}
+    for stage in ("ingest", "train"):
+        t0 = time.time()
+        times[stage] = round(time.time() - t0, 1) if run_one(ws, stage) else None
+    return ws, times
+
+
+@dataclass
+class Anchors:
+    G: torch.nn.Module
+    phi_id: torch.nn.Module
+    phi_class: torch.nn.Module
+    phi_attack: torch.nn.Module
+    train: ImageSet
+    start: torch.Tensor  # [P,D] anchor codes
+    end: torch.Tensor  # [P,D]
+    labels: torch.Tensor  # [P] class of both anchors
+    anchor_codes: torch.Tensor  # [M,D] every anchor
+    anchor_labels: torch.Tensor  # [M]
+    invert_mse: float  # mean reconstruction MSE of the train images, [0,1] pixels
+    seconds_invert: float
+
+
+def anchor_pairs(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "cpu") -> Anchors:
+    """Invert the train split (synth config's steps and lr), k-same per class over patients
+    (synth.k), and `n_pairs` within-class anchor pairs split over classes by their size, every
+    unordered pair once before any repeats (node.synthesize.choose_pairs)."""
+    cfg = ws.config()
+    sc = cfg.synth
+    G, phi_id, phi_class, phi_attack = (load_model(ws, n, device) for n in ("G_ema", "phi_id", "phi_class", "phi_attack"))
+    train = load_split(ws, "train")
+    target = to_tensor(train.images)
+    t0 = time.time()
+    # inversion is the slow part of the set-up: cache it per G_ema weights and inversion settings
+    key = f"{read_sidecar(ws.models / 'G_ema.safetensors')['weights_sha256'][:16]}-{sc.invert_steps}-{sc.invert_lr}-{sc.seed}"
+    cache = ws.root / f"bench_w_{key}.npy"
+    if cache.exists():
+        w = torch.from_numpy(np.load(cache))
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sc.seed)
+            w = project(G, target, num_steps=sc.invert_steps, lr=sc.invert_lr, device=device)
+        np.save(cache, w.numpy())
+    t_inv = time.time() - t0
+    mse = float(reconstruction_mse(G, w, target, device=device).mean())
+    classes = np.unique(train.labels)
+    counts = np.array([(train.labels == c).sum() for c in classes])
+    rng = np.random.default_rng(seed)
+    starts, ends, labels, all_a, all_y = [], [], [], [], []
+    for c, n_c in zip(classes, paths_per_class(counts, n_pairs)):
+        pc = patient_codes(w.numpy(), train.patient_ids, train.labels == c)
+        a = torch.from_numpy(anchors(pc, ksame_clusters(pc, sc.k))).float()
+        all_a.append(a)
+        all_y.append(torch.full((len(a),), int(c)))
+        pairs = choose_pairs(len(a), int(n_c), rng=rng)
+        if len(pairs):
+            starts.append(a[pairs[:, 0]])
+            ends.append(a[pairs[:, 1]])
+            labels.append(torch.full((len(pairs),), int(c), dtype=torch.long))
+    return Anchors(G, phi_id, phi_class, phi_attack, train, torch.cat(starts), torch.cat(ends), torch.cat(labels),
+                   torch.cat(all_a), torch.cat(all_y), mse, round(t_inv, 1))
+
+
+def mean_std(xs) -> dict:
+    xs = np.asarray(list(xs), dtype=float)
+    return {"mean": float(xs.mean()), "std": float(xs.std(ddof=1)) if len(xs) > 1 else 0.0, "n": int(len(xs))}
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads" + (
+        f", CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU")
+
+
+def npz_site(dataset: str, *, max_images: int | None) -> tuple[Workspace, dict]:
+    """A default-config site on ../shared/data/<dataset>.npz (MedMNIST, 28x28 resized to 32x32,
+    every image its own identity), capped to `max_images` images before the patient split."""
+    path = SHARED_DATA / f"{dataset}.npz"
+    if not path.exists():
+        raise SystemExit(f"{path} not found: the real-data benchmarks need ../shared/data (see its README)")
+    cfg = SiteConfig(name=dataset, data={"source": "npz", "path": path, "max_images": max_images})
+    return site(f"{dataset}-{max_images or 'all'}", cfg)
+
+
+@dataclass
+class Walked:
+    anchors: Anchors
+    plan: np.ndarray  # uint8 [P,T-2,H,W] interior images of the PLAN paths, as a release would render them
+    linear: np.ndarray  # uint8 [P,T-2,H,W] the same for the straight lines between the same anchors
+    anchor_images: np.ndarray  # uint8 [M,H,W] every k-same anchor rendered
+    walk: dict  # iters run, mean initial / final loss, seconds
+
+
+def walk_both(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "cpu") -> Walked:
+    """PLAN paths (node.walk.plan_paths with the site's walk config and stopping rule) and linear
+    paths between the same anchor pairs, rendered (interior points only, like node.synthesize)."""
+    from node.pixels import to_uint8
+    from node.walk import linear_paths, plan_paths
+
+    a = anchor_pairs(ws, n_pairs=n_pairs, seed=seed, device=device)
+    wc = ws.config().synth.walk
+    g_sha = read_sidecar(ws.models / "G_ema.safetensors")["weights_sha256"][:16]
+    cache = ws.root / f"bench_walk_{g_sha}_{config_digest(ws.config().synth)[:12]}_{n_pairs}_{seed}.npz"
+    if cache.exists():  # the walk is deterministic given these; path_safety and utility share it
+        with np.load(cache, allow_pickle=False) as z:
+            return Walked(a, z["plan"], z["linear"], z["anchor_images"], json.loads(str(z["walk"])))
+    t0 = time.time()
+    res = plan_paths(a.G, a.phi_id, a.phi_class, a.start, a.end, a.labels, points=wc.points, iters=wc.iters, lr=wc.lr,
+                     weight_identity=wc.weight_identity, weight_smooth=wc.weight_smooth, weight_class=wc.weight_class, device=device)
+    t_walk = time.time() - t0
+    line = linear_paths(a.start, a.end, points=wc.points)
+
+    @torch.no_grad()
+    def render(codes: torch.Tensor) -> np.ndarray:
+        flat = codes.reshape(-1, codes.shape[-1])
+        return np.concatenate([to_uint8(a.G.synthesis(flat[i : i + 512].to(device))) for i in range(0, len(flat), 512)])
+
+    P, T = len(a.start), wc.points
+    plan = render(res.paths[:, 1:-1]).reshape(P, T - 2, *a.train.images.shape[1:])
+    lin = render(line[:, 1:-1]).reshape(P, T - 2, *a.train.images.shape[1:])
+    info = {"iters_run": res.iters, "iters_max": wc.iters, "mean_initial_loss": float(res.initial_loss.mean()),
+            "mean_final_loss": float(res.loss.mean()), "mean_terms": {k: float(v.mean()) for k, v in res.terms.items()},
+            "seconds_walk": round(t_walk, 1), "seconds_invert": a.seconds_invert, "invert_mse": a.invert_mse}
+    out = Walked(a, plan, lin, render(a.anchor_codes), info)
+    np.savez(cache, plan=plan, linear=lin, anchor_images=out.anchor_images, walk=json.dumps(info))
+    return out

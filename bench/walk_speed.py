@@ -1,0 +1,85 @@
+"""Benchmark 1 of issue 3: the batched PLAN walk (node.walk.plan_paths, all paths as one
+[P,T,D] tensor) against a faithful sequential implementation of the reference method
+(node.walk_reference: one path at a time, images through G and the classifiers in chunks of 4).
+
+Same trained G_ema, phi_id, phi_class (a default-config phantom site, trained through the node's
+stages), same k-same anchors and pairs, same objective and weights, same Adam lr, same number of
+steps, no early stopping, and both return their last iterate. Writes bench/results/walk_speed.json.
+
+    .venv/bin/python -m bench.walk_speed            # 32 paths x 14 points x 60 steps
+    .venv/bin/python -m bench.walk_speed --quick    # 8 paths x 14 points x 20 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from bench._site import ROOT, anchor_pairs, machine, site
+from common.config import SiteConfig
+from common.fileio import atomic_write_json
+from node.walk import plan_paths
+from node.walk_reference import REFERENCE_CHUNK, reference_walk
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--paths", type=int, default=32)
+    ap.add_argument("--points", type=int, default=14, help="codes per path, endpoints included")
+    ap.add_argument("--iters", type=int, default=60, help="Adam steps, for both methods")
+    ap.add_argument("--repeats", type=int, default=1, help="time each method this many times, keep the fastest")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
+    ap.add_argument("--quick", action="store_true", help="8 paths, 20 steps")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "walk_speed.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.paths, args.iters = 8, 20
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg = SiteConfig(name="phantom100", data={"source": "phantom", "phantom": {"seed": 100}})
+    ws, _ = site("phantom100", cfg)
+    a = anchor_pairs(ws, n_pairs=args.paths, seed=0)
+    wc = cfg.synth.walk
+    kw = dict(points=args.points, iters=args.iters, lr=wc.lr, weight_identity=wc.weight_identity,
+              weight_smooth=wc.weight_smooth, weight_class=wc.weight_class)
+    models = (a.G, a.phi_id, a.phi_class)
+
+    t_ref, t_bat = [], []
+    for _ in range(args.repeats):
+        # alternate the two so a change in machine load hits both
+        t0 = time.perf_counter()
+        _, loss_ref = reference_walk(*models, a.start, a.end, a.labels, **kw, device="cpu")
+        t_ref.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        res = plan_paths(*models, a.start, a.end, a.labels, **kw, patience=None, keep_best=False, device="cpu")
+        t_bat.append(time.perf_counter() - t0)
+    loss_bat = res.loss
+
+    out = {
+        "paths": int(len(a.start)), "steps": args.points, "iters": args.iters,
+        "reference_chunk": REFERENCE_CHUNK,
+        "seconds_reference": round(min(t_ref), 3), "seconds_batched": round(min(t_bat), 3),
+        "speedup": round(min(t_ref) / min(t_bat), 2),
+        "final_loss_reference": float(loss_ref.mean()), "final_loss_batched": float(loss_bat.mean()),
+        "initial_loss": float(res.initial_loss.mean()),
+        "batched_vs_reference_loss_pct": round(100 * (float(loss_bat.mean()) / float(loss_ref.mean()) - 1), 3),
+        "max_abs_per_path_loss_diff": float((loss_bat - loss_ref).abs().max()),
+        "all_seconds_reference": [round(t, 3) for t in t_ref], "all_seconds_batched": [round(t, 3) for t in t_bat],
+        "site": "default SiteConfig, phantom seed 100 (G_ema, phi_id, phi_class trained by the node's train stage)",
+        "machine": machine(), "load_average_at_end": list(os.getloadavg()),
+    }
+    atomic_write_json(args.out, out)
+    print(f"{'method':<34}{'seconds':>10}{'mean final loss':>18}")
+    print(f"{'reference (sequential, chunks of 4)':<34}{out['seconds_reference']:>10.2f}{out['final_loss_reference']:>18.5f}")
+    print(f"{'batched [P,T,D]':<34}{out['seconds_batched']:>10.2f}{out['final_loss_batched']:>18.5f}")
+    print(f"paths {out['paths']}, points {args.points}, iters {args.iters}: speedup {out['speedup']}x, "
+          f"loss difference {out['batched_vs_reference_loss_pct']:+.3f}% (initial {out['initial_loss']:.5f})")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The batched walk against the sequential reference, its stopping rule, and generator quality."""
+
+import pytest
+import torch
+
+from node.classifiers import SmallCNN
+from node.gan import Generator
+from node.quality import frechet_distance, generator_quality
+from node.walk import plan_paths
+from node.walk_reference import reference_walk
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: a second intra-op thread only adds synchronisation (and stalls on a busy machine)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _models():
+    torch.manual_seed(0)
+    G = Generator(z_dim=8, w_dim=8, mapping_layers=1, image_size=8, channels=16)
+    return G, SmallCNN(6, width=4, image_size=8), SmallCNN(2, width=4, image_size=8)
+
+
+def test_batched_walk_follows_the_reference_trajectory_of_every_path():
+    G, phi_id, phi_class = _models()
+    start, end, labels = torch.randn(3, 8), torch.randn(3, 8), torch.tensor([0, 1, 1])
+    kw = dict(points=7, iters=10, lr=0.05, weight_identity=1.0, weight_smooth=1.0, weight_class=1.0)
+    ref_paths, ref_loss = reference_walk(G, phi_id, phi_class, start, end, labels, chunk=2, **kw)
+    res = plan_paths(G, phi_id, phi_class, start, end, labels, patience=None, keep_best=False, device="cpu", **kw)
+    assert res.iters == 10
+    assert torch.allclose(res.paths, ref_paths, atol=1e-4)
+    assert torch.allclose(res.loss, ref_loss, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(res.paths, torch.stack([start, end], 1).repeat_interleave(4, 1)[:, :7])  # it moved
+
+
+def test_stopping_rule_and_best_iterate():
+    G, phi_id, phi_class = _models()
+    start, end, labels = torch.randn(2, 8), torch.randn(2, 8), torch.tensor([0, 1])
+    kw = dict(points=5, weight_identity=1.0, device="cpu")
+    frozen = plan_paths(G, phi_id, phi_class, start, end, labels, iters=100, lr=0.0, patience=7, **kw)
+    assert frozen.iters == 7  # nothing can improve: stops after `patience` steps
+    assert torch.allclose(frozen.loss, frozen.initial_loss)
+    # a large lr overshoots; the best iterate per path is never worse than the straight line or the last iterate
+    best = plan_paths(G, phi_id, phi_class, start, end, labels, iters=25, lr=1.0, patience=None, **kw)
+    last = plan_paths(G, phi_id, phi_class, start, end, labels, iters=25, lr=1.0, patience=None, keep_best=False, **kw)
+    assert (best.loss <= best.initial_loss + 1e-6).all()
+    assert (best.loss <= last.loss + 1e-6).all()
+
+
+def test_frechet_distance():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g)
+    b = torch.randn(4000, 3, generator=g)
+    assert frechet_distance(a, b) < 0.02
+    assert abs(frechet_distance(a, b + 2.0) - 12.0) < 0.3  # mean shift of 2 in 3 dimensions
+    assert abs(frechet_distance(a, 3 * b) - 3 * (3 - 1) ** 2) < 0.6  # std 1 vs 3: tr = 3*(1 + 9 - 2*3)
+
+
+def test_generator_quality_reports_balance_and_distance():
+    G, _, phi_class = _models()
+    real = torch.rand(40, 1, 8, 8) * 2 - 1
+    q = generator_quality(G, phi_class, real, n=64, seed=0, device="cpu")
+    assert len(q["class_balance"]) == 2 and abs(sum(q["class_balance"]) - 1) < 1e-3
+    assert q["fd_phi_class"] >= 0 and q["n_generated"] == 64
+    assert q == generator_quality(G, phi_class, real, n=64, seed=0, device="cpu")  # deterministic per seed
