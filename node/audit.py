@@ -311,6 +311,9 @@ def audit_images(
         "checks": [],
         "mia_auc": float("nan") if not gated or any(np.isnan(gated)) else float(max(gated)),
         "mia_auc_attack": None,
+        # An AUC well below 0.5 is a signal too, for an attacker who knows the synthesis avoids
+        # train records and flips the score; reported, not gated (yet): 0.5 + max |AUC - 0.5|
+        "mia_auc_two_sided": float("nan") if not gated or any(np.isnan(gated)) else float(0.5 + max(abs(g - 0.5) for g in gated)),
         "tpr_at_low_fpr": _worst(figs_acc, "membership", "tpr_at_1pct_fpr"),
         "reid_rate": reid["attacker"]["rate"],
         "reid_rate_ci": reid["attacker"]["rate_ci"],
