@@ -169,6 +169,9 @@ def _auc_block(pos: np.ndarray, neg: np.ndarray, pos_groups: np.ndarray, neg_gro
         "tpr_at_0.1pct_fpr_ci": bootstrap_ci(lambda p, n: tpr_at_fpr(p, n, 0.001), [pg, ng], n=n_boot, seed=seed),
         "n_members": int(len(pos)),
         "n_nonmembers": int(len(neg)),
+        # every score equal (e.g. an embedding whose ReLU features are all 0): AUC 0.5 by ties
+        # alone, which says nothing about privacy; flagged so a reader does not take it as ideal
+        "degenerate": bool(len(pos) and len(neg) and np.ptp(np.concatenate([pos, neg])) == 0),
     }
     if roc:
         out["roc"] = roc_points(pos, neg)

@@ -106,7 +106,7 @@ def render(report: dict, details: dict, *, candidates: np.ndarray, train: np.nda
                  "discriminator": "GAN discriminator, LOGAN (white-box, not gated)"}.get(name, name)
         att_rows.append((label, a))
     att_html = "".join(
-        f"<tr><td>{html.escape(lbl)}</td><td>{_fmt(m.get('auc'))}{_ci(m.get('auc_ci'))}</td>"
+        f"<tr><td>{html.escape(lbl)}</td><td>{_fmt(m.get('auc'))}{_ci(m.get('auc_ci'))}{' (degenerate: all scores equal)' if m.get('degenerate') else ''}</td>"
         f"<td>{_fmt(m.get('tpr_at_1pct_fpr'))}{_ci(m.get('tpr_at_1pct_fpr_ci'))}</td>"
         f"<td>{_fmt(m.get('tpr_at_0.1pct_fpr'))}{_ci(m.get('tpr_at_0.1pct_fpr_ci'))}</td></tr>" for lbl, m in att_rows)
     nr_html = "".join(
