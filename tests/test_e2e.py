@@ -65,11 +65,6 @@ def test_federation_completes_with_metrics_from_every_site(federation):
         assert s["test_accuracy_local_only"] is not None
 
 
-@pytest.mark.xfail(
-    reason="known gap (issues 2 and 3): the default CPU-sized GAN does not yet draw the phantom's "
-    "class finding, so classifiers trained on synthetic data alone stay at chance",
-    strict=False,
-)
 def test_federated_accuracy_above_chance(federation):
     _, sites, results = federation
     for s in summarize(sites, results, seconds=0)["sites"]:
@@ -108,6 +103,7 @@ def test_tampered_and_unregistered_bundles_are_rejected(federation, tmp_path):
     from common.bundle import build_bundle, pack_bundle
     from common.signing import generate_signing_key, load_private_key
     from node.exchange_client import ExchangeClient, ExchangeError
+    from tests.helpers_exchange import PASSED_AUDIT
 
     coord, sites, _ = federation
     site = next(s for s in sites if s.name in _passed(sites))
@@ -127,13 +123,13 @@ def test_tampered_and_unregistered_bundles_are_rejected(federation, tmp_path):
         import numpy as np
 
         rogue_dir = tmp_path / "rogue"
-        build_bundle(
+        rogue_id = build_bundle(
             rogue_dir, images=np.zeros((4, 32, 32), np.uint8), labels=np.array([0, 1, 0, 1]),
-            audit={"passed": True}, datacard={"site": site.name}, site=site.name, sequence=99,
+            audit=PASSED_AUDIT, datacard={"site": site.name}, site=site.name, sequence=99,
             signing_key=load_private_key(tmp_path / "rogue.key"), config_digest="0" * 64,
         )  # fmt: skip
         with pytest.raises(ExchangeError, match="signature|registered|key"):
-            client.upload(pack_bundle(rogue_dir))
+            client.upload(pack_bundle(rogue_dir / rogue_id))
         assert _store_snapshot(coord) == before
     finally:
         server.stop(grace=1)
