@@ -76,9 +76,11 @@ def print_table(summary: dict) -> None:
             s["name"], str(s["n_real_train"]), str(s["n_published"]), "pass" if a["passed"] else "FAIL",
             _fmt(a["mia_auc"]), _fmt(a["reid_rate"]), _fmt(s["test_accuracy_federated"]), _fmt(s["test_accuracy_local_only"]),
         )  # fmt: skip
-    Console().print(table)
+    # A fixed width: under make or CI stdout is no terminal, and rich would squeeze the table to 80.
+    out = Console(width=110)
+    out.print(table)
     f = summary["federation"]
-    Console().print(f"federation: {f['rounds_completed']}/{f['rounds']} rounds, status {f['status']}")
+    out.print(f"federation: {f['rounds_completed']}/{f['rounds']} rounds, status {f['status']}")
 
 
 def main(argv: list[str] | None = None) -> int:
