@@ -190,6 +190,8 @@ class DownstreamConfig(_Strict):
     local_epochs: int = Field(2, ge=1)
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(16, ge=1)  # 180 train images: 64 gave too few steps in 6 epochs to learn
+    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0)  # FedProx only: weight of (mu/2)||w - w_global||^2
 
 
 class FederationConfig(_Strict):

@@ -32,6 +32,7 @@ import torch
 
 from common.config import PolicyConfig
 from common.fileio import atomic_write_bytes, atomic_write_json
+from common.metrics import roc_auc
 from common.policy import evaluate
 from node.attacks import bootstrap_ci, density_ratio_scores, discriminator_scores, downstream_scores, roc_points
 from node.device import pick_device
@@ -47,24 +48,6 @@ REID_QUANTILE = 0.95
 
 
 # ---------------------------------------------------------------- pure figures
-
-
-def roc_auc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float:
-    """Area under the ROC curve for telling positives (higher score) from negatives: the
-    Mann-Whitney probability that a random positive outscores a random negative, ties half."""
-    pos, neg = np.asarray(scores_pos, dtype=np.float64), np.asarray(scores_neg, dtype=np.float64)
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    allv = np.concatenate([pos, neg])
-    order = np.argsort(allv, kind="mergesort")
-    ranks = np.empty(len(allv))
-    sorted_v = allv[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_v, return_index=True, return_counts=True)
-    avg = first + (counts + 1) / 2.0  # 1-based average rank of each tie group
-    ranks[order] = np.repeat(avg, counts)
-    r_pos = ranks[: len(pos)].sum()
-    return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
 def tpr_at_fpr(scores_pos: np.ndarray, scores_neg: np.ndarray, fpr: float) -> float:

@@ -70,5 +70,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model, _ = _model_from(msg)
     test = load_split(ws, "test")
     result = evaluate_classifier(model, test.images, test.labels, device=pick_device(ws.config().device))
-    metrics = MetricRecord({"num-examples": int(result["n"]), "accuracy": float(result["accuracy"]), "loss": float(result["loss"])})
+    # Every site sends the same keys (the model's classes fix the recall-<c> set): Flower
+    # aggregates only replies whose MetricRecords agree.
+    metrics = MetricRecord({"num-examples": int(result.pop("n")), **{k: float(v) for k, v in result.items()}})
     return _reply(msg, ws, {"metrics": metrics})

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.metrics import classification_metrics
 from node.pixels import random_translate, to_tensor
 
 
@@ -93,14 +94,16 @@ def predict_logits(model: nn.Module, images: np.ndarray, *, device: torch.device
 
 
 def evaluate_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, device: torch.device | str) -> dict:
-    """Accuracy and mean cross-entropy on images uint8 [N,H,W], labels int [N]: {accuracy, loss, n}."""
+    """Metrics on images uint8 [N,H,W], labels int [N]: {accuracy, balanced-accuracy, auroc,
+    recall-<c> for every class the model has, loss (mean cross-entropy), n}."""
     n = len(labels)
     if n == 0:
         return {"accuracy": float("nan"), "loss": float("nan"), "n": 0}
     logits = predict_logits(model, images, device=device)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    probs = torch.softmax(logits, 1).numpy()
     return {
-        "accuracy": float((logits.argmax(1) == y).float().mean()),
+        **classification_metrics(probs, np.asarray(labels), probs.shape[1]),
         "loss": float(F.cross_entropy(logits, y)),
         "n": int(n),
     }

@@ -193,6 +193,21 @@ def _wait_for_quorum(cd: CoordinatorDir, store: BundleStore, quorum: int, nodes_
         time.sleep(2)
 
 
+def _failures(cd: CoordinatorDir, per_site: dict) -> dict:
+    """Which site failed which round and phase, and why. Flower calls a run with failing
+    ClientApps `completed`; here such a run is `degraded`."""
+    names_path = cd.node_keys / "nodes.json"
+    names = json.loads(names_path.read_text()) if names_path.exists() else {}
+    errors = []
+    for rnd, phases in sorted(per_site.items(), key=lambda kv: int(kv[0])):
+        for phase, sites in phases.items():
+            for who, m in sites.items():
+                if "error" in m:
+                    site = names.get(who.removeprefix("node-"), who)
+                    errors.append({"round": int(rnd), "phase": phase, "site": site, "error": m["error"]})
+    return {"degraded": bool(errors), "errors": errors}
+
+
 def _run_once(cd: CoordinatorDir, fed: FederationConfig, store: BundleStore, say) -> dict:
     out = cd.runs / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out.mkdir(parents=True, exist_ok=True)
@@ -205,7 +220,10 @@ def _run_once(cd: CoordinatorDir, fed: FederationConfig, store: BundleStore, say
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"completed": False}
     results.update({"run_id": run_id, "status": status, "pool": sorted(store.sites_with_bundles())})
+    results.update(_failures(cd, results.get("per_site", {})))
     atomic_write_json(results_path, results)
     atomic_write_json(cd.runs / "latest.json", {"run_dir": out.name, "run_id": run_id, "status": status})
-    say(f"run {run_id}: {status}; rounds completed {results.get('rounds_completed', 0)}/{fed.downstream.rounds}")
+    say(f"run {run_id}: {status}{' (DEGRADED)' if results['degraded'] else ''}; rounds completed {results.get('rounds_completed', 0)}/{fed.downstream.rounds}")
+    for e in results["errors"]:
+        say(f"  round {e['round']} {e['phase']}: {e['site']} failed: {e['error']}")
     return results

@@ -17,7 +17,7 @@ from safetensors.torch import save
 from common.config import load_federation_config
 from common.fileio import atomic_write_bytes, atomic_write_json
 from common.models import DownstreamCNN
-from server.strategy import SiteRecordingFedAvg
+from server.strategy import SiteRecordingFedAvg, SiteRecordingFedProx
 
 app = ServerApp()
 
@@ -28,9 +28,12 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(str(context.run_config["out-dir"]))
     ds = fed.downstream
     model = DownstreamCNN(fed.n_classes, width=ds.width, image_size=fed.image_size)
-    strategy = SiteRecordingFedAvg(
-        min_train_nodes=fed.nodes_needed, min_evaluate_nodes=fed.nodes_needed, min_available_nodes=fed.nodes_needed
-    )
+    nodes = {"min_train_nodes": fed.nodes_needed, "min_evaluate_nodes": fed.nodes_needed, "min_available_nodes": fed.nodes_needed}
+    if ds.strategy == "fedprox":
+        # FedProx sends `proximal-mu` in every train config; the ClientApp adds the proximal term.
+        strategy = SiteRecordingFedProx(proximal_mu=ds.proximal_mu, **nodes)
+    else:
+        strategy = SiteRecordingFedAvg(**nodes)
     # The architecture travels with every message so that a ClientApp builds the same model.
     model_config = {"n-classes": fed.n_classes, "width": ds.width, "image-size": fed.image_size}
     train_config = ConfigRecord(
@@ -52,6 +55,7 @@ def main(grid: Grid, context: Context) -> None:
         out / "results.json",
         {
             "rounds": ds.rounds,
+            "strategy": ds.strategy,
             "rounds_completed": len(rounds_done),
             "completed": len(rounds_done) == ds.rounds,
             "seconds": round(time.time() - t0, 1),

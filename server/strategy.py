@@ -1,11 +1,11 @@
-"""FedAvg that also keeps what Flower's aggregate throws away: each site's own figures per round."""
+"""Flower's FedAvg and FedProx, also keeping what their aggregate throws away: each site's own figures per round."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedProx
 
 
 def _site_name(msg: Message) -> str:
@@ -13,8 +13,9 @@ def _site_name(msg: Message) -> str:
     return str(site["name"]) if site is not None and "name" in site else f"node-{msg.metadata.src_node_id}"
 
 
-class SiteRecordingFedAvg(FedAvg):
-    """FedAvg; `self.per_site[round][phase][site]` holds each reply's metrics or its error."""
+class SiteRecording:
+    """Mixin for a FedAvg-family strategy: `self.per_site[round][phase][site]` holds each reply's
+    metrics or its error (Flower itself logs an error reply and goes on)."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -40,3 +41,11 @@ class SiteRecordingFedAvg(FedAvg):
         replies = list(replies)
         self._record(server_round, "evaluate", replies)
         return super().aggregate_evaluate(server_round, replies)
+
+
+class SiteRecordingFedAvg(SiteRecording, FedAvg):
+    pass
+
+
+class SiteRecordingFedProx(SiteRecording, FedProx):
+    pass

@@ -133,3 +133,13 @@ def test_tampered_and_unregistered_bundles_are_rejected(federation, tmp_path):
         assert _store_snapshot(coord) == before
     finally:
         server.stop(grace=1)
+
+
+def test_every_site_reports_the_full_metric_set(federation):
+    _, sites, results = federation
+    assert results["strategy"] == "fedavg" and results["degraded"] is False and results["errors"] == []
+    last = results["per_site"][str(results["rounds"])]["evaluate"]
+    for site in sites:
+        m = last[site.name]
+        assert {"accuracy", "balanced-accuracy", "auroc", "recall-0", "recall-1", "loss"} <= set(m), m
+        assert 0.0 <= m["auroc"] <= 1.0
