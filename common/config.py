@@ -52,9 +52,9 @@ class SplitConfig(_Strict):
 
 class DataConfig(_Strict):
     source: Literal["phantom", "npz", "folder", "csv"] = "phantom"
-    path: Path | None = None  # the .npz file, image folder or CSV manifest; relative to site.yaml
-    image_size: int = Field(32, ge=8, le=256)  # every image is resized to image_size x image_size, grey
-    max_images: int | None = Field(None, ge=1)  # cap for quick runs; taken deterministically
+    path: Path | None = Field(None, description="the .npz file, image folder or CSV manifest; relative to site.yaml")
+    image_size: int = Field(32, ge=8, le=256, description="every image is resized to image_size x image_size, grey")
+    max_images: int | None = Field(None, ge=1, description="cap for quick runs; taken deterministically")
     phantom: PhantomConfig = PhantomConfig()
     split: SplitConfig = SplitConfig()
 
@@ -69,8 +69,8 @@ class GanConfig(_Strict):
     z_dim: int = Field(64, ge=1)
     w_dim: int = Field(64, ge=1)
     mapping_layers: int = Field(2, ge=1)
-    channels: int = Field(64, ge=4)  # feature maps at 4x4; halves as resolution doubles, at least 16
-    steps: int = Field(600, ge=1)  # ~30 s on 2 CPU cores at 32x32
+    channels: int = Field(64, ge=4, description="feature maps at 4x4; halves as resolution doubles, at least 16")
+    steps: int = Field(600, ge=1, description="~30 s on 2 CPU cores at 32x32")
     batch_size: int = Field(16, ge=2)
     lr: float = Field(2e-3, gt=0)
     r1_gamma: float = Field(0.1, ge=0)
@@ -81,15 +81,15 @@ class GanConfig(_Strict):
 class ClassifierConfig(_Strict):
     """phi_id, phi_class and the audit's independent re-identification attacker."""
 
-    width: int = Field(8, ge=4)  # phi_id and phi_class
-    attacker_width: int = Field(12, ge=4)  # the attacker: another width and seed than phi_id
+    width: int = Field(8, ge=4, description="phi_id and phi_class")
+    attacker_width: int = Field(12, ge=4, description="the attacker: another width and seed than phi_id")
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
 
 
 class ModelsConfig(_Strict):
-    seed: int = 0  # initialisation and training randomness
+    seed: int = Field(0, description="initialisation and training randomness")
     gan: GanConfig = GanConfig()
     classifier: ClassifierConfig = ClassifierConfig()
 
@@ -98,7 +98,7 @@ class WalkConfig(_Strict):
     """The PLAN objective of DESIGN.md section 1 and its optimiser."""
 
     method: Literal["plan", "linear"] = "plan"
-    points: int = Field(14, ge=3)  # codes per path, endpoints included; the interior ones are rendered
+    points: int = Field(14, ge=3, description="codes per path, endpoints included; the interior ones are rendered")
     iters: int = Field(60, ge=1)
     lr: float = Field(0.1, gt=0)
     weight_identity: float = Field(0.1, ge=0)
@@ -108,8 +108,8 @@ class WalkConfig(_Strict):
 
 class SynthConfig(_Strict):
     route: Literal["plan", "cvae"] = "plan"
-    k: int = Field(5, ge=1)  # k-same: patients whose mean codes are averaged into one anchor
-    target_size: int = Field(240, ge=1)  # synthetic images to generate before the audit
+    k: int = Field(5, ge=1, description="k-same: patients whose mean codes are averaged into one anchor")
+    target_size: int = Field(240, ge=1, description="synthetic images to generate before the audit")
     invert_steps: int = Field(80, ge=1)
     invert_lr: float = Field(0.1, gt=0)
     walk: WalkConfig = WalkConfig()
@@ -128,9 +128,9 @@ class PolicyConfig(_Strict):
     # made only from patients the models never saw already score 0.58-0.62 in pixel space, and
     # training images with sensor noise score ~0.99; 0.75 separates the two.
     max_mia_auc: float = Field(0.75, ge=0, le=1)
-    max_reid_rate: float = Field(0.10, ge=0, le=1)  # share of accepted samples phi_id re-identifies
-    max_closer_to_train: float = Field(0.75, ge=0, le=1)  # share of samples nearer train than holdout
-    min_accepted: int = Field(20, ge=1)  # publish nothing smaller
+    max_reid_rate: float = Field(0.10, ge=0, le=1, description="share of accepted samples phi_id re-identifies")
+    max_closer_to_train: float = Field(0.75, ge=0, le=1, description="share of samples nearer train than holdout")
+    min_accepted: int = Field(20, ge=1, description="publish nothing smaller")
     # Black-box attack's true-positive rate at 1% false positives, worst space: the share of
     # members an attacker singles out almost without error. With ~80 holdout images 1% FPR is
     # "above every holdout record". Fresh non-member sets score <= 0.1 on the phantom; noisy
@@ -158,15 +158,15 @@ class PolicyConfig(_Strict):
 
 
 class CoordinatorAddress(_Strict):
-    exchange: str = "127.0.0.1:50051"  # host:port of the bundle exchange (gRPC, TLS)
-    superlink: str = "127.0.0.1:9092"  # host:port SuperNodes connect to (Fleet API)
-    ca_cert: Path = Path("keys/ca.crt")  # the federation CA; relative to the site directory
-    client_cert: Path = Path("keys/client.crt")  # this site's certificate for mutual TLS (from the site kit)
-    client_key: Path = Path("keys/client.key")  # its private key, mode 0600 (from the site kit)
-    coordinator_pub: Path = Path("keys/coordinator.pub")  # verifies the trust store the coordinator publishes
-    supernode_port: int = Field(9094, ge=1, le=65535)  # local port this site's SuperNode binds
-    timeout_s: float = Field(60, gt=0)  # seconds per exchange call (upload, list, download)
-    max_bundle_bytes: int = Field(512 * 1024 * 1024, ge=1024)  # larger bundles are not downloaded or extracted
+    exchange: str = Field("127.0.0.1:50051", description="host:port of the bundle exchange (gRPC, TLS)")
+    superlink: str = Field("127.0.0.1:9092", description="host:port SuperNodes connect to (Fleet API)")
+    ca_cert: Path = Field(Path("keys/ca.crt"), description="the federation CA; relative to the site directory")
+    client_cert: Path = Field(Path("keys/client.crt"), description="this site's certificate for mutual TLS (from the site kit)")
+    client_key: Path = Field(Path("keys/client.key"), description="its private key, mode 0600 (from the site kit)")
+    coordinator_pub: Path = Field(Path("keys/coordinator.pub"), description="verifies the trust store the coordinator publishes")
+    supernode_port: int = Field(9094, ge=1, le=65535, description="local port this site's SuperNode binds")
+    timeout_s: float = Field(60, gt=0, description="seconds per exchange call (upload, list, download)")
+    max_bundle_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="larger bundles are not downloaded or extracted")
 
 
 class SiteConfig(_Strict):
@@ -189,16 +189,16 @@ class DownstreamConfig(_Strict):
     rounds: int = Field(3, ge=1)
     local_epochs: int = Field(2, ge=1)
     lr: float = Field(2e-3, gt=0)
-    batch_size: int = Field(16, ge=1)  # 180 train images: 64 gave too few steps in 6 epochs to learn
+    batch_size: int = Field(16, ge=1, description="180 train images: 64 gave too few steps in 6 epochs to learn")
     strategy: Literal["fedavg", "fedprox"] = "fedavg"
-    proximal_mu: float = Field(0.01, ge=0)  # FedProx only: weight of (mu/2)||w - w_global||^2
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx only: weight of (mu/2)||w - w_global||^2")
 
 
 class FederationConfig(_Strict):
     name: str = Field("federation", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     image_size: int = Field(32, ge=8, le=256)
     n_classes: int = Field(2, ge=2)
-    quorum: int = Field(2, ge=1)  # sites with a bundle in the pool before the run starts
+    quorum: int = Field(2, ge=1, description="sites with a bundle in the pool before the run starts")
     # SuperNodes online before the run starts, and the fewest a round may train with; None: quorum.
     # A site whose own set failed its gate still trains on the others' pooled data.
     min_nodes: int | None = Field(None, ge=1)
@@ -209,8 +209,8 @@ class FederationConfig(_Strict):
     exchange_host: str = "127.0.0.1"
     exchange_port: int = Field(50051, ge=1, le=65535)
     superlink_host: str = "127.0.0.1"
-    superlink_port: int = Field(9092, ge=1, le=65535)  # one HTTPS port for SuperNodes, the flwr CLI and ServerApps
-    run_timeout_s: float = Field(1800, gt=0)  # a Flower run that takes longer is reported as failed
+    superlink_port: int = Field(9092, ge=1, le=65535, description="one HTTPS port for SuperNodes, the flwr CLI and ServerApps")
+    run_timeout_s: float = Field(1800, gt=0, description="a Flower run that takes longer is reported as failed")
     max_bundle_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     policy: PolicyConfig = PolicyConfig()  # the floor every site's gate must meet
     downstream: DownstreamConfig = DownstreamConfig()
@@ -281,6 +281,9 @@ def commented_yaml(model: BaseModel, *, title: str) -> str:
             if field.description:
                 lines.append(f"{pad}# {field.description}")
             if isinstance(value, BaseModel):
+                doc = (type(value).__doc__ or "").strip().splitlines()
+                if doc and not field.description:
+                    lines.append(f"{pad}# {doc[0]}")
                 lines.append(f"{pad}{name}:")
                 emit(value, indent + 1)
             else:
