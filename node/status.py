@@ -7,8 +7,15 @@ import json
 from node.workspace import Workspace
 
 
-def _read_json(path) -> dict | list | None:
+def read_json(path) -> dict | list | None:
+    """The JSON in `path`, or None when there is no such file yet."""
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def latest_audit(ws: Workspace) -> dict | None:
+    """audit.json of the latest synthesis run; None until that run has been audited."""
+    latest = read_json(ws.synth / "latest.json")
+    return read_json(ws.synth / latest["run_id"] / "audit.json") if latest else None
 
 
 def site_status(ws: Workspace) -> dict:
@@ -18,13 +25,12 @@ def site_status(ws: Workspace) -> dict:
             if line.strip():
                 entry = json.loads(line)
                 stages[entry["stage"]] = {"seconds": entry["seconds"], "finished": entry["started"] + entry["seconds"]}
-    latest = _read_json(ws.synth / "latest.json")
-    audit = _read_json(ws.synth / latest["run_id"] / "audit.json") if latest else None
+    audit = latest_audit(ws)
     return {
         "site": ws.config().name,
         "stages": stages,
         "audit": {k: audit.get(k) for k in ("passed", "mia_auc", "reid_rate", "n_candidates", "n_accepted")} if audit else None,
-        "published": _read_json(ws.bundles / "published.json"),
-        "pool": _read_json(ws.pool / "index.json"),
-        "local_only": _read_json(ws.reports / "local_only.json"),
+        "published": read_json(ws.bundles / "published.json"),
+        "pool": read_json(ws.pool / "index.json"),
+        "local_only": read_json(ws.reports / "local_only.json"),
     }

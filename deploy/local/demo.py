@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -17,23 +16,20 @@ from rich.table import Table
 
 from common.fileio import atomic_write_json
 from deploy.local import launcher
-
-
-def _read(path: Path) -> dict | list | None:
-    return json.loads(path.read_text()) if path.exists() else None
+from node.status import latest_audit, read_json
+from node.workspace import Workspace
 
 
 def site_summary(site: Path, results: dict) -> dict:
     """One site's row of results.json, read from its workspace and the coordinator's run results."""
     name = site.name
-    splits = _read(site / "data" / "splits.json") or {}
-    latest = _read(site / "synth" / "latest.json")
-    audit = _read(site / "synth" / latest["run_id"] / "audit.json") if latest else None
-    published = _read(site / "bundles" / "published.json") or {}
+    splits = read_json(site / "data" / "splits.json") or {}
+    audit = latest_audit(Workspace(site))
+    published = read_json(site / "bundles" / "published.json") or {}
     per_site = results.get("per_site", {})
     last_round = max(per_site, key=int) if per_site else None
     federated = per_site.get(last_round, {}).get("evaluate", {}).get(name, {}) if last_round else {}
-    local = _read(site / "reports" / "local_only.json") or {}
+    local = read_json(site / "reports" / "local_only.json") or {}
     return {
         "name": name,
         "n_real_train": len(splits.get("train", [])),

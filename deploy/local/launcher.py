@@ -19,6 +19,8 @@ import yaml
 
 from common.fileio import atomic_write_text
 from common.procs import spawn, stop
+from node.status import latest_audit
+from node.workspace import Workspace
 
 
 class LaunchError(RuntimeError):
@@ -108,12 +110,8 @@ def setup(
 
 def gate_results(sites: list[Path]) -> dict[str, bool | None]:
     """Each site's latest audit verdict; None while it has none yet."""
-    out: dict[str, bool | None] = {}
-    for site in sites:
-        latest = site / "synth" / "latest.json"
-        audit = site / "synth" / json.loads(latest.read_text())["run_id"] / "audit.json" if latest.exists() else None
-        out[site.name] = bool(json.loads(audit.read_text())["passed"]) if audit and audit.exists() else None
-    return out
+    audits = {site.name: latest_audit(Workspace(site)) for site in sites}
+    return {name: None if audit is None else bool(audit["passed"]) for name, audit in audits.items()}
 
 
 def _check_quorum_reachable(coord: Path, sites: list[Path]) -> None:
