@@ -28,6 +28,36 @@ def _res_levels(image_size: int) -> int:
     return int(levels)
 
 
+class EqualLinear(nn.Module):
+    """Linear layer with StyleGAN's equalised learning rate: weights are stored N(0,1) and scaled
+    by gain at run time, so Adam's per-parameter step (~lr) is the same small relative change in
+    every layer. With plain nn.Linear/nn.Conv2d init at lr 2e-3, D and G each overpowered the
+    other in a handful of steps and D's loss sat at ln 4. `lr_mul` < 1 slows a layer down
+    further (the mapping network uses 0.01, as StyleGAN does)."""
+
+    def __init__(self, c_in: int, c_out: int, *, bias_init: float = 0.0, lr_mul: float = 1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in) / lr_mul)
+        self.bias = nn.Parameter(torch.full((c_out,), bias_init / lr_mul))
+        self.gain, self.lr_mul = lr_mul / math.sqrt(c_in), lr_mul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.gain, self.bias * self.lr_mul)
+
+
+class EqualConv2d(nn.Module):
+    """Conv2d with the equalised learning rate of EqualLinear; 'same' padding."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, *, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, kernel, kernel))
+        self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
+        self.gain, self.pad = 1 / math.sqrt(c_in * kernel * kernel), kernel // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.gain, self.bias, padding=self.pad)
+
+
 def _channels(base: int, level: int) -> int:
     """Feature maps at 4 * 2**level pixels: `base` at 4x4, halving as resolution doubles, at least 16."""
     return max(base >> level, 16)
@@ -39,7 +69,7 @@ class MappingNetwork(nn.Module):
     def __init__(self, *, z_dim: int, w_dim: int, layers: int):
         super().__init__()
         dims = [z_dim] + [w_dim] * layers
-        self.net = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.LeakyReLU(0.2))])
+        self.net = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (EqualLinear(a, b, lr_mul=0.01), nn.LeakyReLU(0.2))])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         z = z * torch.rsqrt(z.square().mean(1, keepdim=True) + 1e-8)
@@ -56,8 +86,7 @@ class ModulatedConv2d(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(c_out, c_in, kernel, kernel))
         self.bias = nn.Parameter(torch.zeros(c_out))
-        self.affine = nn.Linear(w_dim, c_in)
-        nn.init.ones_(self.affine.bias)  # styles start at 1: the layer begins as a plain conv
+        self.affine = EqualLinear(w_dim, c_in, bias_init=1.0)  # styles start at 1: a plain conv
         self.demodulate, self.up, self.pad = demodulate, up, kernel // 2
         self.gain = 1 / math.sqrt(c_in * kernel * kernel)  # equalised learning rate
 
@@ -126,9 +155,9 @@ class Generator(nn.Module):
 class _DBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_in, 3, padding=1)
-        self.conv2 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.skip = nn.Conv2d(c_in, c_out, 1, bias=False)
+        self.conv1 = EqualConv2d(c_in, c_in, 3)
+        self.conv2 = EqualConv2d(c_in, c_out, 3)
+        self.skip = EqualConv2d(c_in, c_out, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.leaky_relu(self.conv1(x), 0.2)
@@ -155,12 +184,12 @@ class Discriminator(nn.Module):
     def __init__(self, *, image_size: int, channels: int):
         super().__init__()
         levels = _res_levels(image_size)
-        self.from_grey = nn.Conv2d(1, _channels(channels, levels), 1)
+        self.from_grey = EqualConv2d(1, _channels(channels, levels), 1)
         self.blocks = nn.Sequential(*[_DBlock(_channels(channels, l), _channels(channels, l - 1)) for l in range(levels, 0, -1)])
         c0 = _channels(channels, 0)
-        self.conv = nn.Conv2d(c0 + 1, c0, 3, padding=1)
-        self.fc = nn.Linear(c0 * 16, c0)
-        self.out = nn.Linear(c0, 1)
+        self.conv = EqualConv2d(c0 + 1, c0, 3)
+        self.fc = EqualLinear(c0 * 16, c0)
+        self.out = EqualLinear(c0, 1)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         x = F.leaky_relu(self.from_grey(img), 0.2)
