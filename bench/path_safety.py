@@ -6,8 +6,9 @@ each, data capped with --max-images) and each anchor pair: render the interior i
 PLAN path and of the linear path, take for every image the distance to its nearest real training
 image, and the minimum along the path. Distances: pixels (MSE on [0,1]), phi_id's penultimate
 embedding (the network the walk optimises against; L2), and the independent attacker's
-embedding (phi_attack: another width and seed, never seen by the walk; L2). LPIPS is reported
-when an LPIPS module with local backbone weights is importable, else skipped with a note.
+embedding (phi_attack: another width and seed, never seen by the walk; L2). LPIPS (AlexNet) is
+reported when its backbone weights are in the model store ($PLAN_MODEL_STORE), else skipped
+with the store's reason.
 
 Writes bench/results/path_safety.json: per data set and distance {pairs, plan_safer_share,
 min_dist_plan_mean, min_dist_linear_mean}.
@@ -29,23 +30,23 @@ import torch
 
 from bench._site import ROOT, machine, npz_site, walk_both
 from common.fileio import atomic_write_json
+from common.modelstore import default_store_dir
 from node.distances import embed, min_pixel_mse, min_sq_dist
 
 DATASETS = ("pneumoniamnist", "breastmnist")
 
 
-def lpips_distance():
-    """(name, fn(a uint8 [N,H,W], b uint8 [M,H,W]) -> [N] nearest LPIPS) or (None, reason)."""
-    for mod in ("node.lpips", "node.perceptual", "common.lpips"):
-        try:
-            m = __import__(mod, fromlist=["*"])
-        except ImportError:
-            continue
-        fn = getattr(m, "min_lpips", None)
-        if fn is not None:
-            return "lpips", fn
-        return None, f"{mod} has no min_lpips(a, b) function"
-    return None, "no LPIPS module in the repository yet (issue 4); LPIPS skipped"
+def lpips_distance(store_dir: Path):
+    """(fn(a uint8 [N,H,W], b uint8 [M,H,W]) -> [N] nearest LPIPS, None) when the AlexNet
+    backbone is in the model store, else (None, the store's reason)."""
+    from common.modelstore import ModelStoreError
+    from node.lpips_matrix import build_lpips, lpips_nearest
+
+    try:
+        model = build_lpips("alex", store_dir=store_dir)
+    except ModelStoreError as e:
+        return None, f"LPIPS skipped: {e}"
+    return (lambda a, b: lpips_nearest(model, a, b)[0]), None
 
 
 def path_minima(per_image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -73,11 +74,11 @@ def run_dataset(name: str, *, pairs: int, max_images: int) -> dict:
         e_train = embed(model, train, device="cpu")
         d = {k: min_sq_dist(embed(model, imgs, device="cpu"), e_train)[0].sqrt().numpy() for k, imgs in (("plan", plan_imgs), ("linear", lin_imgs))}
         out[f"{space}_l2"] = summarise(path_minima(d["plan"], (P, S)), path_minima(d["linear"], (P, S)))
-    lp_name, lp = lpips_distance()
-    if lp_name:
-        out["lpips"] = summarise(path_minima(np.asarray(lp(plan_imgs, train)), (P, S)), path_minima(np.asarray(lp(lin_imgs, train)), (P, S)))
+    lp, why_not = lpips_distance(default_store_dir(ws.root))
+    if lp is not None:
+        out["lpips"] = summarise(path_minima(lp(plan_imgs, train), (P, S)), path_minima(lp(lin_imgs, train), (P, S)))
     else:
-        out["lpips_skipped"] = lp
+        out["lpips_skipped"] = why_not
     out["setup"] = {"max_images": max_images, "n_train": int(len(train)), "images_per_path": int(S),
                     "walk": wk.walk, "train_seconds": t_stages, "seconds_total": round(time.time() - t0, 1)}
     return out
