@@ -181,6 +181,39 @@ class SiteConfig(_Strict):
     coordinator: CoordinatorAddress = CoordinatorAddress()
 
 
+# Size profiles: presets that `plan-node init --profile` writes into site.yaml, where each value
+# stays visible and editable. "cpu" is the defaults above: a model that trains in about a minute
+# on 2 CPU cores (tests, the demo). "gpu" is for a site with a CUDA GPU and a few hundred to a few
+# thousand images: StyleGAN2-ADA's small-data settings scaled to grey images (w_dim 256, R1 and
+# lr of its "auto" config), the PLAN reference's 500 walk steps.
+PROFILES: dict[str, dict] = {
+    "cpu": {},
+    "gpu": {
+        "device": "cuda",
+        "models": {
+            "gan": {"z_dim": 256, "w_dim": 256, "mapping_layers": 4, "channels": 256, "steps": 20000,
+                    "batch_size": 32, "lr": 2.5e-3, "r1_gamma": 0.1, "ema_beta": 0.999, "checkpoint_every": 1000},
+            "classifier": {"width": 32, "attacker_width": 48, "epochs": 100, "batch_size": 128},
+        },
+        "synth": {"invert_steps": 500, "target_size": 2000, "walk": {"iters": 500}},
+    },
+}
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def profile_site_config(profile: str, **fields) -> SiteConfig:
+    """SiteConfig with the preset `profile` ("cpu" or "gpu"), then `fields` (nested dicts) on top."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
+    return SiteConfig(**_merged(PROFILES[profile], fields))
+
+
 # ---------------------------------------------------------------- federation
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from common.config import ConfigError, SiteConfig, commented_yaml
+from common.config import ConfigError, commented_yaml, profile_site_config
 from common.fileio import atomic_write_text
 from common.nodekey import generate_node_key
 from common.signing import generate_signing_key
@@ -54,6 +54,7 @@ def init(
     supernode_port: int = typer.Option(9094, help="Local port this site's SuperNode binds."),
     ca_cert: Path = typer.Option(None, help="The federation CA certificate (copied to keys/ca.crt)."),
     kit: Path = typer.Option(None, "--kit", help="Install the site kit from the coordinator into this (initialised) workspace."),
+    profile: str = typer.Option("cpu", help="Model sizes: cpu (tiny, trains in minutes on 2 cores) or gpu (a CUDA site)."),
 ) -> None:
     """Create a site workspace: a commented site.yaml and the site's Ed25519 signing key.
 
@@ -67,7 +68,8 @@ def init(
         console.print(f"[red]error:[/red] {ws.config_path} already exists; refusing to overwrite a site")
         raise typer.Exit(2)
     try:
-        cfg = SiteConfig(
+        cfg = profile_site_config(
+            profile,
             name=name,
             data={"source": source, "path": data_path.resolve() if data_path else None, "phantom": {"seed": phantom_seed}},
             coordinator={"exchange": exchange, "superlink": superlink, "supernode_port": supernode_port},
