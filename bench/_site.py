@@ -75,14 +75,15 @@ def anchor_pairs(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "c
     target = to_tensor(train.images)
     t0 = time.time()
     # inversion is the slow part of the set-up: cache it per G_ema weights and inversion settings
-    key = f"{read_sidecar(ws.models / 'G_ema.safetensors')['weights_sha256'][:16]}-{sc.invert_steps}-{sc.invert_lr}-{sc.seed}"
+    key = f"{read_sidecar(ws.models / 'G_ema.safetensors')['weights_sha256'][:16]}-{sc.invert_steps}-{sc.invert_lr}-{sc.invert_perceptual}-{sc.seed}"
     cache = ws.root / f"bench_w_{key}.npy"
     if cache.exists():
         w = torch.from_numpy(np.load(cache))
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sc.seed)
-            w = project(G, target, num_steps=sc.invert_steps, lr=sc.invert_lr, device=device)
+            w = project(G, target, num_steps=sc.invert_steps, lr=sc.invert_lr, features=phi_class.features,
+                        perceptual_weight=sc.invert_perceptual, device=device)
         np.save(cache, w.numpy())
     t_inv = time.time() - t0
     mse = float(reconstruction_mse(G, w, target, device=device).mean())

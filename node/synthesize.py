@@ -99,8 +99,12 @@ def synthesize(ws: Workspace) -> str:
     target = to_tensor(train_set.images)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(sc.seed)
-        w = project(G, target, num_steps=sc.invert_steps, lr=sc.invert_lr, device=device)
+        w = project(G, target, num_steps=sc.invert_steps, lr=sc.invert_lr, features=phi_class.features,
+                        perceptual_weight=sc.invert_perceptual, device=device)
     rec_mse = reconstruction_mse(G, w, target, device=device)
+    with torch.no_grad():
+        rec_class = torch.cat([phi_class(G.synthesis(w[i : i + 512].to(device)).clamp(-1, 1)).argmax(1).cpu() for i in range(0, len(w), 512)])
+    class_kept = float((rec_class.numpy() == train_set.labels).mean()) if len(w) else float("nan")
     t_invert = time.time() - t0
 
     wc = sc.walk
@@ -161,7 +165,8 @@ def synthesize(ws: Workspace) -> str:
                    "per_class": {int(c): int((cand_labels == c).sum()) for c in classes},
                    "anchors_per_class": n_anchors, "classes_skipped": skipped},
         "anchors_rendered": False,
-        "inversion": {"steps": sc.invert_steps, "mean_mse": float(rec_mse.mean()), "max_mse": float(rec_mse.max())},
+        "inversion": {"steps": sc.invert_steps, "mean_mse": float(rec_mse.mean()), "max_mse": float(rec_mse.max()),
+                      "class_kept": class_kept, "perceptual_weight": sc.invert_perceptual},
         "walk": walk_info,
         "seconds": {"invert": round(t_invert, 2), "walk": round(t_walk, 2), "total": round(time.time() - t0, 2)},
     })
