@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ class GanResult:
     loss_G: float  # mean over the last 50 steps
     loss_D: float
     r1: float
+    quality: list[dict]  # on_checkpoint's figures at every checkpoint, each with its "step"
 
 
 def train_gan(
@@ -60,20 +62,22 @@ def train_gan(
     state_key: str,
     seed: int,
     device: torch.device,
+    on_checkpoint: Callable[[Generator], dict] | None = None,
 ) -> GanResult:
     """Train G and D on real [N,1,H,W] in [-1,1] for `steps` steps.
 
     Every `checkpoint_every` steps the whole training state (G, G_ema, D and both Adam states)
     goes to `state_path`; a state with the same `state_key` (the config and data digest) found
     there is resumed from. The randomness of step t depends only on (seed, t), so a resumed run
-    makes the same models as an uninterrupted one.
+    makes the same models as an uninterrupted one. `on_checkpoint(G_ema)` (the node passes a
+    quality measure) is called at every checkpoint; its figures are kept with the step.
     """
     real = real.to(device)
     G, D = G.to(device), D.to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.0, 0.99))
     opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.0, 0.99))
-    start, hist = 0, {"G": [], "D": [], "r1": []}
+    start, hist = 0, {"G": [], "D": [], "r1": [], "quality": []}
 
     if state_path is not None and state_path.exists():
         tensors, meta = load_state(state_path)
@@ -85,6 +89,8 @@ def train_gan(
             start, hist = meta["step"], meta["hist"]
 
     def checkpoint(step: int) -> None:
+        if on_checkpoint is not None:
+            hist["quality"].append({"step": step, **on_checkpoint(G_ema)})
         if state_path is None:
             return
         tensors = {}
@@ -138,4 +144,4 @@ def train_gan(
                 checkpoint(step + 1)
 
     mean = lambda xs: float(sum(xs) / len(xs)) if xs else float("nan")  # noqa: E731
-    return GanResult(G, G_ema, D, steps, mean(hist["G"]), mean(hist["D"]), mean(hist["r1"]))
+    return GanResult(G, G_ema, D, steps, mean(hist["G"]), mean(hist["D"]), mean(hist["r1"]), hist.get("quality", []))

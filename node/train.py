@@ -55,23 +55,11 @@ def train(ws: Workspace) -> None:
     common = {"config": section, "config_sha256": config_digest(section), "data_sha256": data_sha, "key": key}
     gc = mc.gan
 
-    g_kwargs = {"z_dim": gc.z_dim, "w_dim": gc.w_dim, "mapping_layers": gc.mapping_layers, "image_size": image_size, "channels": gc.channels}
-    d_kwargs = {"image_size": image_size, "channels": gc.channels}
-    G = _seeded(mc.seed, lambda: Generator(**g_kwargs))
-    D = _seeded(mc.seed + 1, lambda: Discriminator(**d_kwargs))
-    res = train_gan(
-        to_tensor(train_set.images), G=G, D=D, steps=gc.steps, batch_size=gc.batch_size, lr=gc.lr,
-        r1_gamma=gc.r1_gamma, ema_beta=gc.ema_beta, checkpoint_every=gc.checkpoint_every,
-        state_path=ws.models / "gan_state.safetensors", state_key=key, seed=mc.seed, device=device,
-    )
-    gan_metrics = {"loss_G": res.loss_G, "loss_D": res.loss_D, "r1": res.r1, "n_train": len(train_set)}
-    for name, mod, kw in (("G_ema", res.G_ema, g_kwargs), ("G", res.G, g_kwargs), ("D", res.D, d_kwargs)):
-        save_model(ws.models / f"{name}.safetensors", mod, sidecar={**common, "class": type(mod).__name__, "kwargs": kw, "steps": res.steps, "metrics": gan_metrics})
-
+    # The classifiers first: phi_class is the in-domain embedding the GAN's quality is measured in
+    # at every checkpoint. The attacker is the audit's honest judge (DESIGN.md section 5): the
+    # walk is optimised against phi_id, so it gets another width and seed, and the walk never sees it.
     identities, id_labels = np.unique(train_set.patient_ids, return_inverse=True)
     cc = mc.classifier
-    # The attacker is the audit's honest judge (DESIGN.md section 5): the walk is optimised
-    # against phi_id, so it gets another width and seed, and the walk never sees it.
     jobs = (
         ("phi_id", len(identities), id_labels, cc.width, mc.seed + 2),
         ("phi_class", n_classes, train_set.labels, cc.width, mc.seed + 3),
@@ -84,11 +72,22 @@ def train(ws: Workspace) -> None:
         if name == "phi_class":
             phi_class = model
 
-    # Quality of the final checkpoint, now that phi_class exists to embed and label with; the
-    # sidecar is rewritten with it (the weights, and so their digest, are unchanged).
-    quality = generator_quality(res.G_ema, phi_class, to_tensor(train_set.images), n=max(256, len(train_set)), seed=mc.seed, device=device)
-    save_model(ws.models / "G_ema.safetensors", res.G_ema,
-               sidecar={**common, "class": "Generator", "kwargs": g_kwargs, "steps": res.steps, "metrics": {**gan_metrics, "quality": quality}})
+    real = to_tensor(train_set.images)
+    n_quality = max(256, len(train_set))
+    g_kwargs = {"z_dim": gc.z_dim, "w_dim": gc.w_dim, "mapping_layers": gc.mapping_layers, "image_size": image_size, "channels": gc.channels}
+    d_kwargs = {"image_size": image_size, "channels": gc.channels}
+    G = _seeded(mc.seed, lambda: Generator(**g_kwargs))
+    D = _seeded(mc.seed + 1, lambda: Discriminator(**d_kwargs))
+    res = train_gan(
+        real, G=G, D=D, steps=gc.steps, batch_size=gc.batch_size, lr=gc.lr,
+        r1_gamma=gc.r1_gamma, ema_beta=gc.ema_beta, checkpoint_every=gc.checkpoint_every,
+        state_path=ws.models / "gan_state.safetensors", state_key=key, seed=mc.seed, device=device,
+        on_checkpoint=lambda G_ema: generator_quality(G_ema, phi_class, real, n=n_quality, seed=mc.seed, device=device),
+    )
+    gan_metrics = {"loss_G": res.loss_G, "loss_D": res.loss_D, "r1": res.r1, "n_train": len(train_set),
+                   "quality": res.quality[-1] if res.quality else None, "quality_per_checkpoint": res.quality}
+    for name, mod, kw in (("G_ema", res.G_ema, g_kwargs), ("G", res.G, g_kwargs), ("D", res.D, d_kwargs)):
+        save_model(ws.models / f"{name}.safetensors", mod, sidecar={**common, "class": type(mod).__name__, "kwargs": kw, "steps": res.steps, "metrics": gan_metrics})
 
 
 def load_model(ws: Workspace, name: str, device: torch.device | str = "cpu") -> torch.nn.Module:

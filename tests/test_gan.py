@@ -27,12 +27,13 @@ def test_modulation_is_per_sample():
     assert torch.allclose(both[1:], G.synthesis(w[1:]), atol=1e-5)  # a sample does not depend on its batch mates
 
 
-def _train(steps, state_path, key="k"):
+def _train(steps, state_path, key="k", on_checkpoint=None):
     torch.manual_seed(0)
     G, D = Generator(**KW), Discriminator(image_size=16, channels=32)
     real = torch.rand(12, 1, 16, 16) * 2 - 1
     return train_gan(real, G=G, D=D, steps=steps, batch_size=4, lr=2e-3, r1_gamma=0.1, ema_beta=0.9,
-                     checkpoint_every=2, state_path=state_path, state_key=key, seed=0, device=torch.device("cpu"))
+                     checkpoint_every=2, state_path=state_path, state_key=key, seed=0, device=torch.device("cpu"),
+                     on_checkpoint=on_checkpoint)
 
 
 def test_training_steps_change_weights_and_track_w_avg(tmp_path):
@@ -53,3 +54,11 @@ def test_resume_gives_the_same_models(tmp_path):
     # another key (config or data changed) starts afresh instead of resuming
     fresh = _train(4, tmp_path / "b.safetensors", key="other")
     assert fresh.steps == 4
+
+
+def test_quality_is_measured_at_every_checkpoint_and_kept_across_a_resume(tmp_path):
+    mean_pixel = lambda G_ema: {"mean": float(G_ema.synthesis(G_ema.w_avg[None]).mean())}  # noqa: E731
+    _train(2, tmp_path / "q.safetensors", on_checkpoint=mean_pixel)  # interrupted after step 2
+    res = _train(6, tmp_path / "q.safetensors", on_checkpoint=mean_pixel)
+    assert [q["step"] for q in res.quality] == [2, 4, 6]
+    assert len({q["mean"] for q in res.quality}) == 3  # G_ema changed between checkpoints
