@@ -4,7 +4,9 @@ Checked before anything is written: the kit is for this site (kit.json and the c
 its signing key id is this workspace's keys/signing.pub (the key the coordinator registered),
 and the client certificate was issued by the kit's CA and is within its validity period.
 Then keys/ (0700) receives ca.crt, client.crt, client.key (0600) and coordinator.pub at the
-paths site.yaml names, and site.yaml's coordinator addresses are set from the kit.
+paths site.yaml names; site.yaml's coordinator addresses are set from the kit, and its release
+policy is tightened to the federation's floor (PolicyConfig.stricter), so the site's gate never
+passes a bundle the coordinator would refuse.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
-from common.config import commented_yaml
+from common.config import PolicyConfig, commented_yaml
 from common.fileio import atomic_write_bytes, atomic_write_text
 from common.keyfile import write_private_file
 from common.signing import SigningKeyError, key_id, load_public_key
@@ -82,5 +84,11 @@ def install_kit(ws: Workspace, kit_path: Path) -> dict:
     atomic_write_bytes(ws.resolve(c.ca_cert), files["ca.crt"])
     atomic_write_bytes(ws.resolve(c.coordinator_pub), files["coordinator.pub"])
     c.exchange, c.superlink = meta["exchange"], meta["superlink"]
+    if "policy_floor" in meta:
+        try:
+            floor = PolicyConfig(**meta["policy_floor"])
+        except ValueError as e:
+            raise KitError(f"{kit_path}: kit.json policy_floor: {e}") from None
+        cfg.policy = cfg.policy.stricter(floor)
     atomic_write_text(ws.config_path, commented_yaml(cfg, title=f"plan-node site config for {cfg.name!r}"))
     return meta

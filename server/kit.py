@@ -60,6 +60,8 @@ def make_kit(
         "superlink": superlink or _address(fed.superlink_host, fed.superlink_port, "--superlink"),
         "signing_key_id": signing_id,
         "flower_node_key_registered": node_key_line is not None,
+        # the release gate every bundle must pass here; the site's own policy becomes at least this strict
+        "policy_floor": fed.policy.model_dump(mode="json"),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
     cd.trust().add(site, signing_pub_pem)  # validates the site name too, before a certificate is issued

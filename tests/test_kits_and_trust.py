@@ -47,6 +47,13 @@ def test_kit_through_the_clis(tmp_path):
     assert "nothing to do" in _ok(server_app, ["ca", "init", "--dir", coord])  # idempotent, never replaces
     _ok(node_app, ["init", "--site-dir", site, "--name", "st-marys"])
     ws = Workspace(site)
+    # the federation's floor is stricter on the AUC, the site already stricter on re-identification
+    fed_yaml = yaml.safe_load(cd.config_path.read_text())
+    fed_yaml["policy"] = {"max_mia_auc": 0.6}
+    cd.config_path.write_text(yaml.safe_dump(fed_yaml))
+    site_yaml = yaml.safe_load(ws.config_path.read_text())
+    site_yaml["policy"] = {"max_reid_rate": 0.05}
+    ws.config_path.write_text(yaml.safe_dump(site_yaml))
     out = _ok(server_app, ["kit", "st-marys", "--key", ws.signing_pub, "--node-key", ws.node_pub,
                            "--exchange", "coord.example:50051", "--dir", coord])
     kit = coord / "kits" / "st-marys.kit.tar"
@@ -67,6 +74,7 @@ def test_kit_through_the_clis(tmp_path):
     assert (ws.keys / "coordinator.pub").read_bytes() == cd.coordinator_pub.read_bytes()
     cfg = ws.config()
     assert cfg.coordinator.exchange == "coord.example:50051" and cfg.name == "st-marys"
+    assert cfg.policy.max_mia_auc == 0.6 and cfg.policy.max_reid_rate == 0.05  # floor applied, site's stricter kept
     _ok(node_app, ["init", "--site-dir", site, "--kit", kit])  # installing again is harmless
 
 
