@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -99,9 +100,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     # results of data sets run separately (--datasets X) are merged into one file
     res = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-    res.update({name: run_dataset(name, pairs=args.pairs, max_images=args.max_images) for name in args.datasets})
-    res.setdefault("_meta", {})[",".join(args.datasets)] = {"command": "python -m bench.path_safety " + " ".join(argv or []), "machine": machine(),
-                    "load_average_at_end": list(os.getloadavg()), "config": "default SiteConfig except data.source npz, data.max_images"}
+    run = {"command": "python -m bench.path_safety " + " ".join(sys.argv[1:] if argv is None else argv), "machine": machine(),
+           "config": "default SiteConfig except data.source npz, data.max_images"}
+    for name in args.datasets:
+        res[name] = run_dataset(name, pairs=args.pairs, max_images=args.max_images)
+        res[name]["setup"]["run"] = {**run, "load_average_at_end": list(os.getloadavg())}
+    res.pop("_meta", None)  # older result files kept the run details apart from the data set
     atomic_write_json(args.out, res)
     print(f"{'data set':<16}{'distance':<12}{'pairs':>6}{'PLAN safer':>12}{'min PLAN':>12}{'min linear':>12}")
     for name in args.datasets:

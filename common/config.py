@@ -230,6 +230,10 @@ class DownstreamConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="180 train images: 64 gave too few steps in 6 epochs to learn")
     strategy: Literal["fedavg", "fedprox"] = "fedavg"
     proximal_mu: float = Field(0.01, ge=0, description="FedProx only: weight of (mu/2)||w - w_global||^2")
+    train_on: Literal["pool", "pool+real"] = Field("pool", description="what each site trains on: the verified pool, or the pool plus its own real train split")
+    baselines: bool = Field(True, description=(
+        "after the run, FedAvg on each site's real train data (classic federated learning) by the same "
+        "machinery; every site also reports its local-only model (its real data alone) with each evaluation"))
 
 
 class FederationConfig(_Strict):

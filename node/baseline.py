@@ -12,6 +12,7 @@ from common.fileio import atomic_write_json
 from common.models import DownstreamCNN
 from node.device import pick_device
 from node.ingest import load_split, read_splits
+from node.status import read_json
 from node.task import evaluate_classifier, train_classifier
 from node.workspace import Workspace
 
@@ -19,9 +20,14 @@ from node.workspace import Workspace
 def local_only(ws: Workspace, *, downstream: DownstreamConfig | None = None) -> dict:
     """Train DownstreamCNN with the federation's downstream hyperparameters (epochs = rounds *
     local_epochs, so it sees the real data as often as a federated client does) and write
-    reports/local_only.json {"test_accuracy", "test_loss", "n_train", "n_test", ...}."""
+    reports/local_only.json {"test_accuracy", "test_loss", "test" (every metric of
+    node.task.evaluate_classifier), "n_train", "n_test", ...}. Reused when it exists for the same
+    hyperparameters."""
     cfg = ws.config()
     ds = downstream or DownstreamConfig()
+    done = read_json(ws.reports / "local_only.json")
+    if done and done.get("downstream") == ds.model_dump(mode="json") and "test" in done:
+        return done  # trained with these hyperparameters already (the stage, or an earlier evaluation)
     device = pick_device(cfg.device)
     train, test = load_split(ws, "train"), load_split(ws, "test")
     n_classes = read_splits(ws)["n_classes"]
@@ -35,7 +41,7 @@ def local_only(ws: Workspace, *, downstream: DownstreamConfig | None = None) -> 
     )
     ev = evaluate_classifier(model, test.images, test.labels, device=device)
     report = {
-        "test_accuracy": ev["accuracy"], "test_loss": ev["loss"], "n_train": len(train), "n_test": ev["n"],
+        "test_accuracy": ev["accuracy"], "test_loss": ev["loss"], "n_train": len(train), "n_test": ev["n"], "test": ev,
         "final_train_loss": loss, "epochs": ds.rounds * ds.local_epochs, "downstream": ds.model_dump(mode="json"),
         "seconds": round(time.time() - t0, 2),
     }

@@ -208,22 +208,54 @@ def _failures(cd: CoordinatorDir, per_site: dict) -> dict:
     return {"degraded": bool(errors), "errors": errors}
 
 
-def _run_once(cd: CoordinatorDir, fed: FederationConfig, store: BundleStore, say) -> dict:
-    out = cd.runs / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+def _submit_and_wait(cd: CoordinatorDir, fed: FederationConfig, out: Path, say, *, label: str, train_on: str | None = None) -> dict:
+    """One Flower run of the ServerApp writing to `out`; its results.json with run id, status and failures."""
     out.mkdir(parents=True, exist_ok=True)
-    run_id = federation.submit_run(
-        cd.flwr_home,
-        run_config={"federation-config": str(cd.config_path.resolve()), "out-dir": str(out.resolve())},
-    )
-    say(f"submitted Flower run {run_id} ({fed.downstream.rounds} rounds)")
+    run_config = {"federation-config": str(cd.config_path.resolve()), "out-dir": str(out.resolve())}
+    if train_on is not None:
+        run_config["train-on"] = train_on
+    run_id = federation.submit_run(cd.flwr_home, run_config=run_config)
+    say(f"submitted Flower run {run_id}: {label} ({fed.downstream.rounds} rounds)")
     status = federation.wait_run(cd.flwr_home, run_id, timeout=fed.run_timeout_s)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"completed": False}
-    results.update({"run_id": run_id, "status": status, "pool": sorted(store.sites_with_bundles())})
+    results.update({"run_id": run_id, "status": status})
     results.update(_failures(cd, results.get("per_site", {})))
-    atomic_write_json(results_path, results)
-    atomic_write_json(cd.runs / "latest.json", {"run_dir": out.name, "run_id": run_id, "status": status})
-    say(f"run {run_id}: {status}{' (DEGRADED)' if results['degraded'] else ''}; rounds completed {results.get('rounds_completed', 0)}/{fed.downstream.rounds}")
+    say(f"run {run_id} ({label}): {status}{' (DEGRADED)' if results['degraded'] else ''}; "
+        f"rounds completed {results.get('rounds_completed', 0)}/{fed.downstream.rounds}")
     for e in results["errors"]:
         say(f"  round {e['round']} {e['phase']}: {e['site']} failed: {e['error']}")
+    return results
+
+
+def _final_per_site(results: dict, keys: tuple[str, ...], *, prefix: str = "") -> dict:
+    """{site: {key: value}} from the last round's per-site evaluation replies of a run."""
+    per_site = results.get("per_site", {})
+    if not per_site:
+        return {}
+    last = per_site[max(per_site, key=int)].get("evaluate", {})
+    return {site: {k: m[prefix + k] for k in keys if prefix + k in m} for site, m in last.items() if "error" not in m}
+
+
+METRICS = ("accuracy", "balanced-accuracy", "auroc")
+
+
+def _run_once(cd: CoordinatorDir, fed: FederationConfig, store: BundleStore, say) -> dict:
+    out = cd.runs / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    results = _submit_and_wait(cd, fed, out, say, label=f"downstream on {fed.downstream.train_on}")
+    results["pool"] = sorted(store.sites_with_bundles())
+    if fed.downstream.baselines:
+        real = _submit_and_wait(cd, fed, out / "baseline-fedavg-real", say, label="baseline: FedAvg on real data", train_on="real")
+        results["baselines"] = {
+            "fedavg_real": {
+                "run_id": real["run_id"], "status": real["status"], "completed": bool(real.get("completed")),
+                "degraded": real["degraded"], "errors": real["errors"],
+                "final": real.get("evaluate", {}).get(str(real.get("rounds_completed", 0)), {}),
+                "per_site": _final_per_site(real, METRICS),
+            },
+            "local_only": {"per_site": _final_per_site(results, METRICS, prefix="local-only-")},
+        }
+    results["per_site_final"] = _final_per_site(results, METRICS)
+    atomic_write_json(out / "results.json", results)
+    atomic_write_json(cd.runs / "latest.json", {"run_dir": out.name, "run_id": results["run_id"], "status": results["status"]})
     return results

@@ -1,7 +1,9 @@
 """The Flower ServerApp the coordinator submits: FedAvg over the sites' downstream classifiers.
 
 Run config (set by server.federation.submit_run): `federation-config`, the absolute path of the
-coordinator's federation.yaml; `out-dir`, where the final model and results go.
+coordinator's federation.yaml; `out-dir`, where the final model and results go; optionally
+`train-on` ("pool", "pool+real" or "real"; default: the federation's downstream.train_on), which
+the coordinator sets to "real" for the FedAvg-on-real-data baseline.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main(grid: Grid, context: Context) -> None:
     fed = load_federation_config(Path(str(context.run_config["federation-config"])))
     out = Path(str(context.run_config["out-dir"]))
     ds = fed.downstream
+    train_on = str(context.run_config.get("train-on", ds.train_on))
     model = DownstreamCNN(fed.n_classes, width=ds.width, image_size=fed.image_size)
     nodes = {"min_train_nodes": fed.nodes_needed, "min_evaluate_nodes": fed.nodes_needed, "min_available_nodes": fed.nodes_needed}
     if ds.strategy == "fedprox":
@@ -36,16 +39,16 @@ def main(grid: Grid, context: Context) -> None:
         strategy = SiteRecordingFedAvg(**nodes)
     # The architecture travels with every message so that a ClientApp builds the same model.
     model_config = {"n-classes": fed.n_classes, "width": ds.width, "image-size": fed.image_size}
-    train_config = ConfigRecord(
-        {**model_config, "local-epochs": ds.local_epochs, "lr": ds.lr, "batch-size": ds.batch_size}
-    )
+    hyper = {"rounds": ds.rounds, "local-epochs": ds.local_epochs, "lr": ds.lr, "batch-size": ds.batch_size}
+    train_config = ConfigRecord({**model_config, **hyper, "train-on": train_on})
+    # evaluation carries the hyperparameters too: each site trains its local-only yardstick with them
     t0 = time.time()
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=ds.rounds,
         train_config=train_config,
-        evaluate_config=ConfigRecord(model_config),
+        evaluate_config=ConfigRecord({**model_config, **hyper}),
     )
     state = {k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
@@ -56,6 +59,7 @@ def main(grid: Grid, context: Context) -> None:
         {
             "rounds": ds.rounds,
             "strategy": ds.strategy,
+            "train_on": train_on,
             "rounds_completed": len(rounds_done),
             "completed": len(rounds_done) == ds.rounds,
             "seconds": round(time.time() - t0, 1),

@@ -143,3 +143,23 @@ def test_every_site_reports_the_full_metric_set(federation):
         m = last[site.name]
         assert {"accuracy", "balanced-accuracy", "auroc", "recall-0", "recall-1", "loss"} <= set(m), m
         assert 0.0 <= m["auroc"] <= 1.0
+
+
+def test_baselines_are_reported_next_to_the_result(federation):
+    coord, sites, results = federation
+    real = results["baselines"]["fedavg_real"]
+    assert real["completed"] and real["status"] == "finished:completed" and not real["degraded"], real
+    names = sorted(s.name for s in sites)
+    assert sorted(real["per_site"]) == names and sorted(results["baselines"]["local_only"]["per_site"]) == names
+    for name in names:
+        for table in (real["per_site"], results["baselines"]["local_only"]["per_site"], results["per_site_final"]):
+            assert set(table[name]) == {"accuracy", "balanced-accuracy", "auroc"} and 0 <= table[name]["accuracy"] <= 1
+    # the baseline run trained on real data: every site's train reply counts its real train split
+    run_dir = coord / "runs" / json.loads((coord / "runs" / "latest.json").read_text())["run_dir"]
+    baseline = json.loads((run_dir / "baseline-fedavg-real" / "results.json").read_text())
+    assert baseline["train_on"] == "real"
+    for site in sites:
+        n_train = len(json.loads((site / "data" / "splits.json").read_text())["train"])
+        assert baseline["per_site"]["1"]["train"][site.name]["num-examples"] == n_train
+    for s in summarize(sites, results, seconds=0)["sites"]:
+        assert s["test_accuracy_fedavg_real"] is not None and s["test_accuracy_local_only"] is not None
