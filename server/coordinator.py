@@ -28,6 +28,7 @@ from common.procs import stop
 from server.authority import init_authority
 from server import federation
 from server.exchange import serve
+from server.report import write_curves
 from server.store import BundleStore
 from server.trust import TrustStore
 
@@ -257,5 +258,6 @@ def _run_once(cd: CoordinatorDir, fed: FederationConfig, store: BundleStore, say
         }
     results["per_site_final"] = _final_per_site(results, METRICS)
     atomic_write_json(out / "results.json", results)
+    write_curves(out / "curves.png", results, real if fed.downstream.baselines else None)
     atomic_write_json(cd.runs / "latest.json", {"run_dir": out.name, "run_id": results["run_id"], "status": results["status"]})
     return results

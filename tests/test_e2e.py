@@ -158,6 +158,7 @@ def test_baselines_are_reported_next_to_the_result(federation):
     run_dir = coord / "runs" / json.loads((coord / "runs" / "latest.json").read_text())["run_dir"]
     baseline = json.loads((run_dir / "baseline-fedavg-real" / "results.json").read_text())
     assert baseline["train_on"] == "real"
+    assert (run_dir / "curves.png").read_bytes().startswith(b"\x89PNG")
     for site in sites:
         n_train = len(json.loads((site / "data" / "splits.json").read_text())["train"])
         assert baseline["per_site"]["1"]["train"][site.name]["num-examples"] == n_train
