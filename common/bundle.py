@@ -37,7 +37,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import BinaryIO, Mapping, Sequence
 
 import bagit
 import numpy as np
@@ -377,19 +377,29 @@ def safe_extract(tar_path: Path, dest: Path, *, max_bytes: int, max_members: int
     return extracted
 
 
-def read_bundle_site(tar_path: Path) -> str:
-    """The site a bundle tar's attestation claims, NOT verified: for addressing an upload only."""
+def read_predicate(tar: Path | BinaryIO) -> dict:
+    """The attestation predicate of a bundle tar (a path or an open binary file), NOT verified:
+    for addressing an upload, or for showing figures of bundles that were verified when stored."""
+    name = tar if isinstance(tar, Path) else getattr(tar, "name", "bundle")
     try:
-        with tarfile.open(tar_path, mode="r:") as tf:
+        with tarfile.open(tar, mode="r:") if isinstance(tar, Path) else tarfile.open(fileobj=tar, mode="r:") as tf:
             m = tf.getmember(ATTESTATION)
             if not m.isreg() or m.size > MAX_JSON_BYTES:
-                raise BundleError(f"{tar_path}: {ATTESTATION} is not a regular file of sane size")
+                raise BundleError(f"{name}: {ATTESTATION} is not a regular file of sane size")
             env = json.loads(tf.extractfile(m).read())
-        return json.loads(base64.b64decode(env["payload"]))["predicate"]["site"]
+        return json.loads(base64.b64decode(env["payload"]))["predicate"]
     except BundleError:
         raise
     except (KeyError, ValueError, TypeError, tarfile.TarError, OSError) as e:
-        raise BundleError(f"{tar_path}: cannot read the site from {ATTESTATION} ({e})") from None
+        raise BundleError(f"{name}: cannot read the predicate of {ATTESTATION} ({e})") from None
+
+
+def read_bundle_site(tar_path: Path) -> str:
+    """The site a bundle tar's attestation claims, NOT verified: for addressing an upload only."""
+    predicate = read_predicate(Path(tar_path))
+    if not isinstance(predicate, dict) or not isinstance(predicate.get("site"), str):
+        raise BundleError(f"{tar_path}: cannot read the site from {ATTESTATION} (no site in the predicate)")
+    return predicate["site"]
 
 
 # ---------------------------------------------------------------- verify

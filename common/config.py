@@ -245,9 +245,18 @@ class FederationConfig(_Strict):
     # A site whose own set failed its gate still trains on the others' pooled data.
     min_nodes: int | None = Field(None, ge=1)
 
+    # Once the run started, the fewest SuperNodes a round proceeds with: a site that drops out
+    # mid-run is left behind rather than stalling every later round. None: the quorum.
+    min_round_nodes: int | None = Field(None, ge=1)
+    round_timeout_s: float = Field(600, gt=0, description="how long a round waits for a site's reply before going on without it")
+
     @property
     def nodes_needed(self) -> int:
         return self.min_nodes if self.min_nodes is not None else self.quorum
+
+    @property
+    def round_nodes_needed(self) -> int:
+        return self.min_round_nodes if self.min_round_nodes is not None else min(self.quorum, self.nodes_needed)
     exchange_host: str = "127.0.0.1"
     exchange_port: int = Field(50051, ge=1, le=65535)
     superlink_host: str = "127.0.0.1"

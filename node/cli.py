@@ -174,7 +174,7 @@ def start(site_dir: Path = SiteDir) -> None:
 
 @app.command()
 def status(site_dir: Path = SiteDir, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Stages done, the last audit, published bundles and the pool."""
+    """Stages done, the last audit, published bundles, the pool and the last federation round."""
     from node.status import site_status
 
     info = site_status(_workspace(site_dir))
@@ -188,3 +188,7 @@ def status(site_dir: Path = SiteDir, as_json: bool = typer.Option(False, "--json
     out.print(f"  audit: {info['audit']}")
     out.print(f"  published: {info['published']}")
     out.print(f"  pool: {len(info['pool'] or [])} bundle(s)")
+    fed = info["federation"]
+    if fed:
+        shown = {k: round(v, 3) for k, v in (fed["metrics"] or {}).items() if k in ("accuracy", "auroc", "train-loss")}
+        out.print(f"  federation: run {fed['run_id']}, round {fed['round']} {fed['phase']} {shown}")

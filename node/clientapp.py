@@ -6,6 +6,7 @@ read (verified pool, real test split) lives in that workspace.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from common.config import DownstreamConfig
+from common.fileio import atomic_write_json
 from common.models import DownstreamCNN
 from node.baseline import local_only
 from node.device import pick_device
@@ -37,6 +39,12 @@ def _model_from(msg: Message) -> tuple[DownstreamCNN, ConfigRecord]:
 
 def _reply(msg: Message, ws: Workspace, records: dict) -> Message:
     records["site"] = ConfigRecord({"name": ws.config().name})
+    # what `plan-node status` shows as this site's part in the current run
+    metrics = records.get("metrics")
+    atomic_write_json(ws.reports / "federation.json", {
+        "run_id": int(msg.metadata.run_id), "round": int(msg.content["config"].get("server-round", 0)),
+        "phase": msg.metadata.message_type, "metrics": dict(metrics) if metrics is not None else None, "at": time.time(),
+    })
     return Message(RecordDict(records), reply_to=msg)
 
 

@@ -33,4 +33,5 @@ def site_status(ws: Workspace) -> dict:
         "published": read_json(ws.bundles / "published.json"),
         "pool": read_json(ws.pool / "index.json"),
         "local_only": read_json(ws.reports / "local_only.json"),
+        "federation": read_json(ws.reports / "federation.json"),  # the last round this site took part in
     }

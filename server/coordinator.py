@@ -195,18 +195,27 @@ def _wait_for_quorum(cd: CoordinatorDir, store: BundleStore, quorum: int, nodes_
 
 
 def _failures(cd: CoordinatorDir, per_site: dict) -> dict:
-    """Which site failed which round and phase, and why. Flower calls a run with failing
-    ClientApps `completed`; here such a run is `degraded`."""
+    """Which site failed or missed which round and phase, and why. Flower calls a run with
+    failing ClientApps `completed`, and rounds simply go on without a site that dropped out;
+    here such a run is `degraded`, and `missed` lists, for every site with a registered
+    SuperNode, the rounds and phases it sent no result for."""
     names_path = cd.node_keys / "nodes.json"
     names = json.loads(names_path.read_text()) if names_path.exists() else {}
-    errors = []
+    expected = set(names.values())
+    errors, missed = [], {}
     for rnd, phases in sorted(per_site.items(), key=lambda kv: int(kv[0])):
-        for phase, sites in phases.items():
+        for phase in ("train", "evaluate"):
+            sites = phases.get(phase, {})
+            replied = set()
             for who, m in sites.items():
+                site = names.get(who.removeprefix("node-"), who)
                 if "error" in m:
-                    site = names.get(who.removeprefix("node-"), who)
                     errors.append({"round": int(rnd), "phase": phase, "site": site, "error": m["error"]})
-    return {"degraded": bool(errors), "errors": errors}
+                else:
+                    replied.add(site)
+            for site in sorted((expected | {e["site"] for e in errors}) - replied):
+                missed.setdefault(site, []).append({"round": int(rnd), "phase": phase})
+    return {"degraded": bool(errors or missed), "errors": errors, "missed": missed}
 
 
 def _submit_and_wait(cd: CoordinatorDir, fed: FederationConfig, out: Path, say, *, label: str, train_on: str | None = None) -> dict:
@@ -217,6 +226,7 @@ def _submit_and_wait(cd: CoordinatorDir, fed: FederationConfig, out: Path, say, 
         run_config["train-on"] = train_on
     run_id = federation.submit_run(cd.flwr_home, run_config=run_config)
     say(f"submitted Flower run {run_id}: {label} ({fed.downstream.rounds} rounds)")
+    atomic_write_json(cd.runs / "latest.json", {"run_dir": str(out.relative_to(cd.runs)), "run_id": run_id, "status": "running", "label": label})
     status = federation.wait_run(cd.flwr_home, run_id, timeout=fed.run_timeout_s)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"completed": False}
@@ -226,6 +236,8 @@ def _submit_and_wait(cd: CoordinatorDir, fed: FederationConfig, out: Path, say, 
         f"rounds completed {results.get('rounds_completed', 0)}/{fed.downstream.rounds}")
     for e in results["errors"]:
         say(f"  round {e['round']} {e['phase']}: {e['site']} failed: {e['error']}")
+    for site, rounds in results["missed"].items():
+        say(f"  {site} missed round(s) {sorted({r['round'] for r in rounds})}")
     return results
 
 
@@ -250,7 +262,7 @@ def _run_once(cd: CoordinatorDir, fed: FederationConfig, store: BundleStore, say
         results["baselines"] = {
             "fedavg_real": {
                 "run_id": real["run_id"], "status": real["status"], "completed": bool(real.get("completed")),
-                "degraded": real["degraded"], "errors": real["errors"],
+                "degraded": real["degraded"], "errors": real["errors"], "missed": real["missed"],
                 "final": real.get("evaluate", {}).get(str(real.get("rounds_completed", 0)), {}),
                 "per_site": _final_per_site(real, METRICS),
             },
@@ -259,5 +271,5 @@ def _run_once(cd: CoordinatorDir, fed: FederationConfig, store: BundleStore, say
     results["per_site_final"] = _final_per_site(results, METRICS)
     atomic_write_json(out / "results.json", results)
     write_curves(out / "curves.png", results, real if fed.downstream.baselines else None)
-    atomic_write_json(cd.runs / "latest.json", {"run_dir": out.name, "run_id": results["run_id"], "status": results["status"]})
+    atomic_write_json(cd.runs / "latest.json", {"run_dir": out.name, "run_id": results["run_id"], "status": results["status"], "label": "finished"})
     return results

@@ -29,9 +29,11 @@ def main(grid: Grid, context: Context) -> None:
     fed = load_federation_config(Path(str(context.run_config["federation-config"])))
     out = Path(str(context.run_config["out-dir"]))
     ds = fed.downstream
-    train_on = str(context.run_config.get("train-on", ds.train_on))
+    train_on = str(context.run_config.get("train-on") or ds.train_on)
     model = DownstreamCNN(fed.n_classes, width=ds.width, image_size=fed.image_size)
-    nodes = {"min_train_nodes": fed.nodes_needed, "min_evaluate_nodes": fed.nodes_needed, "min_available_nodes": fed.nodes_needed}
+    out.mkdir(parents=True, exist_ok=True)
+    n = fed.round_nodes_needed  # every online node is sampled (fraction 1.0); a round needs at least n
+    nodes = {"min_train_nodes": n, "min_evaluate_nodes": n, "min_available_nodes": n, "progress_path": out / "progress.json"}
     if ds.strategy == "fedprox":
         # FedProx sends `proximal-mu` in every train config; the ClientApp adds the proximal term.
         strategy = SiteRecordingFedProx(proximal_mu=ds.proximal_mu, **nodes)
@@ -47,6 +49,7 @@ def main(grid: Grid, context: Context) -> None:
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=ds.rounds,
+        timeout=fed.round_timeout_s,
         train_config=train_config,
         evaluate_config=ConfigRecord({**model_config, **hyper}),
     )

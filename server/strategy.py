@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg, FedProx
+
+from common.fileio import atomic_write_json
 
 
 def _site_name(msg: Message) -> str:
@@ -17,9 +21,10 @@ class SiteRecording:
     """Mixin for a FedAvg-family strategy: `self.per_site[round][phase][site]` holds each reply's
     metrics or its error (Flower itself logs an error reply and goes on)."""
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, *, progress_path: Path | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.per_site: dict[int, dict[str, dict[str, dict]]] = {}
+        self.progress_path = progress_path  # where `plan-server status` reads the current round
 
     def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
         sites = self.per_site.setdefault(server_round, {}).setdefault(phase, {})
@@ -29,6 +34,8 @@ class SiteRecording:
             else:
                 metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
                 sites[_site_name(msg)] = {k: float(v) for k, v in metrics.items()}
+        if self.progress_path is not None:
+            atomic_write_json(self.progress_path, {"round": server_round, "phase": phase, "sites": sites, "updated_at": time.time()})
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

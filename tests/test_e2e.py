@@ -164,3 +164,27 @@ def test_baselines_are_reported_next_to_the_result(federation):
         assert baseline["per_site"]["1"]["train"][site.name]["num-examples"] == n_train
     for s in summarize(sites, results, seconds=0)["sites"]:
         assert s["test_accuracy_fedavg_real"] is not None and s["test_accuracy_local_only"] is not None
+
+
+def test_status_commands_show_bundles_run_and_rounds(federation):
+    from typer.testing import CliRunner
+
+    from node.cli import app as node_app
+    from server.cli import app as server_app
+
+    coord, sites, results = federation
+    r = CliRunner().invoke(server_app, ["status", "--dir", str(coord), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert sorted(info["sites"]) == sorted(s.name for s in sites)
+    assert sorted(b["site"] for b in info["bundles"]) == _passed(sites)
+    assert all(b["audit"]["passed"] and 0 <= b["audit"]["mia_auc"] <= 1 for b in info["bundles"])
+    run = info["run"]
+    assert run["status"] == "finished:completed" and run["run_id"] == results["run_id"]
+    assert run["progress"]["round"] == FEDERATION["downstream"]["rounds"] and run["progress"]["phase"] == "evaluate"
+    assert 0 <= run["last_metrics"]["accuracy"] <= 1 and "fedavg_real" in run["baselines"]
+    for site in sites:
+        r = CliRunner().invoke(node_app, ["status", "--site-dir", str(site), "--json"])
+        assert r.exit_code == 0, r.output
+        fed = json.loads(r.output)["federation"]  # the last message was the baseline run's last evaluation
+        assert fed["round"] == FEDERATION["downstream"]["rounds"] and fed["phase"] == "evaluate" and "accuracy" in fed["metrics"]

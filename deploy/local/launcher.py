@@ -126,16 +126,27 @@ def _check_quorum_reachable(coord: Path, sites: list[Path]) -> None:
         )
 
 
+def _run_round(coord: Path) -> int:
+    """The round the coordinator's current run has reached (0 before any)."""
+    try:
+        latest = json.loads((coord / "runs" / "latest.json").read_text())
+        return int(json.loads((coord / "runs" / latest["run_dir"] / "progress.json").read_text())["round"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def run(
     coord: Path,
     sites: list[Path],
     *,
     timeout: float = 1800,
     say: Callable[[str], None] = print,
+    drop: tuple[str, int] | None = None,
 ) -> dict:
     """Start the coordinator and every site, wait for the federation run, stop everything.
 
-    Returns the coordinator's results.json of the run.
+    drop=(site, n): a fault drill: stop that site (its SuperNode and ClientApp) once the
+    federated run has reached round n. Returns the coordinator's results.json of the run.
     """
     logs = coord.parent / "logs"
     env = dict(os.environ)
@@ -150,9 +161,14 @@ def run(
             procs[site.name] = spawn([_cli("plan-node"), "start", "--site-dir", str(site)], log=logs / f"{site.name}.log", env=env)
         say(f"started coordinator and {len(sites)} sites; logs in {logs}")
         deadline = time.time() + timeout
+        dropped: set[str] = set()
         while procs["coordinator"].poll() is None:
+            if drop and drop[0] not in dropped and _run_round(coord) >= drop[1]:
+                stop(procs[drop[0]])
+                dropped.add(drop[0])
+                say(f"fault drill: stopped {drop[0]} in round {_run_round(coord)}")
             for name, p in procs.items():
-                if name != "coordinator" and p.poll() is not None:
+                if name != "coordinator" and name not in dropped and p.poll() is not None:
                     raise LaunchError(f"{name} exited with code {p.returncode} before the run finished:\n{_tail(logs / f'{name}.log')}")
             _check_quorum_reachable(coord, sites)
             if time.time() > deadline:
