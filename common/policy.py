@@ -8,6 +8,8 @@ An audit result is the dict written to audit.json and signed into the bundle's p
 figures read here are top-level keys:
 
     mia_auc                  worst membership-attack AUC on the released set
+    mia_auc_two_sided        0.5 + the largest |AUC - 0.5| in the spaces an outsider could use
+                             (all but phi_id's): "members are what nothing resembles" leaks too
     tpr_at_low_fpr           worst black-box TPR at 1% FPR
     reid_rate                share of the set the independent attacker re-identifies
     closer_to_train          share of the set nearer a train than a holdout record
@@ -39,6 +41,7 @@ def evaluate(audit: dict, policy: PolicyConfig) -> list[dict]:
     `message` says what failed by how much ("mia_auc 0.82 > max 0.75 (by 0.07)")."""
     checks = [
         ("mia_auc", "max", policy.max_mia_auc),
+        ("mia_auc_two_sided", "max", policy.max_mia_auc),
         ("tpr_at_low_fpr", "max", policy.max_tpr_at_low_fpr),
         ("reid_rate", "max", policy.max_reid_rate),
         ("closer_to_train", "max", policy.max_closer_to_train),

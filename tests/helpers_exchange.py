@@ -18,7 +18,7 @@ from server.store import BundleStore
 from server.trust import TrustStore
 
 # Every figure the coordinator checks against its policy floor (common/policy.py), passing the default.
-PASSED_AUDIT = {"passed": True, "mia_auc": 0.52, "reid_rate": 0.01, "tpr_at_low_fpr": 0.02, "closer_to_train": 0.5,
+PASSED_AUDIT = {"passed": True, "mia_auc": 0.52, "mia_auc_two_sided": 0.55, "reid_rate": 0.01, "tpr_at_low_fpr": 0.02, "closer_to_train": 0.5,
                 "n_accepted": 20, "min_pixel_mse_to_train": 0.01, "policy": {"max_mia_auc": 0.65}}
 
 

@@ -204,10 +204,12 @@ def test_roc_points_and_bootstrap():
 
 
 def test_policy_checks_say_by_how_much_and_federation_floor():
-    audit = {"passed": True, "mia_auc": 0.8, "tpr_at_low_fpr": 0.05, "reid_rate": 0.02, "closer_to_train": 0.5,
-             "n_accepted": 100, "min_pixel_mse_to_train": 0.01, "mmL": None, "dp_epsilon": None}
+    audit = {"passed": True, "mia_auc": 0.8, "mia_auc_two_sided": 0.6, "tpr_at_low_fpr": 0.05, "reid_rate": 0.02,
+             "closer_to_train": 0.5, "n_accepted": 100, "min_pixel_mse_to_train": 0.01, "mmL": None, "dp_epsilon": None}
     fails = check_audit(audit, PolicyConfig())
     assert fails == ["mia_auc 0.8 > max 0.75 (by 0.05)"]
+    # members given away by being the ones nothing resembles (AUC 0.2, two-sided 0.8) fail too
+    assert check_audit({**audit, "mia_auc": 0.2, "mia_auc_two_sided": 0.8}, PolicyConfig()) == ["mia_auc_two_sided 0.8 > max 0.75 (by 0.05)"]
     assert check_audit({**audit, "mia_auc": 0.6}, PolicyConfig()) == []
     assert any("mmL not evaluated" in f for f in check_audit({**audit, "mia_auc": 0.6}, PolicyConfig(min_mmL=0.1)))
     eps = check_audit({**audit, "mia_auc": 0.6, "dp_epsilon": 8.0}, PolicyConfig(max_dp_epsilon=4.0))
@@ -225,7 +227,7 @@ def test_store_refuses_bundle_under_the_federation_floor(tmp_path):
     from tests.helpers_exchange import make_bundle, site_key
 
     priv, pub = site_key(tmp_path, "a")
-    good = {"passed": True, "mia_auc": 0.6, "tpr_at_low_fpr": 0.05, "reid_rate": 0.02, "closer_to_train": 0.5,
+    good = {"passed": True, "mia_auc": 0.6, "mia_auc_two_sided": 0.6, "tpr_at_low_fpr": 0.05, "reid_rate": 0.02, "closer_to_train": 0.5,
             "n_accepted": 12, "min_pixel_mse_to_train": 0.01, "policy": {}}
     floor = PolicyConfig(min_accepted=10, max_mia_auc=0.65)
     store = BundleStore(tmp_path / "store", policy=floor)
