@@ -6,7 +6,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from common.fileio import atomic_write_json
@@ -25,12 +26,29 @@ class SiteRecording:
         super().__init__(**kwargs)
         self.per_site: dict[int, dict[str, dict[str, dict]]] = {}
         self.progress_path = progress_path  # where `plan-server status` reads the current round
+        self._sent: dict[tuple[int, str], set[int]] = {}  # (round, phase) -> node ids messaged
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sent[(server_round, "train")] = {m.metadata.dst_node_id for m in messages}
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._sent[(server_round, "evaluate")] = {m.metadata.dst_node_id for m in messages}
+        return messages
 
     def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
         sites = self.per_site.setdefault(server_round, {}).setdefault(phase, {})
+        sent = self._sent.get((server_round, phase), set())
+        # The SuperLink answers for a node that went offline with an error from itself (not from
+        # the node): such errors belong to the messaged nodes that sent nothing.
+        answered = {m.metadata.src_node_id for m in replies if m.metadata.src_node_id in sent}
+        silent = sorted(sent - answered)
         for msg in replies:
             if msg.has_error():
-                sites[f"node-{msg.metadata.src_node_id}"] = {"error": msg.error.reason}
+                node = msg.metadata.src_node_id if msg.metadata.src_node_id in sent or not silent else silent.pop(0)
+                sites[f"node-{node}"] = {"error": msg.error.reason}
             else:
                 metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
                 sites[_site_name(msg)] = {k: float(v) for k, v in metrics.items()}
