@@ -188,3 +188,24 @@ def test_status_commands_show_bundles_run_and_rounds(federation):
         assert r.exit_code == 0, r.output
         fed = json.loads(r.output)["federation"]  # the last message was the baseline run's last evaluation
         assert fed["round"] == FEDERATION["downstream"]["rounds"] and fed["phase"] == "evaluate" and "accuracy" in fed["metrics"]
+
+
+def test_a_restarted_coordinator_runs_again_and_restarted_sites_rejoin(federation):
+    """Last in this module: it replaces the coordinator's latest run. Every process of the first
+    run was stopped by the launcher; the same workspaces start again, the SuperLink from its
+    database, the sites from their ledgers (nothing retrained, nothing re-published)."""
+    import yaml
+
+    coord, sites, first = federation
+    fed_path = coord / "federation.yaml"
+    fed = yaml.safe_load(fed_path.read_text())
+    fed["downstream"]["baselines"] = False  # an operator's edit between runs; keeps this test short
+    fed_path.write_text(yaml.safe_dump(fed))
+    again = launcher.run(coord, sites, timeout=1500)
+    assert again["completed"] and again["status"] == "finished:completed", again
+    assert again["run_id"] != first["run_id"] and "baselines" not in again
+    assert sorted(again["per_site"]["1"]["train"]) == sorted(s.name for s in sites)  # every site rejoined
+    assert again["pool"] == first["pool"]
+    from server.store import BundleStore
+
+    assert len(BundleStore(coord / "store").list()) == len(first["pool"])  # no bundle published twice

@@ -136,3 +136,24 @@ def test_publish_with_a_given_client(fed):
     with site_client(a) as c:
         bid = publish(a, client=c)
         assert [r["bundle_id"] for r in c.list()] == [bid]
+
+
+def test_clientapp_trains_on_pool_real_or_both(fed):
+    from node.clientapp import _training_data
+
+    ex, a, b = fed
+    publish(a), publish(b)
+    real = np.full((6, 8, 8), 7, np.uint8)
+    a.data.mkdir(parents=True, exist_ok=True)
+    np.savez(a.data / "dataset.npz", images=real, labels=np.array([0, 1, 0, 1, 1, 0]), patient_ids=np.array(list("pqrstu")))
+    atomic_write_json(a.data / "splits.json", {"seed": 0, "n_classes": 2, "train": [0, 1, 2, 3], "holdout": [4], "test": [5]})
+
+    pool_x, pool_y = _training_data(a, "pool")  # pulls and verifies first
+    assert len(pool_y) == 20
+    real_x, real_y = _training_data(a, "real")
+    assert real_x.shape == (4, 8, 8) and real_y.tolist() == [0, 1, 0, 1]
+    both_x, both_y = _training_data(a, "pool+real")
+    np.testing.assert_array_equal(both_x, np.concatenate([pool_x, real_x]))
+    assert both_y.tolist() == pool_y.tolist() + [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="'everything'"):
+        _training_data(a, "everything")
