@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from common.procs import stop
@@ -20,9 +21,34 @@ def start_node(ws: Workspace, *, say: Callable[[str], None] = print) -> int:
     say(f"{cfg.name}: published bundle {bundle_id}" if bundle_id else f"{cfg.name}: nothing published (see the audit report)")
     pulled = pull(ws)
     say(f"{cfg.name}: pool: {len(pulled)} new verified bundle(s)")
-    supernode = start_supernode(ws, log=ws.root / "logs" / "supernode.log")
     say(f"{cfg.name}: SuperNode connecting to {cfg.coordinator.superlink}")
-    try:
-        return supernode.wait()
-    finally:
-        stop(supernode)
+    return _join(ws, say=say)
+
+
+# Flower's SuperLink counts a node online until two heartbeat intervals (2 x 30 s) after its last
+# heartbeat, and refuses to activate an online node: a site restarted within that minute is
+# turned away once. So a refused activation is retried for a while before it counts as fatal.
+JOIN_RETRY_S = 150
+JOIN_RETRY_EVERY_S = 10
+
+
+def _join(ws: Workspace, *, say: Callable[[str], None]) -> int:
+    """Run the SuperNode until it exits; retry it while the SuperLink refuses to activate it."""
+    log = ws.root / "logs" / "supernode.log"
+    deadline = time.monotonic() + JOIN_RETRY_S
+    while True:
+        offset = log.stat().st_size if log.exists() else 0
+        supernode = start_supernode(ws, log=log)
+        try:
+            code = supernode.wait()
+        finally:
+            stop(supernode)
+        refused = b"Failed to activate SuperNode" in log.read_bytes()[offset:]
+        if code == 0 or not refused or time.monotonic() > deadline:
+            if refused:
+                say(f"the SuperLink refused to activate this SuperNode for {JOIN_RETRY_S} s: is {ws.node_pub} "
+                    "registered at the coordinator (plan-server kit or sites add)? See logs/supernode.log")
+            return code
+        say(f"the SuperLink refused to activate this SuperNode (a session of it from under a minute ago may "
+            f"still count as online); retrying in {JOIN_RETRY_EVERY_S} s")
+        time.sleep(JOIN_RETRY_EVERY_S)
