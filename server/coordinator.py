@@ -138,6 +138,7 @@ def run_coordinator(
     store = BundleStore(cd.store, max_bundle_bytes=fed.max_bundle_bytes, policy=fed.policy)
     exchange = start_exchange(cd, store)
     say(f"exchange listening on {fed.exchange_host}:{fed.exchange_port} (mutual TLS)")
+    superlink_started = time.time()
     superlink = federation.start_superlink(
         flwr_home=cd.flwr_home,
         host=fed.superlink_host,
@@ -152,7 +153,7 @@ def run_coordinator(
         federation.wait_superlink(cd.flwr_home, superlink)
         say(f"SuperLink listening on {fed.superlink_host}:{fed.superlink_port} (TLS, SuperNode authentication)")
         _register_nodes(cd, say)
-        _wait_for_quorum(cd, store, fed.quorum, fed.nodes_needed, superlink, say)
+        _wait_for_quorum(cd, store, fed.quorum, fed.nodes_needed, superlink, say, since=superlink_started)
         results = _run_once(cd, fed, store, say)
         if exit_after_run:
             return results
@@ -178,13 +179,13 @@ def _register_nodes(cd: CoordinatorDir, say) -> None:
         atomic_write_json(names_path, names)
 
 
-def _wait_for_quorum(cd: CoordinatorDir, store: BundleStore, quorum: int, nodes_needed: int, superlink, say) -> None:
+def _wait_for_quorum(cd: CoordinatorDir, store: BundleStore, quorum: int, nodes_needed: int, superlink, say, *, since: float) -> None:
     last = None
     while True:
         if superlink.poll() is not None:
             raise federation.FlowerError(f"flower-superlink exited with code {superlink.returncode}")
         pooled = sorted(store.sites_with_bundles())
-        online = federation.online_nodes(cd.flwr_home)
+        online = federation.online_nodes(cd.flwr_home, since=since)
         state = (tuple(pooled), online)
         if state != last:
             say(f"pool: {len(pooled)}/{quorum} sites ({', '.join(pooled) or 'none'}); SuperNodes online: {online}/{nodes_needed}")

@@ -32,13 +32,18 @@ def start_superlink(*, flwr_home: Path, host: str, port: int, ca_cert: Path, cer
     return spawn(cmd, log=log, env=flower_env(flwr_home))
 
 
-def online_nodes(flwr_home: Path) -> int:
-    """How many SuperNodes the SuperLink sees online; 0 while it is not answering yet."""
+def online_nodes(flwr_home: Path, *, since: float | None = None) -> int:
+    """How many SuperNodes the SuperLink sees online; 0 while it is not answering yet.
+
+    since (a time.time()): count only nodes activated after it. A SuperLink restarted on its
+    database still lists the nodes of its previous life as online until their heartbeats
+    expire (up to a minute); a run sent to them would lose its first round."""
     try:
         nodes = flwr_json(["supernode", "list", CONNECTION], flwr_home=flwr_home, timeout=30).get("nodes", [])
     except (FlowerError, subprocess.TimeoutExpired):
         return 0
-    return sum(1 for n in nodes if n.get("status") == "online")
+    max_elapsed = float("inf") if since is None else time.time() - since
+    return sum(1 for n in nodes if n.get("status") == "online" and float(n.get("online-elapsed") or 0) <= max_elapsed)
 
 
 def wait_superlink(flwr_home: Path, proc: subprocess.Popen, *, timeout: float = 60) -> None:
