@@ -110,6 +110,13 @@ def mean_std(xs) -> dict:
     return {"mean": float(xs.mean()), "std": float(xs.std(ddof=1)) if len(xs) > 1 else 0.0, "n": int(len(xs))}
 
 
+def command(module: str, argv: list[str] | None) -> str:
+    """The command line that ran benchmark `module` (argv None: this process's own arguments)."""
+    import sys
+
+    return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
 def machine() -> str:
     import os
     import platform

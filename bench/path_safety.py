@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench._site import ROOT, machine, npz_site, walk_both
+from bench._site import ROOT, command, machine, npz_site, walk_both
 from common.fileio import atomic_write_json
 from common.modelstore import default_store_dir
 from node.distances import embed, min_pixel_mse, min_sq_dist
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     # results of data sets run separately (--datasets X) are merged into one file
     res = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-    run = {"command": "python -m bench.path_safety " + " ".join(sys.argv[1:] if argv is None else argv), "machine": machine(),
+    run = {"command": command("bench.path_safety", argv), "machine": machine(),
            "config": "default SiteConfig except data.source npz, data.max_images"}
     for name in args.datasets:
         res[name] = run_dataset(name, pairs=args.pairs, max_images=args.max_images)

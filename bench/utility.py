@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-from bench._site import ROOT, machine, mean_std, npz_site, walk_both
+from bench._site import ROOT, command, machine, mean_std, npz_site, walk_both
 from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
 from common.models import DownstreamCNN
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     res = {n: run_dataset(n, pairs=args.pairs, max_images=args.max_images, steps=args.steps, seeds=args.seeds, batch=args.batch)
            for n in args.datasets}
-    res["_meta"] = {"command": "python -m bench.utility " + " ".join(sys.argv[1:] if argv is None else argv), "machine": machine(),
+    res["_meta"] = {"command": command("bench.utility", argv), "machine": machine(),
                     "load_average_at_end": list(os.getloadavg())}
     atomic_write_json(args.out, res)
     print(f"{'data set':<16}{'train set':<10}{'images':>8}{'accuracy':>18}{'AUROC':>18}")

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 
-from bench._site import ROOT, anchor_pairs, machine, site
+from bench._site import ROOT, anchor_pairs, command, machine, site
 from common.config import SiteConfig
 from common.fileio import atomic_write_json
 from node.walk import plan_paths
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         "all_seconds_reference": [round(t, 3) for t in t_ref], "all_seconds_reference_channels_last": [round(t, 3) for t in t_ref_cl],
         "all_seconds_batched": [round(t, 3) for t in t_bat],
         "site": "default SiteConfig, phantom seed 100 (G_ema, phi_id, phi_class trained by the node's train stage)",
-        "command": "python -m bench.walk_speed " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command("bench.walk_speed", argv),
         "machine": machine(), "load_average_at_end": list(os.getloadavg()),
     }
     atomic_write_json(args.out, out)

@@ -203,10 +203,11 @@ PROFILES: dict[str, dict] = {
 }
 
 
-def _merged(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """`base` with `over` on top, nested dicts merged key by key (neither is modified)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -214,7 +215,7 @@ def profile_site_config(profile: str, **fields) -> SiteConfig:
     """SiteConfig with the preset `profile` ("cpu" or "gpu"), then `fields` (nested dicts) on top."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
-    return SiteConfig(**_merged(PROFILES[profile], fields))
+    return SiteConfig(**deep_merge(PROFILES[profile], fields))
 
 
 # ---------------------------------------------------------------- federation

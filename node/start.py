@@ -43,7 +43,9 @@ def _join(ws: Workspace, *, say: Callable[[str], None]) -> int:
             code = supernode.wait()
         finally:
             stop(supernode)
-        refused = b"Failed to activate SuperNode" in log.read_bytes()[offset:]
+        with open(log, "rb") as f:
+            f.seek(offset)
+            refused = b"Failed to activate SuperNode" in f.read()
         if code == 0 or not refused or time.monotonic() > deadline:
             if refused:
                 say(f"the SuperLink refused to activate this SuperNode for {JOIN_RETRY_S} s: is {ws.node_pub} "

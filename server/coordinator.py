@@ -258,6 +258,7 @@ def _run_once(cd: CoordinatorDir, fed: FederationConfig, store: BundleStore, say
     out = cd.runs / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     results = _submit_and_wait(cd, fed, out, say, label=f"downstream on {fed.downstream.train_on}")
     results["pool"] = sorted(store.sites_with_bundles())
+    real = None
     if fed.downstream.baselines:
         real = _submit_and_wait(cd, fed, out / "baseline-fedavg-real", say, label="baseline: FedAvg on real data", train_on="real")
         results["baselines"] = {
@@ -271,6 +272,6 @@ def _run_once(cd: CoordinatorDir, fed: FederationConfig, store: BundleStore, say
         }
     results["per_site_final"] = _final_per_site(results, METRICS)
     atomic_write_json(out / "results.json", results)
-    write_curves(out / "curves.png", results, real if fed.downstream.baselines else None)
+    write_curves(out / "curves.png", results, real)
     atomic_write_json(cd.runs / "latest.json", {"run_dir": out.name, "run_id": results["run_id"], "status": results["status"], "label": "finished"})
     return results

@@ -6,7 +6,6 @@ import io
 from pathlib import Path
 
 from matplotlib.figure import Figure  # the object API: no pyplot, no global figure state, no display
-
 from matplotlib.ticker import MaxNLocator
 
 from common.fileio import atomic_write_bytes
@@ -33,10 +32,11 @@ def curves_png(results: dict, baseline_real: dict | None = None) -> bytes:
     axes = fig.subplots(1, len(PANELS))
     for ax, (metric, title) in zip(axes, PANELS):
         colours = {}
+        local_only = _series(results, f"local-only-{metric}")
         for site, (xs, ys) in sorted(_series(results, metric).items()):
             (line,) = ax.plot(xs, ys, marker="o", label=f"{site} federated")
             colours[site] = line.get_color()
-            local = _series(results, f"local-only-{metric}").get(site)
+            local = local_only.get(site)
             if local:
                 ax.axhline(local[1][-1], color=colours[site], linestyle=":", linewidth=1)
         for site, (xs, ys) in sorted(_series(baseline_real or {}, metric).items()):

@@ -26,9 +26,7 @@ def site_summary(site: Path, results: dict) -> dict:
     splits = read_json(site / "data" / "splits.json") or {}
     audit = latest_audit(Workspace(site))
     published = read_json(site / "bundles" / "published.json") or {}
-    per_site = results.get("per_site", {})
-    last_round = max(per_site, key=int) if per_site else None
-    federated = per_site.get(last_round, {}).get("evaluate", {}).get(name, {}) if last_round else {}
+    federated = results.get("per_site_final", {}).get(name, {})
     baselines = results.get("baselines", {})
     fedavg_real = baselines.get("fedavg_real", {}).get("per_site", {}).get(name, {})
     # as the site reported it to the federation; before a run, the site's own local-only stage

@@ -17,6 +17,7 @@ from typing import Callable
 
 import yaml
 
+from common.config import deep_merge
 from common.fileio import atomic_write_text
 from common.procs import spawn, stop
 from node.status import latest_audit
@@ -51,13 +52,6 @@ def _run(cmd: list[str]) -> None:
         raise LaunchError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr.strip() or proc.stdout.strip()}")
 
 
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _tail(path: Path, n: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else "(no log)"
 
@@ -81,10 +75,10 @@ def setup(
     # Every site trains in the federation; `quorum` of them must have passed their gate.
     quorum = n_sites if quorum is None else quorum
     fed = {"name": "local", "quorum": quorum, "min_nodes": n_sites, "exchange_port": exchange_port, "superlink_port": superlink_port}
-    fed = _merge(fed, federation_overrides or {})
+    fed = deep_merge(fed, federation_overrides or {})
     _run([_cli("plan-server"), "init", "--dir", str(coord), "--quorum", str(quorum), "--min-nodes", str(n_sites)])
     fed_path = coord / "federation.yaml"
-    atomic_write_text(fed_path, yaml.safe_dump(_merge(yaml.safe_load(fed_path.read_text()), fed), sort_keys=False))
+    atomic_write_text(fed_path, yaml.safe_dump(deep_merge(yaml.safe_load(fed_path.read_text()), fed), sort_keys=False))
     sites = []
     for i, name in enumerate(site_names(n_sites)):
         site = root / "sites" / name
@@ -95,7 +89,7 @@ def setup(
         ])  # fmt: skip
         if site_overrides:
             cfg_path = site / "site.yaml"
-            atomic_write_text(cfg_path, yaml.safe_dump(_merge(yaml.safe_load(cfg_path.read_text()), site_overrides), sort_keys=False))
+            atomic_write_text(cfg_path, yaml.safe_dump(deep_merge(yaml.safe_load(cfg_path.read_text()), site_overrides), sort_keys=False))
         # A site kit per site, as an operator would: registers its signing and SuperNode keys and
         # carries its client certificate for the exchange's mutual TLS (README, "Federation keys").
         kit = coord / "kits" / f"{name}.kit.tar"
