@@ -83,9 +83,16 @@ class ClassifierConfig(_Strict):
 
     width: int = Field(8, ge=4, description="phi_id and phi_class")
     attacker_width: int = Field(12, ge=4, description="the attacker: another width and seed than phi_id")
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(30, ge=1, description="phi_class")
+    id_epochs: int = Field(100, ge=1, description=(
+        "phi_id and the attacker: under strong augmentation a 400-identity phi_id reached 69% train "
+        "accuracy in 100 epochs and 22% in 30 (pneumoniamnist, 32x32, ~10 s on 2 CPU cores)"))
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
+    id_augment: Literal["light", "strong"] = Field("strong", description=(
+        "augmentation of the two re-identification networks (phi_id, the attacker): strong teaches them "
+        "a patient under larger shifts, rotations, contrast changes, noise and occlusion; phi_class "
+        "always trains with light"))
 
 
 class ModelsConfig(_Strict):
@@ -196,7 +203,7 @@ PROFILES: dict[str, dict] = {
         "models": {
             "gan": {"z_dim": 256, "w_dim": 256, "mapping_layers": 4, "channels": 256, "steps": 20000,
                     "batch_size": 32, "lr": 2.5e-3, "r1_gamma": 0.1, "ema_beta": 0.999, "checkpoint_every": 1000},
-            "classifier": {"width": 32, "attacker_width": 48, "epochs": 100, "batch_size": 128},
+            "classifier": {"width": 32, "attacker_width": 48, "epochs": 100, "id_epochs": 300, "batch_size": 128},
         },
         "synth": {"invert_steps": 500, "target_size": 2000, "walk": {"iters": 500}},
     },

@@ -32,10 +32,11 @@ def _seeded(seed: int, make):
         return make()
 
 
-def _train_classifier_model(n_out: int, images, labels, *, width: int, image_size: int, cc, seed: int, device) -> tuple[SmallCNN, dict]:
+def _train_classifier_model(n_out: int, images, labels, *, width: int, image_size: int, cc, epochs: int, augment: str, seed: int,
+                            device) -> tuple[SmallCNN, dict]:
     kwargs = {"n_out": n_out, "width": width, "image_size": image_size}
     model = _seeded(seed, lambda: SmallCNN(n_out, width=width, image_size=image_size))
-    loss = train_classifier(model, images, labels, epochs=cc.epochs, lr=cc.lr, batch_size=cc.batch_size, device=device, seed=seed)
+    loss = train_classifier(model, images, labels, epochs=epochs, lr=cc.lr, batch_size=cc.batch_size, device=device, seed=seed, augment=augment)
     ev = evaluate_classifier(model, images, labels, device=device)
     return model, {"kwargs": kwargs, "metrics": {"final_loss": loss, "train_accuracy": ev["accuracy"], "n_train": ev["n"]}}
 
@@ -61,14 +62,15 @@ def train(ws: Workspace) -> None:
     identities, id_labels = np.unique(train_set.patient_ids, return_inverse=True)
     cc = mc.classifier
     jobs = (
-        ("phi_id", len(identities), id_labels, cc.width, mc.seed + 2),
-        ("phi_class", n_classes, train_set.labels, cc.width, mc.seed + 3),
-        ("phi_attack", len(identities), id_labels, cc.attacker_width, mc.seed + 4),
+        ("phi_id", len(identities), id_labels, cc.width, cc.id_epochs, cc.id_augment, mc.seed + 2),
+        ("phi_class", n_classes, train_set.labels, cc.width, cc.epochs, "light", mc.seed + 3),
+        ("phi_attack", len(identities), id_labels, cc.attacker_width, cc.id_epochs, cc.id_augment, mc.seed + 4),
     )
-    for name, n_out, labels, width, seed in jobs:
-        model, info = _train_classifier_model(n_out, train_set.images, labels, width=width, image_size=image_size, cc=cc, seed=seed, device=device)
+    for name, n_out, labels, width, epochs, augment, seed in jobs:
+        model, info = _train_classifier_model(n_out, train_set.images, labels, width=width, image_size=image_size, cc=cc,
+                                              epochs=epochs, augment=augment, seed=seed, device=device)
         extra = {"identities": identities.tolist()} if name != "phi_class" else {}
-        save_model(ws.models / f"{name}.safetensors", model, sidecar={**common, "class": "SmallCNN", "steps": cc.epochs, **info, **extra})
+        save_model(ws.models / f"{name}.safetensors", model, sidecar={**common, "class": "SmallCNN", "steps": epochs, "augment": augment, **info, **extra})
         if name == "phi_class":
             phi_class = model
 

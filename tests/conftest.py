@@ -14,7 +14,7 @@ data:
   phantom: {n_patients: 16, images_per_patient: 3, n_classes: 2, seed: 1}
 models:
   gan: {z_dim: 16, w_dim: 16, channels: 32, steps: 6, batch_size: 8, checkpoint_every: 3}
-  classifier: {width: 4, attacker_width: 4, epochs: 2}
+  classifier: {width: 4, attacker_width: 4, epochs: 2, id_epochs: 2}
 synth:
   k: 2
   target_size: 24

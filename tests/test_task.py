@@ -41,3 +41,28 @@ def test_proximal_term_keeps_weights_near_global():
         train_classifier(m, x, y, epochs=3, lr=3e-3, batch_size=16, device="cpu", seed=0, proximal_mu=mu, global_params=[g.numpy() for g in glob])
         drift[mu] = sum((p.detach() - g).square().sum().item() for p, g in zip(m.parameters(), glob))
     assert drift[10.0] < drift[0.0]
+
+
+def test_strong_augmentation_is_seeded_and_changes_more_than_light():
+    from node.task import AUGMENTATIONS
+
+    # smooth images, like scans: on white noise any shift changes everything
+    x = torch.nn.functional.interpolate(torch.rand(32, 1, 4, 4) * 2 - 1, size=16, mode="bilinear", align_corners=False)
+    strong = lambda seed: AUGMENTATIONS["strong"](x, torch.Generator().manual_seed(seed))  # noqa: E731
+    light = AUGMENTATIONS["light"](x, torch.Generator().manual_seed(0))
+    assert strong(0).shape == x.shape and torch.equal(strong(0), strong(0)) and not torch.equal(strong(0), strong(1))
+    assert (strong(0) - x).abs().mean() > 1.5 * (light - x).abs().mean()
+    # the occluding square is black (-1), and hits some images but not all
+    blacked = ((strong(0) == -1).flatten(1).sum(1) > 0).float().mean()
+    assert 0.2 < blacked < 1.0
+
+
+def test_unknown_augmentation_is_refused():
+    x, y = _data()
+    m = DownstreamCNN(2, width=4, image_size=16)
+    try:
+        train_classifier(m, x, y, epochs=1, lr=1e-3, batch_size=16, device="cpu", seed=0, augment="heavy")
+    except ValueError as e:
+        assert "heavy" in str(e) and "strong" in str(e)
+    else:
+        raise AssertionError("augment='heavy' was accepted")
