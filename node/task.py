@@ -1,4 +1,5 @@
-"""Train and evaluate a classifier on uint8 images: the downstream task of the Flower ClientApp,
+"""Train and evaluate a classifier on uint8 images [N,H,W] or on embeddings float32 [N,D] (the
+CVAE route): the downstream task of the Flower ClientApp,
 the local-only baseline, and the node's phi_id / phi_class.
 """
 
@@ -58,6 +59,16 @@ def _augment_strong(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 AUGMENTATIONS = {"none": lambda x, g: x, "light": _augment_light, "strong": _augment_strong}
 
 
+def to_inputs(data: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A model's input batch: images uint8 [N,H,W] -> [N,1,H,W] in [-1,1]; embeddings float [N,D]
+    -> float32 [N,D] as they are."""
+    if data.dtype == np.uint8 and data.ndim == 3:
+        return to_tensor(data, device)
+    if np.issubdtype(data.dtype, np.floating) and data.ndim == 2:
+        return torch.as_tensor(data, dtype=torch.float32, device=device)
+    raise ValueError(f"expected images uint8 [N,H,W] or embeddings float [N,D], got {data.dtype} {list(data.shape)}")
+
+
 def _as_tensors(global_params, model: nn.Module, device) -> list[torch.Tensor]:
     names = [n for n, _ in model.named_parameters()]
     if isinstance(global_params, Mapping):
@@ -83,7 +94,8 @@ def train_classifier(
     global_params: Sequence | Mapping | None = None,
     augment: str = "light",
 ) -> float:
-    """Train `model` in place with Adam on images uint8 [N,H,W] and labels int [N].
+    """Train `model` in place with Adam on images uint8 [N,H,W] (or embeddings float [N,D], with
+    augment "none") and labels int [N].
 
     proximal_mu > 0 adds FedProx's mu/2 * ||theta - theta_global||^2, with theta_global from
     `global_params` (arrays in `model.named_parameters()` order, or a name -> array mapping;
@@ -93,7 +105,9 @@ def train_classifier(
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)}, got {augment!r}")
     model.to(device).train()
-    x_all = to_tensor(images, device)
+    x_all = to_inputs(images, device)
+    if x_all.ndim == 2 and augment != "none":
+        raise ValueError(f"augment {augment!r} is for images; embeddings train with augment='none'")
     y_all = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -123,14 +137,14 @@ def train_classifier(
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray, *, device: torch.device | str, batch_size: int = 512) -> torch.Tensor:
-    """images uint8 [N,H,W] -> logits [N,n_out] on the CPU."""
+    """images uint8 [N,H,W] or embeddings float [N,D] -> logits [N,n_out] on the CPU."""
     model.to(device).eval()
-    x = to_tensor(images, device)
+    x = to_inputs(images, device)
     return torch.cat([model(x[i : i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0, 0)
 
 
 def evaluate_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, device: torch.device | str) -> dict:
-    """Metrics on images uint8 [N,H,W], labels int [N]: {accuracy, balanced-accuracy, auroc,
+    """Metrics on images uint8 [N,H,W] (or embeddings float [N,D]), labels int [N]: {accuracy, balanced-accuracy, auroc,
     recall-<c> for every class the model has, loss (mean cross-entropy), n}."""
     n = len(labels)
     if n == 0:
