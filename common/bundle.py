@@ -5,19 +5,28 @@ A bundle directory `<bundle_id>/` holds
     bag/                          a BagIt bag (RFC 8493, bagit package, sha256 manifests)
       bagit.txt, bag-info.txt, manifest-sha256.txt, tagmanifest-sha256.txt
       audit.json                  tag file: the audit result (the same dict is in the attestation)
-      datacard.json               tag file: site, route, counts, created_at, code version, config digest
-      data/labels.csv             `file,label`, file relative to data/, e.g. images/1/3.png
-      data/images/<class>/<i>.png grey 8-bit PNG, <i> the sample's row in labels.csv
+      datacard.json               tag file: site, route, data_format, counts, created_at, code version,
+                                  config digest, and image_shape or embedding_dim
+      data/                       the payload, in one of two layouts (told apart by what it holds):
+        PLAN route: images, data_format "png-grey8"
+          labels.csv              `file,label`, file relative to data/, e.g. images/1/3.png
+          images/<class>/<i>.png  grey 8-bit PNG, <i> the sample's row in labels.csv
+        CVAE route: embeddings, data_format "safetensors-float32"
+          embeddings.safetensors  exactly one tensor, "embeddings", F32 [N,D]: a foundation-model
+                                  feature extractor's synthetic feature vectors
+          labels.csv              `index,label`, one row per embedding, index 0..N-1 in order
     attestation.dsse.json         DSSE envelope of an in-toto Statement v1 whose subject is
-                                  bag/tagmanifest-sha256.txt, signed with the site's Ed25519 key
+                                  bag/tagmanifest-sha256.txt, signed with the site's Ed25519 key;
+                                  its predicate names the route
 
 and travels as one uncompressed tar of exactly those regular files (paths relative to the bundle
 directory). The tag manifest covers every tag file and, through manifest-sha256.txt, every
 payload file, so the one signature covers the whole bag.
 
-bundle_id: the first 32 hex digits of sha256("plan-node-bundle-v1", site, shape, images, labels):
-the same accepted set from the same site always gets the same id, so the coordinator's replay
-check also catches a set published twice.
+bundle_id: the first 32 hex digits of sha256("plan-node-bundle-v1", site, shape, images, labels)
+for images, of sha256("plan-node-bundle-embeddings-v1", site, dtype and shape, embeddings, labels)
+for embeddings: the same accepted set from the same site always gets the same id, so the
+coordinator's replay check also catches a set published twice.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ from typing import BinaryIO, Mapping, Sequence
 import bagit
 import numpy as np
 from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file as save_safetensors
 
 from common.dsse import EnvelopeError, sign_envelope, verify_envelope
 from common.fileio import sha256_file
@@ -55,10 +66,17 @@ ATTESTATION = "attestation.dsse.json"
 BAG = "bag"
 # Every file a bag may hold outside data/: anything else is refused (BagIt allows more; we do not).
 TAG_FILES = ("bagit.txt", "bag-info.txt", "manifest-sha256.txt", TAGMANIFEST, "audit.json", "datacard.json")
-_PAYLOAD_FILE = re.compile(r"^images/(\d{1,2})/(\d{1,9})\.png$")
+# ASCII digits only: str patterns' \d would also take other scripts' digits.
+_PAYLOAD_FILE = re.compile(r"^images/(\d{1,2})/(\d{1,9})\.png$", re.ASCII)
 _BUNDLE_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_IMAGE_SIDE = 4096  # pixels; a decoded PNG larger than this is refused (decompression bombs)
 MAX_JSON_BYTES = 16 * 1024 * 1024  # attestation and tag files are read whole; bound them
+EMBEDDINGS = "embeddings.safetensors"  # the CVAE route's payload file in data/, beside labels.csv
+EMBEDDINGS_TENSOR = "embeddings"  # the one tensor it holds
+# The safetensors header is JSON read whole before anything else; ours is ~80 bytes.
+MAX_SAFETENSORS_HEADER = 1024 * 1024
+DATA_FORMATS = {"plan": "png-grey8", "cvae": "safetensors-float32"}  # route -> datacard.data_format
+_LABEL = re.compile(r"0|[1-9][0-9]?")  # a class index 0..99, canonical decimal (fullmatch)
 
 
 class BundleError(ValueError):
@@ -75,7 +93,11 @@ class BundleError(ValueError):
 
 @dataclass(frozen=True)
 class VerifiedBundle:
-    """A bundle that passed `verify_bundle`, extracted at `dir` (holding bag/ and the attestation)."""
+    """A bundle that passed `verify_bundle`, extracted at `dir` (holding bag/ and the attestation).
+
+    route: "plan" (the payload is images) or "cvae" (embeddings), as the payload, the signed
+    predicate and the data card all agree.
+    """
 
     dir: Path
     site: str
@@ -84,6 +106,7 @@ class VerifiedBundle:
     statement: dict
     n_samples: int
     key_id: str = ""  # the registered key that verified the signature
+    route: str = "plan"
 
     @property
     def predicate(self) -> dict:
@@ -103,29 +126,66 @@ def code_version() -> str:
         return "unknown"
 
 
-def bundle_id_for(site: str, images: np.ndarray, labels: np.ndarray) -> str:
-    """The content-derived bundle id (see the module docstring)."""
+def bundle_id_for(site: str, data: np.ndarray, labels: np.ndarray) -> str:
+    """The content-derived bundle id (see the module docstring).
+
+    data: uint8 images [N,H,W] or float32 embeddings [N,D]; labels: int [N]. The two kinds hash
+    under different domain strings, so an image set and an embedding set never share an id.
+    """
     h = hashlib.sha256()
-    h.update(b"plan-node-bundle-v1\0" + site.encode() + b"\0")
-    h.update(json.dumps(list(images.shape)).encode() + b"\0")
-    h.update(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+    if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 3:
+        # Unchanged since v1: existing bundles keep their ids.
+        h.update(b"plan-node-bundle-v1\0" + site.encode() + b"\0")
+        h.update(json.dumps(list(data.shape)).encode() + b"\0")
+        h.update(np.ascontiguousarray(data, dtype=np.uint8).tobytes())
+    elif isinstance(data, np.ndarray) and data.dtype == np.float32 and data.ndim == 2:
+        h.update(b"plan-node-bundle-embeddings-v1\0" + site.encode() + b"\0")
+        h.update(json.dumps({"dtype": "<f4", "shape": list(data.shape)}, sort_keys=True).encode() + b"\0")
+        h.update(np.ascontiguousarray(data, dtype="<f4").tobytes())
+    else:
+        raise BundleError(f"bundle_id_for: expected uint8 images [N,H,W] or float32 embeddings [N,D], got "
+                          f"{getattr(data, 'dtype', type(data))} shape {getattr(data, 'shape', None)}")
     h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
     return h.hexdigest()[:32]
+
+
+def _check_labels(labels: np.ndarray, n: int, what: str) -> None:
+    """labels: int [n] class indices 0..99, one per sample of the `n` `what` (at least one)."""
+    if not isinstance(labels, np.ndarray) or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise BundleError(f"labels must be int64 [N], got {getattr(labels, 'dtype', type(labels))} "
+                          f"shape {getattr(labels, 'shape', None)}")
+    if n != len(labels) or n == 0:
+        raise BundleError(f"need as many labels as {what}, at least one: {n} {what}, {len(labels)} labels")
+    if labels.min() < 0 or labels.max() > 99:
+        raise BundleError(f"labels must be class indices in 0..99, got range {labels.min()}..{labels.max()}")
 
 
 def _check_arrays(images: np.ndarray, labels: np.ndarray) -> None:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 3:
         raise BundleError(f"images must be uint8 [N,H,W], got {getattr(images, 'dtype', type(images))} "
                           f"shape {getattr(images, 'shape', None)}")
-    if not isinstance(labels, np.ndarray) or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise BundleError(f"labels must be int64 [N], got {getattr(labels, 'dtype', type(labels))} "
-                          f"shape {getattr(labels, 'shape', None)}")
-    if len(images) != len(labels) or len(images) == 0:
-        raise BundleError(f"need as many labels as images, at least one: {len(images)} images, {len(labels)} labels")
-    if labels.min() < 0 or labels.max() > 99:
-        raise BundleError(f"labels must be class indices in 0..99, got range {labels.min()}..{labels.max()}")
+    _check_labels(labels, len(images), "images")
     if max(images.shape[1:]) > MAX_IMAGE_SIDE:
         raise BundleError(f"images larger than {MAX_IMAGE_SIDE} pixels a side: {images.shape[1:]}")
+
+
+def _check_embeddings(embeddings: np.ndarray, labels: np.ndarray) -> None:
+    # float32 exactly (native little-endian): anything else would be silently cast, and the
+    # bundle id and the safetensors bytes would then describe different numbers.
+    if (
+        not isinstance(embeddings, np.ndarray)
+        or embeddings.dtype != np.dtype("<f4")
+        or embeddings.ndim != 2
+        or embeddings.shape[1] == 0
+    ):
+        raise BundleError(f"embeddings must be float32 [N,D] with D >= 1, got "
+                          f"{getattr(embeddings, 'dtype', type(embeddings))} shape {getattr(embeddings, 'shape', None)}")
+    _check_labels(labels, len(embeddings), "embeddings")
+    finite = np.isfinite(embeddings)
+    if not finite.all():
+        r, c = (int(i) for i in np.argwhere(~finite)[0])
+        raise BundleError(f"embeddings must be finite: [{r},{c}] is {embeddings[r, c]} "
+                          f"({int((~finite).sum())} non-finite values)")
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -147,14 +207,45 @@ def _write_tagmanifest(bag_dir: Path) -> str:
     return sha256_file(bag_dir / TAGMANIFEST)
 
 
-def _canonical_json(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+def _canonical_json(obj, what: str = "value") -> str:
+    try:
+        return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{what}: not plain JSON without NaN/Infinity ({e})") from None
+
+
+def _write_image_payload(bag_dir: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """images/<class>/<i>.png and labels.csv (`file,label`) straight into `bag_dir`."""
+    rows = []
+    for i, (img, y) in enumerate(zip(images, labels)):
+        rel = f"images/{int(y)}/{i}.png"
+        (bag_dir / "images" / str(int(y))).mkdir(parents=True, exist_ok=True)
+        (bag_dir / rel).write_bytes(_png(img))
+        rows.append((rel, int(y)))
+    with open(bag_dir / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["file", "label"])
+        w.writerows(rows)
+
+
+def _write_embedding_payload(bag_dir: Path, embeddings: np.ndarray, labels: np.ndarray) -> None:
+    """embeddings.safetensors (one F32 [N,D] tensor) and labels.csv (`index,label`) into `bag_dir`."""
+    path = bag_dir / EMBEDDINGS
+    save_safetensors({EMBEDDINGS_TENSOR: np.ascontiguousarray(embeddings, dtype="<f4")}, str(path))
+    # Read back what the library wrote with the verifier's own parser: a build that could not
+    # verify fails here, not at every receiver.
+    _read_safetensors_header(path, f"data/{EMBEDDINGS}")
+    with open(bag_dir / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["index", "label"])
+        w.writerows((i, int(y)) for i, y in enumerate(labels))
 
 
 def build_bundle(
     out_dir: Path,
     *,
-    images: np.ndarray,
+    images: np.ndarray | None = None,
+    embeddings: np.ndarray | None = None,
     labels: np.ndarray,
     audit: dict,
     datacard: dict,
@@ -168,18 +259,35 @@ def build_bundle(
 ) -> str:
     """Write the signed bundle `out_dir/<bundle_id>/` and return bundle_id.
 
-    images: uint8 [N,H,W] grey; labels: int [N] class indices. `audit` is the audit result dict
-    (it must say passed: true to be accepted anywhere); `policy` defaults to audit["policy"].
-    `datacard` is completed with site, bundle_id, sequence, counts, image size, created_at,
-    code_version and config_digest. The bundle is assembled in a temporary folder and renamed
-    into place, so `out_dir/<bundle_id>` is complete or absent. Refuses if it already exists.
+    Exactly one payload: images, uint8 [N,H,W] grey (the PLAN route), or embeddings, float32
+    [N,D] finite (the CVAE route); labels: int [N] class indices 0..99. `audit` is the audit
+    result dict (it must say passed: true to be accepted anywhere); `policy` defaults to
+    audit["policy"]. `datacard` is completed with site, bundle_id, sequence, counts, route (the
+    payload's; a datacard naming another route is refused), data_format, image_shape or
+    embedding_dim, created_at, code_version and config_digest; the route also goes into the
+    signed predicate. Everything is checked before anything is written. The bundle is assembled
+    in a temporary folder and renamed into place, so `out_dir/<bundle_id>` is complete or absent.
+    Refuses if it already exists.
     """
-    _check_arrays(images, labels)
+    if (images is None) == (embeddings is None):
+        raise BundleError("give exactly one payload: images (PLAN route) or embeddings (CVAE route), got "
+                          + ("both" if images is not None else "neither"))
+    if images is not None:
+        _check_arrays(images, labels)
+        route, data = "plan", images
+    else:
+        _check_embeddings(embeddings, labels)
+        route, data = "cvae", embeddings
+    if not isinstance(datacard, Mapping):
+        raise BundleError(f"datacard must be a mapping, got {type(datacard).__name__}")
+    if datacard.get("route") is not None and datacard["route"] != route:
+        raise BundleError(f"datacard route {datacard['route']!r} contradicts the payload: "
+                          f"{'images' if route == 'plan' else 'embeddings'} are the {route!r} route's")
     if not isinstance(sequence, int) or sequence < 1:
         raise BundleError(f"sequence must be a positive integer, got {sequence!r}")
     labels = labels.astype(np.int64)
     out_dir = Path(out_dir)
-    bundle_id = bundle_id_for(site, images, labels)
+    bundle_id = bundle_id_for(site, data, labels)
     final = out_dir / bundle_id
     if final.exists():
         raise BundleError(f"{final}: bundle already exists")
@@ -189,16 +297,10 @@ def build_bundle(
         bag_dir = work / BAG
         bag_dir.mkdir()
         # The payload goes straight into bag/; bagit.make_bag moves it under data/.
-        rows = []
-        for i, (img, y) in enumerate(zip(images, labels)):
-            rel = f"images/{int(y)}/{i}.png"
-            (bag_dir / "images" / str(int(y))).mkdir(parents=True, exist_ok=True)
-            (bag_dir / rel).write_bytes(_png(img))
-            rows.append((rel, int(y)))
-        with open(bag_dir / "labels.csv", "w", newline="") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(["file", "label"])
-            w.writerows(rows)
+        if route == "plan":
+            _write_image_payload(bag_dir, images, labels)
+        else:
+            _write_embedding_payload(bag_dir, embeddings, labels)
         version = datacard.get("code_version") or code_version()
         bagit.make_bag(
             str(bag_dir),
@@ -217,14 +319,21 @@ def build_bundle(
             sequence=sequence,
             n_samples=int(len(labels)),
             class_counts={str(int(c)): int(n) for c, n in zip(classes, counts)},
-            image_shape=[int(images.shape[1]), int(images.shape[2])],
-            image_format="png-grey8",
+            route=route,
+            data_format=DATA_FORMATS[route],
             created_at=card.get("created_at") or dt.datetime.now(dt.timezone.utc).isoformat(),
             code_version=version,
             config_digest=config_digest,
         )
-        (bag_dir / "audit.json").write_text(_canonical_json(audit))
-        (bag_dir / "datacard.json").write_text(_canonical_json(card))
+        if route == "plan":
+            card.update(image_shape=[int(images.shape[1]), int(images.shape[2])], image_format="png-grey8")
+            card.pop("embedding_dim", None)
+        else:  # a caller's image fields would describe a payload this bundle does not hold
+            card.update(embedding_dim=int(embeddings.shape[1]))
+            card.pop("image_shape", None)
+            card.pop("image_format", None)
+        (bag_dir / "audit.json").write_text(_canonical_json(audit, "audit"))
+        (bag_dir / "datacard.json").write_text(_canonical_json(card, "datacard"))
         tag_digest = _write_tagmanifest(bag_dir)
 
         statement = {
@@ -235,6 +344,7 @@ def build_bundle(
                 "site": site,
                 "bundle_id": bundle_id,
                 "sequence": sequence,
+                "route": route,
                 "n_samples": int(len(labels)),
                 "audit": audit,
                 "policy": policy if policy is not None else audit.get("policy"),
@@ -410,8 +520,8 @@ def _read_json(path: Path, what: str):
         raise BundleError(f"{what}: larger than {MAX_JSON_BYTES} bytes", "too_large")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{what}: not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: [[[[...
+        raise BundleError(f"{what}: not valid JSON ({type(e).__name__}: {e})") from None
 
 
 def _check_layout(files: list[str]) -> None:
@@ -533,12 +643,130 @@ def _read_labels(data_dir: Path) -> list[tuple[str, int]]:
             if len(row) != 2:
                 raise BundleError(f"data/labels.csv line {i}: expected 2 fields, got {len(row)}")
             m = _PAYLOAD_FILE.match(row[0])
-            if not m or not row[1].isdigit() or int(row[1]) != int(m.group(1)):
+            if not m or not _LABEL.fullmatch(row[1]) or int(row[1]) != int(m.group(1)):
                 raise BundleError(f"data/labels.csv line {i}: bad row {row!r}")
             rows.append((row[0], int(row[1])))
     if not rows:
         raise BundleError("data/labels.csv: no samples")
     return rows
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object_pairs_hook: refuse duplicate keys, which parsers resolve differently (the
+    safetensors library and we must see the same header)."""
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def _is_count(v) -> bool:
+    return type(v) is int and v >= 0  # not bool, not float: JSON 24.0 == 24 in Python
+
+
+def _read_safetensors_header(path: Path, what: str) -> tuple[int, int, int]:
+    """(N, D, byte offset of the data) of an embeddings file, from its header alone.
+
+    The header is parsed here, bounded, before any library touches the file: the first 8 bytes
+    are its length (little-endian u64), then that many bytes of JSON. Only exactly one tensor
+    "embeddings" of dtype F32 and shape [N,D] (N, D >= 1), whose data_offsets are [0, 4*N*D] and
+    which ends the file, is accepted; an optional "__metadata__" must be a str -> str object.
+    `what` names the file in errors.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise BundleError(f"{what}: {size} bytes, too short for a safetensors file (an 8-byte header length first)")
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > MAX_SAFETENSORS_HEADER:
+            raise BundleError(f"{what}: declares a {hlen}-byte header, over the limit of {MAX_SAFETENSORS_HEADER} bytes",
+                              "too_large")
+        if hlen < 2 or 8 + hlen > size:
+            raise BundleError(f"{what}: declares a {hlen}-byte header but the file has {size} bytes")
+        raw = f.read(hlen)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BundleError(f"{what}: header is not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict):
+        raise BundleError(f"{what}: header must be a JSON object, got {type(header).__name__}")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise BundleError(f"{what}: __metadata__ must be an object of strings")
+    if list(header) != [EMBEDDINGS_TENSOR]:
+        raise BundleError(f"{what}: must hold exactly one tensor {EMBEDDINGS_TENSOR!r}, holds {sorted(header)}")
+    t = header[EMBEDDINGS_TENSOR]
+    if not isinstance(t, dict) or set(t) != {"dtype", "shape", "data_offsets"}:
+        raise BundleError(f"{what}: tensor {EMBEDDINGS_TENSOR!r} must have exactly dtype, shape and data_offsets, "
+                          f"has {sorted(t) if isinstance(t, dict) else type(t).__name__}")
+    if t["dtype"] != "F32":
+        raise BundleError(f"{what}: tensor {EMBEDDINGS_TENSOR!r} has dtype {t['dtype']!r}, expected 'F32'")
+    shape = t["shape"]
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_count(v) and v >= 1 for v in shape)):
+        raise BundleError(f"{what}: tensor {EMBEDDINGS_TENSOR!r} has shape {shape!r}, expected [N, D] with N, D >= 1")
+    n, d = shape
+    nbytes = 4 * n * d
+    offsets = t["data_offsets"]
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(v) for v in offsets)
+            and offsets == [0, nbytes]):
+        raise BundleError(f"{what}: tensor {EMBEDDINGS_TENSOR!r} has data_offsets {offsets!r}, expected "
+                          f"[0, {nbytes}] for F32 {shape}")
+    if 8 + hlen + nbytes != size:
+        raise BundleError(f"{what}: {size} bytes, but its {hlen}-byte header and F32 {shape} data make "
+                          f"{8 + hlen + nbytes}")
+    return n, d, 8 + hlen
+
+
+def _check_finite(path: Path, what: str, start: int, n: int, d: int) -> None:
+    """Every one of the N*D little-endian float32 values from byte `start` is finite; read in
+    blocks, so checking costs no more memory than a block."""
+    block = 1 << 20  # values
+    with open(path, "rb") as f:
+        f.seek(start)
+        done, total = 0, n * d
+        while done < total:
+            k = min(block, total - done)
+            buf = f.read(4 * k)
+            if len(buf) != 4 * k:
+                raise BundleError(f"{what}: truncated data ({done + len(buf) // 4} of {total} values)")
+            x = np.frombuffer(buf, dtype="<f4")
+            bad = ~np.isfinite(x)
+            if bad.any():
+                i = done + int(np.argmax(bad))
+                raise BundleError(f"{what}: embedding [{i // d},{i % d}] is {x[i - done]}, expected a finite value")
+            done += k
+
+
+def _read_index_labels(path: Path, n: int, what: str = "data/labels.csv") -> np.ndarray:
+    """int64 [n] labels from an embedding bundle's labels.csv: header `index,label`, then exactly
+    n rows whose index is 0..n-1 in order (canonical decimal) and whose label is 0..99."""
+    labels = np.empty(n, np.int64)
+    count = 0
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            if next(reader, None) != ["index", "label"]:
+                raise BundleError(f"{what}: header must be 'index,label'")
+            for line, row in enumerate(reader, start=2):
+                if count >= n:
+                    raise BundleError(f"{what} line {line}: more rows than the {n} embeddings")
+                if len(row) != 2 or not _LABEL.fullmatch(row[1]):
+                    raise BundleError(f"{what} line {line}: bad row {row!r}, expected 'index,label' with a label 0..99")
+                if row[0] != str(count):
+                    raise BundleError(f"{what} line {line}: index {row[0]!r}, expected {count} "
+                                      f"(one row per embedding, indices 0..N-1 in order)")
+                labels[count] = int(row[1])
+                count += 1
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise BundleError(f"{what}: not a readable CSV file ({type(e).__name__}: {e})") from None
+    if count != n:
+        raise BundleError(f"{what}: {count} rows but {EMBEDDINGS} holds {n} embeddings")
+    return labels
 
 
 def _check_png_header(path: Path, rel: str) -> None:
@@ -558,6 +786,56 @@ def _check_png_header(path: Path, rel: str) -> None:
         )
 
 
+def _check_image_payload(data_dir: Path, payload: set[str]) -> int:
+    """N: labels.csv lists exactly the PNGs present, each with a sane header."""
+    rows = _read_labels(data_dir)
+    listed = {r for r, _ in rows}
+    if len(listed) != len(rows):
+        raise BundleError("data/labels.csv: a file is listed twice")
+    if payload != listed | {"labels.csv"}:
+        extra = sorted(payload - listed - {"labels.csv"}) or sorted(listed - payload)
+        raise BundleError(f"data/{extra[0]}: payload and labels.csv disagree")
+    for rel, _ in rows:
+        _check_png_header(data_dir / rel, rel)
+    return len(rows)
+
+
+def _check_embedding_payload(data_dir: Path, payload: set[str]) -> tuple[int, int]:
+    """(N, D): exactly labels.csv and a well-formed, all-finite embeddings.safetensors that agree."""
+    expected = {"labels.csv", EMBEDDINGS}
+    if payload != expected:
+        extra = sorted(payload - expected)
+        if extra:
+            raise BundleError(f"data/{extra[0]}: unexpected in an embedding bundle (its payload is exactly "
+                              f"data/labels.csv and data/{EMBEDDINGS})")
+        raise BundleError(f"data/{sorted(expected - payload)[0]}: missing from the embedding bundle")
+    what = f"data/{EMBEDDINGS}"
+    n, d, start = _read_safetensors_header(data_dir / EMBEDDINGS, what)
+    _check_finite(data_dir / EMBEDDINGS, what, start, n, d)
+    _read_index_labels(data_dir / "labels.csv", n)
+    return n, d
+
+
+def _check_route(route: str, pred: dict, card: dict, dim: int | None) -> None:
+    """The signed predicate and the data card must name the route the payload is.
+
+    An image bundle may lack predicate.route (signed before the predicate carried one); an
+    embedding bundle never does, and its data card must also state data_format and embedding_dim.
+    """
+    kind = "images" if route == "plan" else "embeddings"
+    if pred.get("route") != route and not (route == "plan" and "route" not in pred):
+        raise BundleError(f"{ATTESTATION}: predicate.route is {pred.get('route')!r} but the payload holds {kind} "
+                          f"(route {route!r})")
+    if card.get("route") != route and not (route == "plan" and "route" not in card):
+        raise BundleError(f"datacard.json: route is {card.get('route')!r} but the payload holds {kind} (route {route!r})")
+    fmt = card.get("data_format")
+    if fmt != DATA_FORMATS[route] and not (route == "plan" and "data_format" not in card):
+        raise BundleError(f"datacard.json: data_format is {fmt!r}, expected {DATA_FORMATS[route]!r} for {kind}")
+    if route == "cvae" and (type(card.get("embedding_dim")) is not int or card["embedding_dim"] != dim):
+        raise BundleError(f"datacard.json: embedding_dim is {card.get('embedding_dim')!r} but {EMBEDDINGS} holds "
+                          f"{dim}-dimensional embeddings")
+
+
 def verify_bundle(
     tar_path: Path,
     trusted_keys: Mapping[str, Sequence],
@@ -574,7 +852,11 @@ def verify_bundle(
     against a registered key of the site the statement names; the bag (every payload and tag
     digest, completeness); the statement's subject digest against the actual tag manifest;
     predicate fields; audit.json and datacard.json consistent with the signed predicate;
-    labels.csv against the payload; predicate.audit.passed is true.
+    the payload, by its layout: images (labels.csv against the PNGs present, each PNG header)
+    or embeddings (exactly labels.csv and embeddings.safetensors, its header parsed here and
+    bounded before anything else reads it, every value finite, labels.csv indices 0..N-1); the
+    route that the payload is, against predicate.route and the data card; predicate.n_samples;
+    predicate.audit.passed is true.
 
     Extracts into `dest` (must be new or empty) or a new temporary folder; the caller owns and
     removes `VerifiedBundle.dir`. On failure, raises BundleError and removes what it extracted.
@@ -624,24 +906,26 @@ def verify_bundle(
         if not isinstance(card, dict) or card.get("site") != site or card.get("bundle_id") != bundle_id:
             raise BundleError("datacard.json: site or bundle_id differs from the signed predicate")
 
-        rows = _read_labels(bag_dir / "data")
-        payload = {p.relative_to(bag_dir / "data").as_posix() for p in (bag_dir / "data").rglob("*") if p.is_file()}
-        listed = {r for r, _ in rows}
-        if len(listed) != len(rows):
-            raise BundleError("data/labels.csv: a file is listed twice")
-        if payload != listed | {"labels.csv"}:
-            extra = sorted(payload - listed - {"labels.csv"}) or sorted(listed - payload)
-            raise BundleError(f"data/{extra[0]}: payload and labels.csv disagree")
-        for rel, _ in rows:
-            _check_png_header(bag_dir / "data" / rel, rel)
-        if pred.get("n_samples") != len(rows):
-            raise BundleError(f"{ATTESTATION}: predicate.n_samples {pred.get('n_samples')!r} but labels.csv has {len(rows)}")
+        data_dir = bag_dir / "data"
+        payload = {p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*") if p.is_file()}
+        # The layout is told by what the payload holds, never by a (signed but) claimed route;
+        # the claims are then checked against it.
+        if EMBEDDINGS in payload:
+            route = "cvae"
+            n, dim = _check_embedding_payload(data_dir, payload)
+            if card.get("n_samples") != n:
+                raise BundleError(f"datacard.json: n_samples is {card.get('n_samples')!r} but {EMBEDDINGS} holds {n}")
+        else:
+            route, n, dim = "plan", _check_image_payload(data_dir, payload), None
+        _check_route(route, pred, card, dim)
+        if pred.get("n_samples") != n or isinstance(pred.get("n_samples"), bool):
+            raise BundleError(f"{ATTESTATION}: predicate.n_samples {pred.get('n_samples')!r} but the payload holds {n}")
 
         if audit.get("passed") is not True:
             raise BundleError(f"audit did not pass (predicate.audit.passed is {audit.get('passed')!r})", "policy")
         return VerifiedBundle(
-            dir=out, site=site, bundle_id=bundle_id, sequence=sequence, statement=statement, n_samples=len(rows),
-            key_id=signer,
+            dir=out, site=site, bundle_id=bundle_id, sequence=sequence, statement=statement, n_samples=n,
+            key_id=signer, route=route,
         )
     except BaseException:
         if created:
@@ -655,15 +939,27 @@ def verify_bundle(
 # ---------------------------------------------------------------- load
 
 
+def _data_dir(dir: Path) -> Path:
+    """data/ of a bundle folder (holding bag/) or of the bag itself."""
+    dir = Path(dir)
+    return (dir / BAG if (dir / BAG).is_dir() else dir) / "data"
+
+
+def bundle_route(dir: Path) -> str:
+    """"cvae" if the bundle (folder or bag) holds embeddings, else "plan": the layout decides."""
+    return "cvae" if os.path.lexists(_data_dir(dir) / EMBEDDINGS) else "plan"
+
+
 def load_bundle_images(dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N,H,W], labels int64 [N]) of a verified bundle, in labels.csv order.
 
     `dir` is a bundle folder (holding bag/) or the bag itself. Paths come from labels.csv only
     after matching `images/<label>/<i>.png`; images must all be grey and of one size.
     """
-    dir = Path(dir)
-    bag_dir = dir / BAG if (dir / BAG).is_dir() else dir
-    data_dir = bag_dir / "data"
+    data_dir = _data_dir(dir)
+    if bundle_route(dir) != "plan":
+        raise BundleError(f"{data_dir / EMBEDDINGS}: the bundle holds embeddings (CVAE route), not images; "
+                          f"use load_bundle_embeddings or load_bundle_data")
     rows = _read_labels(data_dir)
     images, labels, shape = [], [], None
     for rel, y in rows:
@@ -681,3 +977,41 @@ def load_bundle_images(dir: Path) -> tuple[np.ndarray, np.ndarray]:
         images.append(arr)
         labels.append(y)
     return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def load_bundle_embeddings(dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings float32 [N,D], labels int64 [N]) of a verified bundle, row i labelled by
+    labels.csv's index i.
+
+    `dir` is a bundle folder (holding bag/) or the bag itself. The header is checked with the
+    verifier's own bounded parser before the safetensors library reads the file (numpy
+    framework: nothing is unpickled); shape, dtype and finiteness are checked again after.
+    """
+    data_dir = _data_dir(dir)
+    path = data_dir / EMBEDDINGS
+    if not path.is_file() or path.is_symlink():
+        raise BundleError(f"{path}: missing; the bundle holds no embeddings (an image bundle? use load_bundle_data)")
+    n, d, _ = _read_safetensors_header(path, str(path))
+    labels = _read_index_labels(data_dir / "labels.csv", n, str(data_dir / "labels.csv"))
+    try:
+        with safe_open(str(path), framework="np") as f:
+            names = list(f.keys())
+            if names != [EMBEDDINGS_TENSOR]:
+                raise BundleError(f"{path}: must hold exactly one tensor {EMBEDDINGS_TENSOR!r}, holds {names}")
+            x = f.get_tensor(EMBEDDINGS_TENSOR)
+    except SafetensorError as e:
+        raise BundleError(f"{path}: the safetensors library cannot read it ({e})") from None
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.shape != (n, d):
+        raise BundleError(f"{path}: loaded {getattr(x, 'dtype', type(x))} {getattr(x, 'shape', None)}, "
+                          f"expected float32 [{n},{d}]")
+    if not np.isfinite(x).all():
+        raise BundleError(f"{path}: holds non-finite values")
+    return np.require(x, np.float32, ["C", "W"]), labels
+
+
+def load_bundle_data(dir: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    """(route, data, labels int64 [N]) of a verified bundle, by its layout: ("plan", images
+    uint8 [N,H,W], labels) or ("cvae", embeddings float32 [N,D], labels)."""
+    if bundle_route(dir) == "cvae":
+        return ("cvae", *load_bundle_embeddings(dir))
+    return ("plan", *load_bundle_images(dir))

@@ -1,8 +1,8 @@
-"""Stage `pull`: fetch, verify and keep every bundle in the coordinator's pool; `load_pool`.
+"""Stage `pull`: fetch, verify and keep every bundle in the coordinator's pool; `load_pool_data`.
 
 Writes (workspace-relative):
     pool/<bundle_id>/        a verified bundle (bag/ + attestation.dsse.json), renamed into place whole
-    pool/index.json          {bundle_id: {site, sequence, n_samples, sha256, pulled_at}}
+    pool/index.json          {bundle_id: {site, sequence, route, n_samples, sha256, pulled_at}}
     pool/rejected.json       {bundle_id: {site, reason, at}}: bundles that failed verification
 Temporary files live in pool/.incoming/ and are removed.
 
@@ -11,6 +11,9 @@ publishes, signed with the coordinator's key (common.trustdoc; its public key ca
 kit as keys/coordinator.pub): each site's unrevoked keys with their sequence windows.
 A bundle that fails is not kept, is recorded in rejected.json and logged; it is tried again
 on the next pull.
+
+A pool holds one route: images (PLAN) or embeddings (CVAE) of one feature extractor. Loading
+refuses a pool that mixes them, naming the bundle that does not fit.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.bundle import BundleError, load_bundle_images, verify_bundle
+from common.bundle import BundleError, load_bundle_data, verify_bundle
 from common.fileio import atomic_write_json
 from common.signing import SigningKeyError, load_public_key
 from common.trustdoc import TrustDocumentError, open_trust_document
@@ -83,6 +86,7 @@ def _pull_one(ws: Workspace, client: ExchangeClient, rec: dict, keys: dict, max_
         return {
             "site": vb.site,
             "sequence": vb.sequence,
+            "route": vb.route,
             "n_samples": vb.n_samples,
             "sha256": rec["sha256"],
             "pulled_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -131,18 +135,47 @@ def pull(ws: Workspace, *, client: ExchangeClient | None = None) -> list[str]:
         shutil.rmtree(ws.pool / ".incoming", ignore_errors=True)
 
 
+def load_pool_data(ws: Workspace) -> tuple[str | None, np.ndarray, np.ndarray]:
+    """(route, data, labels int64 [N]): every verified bundle in pool/index.json, own site
+    included, in bundle-id order. route "plan": data is images uint8 [N,H,W]; "cvae": embeddings
+    float32 [N,D]. (None, uint8 [0,0,0], int64 [0]) when the pool is empty.
+
+    Raises BundleError naming the first bundle that does not fit the one before it: another
+    route, another image size, or another embedding dimension (embeddings of different
+    feature extractors are not comparable, even when their dimensions happen to agree; the
+    federation pins one, DESIGN.md section 7).
+    """
+    index = _read_index(ws.pool / "index.json")
+    route, first, parts, labels = None, None, [], []
+    for bid in sorted(index):
+        r, x, y = load_bundle_data(ws.pool / bid)
+        if route is None:
+            route, first = r, bid
+        elif r != route:
+            raise BundleError(
+                f"{ws.pool / bid}: holds {'images' if r == 'plan' else 'embeddings'} (route {r!r}) but pooled bundle "
+                f"{first} holds {'images' if route == 'plan' else 'embeddings'} (route {route!r}); a pool holds one route"
+            )
+        elif x.shape[1:] != parts[0].shape[1:]:
+            if r == "plan":
+                raise BundleError(f"{ws.pool / bid}: images are {x.shape[1:]}, other pooled bundles {parts[0].shape[1:]}")
+            raise BundleError(
+                f"{ws.pool / bid}: embeddings are {x.shape[1]}-dimensional, pooled bundle {first}'s "
+                f"{parts[0].shape[1]}-dimensional (every site must embed with the same extractor)"
+            )
+        parts.append(x)
+        labels.append(y)
+    if not parts:
+        return None, np.zeros((0, 0, 0), np.uint8), np.zeros((0,), np.int64)
+    return route, np.concatenate(parts), np.concatenate(labels)
+
+
 def load_pool(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N,H,W], labels int64 [N]): every verified bundle in pool/index.json, own site
     included, in bundle-id order. Empty arrays (shape [0,0,0] and [0]) when the pool is empty.
+    Raises BundleError for a pool of embeddings (use load_pool_data) or of mixed contents.
     """
-    index = _read_index(ws.pool / "index.json")
-    images, labels = [], []
-    for bid in sorted(index):
-        x, y = load_bundle_images(ws.pool / bid)
-        if images and x.shape[1:] != images[0].shape[1:]:
-            raise BundleError(f"{ws.pool / bid}: images are {x.shape[1:]}, other pooled bundles {images[0].shape[1:]}")
-        images.append(x)
-        labels.append(y)
-    if not images:
-        return np.zeros((0, 0, 0), np.uint8), np.zeros((0,), np.int64)
-    return np.concatenate(images), np.concatenate(labels)
+    route, images, labels = load_pool_data(ws)
+    if route == "cvae":
+        raise BundleError(f"{ws.pool}: the pool holds embeddings (CVAE route), not images; use load_pool_data")
+    return images, labels
