@@ -115,6 +115,30 @@ class WalkConfig(_Strict):
     weight_class: float = Field(1.0, ge=0)
 
 
+class CvaeConfig(_Strict):
+    """The CVAE route's generator (Di Salvo et al., BMVC 2024): a conditional VAE on embeddings."""
+
+    latent_dim: int = Field(50, ge=1, description="the paper's latent size")
+    hidden: int = Field(256, ge=1, description="width of the encoder's and the decoder's one hidden layer")
+    beta: float = Field(0.1, ge=0, description="weight of the KL term against the summed squared error")
+    lr: float = Field(1e-3, gt=0, description="Adam")
+    batch_size: int = Field(512, ge=1, description="with dp: the expected size of a Poisson-sampled batch")
+    max_epochs: int = Field(200, ge=1, description="with dp: also the number of epochs the noise is calibrated for")
+    patience: int = Field(20, ge=1, description="early stopping: epochs without a lower validation loss before stopping")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train (stratified by class) held out for early stopping")
+    dp: bool = Field(False, description="train with DP-SGD (Opacus): per-sample clipping and Gaussian noise")
+    dp_epsilon: float = Field(10, gt=0, description="with dp: the epsilon the noise is calibrated to over max_epochs")
+    dp_delta: float | None = Field(None, gt=0, lt=1, description="with dp: delta; None: 1 / (records trained on)")
+    dp_max_grad_norm: float = Field(1.0, gt=0, description="with dp: per-sample gradient clipping norm")
+    dp_early_stopping: bool = Field(False, description=(
+        "with dp: stop early on a validation split as without dp. Off by default: the stopping epoch and the "
+        "restored best weights depend on the validation records outside the DP accounting, so with it off dp "
+        "trains on every train record for exactly max_epochs and epsilon covers all of them"))
+    sample: Literal["replicate", "target"] = Field("replicate", description=(
+        "how many synthetic embeddings of each class: replicate the train class counts, or synth.target_size "
+        "in the train class proportions"))
+
+
 class SynthConfig(_Strict):
     route: Literal["plan", "cvae"] = "plan"
     k: int = Field(5, ge=1, description="k-same: patients whose mean codes are averaged into one anchor")
@@ -125,6 +149,7 @@ class SynthConfig(_Strict):
         "weight of the phi_class feature term in inversion; pixels alone kept the class of only ~76% of "
         "pneumoniamnist reconstructions, 0.05 kept all at +17% pixel error"))
     walk: WalkConfig = WalkConfig()
+    cvae: CvaeConfig = CvaeConfig()
     seed: int = 0
 
 
@@ -244,6 +269,30 @@ class DownstreamConfig(_Strict):
         "machinery; every site also reports its local-only model (its real data alone) with each evaluation"))
 
 
+class ExtractorConfig(_Strict):
+    """The CVAE route's frozen feature extractor. Pinned federation-wide: embeddings from different
+    networks live in different spaces, so every site must embed with the same weights."""
+
+    arch: Literal["tiny", "dinov2_vits14", "dinov2_vitb14", "resnet18", "resnet50"] = Field("tiny", description=(
+        "tiny: a small seeded random-init CNN, no weight file (tests, demo); the others are pretrained "
+        "backbones read from the local model store"))
+    weights: str | None = Field(None, description="weight file name in the local model store; required for every arch but tiny")
+    sha256: str | None = Field(None, description="the weight file's sha256, all 64 hex digits; required with weights")
+    seed: int = Field(0, description="tiny only: the seed its weights are drawn from")
+
+    @model_validator(mode="after")
+    def _weights_pinned(self) -> "ExtractorConfig":
+        if self.arch == "tiny":
+            if self.weights is not None or self.sha256 is not None:
+                raise ValueError("extractor.weights and extractor.sha256 must be unset for arch 'tiny' (it has no weight file)")
+            return self
+        if not self.weights:
+            raise ValueError(f"extractor.weights is required for arch {self.arch!r}: the file name in the local model store")
+        if self.sha256 is None or len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower()):
+            raise ValueError(f"extractor.sha256 must be the weight file's full sha256 (64 hex digits) for arch {self.arch!r}, got {self.sha256!r}")
+        return self
+
+
 class FederationConfig(_Strict):
     name: str = Field("federation", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     image_size: int = Field(32, ge=8, le=256)
@@ -273,6 +322,7 @@ class FederationConfig(_Strict):
     max_bundle_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     policy: PolicyConfig = PolicyConfig()  # the floor every site's gate must meet
     downstream: DownstreamConfig = DownstreamConfig()
+    extractor: ExtractorConfig = ExtractorConfig()  # the CVAE route's; every site must embed with the same network
 
 
 # ---------------------------------------------------------------- loading

@@ -1,0 +1,364 @@
+"""The CVAE route's generator (Di Salvo et al., BMVC 2024; DESIGN.md section 1): a conditional
+VAE that learns the class-conditional distribution of a site's embeddings, and samples from it.
+
+Embeddings float32 [N,D] are min-max scaled per dimension to [0,1] with bounds fitted on the
+train set; the decoder ends in a sigmoid, so every sample, unscaled, lies inside the train range.
+Optionally trained with DP-SGD (Opacus).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.config import CvaeConfig
+from node.checkpoint import load_weights, read_sidecar, save_model
+
+# A validation loss counts as lower only if it beats the best by this share: float noise and
+# DP noise should not reset the patience.
+_MIN_REL_IMPROVEMENT = 1e-4
+
+
+class CVAE(nn.Module):
+    """Encoder [x, onehot(y)] (D+C) -> hidden -> ReLU -> (mu, logvar) (2 x latent);
+    decoder [z, onehot(y)] (latent+C) -> hidden -> ReLU -> D -> sigmoid (scaled embeddings in [0,1])."""
+
+    def __init__(self, d_in: int, n_classes: int, *, hidden: int = 256, latent: int = 50):
+        super().__init__()
+        self.d_in, self.n_classes, self.hidden, self.latent = d_in, n_classes, hidden, latent
+        self.encoder = nn.Sequential(nn.Linear(d_in + n_classes, hidden), nn.ReLU(), nn.Linear(hidden, 2 * latent))
+        self.decoder = nn.Sequential(nn.Linear(latent + n_classes, hidden), nn.ReLU(), nn.Linear(hidden, d_in), nn.Sigmoid())
+
+    def encode(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B,D] scaled, c [B,C] one-hot -> mu [B,latent], logvar [B,latent]."""
+        h = self.encoder(torch.cat([x, c], 1))
+        return h[:, : self.latent], h[:, self.latent :]
+
+    def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """z [B,latent], c [B,C] one-hot -> scaled embeddings [B,D] in (0,1)."""
+        return self.decoder(torch.cat([z, c], 1))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruction [B,D], mu, logvar; `eps` [B,latent] fixes the reparameterisation noise."""
+        mu, logvar = self.encode(x, c)
+        if eps is None:
+            eps = torch.randn_like(mu)
+        return self.decode(mu + eps * torch.exp(0.5 * logvar), c), mu, logvar
+
+
+def one_hot(y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """int [B] -> float32 [B,n_classes]."""
+    return F.one_hot(y.long(), n_classes).float()
+
+
+# ---------------------------------------------------------------- scaling
+
+
+def fit_minmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension minimum and maximum of x [N,D]: lo [D], hi [D]."""
+    return x.min(0).values, x.max(0).values
+
+
+def _span(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return torch.where(hi > lo, hi - lo, torch.ones_like(hi))  # a constant dimension scales to 0 and back to lo
+
+
+def scale(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """x [N,D] -> (x - lo) / (hi - lo): the fitted data in [0,1]; other data may fall outside."""
+    return (x - lo) / _span(lo, hi)
+
+
+def unscale(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The inverse of `scale`: s [N,D] in [0,1] -> embeddings in [lo, hi]."""
+    return lo + s * _span(lo, hi)
+
+
+# ---------------------------------------------------------------- loss
+
+
+def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) per sample, summed over the latent dimensions: [B].
+
+    The standard closed form -0.5 * sum(1 + logvar - mu^2 - exp(logvar)). The authors' published
+    code uses a non-standard variant of this term; we do not, so beta here means what it means in
+    the beta-VAE literature.
+    """
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+
+
+def cvae_loss(recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, *, beta: float) -> torch.Tensor:
+    """Per-sample loss [B]: squared error summed over the D scaled dimensions + beta * KL.
+
+    Per sample rather than reduced so that DP-SGD can clip it sample by sample.
+    """
+    return (recon - x).pow(2).sum(1) + beta * kl_standard_normal(mu, logvar)
+
+
+class _Criterion(nn.Module):
+    """`cvae_loss` reduced over the batch by `reduction` ("mean", "sum" or "none"): the shape of
+    criterion Opacus' ghost clipping wraps (it switches `reduction` to "none" to get per-sample
+    losses)."""
+
+    def __init__(self, beta: float, reduction: str):
+        super().__init__()
+        self.beta, self.reduction = beta, reduction
+
+    def forward(self, recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        per_sample = cvae_loss(recon, x, mu, logvar, beta=self.beta)
+        return {"none": per_sample, "sum": per_sample.sum(), "mean": per_sample.mean()}[self.reduction]
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class CvaeResult:
+    """A trained CVAE with what is needed to sample from it and to report how it was made."""
+
+    model: CVAE
+    lo: torch.Tensor  # [D] per-dimension train minimum (the scaler)
+    hi: torch.Tensor  # [D] per-dimension train maximum
+    epochs_trained: int  # epochs run, including those after the best one
+    best_epoch: int  # the epoch whose weights `model` holds
+    best_val_loss: float | None  # mean per-sample validation loss there; None when no validation split
+    history: list[dict] = field(default_factory=list)  # per epoch: epoch, train_loss, val_loss (None without)
+    epsilon: float | None = None  # DP: the (epsilon, delta) actually spent over the steps trained
+    delta: float | None = None
+    info: dict = field(default_factory=dict)  # split sizes, DP mechanism details and caveats
+
+
+def stratified_split(y: np.ndarray, fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) with `fraction` of each class in val (rounded; at least one where a
+    class has two or more rows, none where it has one), both sorted."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_val = 0 if len(idx) < 2 else int(np.clip(round(fraction * len(idx)), 1, len(idx) - 1))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+@torch.no_grad()
+def _eval_loss(model: CVAE, x: torch.Tensor, c: torch.Tensor, eps: torch.Tensor, beta: float) -> float:
+    model.eval()
+    recon, mu, logvar = model(x, c, eps)
+    return float(cvae_loss(recon, x, mu, logvar, beta=beta).mean())
+
+
+def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig, seed: int,
+               device: torch.device | str) -> CvaeResult:
+    """Fit a CVAE to embeddings x float [N,D] with labels y int [N] in [0, n_classes).
+
+    Adam (cfg.lr), batches of cfg.batch_size, up to cfg.max_epochs epochs. Without dp: early
+    stopping when the loss on a stratified validation split (cfg.val_fraction of x, seeded) has
+    not improved for cfg.patience epochs, and the best epoch's weights are restored.
+
+    With dp (Opacus DP-SGD, Poisson sampling, per-sample clipping at cfg.dp_max_grad_norm): the
+    noise is calibrated so that cfg.max_epochs epochs spend cfg.dp_epsilon at delta (cfg.dp_delta,
+    or 1 / the records trained on), and the epsilon reported is the accountant's over the steps
+    actually taken. By default dp trains on every record for all max_epochs epochs, without a
+    validation split: a stopping rule looking at held-out records would leak about them outside
+    the accounting. cfg.dp_early_stopping turns the validation split and early stopping back on;
+    those records are then never trained on, but the stopping epoch and the restored weights
+    depend on them, which `info["dp_caveats"]` says.
+
+    Reproducible for a given seed and device; the caller's global RNG state is left as it was.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    y = np.asarray(y).astype(np.int64)
+    if x.ndim != 2 or y.shape != (len(x),):
+        raise ValueError(f"expected x [N,D] and y [N], got {x.shape} and {y.shape}")
+    if len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"labels must lie in [0, {n_classes}), got {y.min()}..{y.max()}")
+    device = torch.device(device)
+    use_val = not cfg.dp or cfg.dp_early_stopping
+    tr, va = stratified_split(y, cfg.val_fraction, seed=seed) if use_val else (np.arange(len(y)), np.arange(0))
+    if len(tr) == 0:
+        raise ValueError("no training records left after the validation split")
+    xt = torch.from_numpy(x)
+    # The scaler is fitted on every train record, validation split included, so that samples can
+    # cover the whole train range. It is not differentially private: with dp, each dimension's
+    # train minimum and maximum bound the released samples outside the accounting (info says so).
+    lo, hi = fit_minmax(xt)
+    xs = scale(xt, lo, hi)
+    cs = one_hot(torch.from_numpy(y), n_classes)
+
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), warnings.catch_warnings():
+        # Opacus' notices that are expected here: secure_mode is off (recorded in info), the
+        # accountant's alpha range note, and backward hooks on modules whose inputs need no grad
+        for msg in ("Secure RNG turned off", "Optimal order is the largest alpha", "Full backward hook is firing"):
+            warnings.filterwarnings("ignore", message=msg)
+        torch.manual_seed(seed)
+        model = CVAE(x.shape[1], n_classes, hidden=cfg.hidden, latent=cfg.latent_dim).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        loader = DataLoader(TensorDataset(xs[tr], cs[tr]), batch_size=cfg.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(seed))
+        # fixed reparameterisation noise for validation: epoch-to-epoch changes are the weights' alone
+        x_val, c_val = xs[va].to(device), cs[va].to(device)
+        eps_val = torch.randn(len(va), cfg.latent_dim, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+
+        info: dict = {"n_train": int(len(tr)), "n_val": int(len(va)), "early_stopping": use_val, "dp": cfg.dp}
+        engine = None
+        train_model: nn.Module = model
+        criterion: nn.Module = _Criterion(cfg.beta, "mean")
+        delta = None
+        if cfg.dp:
+            from opacus import PrivacyEngine
+
+            delta = cfg.dp_delta if cfg.dp_delta is not None else 1.0 / len(tr)
+            # PRV accountant (Opacus' default): a tighter bound than RDP, so less noise for the
+            # same budget (sigma 14.8 against 16.3 for epsilon 1 over 1,800 steps at rate 1/9). The
+            # calibration searches with the same get_epsilon that is reported, so a full run
+            # reports at most the target.
+            engine = PrivacyEngine(accountant="prv")
+            # Calibrated for the epochs we may actually train (max_epochs), not fewer: calibrating
+            # for fewer epochs than are trained, as the reference federated code does, spends more
+            # than the epsilon it claims.
+            # Ghost clipping: per-sample gradient norms of a Linear layer from its inputs' and
+            # output gradients' norms, then a second, reweighted backward pass, instead of
+            # materialising a [B, out, in] gradient per layer (which made a step ~20x slower on CPU).
+            # "sum" reduction: a Poisson-sampled batch may be empty, and the mean of nothing is nan;
+            # Adam is indifferent to the constant factor between the two.
+            train_model, opt, criterion, loader = engine.make_private_with_epsilon(
+                module=model, optimizer=opt, data_loader=loader, criterion=_Criterion(cfg.beta, "sum"),
+                target_epsilon=cfg.dp_epsilon, target_delta=delta, epochs=cfg.max_epochs,
+                max_grad_norm=cfg.dp_max_grad_norm, poisson_sampling=True, grad_sample_mode="ghost",
+                loss_reduction="sum",
+            )
+            info.update({"accountant": "prv", "noise_multiplier": float(opt.noise_multiplier),
+                         "sample_rate": 1.0 / len(loader), "max_grad_norm": cfg.dp_max_grad_norm,
+                         "target_epsilon": cfg.dp_epsilon, "calibrated_epochs": cfg.max_epochs,
+                         "dp_caveats": ["the per-dimension min-max scaler is fitted on the train records without DP",
+                                        "noise from torch's pseudo-random generator (Opacus secure_mode off), "
+                                        "not a cryptographically secure one"]
+                         + (["early stopping: the stopping epoch and the restored weights depend on the "
+                             f"{len(va)} validation records, which DP-SGD never sees and epsilon does not cover"]
+                            if use_val else [])})
+
+        history: list[dict] = []
+        best_val, best_epoch, best_state, stale, steps = float("inf"), 0, None, 0, 0
+        epoch = 0
+        for epoch in range(1, cfg.max_epochs + 1):
+            train_model.train()
+            total, n = 0.0, 0
+            for xb, cb in loader:
+                xb, cb = xb.to(device), cb.to(device)
+                recon, mu, logvar = train_model(xb, cb)
+                loss = criterion(recon, xb, mu, logvar)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                with torch.no_grad():
+                    total, n = total + float(cvae_loss(recon, xb, mu, logvar, beta=cfg.beta).sum()), n + len(xb)
+            val = _eval_loss(model, x_val, c_val, eps_val, cfg.beta) if use_val else None
+            history.append({"epoch": epoch, "train_loss": total / max(1, n), "val_loss": val})
+            if val is None:
+                continue
+            if val < best_val - _MIN_REL_IMPROVEMENT * abs(best_val) or best_state is None:
+                best_val, best_epoch, stale = val, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    break
+
+        epsilon = None
+        if cfg.dp:
+            epsilon = float(engine.accountant.get_epsilon(delta))
+            train_model.remove_hooks()  # the bare `model` shares its parameters; drop Opacus' hooks
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        else:
+            best_epoch = epoch
+    info["steps"] = steps
+    model.eval()
+    return CvaeResult(model=model, lo=lo.to(device), hi=hi.to(device), epochs_trained=epoch, best_epoch=best_epoch,
+                      best_val_loss=best_val if use_val else None, history=history, epsilon=epsilon, delta=delta, info=info)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def sample_cvae(result: CvaeResult, labels: np.ndarray, *, seed: int, batch_size: int = 4096) -> np.ndarray:
+    """Synthetic embeddings float32 [M,D] for labels int [M]: z ~ N(0,I), decoded, unscaled."""
+    model = result.model.eval()
+    labels = np.asarray(labels).astype(np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= model.n_classes):
+        raise ValueError(f"labels must lie in [0, {model.n_classes})")
+    device = next(model.parameters()).device
+    z = torch.randn(len(labels), model.latent, generator=torch.Generator().manual_seed(seed))
+    c = one_hot(torch.from_numpy(labels), model.n_classes)
+    out = np.empty((len(labels), model.d_in), dtype=np.float32)
+    for i in range(0, len(labels), batch_size):
+        s = model.decode(z[i : i + batch_size].to(device), c[i : i + batch_size].to(device))
+        out[i : i + len(s)] = unscale(s, result.lo.to(device), result.hi.to(device)).float().cpu().numpy()
+    return out
+
+
+def sample_labels(train_labels: np.ndarray, *, mode: str, target_size: int, seed: int) -> np.ndarray:
+    """Labels int64 [M] to sample, shuffled (seeded). "replicate": the train class counts
+    (M = len(train_labels)); "target": M = target_size in the train class proportions, rounded
+    by largest remainder so that the counts sum to target_size exactly."""
+    classes, counts = np.unique(np.asarray(train_labels).astype(np.int64), return_counts=True)
+    if mode == "replicate":
+        n = counts
+    elif mode == "target":
+        exact = counts / counts.sum() * target_size
+        n = np.floor(exact).astype(np.int64)
+        # the largest fractional parts get the remainder; ties go to the smaller class index
+        order = np.argsort(-(exact - n), kind="stable")
+        n[order[: target_size - int(n.sum())]] += 1
+    else:
+        raise ValueError(f"unknown sampling mode {mode!r}; expected 'replicate' or 'target'")
+    return np.random.default_rng(seed).permutation(np.repeat(classes, n))
+
+
+# ---------------------------------------------------------------- persistence
+
+
+class _Packed(nn.Module):
+    """The CVAE and its scaler as one state dict (model.*, lo, hi) for node.checkpoint."""
+
+    def __init__(self, model: CVAE, lo: torch.Tensor, hi: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("lo", lo.detach().float().cpu().clone())
+        self.register_buffer("hi", hi.detach().float().cpu().clone())
+
+
+def save_cvae(path: Path, result: CvaeResult, *, sidecar: dict | None = None) -> None:
+    """Weights and scaler to `path` (.safetensors), architecture and training record to the JSON
+    sidecar beside it (node.checkpoint.save_model: atomic, sidecar last). `sidecar` adds keys."""
+    m = result.model
+    meta = {
+        "kind": "cvae", "d_in": m.d_in, "n_classes": m.n_classes, "hidden": m.hidden, "latent": m.latent,
+        "epochs_trained": result.epochs_trained, "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+        "epsilon": result.epsilon, "delta": result.delta, "history": result.history, "info": result.info,
+    }
+    save_model(Path(path), _Packed(m, result.lo, result.hi), sidecar={**meta, **(sidecar or {})})
+
+
+def load_cvae(path: Path, *, device: torch.device | str = "cpu") -> CvaeResult:
+    """A CvaeResult from `save_cvae`'s files, weights checked against the sidecar's sha256."""
+    side = read_sidecar(Path(path))
+    if side.get("kind") != "cvae":
+        raise ValueError(f"{path}: not a CVAE checkpoint (sidecar kind {side.get('kind')!r})")
+    model = CVAE(side["d_in"], side["n_classes"], hidden=side["hidden"], latent=side["latent"])
+    packed = load_weights(Path(path), _Packed(model, torch.zeros(side["d_in"]), torch.zeros(side["d_in"])), device=device)
+    model.eval()
+    return CvaeResult(model=model, lo=packed.lo, hi=packed.hi, epochs_trained=side["epochs_trained"],
+                      best_epoch=side["best_epoch"], best_val_loss=side["best_val_loss"], history=side["history"],
+                      epsilon=side["epsilon"], delta=side["delta"], info=side["info"])
