@@ -139,6 +139,40 @@ class CvaeConfig(_Strict):
         "in the train class proportions"))
 
 
+# embedding length per extractor architecture (node.embedder builds them; the coordinator only
+# needs the length, to build the downstream head it aggregates)
+EXTRACTOR_DIMS = {"tiny": 128, "dinov2_vits14": 384, "dinov2_vitb14": 768, "resnet18": 512, "resnet50": 2048}
+
+
+class ExtractorConfig(_Strict):
+    """The CVAE route's frozen feature extractor. Pinned federation-wide: embeddings from different
+    networks live in different spaces, so every site must embed with the same weights."""
+
+    arch: Literal["tiny", "dinov2_vits14", "dinov2_vitb14", "resnet18", "resnet50"] = Field("tiny", description=(
+        "tiny: a small seeded random-init CNN, no weight file (tests, demo); the others are pretrained "
+        "backbones read from the local model store"))
+    weights: str | None = Field(None, description="weight file name in the local model store; required for every arch but tiny")
+    sha256: str | None = Field(None, description="the weight file's sha256, all 64 hex digits; required with weights")
+    seed: int = Field(0, description="tiny only: the seed its weights are drawn from")
+
+    @property
+    def dim(self) -> int:
+        """D, the length of an embedding (what the federation's downstream head takes)."""
+        return EXTRACTOR_DIMS[self.arch]
+
+    @model_validator(mode="after")
+    def _weights_pinned(self) -> "ExtractorConfig":
+        if self.arch == "tiny":
+            if self.weights is not None or self.sha256 is not None:
+                raise ValueError("extractor.weights and extractor.sha256 must be unset for arch 'tiny' (it has no weight file)")
+            return self
+        if not self.weights:
+            raise ValueError(f"extractor.weights is required for arch {self.arch!r}: the file name in the local model store")
+        if self.sha256 is None or len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower()):
+            raise ValueError(f"extractor.sha256 must be the weight file's full sha256 (64 hex digits) for arch {self.arch!r}, got {self.sha256!r}")
+        return self
+
+
 class SynthConfig(_Strict):
     route: Literal["plan", "cvae"] = "plan"
     k: int = Field(5, ge=1, description="k-same: patients whose mean codes are averaged into one anchor")
@@ -150,6 +184,8 @@ class SynthConfig(_Strict):
         "pneumoniamnist reconstructions, 0.05 kept all at +17% pixel error"))
     walk: WalkConfig = WalkConfig()
     cvae: CvaeConfig = CvaeConfig()
+    extractor: ExtractorConfig = Field(ExtractorConfig(), description=(
+        "CVAE route: the federation's pinned feature extractor (a site kit sets it); embeddings of another network are refused"))
     seed: int = 0
 
 
@@ -179,6 +215,10 @@ class PolicyConfig(_Strict):
     # Differential privacy budget, checked only where the synthesis declares an epsilon (the
     # PLAN route declares none); None: no limit.
     max_dp_epsilon: float | None = Field(None, gt=0)
+    # CVAE route, per sample, in place of min_pixel_distance: the distance of a synthetic embedding
+    # to its nearest train record, relative to the median of the same distance for real holdout
+    # records (non-members), in the train-standardised embedding space.
+    min_embedding_distance_ratio: float = Field(0.5, ge=0)
 
     def stricter(self, floor: "PolicyConfig") -> "PolicyConfig":
         """This policy tightened so that it is at least as strict as `floor` (the federation's)."""
@@ -191,6 +231,7 @@ class PolicyConfig(_Strict):
             max_tpr_at_low_fpr=min(self.max_tpr_at_low_fpr, floor.max_tpr_at_low_fpr),
             min_mmL=max(self.min_mmL, floor.min_mmL),
             max_dp_epsilon=min((e for e in (self.max_dp_epsilon, floor.max_dp_epsilon) if e is not None), default=None),
+            min_embedding_distance_ratio=max(self.min_embedding_distance_ratio, floor.min_embedding_distance_ratio),
         )
 
 
@@ -263,38 +304,17 @@ class DownstreamConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="180 train images: 64 gave too few steps in 6 epochs to learn")
     strategy: Literal["fedavg", "fedprox"] = "fedavg"
     proximal_mu: float = Field(0.01, ge=0, description="FedProx only: weight of (mu/2)||w - w_global||^2")
+    head_hidden: int = Field(0, ge=0, description="CVAE route: the head on embeddings; 0 is a linear probe, more a one-hidden-layer MLP")
     train_on: Literal["pool", "pool+real"] = Field("pool", description="what each site trains on: the verified pool, or the pool plus its own real train split")
     baselines: bool = Field(True, description=(
         "after the run, FedAvg on each site's real train data (classic federated learning) by the same "
         "machinery; every site also reports its local-only model (its real data alone) with each evaluation"))
 
 
-class ExtractorConfig(_Strict):
-    """The CVAE route's frozen feature extractor. Pinned federation-wide: embeddings from different
-    networks live in different spaces, so every site must embed with the same weights."""
-
-    arch: Literal["tiny", "dinov2_vits14", "dinov2_vitb14", "resnet18", "resnet50"] = Field("tiny", description=(
-        "tiny: a small seeded random-init CNN, no weight file (tests, demo); the others are pretrained "
-        "backbones read from the local model store"))
-    weights: str | None = Field(None, description="weight file name in the local model store; required for every arch but tiny")
-    sha256: str | None = Field(None, description="the weight file's sha256, all 64 hex digits; required with weights")
-    seed: int = Field(0, description="tiny only: the seed its weights are drawn from")
-
-    @model_validator(mode="after")
-    def _weights_pinned(self) -> "ExtractorConfig":
-        if self.arch == "tiny":
-            if self.weights is not None or self.sha256 is not None:
-                raise ValueError("extractor.weights and extractor.sha256 must be unset for arch 'tiny' (it has no weight file)")
-            return self
-        if not self.weights:
-            raise ValueError(f"extractor.weights is required for arch {self.arch!r}: the file name in the local model store")
-        if self.sha256 is None or len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower()):
-            raise ValueError(f"extractor.sha256 must be the weight file's full sha256 (64 hex digits) for arch {self.arch!r}, got {self.sha256!r}")
-        return self
-
-
 class FederationConfig(_Strict):
     name: str = Field("federation", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    route: Literal["plan", "cvae"] = Field("plan", description=(
+        "what the sites share and the federation trains on: PLAN images (a CNN), or CVAE embeddings (a head on embeddings)"))
     image_size: int = Field(32, ge=8, le=256)
     n_classes: int = Field(2, ge=2)
     quorum: int = Field(2, ge=1, description="sites with a bundle in the pool before the run starts")

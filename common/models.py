@@ -65,3 +65,32 @@ class DownstreamCNN(ConvNet):
 
     def __init__(self, n_classes: int, *, width: int, image_size: int):
         super().__init__(n_classes, width=width, image_size=image_size)
+
+
+class EmbeddingHead(nn.Module):
+    """A classifier on embeddings [B,D] -> logits [B,n_classes]: linear (hidden=0, a probe), or one
+    hidden ReLU layer of `hidden` units. The federation's downstream model on the CVAE route, so,
+    as for DownstreamCNN, the order of `state_dict()` is the wire format."""
+
+    def __init__(self, d_in: int, n_classes: int, *, hidden: int = 0):
+        super().__init__()
+        if d_in < 1:
+            raise ValueError(f"d_in must be >= 1, got {d_in}")
+        self.d_in, self.n_classes, self.hidden = d_in, n_classes, hidden
+        self.net = nn.Linear(d_in, n_classes) if hidden == 0 else nn.Sequential(
+            nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def downstream_model(n_classes: int, *, route: str, width: int, image_size: int, embedding_dim: int, head_hidden: int) -> nn.Module:
+    """The federation's downstream classifier for `route`: DownstreamCNN on images [B,1,H,W]
+    ("plan"), EmbeddingHead on embeddings [B,embedding_dim] ("cvae"). Built alike by the
+    coordinator, to aggregate, and by every site, to train."""
+    if route == "cvae":
+        return EmbeddingHead(embedding_dim, n_classes, hidden=head_hidden)
+    if route == "plan":
+        return DownstreamCNN(n_classes, width=width, image_size=image_size)
+    raise ValueError(f"unknown route {route!r}; expected 'plan' or 'cvae'")
+

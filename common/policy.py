@@ -14,7 +14,9 @@ figures read here are top-level keys:
     reid_rate                share of the set the independent attacker re-identifies
     closer_to_train          share of the set nearer a train than a holdout record
     n_accepted               samples released
-    min_pixel_mse_to_train   smallest pixel MSE of a released sample to a train image
+    min_pixel_mse_to_train   smallest pixel MSE of a released sample to a train image (images)
+    min_embedding_distance_ratio  smallest distance of a released embedding to a train record,
+                             relative to a holdout record's typical one (route "cvae")
     mmL                      mean LPIPS to the nearest train image (None: LPIPS unavailable)
     dp_epsilon               declared differential-privacy epsilon (None: none declared)
 
@@ -46,8 +48,12 @@ def evaluate(audit: dict, policy: PolicyConfig) -> list[dict]:
         ("reid_rate", "max", policy.max_reid_rate),
         ("closer_to_train", "max", policy.max_closer_to_train),
         ("n_accepted", "min", float(policy.min_accepted)),
-        ("min_pixel_mse_to_train", "min", policy.min_pixel_distance),
     ]
+    # the per-sample minimum is in the released data's own space: pixels, or embeddings
+    if audit.get("route") == "cvae":
+        checks.append(("min_embedding_distance_ratio", "min", policy.min_embedding_distance_ratio))
+    else:
+        checks.append(("min_pixel_mse_to_train", "min", policy.min_pixel_distance))
     if policy.min_mmL > 0:
         checks.append(("mmL", "min", policy.min_mmL))
     if policy.max_dp_epsilon is not None and audit.get("dp_epsilon") is not None:

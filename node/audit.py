@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,8 +34,10 @@ import torch
 from common.config import PolicyConfig
 from common.fileio import atomic_write_bytes, atomic_write_json
 from common.metrics import roc_auc
+from common.models import EmbeddingHead
 from common.policy import evaluate
 from node.attacks import bootstrap_ci, density_ratio_scores, discriminator_scores, downstream_scores, roc_points
+from node.classifiers import SmallCNN
 from node.device import pick_device
 from node.lpips_matrix import lpips_features, lpips_nearest, nearest_sq, prepare
 from node.distances import embed, min_sq_dist, pixels01
@@ -221,63 +224,49 @@ def _reid_block(s_scores: np.ndarray, h_scores: np.ndarray, holdout_ids: np.ndar
     return {"rate": rate, "rate_ci": ci, "threshold": reid_threshold(h_scores), "quantile": REID_QUANTILE}
 
 
-def audit_images(
-    candidates: np.ndarray, train: np.ndarray, holdout: np.ndarray, *,
-    phi_id, attacker, policy: PolicyConfig, device: torch.device | str, seed: int = 0,
-    train_ids: np.ndarray | None = None, holdout_ids: np.ndarray | None = None,
-    candidate_labels: np.ndarray | None = None, train_labels: np.ndarray | None = None, holdout_labels: np.ndarray | None = None,
-    discriminator=None, lpips_model=None, lpips_reason: str | None = None, dp_epsilon: float | None = None,
-    n_boot: int = 200, downstream_epochs: int = 20, details: dict | None = None,
+@dataclass
+class Evidence:
+    """What a route's audit measured before judging the set: its distance spaces and per-sample scores."""
+
+    spaces: dict  # name -> nearest-neighbour function (see _space_fn), "pixel"/"embedding" first
+    attack_features: tuple[np.ndarray, np.ndarray, np.ndarray]  # S, T, H in the space DOMIAS attacks
+    closeness: np.ndarray  # float [S]: per sample, the figure the policy's per-sample minimum applies to
+    closeness_key: str  # the report key of its minimum over the released set
+    too_close: np.ndarray  # bool [S]: below the policy's per-sample minimum
+    id_score: np.ndarray  # [S] phi_id's top-class probability; id_hold [M] the same on holdout
+    id_hold: np.ndarray
+    att_score: np.ndarray  # [S] the independent attacker's; att_hold [M]
+    att_hold: np.ndarray
+
+
+def _judge(
+    ev: Evidence, *, candidates: np.ndarray, train: np.ndarray, holdout: np.ndarray, policy: PolicyConfig,
+    train_ids: np.ndarray, holdout_ids: np.ndarray, candidate_labels, train_labels, holdout_labels,
+    make_classifier, augment: str, discriminator, dp_epsilon, device, seed: int, n_boot: int, downstream_epochs: int,
+    details: dict | None, extra: dict,
 ) -> tuple[dict, np.ndarray]:
-    """Audit candidate images uint8 [S,H,W] against train and holdout images (with their
-    patient ids; without, every image is its own patient).
-
-    Optional parts: labels of all three sets (the downstream-model attack), the GAN's
-    `discriminator` (LOGAN), an `lpips_model` (node.lpips_matrix.build_lpips; when None the
-    report says why, from `lpips_reason`), a declared DP epsilon. `details`, when a dict, is
-    filled with distances, scores and closest pairs for the HTML report.
-
-    Returns (report dict as written to audit.json, boolean mask [S] of accepted candidates)."""
+    """The per-sample filter, every set-level figure on the accepted set and the gate: the part of
+    the audit both routes share. Returns (report, accepted mask [S])."""
     S = len(candidates)
-    train_ids = np.arange(len(train)).astype(str) if train_ids is None else np.asarray(train_ids)
-    holdout_ids = np.array([f"h{i}" for i in range(len(holdout))]) if holdout_ids is None else np.asarray(holdout_ids)
-    # per-sample filter
-    pix_s, pix_t, pix_h = pixels01(candidates), pixels01(train), pixels01(holdout)
-    d_pix_train = (min_sq_dist(pix_s, pix_t)[0] / pix_s.shape[1]).numpy() if S else np.zeros(0)
-    id_hold = _top_prob(phi_id, holdout, device)
-    thr_id = reid_threshold(id_hold)
-    id_score = _top_prob(phi_id, candidates, device)
-    too_close = d_pix_train < policy.min_pixel_distance
-    reidentified = id_score > thr_id
-    accepted = ~too_close & ~reidentified
+    thr_id = reid_threshold(ev.id_hold)
+    reidentified = ev.id_score > thr_id
+    accepted = ~ev.too_close & ~reidentified
     acc_idx, all_idx = np.flatnonzero(accepted), np.arange(S)
-
-    att_hold = _top_prob(attacker, holdout, device)
-    att_score = _top_prob(attacker, candidates, device)
-
-    empty = torch.zeros(0, 1)
-    emb = {name: (embed(m, candidates, device=device) if S else empty, embed(m, train, device=device), embed(m, holdout, device=device))
-           for name, m in (("phi_id", phi_id), ("attacker", attacker))}
-    spaces = {"pixel": _space_fn((pix_s, pix_t, pix_h), scale=pix_s.shape[1])}
-    spaces.update({k: _space_fn(v) for k, v in emb.items()})
-    if lpips_model is not None:
-        spaces["lpips"] = _lpips_fn(lpips_model, (candidates, train, holdout))
     t_bal = balanced_sample(train_ids, holdout_ids, seed=seed)
     kw = {"n_t": len(train), "n_h": len(holdout), "train_ids": train_ids, "holdout_ids": holdout_ids, "n_boot": n_boot, "seed": seed}
-
-    figs_acc = set_figures(spaces, t_bal, acc_idx, details=details, **kw)
-    figs_all = set_figures(spaces, t_bal, all_idx, **{**kw, "n_boot": 0}) if S else figs_acc
+    figs_acc = set_figures(ev.spaces, t_bal, acc_idx, details=details, **kw)
+    figs_all = set_figures(ev.spaces, t_bal, all_idx, **{**kw, "n_boot": 0}) if S else figs_acc
     n_acc = int(accepted.sum())
 
     # attacks on the released (accepted) set beyond the nearest-neighbour one
     attacks: dict = {}
     if n_acc >= 2:
-        s_e, t_e, h_e = (a.numpy() for a in emb["attacker"])
+        s_e, t_e, h_e = ev.attack_features
         pos, neg = density_ratio_scores(s_e[acc_idx], t_e, h_e, holdout_ids=holdout_ids)
-        attacks["density_ratio"] = {"space": "attacker", **_auc_block(pos, neg, train_ids, holdout_ids, n_boot=n_boot, seed=seed)}
+        attacks["density_ratio"] = {"space": extra.get("attack_space", "attacker"), **_auc_block(pos, neg, train_ids, holdout_ids, n_boot=n_boot, seed=seed)}
     if n_acc >= 2 and candidate_labels is not None and train_labels is not None and holdout_labels is not None and downstream_epochs > 0:
         pos, neg, info = downstream_scores(candidates[acc_idx], np.asarray(candidate_labels)[acc_idx], (train, train_labels), (holdout, holdout_labels),
-                                           width=8, epochs=downstream_epochs, seed=seed, device=device)
+                                           make_model=make_classifier, augment=augment, epochs=downstream_epochs, seed=seed, device=device)
         attacks["downstream_loss"] = {**info, **_auc_block(pos, neg, train_ids, holdout_ids, n_boot=n_boot, seed=seed)}
     # LOGAN attacks the GAN, not the released set: reported, not gated (D is never released, and
     # k-same, the walk and the filter stand between G and what is published)
@@ -292,11 +281,11 @@ def audit_images(
     # site, and an outsider's view of that push is what the attacker's space measures.
     outsider = [f["membership"]["auc"] for k, f in figs_acc.items() if k != "phi_id"] + [a["auc"] for k, a in attacks.items() if k != "discriminator"]
 
-    reid = {
-        "phi_id": _reid_block(id_score[accepted], id_hold, holdout_ids, n_boot=n_boot, seed=seed),
-        "attacker": _reid_block(att_score[accepted], att_hold, holdout_ids, n_boot=n_boot, seed=seed),
-    }
     lp = figs_acc.get("lpips", {}).get("nearest_record", {})
+    reid = {
+        "phi_id": _reid_block(ev.id_score[accepted], ev.id_hold, holdout_ids, n_boot=n_boot, seed=seed),
+        "attacker": _reid_block(ev.att_score[accepted], ev.att_hold, holdout_ids, n_boot=n_boot, seed=seed),
+    }
     report = {
         "passed": False,
         "checks": [],
@@ -307,15 +296,15 @@ def audit_images(
         "reid_rate": reid["attacker"]["rate"],
         "reid_rate_ci": reid["attacker"]["rate_ci"],
         "closer_to_train": _worst(figs_acc, "nearest_record", "closer_to_train"),
-        "min_pixel_mse_to_train": float(d_pix_train[accepted].min()) if n_acc else float("nan"),
-        "mmL": lp.get("mean_min_train"),
+        ev.closeness_key: float(ev.closeness[accepted].min()) if n_acc else float("nan"),
+        "mmL": lp.get("mean_min_train"),  # None without the LPIPS space (no backbone weights, or embeddings)
         "min_lpips_to_train": lp.get("min_train"),
+        **{k: v for k, v in extra.items() if k != "attack_space"},
         "dp_epsilon": dp_epsilon,
         "n_candidates": S,
         "n_accepted": n_acc,
-        "dropped": {"too_close": int(too_close.sum()), "reidentified": int(reidentified.sum()), "either": int((~accepted).sum())},
+        "dropped": {"too_close": int(ev.too_close.sum()), "reidentified": int(reidentified.sum()), "either": int((~accepted).sum())},
         "policy": policy.model_dump(mode="json"),
-        "lpips": {"available": lpips_model is not None, **({"reason": lpips_reason} if lpips_model is None else {"net": getattr(lpips_model, "pnet_type", None)})},
         "nearest_record": {k: v["nearest_record"] for k, v in figs_acc.items()},
         "membership": {k: v["membership"] for k, v in figs_acc.items()},
         "attacks": attacks,
@@ -323,11 +312,11 @@ def audit_images(
         "candidates": {
             "nearest_record": {k: v["nearest_record"] for k, v in figs_all.items()},
             "membership": {k: {m: v["membership"].get(m) for m in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")} for k, v in figs_all.items()},
-            "reid_rate_phi_id": reid_rate(id_score, thr_id),
-            "reid_rate_attacker": reid_rate(att_score, reid_threshold(att_hold)),
-            "min_pixel_mse_to_train": float(d_pix_train.min()) if S else None,
+            "reid_rate_phi_id": reid_rate(ev.id_score, thr_id),
+            "reid_rate_attacker": reid_rate(ev.att_score, reid_threshold(ev.att_hold)),
+            ev.closeness_key: float(ev.closeness.min()) if S else None,
         },
-        "reid_thresholds": {"phi_id": thr_id, "attacker": reid_threshold(att_hold), "quantile": REID_QUANTILE},
+        "reid_thresholds": {"phi_id": thr_id, "attacker": reid_threshold(ev.att_hold), "quantile": REID_QUANTILE},
         "bootstrap": {"resamples": n_boot, "level": 0.95, "unit": "patient for T and H, record for S"},
         "n_train": len(train),
         "n_holdout": len(holdout),
@@ -338,6 +327,106 @@ def audit_images(
     report["passed"], report["checks"] = gate(report, policy)
     if details is not None:
         details["accepted"] = accepted
+    return report, accepted
+
+
+def _ids(train_ids, holdout_ids, n_train: int, n_holdout: int) -> tuple[np.ndarray, np.ndarray]:
+    """Patient ids, or one patient per record where none are given."""
+    return (np.arange(n_train).astype(str) if train_ids is None else np.asarray(train_ids),
+            np.array([f"h{i}" for i in range(n_holdout)]) if holdout_ids is None else np.asarray(holdout_ids))
+
+
+def audit_images(
+    candidates: np.ndarray, train: np.ndarray, holdout: np.ndarray, *,
+    phi_id, attacker, policy: PolicyConfig, device: torch.device | str, seed: int = 0,
+    train_ids: np.ndarray | None = None, holdout_ids: np.ndarray | None = None,
+    candidate_labels: np.ndarray | None = None, train_labels: np.ndarray | None = None, holdout_labels: np.ndarray | None = None,
+    discriminator=None, lpips_model=None, lpips_reason: str | None = None, dp_epsilon: float | None = None,
+    n_boot: int = 200, downstream_epochs: int = 20, details: dict | None = None,
+) -> tuple[dict, np.ndarray]:
+    """Audit candidate images uint8 [S,H,W] (the PLAN route) against train and holdout images
+    (with their patient ids; without, every image is its own patient).
+
+    Optional parts: labels of all three sets (the downstream-model attack), the GAN's
+    `discriminator` (LOGAN), an `lpips_model` (node.lpips_matrix.build_lpips; when None the
+    report says why, from `lpips_reason`), a declared DP epsilon. `details`, when a dict, is
+    filled with distances, scores and closest pairs for the HTML report.
+
+    Returns (report dict as written to audit.json, boolean mask [S] of accepted candidates)."""
+    S = len(candidates)
+    train_ids, holdout_ids = _ids(train_ids, holdout_ids, len(train), len(holdout))
+    pix_s, pix_t, pix_h = pixels01(candidates), pixels01(train), pixels01(holdout)
+    d_pix_train = (min_sq_dist(pix_s, pix_t)[0] / pix_s.shape[1]).numpy() if S else np.zeros(0)
+    empty = torch.zeros(0, 1)
+    emb = {name: (embed(m, candidates, device=device) if S else empty, embed(m, train, device=device), embed(m, holdout, device=device))
+           for name, m in (("phi_id", phi_id), ("attacker", attacker))}
+    spaces = {"pixel": _space_fn((pix_s, pix_t, pix_h), scale=pix_s.shape[1])}
+    spaces.update({k: _space_fn(v) for k, v in emb.items()})
+    if lpips_model is not None:
+        spaces["lpips"] = _lpips_fn(lpips_model, (candidates, train, holdout))
+    ev = Evidence(
+        spaces=spaces, attack_features=tuple(a.numpy() for a in emb["attacker"]),
+        closeness=d_pix_train, closeness_key="min_pixel_mse_to_train", too_close=d_pix_train < policy.min_pixel_distance,
+        id_score=_top_prob(phi_id, candidates, device), id_hold=_top_prob(phi_id, holdout, device),
+        att_score=_top_prob(attacker, candidates, device), att_hold=_top_prob(attacker, holdout, device),
+    )
+    report, accepted = _judge(
+        ev, candidates=candidates, train=train, holdout=holdout, policy=policy, train_ids=train_ids, holdout_ids=holdout_ids,
+        candidate_labels=candidate_labels, train_labels=train_labels, holdout_labels=holdout_labels,
+        make_classifier=lambda n: SmallCNN(n, width=8, image_size=candidates.shape[-1]), augment="light",
+        discriminator=discriminator, dp_epsilon=dp_epsilon, device=device, seed=seed, n_boot=n_boot,
+        downstream_epochs=downstream_epochs, details=details,
+        extra={"route": "plan", "lpips": {"available": lpips_model is not None, **(
+            {"reason": lpips_reason} if lpips_model is None else {"net": getattr(lpips_model, "pnet_type", None)})}},
+    )
+    return report, accepted
+
+
+def standardise(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
+    """Every array [*,D] scaled per dimension by train's mean and standard deviation: distances in
+    an embedding space then weigh every dimension alike, whatever its raw scale."""
+    t = torch.as_tensor(np.asarray(train), dtype=torch.float32)
+    mu, sd = t.mean(0), t.std(0).clamp_min(1e-6)
+    return [(torch.as_tensor(np.asarray(a), dtype=torch.float32) - mu) / sd for a in (train, *others)]
+
+
+def audit_embeddings(
+    candidates: np.ndarray, train: np.ndarray, holdout: np.ndarray, *,
+    phi_id, attacker, policy: PolicyConfig, device: torch.device | str, seed: int = 0,
+    train_ids: np.ndarray | None = None, holdout_ids: np.ndarray | None = None,
+    candidate_labels: np.ndarray | None = None, train_labels: np.ndarray | None = None, holdout_labels: np.ndarray | None = None,
+    dp_epsilon: float | None = None, n_boot: int = 200, downstream_epochs: int = 20, details: dict | None = None,
+) -> tuple[dict, np.ndarray]:
+    """Audit candidate embeddings float [S,D] (the CVAE route) against the train and holdout
+    records' embeddings [N,D], [M,D] from the same extractor. phi_id and the attacker are
+    re-identification heads on embeddings (common.models.EmbeddingHead over the train patients).
+
+    The distance space is the embedding itself, standardised by train. The per-sample minimum is
+    relative, because an embedding's scale is the extractor's: a candidate is too close when its
+    distance to the nearest train record is below policy.min_embedding_distance_ratio times the
+    median distance from a holdout record (a real non-member) to its nearest train record.
+    Returns (report, accepted mask [S]) as audit_images."""
+    S = len(candidates)
+    train_ids, holdout_ids = _ids(train_ids, holdout_ids, len(train), len(holdout))
+    t, s, h = standardise(train, candidates if S else np.zeros((0, train.shape[1]), np.float32), holdout)
+    # Euclidean, not squared, so the ratio reads as "this far, relative to a real non-member"
+    d_s = min_sq_dist(s, t)[0].sqrt().numpy() if S else np.zeros(0)
+    typical = float(min_sq_dist(h, t)[0].sqrt().median())
+    ratio = d_s / max(typical, 1e-12)
+    ev = Evidence(
+        spaces={"embedding": _space_fn((s, t, h))}, attack_features=(s.numpy(), t.numpy(), h.numpy()),
+        closeness=ratio, closeness_key="min_embedding_distance_ratio", too_close=ratio < policy.min_embedding_distance_ratio,
+        id_score=_top_prob(phi_id, candidates, device), id_hold=_top_prob(phi_id, holdout, device),
+        att_score=_top_prob(attacker, candidates, device), att_hold=_top_prob(attacker, holdout, device),
+    )
+    d = train.shape[1]
+    report, accepted = _judge(
+        ev, candidates=candidates, train=train, holdout=holdout, policy=policy, train_ids=train_ids, holdout_ids=holdout_ids,
+        candidate_labels=candidate_labels, train_labels=train_labels, holdout_labels=holdout_labels,
+        make_classifier=lambda n: EmbeddingHead(d, n), augment="none", discriminator=None, dp_epsilon=dp_epsilon,
+        device=device, seed=seed, n_boot=n_boot, downstream_epochs=downstream_epochs, details=details,
+        extra={"route": "cvae", "attack_space": "embedding", "median_holdout_distance": typical},
+    )
     return report, accepted
 
 
@@ -363,8 +452,9 @@ def _load_lpips(ws: Workspace):
 
 
 def audit(ws: Workspace, *, policy: PolicyConfig | None = None) -> dict:
-    """Audit synth/<latest run>/candidates.npz; write audit.json and accepted.npz beside it, and
-    the site-only HTML report reports/audit-<run>.html (it shows real images).
+    """Audit synth/<latest run>/candidates.npz (images, or embeddings on the CVAE route); write
+    audit.json and accepted.npz beside it, and the site-only HTML report
+    reports/audit-<run>.html (it shows real images).
 
     `policy` defaults to the site's; pass the site's policy tightened by the federation floor
     (PolicyConfig.stricter) to audit for release into a federation."""
@@ -376,24 +466,34 @@ def audit(ws: Workspace, *, policy: PolicyConfig | None = None) -> dict:
     run_id = latest_run(ws)
     run_dir = ws.synth / run_id
     with np.load(run_dir / "candidates.npz", allow_pickle=False) as z:
-        cand = {k: z[k] for k in ("images", "labels", "path")}
+        cand = {k: z[k] for k in z.files}
     synth_info = json.loads((run_dir / "synth.json").read_text()) if (run_dir / "synth.json").exists() else {}
     train, holdout = load_split(ws, "train"), load_split(ws, "holdout")
-    lpips_model, lpips_reason = _load_lpips(ws)
-    D = load_model(ws, "D", device) if (ws.models / "D.safetensors").exists() else None
     details: dict = {}
-    report, accepted = audit_images(
-        cand["images"], train.images, holdout.images,
-        phi_id=load_model(ws, "phi_id", device), attacker=load_model(ws, "phi_attack", device),
-        policy=policy, device=device, seed=cfg.synth.seed, train_ids=train.patient_ids, holdout_ids=holdout.patient_ids,
-        candidate_labels=cand["labels"], train_labels=train.labels, holdout_labels=holdout.labels,
-        discriminator=D, lpips_model=lpips_model, lpips_reason=lpips_reason, dp_epsilon=synth_info.get("dp_epsilon"),
-        details=details,
-    )
+    common = dict(policy=policy, device=device, seed=cfg.synth.seed, train_ids=train.patient_ids, holdout_ids=holdout.patient_ids,
+                  candidate_labels=cand["labels"], dp_epsilon=synth_info.get("dp_epsilon"), details=details)
+    if "embeddings" in cand:
+        from node.cvae_stages import load_reid
+        from node.embeddings import split_embeddings
+
+        (t_emb, t_y), (h_emb, h_y) = (split_embeddings(ws, cfg.synth.extractor, s, device=device) for s in ("train", "holdout"))
+        report, accepted = audit_embeddings(
+            cand["embeddings"], t_emb, h_emb, phi_id=load_reid(ws, "phi_id", device), attacker=load_reid(ws, "phi_attack", device),
+            train_labels=t_y, holdout_labels=h_y, **common)
+        shown = None  # nothing to show as pictures: the report has the figures and histograms
+    else:
+        lpips_model, lpips_reason = _load_lpips(ws)
+        D = load_model(ws, "D", device) if (ws.models / "D.safetensors").exists() else None
+        report, accepted = audit_images(
+            cand["images"], train.images, holdout.images,
+            phi_id=load_model(ws, "phi_id", device), attacker=load_model(ws, "phi_attack", device),
+            train_labels=train.labels, holdout_labels=holdout.labels,
+            discriminator=D, lpips_model=lpips_model, lpips_reason=lpips_reason, **common)
+        shown = (cand["images"], train.images)
     report = _nan_to_none({"run_id": run_id, **report})
     buf = io.BytesIO()
     np.savez(buf, **{k: v[accepted] for k, v in cand.items()})
     atomic_write_bytes(run_dir / "accepted.npz", buf.getvalue())
     atomic_write_json(run_dir / "audit.json", report)
-    write_report(ws.reports / f"audit-{run_id}.html", report, details, candidates=cand["images"], train=train.images)
+    write_report(ws.reports / f"audit-{run_id}.html", report, details, images=shown)
     return report

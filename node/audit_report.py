@@ -89,8 +89,9 @@ def png_data_uri(img: np.ndarray, *, scale: int = 3) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def render(report: dict, details: dict, *, candidates: np.ndarray, train: np.ndarray) -> str:
-    """The report as one HTML string."""
+def render(report: dict, details: dict, *, images: tuple[np.ndarray, np.ndarray] | None) -> str:
+    """The report as one HTML string. `images`: (candidates uint8 [S,H,W], train [N,H,W]) for the
+    closest-pair grids; None for embeddings, which have no picture."""
     passed = report.get("passed")
     rows = []
     for c in report.get("checks", []):
@@ -126,12 +127,16 @@ def render(report: dict, details: dict, *, candidates: np.ndarray, train: np.nda
                               title=f"{space}: distance of each released sample to its nearest record"))
         hists.append(svg_hist({"train (members)": -d["member_scores"], "holdout (non-members)": -d["nonmember_scores"]},
                               title=f"{space}: distance of each real record to its nearest released sample"))
-        cells = "".join(
-            f"<figure><img src='{png_data_uri(candidates[s])}'><img src='{png_data_uri(train[t])}'><figcaption>d={dist:.3g}</figcaption></figure>"
-            for s, t, dist in d["closest"])
-        grids.append(f"<h3>{html.escape(space)}</h3><div class=grid>{cells}</div>")
+        if images is not None:
+            candidates, train = images
+            cells = "".join(
+                f"<figure><img src='{png_data_uri(candidates[s])}'><img src='{png_data_uri(train[t])}'><figcaption>d={dist:.3g}</figcaption></figure>"
+                for s, t, dist in d["closest"])
+            grids.append(f"<h3>{html.escape(space)}</h3><div class=grid>{cells}</div>")
+    closest = ("<h2>Closest released / train pairs</h2><p>Each pair: released sample (left), its nearest train image (right).</p>"
+               + "".join(grids)) if grids else ""
     lp = report.get("lpips") or {}
-    lp_note = "" if lp.get("available") else f"<p class=warn>LPIPS not computed: {html.escape(str(lp.get('reason')))}</p>"
+    lp_note = "" if lp.get("available", True) else f"<p class=warn>LPIPS not computed: {html.escape(str(lp.get('reason')))}</p>"
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Privacy audit {html.escape(str(report.get('run_id')))}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}} tr.ok td:nth-child(4){{color:#080}} tr.bad td{{background:#fdd}}
@@ -140,7 +145,7 @@ figure img{{display:inline-block;margin:1px}} .verdict{{font-size:140%;font-weig
 <h1>Privacy audit of synthetic run {html.escape(str(report.get('run_id')))}</h1>
 <p class=verdict>{'PASSED: the accepted set may be published' if passed else 'FAILED: nothing is published'}</p>
 <p>{report.get('n_accepted')} of {report.get('n_candidates')} candidates accepted (dropped: {html.escape(str(report.get('dropped')))});
-train {report.get('n_train')} images, holdout {report.get('n_holdout')} images. 95% bootstrap intervals in brackets
+train {report.get('n_train')} records, holdout {report.get('n_holdout')} records. 95% bootstrap intervals in brackets
 ({html.escape(str((report.get('bootstrap') or {}).get('unit')))}). This report shows real patient images: it must stay at the site.</p>
 {lp_note}
 <h2>Release gate</h2><table><tr><th>check</th><th>value</th><th>policy</th><th></th><th>by how much</th></tr>{''.join(rows)}</table>
@@ -152,12 +157,12 @@ train {report.get('n_train')} images, holdout {report.get('n_holdout')} images. 
 {''.join(hists)}
 <h2>Re-identification</h2><p>Share of released samples whose top identity probability exceeds the 95th percentile on holdout images (0.05 is what unrelated images score).</p>
 <table><tr><th>network</th><th>re-id rate</th><th>threshold</th></tr>{reid_html}</table>
-<h2>Closest released / train pairs</h2><p>Each pair: released sample (left), its nearest train image (right).</p>{''.join(grids)}
+{closest}
 </body></html>"""
 
 
-def write_report(path: Path, report: dict, details: dict, *, candidates: np.ndarray, train: np.ndarray) -> Path:
+def write_report(path: Path, report: dict, details: dict, *, images: tuple[np.ndarray, np.ndarray] | None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, render(report, details, candidates=candidates, train=train))
+    atomic_write_text(path, render(report, details, images=images))
     return path

@@ -9,41 +9,45 @@ import torch
 
 from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
-from common.models import DownstreamCNN
+from common.models import downstream_model
 from node.device import pick_device
-from node.ingest import load_split, read_splits
+from node.ingest import read_splits
+from node.records import split_records
 from node.status import read_json
 from node.task import evaluate_classifier, train_classifier
 from node.workspace import Workspace
 
 
 def local_only(ws: Workspace, *, downstream: DownstreamConfig | None = None) -> dict:
-    """Train DownstreamCNN with the federation's downstream hyperparameters (epochs = rounds *
-    local_epochs, so it sees the real data as often as a federated client does) and write
+    """Train the downstream model (common.models.downstream_model for the site's route: a CNN on
+    images, a head on embeddings) with the federation's downstream hyperparameters (epochs =
+    rounds * local_epochs, so it sees the real data as often as a federated client does) and write
     reports/local_only.json {"test_accuracy", "test_loss", "test" (every metric of
     node.task.evaluate_classifier), "n_train", "n_test", ...}. Reused when it exists for the same
     hyperparameters."""
     cfg = ws.config()
     ds = downstream or DownstreamConfig()
     done = read_json(ws.reports / "local_only.json")
-    if done and done.get("downstream") == ds.model_dump(mode="json") and "test" in done:
+    route = cfg.synth.route
+    if done and done.get("downstream") == ds.model_dump(mode="json") and done.get("route", "plan") == route and "test" in done:
         return done  # trained with these hyperparameters already (the stage, or an earlier evaluation)
     device = pick_device(cfg.device)
-    train, test = load_split(ws, "train"), load_split(ws, "test")
+    (x_train, y_train), (x_test, y_test) = (split_records(ws, s, route=route, device=device) for s in ("train", "test"))
     n_classes = read_splits(ws)["n_classes"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.models.seed)
-        model = DownstreamCNN(n_classes, width=ds.width, image_size=cfg.data.image_size)
+        model = downstream_model(n_classes, route=route, width=ds.width, image_size=cfg.data.image_size,
+                                 embedding_dim=cfg.synth.extractor.dim, head_hidden=ds.head_hidden)
     t0 = time.time()
     loss = train_classifier(
-        model, train.images, train.labels, epochs=ds.rounds * ds.local_epochs, lr=ds.lr,
-        batch_size=ds.batch_size, device=device, seed=cfg.models.seed,
+        model, x_train, y_train, epochs=ds.rounds * ds.local_epochs, lr=ds.lr,
+        batch_size=ds.batch_size, device=device, seed=cfg.models.seed, augment="light" if route == "plan" else "none",
     )
-    ev = evaluate_classifier(model, test.images, test.labels, device=device)
+    ev = evaluate_classifier(model, x_test, y_test, device=device)
     report = {
-        "test_accuracy": ev["accuracy"], "test_loss": ev["loss"], "n_train": len(train), "n_test": ev["n"], "test": ev,
+        "test_accuracy": ev["accuracy"], "test_loss": ev["loss"], "n_train": len(y_train), "n_test": ev["n"], "test": ev,
         "final_train_loss": loss, "epochs": ds.rounds * ds.local_epochs, "downstream": ds.model_dump(mode="json"),
-        "seconds": round(time.time() - t0, 2),
+        "route": route, "seconds": round(time.time() - t0, 2),
     }
     atomic_write_json(ws.reports / "local_only.json", report)
     return report

@@ -119,9 +119,27 @@ def train(site_dir: Path = SiteDir, force: bool = typer.Option(False, help="Run 
 
 
 @app.command()
-def synthesize(site_dir: Path = SiteDir, force: bool = typer.Option(False, help="Run even if up to date.")) -> None:
-    """Invert, k-same anchors, PLAN walks (or linear), and sample synthetic candidates."""
+def synthesize(
+    site_dir: Path = SiteDir,
+    force: bool = typer.Option(False, help="Run even if up to date."),
+    route: str = typer.Option(None, help="plan or cvae: set synth.route in site.yaml first (it stays set)."),
+) -> None:
+    """PLAN route: invert, k-same anchors, PLAN walks (or linear), render candidate images. CVAE
+    route: sample candidate embeddings from the CVAE trained on the pinned extractor's embeddings."""
+    if route is not None:
+        _set_route(_workspace(site_dir), route)
     _pipeline(site_dir, "synthesize", force)
+
+
+def _set_route(ws: Workspace, route: str) -> None:
+    cfg = ws.config()
+    if route not in ("plan", "cvae"):
+        console.print(f"[red]error:[/red] --route must be plan or cvae, got {route!r}")
+        raise typer.Exit(2)
+    if cfg.synth.route != route:
+        cfg.synth.route = route
+        atomic_write_text(ws.config_path, commented_yaml(cfg, title=f"plan-node site config for {cfg.name!r}"))
+        console.print(f"{ws.config_path}: synth.route is now {route!r}")
 
 
 @app.command()

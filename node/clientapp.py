@@ -10,16 +10,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
-from common.models import DownstreamCNN
+from common.models import downstream_model
 from node.baseline import local_only
 from node.device import pick_device
-from node.ingest import load_split
-from node.pull import load_pool, pull
+from node.pull import load_pool_data, pull
+from node.records import split_records
 from node.task import evaluate_classifier, train_classifier
 from node.workspace import Workspace
 
@@ -30,11 +31,16 @@ def _workspace(context: Context) -> Workspace:
     return Workspace(Path(str(context.node_config["site-dir"])))
 
 
-def _model_from(msg: Message) -> tuple[DownstreamCNN, ConfigRecord]:
+def _model_from(msg: Message) -> tuple[torch.nn.Module, ConfigRecord]:
     cfg = msg.content["config"]
-    model = DownstreamCNN(int(cfg["n-classes"]), width=int(cfg["width"]), image_size=int(cfg["image-size"]))
+    model = downstream_model(int(cfg["n-classes"]), route=_route(cfg), width=int(cfg["width"]), image_size=int(cfg["image-size"]),
+                             embedding_dim=int(cfg.get("embedding-dim", 0)), head_hidden=int(cfg.get("head-hidden", 0)))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model, cfg
+
+
+def _route(cfg: ConfigRecord) -> str:
+    return str(cfg.get("route", "plan"))
 
 
 def _reply(msg: Message, ws: Workspace, records: dict) -> Message:
@@ -48,19 +54,22 @@ def _reply(msg: Message, ws: Workspace, records: dict) -> Message:
     return Message(RecordDict(records), reply_to=msg)
 
 
-def _training_data(ws: Workspace, train_on: str) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images [N,H,W] and labels [N]: the verified pool, the site's real train split, or both."""
+def _training_data(ws: Workspace, train_on: str, route: str = "plan") -> tuple[np.ndarray, np.ndarray]:
+    """Records (images uint8 [N,H,W], or embeddings float32 [N,D] on the CVAE route) and labels
+    [N]: the verified pool, the site's real train split, or both."""
     parts = []
     if train_on in ("pool", "pool+real"):
         # Bundles pooled after this site started its SuperNode are fetched and verified now, so
         # every round trains on the whole verified pool (and only on verified bundles).
         pull(ws)
-        parts.append(load_pool(ws))
-        if len(parts[0][1]) == 0:
+        pool_route, data, labels = load_pool_data(ws)
+        if len(labels) == 0:
             raise RuntimeError(f"{ws.root}: the verified pool is empty; nothing to train on")
+        if pool_route != route:
+            raise RuntimeError(f"{ws.root}: the pool holds {pool_route!r}-route bundles, the federation trains on route {route!r}")
+        parts.append((data, labels))
     if train_on in ("real", "pool+real"):
-        real = load_split(ws, "train")
-        parts.append((real.images, real.labels))
+        parts.append(split_records(ws, "train", route=route, device=pick_device(ws.config().device)))
     if not parts:
         raise ValueError(f"train-on {train_on!r}: expected pool, pool+real or real")
     return np.concatenate([p[0] for p in parts]), np.concatenate([np.asarray(p[1], dtype=np.int64) for p in parts])
@@ -68,18 +77,19 @@ def _training_data(ws: Workspace, train_on: str) -> tuple[np.ndarray, np.ndarray
 
 def _downstream(cfg: ConfigRecord) -> DownstreamConfig:
     return DownstreamConfig(width=int(cfg["width"]), rounds=int(cfg["rounds"]), local_epochs=int(cfg["local-epochs"]),
-                            lr=float(cfg["lr"]), batch_size=int(cfg["batch-size"]))
+                            lr=float(cfg["lr"]), batch_size=int(cfg["batch-size"]), head_hidden=int(cfg.get("head-hidden", 0)))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     ws = _workspace(context)
     model, cfg = _model_from(msg)
-    images, labels = _training_data(ws, str(cfg.get("train-on", "pool")))
+    route = _route(cfg)
+    data, labels = _training_data(ws, str(cfg.get("train-on", "pool")), route)
     global_params = [p.detach().clone() for p in model.parameters()]
     loss = train_classifier(
         model,
-        images,
+        data,
         labels,
         epochs=int(cfg["local-epochs"]),
         lr=float(cfg["lr"]),
@@ -88,6 +98,7 @@ def train(msg: Message, context: Context) -> Message:
         seed=int(cfg["server-round"]),
         proximal_mu=float(cfg.get("proximal-mu", 0.0)),
         global_params=global_params,
+        augment="light" if route == "plan" else "none",
     )
     metrics = MetricRecord({"num-examples": len(labels), "train-loss": float(loss)})
     return _reply(msg, ws, {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
@@ -97,8 +108,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     ws = _workspace(context)
     model, cfg = _model_from(msg)
-    test = load_split(ws, "test")
-    result = evaluate_classifier(model, test.images, test.labels, device=pick_device(ws.config().device))
+    device = pick_device(ws.config().device)
+    test_x, test_y = split_records(ws, "test", route=_route(cfg), device=device)
+    result = evaluate_classifier(model, test_x, test_y, device=device)
     # The yardstick: the same model class and hyperparameters on this site's real data alone
     # (trained once, then read from reports/local_only.json).
     local = local_only(ws, downstream=_downstream(cfg))["test"]

@@ -6,7 +6,8 @@ and the client certificate was issued by the kit's CA and is within its validity
 Then keys/ (0700) receives ca.crt, client.crt, client.key (0600) and coordinator.pub at the
 paths site.yaml names; site.yaml's coordinator addresses are set from the kit, and its release
 policy is tightened to the federation's floor (PolicyConfig.stricter), so the site's gate never
-passes a bundle the coordinator would refuse.
+passes a bundle the coordinator would refuse, and its synth.route and synth.extractor become the
+federation's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
-from common.config import PolicyConfig, commented_yaml
+from common.config import ExtractorConfig, PolicyConfig, commented_yaml
 from common.fileio import atomic_write_bytes, atomic_write_text
 from common.keyfile import write_private_file
 from common.signing import SigningKeyError, key_id, load_public_key
@@ -75,6 +76,16 @@ def install_kit(ws: Workspace, kit_path: Path) -> dict:
     except SigningKeyError as e:
         raise KitError(f"{kit_path}: coordinator.pub: {e}") from None
     _check_certificate(kit_path, files, cfg.name)
+    try:
+        floor = PolicyConfig(**meta["policy_floor"]) if "policy_floor" in meta else None
+    except ValueError as e:
+        raise KitError(f"{kit_path}: kit.json policy_floor: {e}") from None
+    try:
+        extractor = ExtractorConfig(**(meta.get("extractor") or {}))
+        if meta.get("route", "plan") not in ("plan", "cvae"):
+            raise ValueError(f"route must be 'plan' or 'cvae', got {meta['route']!r}")
+    except ValueError as e:
+        raise KitError(f"{kit_path}: kit.json route or extractor: {e}") from None
 
     ws.keys.mkdir(mode=0o700, parents=True, exist_ok=True)
     ws.keys.chmod(0o700)
@@ -84,11 +95,9 @@ def install_kit(ws: Workspace, kit_path: Path) -> dict:
     atomic_write_bytes(ws.resolve(c.ca_cert), files["ca.crt"])
     atomic_write_bytes(ws.resolve(c.coordinator_pub), files["coordinator.pub"])
     c.exchange, c.superlink = meta["exchange"], meta["superlink"]
-    if "policy_floor" in meta:
-        try:
-            floor = PolicyConfig(**meta["policy_floor"])
-        except ValueError as e:
-            raise KitError(f"{kit_path}: kit.json policy_floor: {e}") from None
+    if floor is not None:
         cfg.policy = cfg.policy.stricter(floor)
+    if "route" in meta:
+        cfg.synth.route, cfg.synth.extractor = meta["route"], extractor
     atomic_write_text(ws.config_path, commented_yaml(cfg, title=f"plan-node site config for {cfg.name!r}"))
     return meta

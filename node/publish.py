@@ -3,7 +3,8 @@
 Reads (workspace-relative):
     synth/latest.json            {"run_id": ...}: the synthesis run to publish
     synth/<run>/audit.json       the audit result; nothing is published unless "passed" is true
-    synth/<run>/accepted.npz     images uint8 [M,H,W], labels int64 [M]: the accepted set
+    synth/<run>/accepted.npz     images uint8 [M,H,W] (PLAN route) or embeddings float32 [M,D]
+                                 (CVAE route), labels int64 [M]: the accepted set
     keys/signing.key             the site's Ed25519 key (registered at the coordinator)
 Writes:
     bundles/<bundle_id>/ and bundles/<bundle_id>.tar    the signed bundle (common.bundle)
@@ -30,6 +31,7 @@ import numpy as np
 from common.bundle import build_bundle, bundle_id_for, code_version, pack_bundle
 from common.fileio import atomic_write_json, sha256_file
 from common.signing import load_private_key
+from node.embedder import extractor_digest
 from node.exchange_client import ExchangeClient, ExchangeError, site_client
 from node.workspace import Workspace
 
@@ -54,25 +56,30 @@ def _read_json(path: Path) -> object:
 
 
 def load_accepted(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [M,H,W], labels int64 [M]) from an accepted-set .npz (no pickles)."""
+    """(data, labels int64 [M]) from an accepted-set .npz (no pickles): data is images uint8
+    [M,H,W] or embeddings float32 [M,D], whichever array the file holds."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            images, labels = z["images"], z["labels"]
+            key = "embeddings" if "embeddings" in z.files else "images"
+            data, labels = z[key], z["labels"]
     except FileNotFoundError:
         raise PublishError(f"{path}: not found (run the audit stage first)") from None
     except (KeyError, ValueError, OSError) as e:
-        raise PublishError(f"{path}: expected arrays 'images' and 'labels' ({e})") from None
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise PublishError(f"{path}: 'images' must be uint8 [M,H,W], got {images.dtype} {images.shape}")
-    if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
-        raise PublishError(f"{path}: 'labels' must be int [M] with M={len(images)}, got {labels.dtype} {labels.shape}")
-    return images, labels.astype(np.int64)
+        raise PublishError(f"{path}: expected arrays 'images' or 'embeddings', and 'labels' ({e})") from None
+    if key == "images" and (data.dtype != np.uint8 or data.ndim != 3):
+        raise PublishError(f"{path}: 'images' must be uint8 [M,H,W], got {data.dtype} {data.shape}")
+    if key == "embeddings" and (data.dtype != np.float32 or data.ndim != 2):
+        raise PublishError(f"{path}: 'embeddings' must be float32 [M,D], got {data.dtype} {data.shape}")
+    if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+        raise PublishError(f"{path}: 'labels' must be int [M] with M={len(data)}, got {labels.dtype} {labels.shape}")
+    return data, labels.astype(np.int64)
 
 
-def accepted_digest(images: np.ndarray, labels: np.ndarray) -> str:
-    """sha256 of the accepted set's shape, pixels and labels (independent of npz compression)."""
-    h = hashlib.sha256(json.dumps([list(images.shape), list(labels.shape)]).encode())
-    h.update(np.ascontiguousarray(images).tobytes())
+def accepted_digest(data: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of the accepted set's shape, values and labels (independent of npz compression)."""
+    head = [list(data.shape), list(labels.shape)] + ([] if data.dtype == np.uint8 else [data.dtype.str])
+    h = hashlib.sha256(json.dumps(head).encode())
+    h.update(np.ascontiguousarray(data).tobytes())
     h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
     return h.hexdigest()
 
@@ -133,8 +140,8 @@ def publish(ws: Workspace, *, client: ExchangeClient | None = None) -> str | Non
     if audit.get("passed") is not True:
         log.warning("not publishing run %s: the audit did not pass (passed=%r)", run_id, audit.get("passed"))
         return None
-    images, labels = load_accepted(run_dir / "accepted.npz")
-    digest = accepted_digest(images, labels)
+    data, labels = load_accepted(run_dir / "accepted.npz")
+    digest = accepted_digest(data, labels)
 
     record = _load_ledger(ws, cfg.name)
     entry = next((b for b in record["bundles"] if b["accepted_digest"] == digest), None)
@@ -146,21 +153,24 @@ def publish(ws: Workspace, *, client: ExchangeClient | None = None) -> str | Non
     if entry is None or not tar.exists() or sha256_file(tar) != entry["sha256"]:
         # Anything on disk for this set now was never uploaded (uploads follow the record):
         # leftovers of a crash. Rebuild under a fresh sequence number.
-        stale = ws.bundles / bundle_id_for(cfg.name, images, labels)
+        stale = ws.bundles / bundle_id_for(cfg.name, data, labels)
         shutil.rmtree(stale, ignore_errors=True)
         stale.with_name(stale.name + ".tar").unlink(missing_ok=True)
         sequence = int(record["last_sequence"]) + 1
+        images = data.dtype == np.uint8
+        card = {"route": "plan" if images else "cvae", "run_id": run_id, "code_version": code_version(),
+                "description": f"synthetic {'images' if images else 'embeddings'} released by site {cfg.name!r} after a passed privacy audit"}
+        if not images:
+            # the coordinator and every receiver check it against the federation's pin
+            card["extractor"] = cfg.synth.extractor.model_dump(mode="json")
+            card["extractor_digest"] = extractor_digest(cfg.synth.extractor)
         bundle_id = build_bundle(
             ws.bundles,
-            images=images,
+            **({"images": data} if images else {"embeddings": data}),
             labels=labels,
             audit=audit,
-            datacard={
-                "route": cfg.synth.route,
-                "run_id": run_id,
-                "code_version": code_version(),
-                "description": f"synthetic images released by site {cfg.name!r} after a passed privacy audit",
-            },
+            datacard=card,
+            dp_epsilon=audit.get("dp_epsilon"),
             site=cfg.name,
             sequence=sequence,
             signing_key=load_private_key(ws.signing_key),

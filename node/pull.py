@@ -62,6 +62,18 @@ def trusted_windows(ws: Workspace, client: ExchangeClient) -> dict[str, list[dic
         raise ExchangeError(f"trusted keys at {client.address}: {e} ({path})", "UNAUTHENTICATED") from None
 
 
+def _check_fits(vb, synth) -> None:
+    """A verified bundle this site can train on: its route, and for embeddings the extractor the
+    site (and, through its kit, the federation) pins. Raises BundleError otherwise."""
+    if vb.route != synth.route:
+        raise BundleError(f"bundle holds {vb.route!r}-route data; this site is on route {synth.route!r}", "policy")
+    if vb.route == "cvae":
+        card = json.loads((vb.dir / "bag" / "datacard.json").read_text())
+        if card.get("extractor") != synth.extractor.model_dump(mode="json"):
+            raise BundleError(f"embeddings made by extractor {card.get('extractor')!r}, not this federation's "
+                              f"{synth.extractor.model_dump(mode='json')!r}", "policy")
+
+
 def _pull_one(ws: Workspace, client: ExchangeClient, rec: dict, keys: dict, max_bytes: int) -> dict:
     """Download, verify and place one bundle; return its index entry. Raises on failure, leaving nothing."""
     incoming = ws.pool / ".incoming"
@@ -79,6 +91,7 @@ def _pull_one(ws: Workspace, client: ExchangeClient, rec: dict, keys: dict, max_
                 f"{vb.bundle_id} of site {vb.site!r}",
                 "untrusted",
             )
+        _check_fits(vb, ws.config().synth)
         final = ws.pool / vb.bundle_id
         if final.exists():  # a leftover not in the index (crash after rename): replace it
             shutil.rmtree(final)

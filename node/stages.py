@@ -8,6 +8,10 @@ synthesize  site.yaml, models/ weights + sidecars           synth/latest.json, s
 audit       site.yaml, data/, models/phi_*, D, synth/<run>/candidates.npz   synth/<run>/audit.json, accepted.npz (+ reports/audit-<run>.html)
 local_only  site.yaml, data/                                reports/local_only.json
 
+With synth.route "cvae" the same stages run the CVAE route (node.cvae_stages): train writes
+models/cvae, phi_id, phi_attack (heads on embeddings) and caches data/embeddings-*.safetensors;
+candidates.npz holds embeddings instead of images.
+
 site.yaml is an input of every stage, so any edit reruns the chain through the ledger; train
 and synthesize then compare digests of their own config section and data themselves and
 return at once when nothing they depend on changed.
@@ -19,17 +23,26 @@ from pathlib import Path
 from typing import Callable
 
 from common.config import PolicyConfig
+from node import cvae_stages, synthesize as plan_synthesize, train as plan_train
 from node.audit import audit
 from node.baseline import local_only
 from node.ingest import ingest
-from node.synthesize import latest_run, run_id_for, synthesize
-from node.train import MODEL_NAMES, train
+from node.synthesize import latest_run
 from node.workspace import Workspace, run_stage
 
 STAGES = ("ingest", "train", "synthesize", "audit", "local_only")
 
 
-def _model_files(ws: Workspace, names=MODEL_NAMES) -> list[Path]:
+def _route(ws: Workspace):
+    """(train, synthesize, run_id_for, model names, models synthesize reads, models audit reads) of the site's route."""
+    if ws.config().synth.route == "cvae":
+        c = cvae_stages
+        return c.train, c.synthesize, c.run_id_for, c.MODEL_NAMES, ("cvae",), ("phi_id", "phi_attack")
+    p = plan_synthesize
+    return plan_train.train, p.synthesize, p.run_id_for, plan_train.MODEL_NAMES, ("G_ema", "phi_id", "phi_class"), ("phi_id", "phi_attack", "D")
+
+
+def _model_files(ws: Workspace, names) -> list[Path]:
     return [ws.models / f"{n}{ext}" for n in names for ext in (".safetensors", ".json")]
 
 
@@ -40,16 +53,17 @@ def stage_io(ws: Workspace, stage: str) -> tuple[list[Path], list[Path]]:
         cfg = ws.config().data
         src = [Path(cfg.path)] if cfg.source != "phantom" and cfg.path is not None else []
         return [ws.config_path, *src], data
+    _, _, run_id_for, names, synth_reads, audit_reads = _route(ws)
     if stage == "train":
-        return [ws.config_path, *data], _model_files(ws)
+        return [ws.config_path, *data], _model_files(ws, names)
     if stage == "synthesize":
-        ins = [ws.config_path, *data, *_model_files(ws, ("G_ema", "phi_id", "phi_class"))]
-        run = ws.synth / run_id_for(ws) if (ws.models / "G_ema.json").exists() else ws.synth / "unknown"
+        ins = [ws.config_path, *data, *_model_files(ws, synth_reads)]
+        run = ws.synth / run_id_for(ws) if (ws.models / f"{synth_reads[0]}.json").exists() else ws.synth / "unknown"
         return ins, [ws.synth / "latest.json", run / "candidates.npz", run / "synth.json"]
     if stage == "audit":
         run = ws.synth / latest_run(ws)
         return (
-            [ws.config_path, *data, *_model_files(ws, ("phi_id", "phi_attack", "D")), ws.synth / "latest.json", run / "candidates.npz"],
+            [ws.config_path, *data, *_model_files(ws, audit_reads), ws.synth / "latest.json", run / "candidates.npz"],
             [run / "audit.json", run / "accepted.npz"],
         )
     if stage == "local_only":
@@ -61,6 +75,7 @@ def run_one(ws: Workspace, stage: str, *, force: bool = False, policy: PolicyCon
     """Run one stage through the ledger; True if it ran, False if it was up to date.
 
     A `policy` other than the site's (e.g. tightened by a federation floor) always reruns audit."""
+    train, synthesize = _route(ws)[:2]
     fns: dict[str, Callable[[], object]] = {
         "ingest": lambda: ingest(ws), "train": lambda: train(ws), "synthesize": lambda: synthesize(ws),
         "audit": lambda: audit(ws, policy=policy), "local_only": lambda: local_only(ws),

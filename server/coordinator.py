@@ -106,10 +106,16 @@ def init_coordinator(root: Path, config: FederationConfig, *, hosts: list[str] |
     return cd
 
 
+def fed_store(cd: CoordinatorDir, fed: FederationConfig) -> BundleStore:
+    """The coordinator's bundle store, refusing what the federation config rules out."""
+    return BundleStore(cd.store, max_bundle_bytes=fed.max_bundle_bytes, policy=fed.policy, route=fed.route,
+                       extractor=fed.extractor.model_dump(mode="json") if fed.route == "cvae" else None)
+
+
 def start_exchange(cd: CoordinatorDir, store: BundleStore | None = None):
     """Start the coordinator's exchange (mutual TLS, signed trust store); returns the grpc.Server."""
     fed = cd.config()
-    store = store or BundleStore(cd.store, max_bundle_bytes=fed.max_bundle_bytes, policy=fed.policy)
+    store = store or fed_store(cd, fed)
     return serve(
         store=store,
         trust=cd.trust(),
@@ -135,7 +141,7 @@ def run_coordinator(
     Returns the run's results when `exit_after_run`, otherwise serves until interrupted.
     """
     fed = cd.config()
-    store = BundleStore(cd.store, max_bundle_bytes=fed.max_bundle_bytes, policy=fed.policy)
+    store = fed_store(cd, fed)
     exchange = start_exchange(cd, store)
     say(f"exchange listening on {fed.exchange_host}:{fed.exchange_port} (mutual TLS)")
     superlink_started = time.time()

@@ -62,6 +62,9 @@ def make_kit(
         "flower_node_key_registered": node_key_line is not None,
         # the release gate every bundle must pass here; the site's own policy becomes at least this strict
         "policy_floor": fed.policy.model_dump(mode="json"),
+        # what the site must synthesize: the route, and for embeddings the one extractor everybody uses
+        "route": fed.route,
+        "extractor": fed.extractor.model_dump(mode="json"),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
     cd.trust().add(site, signing_pub_pem)  # validates the site name too, before a certificate is issued

@@ -1,4 +1,5 @@
-"""The Flower ServerApp the coordinator submits: FedAvg over the sites' downstream classifiers.
+"""The Flower ServerApp the coordinator submits: FedAvg over the sites' downstream classifiers
+(a CNN on images, or a head on embeddings when the federation's route is "cvae").
 
 Run config (set by server.federation.submit_run): `federation-config`, the absolute path of the
 coordinator's federation.yaml; `out-dir`, where the final model and results go; optionally
@@ -18,7 +19,7 @@ from safetensors.torch import save
 
 from common.config import load_federation_config
 from common.fileio import atomic_write_bytes, atomic_write_json
-from common.models import DownstreamCNN
+from common.models import downstream_model
 from server.strategy import SiteRecordingFedAvg, SiteRecordingFedProx
 
 app = ServerApp()
@@ -30,7 +31,8 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(str(context.run_config["out-dir"]))
     ds = fed.downstream
     train_on = str(context.run_config.get("train-on") or ds.train_on)
-    model = DownstreamCNN(fed.n_classes, width=ds.width, image_size=fed.image_size)
+    model = downstream_model(fed.n_classes, route=fed.route, width=ds.width, image_size=fed.image_size,
+                             embedding_dim=fed.extractor.dim, head_hidden=ds.head_hidden)
     out.mkdir(parents=True, exist_ok=True)
     n = fed.round_nodes_needed  # every online node is sampled (fraction 1.0); a round needs at least n
     nodes = {"min_train_nodes": n, "min_evaluate_nodes": n, "min_available_nodes": n, "progress_path": out / "progress.json"}
@@ -40,7 +42,8 @@ def main(grid: Grid, context: Context) -> None:
     else:
         strategy = SiteRecordingFedAvg(**nodes)
     # The architecture travels with every message so that a ClientApp builds the same model.
-    model_config = {"n-classes": fed.n_classes, "width": ds.width, "image-size": fed.image_size}
+    model_config = {"n-classes": fed.n_classes, "width": ds.width, "image-size": fed.image_size, "route": fed.route,
+                    "embedding-dim": fed.extractor.dim, "head-hidden": ds.head_hidden}
     hyper = {"rounds": ds.rounds, "local-epochs": ds.local_epochs, "lr": ds.lr, "batch-size": ds.batch_size}
     train_config = ConfigRecord({**model_config, **hyper, "train-on": train_on})
     # evaluation carries the hyperparameters too: each site trains its local-only yardstick with them

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import sqlite3
@@ -89,12 +90,16 @@ class BundleRecord:
 
 class BundleStore:
     """Verified bundles under `root`; uploads over `max_bundle_bytes` bytes are refused, and, with
-    a `policy` (the federation's floor), bundles whose signed audit figures fail it."""
+    a `policy` (the federation's floor), bundles whose signed audit figures fail it; with a
+    `route`, bundles of the other route; with an `extractor` (the federation's pinned
+    ExtractorConfig as a dict), embedding bundles whose signed data card names another."""
 
-    def __init__(self, root: Path, *, max_bundle_bytes: int = 512 * 1024 * 1024, policy: PolicyConfig | None = None):
+    def __init__(self, root: Path, *, max_bundle_bytes: int = 512 * 1024 * 1024, policy: PolicyConfig | None = None,
+                 route: str | None = None, extractor: dict | None = None):
         self.root = Path(root)
         self.max_bundle_bytes = max_bundle_bytes
         self.policy = policy
+        self.route, self.extractor = route, extractor
         self.objects = self.root / "objects"
         self.incoming = self.root / "incoming"
         self.index_path = self.root / "index.db"
@@ -199,6 +204,13 @@ class BundleStore:
                 raise StoreRefused(
                     f"bundle is signed for site {vb.site!r} but was uploaded as site {site!r}", "untrusted"
                 )
+            if self.route is not None and vb.route != self.route:
+                raise StoreRefused(f"bundle holds {vb.route!r}-route data; this federation pools route {self.route!r}", "policy")
+            if self.extractor is not None and vb.route == "cvae":
+                # embeddings of another network live in another space: pooled, they would be noise
+                card = json.loads((vb.dir / "bag" / "datacard.json").read_text())
+                if card.get("extractor") != self.extractor:
+                    raise StoreRefused(f"embeddings made by extractor {card.get('extractor')!r}; this federation pins {self.extractor!r}", "policy")
             if self.policy is not None:
                 # the site's own gate ran under the site's policy; the floor is checked here, on
                 # the figures the site signed (common.policy, the same function as the site's gate)

@@ -146,7 +146,7 @@ def test_fresh_real_images_pass_with_chance_auc(clinic):
         assert 0.35 <= report["attacks"][name]["auc"] <= 0.65, (name, report["attacks"][name]["auc"])
     assert set(report["reid"]) == {"phi_id", "attacker"} and report["reid"]["attacker"]["rate_ci"][0] is not None
     assert report["lpips"] == {"available": False, "reason": None}
-    page = render(json.loads(json.dumps(report)), details, candidates=xf, train=clinic["t"][0])
+    page = render(json.loads(json.dumps(report)), details, images=(xf, clinic["t"][0]))
     assert "<svg" in page and "data:image/png;base64," in page and "PASSED" in page and "http" not in page.replace("http://www.w3.org/2000/svg", "")
 
 
