@@ -205,6 +205,8 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
     device = torch.device(device)
     use_val = not cfg.dp or cfg.dp_early_stopping
     tr, va = stratified_split(y, cfg.val_fraction, seed=seed) if use_val else (np.arange(len(y)), np.arange(0))
+    if len(va) == 0:  # no class has two records: nothing to validate on, train for max_epochs
+        use_val = False
     if len(tr) == 0:
         raise ValueError("no training records left after the validation split")
     xt = torch.from_numpy(x)

@@ -167,3 +167,10 @@ def test_embedding_head_linear_and_mlp():
     head = EmbeddingHead(8, 3, hidden=16)
     assert list(head.state_dict()) == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
     assert head(torch.randn(5, 8)).shape == (5, 3)
+
+
+def test_too_few_records_for_a_validation_split_trains_all_epochs():
+    x, y = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32), np.array([0, 1, 2])
+    r = train_cvae(x, y, n_classes=3, cfg=CvaeConfig(hidden=8, latent_dim=2, max_epochs=4, patience=1), seed=0, device="cpu")
+    assert r.epochs_trained == 4 and r.best_val_loss is None and r.info["n_val"] == 0
+    assert all(math.isfinite(h["train_loss"]) for h in r.history)
