@@ -48,6 +48,7 @@ def test_tiny_is_the_same_network_on_every_build_and_leaves_the_rng_alone(tmp_pa
     imgs = _images()
     ea, eb = embed_images(a, imgs, device="cpu"), embed_images(b, imgs, device="cpu", batch_size=4)
     assert ea.shape == (6, a.dim) == (6, 128) and ea.dtype == np.float32
+    assert a.dim == ExtractorConfig().dim  # the length the coordinator builds its head for, without building a network
     assert np.allclose(ea, eb, atol=1e-6)
     assert np.abs(ea[0] - ea[1]).max() > 1e-3  # different images, different embeddings
     other = build_extractor(ExtractorConfig(seed=1), store_dir=tmp_path)
@@ -95,7 +96,7 @@ def test_resnet_loads_from_the_store_without_the_network(tmp_path, no_network):
     torch.save(src.state_dict(), tmp_path / "resnet18-test.pth")
     cfg = ExtractorConfig(arch="resnet18", weights="resnet18-test.pth", sha256=_sha(tmp_path / "resnet18-test.pth"))
     ex = build_extractor(cfg, store_dir=tmp_path)
-    assert ex.dim == 512 and ex.input_size == 224 and ex.in_chans == 3
+    assert ex.dim == 512 == cfg.dim and ex.input_size == 224 and ex.in_chans == 3
     imgs = _images(n=2)
     got = embed_images(ex, imgs, device="cpu")
     x = ex.preprocess(torch.from_numpy(imgs))
@@ -117,7 +118,7 @@ def test_dinov2_loads_hub_shaped_weights_from_the_store_without_the_network(tmp_
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "vits14.safetensors")
     cfg = ExtractorConfig(arch="dinov2_vits14", weights="vits14.safetensors", sha256=_sha(tmp_path / "vits14.safetensors"))
     ex = build_extractor(cfg, store_dir=tmp_path)
-    assert ex.dim == 384 and ex.input_size == 224 and ex.interpolation == "bicubic"
+    assert ex.dim == 384 == cfg.dim and ex.input_size == 224 and ex.interpolation == "bicubic"
     assert torch.equal(ex.backbone.blocks[3].attn.qkv.weight, src.blocks[3].attn.qkv.weight)  # the file's weights
     assert ex.backbone.pos_embed.shape[1] == 1 + 16 * 16  # resampled to 224 / 14
     out = embed_images(ex, _images(n=2), device="cpu")
