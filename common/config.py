@@ -122,7 +122,10 @@ class CvaeConfig(_Strict):
     hidden: int = Field(256, ge=1, description="width of the encoder's and the decoder's one hidden layer")
     beta: float = Field(0.1, ge=0, description="weight of the KL term against the summed squared error")
     lr: float = Field(1e-3, gt=0, description="Adam")
-    batch_size: int = Field(512, ge=1, description="with dp: the expected size of a Poisson-sampled batch")
+    batch_size: int | None = Field(None, ge=1, description=(
+        "None: the paper's 512, at most an eighth of the train records (at least 16), so that an epoch takes ~8 "
+        "optimiser steps or more; 512 on a few hundred records is one step per epoch and the CVAE underfits. "
+        "With dp: the expected size of a Poisson-sampled batch"))
     max_epochs: int = Field(200, ge=1, description="with dp: also the number of epochs the noise is calibrated for")
     patience: int = Field(20, ge=1, description="early stopping: epochs without a lower validation loss before stopping")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train (stratified by class) held out for early stopping")

@@ -157,7 +157,8 @@ def audit(site_dir: Path = SiteDir, force: bool = typer.Option(False, help="Run 
             console.print(f"[red]gate:[/red] {c.get('message') or c.get('name')}")
     if not (full.get("lpips") or {}).get("available", True):
         console.print(f"[yellow]LPIPS not computed:[/yellow] {full['lpips'].get('reason')}")
-    console.print(f"report: {ws.reports / f'audit-{run}.html'} (shows real images: keep it at the site)")
+    keep = "shows real images" if full.get("route", "plan") == "plan" else "describes real records"
+    console.print(f"report: {ws.reports / f'audit-{run}.html'} ({keep}: keep it at the site)")
 
 
 @app.command()

@@ -181,7 +181,7 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
                device: torch.device | str) -> CvaeResult:
     """Fit a CVAE to embeddings x float [N,D] with labels y int [N] in [0, n_classes).
 
-    Adam (cfg.lr), batches of cfg.batch_size, up to cfg.max_epochs epochs. Without dp: early
+    Adam (cfg.lr), batches of cfg.batch_size (None: 512, at most len(train) // 8, at least 16), up to cfg.max_epochs epochs. Without dp: early
     stopping when the loss on a stratified validation split (cfg.val_fraction of x, seeded) has
     not improved for cfg.patience epochs, and the best epoch's weights are restored.
 
@@ -226,13 +226,14 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
         torch.manual_seed(seed)
         model = CVAE(x.shape[1], n_classes, hidden=cfg.hidden, latent=cfg.latent_dim).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        loader = DataLoader(_Rows(xs[tr], cs[tr]), batch_size=cfg.batch_size, shuffle=True, collate_fn=_batch,
+        batch_size = cfg.batch_size or min(512, max(16, len(tr) // 8))
+        loader = DataLoader(_Rows(xs[tr], cs[tr]), batch_size=batch_size, shuffle=True, collate_fn=_batch,
                             generator=torch.Generator().manual_seed(seed))
         # fixed reparameterisation noise for validation: epoch-to-epoch changes are the weights' alone
         x_val, c_val = xs[va].to(device), cs[va].to(device)
         eps_val = torch.randn(len(va), cfg.latent_dim, generator=torch.Generator().manual_seed(seed + 1)).to(device)
 
-        info: dict = {"n_train": int(len(tr)), "n_val": int(len(va)), "early_stopping": use_val, "dp": cfg.dp}
+        info: dict = {"n_train": int(len(tr)), "n_val": int(len(va)), "early_stopping": use_val, "dp": cfg.dp, "batch_size": batch_size}
         engine = None
         train_model: nn.Module = model
         criterion: nn.Module = _Criterion(cfg.beta, "mean")
