@@ -1,6 +1,6 @@
 """The README's first command (`make demo`): three phantom-clinic sites, the whole path, one table.
 
-    python -m deploy.local.demo --out out/demo [--sites 3]
+    python -m deploy.local.demo --out out/demo [--sites 3] [--route plan|cvae]
 """
 
 from __future__ import annotations
@@ -97,13 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, default=3, help="number of sites")
     parser.add_argument("--quorum", type=int, default=2, help="sites that must pass their audit gate (all sites train)")
     parser.add_argument("--timeout", type=float, default=1500, help="seconds before the demo gives up")
+    parser.add_argument("--route", choices=("plan", "cvae"), default="plan",
+                        help="what the sites share: PLAN images, or CVAE embeddings of the federation's pinned extractor")
     args = parser.parse_args(argv)
 
     out = args.out.resolve()
     if out.exists():
         shutil.rmtree(out)
     t0 = time.time()
-    coord, sites = launcher.setup(out, n_sites=args.sites, quorum=args.quorum)
+    coord, sites = launcher.setup(out, n_sites=args.sites, quorum=args.quorum, federation_overrides={"route": args.route})
     results = launcher.run(coord, sites, timeout=args.timeout, say=lambda m: Console(stderr=True).print(m))
     summary = summarize(sites, results, seconds=time.time() - t0)
     atomic_write_json(out / "results.json", summary)
