@@ -49,6 +49,11 @@ class ExchangeStub:
                 request_serializer=common_dot_exchange__pb2.DownloadRequest.SerializeToString,
                 response_deserializer=common_dot_exchange__pb2.DownloadChunk.FromString,
                 _registered_method=True)
+        self.DownloadAsset = channel.unary_stream(
+                '/plannode.exchange.v1.Exchange/DownloadAsset',
+                request_serializer=common_dot_exchange__pb2.AssetRequest.SerializeToString,
+                response_deserializer=common_dot_exchange__pb2.DownloadChunk.FromString,
+                _registered_method=True)
         self.TrustedKeys = channel.unary_unary(
                 '/plannode.exchange.v1.Exchange/TrustedKeys',
                 request_serializer=common_dot_exchange__pb2.Empty.SerializeToString,
@@ -82,6 +87,14 @@ class ExchangeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadAsset(self, request, context):
+        """Streams an asset like Download: one `info` (only `sha256` and `size` set), then data chunks.
+        The receiver checks the bytes against the sha256 it asked for, not against the server's word.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def TrustedKeys(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -110,6 +123,11 @@ def add_ExchangeServicer_to_server(servicer, server):
             'Download': grpc.unary_stream_rpc_method_handler(
                     servicer.Download,
                     request_deserializer=common_dot_exchange__pb2.DownloadRequest.FromString,
+                    response_serializer=common_dot_exchange__pb2.DownloadChunk.SerializeToString,
+            ),
+            'DownloadAsset': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadAsset,
+                    request_deserializer=common_dot_exchange__pb2.AssetRequest.FromString,
                     response_serializer=common_dot_exchange__pb2.DownloadChunk.SerializeToString,
             ),
             'TrustedKeys': grpc.unary_unary_rpc_method_handler(
@@ -203,6 +221,33 @@ class Exchange:
             target,
             '/plannode.exchange.v1.Exchange/Download',
             common_dot_exchange__pb2.DownloadRequest.SerializeToString,
+            common_dot_exchange__pb2.DownloadChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadAsset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/plannode.exchange.v1.Exchange/DownloadAsset',
+            common_dot_exchange__pb2.AssetRequest.SerializeToString,
             common_dot_exchange__pb2.DownloadChunk.FromString,
             options,
             channel_credentials,

@@ -182,6 +182,23 @@ def pull(site_dir: Path = SiteDir) -> None:
     console.print(f"{len(new)} new verified bundle(s) in the pool")
 
 
+@app.command("fetch-assets")
+def fetch_assets(site_dir: Path = SiteDir) -> None:
+    """Fetch the federation's pinned feature-extractor weights (synth.extractor) from the coordinator
+    into the site's model store, checked against their sha256; nothing to do for arch tiny."""
+    from common.modelstore import ModelStoreError
+    from node.assets import fetch_extractor_weights
+    from node.exchange_client import ExchangeError
+
+    ws = _workspace(site_dir)
+    try:
+        path = fetch_extractor_weights(ws, ws.config().synth.extractor, say=console.print)
+    except (ExchangeError, ModelStoreError, ValueError, OSError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    console.print("extractor tiny: no weight file to fetch" if path is None else f"extractor weights ready: {path}")
+
+
 @app.command()
 def start(site_dir: Path = SiteDir) -> None:
     """Run every stage not yet done, publish, pull, then join the federation (flower-supernode)."""

@@ -181,6 +181,53 @@ class ExchangeClient:
             raise
         return _record(info)
 
+    def fetch_asset(self, sha256: str, dest: Path, *, timeout: float | None = None) -> dict:
+        """Download the federation asset pinned by `sha256` (64 hex digits) to `dest`: streamed into a
+        temporary file beside it, renamed into place only if the bytes' sha256 is the one asked for
+        (not merely the one the server announced); otherwise deleted, and ExchangeError (code
+        DATA_LOSS) names the file and both digests. Returns {"sha256", "size"}.
+        timeout: seconds for the whole download (default: the client's per-call timeout)."""
+        dest, want = Path(dest), sha256.lower()
+        what = f"asset {want} for {dest.name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        try:
+            info, h, size = None, hashlib.sha256(), 0
+            os.fchmod(fd, 0o644)
+            with os.fdopen(fd, "wb") as out:
+                try:
+                    for msg in self._stub.DownloadAsset(pb.AssetRequest(sha256=want), timeout=timeout or self.timeout):
+                        if info is None:
+                            if msg.WhichOneof("kind") != "info":
+                                raise ExchangeError(f"{what}: server sent data before the asset info")
+                            info = msg.info
+                            if info.sha256 != want:
+                                raise ExchangeError(f"{what}: server announced another asset, sha256 {info.sha256}", "DATA_LOSS")
+                            continue
+                        size += len(msg.data)
+                        if size > info.size:
+                            raise ExchangeError(f"{what}: more than the announced {info.size} bytes", "DATA_LOSS")
+                        h.update(msg.data)
+                        out.write(msg.data)
+                except grpc.RpcError as e:
+                    raise self._fail(e, f"download of {what}") from None
+                out.flush()
+                os.fsync(out.fileno())
+            if info is None:
+                raise ExchangeError(f"{what}: empty reply")
+            got = h.hexdigest()
+            if got != want or size != info.size:
+                raise ExchangeError(
+                    f"{dest}: refused the file the coordinator at {self.address} sent: its sha256 is {got} "
+                    f"({size} bytes), the pin is {want} ({info.size} bytes announced); nothing was kept",
+                    "DATA_LOSS",
+                )
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return {"sha256": got, "size": size}
+
     def trusted_keys(self) -> dict[str, list[str]]:
         """site -> current PEM keys, as the coordinator lists them: for display only (unsigned).
         Verify bundles against `trust_document()` opened with common.trustdoc instead."""

@@ -6,6 +6,7 @@ import time
 from typing import Callable
 
 from common.procs import stop
+from node.assets import fetch_extractor_weights
 from node.publish import publish
 from node.pull import pull
 from node.stages import run_pipeline
@@ -16,6 +17,8 @@ from node.workspace import Workspace
 def start_node(ws: Workspace, *, say: Callable[[str], None] = print) -> int:
     """Run the site until its SuperNode exits (or the process is interrupted); returns its exit code."""
     cfg = ws.config()
+    if cfg.synth.route == "cvae":  # the pinned extractor's weights, fetched from the coordinator if missing (tiny: none)
+        fetch_extractor_weights(ws, cfg.synth.extractor, say=say)
     run_pipeline(ws)
     bundle_id = publish(ws)
     say(f"{cfg.name}: published bundle {bundle_id}" if bundle_id else f"{cfg.name}: nothing published (see the audit report)")

@@ -20,6 +20,8 @@ from server.store import BundleStore
 app = typer.Typer(help="plan-node coordinator: bundle exchange, trust store and Flower federation.", no_args_is_help=True)
 sites = typer.Typer(help="Register and list the sites whose signed bundles the coordinator accepts.", no_args_is_help=True)
 app.add_typer(sites, name="sites")
+asset = typer.Typer(help="Federation assets the exchange serves to sites by sha256 (extractor weights).", no_args_is_help=True)
+app.add_typer(asset, name="asset")
 console = Console(stderr=True)
 
 DirOption = typer.Option(Path("coord"), "--dir", help="The coordinator directory.")
@@ -84,6 +86,28 @@ def sites_add(
     except ValueError as e:
         _fail(str(e))
     console.print(f"site {name!r} registered")
+
+
+@asset.command("add")
+def asset_add(
+    file: Path = typer.Argument(..., help="The file to serve, e.g. the feature extractor's weights."),
+    dir: Path = DirOption,
+    arch: str = typer.Option(None, "--arch", help="The extractor architecture, for the printed federation.yaml lines."),
+) -> None:
+    """Copy FILE into the coordinator's assets/ under its sha256 and print the lines that pin it in federation.yaml."""
+    from server.assets import EXTRACTOR_ARCHS, AssetError, add_asset, extractor_yaml
+
+    if arch is not None and arch not in EXTRACTOR_ARCHS:
+        _fail(f"--arch {arch!r}: expected one of {', '.join(EXTRACTOR_ARCHS)}")
+    try:
+        digest, added = add_asset(CoordinatorDir(dir).assets, file)
+        lines = extractor_yaml(digest, file.name, arch)
+    except (AssetError, OSError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"{file}: {'added as' if added else 'already present as'} {CoordinatorDir(dir).assets / digest}")
+    console.print("pin it in federation.yaml (sites fetch it with `plan-node fetch-assets`):")
+    print(f"# {file.name}: sha256 {digest}")
+    print(lines, end="")
 
 
 def _bundle_row(store: BundleStore, record) -> dict:

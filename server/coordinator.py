@@ -9,6 +9,7 @@ Layout of the coordinator directory (`--dir`):
     clients/            <site>.crt: the client certificate in each site kit issued (server.kit)
     trust.db            registered site signing keys
     store/              the bundle pool: content-addressed tars + SQLite index
+    assets/<sha256>     federation assets the exchange serves (server/assets.py), e.g. extractor weights
     superlink.db        Flower's state, so registrations and run history survive a restart
     runs/<stamp>/       one folder per federation run: results.json, model.safetensors
     logs/               the SuperLink's log
@@ -68,6 +69,11 @@ class CoordinatorDir:
     @property
     def store(self) -> Path:
         return self.root / "store"
+
+    @property
+    def assets(self) -> Path:
+        """Federation assets by sha256 (server/assets.py); the exchange serves `assets/` beside `store/`."""
+        return self.root / "assets"
 
     @property
     def runs(self) -> Path:

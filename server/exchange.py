@@ -1,4 +1,5 @@
-"""The exchange gRPC service (common/exchange.proto): upload, list, download, trusted keys, health.
+"""The exchange gRPC service (common/exchange.proto): upload, list, download, federation assets,
+trusted keys, health.
 
 Uploads stream into the bundle store, which verifies them before anything is kept. Refusals
 carry a status code and a message naming the cause:
@@ -8,6 +9,7 @@ carry a status code and a message naming the cause:
                          not from a key of the site valid for the bundle's sequence, audit did not pass
     RESOURCE_EXHAUSTED   bigger than max_bundle_bytes (checked on the header and while streaming)
     ALREADY_EXISTS       replay: bundle already stored, or sequence not above the site's last
+    NOT_FOUND            no such bundle, or no such federation asset (server/assets.py)
 
 With mutual TLS (`client_ca_path`, the default of the coordinator) a client without a certificate
 of the federation CA never gets past the handshake, and an upload's claimed site (its header,
@@ -17,7 +19,9 @@ which must also be the site that signed the bundle) must be the CN of the client
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 from concurrent import futures
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +35,7 @@ from common.keyfile import read_private_file
 from common.signing import load_private_key
 from common.trustdoc import sign_trust_document
 from common.wire import CHUNK_BYTES, grpc_options
+from server.assets import ASSETS_DIRNAME
 from server.store import BundleRecord, BundleStore, StoreRefused
 from server.trust import TrustStore
 
@@ -62,16 +67,19 @@ def peer_site(context) -> str | None:
 
 class ExchangeServicer(pb_grpc.ExchangeServicer):
     """mutual_tls: the server requires client certificates, so the upload's site must be the peer's CN.
-    coordinator_key: signs the published trust store (None: TrustedKeys sends no signed document)."""
+    coordinator_key: signs the published trust store (None: TrustedKeys sends no signed document).
+    assets_dir: the federation assets DownloadAsset serves, `<sha256>` files (None: serves none)."""
 
     def __init__(self, *, store: BundleStore, trust: TrustStore, max_bundle_bytes: int,
-                 mutual_tls: bool = False, coordinator_key=None, federation: str = "federation"):
+                 mutual_tls: bool = False, coordinator_key=None, federation: str = "federation",
+                 assets_dir: Path | None = None):
         self.store = store
         self.trust = trust
         self.max_bundle_bytes = max_bundle_bytes
         self.mutual_tls = mutual_tls
         self.coordinator_key = coordinator_key
         self.federation = federation
+        self.assets_dir = Path(assets_dir) if assets_dir is not None else None
 
     def _data(self, requests: Iterator[pb.UploadChunk], declared: int) -> Iterator[bytes]:
         """The upload's data chunks, refused as soon as they break a limit, before they are written."""
@@ -131,6 +139,29 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
             for block in iter(lambda: f.read(CHUNK_BYTES), b""):
                 yield pb.DownloadChunk(data=block)
 
+    def DownloadAsset(self, request, context):
+        # Content-addressed: only names of 64 lower-case hex digits are looked up, so a request can
+        # never name a path. The bytes go out as they are; the site checks them against its pin.
+        if not _SHA256.match(request.sha256):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"asset sha256 {request.sha256!r} is not 64 lower-case hex digits")
+        if self.assets_dir is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no asset {request.sha256}: this exchange serves no assets")
+        try:
+            fd = os.open(self.assets_dir / request.sha256, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            fd = None
+        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+            if fd is not None:
+                os.close(fd)
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no asset {request.sha256} at the coordinator "
+                          f"(the operator adds it with `plan-server asset add FILE`)")
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            log.info("serving asset %s (%d bytes) to %r", request.sha256, size, peer_site(context))
+            yield pb.DownloadChunk(info=pb.BundleInfo(sha256=request.sha256, size=size))
+            for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+                yield pb.DownloadChunk(data=block)
+
     def TrustedKeys(self, request, context):
         signed = b""
         if self.coordinator_key is not None:
@@ -156,13 +187,15 @@ def serve(
     coordinator_key_path: Path | None = None,
     federation: str = "federation",
     max_workers: int = 8,
+    assets_dir: Path | None = None,
 ) -> grpc.Server:
     """Start the exchange on host:port with TLS and return the running server (call .stop()).
 
     cert_path/key_path: the server certificate and its key (0600). With `client_ca_path`, clients
     must present a certificate issued by that CA (mutual TLS) and may upload only as the site
     their certificate names. coordinator_key_path: the coordinator's Ed25519 key (0600) that
-    signs the published trust store.
+    signs the published trust store. assets_dir: the federation assets served by sha256, by
+    default `assets/` beside the store's folder (the coordinator directory's layout).
     """
     cert = Path(cert_path).read_bytes()
     key = read_private_file(Path(key_path))
@@ -176,6 +209,7 @@ def serve(
             store=store, trust=trust, max_bundle_bytes=max_bundle_bytes, mutual_tls=client_ca is not None,
             coordinator_key=load_private_key(coordinator_key_path) if coordinator_key_path else None,
             federation=federation,
+            assets_dir=assets_dir if assets_dir is not None else Path(store.root).parent / ASSETS_DIRNAME,
         ),
         server,
     )
