@@ -145,10 +145,10 @@ def discriminator_scores(D, images: np.ndarray, context: np.ndarray, *, device: 
 
 
 def downstream_scores(s_data: np.ndarray, s_labels: np.ndarray, t: tuple[np.ndarray, np.ndarray],
-                      h: tuple[np.ndarray, np.ndarray], *, make_model: Callable[[int], torch.nn.Module], augment: str,
+                      h: tuple[np.ndarray, np.ndarray], *, make_model: Callable[[int, np.ndarray], torch.nn.Module], augment: str,
                       epochs: int, seed: int, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, dict]:
-    """Train a fresh classifier `make_model(n_classes)` on the synthetic set (images uint8 [K,H,W]
-    or embeddings float [K,D], labels [K]) and score the train and holdout records (data, labels)
+    """Train a fresh classifier `make_model(n_classes, s_data)` on the synthetic set (images uint8
+    [K,H,W] or embeddings float [K,D], labels [K]) and score the train and holdout records (data, labels)
     by -cross-entropy. Returns (pos [N], neg [M], info with the classifier's accuracy on T and H)."""
     import torch.nn.functional as F
 
@@ -157,7 +157,7 @@ def downstream_scores(s_data: np.ndarray, s_labels: np.ndarray, t: tuple[np.ndar
     n_classes = int(max(np.max(s_labels), np.max(t[1]), np.max(h[1]))) + 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = make_model(n_classes)
+        model = make_model(n_classes, s_data)
     train_classifier(model, s_data, s_labels, epochs=epochs, lr=3e-3, batch_size=32, device=device, seed=seed, augment=augment)
 
     def score(x, y):

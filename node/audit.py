@@ -373,7 +373,7 @@ def audit_images(
     report, accepted = _judge(
         ev, candidates=candidates, train=train, holdout=holdout, policy=policy, train_ids=train_ids, holdout_ids=holdout_ids,
         candidate_labels=candidate_labels, train_labels=train_labels, holdout_labels=holdout_labels,
-        make_classifier=lambda n: SmallCNN(n, width=8, image_size=candidates.shape[-1]), augment="light",
+        make_classifier=lambda n, _: SmallCNN(n, width=8, image_size=candidates.shape[-1]), augment="light",
         discriminator=discriminator, dp_epsilon=dp_epsilon, device=device, seed=seed, n_boot=n_boot,
         downstream_epochs=downstream_epochs, details=details,
         extra={"route": "plan", "lpips": {"available": lpips_model is not None, **(
@@ -423,7 +423,8 @@ def audit_embeddings(
     report, accepted = _judge(
         ev, candidates=candidates, train=train, holdout=holdout, policy=policy, train_ids=train_ids, holdout_ids=holdout_ids,
         candidate_labels=candidate_labels, train_labels=train_labels, holdout_labels=holdout_labels,
-        make_classifier=lambda n: EmbeddingHead(d, n), augment="none", discriminator=None, dp_epsilon=dp_epsilon,
+        make_classifier=lambda n, s_data: EmbeddingHead(d, n).fit_scaler(torch.from_numpy(s_data)), augment="none",
+        discriminator=None, dp_epsilon=dp_epsilon,
         device=device, seed=seed, n_boot=n_boot, downstream_epochs=downstream_epochs, details=details,
         extra={"route": "cvae", "attack_space": "embedding", "median_holdout_distance": typical},
     )

@@ -38,6 +38,8 @@ def local_only(ws: Workspace, *, downstream: DownstreamConfig | None = None) -> 
         torch.manual_seed(cfg.models.seed)
         model = downstream_model(n_classes, route=route, width=ds.width, image_size=cfg.data.image_size,
                                  embedding_dim=cfg.synth.extractor.dim, head_hidden=ds.head_hidden)
+        if route == "cvae":
+            model.fit_scaler(torch.from_numpy(x_train))
     t0 = time.time()
     loss = train_classifier(
         model, x_train, y_train, epochs=ds.rounds * ds.local_epochs, lr=ds.lr,

@@ -86,6 +86,8 @@ def train(msg: Message, context: Context) -> Message:
     model, cfg = _model_from(msg)
     route = _route(cfg)
     data, labels = _training_data(ws, str(cfg.get("train-on", "pool")), route)
+    if route == "cvae":
+        model.fit_scaler(torch.from_numpy(data))  # from the pool: the same at every site
     global_params = [p.detach().clone() for p in model.parameters()]
     loss = train_classifier(
         model,

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from common.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from common.models import EmbeddingHead
 from node.checkpoint import config_digest, load_weights, read_sidecar, save_model
-from node.classifiers import EmbeddingClassifier
 from node.cvae import load_cvae, sample_cvae, sample_labels, save_cvae, train_cvae
 from node.device import pick_device
 from node.embedder import extractor_digest
@@ -62,12 +62,12 @@ def train(ws: Workspace) -> None:
     for i, (name, hidden) in enumerate(REID_HIDDEN.items()):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.models.seed + 2 + 2 * i)
-            model = EmbeddingClassifier(x.shape[1], len(identities), hidden=hidden).fit_scaler(torch.from_numpy(x))
+            model = EmbeddingHead(x.shape[1], len(identities), hidden=hidden).fit_scaler(torch.from_numpy(x))
         loss = train_classifier(model, x, id_labels, epochs=cc.id_epochs, lr=cc.lr, batch_size=cc.batch_size,
                                 device=device, seed=cfg.models.seed + 2 + 2 * i, augment="none")
         acc = evaluate_classifier(model, x, id_labels, device=device)["accuracy"]
         save_model(ws.models / f"{name}.safetensors", model, sidecar={
-            **common, "class": "EmbeddingClassifier", "kwargs": {"d_in": int(x.shape[1]), "n_out": len(identities), "hidden": hidden},
+            **common, "class": "EmbeddingHead", "kwargs": {"d_in": int(x.shape[1]), "n_classes": len(identities), "hidden": hidden},
             "steps": cc.id_epochs, "identities": identities.tolist(),
             "metrics": {"final_loss": loss, "train_accuracy": acc, "n_train": len(x)},
         })
@@ -77,10 +77,11 @@ def train(ws: Workspace) -> None:
     save_cvae(ws.models / "cvae.safetensors", result, sidecar={**common, "seconds": round(time.time() - t0, 2)})
 
 
-def load_reid(ws: Workspace, name: str, device: torch.device | str = "cpu") -> EmbeddingClassifier:
+def load_reid(ws: Workspace, name: str, device: torch.device | str = "cpu") -> EmbeddingHead:
     """phi_id or phi_attack of the CVAE route, in eval mode, frozen."""
     side = read_sidecar(ws.models / f"{name}.safetensors")
-    model = load_weights(ws.models / f"{name}.safetensors", EmbeddingClassifier(**side["kwargs"]), device=device)
+    model = load_weights(ws.models / f"{name}.safetensors", EmbeddingHead(side["kwargs"]["d_in"], side["kwargs"]["n_classes"],
+                                                                        hidden=side["kwargs"]["hidden"]), device=device)
     return model.eval().requires_grad_(False)
 
 

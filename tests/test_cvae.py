@@ -165,8 +165,13 @@ def test_save_and_load_round_trip(tmp_path):
 def test_embedding_head_linear_and_mlp():
     assert [p.shape for p in EmbeddingHead(8, 3).parameters()] == [(3, 8), (3,)]
     head = EmbeddingHead(8, 3, hidden=16)
-    assert list(head.state_dict()) == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
+    assert list(head.state_dict()) == ["mean", "std", "net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
     assert head(torch.randn(5, 8)).shape == (5, 3)
+    # the scaler makes a feature with a tiny spread around a large mean look like any other
+    x = 5 + 0.01 * torch.randn(100, 8)
+    head.fit_scaler(x)
+    z = (x - head.mean) / head.std
+    assert torch.allclose(z.mean(0), torch.zeros(8), atol=1e-4) and torch.allclose(z.std(0), torch.ones(8), atol=1e-3)
 
 
 def test_too_few_records_for_a_validation_split_trains_all_epochs():

@@ -15,7 +15,7 @@ from common.bundle import build_bundle, pack_bundle
 from common.config import ExtractorConfig, PolicyConfig
 from common.policy import evaluate
 from node.audit import audit_embeddings
-from node.classifiers import EmbeddingClassifier
+from common.models import EmbeddingHead
 from node.task import train_classifier
 from tests.helpers_exchange import PASSED_AUDIT, site_key
 
@@ -36,7 +36,7 @@ def _reid(x, ids, hidden, seed):
     uniq, lab = np.unique(ids, return_inverse=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        m = EmbeddingClassifier(D, len(uniq), hidden=hidden).fit_scaler(torch.from_numpy(x))
+        m = EmbeddingHead(D, len(uniq), hidden=hidden).fit_scaler(torch.from_numpy(x))
     train_classifier(m, x, lab, epochs=60, lr=3e-3, batch_size=32, device="cpu", seed=seed, augment="none")
     return m
 
