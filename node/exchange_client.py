@@ -144,65 +144,26 @@ class ExchangeClient:
             raise self._fail(e, "list") from None
         return [_record(b) for b in reply.bundles]
 
-    def download(self, bundle_id: str, dest_path: Path) -> dict:
-        """Download a bundle tar to `dest_path` (atomically, size and sha256 checked); returns its record."""
-        dest_path = Path(dest_path)
-        dest_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest_path.parent, prefix=f".{dest_path.name}.", suffix=".part")
-        try:
-            info, h, size = None, hashlib.sha256(), 0
-            with os.fdopen(fd, "wb") as out:
-                try:
-                    for msg in self._stub.Download(pb.DownloadRequest(bundle_id=bundle_id), timeout=self.timeout):
-                        if info is None:
-                            if msg.WhichOneof("kind") != "info":
-                                raise ExchangeError(f"download of {bundle_id}: server sent data before the bundle info")
-                            info = msg.info
-                            continue
-                        size += len(msg.data)
-                        if size > info.size:
-                            raise ExchangeError(f"download of {bundle_id}: more than the announced {info.size} bytes")
-                        h.update(msg.data)
-                        out.write(msg.data)
-                except grpc.RpcError as e:
-                    raise self._fail(e, f"download of {bundle_id}") from None
-                out.flush()
-                os.fsync(out.fileno())
-            if info is None:
-                raise ExchangeError(f"download of {bundle_id}: empty reply")
-            if size != info.size or h.hexdigest() != info.sha256:
-                raise ExchangeError(
-                    f"download of {bundle_id}: got {size} bytes with sha256 {h.hexdigest()}, "
-                    f"announced {info.size} bytes with sha256 {info.sha256}"
-                )
-            os.replace(tmp, dest_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return _record(info)
-
-    def fetch_asset(self, sha256: str, dest: Path, *, timeout: float | None = None) -> dict:
-        """Download the federation asset pinned by `sha256` (64 hex digits) to `dest`: streamed into a
-        temporary file beside it, renamed into place only if the bytes' sha256 is the one asked for
-        (not merely the one the server announced); otherwise deleted, and ExchangeError (code
-        DATA_LOSS) names the file and both digests. Returns {"sha256", "size"}.
-        timeout: seconds for the whole download (default: the client's per-call timeout)."""
-        dest, want = Path(dest), sha256.lower()
-        what = f"asset {want} for {dest.name}"
+    def _stream_to(self, call, dest: Path, what: str, *, want_sha256: str | None = None, mode: int | None = None):
+        """Write a streamed download (an `info` chunk, then data chunks) into a temporary file
+        beside `dest` and rename it into place only when its size and sha256 are the announced
+        ones (and `want_sha256`, when given); otherwise delete it and raise ExchangeError.
+        `call()` starts the stream. Returns the info chunk."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
         try:
             info, h, size = None, hashlib.sha256(), 0
-            os.fchmod(fd, 0o644)
+            if mode is not None:
+                os.fchmod(fd, mode)
             with os.fdopen(fd, "wb") as out:
                 try:
-                    for msg in self._stub.DownloadAsset(pb.AssetRequest(sha256=want), timeout=timeout or self.timeout):
+                    for msg in call():
                         if info is None:
                             if msg.WhichOneof("kind") != "info":
-                                raise ExchangeError(f"{what}: server sent data before the asset info")
+                                raise ExchangeError(f"{what}: server sent data before the info")
                             info = msg.info
-                            if info.sha256 != want:
-                                raise ExchangeError(f"{what}: server announced another asset, sha256 {info.sha256}", "DATA_LOSS")
+                            if want_sha256 is not None and info.sha256 != want_sha256:
+                                raise ExchangeError(f"{what}: server announced another file, sha256 {info.sha256}", "DATA_LOSS")
                             continue
                         size += len(msg.data)
                         if size > info.size:
@@ -210,23 +171,41 @@ class ExchangeClient:
                         h.update(msg.data)
                         out.write(msg.data)
                 except grpc.RpcError as e:
-                    raise self._fail(e, f"download of {what}") from None
+                    raise self._fail(e, what) from None
                 out.flush()
                 os.fsync(out.fileno())
             if info is None:
                 raise ExchangeError(f"{what}: empty reply")
             got = h.hexdigest()
-            if got != want or size != info.size:
+            if size != info.size or got != info.sha256 or (want_sha256 is not None and got != want_sha256):
                 raise ExchangeError(
-                    f"{dest}: refused the file the coordinator at {self.address} sent: its sha256 is {got} "
-                    f"({size} bytes), the pin is {want} ({info.size} bytes announced); nothing was kept",
+                    f"{what}: refused the file the coordinator at {self.address} sent for {dest}: {size} bytes with sha256 {got}, "
+                    f"announced {info.size} bytes with sha256 {info.sha256}"
+                    + (f", pinned sha256 {want_sha256}" if want_sha256 is not None else "") + "; nothing was kept",
                     "DATA_LOSS",
                 )
             os.replace(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return {"sha256": got, "size": size}
+        return info
+
+    def download(self, bundle_id: str, dest_path: Path) -> dict:
+        """Download a bundle tar to `dest_path` (atomically, size and sha256 checked); returns its record."""
+        info = self._stream_to(lambda: self._stub.Download(pb.DownloadRequest(bundle_id=bundle_id), timeout=self.timeout),
+                               Path(dest_path), f"download of {bundle_id}")
+        return _record(info)
+
+    def fetch_asset(self, sha256: str, dest: Path, *, timeout: float | None = None) -> dict:
+        """Download the federation asset pinned by `sha256` (64 hex digits) to `dest`: streamed into a
+        temporary file beside it, renamed into place only if the bytes' sha256 is the one asked for
+        (not merely the one the server announced); otherwise deleted, and ExchangeError (code
+        DATA_LOSS) names the file and the digests. Returns {"sha256", "size"}.
+        timeout: seconds for the whole download (default: the client's per-call timeout)."""
+        dest, want = Path(dest), sha256.lower()
+        info = self._stream_to(lambda: self._stub.DownloadAsset(pb.AssetRequest(sha256=want), timeout=timeout or self.timeout),
+                               dest, f"download of asset {want} for {dest.name}", want_sha256=want, mode=0o644)
+        return {"sha256": info.sha256, "size": int(info.size)}
 
     def trusted_keys(self) -> dict[str, list[str]]:
         """site -> current PEM keys, as the coordinator lists them: for display only (unsigned).

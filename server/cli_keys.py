@@ -15,7 +15,6 @@ from rich.table import Table
 
 from common.config import ConfigError
 from common.nodekey import check_node_public_key
-from common.sitekit import KitError
 from server.coordinator import CoordinatorDir
 
 console = Console(stderr=True)

@@ -9,7 +9,6 @@ the coordinator sets to "real" for the FedAvg-on-real-data baseline.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

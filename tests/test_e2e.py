@@ -8,13 +8,13 @@ quorum is two pooled sites. Slow (about five minutes on 2 cores); run by `make t
 from __future__ import annotations
 
 import json
-import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from deploy.local import launcher
+from tests.helpers_federation import run_federation
 from deploy.local.demo import summarize
 
 pytestmark = pytest.mark.slow
@@ -24,12 +24,7 @@ FEDERATION = {"downstream": {"rounds": 2}}
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fed")
-    if shutil.which("plan-node", path=str(Path(launcher._cli("plan-node")).parent)) is None:
-        pytest.skip("plan-node is not installed in this environment; run `make test`")
-    coord, sites = launcher.setup(root, n_sites=3, quorum=2, federation_overrides=FEDERATION)
-    results = launcher.run(coord, sites, timeout=1500)
-    return coord, sites, results
+    return run_federation(tmp_path_factory.mktemp("fed"), n_sites=3, quorum=2, federation_overrides=FEDERATION)
 
 
 def _passed(sites) -> list[str]:

@@ -10,13 +10,11 @@ and every site evaluates it on the embeddings of its own real test split. Slow (
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from deploy.local import launcher
+from tests.helpers_federation import run_federation
 from deploy.local.demo import summarize
 
 pytestmark = pytest.mark.slow
@@ -26,12 +24,7 @@ FEDERATION = {"route": "cvae", "downstream": {"rounds": 2, "local_epochs": 5}}
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fed-cvae")
-    if shutil.which("plan-node", path=str(Path(launcher._cli("plan-node")).parent)) is None:
-        pytest.skip("plan-node is not installed in this environment; run `make test`")
-    coord, sites = launcher.setup(root, n_sites=2, quorum=2, federation_overrides=FEDERATION)
-    results = launcher.run(coord, sites, timeout=1500)
-    return coord, sites, results
+    return run_federation(tmp_path_factory.mktemp("fed-cvae"), n_sites=2, quorum=2, federation_overrides=FEDERATION)
 
 
 def test_kits_put_every_site_on_the_federations_route(federation):

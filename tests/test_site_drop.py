@@ -7,12 +7,10 @@ stopped (its SuperNode with it) once round 1 has trained. Rounds need two sites
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import pytest
 
-from deploy.local import launcher
+from tests.helpers_federation import run_federation
 
 pytestmark = pytest.mark.slow
 
@@ -20,11 +18,8 @@ ROUNDS = 3
 
 
 def test_a_site_that_drops_out_is_named_and_the_run_completes(tmp_path):
-    if shutil.which("plan-node", path=str(Path(launcher._cli("plan-node")).parent)) is None:
-        pytest.skip("plan-node is not installed in this environment; run `make test`")
-    coord, sites = launcher.setup(tmp_path, n_sites=3, quorum=2,
-                                  federation_overrides={"downstream": {"rounds": ROUNDS, "baselines": False}})
-    results = launcher.run(coord, sites, timeout=1500, drop=("site-c", 1))
+    coord, sites, results = run_federation(tmp_path, n_sites=3, quorum=2, drop=("site-c", 1),
+                                           federation_overrides={"downstream": {"rounds": ROUNDS, "baselines": False}})
 
     assert results["completed"] and results["rounds_completed"] == ROUNDS, results
     assert results["degraded"] is True
