@@ -343,6 +343,9 @@ class FederationConfig(_Strict):
     superlink_port: int = Field(9092, ge=1, le=65535, description="one HTTPS port for SuperNodes, the flwr CLI and ServerApps")
     run_timeout_s: float = Field(1800, gt=0, description="a Flower run that takes longer is reported as failed")
     max_bundle_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    site_quota_bytes: int = Field(4 * 1024 ** 3, ge=1024, description="bytes of bundles the pool keeps per site; an upload beyond is refused")
+    exchange_call_timeout_s: float = Field(600, gt=0, description=(
+        "the exchange cancels an upload or download still running after this many seconds, whatever the client asked"))
     policy: PolicyConfig = PolicyConfig()  # the floor every site's gate must meet
     downstream: DownstreamConfig = DownstreamConfig()
     extractor: ExtractorConfig = ExtractorConfig()  # the CVAE route's; every site must embed with the same network

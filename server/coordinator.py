@@ -115,7 +115,8 @@ def init_coordinator(root: Path, config: FederationConfig, *, hosts: list[str] |
 def fed_store(cd: CoordinatorDir, fed: FederationConfig) -> BundleStore:
     """The coordinator's bundle store, refusing what the federation config rules out."""
     return BundleStore(cd.store, max_bundle_bytes=fed.max_bundle_bytes, policy=fed.policy, route=fed.route,
-                       extractor=fed.extractor.model_dump(mode="json") if fed.route == "cvae" else None)
+                       extractor=fed.extractor.model_dump(mode="json") if fed.route == "cvae" else None,
+                       site_quota_bytes=fed.site_quota_bytes)
 
 
 def start_exchange(cd: CoordinatorDir, store: BundleStore | None = None):
@@ -133,6 +134,8 @@ def start_exchange(cd: CoordinatorDir, store: BundleStore | None = None):
         client_ca_path=cd.ca_cert,  # mutual TLS: only holders of a site kit get in
         coordinator_key_path=cd.coordinator_key,
         federation=fed.name,
+        assets_dir=cd.assets,
+        call_timeout_s=fed.exchange_call_timeout_s,
     )
 
 

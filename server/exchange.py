@@ -7,7 +7,10 @@ carry a status code and a message naming the cause:
     INVALID_ARGUMENT     malformed stream, size or digest mismatch, bad bag or attestation, unsafe archive
     PERMISSION_DENIED    unregistered or revoked site, client certificate of another site, signature
                          not from a key of the site valid for the bundle's sequence, audit did not pass
-    RESOURCE_EXHAUSTED   bigger than max_bundle_bytes (checked on the header and while streaming)
+    RESOURCE_EXHAUSTED   bigger than max_bundle_bytes (checked on the header and while streaming),
+                         or over the site's quota of stored bytes
+    CANCELLED            an upload or download still running after call_timeout_s (the server's
+                         deadline per call, whatever deadline the client set)
     ALREADY_EXISTS       replay: bundle already stored, or sequence not above the site's last
     NOT_FOUND            no such bundle, or no such federation asset (server/assets.py)
 
@@ -22,6 +25,7 @@ import logging
 import os
 import re
 import stat
+import threading
 from concurrent import futures
 from pathlib import Path
 from typing import Iterator
@@ -72,7 +76,8 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
 
     def __init__(self, *, store: BundleStore, trust: TrustStore, max_bundle_bytes: int,
                  mutual_tls: bool = False, coordinator_key=None, federation: str = "federation",
-                 assets_dir: Path | None = None):
+                 assets_dir: Path | None = None, call_timeout_s: float = 600):
+        self.call_timeout_s = call_timeout_s
         self.store = store
         self.trust = trust
         self.max_bundle_bytes = max_bundle_bytes
@@ -96,7 +101,17 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
                 raise StoreRefused(f"upload sends more than the declared {declared} bytes", "invalid")
             yield msg.data
 
+    def _deadline(self, context) -> None:
+        """Cancel this call once it has run call_timeout_s: a client that stalls mid-stream (or
+        trickles bytes) would otherwise hold a worker thread and an open temporary file forever.
+        Cancelling ends the request stream, and the store removes what it had received."""
+        timer = threading.Timer(self.call_timeout_s, context.cancel)
+        timer.daemon = True
+        timer.start()
+        context.add_callback(timer.cancel)
+
     def Upload(self, request_iterator, context):
+        self._deadline(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "header":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first upload chunk must carry the header")
@@ -131,6 +146,7 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         return pb.ListReply(bundles=[_info(r) for r in self.store.list(request.site or None)])
 
     def Download(self, request, context):
+        self._deadline(context)
         rec = self.store.get(request.bundle_id)
         if rec is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no bundle {request.bundle_id!r} in the store")
@@ -140,6 +156,7 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
                 yield pb.DownloadChunk(data=block)
 
     def DownloadAsset(self, request, context):
+        self._deadline(context)
         # Content-addressed: only names of 64 lower-case hex digits are looked up, so a request can
         # never name a path. The bytes go out as they are; the site checks them against its pin.
         if not _SHA256.match(request.sha256):
@@ -188,6 +205,7 @@ def serve(
     federation: str = "federation",
     max_workers: int = 8,
     assets_dir: Path | None = None,
+    call_timeout_s: float = 600,
 ) -> grpc.Server:
     """Start the exchange on host:port with TLS and return the running server (call .stop()).
 
@@ -196,6 +214,7 @@ def serve(
     their certificate names. coordinator_key_path: the coordinator's Ed25519 key (0600) that
     signs the published trust store. assets_dir: the federation assets served by sha256, by
     default `assets/` beside the store's folder (the coordinator directory's layout).
+    call_timeout_s: an upload or download running longer is cancelled.
     """
     cert = Path(cert_path).read_bytes()
     key = read_private_file(Path(key_path))
@@ -210,6 +229,7 @@ def serve(
             coordinator_key=load_private_key(coordinator_key_path) if coordinator_key_path else None,
             federation=federation,
             assets_dir=assets_dir if assets_dir is not None else Path(store.root).parent / ASSETS_DIRNAME,
+            call_timeout_s=call_timeout_s,
         ),
         server,
     )

@@ -92,14 +92,16 @@ class BundleStore:
     """Verified bundles under `root`; uploads over `max_bundle_bytes` bytes are refused, and, with
     a `policy` (the federation's floor), bundles whose signed audit figures fail it; with a
     `route`, bundles of the other route; with an `extractor` (the federation's pinned
-    ExtractorConfig as a dict), embedding bundles whose signed data card names another."""
+    ExtractorConfig as a dict), embedding bundles whose signed data card names another; with a
+    `site_quota_bytes`, a bundle that would take its site's stored bytes above the quota."""
 
     def __init__(self, root: Path, *, max_bundle_bytes: int = 512 * 1024 * 1024, policy: PolicyConfig | None = None,
-                 route: str | None = None, extractor: dict | None = None):
+                 route: str | None = None, extractor: dict | None = None, site_quota_bytes: int | None = None):
         self.root = Path(root)
         self.max_bundle_bytes = max_bundle_bytes
         self.policy = policy
         self.route, self.extractor = route, extractor
+        self.site_quota_bytes = site_quota_bytes
         self.objects = self.root / "objects"
         self.incoming = self.root / "incoming"
         self.index_path = self.root / "index.db"
@@ -228,6 +230,14 @@ class BundleStore:
                         raise StoreRefused(f"a bundle with sha256 {got_sha} is already stored (replay)", "replay")
                     if db.execute("SELECT 1 FROM removed WHERE bundle_id = ? OR sha256 = ?", (vb.bundle_id, got_sha)).fetchone():
                         raise StoreRefused(f"bundle {vb.bundle_id} was removed from the pool (replay)", "replay")
+                    if self.site_quota_bytes is not None:
+                        # in the same write transaction as the insert: concurrent uploads of one
+                        # site cannot each see room that only one of them has
+                        used = db.execute("SELECT COALESCE(SUM(size), 0) FROM bundles WHERE site = ?", (vb.site,)).fetchone()[0]
+                        if used + got_size > self.site_quota_bytes:
+                            raise StoreRefused(
+                                f"site {vb.site!r} stores {used} bytes; this bundle's {got_size} would exceed its quota of "
+                                f"{self.site_quota_bytes} bytes", "too_large")
                     last = self._last_sequence(db, vb.site)
                     if last is not None and vb.sequence <= last:
                         raise StoreRefused(

@@ -67,17 +67,18 @@ def coordinator_dir(root: Path, *, port: int | None = None, max_bundle_bytes: in
 
 
 @contextlib.contextmanager
-def live_exchange(root: Path, *, max_bundle_bytes: int = 64 * 1024 * 1024, client_ca: bool = False):
+def live_exchange(root: Path, *, max_bundle_bytes: int = 64 * 1024 * 1024, client_ca: bool = False,
+                  site_quota_bytes: int | None = None, call_timeout_s: float = 600):
     """A real exchange server with TLS (mutual with `client_ca`) on 127.0.0.1, stopped on exit."""
     cd = coordinator_dir(root, max_bundle_bytes=max_bundle_bytes)
     port = cd.config().exchange_port
-    store = BundleStore(cd.store, max_bundle_bytes=max_bundle_bytes)
+    store = BundleStore(cd.store, max_bundle_bytes=max_bundle_bytes, site_quota_bytes=site_quota_bytes)
     trust = cd.trust()
     server = serve(
         store=store, trust=trust, host="127.0.0.1", port=port,
         cert_path=cd.tls_dir / "server.crt", key_path=cd.tls_dir / "server.key",
         max_bundle_bytes=max_bundle_bytes, client_ca_path=cd.ca_cert if client_ca else None,
-        coordinator_key_path=cd.coordinator_key, federation="test",
+        coordinator_key_path=cd.coordinator_key, federation="test", call_timeout_s=call_timeout_s,
     )
     try:
         yield LiveExchange(f"127.0.0.1:{port}", cd.ca_cert, store, trust, server, cd)
