@@ -140,6 +140,17 @@ class CvaeConfig(_Strict):
     sample: Literal["replicate", "target"] = Field("replicate", description=(
         "how many synthetic embeddings of each class: replicate the train class counts, or synth.target_size "
         "in the train class proportions"))
+    federated: bool = Field(False, description=(
+        "train the CVAE across the federation (FedAvg of the decoders only; the site kit sets it from the "
+        "federation's cvae_federated): the local CVAE is the starting point, and synthesize samples from the "
+        "federation's decoder (models/cvae_global). Not with dp in this version"))
+
+    @model_validator(mode="after")
+    def _federated_without_dp(self) -> "CvaeConfig":
+        if self.federated and self.dp:
+            raise ValueError("synth.cvae.federated with synth.cvae.dp is not supported in this version: the epsilon "
+                             "of DP-SGD across federated rounds is not accounted for; turn one of them off")
+        return self
 
 
 # embedding length per extractor architecture (node.embedder builds them; the coordinator only
@@ -349,6 +360,12 @@ class FederationConfig(_Strict):
     policy: PolicyConfig = PolicyConfig()  # the floor every site's gate must meet
     downstream: DownstreamConfig = DownstreamConfig()
     extractor: ExtractorConfig = ExtractorConfig()  # the CVAE route's; every site must embed with the same network
+    cvae_federated: bool = Field(False, description=(
+        "CVAE route: train the sites' CVAEs together first (Di Salvo et al., MICCAI 2025): a Flower run of FedAvg "
+        "over the decoders only, each site's encoder stays local; every site then samples from the federation's "
+        "decoder, audits and publishes, and the downstream run follows as usual"))
+    cvae_rounds: int = Field(5, ge=1, description="cvae_federated: FedAvg rounds of the CVAE run")
+    cvae_local_epochs: int = Field(20, ge=1, description="cvae_federated: epochs each site trains its CVAE per round")
 
 
 # ---------------------------------------------------------------- loading

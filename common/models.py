@@ -109,3 +109,57 @@ def downstream_model(n_classes: int, *, route: str, width: int, image_size: int,
         return DownstreamCNN(n_classes, width=width, image_size=image_size)
     raise ValueError(f"unknown route {route!r}; expected 'plan' or 'cvae'")
 
+
+
+class CVAE(nn.Module):
+    """The CVAE route's generator (node.cvae trains and samples it): a conditional VAE on embeddings.
+
+    Encoder [x, onehot(y)] (D+C) -> hidden -> ReLU -> (mu, logvar) (2 x latent);
+    decoder [z, onehot(y)] (latent+C) -> hidden -> ReLU -> D -> sigmoid (scaled embeddings in [0,1]).
+    It lives here because the federated CVAE (FederationConfig.cvae_federated) averages its
+    decoder at the coordinator: `decoder_state()`'s keys and order are that run's wire format."""
+
+    def __init__(self, d_in: int, n_classes: int, *, hidden: int = 256, latent: int = 50):
+        super().__init__()
+        self.d_in, self.n_classes, self.hidden, self.latent = d_in, n_classes, hidden, latent
+        self.encoder = nn.Sequential(nn.Linear(d_in + n_classes, hidden), nn.ReLU(), nn.Linear(hidden, 2 * latent))
+        self.decoder = nn.Sequential(nn.Linear(latent + n_classes, hidden), nn.ReLU(), nn.Linear(hidden, d_in), nn.Sigmoid())
+
+    def encode(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B,D] scaled, c [B,C] one-hot -> mu [B,latent], logvar [B,latent]."""
+        h = self.encoder(torch.cat([x, c], 1))
+        return h[:, : self.latent], h[:, self.latent :]
+
+    def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """z [B,latent], c [B,C] one-hot -> scaled embeddings [B,D] in (0,1)."""
+        return self.decoder(torch.cat([z, c], 1))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruction [B,D], mu, logvar; `eps` [B,latent] fixes the reparameterisation noise."""
+        mu, logvar = self.encode(x, c)
+        if eps is None:
+            eps = torch.randn_like(mu)
+        return self.decode(mu + eps * torch.exp(0.5 * logvar), c), mu, logvar
+
+    def decoder_state(self) -> dict[str, torch.Tensor]:
+        """The decoder's weights only (keys `decoder.*`, CPU copies): what the federated CVAE shares.
+        The encoder, which has seen every train record directly, never leaves the site."""
+        return {k: v.detach().cpu().clone().contiguous() for k, v in self.state_dict().items() if k.startswith("decoder.")}
+
+    def load_decoder_state(self, state: dict[str, torch.Tensor]) -> "CVAE":
+        """Put `state` (decoder_state()'s keys exactly) into the decoder; the encoder is untouched. Returns self."""
+        expected = set(self.decoder_state())
+        if set(state) != expected:
+            raise ValueError(f"expected the decoder's keys {sorted(expected)}, got {sorted(state)}")
+        self.decoder.load_state_dict({k.removeprefix("decoder."): v for k, v in state.items()})
+        return self
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict as safetensors bytes (float32 CPU tensors): the federated CVAE's
+    decoder digest, the same at the coordinator and at every site that received it."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    return hashlib.sha256(save({k: v.detach().cpu().float().contiguous() for k, v in state.items()})).hexdigest()

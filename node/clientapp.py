@@ -1,5 +1,9 @@
 """The Flower ClientApp a site runs: thin handlers that unpack a message, call node.task, pack the reply.
 
+Two kinds of run reach it: the downstream classifier (every run), and, before it when the
+federation trains the CVAE across sites (run config `task="cvae"`), the federated CVAE, whose
+logic is node.cvae_federated.
+
 The SuperNode is started with `--node-config 'site-dir="/abs/site"'`; everything the handlers
 read (verified pool, real test split) lives in that workspace.
 """
@@ -17,6 +21,7 @@ from flwr.clientapp import ClientApp
 from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
 from common.models import downstream_model
+from node import cvae_federated
 from node.baseline import local_only
 from node.device import pick_device
 from node.pull import load_pool_data, pull
@@ -80,8 +85,44 @@ def _downstream(cfg: ConfigRecord) -> DownstreamConfig:
                             lr=float(cfg["lr"]), batch_size=int(cfg["batch-size"]), head_hidden=int(cfg.get("head-hidden", 0)))
 
 
+def _is_cvae_task(msg: Message) -> bool:
+    return str(msg.content["config"].get("task", "")) == "cvae"
+
+
+def _cvae_arch(cfg: ConfigRecord) -> dict:
+    return {k: int(cfg[k]) for k in ("d-in", "n-classes", "hidden", "latent") if k in cfg}
+
+
+def _train_cvae(msg: Message, context: Context) -> Message:
+    """Federated CVAE, train: the global decoder in, `local-epochs` epochs here, the decoder out."""
+    ws = _workspace(context)
+    cfg = msg.content["config"]
+    decoder, n, train_loss, val_loss = cvae_federated.local_update(
+        ws, msg.content["arrays"].to_torch_state_dict(), server_round=int(cfg["server-round"]),
+        epochs=int(cfg["local-epochs"]), arch=_cvae_arch(cfg))
+    metrics = MetricRecord({"num-examples": n, "train-loss": train_loss, "val-loss": val_loss})
+    return _reply(msg, ws, {"arrays": ArrayRecord(decoder), "metrics": metrics})
+
+
+def _evaluate_cvae(msg: Message, context: Context) -> Message:
+    """Federated CVAE, evaluate: keep the global decoder (models/cvae_global), report its validation
+    loss; after the final round's, synthesize, audit and publish from it (failures reported, not raised)."""
+    ws = _workspace(context)
+    cfg = msg.content["config"]
+    server_round, rounds = int(cfg["server-round"]), int(cfg["rounds"])
+    got = cvae_federated.receive_global(ws, msg.content["arrays"].to_torch_state_dict(), server_round=server_round,
+                                        rounds=rounds, flower_run_id=int(msg.metadata.run_id), arch=_cvae_arch(cfg))
+    metrics = {"num-examples": max(1, got["n_val"]), "val-loss": float(got["val_loss"])}
+    if server_round >= rounds:
+        # every site sends the same keys in a round (Flower aggregates only agreeing MetricRecords)
+        metrics["released"] = float(cvae_federated.release(ws)["released"])
+    return _reply(msg, ws, {"metrics": MetricRecord(metrics)})
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if _is_cvae_task(msg):
+        return _train_cvae(msg, context)
     ws = _workspace(context)
     model, cfg = _model_from(msg)
     route = _route(cfg)
@@ -108,6 +149,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    if _is_cvae_task(msg):
+        return _evaluate_cvae(msg, context)
     ws = _workspace(context)
     model, cfg = _model_from(msg)
     device = pick_device(ws.config().device)

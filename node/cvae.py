@@ -20,38 +20,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from common.config import CvaeConfig
+from common.models import CVAE  # one definition, shared with the coordinator (the federated CVAE's decoder)
 from node.checkpoint import load_weights, read_sidecar, save_model
 
 # A validation loss counts as lower only if it beats the best by this share: float noise and
 # DP noise should not reset the patience.
 _MIN_REL_IMPROVEMENT = 1e-4
-
-
-class CVAE(nn.Module):
-    """Encoder [x, onehot(y)] (D+C) -> hidden -> ReLU -> (mu, logvar) (2 x latent);
-    decoder [z, onehot(y)] (latent+C) -> hidden -> ReLU -> D -> sigmoid (scaled embeddings in [0,1])."""
-
-    def __init__(self, d_in: int, n_classes: int, *, hidden: int = 256, latent: int = 50):
-        super().__init__()
-        self.d_in, self.n_classes, self.hidden, self.latent = d_in, n_classes, hidden, latent
-        self.encoder = nn.Sequential(nn.Linear(d_in + n_classes, hidden), nn.ReLU(), nn.Linear(hidden, 2 * latent))
-        self.decoder = nn.Sequential(nn.Linear(latent + n_classes, hidden), nn.ReLU(), nn.Linear(hidden, d_in), nn.Sigmoid())
-
-    def encode(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B,D] scaled, c [B,C] one-hot -> mu [B,latent], logvar [B,latent]."""
-        h = self.encoder(torch.cat([x, c], 1))
-        return h[:, : self.latent], h[:, self.latent :]
-
-    def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """z [B,latent], c [B,C] one-hot -> scaled embeddings [B,D] in (0,1)."""
-        return self.decoder(torch.cat([z, c], 1))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Reconstruction [B,D], mu, logvar; `eps` [B,latent] fixes the reparameterisation noise."""
-        mu, logvar = self.encode(x, c)
-        if eps is None:
-            eps = torch.randn_like(mu)
-        return self.decode(mu + eps * torch.exp(0.5 * logvar), c), mu, logvar
 
 
 def one_hot(y: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -178,7 +152,7 @@ def _eval_loss(model: CVAE, x: torch.Tensor, c: torch.Tensor, eps: torch.Tensor,
 
 
 def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig, seed: int,
-               device: torch.device | str) -> CvaeResult:
+               device: torch.device | str, init: CVAE | None = None, epochs: int | None = None) -> CvaeResult:
     """Fit a CVAE to embeddings x float [N,D] with labels y int [N] in [0, n_classes).
 
     Adam (cfg.lr), batches of cfg.batch_size (None: 512, at most len(train) // 8, at least 16), up to cfg.max_epochs epochs. Without dp: early
@@ -194,8 +168,15 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
     those records are then never trained on, but the stopping epoch and the restored weights
     depend on them, which `info["dp_caveats"]` says.
 
+    init: start from a copy of this CVAE (its architecture, encoder and decoder) instead of a fresh
+    one; `init` itself is not modified. epochs: train exactly this many epochs without early
+    stopping (the validation loss is still recorded each epoch, and the last epoch's weights are
+    kept). The federated CVAE's local updates use both (node.cvae_federated); neither with dp.
+
     Reproducible for a given seed and device; the caller's global RNG state is left as it was.
     """
+    if cfg.dp and (init is not None or epochs is not None):
+        raise ValueError("train_cvae: init and epochs are not supported with dp (the privacy accounting assumes a fresh run of max_epochs)")
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y).astype(np.int64)
     if x.ndim != 2 or y.shape != (len(x),):
@@ -204,6 +185,9 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
         raise ValueError(f"labels must lie in [0, {n_classes}), got {y.min()}..{y.max()}")
     device = torch.device(device)
     use_val = not cfg.dp or cfg.dp_early_stopping
+    n_epochs = cfg.max_epochs if epochs is None else int(epochs)
+    if n_epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
     tr, va = stratified_split(y, cfg.val_fraction, seed=seed) if use_val else (np.arange(len(y)), np.arange(0))
     if len(va) == 0:  # no class has two records: nothing to validate on, train for max_epochs
         use_val = False
@@ -224,16 +208,22 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
         for msg in ("Secure RNG turned off", "Optimal order is the largest alpha", "Full backward hook is firing"):
             warnings.filterwarnings("ignore", message=msg)
         torch.manual_seed(seed)
-        model = CVAE(x.shape[1], n_classes, hidden=cfg.hidden, latent=cfg.latent_dim).to(device)
+        if init is not None:
+            if (init.d_in, init.n_classes) != (x.shape[1], n_classes):
+                raise ValueError(f"init CVAE is for D={init.d_in}, {init.n_classes} classes; the data has D={x.shape[1]}, {n_classes} classes")
+            model = copy.deepcopy(init).to(device)
+        else:
+            model = CVAE(x.shape[1], n_classes, hidden=cfg.hidden, latent=cfg.latent_dim).to(device)
+        latent = model.latent
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         batch_size = cfg.batch_size or min(512, max(16, len(tr) // 8))
         loader = DataLoader(_Rows(xs[tr], cs[tr]), batch_size=batch_size, shuffle=True, collate_fn=_batch,
                             generator=torch.Generator().manual_seed(seed))
         # fixed reparameterisation noise for validation: epoch-to-epoch changes are the weights' alone
         x_val, c_val = xs[va].to(device), cs[va].to(device)
-        eps_val = torch.randn(len(va), cfg.latent_dim, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+        eps_val = torch.randn(len(va), latent, generator=torch.Generator().manual_seed(seed + 1)).to(device)
 
-        info: dict = {"n_train": int(len(tr)), "n_val": int(len(va)), "early_stopping": use_val, "dp": cfg.dp, "batch_size": batch_size}
+        info: dict = {"n_train": int(len(tr)), "n_val": int(len(va)), "early_stopping": use_val and epochs is None, "dp": cfg.dp, "batch_size": batch_size}
         engine = None
         train_model: nn.Module = model
         criterion: nn.Module = _Criterion(cfg.beta, "mean")
@@ -274,7 +264,7 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
         history: list[dict] = []
         best_val, best_epoch, best_state, stale, steps = float("inf"), 0, None, 0, 0
         epoch = 0
-        for epoch in range(1, cfg.max_epochs + 1):
+        for epoch in range(1, n_epochs + 1):
             train_model.train()
             total, n = 0.0, 0
             for xb, cb in loader:
@@ -289,7 +279,7 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
                     total, n = total + float(cvae_loss(recon, xb, mu, logvar, beta=cfg.beta).sum()), n + len(xb)
             val = _eval_loss(model, x_val, c_val, eps_val, cfg.beta) if use_val else None
             history.append({"epoch": epoch, "train_loss": total / max(1, n), "val_loss": val})
-            if val is None:
+            if val is None or epochs is not None:  # no validation split, or a fixed number of epochs
                 continue
             if val < best_val - _MIN_REL_IMPROVEMENT * abs(best_val) or best_state is None:
                 best_val, best_epoch, stale = val, epoch, 0
@@ -310,7 +300,7 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
     info["steps"] = steps
     model.eval()
     return CvaeResult(model=model, lo=lo.to(device), hi=hi.to(device), epochs_trained=epoch, best_epoch=best_epoch,
-                      best_val_loss=best_val if use_val else None, history=history, epsilon=epsilon, delta=delta, info=info)
+                      best_val_loss=(best_val if epochs is None else history[-1]["val_loss"]) if use_val else None, history=history, epsilon=epsilon, delta=delta, info=info)
 
 
 # ---------------------------------------------------------------- sampling

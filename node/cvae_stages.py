@@ -7,7 +7,9 @@ train:      the train split's embeddings by the federation's pinned extractor (n
 synthesize: sample labels (replicate the train class counts, or synth.target_size in their
             proportions) and decode one embedding per label. Outputs synth/<run_id>/
             candidates.npz (embeddings float32 [M,D], labels int64 [M]) and synth.json, with the
-            DP epsilon actually spent when the CVAE was trained with DP-SGD.
+            DP epsilon actually spent when the CVAE was trained with DP-SGD. With synth.cvae.federated
+            it samples from models/cvae_global (the federation's decoder, node.cvae_federated) and
+            synth.json names that decoder's sha256.
 
 Both return at once when nothing they depend on changed, like the PLAN route's stages.
 """
@@ -37,7 +39,8 @@ REID_HIDDEN = {"phi_id": 128, "phi_attack": 192}  # two widths, two seeds: the a
 
 def _key(ws: Workspace) -> tuple[dict, str]:
     cfg = ws.config()
-    section = {"cvae": cfg.synth.cvae.model_dump(mode="json"), "extractor": cfg.synth.extractor.model_dump(mode="json"),
+    # `federated` is left out: the local CVAE is the same model either way (it is the federated run's start)
+    section = {"cvae": cfg.synth.cvae.model_dump(mode="json", exclude={"federated"}), "extractor": cfg.synth.extractor.model_dump(mode="json"),
                "classifier": cfg.models.classifier.model_dump(mode="json"), "seed": cfg.models.seed}
     data_sha = sha256_file(ws.data / "dataset.npz")[:16] + sha256_file(ws.data / "splits.json")[:16]
     return section, config_digest(section) + ":" + data_sha
@@ -85,9 +88,30 @@ def load_reid(ws: Workspace, name: str, device: torch.device | str = "cpu") -> E
     return model.eval().requires_grad_(False)
 
 
+GLOBAL_NAME = "cvae_global"  # synth.cvae.federated: the site's scaler and encoder with the federation's decoder
+
+
+def synth_model(ws: Workspace) -> str:
+    """The name in models/ of the CVAE synthesize samples from: cvae, or cvae_global when federated.
+    Raises FileNotFoundError when the federated run has not delivered its decoder yet."""
+    if not ws.config().synth.cvae.federated:
+        return "cvae"
+    if not (ws.models / f"{GLOBAL_NAME}.json").exists():
+        raise FileNotFoundError(
+            f"{ws.models / GLOBAL_NAME}.safetensors: missing: the federated CVAE has not finished (synth.cvae.federated "
+            "is on, so this site samples from the federation's decoder, which the coordinator's CVAE run delivers "
+            "to the SuperNode in its last round)")
+    side = read_sidecar(ws.models / f"{GLOBAL_NAME}.safetensors")
+    if not side.get("final", False):
+        raise FileNotFoundError(
+            f"{ws.models / GLOBAL_NAME}.safetensors holds the federation's decoder of round {side.get('server_round')} of "
+            f"{side.get('rounds')}: the federated CVAE has not finished")
+    return GLOBAL_NAME
+
+
 def run_id_for(ws: Workspace) -> str:
-    """12 hex digits of a sha256 of the synth config and the CVAE's weights."""
-    side = read_sidecar(ws.models / "cvae.safetensors")
+    """12 hex digits of a sha256 of the synth config and the weights of the CVAE sampled from."""
+    side = read_sidecar(ws.models / f"{synth_model(ws)}.safetensors")
     return sha256_bytes((config_digest(ws.config().synth) + side["weights_sha256"]).encode())[:12]
 
 
@@ -98,14 +122,19 @@ def synthesize(ws: Workspace) -> str:
     out_dir = ws.synth / run_id
     if not ((out_dir / "candidates.npz").exists() and (out_dir / "synth.json").exists()):
         t0 = time.time()
-        result = load_cvae(ws.models / "cvae.safetensors", device=pick_device(cfg.device))
+        name = synth_model(ws)
+        result = load_cvae(ws.models / f"{name}.safetensors", device=pick_device(cfg.device))
         _, train_labels = split_embeddings(ws, sc.extractor, "train", device=pick_device(cfg.device))
         labels = sample_labels(train_labels, mode=sc.cvae.sample, target_size=sc.target_size, seed=sc.seed)
         emb = sample_cvae(result, labels, seed=sc.seed)
         buf = io.BytesIO()
         np.savez(buf, embeddings=emb, labels=labels)
         atomic_write_bytes(out_dir / "candidates.npz", buf.getvalue())
-        side = read_sidecar(ws.models / "cvae.safetensors")
+        side = read_sidecar(ws.models / f"{name}.safetensors")
+        # federated: whose decoder this is (the federation's, by the digest every site received)
+        federated = {"decoder": {"source": "federation", "global_decoder_sha256": side["global_decoder_sha256"],
+                                 "flower_run_id": side.get("flower_run_id"), "server_round": side.get("server_round"),
+                                 "rounds": side.get("rounds")}} if name == GLOBAL_NAME else {}
         atomic_write_json(out_dir / "synth.json", {
             "run_id": run_id,
             "route": "cvae",
@@ -120,6 +149,7 @@ def synthesize(ws: Workspace) -> str:
             "dp_epsilon": result.epsilon,
             "dp_delta": result.delta,
             "seconds": {"total": round(time.time() - t0, 2)},
+            **federated,
         })
     atomic_write_json(ws.synth / "latest.json", {"run_id": run_id})
     return run_id

@@ -6,8 +6,8 @@ and the client certificate was issued by the kit's CA and is within its validity
 Then keys/ (0700) receives ca.crt, client.crt, client.key (0600) and coordinator.pub at the
 paths site.yaml names; site.yaml's coordinator addresses are set from the kit, and its release
 policy is tightened to the federation's floor (PolicyConfig.stricter), so the site's gate never
-passes a bundle the coordinator would refuse, and its synth.route and synth.extractor become the
-federation's.
+passes a bundle the coordinator would refuse, and its synth.route, synth.extractor and
+synth.cvae.federated become the federation's.
 """
 
 from __future__ import annotations
@@ -84,6 +84,10 @@ def install_kit(ws: Workspace, kit_path: Path) -> dict:
         extractor = ExtractorConfig(**(meta.get("extractor") or {}))
         if meta.get("route", "plan") not in ("plan", "cvae"):
             raise ValueError(f"route must be 'plan' or 'cvae', got {meta['route']!r}")
+        federated = bool(meta.get("cvae_federated", False)) and meta.get("route") == "cvae"
+        if federated and cfg.synth.cvae.dp:
+            raise ValueError("the federation trains the CVAE across sites (cvae_federated), which this version does "
+                             "not support with DP-SGD; set synth.cvae.dp to false in site.yaml first")
     except ValueError as e:
         raise KitError(f"{kit_path}: kit.json route or extractor: {e}") from None
 
@@ -99,5 +103,6 @@ def install_kit(ws: Workspace, kit_path: Path) -> dict:
         cfg.policy = cfg.policy.stricter(floor)
     if "route" in meta:
         cfg.synth.route, cfg.synth.extractor = meta["route"], extractor
+        cfg.synth.cvae.federated = federated
     atomic_write_text(ws.config_path, commented_yaml(cfg, title=f"plan-node site config for {cfg.name!r}"))
     return meta

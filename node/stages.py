@@ -57,8 +57,13 @@ def stage_io(ws: Workspace, stage: str) -> tuple[list[Path], list[Path]]:
     if stage == "train":
         return [ws.config_path, *data], _model_files(ws, names)
     if stage == "synthesize":
+        federated = ws.config().synth.route == "cvae" and ws.config().synth.cvae.federated
+        if federated:
+            synth_reads = (*synth_reads, cvae_stages.GLOBAL_NAME)  # a new federation decoder re-runs synthesis
         ins = [ws.config_path, *data, *_model_files(ws, synth_reads)]
-        run = ws.synth / run_id_for(ws) if (ws.models / f"{synth_reads[0]}.json").exists() else ws.synth / "unknown"
+        known = (ws.models / f"{synth_reads[0]}.json").exists() and (
+            not federated or (ws.models / f"{cvae_stages.GLOBAL_NAME}.json").exists())
+        run = ws.synth / run_id_for(ws) if known else ws.synth / "unknown"
         return ins, [ws.synth / "latest.json", run / "candidates.npz", run / "synth.json"]
     if stage == "audit":
         run = ws.synth / latest_run(ws)

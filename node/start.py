@@ -1,4 +1,10 @@
-"""`plan-node start`: every stage not yet done, publish, pull and verify the pool, then the SuperNode."""
+"""`plan-node start`: every stage not yet done, publish, pull and verify the pool, then the SuperNode.
+
+With synth.cvae.federated (the federation trains the CVAE across sites) only ingest, train and
+local_only run before the SuperNode joins: the site synthesizes, audits and publishes once the
+federated CVAE's final decoder reaches it (node.cvae_federated, from the ClientApp). A site that
+already holds that decoder (restarted after the CVAE run) synthesizes and publishes first, as usual.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from common.procs import stop
 from node.assets import fetch_extractor_weights
 from node.publish import publish
 from node.pull import pull
-from node.stages import run_pipeline
+from node.stages import run_one, run_pipeline
 from node.supernode import start_supernode
 from node.workspace import Workspace
 
@@ -19,13 +25,30 @@ def start_node(ws: Workspace, *, say: Callable[[str], None] = print) -> int:
     cfg = ws.config()
     if cfg.synth.route == "cvae":  # the pinned extractor's weights, fetched from the coordinator if missing (tiny: none)
         fetch_extractor_weights(ws, cfg.synth.extractor, say=say)
-    run_pipeline(ws)
-    bundle_id = publish(ws)
-    say(f"{cfg.name}: published bundle {bundle_id}" if bundle_id else f"{cfg.name}: nothing published (see the audit report)")
+    if cfg.synth.route == "cvae" and cfg.synth.cvae.federated and not _has_final_global(ws):
+        run_pipeline(ws, upto="train")
+        run_one(ws, "local_only")
+        say(f"{cfg.name}: local CVAE trained; synthesis waits for the federated CVAE's decoder")
+    else:
+        run_pipeline(ws)
+        bundle_id = publish(ws)
+        say(f"{cfg.name}: published bundle {bundle_id}" if bundle_id else f"{cfg.name}: nothing published (see the audit report)")
     pulled = pull(ws)
     say(f"{cfg.name}: pool: {len(pulled)} new verified bundle(s)")
     say(f"{cfg.name}: SuperNode connecting to {cfg.coordinator.superlink}")
     return _join(ws, say=say)
+
+
+def _has_final_global(ws: Workspace) -> bool:
+    """True if models/ holds the federated CVAE's final decoder, grown from this site's current CVAE."""
+    from node.checkpoint import read_sidecar
+    from node.cvae_stages import GLOBAL_NAME
+
+    path = ws.models / f"{GLOBAL_NAME}.safetensors"
+    if not (path.with_suffix(".json").exists() and (ws.models / "cvae.json").exists()):
+        return False
+    side = read_sidecar(path)
+    return bool(side.get("final")) and side.get("base_weights_sha256") == read_sidecar(ws.models / "cvae.safetensors")["weights_sha256"]
 
 
 # Flower's SuperLink counts a node online until two heartbeat intervals (2 x 30 s) after its last

@@ -12,6 +12,7 @@ Layout of the coordinator directory (`--dir`):
     assets/<sha256>     federation assets the exchange serves (server/assets.py), e.g. extractor weights
     superlink.db        Flower's state, so registrations and run history survive a restart
     runs/<stamp>/       one folder per federation run: results.json, model.safetensors
+                        (cvae/: the federated CVAE's run before it, when cvae_federated)
     logs/               the SuperLink's log
 """
 
@@ -168,8 +169,15 @@ def run_coordinator(
         federation.wait_superlink(cd.flwr_home, superlink)
         say(f"SuperLink listening on {fed.superlink_host}:{fed.superlink_port} (TLS, SuperNode authentication)")
         _register_nodes(cd, say)
+        out = cd.runs / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        cvae = None
+        if fed.route == "cvae" and fed.cvae_federated:
+            # The sites make their bundles from the federation's decoder: first the CVAE run, with
+            # every SuperNode needed (no bundle exists yet), then the pool's quorum as usual.
+            _wait_for_quorum(cd, store, 0, fed.nodes_needed, superlink, say, since=superlink_started)
+            cvae = _run_cvae(cd, fed, out / "cvae", say)
         _wait_for_quorum(cd, store, fed.quorum, fed.nodes_needed, superlink, say, since=superlink_started)
-        results = _run_once(cd, fed, store, say)
+        results = _run_once(cd, fed, store, say, out=out, cvae=cvae)
         if exit_after_run:
             return results
         say("federation run finished; still serving the exchange (Ctrl-C to stop)")
@@ -234,14 +242,19 @@ def _failures(cd: CoordinatorDir, per_site: dict) -> dict:
     return {"degraded": bool(errors or missed), "errors": errors, "missed": missed}
 
 
-def _submit_and_wait(cd: CoordinatorDir, fed: FederationConfig, out: Path, say, *, label: str, train_on: str | None = None) -> dict:
-    """One Flower run of the ServerApp writing to `out`; its results.json with run id, status and failures."""
+def _submit_and_wait(cd: CoordinatorDir, fed: FederationConfig, out: Path, say, *, label: str, train_on: str | None = None,
+                     task: str | None = None) -> dict:
+    """One Flower run of the ServerApp writing to `out`; its results.json with run id, status and failures.
+    task "cvae": the federated CVAE's run (fed.cvae_rounds rounds) instead of the downstream classifier's."""
     out.mkdir(parents=True, exist_ok=True)
     run_config = {"federation-config": str(cd.config_path.resolve()), "out-dir": str(out.resolve())}
     if train_on is not None:
         run_config["train-on"] = train_on
+    if task is not None:
+        run_config["task"] = task
+    n_rounds = fed.cvae_rounds if task == "cvae" else fed.downstream.rounds
     run_id = federation.submit_run(cd.flwr_home, run_config=run_config)
-    say(f"submitted Flower run {run_id}: {label} ({fed.downstream.rounds} rounds)")
+    say(f"submitted Flower run {run_id}: {label} ({n_rounds} rounds)")
     atomic_write_json(cd.runs / "latest.json", {"run_dir": str(out.relative_to(cd.runs)), "run_id": run_id, "status": "running", "label": label})
     status = federation.wait_run(cd.flwr_home, run_id, timeout=fed.run_timeout_s)
     results_path = out / "results.json"
@@ -249,7 +262,7 @@ def _submit_and_wait(cd: CoordinatorDir, fed: FederationConfig, out: Path, say, 
     results.update({"run_id": run_id, "status": status})
     results.update(_failures(cd, results.get("per_site", {})))
     say(f"run {run_id} ({label}): {status}{' (DEGRADED)' if results['degraded'] else ''}; "
-        f"rounds completed {results.get('rounds_completed', 0)}/{fed.downstream.rounds}")
+        f"rounds completed {results.get('rounds_completed', 0)}/{n_rounds}")
     for e in results["errors"]:
         say(f"  round {e['round']} {e['phase']}: {e['site']} failed: {e['error']}")
     for site, rounds in results["missed"].items():
@@ -269,10 +282,31 @@ def _final_per_site(results: dict, keys: tuple[str, ...], *, prefix: str = "") -
 METRICS = ("accuracy", "balanced-accuracy", "auroc")
 
 
-def _run_once(cd: CoordinatorDir, fed: FederationConfig, store: BundleStore, say) -> dict:
-    out = cd.runs / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+def _run_cvae(cd: CoordinatorDir, fed: FederationConfig, out: Path, say) -> dict:
+    """The federated CVAE's Flower run (task "cvae"); its results (rounds, per-site train and
+    validation losses, the final decoder's sha256) stay in `out`/results.json."""
+    results = _submit_and_wait(cd, fed, out, say, label="federated CVAE (FedAvg of the decoders)", task="cvae")
+    atomic_write_json(out / "results.json", results)
+    return results
+
+
+def _cvae_summary(results: dict, out: Path, runs: Path) -> dict:
+    """The coordinator results' `cvae_federated` entry: the CVAE run in brief, its folder named."""
+    keep = ("run_id", "status", "completed", "rounds", "rounds_completed", "local_epochs", "global_decoder_sha256",
+            "degraded", "errors", "missed")
+    return {**{k: results[k] for k in keep if k in results}, "results": str((out / "results.json").relative_to(runs)),
+            "per_site": results.get("per_site", {})}
+
+
+def _run_once(cd: CoordinatorDir, fed: FederationConfig, store: BundleStore, say, *, out: Path | None = None,
+              cvae: dict | None = None) -> dict:
+    """The downstream run (and its baselines) into `out` (default runs/<stamp>); `cvae`: the results
+    of the federated CVAE run before it (in out/cvae), summarised into these results."""
+    out = out or cd.runs / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     results = _submit_and_wait(cd, fed, out, say, label=f"downstream on {fed.downstream.train_on}")
     results["pool"] = sorted(store.sites_with_bundles())
+    if cvae is not None:
+        results["cvae_federated"] = _cvae_summary(cvae, out / "cvae", cd.runs)
     real = None
     if fed.downstream.baselines:
         real = _submit_and_wait(cd, fed, out / "baseline-fedavg-real", say, label="baseline: FedAvg on real data", train_on="real")

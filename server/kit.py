@@ -65,6 +65,8 @@ def make_kit(
         # what the site must synthesize: the route, and for embeddings the one extractor everybody uses
         "route": fed.route,
         "extractor": fed.extractor.model_dump(mode="json"),
+        # CVAE route: whether the CVAE is trained across the sites (decoders averaged) before synthesis
+        "cvae_federated": fed.route == "cvae" and fed.cvae_federated,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
     cd.trust().add(site, signing_pub_pem)  # validates the site name too, before a certificate is issued

@@ -4,7 +4,9 @@
 Run config (set by server.federation.submit_run): `federation-config`, the absolute path of the
 coordinator's federation.yaml; `out-dir`, where the final model and results go; optionally
 `train-on` ("pool", "pool+real" or "real"; default: the federation's downstream.train_on), which
-the coordinator sets to "real" for the FedAvg-on-real-data baseline.
+the coordinator sets to "real" for the FedAvg-on-real-data baseline; optionally `task`: "cvae"
+runs the federated CVAE instead (FederationConfig.cvae_federated): FedAvg over the CVAE's decoder
+only, cvae_rounds rounds of cvae_local_epochs local epochs, before the pool is made.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save
 
-from common.config import load_federation_config
+import torch
+
+from common.config import CvaeConfig, FederationConfig, load_federation_config
 from common.fileio import atomic_write_bytes, atomic_write_json
-from common.models import downstream_model
+from common.models import CVAE, downstream_model, state_sha256
 from server.strategy import SiteRecordingFedAvg, SiteRecordingFedProx
 
 app = ServerApp()
@@ -28,6 +32,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     fed = load_federation_config(Path(str(context.run_config["federation-config"])))
     out = Path(str(context.run_config["out-dir"]))
+    if str(context.run_config.get("task", "")) == "cvae":
+        return cvae_main(grid, fed, out)
     ds = fed.downstream
     train_on = str(context.run_config.get("train-on") or ds.train_on)
     model = downstream_model(fed.n_classes, route=fed.route, width=ds.width, image_size=fed.image_size,
@@ -73,3 +79,50 @@ def main(grid: Grid, context: Context) -> None:
             "per_site": {str(r): v for r, v in strategy.per_site.items()},
         },
     )
+
+
+def federated_cvae(fed: FederationConfig) -> CVAE:
+    """The federation's CVAE (its decoder is what the sites average): embeddings of the pinned
+    extractor (fed.extractor.dim), fed.n_classes, CvaeConfig's default hidden and latent sizes,
+    seeded initial weights."""
+    cc = CvaeConfig()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return CVAE(fed.extractor.dim, fed.n_classes, hidden=cc.hidden, latent=cc.latent_dim)
+
+
+def cvae_main(grid: Grid, fed: FederationConfig, out: Path) -> None:
+    """The federated CVAE: FedAvg over the decoders, fed.cvae_rounds rounds; the sites keep their
+    encoders (node.cvae_federated). Writes out/decoder.safetensors and out/results.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    n = fed.round_nodes_needed
+    strategy = SiteRecordingFedAvg(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n,
+                                   progress_path=out / "progress.json")
+    model = federated_cvae(fed)
+    config = {"task": "cvae", "rounds": fed.cvae_rounds, "local-epochs": fed.cvae_local_epochs,
+              "d-in": model.d_in, "n-classes": model.n_classes, "hidden": model.hidden, "latent": model.latent}
+    t0 = time.time()
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.decoder_state()),
+        num_rounds=fed.cvae_rounds,
+        timeout=fed.round_timeout_s,
+        train_config=ConfigRecord(config),
+        evaluate_config=ConfigRecord(config),
+    )
+    state = {k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}
+    atomic_write_bytes(out / "decoder.safetensors", save(state))
+    rounds_done = sorted(result.evaluate_metrics_clientapp)
+    atomic_write_json(out / "results.json", {
+        "task": "cvae",
+        "rounds": fed.cvae_rounds,
+        "local_epochs": fed.cvae_local_epochs,
+        "architecture": {k: config[k] for k in ("d-in", "n-classes", "hidden", "latent")},
+        "rounds_completed": len(rounds_done),
+        "completed": len(rounds_done) == fed.cvae_rounds,
+        "global_decoder_sha256": state_sha256(state),
+        "seconds": round(time.time() - t0, 1),
+        "evaluate": {str(r): dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
+        "train": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
+        "per_site": {str(r): v for r, v in strategy.per_site.items()},
+    })

@@ -1,0 +1,150 @@
+"""The site's side of the federated CVAE (FederationConfig.cvae_federated; Di Salvo et al., MICCAI
+2025): FedAvg over the CVAE's decoder only. The ClientApp's handlers (node.clientapp) call these.
+
+local_update    train handler: the site's CVAE with the federation's decoder put in, trained a
+                fixed number of epochs on its train embeddings (node.cvae.train_cvae, init=,
+                epochs=); the updated CVAE stays in models/cvae_fed (the encoder never leaves the
+                site); the decoder's weights go back. Round 1 starts from the CVAE the site trained
+                locally (`plan-node start`'s train stage), decoder included (warm start): the
+                coordinator's initial decoder is then only the wire format.
+receive_global  evaluate handler: the federation's decoder, with this site's encoder and min-max
+                scaler, saved as models/cvae_global (+ sidecar naming the decoder's sha256 and
+                whether it is the run's final one); its loss on the site's validation split.
+release         after the final round's decoder arrived: synthesize -> audit -> publish, as
+                `plan-node start` does on the local route; errors are logged and returned, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import traceback
+
+import numpy as np
+import torch
+
+from common.fileio import atomic_write_json
+from common.models import CVAE, state_sha256
+from node.checkpoint import read_sidecar
+from node.cvae import CvaeResult, cvae_loss, load_cvae, one_hot, save_cvae, scale, stratified_split, train_cvae
+from node.cvae_stages import GLOBAL_NAME
+from node.device import pick_device
+from node.embeddings import split_embeddings
+from node.ingest import read_splits
+from node.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+FED_NAME = "cvae_fed"  # the site's CVAE after its latest local update in a federated run
+
+
+class FederatedCvaeError(RuntimeError):
+    """The site cannot take part in the federated CVAE (not set up for it, or another architecture)."""
+
+
+def _check(ws: Workspace, model: CVAE, arch: dict | None) -> None:
+    cfg = ws.config()
+    if cfg.synth.route != "cvae" or not cfg.synth.cvae.federated:
+        raise FederatedCvaeError(f"{ws.config_path}: the federation trains the CVAE across sites, but this site has "
+                                 f"synth.route {cfg.synth.route!r}, synth.cvae.federated {cfg.synth.cvae.federated} "
+                                 "(install the federation's site kit again)")
+    if arch:
+        mine = {"d-in": model.d_in, "n-classes": model.n_classes, "hidden": model.hidden, "latent": model.latent}
+        if any(int(arch[k]) != v for k, v in mine.items() if k in arch):
+            raise FederatedCvaeError(f"{ws.models / 'cvae'}.safetensors: this site's CVAE is {mine}, the federation's "
+                                     f"decoder is {dict(arch)}; set synth.cvae.hidden and latent_dim to the federation's")
+
+
+def _base(ws: Workspace) -> str:
+    return read_sidecar(ws.models / "cvae.safetensors")["weights_sha256"]
+
+
+def _current(ws: Workspace) -> CvaeResult:
+    """The site's latest CVAE: after its last local update (models/cvae_fed) if that grew from the
+    CVAE of its current train stage, else that CVAE (models/cvae)."""
+    fed = ws.models / f"{FED_NAME}.safetensors"
+    if fed.with_suffix(".json").exists() and read_sidecar(fed).get("base_weights_sha256") == _base(ws):
+        return load_cvae(fed)
+    return load_cvae(ws.models / "cvae.safetensors")
+
+
+def _train_data(ws: Workspace) -> tuple[np.ndarray, np.ndarray, int]:
+    cfg = ws.config()
+    x, y = split_embeddings(ws, cfg.synth.extractor, "train", device=pick_device(cfg.device))
+    return x, y, int(read_splits(ws)["n_classes"])
+
+
+def local_update(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_round: int, epochs: int,
+                 arch: dict | None = None) -> tuple[dict[str, torch.Tensor], int, float, float]:
+    """One round's local training. Returns (the decoder's state, records trained on, last epoch's
+    mean train loss, its validation loss (nan without a validation split))."""
+    cfg = ws.config()
+    start = load_cvae(ws.models / "cvae.safetensors") if server_round <= 1 else _current(ws)
+    _check(ws, start.model, arch)
+    if server_round > 1:
+        start.model.load_decoder_state(decoder)
+    x, y, n_classes = _train_data(ws)
+    # the same seed as the site's own training: the same validation split, never trained on
+    result = train_cvae(x, y, n_classes=n_classes, cfg=cfg.synth.cvae, seed=cfg.models.seed,
+                        device=pick_device(cfg.device), init=start.model, epochs=epochs)
+    save_cvae(ws.models / f"{FED_NAME}.safetensors", result,
+              sidecar={"federated_round": server_round, "base_weights_sha256": _base(ws)})
+    last = result.history[-1]
+    val = last["val_loss"]
+    return result.model.cpu().decoder_state(), int(result.info["n_train"]), float(last["train_loss"]), \
+        float("nan") if val is None else float(val)
+
+
+@torch.no_grad()
+def _val_loss(ws: Workspace, result: CvaeResult) -> tuple[float, int]:
+    cfg = ws.config()
+    x, y, n_classes = _train_data(ws)
+    _, va = stratified_split(y, cfg.synth.cvae.val_fraction, seed=cfg.models.seed)
+    if len(va) == 0:
+        return float("nan"), 0
+    model = result.model.cpu().eval()
+    xs = scale(torch.from_numpy(x[va]), result.lo.cpu(), result.hi.cpu())
+    c = one_hot(torch.from_numpy(y[va]), n_classes)
+    eps = torch.randn(len(va), model.latent, generator=torch.Generator().manual_seed(cfg.models.seed + 1))
+    recon, mu, logvar = model(xs, c, eps)
+    return float(cvae_loss(recon, xs, mu, logvar, beta=cfg.synth.cvae.beta).mean()), int(len(va))
+
+
+def receive_global(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_round: int, rounds: int,
+                   flower_run_id: int | None = None, arch: dict | None = None) -> dict:
+    """Save the federation's decoder of `server_round` as models/cvae_global; returns
+    {"val_loss", "n_val", "global_decoder_sha256"}."""
+    current = _current(ws)
+    _check(ws, current.model, arch)
+    current.model.load_decoder_state(decoder)
+    val, n_val = _val_loss(ws, current)
+    sha = state_sha256(decoder)
+    result = CvaeResult(model=current.model, lo=current.lo, hi=current.hi, epochs_trained=current.epochs_trained,
+                        best_epoch=current.epochs_trained, best_val_loss=None if math.isnan(val) else val, history=[],
+                        info={"decoder": "federation", "encoder": "this site's, after its last local update"})
+    save_cvae(ws.models / f"{GLOBAL_NAME}.safetensors", result, sidecar={
+        "global_decoder_sha256": sha, "flower_run_id": flower_run_id, "server_round": server_round, "rounds": rounds,
+        "final": server_round >= rounds, "base_weights_sha256": _base(ws),
+    })
+    return {"val_loss": val, "n_val": n_val, "global_decoder_sha256": sha}
+
+
+def release(ws: Workspace) -> dict:
+    """synthesize -> audit -> publish from the federation's decoder. Returns {"released": 1.0
+    (published), 0.0 (audit did not pass) or -1.0 (failed), "bundle_id", "error"}; also written to
+    reports/cvae_federated.json. Never raises: the SuperNode must stay up for the downstream run."""
+    from node.publish import publish
+    from node.stages import run_one
+
+    out: dict = {"released": -1.0, "bundle_id": None, "error": None}
+    try:
+        for stage in ("synthesize", "audit"):
+            run_one(ws, stage)
+        bundle_id = publish(ws)
+        out.update(released=1.0 if bundle_id else 0.0, bundle_id=bundle_id)
+        log.info("federated CVAE: %s", f"published bundle {bundle_id}" if bundle_id else "nothing published (see the audit report)")
+    except Exception as e:  # noqa: BLE001 - reported to the coordinator and in reports/, not fatal
+        out["error"] = f"{type(e).__name__}: {e}"
+        log.error("federated CVAE: synthesize/audit/publish failed: %s\n%s", out["error"], traceback.format_exc())
+    atomic_write_json(ws.reports / "cvae_federated.json", out)
+    return out

@@ -1,0 +1,154 @@
+"""The federated CVAE (FederationConfig.cvae_federated): only the decoder is exchanged, FedAvg
+averages decoders, each site's encoder stays local, and synthesis uses the federation's decoder.
+Fast (no processes)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from pydantic import ValidationError
+
+from common.config import CvaeConfig, FederationConfig
+from common.models import CVAE, state_sha256
+
+
+def _cvae(seed: int) -> CVAE:
+    torch.manual_seed(seed)
+    return CVAE(16, 2, hidden=8, latent=4)
+
+
+def test_decoder_state_holds_the_decoder_only():
+    m = _cvae(0)
+    state = m.decoder_state()
+    assert state and all(k.startswith("decoder.") for k in state)
+    assert set(state) == {f"decoder.{k}" for k in m.decoder.state_dict()}
+    assert not any(k.startswith("encoder.") for k in state)
+    other = _cvae(1)
+    enc_before = {k: v.clone() for k, v in other.encoder.state_dict().items()}
+    other.load_decoder_state(state)
+    assert all(torch.equal(v, state[f"decoder.{k}"]) for k, v in other.decoder.state_dict().items())
+    assert all(torch.equal(v, enc_before[k]) for k, v in other.encoder.state_dict().items())  # encoder untouched
+    with pytest.raises(ValueError, match="decoder's keys"):
+        other.load_decoder_state(m.state_dict())  # the whole model is not a decoder
+    assert state_sha256(state) == state_sha256(_cvae(0).decoder_state()) != state_sha256(_cvae(1).decoder_state())
+
+
+def test_fedavg_of_two_sites_decoders_is_their_weighted_mean():
+    a, b = _cvae(0).decoder_state(), _cvae(1).decoder_state()
+    replies = [RecordDict({"arrays": ArrayRecord(s), "metrics": MetricRecord({"num-examples": n})}) for s, n in ((a, 30), (b, 10))]
+    avg = aggregate_arrayrecords(replies, "num-examples").to_torch_state_dict()  # what Flower's FedAvg aggregates with
+    assert set(avg) == set(a)
+    for k in a:
+        torch.testing.assert_close(avg[k], (30 * a[k] + 10 * b[k]) / 40)
+
+
+def test_server_decoder_matches_a_site_cvae_of_the_default_size():
+    from server.serverapp import federated_cvae
+
+    fed = FederationConfig(route="cvae", cvae_federated=True, n_classes=3)
+    server = federated_cvae(fed)
+    cc = CvaeConfig()
+    site = CVAE(fed.extractor.dim, 3, hidden=cc.hidden, latent=cc.latent_dim)
+    assert {k: v.shape for k, v in server.decoder_state().items()} == {k: v.shape for k, v in site.decoder_state().items()}
+    assert state_sha256(server.decoder_state()) == state_sha256(federated_cvae(fed).decoder_state())  # seeded: the same every run
+
+
+def test_dp_with_federated_is_refused():
+    with pytest.raises(ValidationError, match="not supported"):
+        CvaeConfig(dp=True, federated=True)
+    assert FederationConfig().cvae_federated is False and CvaeConfig().federated is False
+
+
+def test_train_cvae_fixed_epochs_from_an_init():
+    from node.cvae import train_cvae
+
+    rng = np.random.default_rng(0)
+    y = np.arange(80) % 2
+    x = (rng.normal(0, 1, (80, 16)) + 2 * y[:, None]).astype(np.float32)
+    cfg = CvaeConfig(hidden=8, latent_dim=4, max_epochs=50, patience=1)
+    init = _cvae(3)
+    before = {k: v.clone() for k, v in init.state_dict().items()}
+    r = train_cvae(x, y, n_classes=2, cfg=cfg, seed=0, device="cpu", init=init, epochs=4)
+    assert r.epochs_trained == 4 and len(r.history) == 4 and not r.info["early_stopping"]
+    assert r.best_val_loss == r.history[-1]["val_loss"] is not None
+    assert all(torch.equal(v, before[k]) for k, v in init.state_dict().items())  # the init is copied, not trained
+    assert not torch.equal(r.model.decoder[0].weight, init.decoder[0].weight)
+    with pytest.raises(ValueError, match="dp"):
+        train_cvae(x, y, n_classes=2, cfg=CvaeConfig(dp=True), seed=0, device="cpu", epochs=2)
+
+
+@pytest.fixture
+def federated_site(tiny_workspace):
+    from common.config import commented_yaml, load_site_config
+    from common.fileio import atomic_write_text
+    from node.stages import run_pipeline
+
+    ws = tiny_workspace
+    cfg = load_site_config(ws.config_path)
+    cfg.synth.route = "cvae"
+    cfg.synth.cvae.max_epochs = 10
+    cfg.synth.cvae.federated = True
+    atomic_write_text(ws.config_path, commented_yaml(cfg, title="cvae, federated"))
+    run_pipeline(ws, upto="train")
+    return ws
+
+
+def test_a_site_keeps_its_encoder_and_samples_from_the_federations_decoder(federated_site):
+    from node import cvae_federated
+    from node.cvae import load_cvae
+    from node.stages import run_one
+
+    ws = federated_site
+    local = load_cvae(ws.models / "cvae.safetensors")
+    # synthesis waits for the federation's decoder
+    with pytest.raises(FileNotFoundError, match="the federated CVAE has not finished"):
+        run_one(ws, "synthesize")
+
+    # round 1 starts from the site's own CVAE; only a decoder goes back
+    server_init = CVAE(local.model.d_in, 2, hidden=local.model.hidden, latent=local.model.latent).decoder_state()
+    dec1, n, train_loss, val_loss = cvae_federated.local_update(ws, server_init, server_round=1, epochs=2)
+    assert set(dec1) == set(server_init) and n > 0 and np.isfinite(train_loss) and np.isfinite(val_loss)
+    after1 = load_cvae(ws.models / "cvae_fed.safetensors").model
+    assert all(torch.equal(v, dec1[k]) for k, v in after1.decoder_state().items())
+    assert not torch.equal(after1.encoder[0].weight, local.model.encoder[0].weight)  # the encoder trained, here
+
+    # a later round starts from the global decoder; the encoder continues from the site's last update
+    rnd2 = {k: v + 0.01 for k, v in dec1.items()}
+    dec2, *_ = cvae_federated.local_update(ws, rnd2, server_round=2, epochs=1)
+    after2 = load_cvae(ws.models / "cvae_fed.safetensors").model
+    assert not torch.equal(after2.encoder[0].weight, after1.encoder[0].weight)
+
+    # a non-final global decoder does not unlock synthesis; the final one does
+    cvae_federated.receive_global(ws, dec2, server_round=1, rounds=2)
+    with pytest.raises(FileNotFoundError, match="has not finished"):
+        run_one(ws, "synthesize")
+    got = cvae_federated.receive_global(ws, dec2, server_round=2, rounds=2, flower_run_id=7)
+    assert np.isfinite(got["val_loss"]) and got["global_decoder_sha256"] == state_sha256(dec2)
+    glob = load_cvae(ws.models / "cvae_global.safetensors")
+    assert all(torch.equal(v, dec2[k]) for k, v in glob.model.decoder_state().items())
+    assert torch.equal(glob.model.encoder[0].weight, after2.encoder[0].weight)  # this site's encoder, not shipped
+    assert torch.equal(glob.lo, local.lo) and torch.equal(glob.hi, local.hi)  # this site's scaler
+
+    assert run_one(ws, "synthesize")
+    run = json.loads((ws.synth / "latest.json").read_text())["run_id"]
+    synth = json.loads((ws.synth / run / "synth.json").read_text())
+    assert synth["decoder"]["source"] == "federation" and synth["decoder"]["global_decoder_sha256"] == state_sha256(dec2)
+    assert not run_one(ws, "synthesize")  # up to date
+    # a new global decoder is a new input: synthesis runs again, into a new run
+    cvae_federated.receive_global(ws, rnd2, server_round=2, rounds=2)
+    assert run_one(ws, "synthesize")
+    assert json.loads((ws.synth / "latest.json").read_text())["run_id"] != run
+
+
+def test_release_reports_failures_instead_of_raising(federated_site):
+    from node import cvae_federated
+
+    ws = federated_site
+    out = cvae_federated.release(ws)  # no global decoder yet: synthesize refuses
+    assert out["released"] == -1.0 and "has not finished" in out["error"]
+    assert json.loads((ws.reports / "cvae_federated.json").read_text()) == out
