@@ -145,7 +145,10 @@ def _batch(b: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 
 
 @torch.no_grad()
-def _eval_loss(model: CVAE, x: torch.Tensor, c: torch.Tensor, eps: torch.Tensor, beta: float) -> float:
+@torch.no_grad()
+def eval_loss(model: CVAE, x: torch.Tensor, c: torch.Tensor, eps: torch.Tensor, beta: float) -> float:
+    """Mean per-record loss of scaled embeddings x [N,D] with one-hot labels c [N,C], at fixed
+    reparameterisation noise eps [N,latent] (so that two evaluations differ by the weights alone)."""
     model.eval()
     recon, mu, logvar = model(x, c, eps)
     return float(cvae_loss(recon, x, mu, logvar, beta=beta).mean())
@@ -277,7 +280,7 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
                 steps += 1
                 with torch.no_grad():
                     total, n = total + float(cvae_loss(recon, xb, mu, logvar, beta=cfg.beta).sum()), n + len(xb)
-            val = _eval_loss(model, x_val, c_val, eps_val, cfg.beta) if use_val else None
+            val = eval_loss(model, x_val, c_val, eps_val, cfg.beta) if use_val else None
             history.append({"epoch": epoch, "train_loss": total / max(1, n), "val_loss": val})
             if val is None or epochs is not None:  # no validation split, or a fixed number of epochs
                 continue

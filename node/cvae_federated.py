@@ -26,7 +26,7 @@ import torch
 from common.fileio import atomic_write_json
 from common.models import CVAE, state_sha256
 from node.checkpoint import read_sidecar
-from node.cvae import CvaeResult, cvae_loss, load_cvae, one_hot, save_cvae, scale, stratified_split, train_cvae
+from node.cvae import CvaeResult, eval_loss, load_cvae, one_hot, save_cvae, scale, stratified_split, train_cvae
 from node.cvae_stages import GLOBAL_NAME
 from node.device import pick_device
 from node.embeddings import split_embeddings
@@ -95,19 +95,18 @@ def local_update(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_roun
         float("nan") if val is None else float(val)
 
 
-@torch.no_grad()
 def _val_loss(ws: Workspace, result: CvaeResult) -> tuple[float, int]:
     cfg = ws.config()
     x, y, n_classes = _train_data(ws)
     _, va = stratified_split(y, cfg.synth.cvae.val_fraction, seed=cfg.models.seed)
     if len(va) == 0:
         return float("nan"), 0
-    model = result.model.cpu().eval()
+    model = result.model.cpu()
     xs = scale(torch.from_numpy(x[va]), result.lo.cpu(), result.hi.cpu())
     c = one_hot(torch.from_numpy(y[va]), n_classes)
+    # the same noise as train_cvae's validation (seed + 1), so the figures compare
     eps = torch.randn(len(va), model.latent, generator=torch.Generator().manual_seed(cfg.models.seed + 1))
-    recon, mu, logvar = model(xs, c, eps)
-    return float(cvae_loss(recon, xs, mu, logvar, beta=cfg.synth.cvae.beta).mean()), int(len(va))
+    return eval_loss(model, xs, c, eps, cfg.synth.cvae.beta), int(len(va))
 
 
 def receive_global(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_round: int, rounds: int,
