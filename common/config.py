@@ -140,6 +140,11 @@ class CvaeConfig(_Strict):
     sample: Literal["replicate", "target"] = Field("replicate", description=(
         "how many synthetic embeddings of each class: replicate the train class counts, or synth.target_size "
         "in the train class proportions"))
+    sample_noise: bool = Field(True, description=(
+        "sample from the decoder's likelihood: decoded z plus Gaussian noise of the per-dimension RMS "
+        "reconstruction error on train (node.cvae.residual_rms), clipped to the train range. Off: the decoded means "
+        "alone, which vary only along the few latent dimensions that stay active and underrepresent the "
+        "within-class spread"))
     federated: bool = Field(False, description=(
         "train the CVAE across the federation (FedAvg of the decoders only; the site kit sets it from the "
         "federation's cvae_federated): the local CVAE is the starting point, and synthesize samples from the "

@@ -7,8 +7,9 @@ local_update    train handler: the site's CVAE with the federation's decoder put
                 site); the decoder's weights go back. Round 1 starts from the CVAE the site trained
                 locally (`plan-node start`'s train stage), decoder included (warm start): the
                 coordinator's initial decoder is then only the wire format.
-receive_global  evaluate handler: the federation's decoder, with this site's encoder and min-max
-                scaler, saved as models/cvae_global (+ sidecar naming the decoder's sha256 and
+receive_global  evaluate handler: the federation's decoder, with this site's encoder, min-max
+                scaler and its own noise scale (the reconstruction error through the federation's
+                decoder), saved as models/cvae_global (+ sidecar naming the decoder's sha256 and
                 whether it is the run's final one); its loss on the site's validation split.
 release         after the final round's decoder arrived: synthesize -> audit -> publish, as
                 `plan-node start` does on the local route; errors are logged and returned, never raised.
@@ -26,7 +27,8 @@ import torch
 from common.fileio import atomic_write_json
 from common.models import CVAE, state_sha256
 from node.checkpoint import read_sidecar
-from node.cvae import CvaeResult, eval_loss, load_cvae, one_hot, save_cvae, scale, stratified_split, train_cvae
+from node.cvae import (CvaeResult, eval_loss, load_cvae, one_hot, residual_rms, save_cvae, scale, stratified_split,
+                       train_cvae)
 from node.cvae_stages import GLOBAL_NAME
 from node.device import pick_device
 from node.embeddings import split_embeddings
@@ -95,18 +97,21 @@ def local_update(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_roun
         float("nan") if val is None else float(val)
 
 
-def _val_loss(ws: Workspace, result: CvaeResult) -> tuple[float, int]:
+def _fit_figures(ws: Workspace, result: CvaeResult) -> tuple[float, int, torch.Tensor]:
+    """The CVAE's loss on the site's validation split (nan, 0 without one), the split's size, and
+    its noise scale (node.cvae.residual_rms) on the site's train split, as train_cvae splits them."""
     cfg = ws.config()
     x, y, n_classes = _train_data(ws)
-    _, va = stratified_split(y, cfg.synth.cvae.val_fraction, seed=cfg.models.seed)
-    if len(va) == 0:
-        return float("nan"), 0
+    tr, va = stratified_split(y, cfg.synth.cvae.val_fraction, seed=cfg.models.seed)
     model = result.model.cpu()
-    xs = scale(torch.from_numpy(x[va]), result.lo.cpu(), result.hi.cpu())
-    c = one_hot(torch.from_numpy(y[va]), n_classes)
+    xs = scale(torch.from_numpy(x), result.lo.cpu(), result.hi.cpu())
+    c = one_hot(torch.from_numpy(y), n_classes)
+    noise_sd = residual_rms(model, xs[tr], c[tr])
+    if len(va) == 0:
+        return float("nan"), 0, noise_sd
     # the same noise as train_cvae's validation (seed + 1), so the figures compare
     eps = torch.randn(len(va), model.latent, generator=torch.Generator().manual_seed(cfg.models.seed + 1))
-    return eval_loss(model, xs, c, eps, cfg.synth.cvae.beta), int(len(va))
+    return eval_loss(model, xs[va], c[va], eps, cfg.synth.cvae.beta), int(len(va)), noise_sd
 
 
 def receive_global(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_round: int, rounds: int,
@@ -116,11 +121,13 @@ def receive_global(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_ro
     current = _current(ws)
     _check(ws, current.model, arch)
     current.model.load_decoder_state(decoder)
-    val, n_val = _val_loss(ws, current)
+    # the noise scale is this site's own reconstruction error through the federation's decoder
+    val, n_val, noise_sd = _fit_figures(ws, current)
     sha = state_sha256(decoder)
     result = CvaeResult(model=current.model, lo=current.lo, hi=current.hi, epochs_trained=current.epochs_trained,
                         best_epoch=current.epochs_trained, best_val_loss=None if math.isnan(val) else val, history=[],
-                        info={"decoder": "federation", "encoder": "this site's, after its last local update"})
+                        info={"decoder": "federation", "encoder": "this site's, after its last local update"},
+                        noise_sd=noise_sd)
     save_cvae(ws.models / f"{GLOBAL_NAME}.safetensors", result, sidecar={
         "global_decoder_sha256": sha, "flower_run_id": flower_run_id, "server_round": server_round, "rounds": rounds,
         "final": server_round >= rounds, "base_weights_sha256": _base(ws),

@@ -39,8 +39,9 @@ REID_HIDDEN = {"phi_id": 128, "phi_attack": 192}  # two widths, two seeds: the a
 
 def _key(ws: Workspace) -> tuple[dict, str]:
     cfg = ws.config()
-    # `federated` is left out: the local CVAE is the same model either way (it is the federated run's start)
-    section = {"cvae": cfg.synth.cvae.model_dump(mode="json", exclude={"federated"}), "extractor": cfg.synth.extractor.model_dump(mode="json"),
+    # `federated` is left out: the local CVAE is the same model either way (it is the federated run's
+    # start); so are the sampling options, which synthesize reads
+    section = {"cvae": cfg.synth.cvae.model_dump(mode="json", exclude={"federated", "sample", "sample_noise"}), "extractor": cfg.synth.extractor.model_dump(mode="json"),
                "classifier": cfg.models.classifier.model_dump(mode="json"), "seed": cfg.models.seed}
     data_sha = sha256_file(ws.data / "dataset.npz")[:16] + sha256_file(ws.data / "splits.json")[:16]
     return section, config_digest(section) + ":" + data_sha
@@ -126,7 +127,7 @@ def synthesize(ws: Workspace) -> str:
         result = load_cvae(ws.models / f"{name}.safetensors", device=pick_device(cfg.device))
         _, train_labels = split_embeddings(ws, sc.extractor, "train", device=pick_device(cfg.device))
         labels = sample_labels(train_labels, mode=sc.cvae.sample, target_size=sc.target_size, seed=sc.seed)
-        emb = sample_cvae(result, labels, seed=sc.seed)
+        emb = sample_cvae(result, labels, seed=sc.seed, noise=sc.cvae.sample_noise)
         buf = io.BytesIO()
         np.savez(buf, embeddings=emb, labels=labels)
         atomic_write_bytes(out_dir / "candidates.npz", buf.getvalue())

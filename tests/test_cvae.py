@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -15,6 +16,7 @@ from node.cvae import (
     fit_minmax,
     kl_standard_normal,
     load_cvae,
+    residual_rms,
     sample_cvae,
     sample_labels,
     save_cvae,
@@ -109,6 +111,25 @@ def test_samples_have_the_requested_classes_and_stay_in_the_train_range():
     assert np.corrcoef(gap_real, gap_synth)[0, 1] > 0.8
 
 
+def test_sampling_noise_restores_the_within_class_spread():
+    # At the paper's beta the posterior collapses onto a few latent dimensions: decoded means alone
+    # are too narrow. The decoder's observation noise (the train RMS reconstruction error) puts the
+    # spread back, and clipping keeps every sample inside the train range.
+    x, y = _blobs(n=600, d=16)
+    r = train_cvae(x, y, n_classes=2, cfg=CvaeConfig(hidden=32, latent_dim=8, batch_size=64, max_epochs=60), seed=0, device="cpu")
+    xs = scale(torch.from_numpy(x), r.lo, r.hi)
+    c = torch.nn.functional.one_hot(torch.from_numpy(y), 2).float()
+    assert r.noise_sd.shape == (16,) and bool((r.noise_sd > 0).all())
+    assert torch.allclose(r.noise_sd, residual_rms(r.model, xs, c), rtol=0.2)  # over the train split alone
+    labels = sample_labels(y, mode="replicate", target_size=0, seed=1)
+    means, noisy = sample_cvae(r, labels, seed=2, noise=False), sample_cvae(r, labels, seed=2)
+    real_var = np.stack([x[y == k].var(0) for k in (0, 1)])
+    ratio = lambda s: np.stack([s[labels == k].var(0) for k in (0, 1)]) / real_var  # noqa: E731
+    assert np.median(ratio(means)) < 0.8  # too narrow without the noise
+    assert abs(np.log(np.median(ratio(noisy)))) < abs(np.log(np.median(ratio(means))))
+    assert (noisy >= x.min(0) - 1e-5).all() and (noisy <= x.max(0) + 1e-5).all()
+
+
 def test_target_sampling_keeps_the_class_proportions():
     y = np.array([0] * 70 + [1] * 20 + [2] * 10)
     labels = sample_labels(y, mode="target", target_size=33, seed=0)
@@ -160,6 +181,19 @@ def test_save_and_load_round_trip(tmp_path):
     labels = np.array([0, 1, 1, 0])
     assert np.array_equal(sample_cvae(r, labels, seed=5), sample_cvae(back, labels, seed=5))
     assert back.epochs_trained == 3 and back.history == r.history
+    assert torch.equal(back.noise_sd, r.noise_sd)
+
+
+def test_a_checkpoint_without_the_noise_scale_is_refused_by_name(tmp_path):
+    x, y = _blobs(n=120)
+    r = train_cvae(x, y, n_classes=2, cfg=CvaeConfig(hidden=16, latent_dim=3, batch_size=32, max_epochs=1), seed=0, device="cpu")
+    path = tmp_path / "cvae.safetensors"
+    save_cvae(path, r)
+    side = json.loads(path.with_suffix(".json").read_text())
+    del side["noise_sd"]  # as written before the noise scale was stored
+    path.with_suffix(".json").write_text(json.dumps(side))
+    with pytest.raises(ValueError, match=r"cvae.safetensors: .*before the decoder's noise scale.*train --force"):
+        load_cvae(path)
 
 
 def test_embedding_head_linear_and_mlp():
