@@ -148,14 +148,9 @@ class CvaeConfig(_Strict):
     federated: bool = Field(False, description=(
         "train the CVAE across the federation (FedAvg of the decoders only; the site kit sets it from the "
         "federation's cvae_federated): the local CVAE is the starting point, and synthesize samples from the "
-        "federation's decoder (models/cvae_global). Not with dp in this version"))
-
-    @model_validator(mode="after")
-    def _federated_without_dp(self) -> "CvaeConfig":
-        if self.federated and self.dp:
-            raise ValueError("synth.cvae.federated with synth.cvae.dp is not supported in this version: the epsilon "
-                             "of DP-SGD across federated rounds is not accounted for; turn one of them off")
-        return self
+        "federation's decoder (models/cvae_global). With dp, the federated rounds are the whole DP plan: the local "
+        "CVAE is not pre-trained, the noise is calibrated for every round's epochs, and the epsilon spent over all "
+        "rounds is reported"))
 
 
 # embedding length per extractor architecture (node.embedder builds them; the coordinator only

@@ -99,7 +99,7 @@ def _train_cvae(msg: Message, context: Context) -> Message:
     cfg = msg.content["config"]
     decoder, n, train_loss, val_loss = cvae_federated.local_update(
         ws, msg.content["arrays"].to_torch_state_dict(), server_round=int(cfg["server-round"]),
-        epochs=int(cfg["local-epochs"]), arch=_cvae_arch(cfg))
+        epochs=int(cfg["local-epochs"]), rounds=int(cfg["rounds"]), arch=_cvae_arch(cfg))
     metrics = MetricRecord({"num-examples": n, "train-loss": train_loss, "val-loss": val_loss})
     return _reply(msg, ws, {"arrays": ArrayRecord(decoder), "metrics": metrics})
 

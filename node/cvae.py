@@ -175,7 +175,8 @@ def residual_rms(model: CVAE, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig, seed: int,
-               device: torch.device | str, init: CVAE | None = None, epochs: int | None = None) -> CvaeResult:
+               device: torch.device | str, init: CVAE | None = None, epochs: int | None = None,
+               dp_plan_epochs: int | None = None, dp_history: list | None = None) -> CvaeResult:
     """Fit a CVAE to embeddings x float [N,D] with labels y int [N] in [0, n_classes).
 
     Adam (cfg.lr), batches of cfg.batch_size (None: 512, at most len(train) // 8, at least 16), up to cfg.max_epochs epochs. Without dp: early
@@ -194,14 +195,21 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
     init: start from a copy of this CVAE (its architecture, encoder and decoder) instead of a fresh
     one; `init` itself is not modified. epochs: train exactly this many epochs without early
     stopping (the validation loss is still recorded each epoch, and the last epoch's weights are
-    kept). The federated CVAE's local updates use both (node.cvae_federated); neither with dp.
+    kept). The federated CVAE's local updates use both (node.cvae_federated).
+
+    A DP plan may span several calls (the federated CVAE's rounds): dp_plan_epochs is how many
+    epochs the noise is calibrated for (default: `epochs`, else max_epochs); dp_history is what
+    earlier calls of the same plan spent on the same records (their `info["dp_history"]`, a list of
+    [noise_multiplier, sample_rate, steps]). A call with a history keeps its noise multiplier and
+    composes its steps after it, so the epsilon reported covers every call so far, and the plan's
+    last call spends (at most) cfg.dp_epsilon.
 
     The result's noise_sd is `residual_rms` over the records trained on, with the final weights.
 
     Reproducible for a given seed and device; the caller's global RNG state is left as it was.
     """
-    if cfg.dp and (init is not None or epochs is not None):
-        raise ValueError("train_cvae: init and epochs are not supported with dp (the privacy accounting assumes a fresh run of max_epochs)")
+    if not cfg.dp and (dp_plan_epochs is not None or dp_history):
+        raise ValueError("train_cvae: dp_plan_epochs and dp_history are for training with dp")
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y).astype(np.int64)
     if x.ndim != 2 or y.shape != (len(x),):
@@ -236,7 +244,7 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
         if init is not None:
             if (init.d_in, init.n_classes) != (x.shape[1], n_classes):
                 raise ValueError(f"init CVAE is for D={init.d_in}, {init.n_classes} classes; the data has D={x.shape[1]}, {n_classes} classes")
-            model = copy.deepcopy(init).to(device)
+            model = copy.deepcopy(init).to(device).train()  # Opacus wraps only a model in training mode
         else:
             model = CVAE(x.shape[1], n_classes, hidden=cfg.hidden, latent=cfg.latent_dim).to(device)
         latent = model.latent
@@ -261,24 +269,31 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
             # same budget (sigma 14.8 against 16.3 for epsilon 1 over 1,800 steps at rate 1/9). The
             # calibration searches with the same get_epsilon that is reported, so a full run
             # reports at most the target.
+            from opacus.accountants.utils import get_noise_multiplier
+
             engine = PrivacyEngine(accountant="prv")
-            # Calibrated for the epochs we may actually train (max_epochs), not fewer: calibrating
-            # for fewer epochs than are trained, as the reference federated code does, spends more
-            # than the epsilon it claims.
+            # Calibrated for every epoch the plan may train (max_epochs, or all the federated
+            # rounds' epochs), not fewer: calibrating for fewer epochs than are trained, as the
+            # reference federated code does, spends more than the epsilon it claims.
+            plan_epochs = dp_plan_epochs or (epochs if epochs is not None else cfg.max_epochs)
+            spent = [tuple(float(v) if i < 2 else int(v) for i, v in enumerate(h)) for h in dp_history or []]
+            sigma = spent[-1][0] if spent else get_noise_multiplier(
+                target_epsilon=cfg.dp_epsilon, target_delta=delta, sample_rate=1.0 / len(loader), epochs=plan_epochs,
+                accountant="prv")
             # Ghost clipping: per-sample gradient norms of a Linear layer from its inputs' and
             # output gradients' norms, then a second, reweighted backward pass, instead of
             # materialising a [B, out, in] gradient per layer (which made a step ~20x slower on CPU).
             # "sum" reduction: a Poisson-sampled batch may be empty, and the mean of nothing is nan;
             # Adam is indifferent to the constant factor between the two.
-            train_model, opt, criterion, loader = engine.make_private_with_epsilon(
+            train_model, opt, criterion, loader = engine.make_private(
                 module=model, optimizer=opt, data_loader=loader, criterion=_Criterion(cfg.beta, "sum"),
-                target_epsilon=cfg.dp_epsilon, target_delta=delta, epochs=cfg.max_epochs,
-                max_grad_norm=cfg.dp_max_grad_norm, poisson_sampling=True, grad_sample_mode="ghost",
-                loss_reduction="sum",
+                noise_multiplier=sigma, max_grad_norm=cfg.dp_max_grad_norm, poisson_sampling=True,
+                grad_sample_mode="ghost", loss_reduction="sum",
             )
+            engine.accountant.history = list(spent)  # the PRV accountant composes over its whole history
             info.update({"accountant": "prv", "noise_multiplier": float(opt.noise_multiplier),
                          "sample_rate": 1.0 / len(loader), "max_grad_norm": cfg.dp_max_grad_norm,
-                         "target_epsilon": cfg.dp_epsilon, "calibrated_epochs": cfg.max_epochs,
+                         "target_epsilon": cfg.dp_epsilon, "calibrated_epochs": plan_epochs,
                          "dp_caveats": ["the per-dimension min-max scaler is fitted on the train records without DP",
                                         "the decoder's per-dimension noise scale (RMS reconstruction error over the "
                                         "train records) is computed without DP",
@@ -319,6 +334,7 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
         epsilon = None
         if cfg.dp:
             epsilon = float(engine.accountant.get_epsilon(delta))
+            info["dp_history"] = [[float(sig), float(q), int(n)] for sig, q, n in engine.accountant.history]
             train_model.remove_hooks()  # the bare `model` shares its parameters; drop Opacus' hooks
         if best_state is not None:
             model.load_state_dict(best_state)
@@ -329,6 +345,20 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
     return CvaeResult(model=model, lo=lo.to(device), hi=hi.to(device), epochs_trained=epoch, best_epoch=best_epoch,
                       best_val_loss=(best_val if epochs is None else history[-1]["val_loss"]) if use_val else None,
                       history=history, epsilon=epsilon, delta=delta, info=info, noise_sd=noise_sd)
+
+
+def initial_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig, seed: int) -> CvaeResult:
+    """An untrained CVAE (seeded init) with the min-max scaler fitted on x [N,D]: the start of a
+    federated DP plan, which must not spend budget on local pre-training outside its accounting.
+    Its noise_sd is zero: it is never sampled from."""
+    xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    lo, hi = fit_minmax(xt)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CVAE(xt.shape[1], n_classes, hidden=cfg.hidden, latent=cfg.latent_dim).eval()
+    return CvaeResult(model=model, lo=lo, hi=hi, epochs_trained=0, best_epoch=0, best_val_loss=None,
+                      info={"untrained": "the start of a federated DP plan: the federation's rounds train it"},
+                      noise_sd=torch.zeros(xt.shape[1]))
 
 
 # ---------------------------------------------------------------- sampling

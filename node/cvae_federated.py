@@ -76,19 +76,38 @@ def _train_data(ws: Workspace) -> tuple[np.ndarray, np.ndarray, int]:
     return x, y, int(read_splits(ws)["n_classes"])
 
 
-def local_update(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_round: int, epochs: int,
+def _dp_history(ws: Workspace, start: CvaeResult, server_round: int) -> list:
+    """With dp: what this run's earlier rounds spent on this site's records (empty in round 1)."""
+    if server_round <= 1:
+        return []
+    history = start.info.get("dp_history")
+    if not history:
+        raise FederatedCvaeError(
+            f"{ws.models / FED_NAME}.safetensors: round {server_round} of a federated CVAE with dp, but this site holds "
+            "no record of what its earlier rounds spent (it did not train them, or its models were replaced): "
+            "refusing to train without the privacy accounting; start a new federated run")
+    return history
+
+
+def local_update(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_round: int, epochs: int, rounds: int,
                  arch: dict | None = None) -> tuple[dict[str, torch.Tensor], int, float, float]:
     """One round's local training. Returns (the decoder's state, records trained on, last epoch's
-    mean train loss, its validation loss (nan without a validation split))."""
+    mean train loss, its validation loss (nan without a validation split)).
+
+    With synth.cvae.dp, the run's `rounds` x `epochs` epochs are one DP plan: round 1 calibrates
+    the noise for all of them, later rounds continue its accounting (node.cvae.train_cvae's
+    dp_history), and the epsilon after the last round is what the released samples report."""
     cfg = ws.config()
+    cc = cfg.synth.cvae
     start = load_cvae(ws.models / "cvae.safetensors") if server_round <= 1 else _current(ws)
     _check(ws, start.model, arch)
     if server_round > 1:
         start.model.load_decoder_state(decoder)
+    dp = {"dp_plan_epochs": rounds * epochs, "dp_history": _dp_history(ws, start, server_round)} if cc.dp else {}
     x, y, n_classes = _train_data(ws)
     # the same seed as the site's own training: the same validation split, never trained on
-    result = train_cvae(x, y, n_classes=n_classes, cfg=cfg.synth.cvae, seed=cfg.models.seed,
-                        device=pick_device(cfg.device), init=start.model, epochs=epochs)
+    result = train_cvae(x, y, n_classes=n_classes, cfg=cc, seed=cfg.models.seed,
+                        device=pick_device(cfg.device), init=start.model, epochs=epochs, **dp)
     save_cvae(ws.models / f"{FED_NAME}.safetensors", result,
               sidecar={"federated_round": server_round, "base_weights_sha256": _base(ws)})
     last = result.history[-1]
@@ -126,8 +145,11 @@ def receive_global(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_ro
     sha = state_sha256(decoder)
     result = CvaeResult(model=current.model, lo=current.lo, hi=current.hi, epochs_trained=current.epochs_trained,
                         best_epoch=current.epochs_trained, best_val_loss=None if math.isnan(val) else val, history=[],
-                        info={"decoder": "federation", "encoder": "this site's, after its last local update"},
-                        noise_sd=noise_sd)
+                        epsilon=current.epsilon, delta=current.delta, noise_sd=noise_sd,
+                        info={**current.info, "decoder": "federation", "encoder": "this site's, after its last local update"})
+    if "dp_caveats" in result.info:
+        result.info["dp_caveats"] = result.info["dp_caveats"] + [
+            "each round's validation loss, reported to the coordinator, is computed on this site's records without DP"]
     save_cvae(ws.models / f"{GLOBAL_NAME}.safetensors", result, sidecar={
         "global_decoder_sha256": sha, "flower_run_id": flower_run_id, "server_round": server_round, "rounds": rounds,
         "final": server_round >= rounds, "base_weights_sha256": _base(ws),

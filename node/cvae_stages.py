@@ -3,7 +3,9 @@
 train:      the train split's embeddings by the federation's pinned extractor (node.embeddings,
             cached), a conditional VAE on them (node.cvae), and two re-identification heads on
             embeddings for the audit: phi_id and the independent attacker (another width and
-            seed). Outputs in models/: cvae, phi_id, phi_attack (.safetensors + .json).
+            seed). Outputs in models/: cvae, phi_id, phi_attack (.safetensors + .json). With
+            synth.cvae.federated and dp the CVAE is left untrained (scaler only): the federated
+            rounds are the whole DP plan.
 synthesize: sample labels (replicate the train class counts, or synth.target_size in their
             proportions) and decode one embedding per label. Outputs synth/<run_id>/
             candidates.npz (embeddings float32 [M,D], labels int64 [M]) and synth.json, with the
@@ -25,7 +27,7 @@ import torch
 from common.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 from common.models import EmbeddingHead
 from node.checkpoint import config_digest, load_weights, read_sidecar, save_model
-from node.cvae import load_cvae, sample_cvae, sample_labels, save_cvae, train_cvae
+from node.cvae import initial_cvae, load_cvae, sample_cvae, sample_labels, save_cvae, train_cvae
 from node.device import pick_device
 from node.embedder import extractor_digest
 from node.embeddings import split_embeddings
@@ -39,9 +41,10 @@ REID_HIDDEN = {"phi_id": 128, "phi_attack": 192}  # two widths, two seeds: the a
 
 def _key(ws: Workspace) -> tuple[dict, str]:
     cfg = ws.config()
-    # `federated` is left out: the local CVAE is the same model either way (it is the federated run's
-    # start); so are the sampling options, which synthesize reads
-    section = {"cvae": cfg.synth.cvae.model_dump(mode="json", exclude={"federated", "sample", "sample_noise"}), "extractor": cfg.synth.extractor.model_dump(mode="json"),
+    # The sampling options are left out (synthesize reads them), and so is `federated` without dp: the
+    # local CVAE is the same model either way (it is the federated run's start). With dp it is not.
+    cc = cfg.synth.cvae
+    section = {"cvae": cc.model_dump(mode="json", exclude={"sample", "sample_noise"} | (set() if cc.dp else {"federated"})), "extractor": cfg.synth.extractor.model_dump(mode="json"),
                "classifier": cfg.models.classifier.model_dump(mode="json"), "seed": cfg.models.seed}
     data_sha = sha256_file(ws.data / "dataset.npz")[:16] + sha256_file(ws.data / "splits.json")[:16]
     return section, config_digest(section) + ":" + data_sha
@@ -77,7 +80,11 @@ def train(ws: Workspace) -> None:
         })
 
     t0 = time.time()
-    result = train_cvae(x, y, n_classes=n_classes, cfg=cfg.synth.cvae, seed=cfg.models.seed, device=device)
+    if cfg.synth.cvae.federated and cfg.synth.cvae.dp:
+        # the federated rounds are the whole DP plan: local pre-training would spend budget outside it
+        result = initial_cvae(x, y, n_classes=n_classes, cfg=cfg.synth.cvae, seed=cfg.models.seed)
+    else:
+        result = train_cvae(x, y, n_classes=n_classes, cfg=cfg.synth.cvae, seed=cfg.models.seed, device=device)
     save_cvae(ws.models / "cvae.safetensors", result, sidecar={**common, "seconds": round(time.time() - t0, 2)})
 
 

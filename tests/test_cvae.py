@@ -154,6 +154,18 @@ def test_dp_reports_the_epsilon_spent_and_fewer_epochs_spend_less():
     assert 0 < short.epsilon < full.epsilon
 
 
+def test_a_dp_plan_split_over_calls_spends_what_one_call_would():
+    x, y = _blobs()
+    base = dict(hidden=16, latent_dim=4, batch_size=64, max_epochs=4, dp=True, dp_epsilon=3.0)
+    whole = train_cvae(x, y, n_classes=2, cfg=CvaeConfig(**base), seed=0, device="cpu")
+    first = train_cvae(x, y, n_classes=2, cfg=CvaeConfig(**base), seed=0, device="cpu", epochs=2, dp_plan_epochs=4)
+    assert first.info["noise_multiplier"] == pytest.approx(whole.info["noise_multiplier"])
+    rest = train_cvae(x, y, n_classes=2, cfg=CvaeConfig(**base), seed=1, device="cpu", init=first.model, epochs=2,
+                      dp_history=first.info["dp_history"])
+    assert first.epsilon < rest.epsilon == pytest.approx(whole.epsilon, rel=1e-3)
+    assert sum(h[2] for h in rest.info["dp_history"]) == whole.info["steps"]
+
+
 def test_ksame_means_are_class_consistent_and_over_k_rows():
     rng = np.random.default_rng(0)
     k = 3

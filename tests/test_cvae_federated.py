@@ -11,7 +11,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from pydantic import ValidationError
 
 from common.config import CvaeConfig, FederationConfig
 from common.models import CVAE, state_sha256
@@ -58,10 +57,9 @@ def test_server_decoder_matches_a_site_cvae_of_the_default_size():
     assert state_sha256(server.decoder_state()) == state_sha256(federated_cvae(fed).decoder_state())  # seeded: the same every run
 
 
-def test_dp_with_federated_is_refused():
-    with pytest.raises(ValidationError, match="not supported"):
-        CvaeConfig(dp=True, federated=True)
-    assert FederationConfig().cvae_federated is False and CvaeConfig().federated is False
+def test_federated_and_dp_are_off_by_default_and_may_be_combined():
+    assert FederationConfig().cvae_federated is False and CvaeConfig().federated is False and CvaeConfig().dp is False
+    assert CvaeConfig(dp=True, federated=True).dp
 
 
 def test_train_cvae_fixed_epochs_from_an_init():
@@ -78,8 +76,8 @@ def test_train_cvae_fixed_epochs_from_an_init():
     assert r.best_val_loss == r.history[-1]["val_loss"] is not None
     assert all(torch.equal(v, before[k]) for k, v in init.state_dict().items())  # the init is copied, not trained
     assert not torch.equal(r.model.decoder[0].weight, init.decoder[0].weight)
-    with pytest.raises(ValueError, match="dp"):
-        train_cvae(x, y, n_classes=2, cfg=CvaeConfig(dp=True), seed=0, device="cpu", epochs=2)
+    with pytest.raises(ValueError, match="for training with dp"):
+        train_cvae(x, y, n_classes=2, cfg=cfg, seed=0, device="cpu", epochs=2, dp_plan_epochs=4)
 
 
 @pytest.fixture
@@ -111,7 +109,7 @@ def test_a_site_keeps_its_encoder_and_samples_from_the_federations_decoder(feder
 
     # round 1 starts from the site's own CVAE; only a decoder goes back
     server_init = CVAE(local.model.d_in, 2, hidden=local.model.hidden, latent=local.model.latent).decoder_state()
-    dec1, n, train_loss, val_loss = cvae_federated.local_update(ws, server_init, server_round=1, epochs=2)
+    dec1, n, train_loss, val_loss = cvae_federated.local_update(ws, server_init, server_round=1, epochs=2, rounds=2)
     assert set(dec1) == set(server_init) and n > 0 and np.isfinite(train_loss) and np.isfinite(val_loss)
     after1 = load_cvae(ws.models / "cvae_fed.safetensors").model
     assert all(torch.equal(v, dec1[k]) for k, v in after1.decoder_state().items())
@@ -119,7 +117,7 @@ def test_a_site_keeps_its_encoder_and_samples_from_the_federations_decoder(feder
 
     # a later round starts from the global decoder; the encoder continues from the site's last update
     rnd2 = {k: v + 0.01 for k, v in dec1.items()}
-    dec2, *_ = cvae_federated.local_update(ws, rnd2, server_round=2, epochs=1)
+    dec2, *_ = cvae_federated.local_update(ws, rnd2, server_round=2, epochs=1, rounds=2)
     after2 = load_cvae(ws.models / "cvae_fed.safetensors").model
     assert not torch.equal(after2.encoder[0].weight, after1.encoder[0].weight)
 
@@ -152,3 +150,41 @@ def test_release_reports_failures_instead_of_raising(federated_site):
     out = cvae_federated.release(ws)  # no global decoder yet: synthesize refuses
     assert out["released"] == -1.0 and "has not finished" in out["error"]
     assert json.loads((ws.reports / "cvae_federated.json").read_text()) == out
+
+
+def test_dp_federated_rounds_are_one_plan_and_the_release_reports_its_epsilon(tiny_workspace):
+    from common.config import commented_yaml, load_site_config
+    from common.fileio import atomic_write_text
+    from node import cvae_federated
+    from node.cvae import load_cvae
+    from node.stages import run_one, run_pipeline
+
+    ws = tiny_workspace
+    cfg = load_site_config(ws.config_path)
+    cfg.synth.route = "cvae"
+    cfg.synth.cvae = CvaeConfig(federated=True, dp=True, dp_epsilon=4.0, max_epochs=10)
+    atomic_write_text(ws.config_path, commented_yaml(cfg, title="cvae, federated, dp"))
+    run_pipeline(ws, upto="train")
+    local = load_cvae(ws.models / "cvae.safetensors")
+    assert local.epochs_trained == 0 and local.epsilon is None  # no local pre-training outside the plan
+
+    init = CVAE(local.model.d_in, 2, hidden=local.model.hidden, latent=local.model.latent).decoder_state()
+    rounds, epochs = 3, 2
+    with pytest.raises(cvae_federated.FederatedCvaeError, match="no record of what its earlier rounds spent"):
+        cvae_federated.local_update(ws, init, server_round=2, epochs=epochs, rounds=rounds)
+    spent, dec = [], init
+    for rnd in range(1, rounds + 1):
+        dec, *_ = cvae_federated.local_update(ws, dec, server_round=rnd, epochs=epochs, rounds=rounds)
+        fed = load_cvae(ws.models / "cvae_fed.safetensors")
+        assert fed.info["calibrated_epochs"] == rounds * epochs
+        spent.append(fed.epsilon)
+    assert spent[0] < spent[1] < spent[2] <= 4.0 + 0.05  # composed across rounds, the plan spends its target
+    assert spent[2] > 3.0
+    noise = {round(h[0], 9) for h in fed.info["dp_history"]}
+    assert len(noise) == 1  # one noise multiplier across the plan's rounds
+
+    cvae_federated.receive_global(ws, dec, server_round=rounds, rounds=rounds)
+    assert run_one(ws, "synthesize")
+    run = json.loads((ws.synth / "latest.json").read_text())["run_id"]
+    synth = json.loads((ws.synth / run / "synth.json").read_text())
+    assert synth["dp_epsilon"] == pytest.approx(spent[2]) and synth["dp_delta"] == fed.delta
