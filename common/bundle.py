@@ -71,6 +71,7 @@ _PAYLOAD_FILE = re.compile(r"^images/(\d{1,2})/(\d{1,9})\.png$", re.ASCII)
 _BUNDLE_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_IMAGE_SIDE = 4096  # pixels; a decoded PNG larger than this is refused (decompression bombs)
 MAX_JSON_BYTES = 16 * 1024 * 1024  # attestation and tag files are read whole; bound them
+MAX_MEMBERS = 200_000  # archive members a bundle tar may hold
 EMBEDDINGS = "embeddings.safetensors"  # the CVAE route's payload file in data/, beside labels.csv
 EMBEDDINGS_TENSOR = "embeddings"  # the one tensor it holds
 # The safetensors header is JSON read whole before anything else; ours is ~80 bytes.
@@ -415,76 +416,123 @@ def _safe_member_path(name: str) -> tuple[str, ...]:
     return parts
 
 
-def safe_extract(tar_path: Path, dest: Path, *, max_bytes: int, max_members: int = 200_000) -> list[str]:
-    """Extract the uncompressed tar `tar_path` into `dest` (new or empty); return the file paths.
+def safe_extract(tar: Path | BinaryIO, dest: Path, *, max_bytes: int, max_members: int = MAX_MEMBERS) -> list[str]:
+    """Extract the uncompressed tar `tar` into `dest` (new or empty); return the file paths.
 
+    `tar`: a path, or a binary file read front to back (tarfile seeks in it, forward and within
+    the member it reads), e.g. an upload still arriving; its size is then the caller's to bound.
     Only regular files and directories are extracted, each with fresh permissions (0644/0755).
     Refuses (BundleError) absolute paths, '..', symlinks, hard links, devices, FIFOs, duplicate
     names, more than `max_members` members, and more than `max_bytes` bytes of content in total,
     counted while copying: a member never yields more bytes than its header declares.
     On refusal, whatever was extracted stays in `dest` for the caller to remove.
     """
-    tar_path, dest = Path(tar_path), Path(dest)
-    size = os.path.getsize(tar_path)
-    if size > max_bytes + 1024 * 1024:  # tar headers and padding on top of the content budget
-        raise BundleError(f"{tar_path.name}: archive is {size} bytes, over the limit of {max_bytes}", "too_large")
+    return list(_extract_hashed(tar, Path(dest), max_bytes=max_bytes, max_members=max_members))
+
+
+def _open_tar(tar: Path | BinaryIO) -> tarfile.TarFile:
+    """`tar` opened for reading as an uncompressed archive: "r:" refuses compressed ones."""
+    try:
+        if isinstance(tar, (str, Path)):
+            return tarfile.open(tar, mode="r:")
+        return tarfile.open(fileobj=tar, mode="r:")
+    except tarfile.TarError as e:
+        raise BundleError(f"{_tar_name(tar)}: not an uncompressed tar archive ({e})") from None
+
+
+def _tar_name(tar: Path | BinaryIO) -> str:
+    return Path(tar).name if isinstance(tar, (str, Path)) else Path(getattr(tar, "name", "bundle.tar")).name
+
+
+def _extract_hashed(tar: Path | BinaryIO, dest: Path, *, max_bytes: int, max_members: int) -> dict[str, str]:
+    """safe_extract, returning each extracted file's sha256 (hex) by its path: hashed as it is
+    written, so that the bag's digests are checked without reading the files again."""
+    if isinstance(tar, (str, Path)):
+        size = os.path.getsize(tar)
+        if size > max_bytes + 1024 * 1024:  # tar headers and padding on top of the content budget
+            raise BundleError(f"{_tar_name(tar)}: archive is {size} bytes, over the limit of {max_bytes}", "too_large")
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.iterdir()):
         raise BundleError(f"{dest}: extraction folder is not empty")
     root = dest.resolve()
     budget = max_bytes
-    extracted: list[str] = []
-    try:
-        tf = tarfile.open(tar_path, mode="r:")  # "r:" refuses compressed archives
-    except tarfile.TarError as e:
-        raise BundleError(f"{tar_path.name}: not an uncompressed tar archive ({e})") from None
-    with tf:
+    digests: dict[str, str] = {}
+    folders = {root}  # made by us and checked to resolve inside root
+    with _open_tar(tar) as tf:
         try:
             for n, m in enumerate(tf):
                 if n >= max_members:
-                    raise BundleError(f"{tar_path.name}: more than {max_members} archive members", "too_large")
-                parts = _safe_member_path(m.name)
-                rel = "/".join(parts)
-                if m.issym() or m.islnk():
-                    raise BundleError(f"archive member {m.name!r}: links are not allowed", "unsafe")
-                if not (m.isreg() or m.isdir()):
-                    raise BundleError(f"archive member {m.name!r}: only regular files and folders are allowed", "unsafe")
-                target = root.joinpath(*parts)
-                # Parents are created by us, never taken from the archive's own link entries,
-                # but check anyway that nothing resolves outside dest.
-                if not target.parent.resolve().is_relative_to(root):
-                    raise BundleError(f"archive member {m.name!r}: resolves outside the extraction folder", "unsafe")
+                    raise BundleError(f"{_tar_name(tar)}: more than {max_members} archive members", "too_large")
+                target, rel = _member_target(m, root, folders)
                 if m.isdir():
-                    target.mkdir(mode=0o755, parents=True, exist_ok=True)
+                    _make_folder(target, root, folders, f"archive member {m.name!r}")
                     continue
                 if m.size > budget:
                     raise BundleError(
                         f"archive member {rel!r}: {m.size} bytes would exceed the limit of {max_bytes} bytes",
                         "too_large",
                     )
-                target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-                try:
-                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-                except FileExistsError:
-                    raise BundleError(f"archive member {rel!r}: appears twice", "unsafe") from None
-                src = tf.extractfile(m)
-                copied = 0
-                with os.fdopen(fd, "wb") as out:
-                    while True:
-                        block = src.read(min(1 << 20, m.size - copied + 1))
-                        if not block:
-                            break
-                        copied += len(block)
-                        if copied > m.size or copied > budget:
-                            raise BundleError(f"archive member {rel!r}: more bytes than declared", "unsafe")
-                        out.write(block)
-                if copied != m.size:
-                    raise BundleError(f"archive member {rel!r}: truncated ({copied} of {m.size} bytes)")
-                budget -= copied
-                extracted.append(rel)
+                digests[rel] = _copy_member(tf.extractfile(m), m.size, target, rel)
+                budget -= m.size
         except tarfile.TarError as e:
-            raise BundleError(f"{tar_path.name}: corrupt tar archive ({e})") from None
-    return extracted
+            raise BundleError(f"{_tar_name(tar)}: corrupt tar archive ({e})") from None
+    return digests
+
+
+def _member_target(m: tarfile.TarInfo, root: Path, folders: set[Path]) -> tuple[Path, str]:
+    """(where member `m` goes under `root`, its normalised path), its parent folder made (and
+    added to `folders`, the ones made so far): refused unless it is a regular file or folder
+    whose path stays inside `root`."""
+    parts = _safe_member_path(m.name)
+    if m.issym() or m.islnk():
+        raise BundleError(f"archive member {m.name!r}: links are not allowed", "unsafe")
+    if not (m.isreg() or m.isdir()):
+        raise BundleError(f"archive member {m.name!r}: only regular files and folders are allowed", "unsafe")
+    target = root.joinpath(*parts)
+    _make_folder(target.parent, root, folders, f"archive member {m.name!r}")
+    return target, "/".join(parts)
+
+
+def _make_folder(folder: Path, root: Path, folders: set[Path], what: str) -> None:
+    """Make `folder` (0755, with its parents) unless it is in `folders`, then add it there;
+    `what` (the archive member it is for) names it in errors.
+
+    Folders are made by us, never taken from the archive's own link entries, but check anyway
+    that nothing resolves outside `root`; once made and checked, a folder stays so (nothing
+    else writes there), so each is resolved once, not once per file in it."""
+    if folder in folders:
+        return
+    if not folder.resolve().is_relative_to(root):
+        raise BundleError(f"{what}: resolves outside the extraction folder", "unsafe")
+    try:
+        folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise BundleError(f"{what}: its folder {folder.relative_to(root)} is a file of the archive", "unsafe") from None
+    folders.add(folder)
+
+
+def _copy_member(src: BinaryIO, size: int, target: Path, rel: str) -> str:
+    """Copy exactly `size` bytes (the member's declared size) from `src` to the new file `target`;
+    return their sha256 (hex). Refuses a member that yields more or fewer bytes, or whose path
+    was already extracted."""
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        raise BundleError(f"archive member {rel!r}: appears twice", "unsafe") from None
+    h, copied = hashlib.sha256(), 0
+    with os.fdopen(fd, "wb") as out:
+        while True:
+            block = src.read(min(1 << 20, size - copied + 1))
+            if not block:
+                break
+            copied += len(block)
+            if copied > size:
+                raise BundleError(f"archive member {rel!r}: more bytes than declared", "unsafe")
+            h.update(block)
+            out.write(block)
+    if copied != size:
+        raise BundleError(f"archive member {rel!r}: truncated ({copied} of {size} bytes)")
+    return h.hexdigest()
 
 
 def read_predicate(tar: Path | BinaryIO) -> dict:
@@ -604,12 +652,17 @@ def _open_statement(env: dict, trusted_keys: Mapping[str, Sequence]) -> tuple[di
     return statement, kid
 
 
-def _check_bag(bag_dir: Path) -> None:
+def _check_bag(bag_dir: Path, digests: Mapping[str, str]) -> None:
+    """The bag at `bag_dir` is valid and complete, and every file its manifests list has the
+    listed sha256. `digests`: sha256 (hex) of each file under `bag_dir`, by path relative to it,
+    as it was hashed while being extracted; bagit checks structure and completeness, the digests
+    are compared here, so that no file is read twice."""
     try:
         bag = bagit.Bag(str(bag_dir))
         if bag.algorithms != ["sha256"]:
             raise BundleError(f"{BAG}: manifests must be sha256 only, found {bag.algorithms}")
-        bag.validate(fast=False)
+        bag.validate(completeness_only=True)
+        _check_manifest_digests(bag, digests)
     except bagit.BagValidationError as e:
         problems = []
         for d in e.details or []:
@@ -630,6 +683,22 @@ def _check_bag(bag_dir: Path) -> None:
     for name in TAG_FILES:
         if name != TAGMANIFEST and name not in listed:
             raise BundleError(f"{name}: not listed in {TAGMANIFEST}")
+
+
+def _check_manifest_digests(bag: bagit.Bag, digests: Mapping[str, str]) -> None:
+    """What bagit's own full validation checks after completeness: each manifest entry's sha256
+    against the file's (here from `digests` rather than by reading the file again); raises
+    bagit.BagValidationError listing every mismatch, as bagit does."""
+    errors = []
+    for rel_path, hashes in bag.entries.items():
+        stored = hashes["sha256"].lower()
+        got = digests.get(bag.normalized_filesystem_names.get(rel_path, rel_path))
+        if got is None:  # listed, but not a file that was extracted (a folder, say)
+            errors.append(bagit.FileMissing(rel_path))
+        elif got != stored:
+            errors.append(bagit.ChecksumMismatch(rel_path, "sha256", stored, got))
+    if errors:
+        raise bagit.BagValidationError("Bag validation failed", errors)
 
 
 def _read_labels(data_dir: Path) -> list[tuple[str, int]]:
@@ -837,13 +906,16 @@ def _check_route(route: str, pred: dict, card: dict, dim: int | None) -> None:
 
 
 def verify_bundle(
-    tar_path: Path,
+    tar: Path | BinaryIO,
     trusted_keys: Mapping[str, Sequence],
     *,
     max_bytes: int,
     dest: Path | None = None,
 ) -> VerifiedBundle:
-    """Extract `tar_path` safely and check everything before anyone uses it.
+    """Extract the bundle tar `tar` safely and check everything before anyone uses it.
+
+    `tar`: a path, or a binary file read front to back (an upload still arriving, say: see
+    safe_extract); every byte is read once, its digests computed as it is extracted.
 
     trusted_keys: site -> that site's keys: PEM text, Ed25519PublicKey, or {"pem", "valid_after",
     "valid_until"} (server.trust's sequence windows; only a key whose window holds the bundle's
@@ -861,18 +933,18 @@ def verify_bundle(
     Extracts into `dest` (must be new or empty) or a new temporary folder; the caller owns and
     removes `VerifiedBundle.dir`. On failure, raises BundleError and removes what it extracted.
     """
-    tar_path = Path(tar_path)
     if dest is not None and Path(dest).exists() and any(Path(dest).iterdir()):
         raise BundleError(f"{dest}: extraction folder is not empty")  # before we own anything in it
     created = dest is None or not Path(dest).exists()
     out = Path(tempfile.mkdtemp(prefix="plan-bundle-")) if dest is None else Path(dest)
     try:
-        files = safe_extract(tar_path, out, max_bytes=max_bytes)
-        _check_layout(files)
+        digests = _extract_hashed(tar, out, max_bytes=max_bytes, max_members=MAX_MEMBERS)
+        _check_layout(list(digests))
         env = _read_json(out / ATTESTATION, ATTESTATION)
         statement, signer = _open_statement(env, trusted_keys)
         bag_dir = out / BAG
-        _check_bag(bag_dir)
+        in_bag = {rel[len(BAG) + 1:]: d for rel, d in digests.items() if rel.startswith(f"{BAG}/")}
+        _check_bag(bag_dir, in_bag)
 
         subject = statement.get("subject")
         if (
@@ -883,7 +955,7 @@ def verify_bundle(
         ):
             raise BundleError(f"{ATTESTATION}: subject must be exactly [{TAGMANIFEST}]")
         signed_digest = (subject[0].get("digest") or {}).get("sha256")
-        actual = sha256_file(bag_dir / TAGMANIFEST)
+        actual = in_bag[TAGMANIFEST]
         if signed_digest != actual:
             raise BundleError(
                 f"{TAGMANIFEST}: sha256 {actual} does not match the signed subject digest {signed_digest}"
