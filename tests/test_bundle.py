@@ -202,6 +202,20 @@ def test_duplicate_member_refused(tmp_path):
         safe_extract(tar, tmp_path / "out", max_bytes=MAX)
 
 
+def test_member_under_a_file_refused(tmp_path):
+    tar = _tar(tmp_path, (_member("a"), b"1"), (_member("a/b"), b"2"))
+    with pytest.raises(BundleError, match="'a/b': its folder a is a file of the archive") as e:
+        safe_extract(tar, tmp_path / "out", max_bytes=MAX)
+    assert e.value.reason == "unsafe"
+
+
+def test_extract_from_a_file_read_front_to_back(tmp_path):
+    tar = _tar(tmp_path, (_member("a"), b"x" * 3000), (_member("d/b"), b"y" * 3))
+    with open(tar, "rb") as f:
+        assert safe_extract(f, tmp_path / "out", max_bytes=MAX) == ["a", "d/b"]
+    assert (tmp_path / "out" / "d" / "b").read_bytes() == b"yyy"
+
+
 def test_compressed_archive_refused(tmp_path):
     path = tmp_path / "x.tar.gz"
     with tarfile.open(path, "w:gz") as tf:
