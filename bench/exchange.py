@@ -7,12 +7,17 @@ One mutual-TLS gRPC server on 127.0.0.1 hosts both the real Exchange service and
 limits. Measured in the same run:
 
     raw upload / raw download       the bytes streamed in CHUNK_BYTES messages, server discards / reads from memory
-    exchange upload                 ExchangeClient.upload: stream + fsync to incoming/ + full verification
-                                    (safe extraction, signature, every digest) + rename + index
-    exchange download               ExchangeClient.download: stream + sha256 check + fsync + rename
+    exchange upload                 ExchangeClient.upload: stream (hashed while sent), written to incoming/ and
+                                    verified while it arrives (safe extraction, signature, every digest) + fsync
+                                    + sha256 check + rename + index
+    exchange download               ExchangeClient.download: stream (hashed while received) + sha256 check
+                                    + fsync + rename
+    write + fsync                   the tar's bytes from memory to a new file in the store's incoming/, fsynced:
+                                    the floor of any upload that keeps what it receives (not a baseline)
     verification                    verify_bundle alone on the same tar, reported per GB
 
-Prints a table and writes the figures as JSON.
+Prints a table and writes the figures as JSON, with the load average before and after: the
+machine may be shared, and the figures only mean something next to it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from common import exchange_pb2_grpc as pb_grpc
 from common.bundle import build_bundle, pack_bundle, verify_bundle
 from common.config import FederationConfig
 from common.keyfile import read_private_file
@@ -38,7 +42,7 @@ from common.tls import issue_client_cert
 from common.wire import CHUNK_BYTES, grpc_options
 from node.exchange_client import ExchangeClient
 from server.coordinator import init_coordinator
-from server.exchange import ExchangeServicer
+from server.exchange import ExchangeServicer, add_exchange_to_server
 from server.store import BundleStore
 
 RAW = "plannode.bench.Raw"
@@ -76,11 +80,25 @@ def _bundle(root: Path, mb: int) -> tuple[Path, str]:
     return pack_bundle(root / "out" / bid), (root / "site.pub").read_text()
 
 
+def _write_and_fsync(data: bytes, path: Path) -> float:
+    """Seconds to write `data` to the new file `path` in CHUNK_BYTES writes and fsync it: the
+    least a store that keeps what it receives must do, which raw streaming does not."""
+    t0 = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for i in range(0, len(data), CHUNK_BYTES):
+            f.write(data[i:i + CHUNK_BYTES])
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return seconds
+
+
 def _rate(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e6
 
 
 def run(mb: int, out: Path) -> dict:
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="plan-bench-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
@@ -95,7 +113,7 @@ def run(mb: int, out: Path) -> dict:
         store = BundleStore(cd.store, max_bundle_bytes=1 << 30)
         crt, key = issue_client_cert(cd.ca_dir, root / "client", "bench")
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=grpc_options())
-        pb_grpc.add_ExchangeServicer_to_server(
+        add_exchange_to_server(
             ExchangeServicer(store=store, trust=trust, max_bundle_bytes=1 << 30, mutual_tls=True), server)
         server.add_generic_rpc_handlers((_raw_handlers(payload),))
         creds = grpc.ssl_server_credentials(
@@ -121,6 +139,7 @@ def run(mb: int, out: Path) -> dict:
             raw_down = time.perf_counter() - t0
             assert got == size
 
+            write_s = _write_and_fsync(payload, store.incoming / "write-floor.bin")
             t0 = time.perf_counter()
             rec = client.upload(tar, site="bench")
             ex_up = time.perf_counter() - t0
@@ -148,10 +167,13 @@ def run(mb: int, out: Path) -> dict:
         "raw_download_MBps": round(_rate(size, raw_down), 1),
         "exchange_upload_MBps": round(_rate(size, ex_up), 1),
         "exchange_download_MBps": round(_rate(size, ex_down), 1),
+        "disk_write_MBps": round(_rate(size, write_s), 1),
         "upload_vs_raw": round(raw_up / ex_up, 3),
         "download_vs_raw": round(raw_down / ex_down, 3),
         "verify_s": round(verify_s, 2),
         "verify_s_per_GB": round(verify_s / (size / 1e9), 2),
+        "loadavg_before": [round(x, 2) for x in load_before],  # 1, 5 and 15 minutes
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -171,7 +193,9 @@ def main() -> None:
     print(f"{'exchange upload':<22}{r['exchange_upload_MBps']:>8.1f}{r['upload_vs_raw']:>9.0%}   (incl. fsync + full verification)")
     print(f"{'raw gRPC download':<22}{r['raw_download_MBps']:>8.1f}")
     print(f"{'exchange download':<22}{r['exchange_download_MBps']:>8.1f}{r['download_vs_raw']:>9.0%}   (incl. sha256 + fsync)")
+    print(f"{'write + fsync a file':<22}{r['disk_write_MBps']:>8.1f}   (what storing the upload costs at least)")
     print(f"verification: {r['verify_s']:.2f} s for {mb:.0f} MB = {r['verify_s_per_GB']:.2f} s/GB")
+    print(f"load average before {r['loadavg_before']}, after {r['loadavg_after']}")
     print(f"wrote {args.out}")
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63ommon/exchange.proto\x12\x14plannode.exchange.v1\":\n\x0cUploadHeader\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"[\n\x0bUploadChunk\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".plannode.exchange.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x83\x01\n\nBundleInfo\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x11\n\tn_samples\x18\x06 \x01(\x04\x12\x11\n\tstored_at\x18\x07 \x01(\x01\"?\n\x0bUploadReply\x12\x30\n\x06\x62undle\x18\x01 \x01(\x0b\x32 .plannode.exchange.v1.BundleInfo\"\x1b\n\x0bListRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\">\n\tListReply\x12\x31\n\x07\x62undles\x18\x01 \x03(\x0b\x32 .plannode.exchange.v1.BundleInfo\"$\n\x0f\x44ownloadRequest\x12\x11\n\tbundle_id\x18\x01 \x01(\t\"Y\n\rDownloadChunk\x12\x30\n\x04info\x18\x01 \x01(\x0b\x32 .plannode.exchange.v1.BundleInfoH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x1e\n\x0c\x41ssetRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x07\n\x05\x45mpty\"\x19\n\nPublicKeys\x12\x0b\n\x03pem\x18\x01 \x03(\t\"\xaf\x01\n\tKeysReply\x12\x39\n\x05sites\x18\x01 \x03(\x0b\x32*.plannode.exchange.v1.KeysReply.SitesEntry\x12\x17\n\x0fsigned_document\x18\x02 \x01(\x0c\x1aN\n\nSitesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .plannode.exchange.v1.PublicKeys:\x02\x38\x01\"R\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x11\n\tn_bundles\x18\x02 \x01(\x04\x12\x0f\n\x07n_sites\x18\x03 \x01(\x04\x12\x0f\n\x07version\x18\x04 \x01(\t2\xf5\x03\n\x08\x45xchange\x12P\n\x06Upload\x12!.plannode.exchange.v1.UploadChunk\x1a!.plannode.exchange.v1.UploadReply(\x01\x12J\n\x04List\x12!.plannode.exchange.v1.ListRequest\x1a\x1f.plannode.exchange.v1.ListReply\x12X\n\x08\x44ownload\x12%.plannode.exchange.v1.DownloadRequest\x1a#.plannode.exchange.v1.DownloadChunk0\x01\x12Z\n\rDownloadAsset\x12\".plannode.exchange.v1.AssetRequest\x1a#.plannode.exchange.v1.DownloadChunk0\x01\x12K\n\x0bTrustedKeys\x12\x1b.plannode.exchange.v1.Empty\x1a\x1f.plannode.exchange.v1.KeysReply\x12H\n\x06Health\x12\x1b.plannode.exchange.v1.Empty\x1a!.plannode.exchange.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63ommon/exchange.proto\x12\x14plannode.exchange.v1\":\n\x0cUploadHeader\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x1f\n\rUploadTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x93\x01\n\x0bUploadChunk\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".plannode.exchange.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x36\n\x07trailer\x18\x03 \x01(\x0b\x32#.plannode.exchange.v1.UploadTrailerH\x00\x42\x06\n\x04kind\"\x83\x01\n\nBundleInfo\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x11\n\tn_samples\x18\x06 \x01(\x04\x12\x11\n\tstored_at\x18\x07 \x01(\x01\"?\n\x0bUploadReply\x12\x30\n\x06\x62undle\x18\x01 \x01(\x0b\x32 .plannode.exchange.v1.BundleInfo\"\x1b\n\x0bListRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\">\n\tListReply\x12\x31\n\x07\x62undles\x18\x01 \x03(\x0b\x32 .plannode.exchange.v1.BundleInfo\"$\n\x0f\x44ownloadRequest\x12\x11\n\tbundle_id\x18\x01 \x01(\t\"Y\n\rDownloadChunk\x12\x30\n\x04info\x18\x01 \x01(\x0b\x32 .plannode.exchange.v1.BundleInfoH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x1e\n\x0c\x41ssetRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x07\n\x05\x45mpty\"\x19\n\nPublicKeys\x12\x0b\n\x03pem\x18\x01 \x03(\t\"\xaf\x01\n\tKeysReply\x12\x39\n\x05sites\x18\x01 \x03(\x0b\x32*.plannode.exchange.v1.KeysReply.SitesEntry\x12\x17\n\x0fsigned_document\x18\x02 \x01(\x0c\x1aN\n\nSitesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .plannode.exchange.v1.PublicKeys:\x02\x38\x01\"R\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x11\n\tn_bundles\x18\x02 \x01(\x04\x12\x0f\n\x07n_sites\x18\x03 \x01(\x04\x12\x0f\n\x07version\x18\x04 \x01(\t2\xf5\x03\n\x08\x45xchange\x12P\n\x06Upload\x12!.plannode.exchange.v1.UploadChunk\x1a!.plannode.exchange.v1.UploadReply(\x01\x12J\n\x04List\x12!.plannode.exchange.v1.ListRequest\x1a\x1f.plannode.exchange.v1.ListReply\x12X\n\x08\x44ownload\x12%.plannode.exchange.v1.DownloadRequest\x1a#.plannode.exchange.v1.DownloadChunk0\x01\x12Z\n\rDownloadAsset\x12\".plannode.exchange.v1.AssetRequest\x1a#.plannode.exchange.v1.DownloadChunk0\x01\x12K\n\x0bTrustedKeys\x12\x1b.plannode.exchange.v1.Empty\x1a\x1f.plannode.exchange.v1.KeysReply\x12H\n\x06Health\x12\x1b.plannode.exchange.v1.Empty\x1a!.plannode.exchange.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,32 +35,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KEYSREPLY_SITESENTRY']._serialized_options = b'8\001'
   _globals['_UPLOADHEADER']._serialized_start=47
   _globals['_UPLOADHEADER']._serialized_end=105
-  _globals['_UPLOADCHUNK']._serialized_start=107
-  _globals['_UPLOADCHUNK']._serialized_end=198
-  _globals['_BUNDLEINFO']._serialized_start=201
-  _globals['_BUNDLEINFO']._serialized_end=332
-  _globals['_UPLOADREPLY']._serialized_start=334
-  _globals['_UPLOADREPLY']._serialized_end=397
-  _globals['_LISTREQUEST']._serialized_start=399
-  _globals['_LISTREQUEST']._serialized_end=426
-  _globals['_LISTREPLY']._serialized_start=428
-  _globals['_LISTREPLY']._serialized_end=490
-  _globals['_DOWNLOADREQUEST']._serialized_start=492
-  _globals['_DOWNLOADREQUEST']._serialized_end=528
-  _globals['_DOWNLOADCHUNK']._serialized_start=530
-  _globals['_DOWNLOADCHUNK']._serialized_end=619
-  _globals['_ASSETREQUEST']._serialized_start=621
-  _globals['_ASSETREQUEST']._serialized_end=651
-  _globals['_EMPTY']._serialized_start=653
-  _globals['_EMPTY']._serialized_end=660
-  _globals['_PUBLICKEYS']._serialized_start=662
-  _globals['_PUBLICKEYS']._serialized_end=687
-  _globals['_KEYSREPLY']._serialized_start=690
-  _globals['_KEYSREPLY']._serialized_end=865
-  _globals['_KEYSREPLY_SITESENTRY']._serialized_start=787
-  _globals['_KEYSREPLY_SITESENTRY']._serialized_end=865
-  _globals['_HEALTHREPLY']._serialized_start=867
-  _globals['_HEALTHREPLY']._serialized_end=949
-  _globals['_EXCHANGE']._serialized_start=952
-  _globals['_EXCHANGE']._serialized_end=1453
+  _globals['_UPLOADTRAILER']._serialized_start=107
+  _globals['_UPLOADTRAILER']._serialized_end=138
+  _globals['_UPLOADCHUNK']._serialized_start=141
+  _globals['_UPLOADCHUNK']._serialized_end=288
+  _globals['_BUNDLEINFO']._serialized_start=291
+  _globals['_BUNDLEINFO']._serialized_end=422
+  _globals['_UPLOADREPLY']._serialized_start=424
+  _globals['_UPLOADREPLY']._serialized_end=487
+  _globals['_LISTREQUEST']._serialized_start=489
+  _globals['_LISTREQUEST']._serialized_end=516
+  _globals['_LISTREPLY']._serialized_start=518
+  _globals['_LISTREPLY']._serialized_end=580
+  _globals['_DOWNLOADREQUEST']._serialized_start=582
+  _globals['_DOWNLOADREQUEST']._serialized_end=618
+  _globals['_DOWNLOADCHUNK']._serialized_start=620
+  _globals['_DOWNLOADCHUNK']._serialized_end=709
+  _globals['_ASSETREQUEST']._serialized_start=711
+  _globals['_ASSETREQUEST']._serialized_end=741
+  _globals['_EMPTY']._serialized_start=743
+  _globals['_EMPTY']._serialized_end=750
+  _globals['_PUBLICKEYS']._serialized_start=752
+  _globals['_PUBLICKEYS']._serialized_end=777
+  _globals['_KEYSREPLY']._serialized_start=780
+  _globals['_KEYSREPLY']._serialized_end=955
+  _globals['_KEYSREPLY_SITESENTRY']._serialized_start=877
+  _globals['_KEYSREPLY_SITESENTRY']._serialized_end=955
+  _globals['_HEALTHREPLY']._serialized_start=957
+  _globals['_HEALTHREPLY']._serialized_end=1039
+  _globals['_EXCHANGE']._serialized_start=1042
+  _globals['_EXCHANGE']._serialized_end=1543
 # @@protoc_insertion_point(module_scope)

@@ -12,17 +12,16 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import grpc
 from cryptography import x509
 
 from common import exchange_pb2 as pb
 from common import exchange_pb2_grpc as pb_grpc
-from common.fileio import sha256_file
 from common.bundle import read_bundle_site
 from common.keyfile import read_private_file
-from common.wire import CHUNK_BYTES, grpc_options
+from common.wire import CHUNK_BYTES, encode_data, grpc_options, serialize
 
 
 class ExchangeError(RuntimeError):
@@ -62,6 +61,29 @@ def site_client(ws) -> "ExchangeClient":
     )
 
 
+# How an exchange of upload protocol 1 refuses this client's header; the hint says why.
+_OLD_EXCHANGE_HINT = {
+    "header sha256 '' is not 64 lower-case hex digits": (
+        " (that exchange speaks upload protocol 1, the tar's sha256 in the header; this node sends it in "
+        "a trailer after the data, protocol 2: update plan-node on the coordinator)"
+    ),
+}
+
+
+def _upload_messages(tar_path: Path, site: str) -> Iterator[pb.UploadChunk | bytes]:
+    """An upload (protocol 2, see exchange.proto): the header, the tar in data chunks (already
+    encoded), then the trailer with the sha256 of what was sent, hashed while sending rather
+    than in a pass of its own before."""
+    with open(tar_path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        yield pb.UploadChunk(header=pb.UploadHeader(site=site, size=size))
+        h = hashlib.sha256()
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            h.update(block)
+            yield encode_data(block)
+    yield pb.UploadChunk(trailer=pb.UploadTrailer(sha256=h.hexdigest()))
+
+
 def _record(info: pb.BundleInfo) -> dict:
     return {
         "bundle_id": info.bundle_id, "site": info.site, "sequence": info.sequence, "sha256": info.sha256,
@@ -99,6 +121,11 @@ class ExchangeClient:
             options=grpc_options(),
         )
         self._stub = pb_grpc.ExchangeStub(self._channel)
+        # The stub's Upload, but taking data messages already encoded (common.wire.encode_data).
+        self._upload = self._channel.stream_unary(
+            f"/{pb.DESCRIPTOR.services_by_name['Exchange'].full_name}/Upload", request_serializer=serialize,
+            response_deserializer=pb.UploadReply.FromString,
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -109,9 +136,13 @@ class ExchangeClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _fail(self, e: grpc.RpcError, what: str) -> ExchangeError:
+    def _fail(self, e: grpc.RpcError, what: str, hints: Mapping[str, str] | None = None) -> ExchangeError:
+        """ExchangeError for a failed call; `hints`: text appended when the server's message starts
+        with the key."""
         code = e.code().name if e.code() else "UNKNOWN"
-        return ExchangeError(f"{what} at {self.address}: {code}: {e.details()}", code)
+        details = e.details() or ""
+        hint = next((h for start, h in (hints or {}).items() if details.startswith(start)), "")
+        return ExchangeError(f"{what} at {self.address}: {code}: {details}{hint}", code)
 
     def upload(self, tar_path: Path, *, site: str | None = None) -> dict:
         """Upload a bundle tar; returns the server's record of it.
@@ -121,19 +152,10 @@ class ExchangeClient:
         """
         tar_path = Path(tar_path)
         site = site or read_bundle_site(tar_path)
-        size = tar_path.stat().st_size
-        digest = sha256_file(tar_path)
-
-        def chunks() -> Iterator[pb.UploadChunk]:
-            yield pb.UploadChunk(header=pb.UploadHeader(site=site, size=size, sha256=digest))
-            with open(tar_path, "rb") as f:
-                for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-                    yield pb.UploadChunk(data=block)
-
         try:
-            reply = self._stub.Upload(chunks(), timeout=self.timeout)
+            reply = self._upload(_upload_messages(tar_path, site), timeout=self.timeout)
         except grpc.RpcError as e:
-            raise self._fail(e, f"upload of {tar_path.name}") from None
+            raise self._fail(e, f"upload of {tar_path.name}", _OLD_EXCHANGE_HINT) from None
         return _record(reply.bundle)
 
     def list(self, site: str | None = None) -> list[dict]:
@@ -165,11 +187,12 @@ class ExchangeClient:
                             if want_sha256 is not None and info.sha256 != want_sha256:
                                 raise ExchangeError(f"{what}: server announced another file, sha256 {info.sha256}", "DATA_LOSS")
                             continue
-                        size += len(msg.data)
+                        data = msg.data  # each access of a bytes field builds a new bytes object
+                        size += len(data)
                         if size > info.size:
                             raise ExchangeError(f"{what}: more than the announced {info.size} bytes", "DATA_LOSS")
-                        h.update(msg.data)
-                        out.write(msg.data)
+                        h.update(data)
+                        out.write(data)
                 except grpc.RpcError as e:
                     raise self._fail(e, what) from None
                 out.flush()

@@ -38,7 +38,7 @@ from common.bundle import code_version
 from common.keyfile import read_private_file
 from common.signing import load_private_key
 from common.trustdoc import sign_trust_document
-from common.wire import CHUNK_BYTES, grpc_options
+from common.wire import CHUNK_BYTES, encode_data, grpc_options, serialize
 from server.assets import ASSETS_DIRNAME
 from server.store import BundleRecord, BundleStore, StoreRefused
 from server.trust import TrustStore
@@ -69,6 +69,46 @@ def peer_site(context) -> str | None:
     return names[0].decode("utf-8", "replace") if names else None
 
 
+class _UploadBody:
+    """What follows an upload's header. Iterating yields its data chunks, each refused as soon as
+    it breaks a limit (`declared` and `limit`, bytes), before it is written, up to the trailer,
+    which must end the stream; sha256() is then the digest the trailer declares."""
+
+    def __init__(self, requests: Iterator[pb.UploadChunk], *, declared: int, limit: int):
+        self._requests, self._declared, self._limit = requests, declared, limit
+        self._trailer: str | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        received = 0
+        for msg in self._requests:
+            kind = msg.WhichOneof("kind")
+            if kind == "trailer":
+                self._trailer = msg.trailer.sha256
+                if next(self._requests, None) is not None:
+                    raise StoreRefused("a message after the upload trailer; the trailer must end the upload", "invalid")
+                return
+            if kind != "data":
+                raise StoreRefused(f"unexpected {kind or 'empty'} message after the upload header; expected data "
+                                   f"chunks, then the trailer", "invalid")
+            data = msg.data
+            if len(data) > CHUNK_BYTES:
+                raise StoreRefused(f"data chunk of {len(data)} bytes exceeds {CHUNK_BYTES}", "invalid")
+            received += len(data)
+            if received > self._limit:
+                raise StoreRefused(f"upload exceeds the limit of {self._limit} bytes", "too_large")
+            if received > self._declared:
+                raise StoreRefused(f"upload sends more than the declared {self._declared} bytes", "invalid")
+            yield data
+
+    def sha256(self) -> str:
+        """The tar's sha256 as the trailer declares it (64 lower-case hex digits)."""
+        if self._trailer is None:
+            raise StoreRefused("the upload ended without its trailer (the tar's sha256, after the data)", "invalid")
+        if not _SHA256.match(self._trailer):
+            raise StoreRefused(f"trailer sha256 {self._trailer!r} is not 64 lower-case hex digits", "invalid")
+        return self._trailer
+
+
 class ExchangeServicer(pb_grpc.ExchangeServicer):
     """mutual_tls: the server requires client certificates, so the upload's site must be the peer's CN.
     coordinator_key: signs the published trust store (None: TrustedKeys sends no signed document).
@@ -86,21 +126,6 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         self.federation = federation
         self.assets_dir = Path(assets_dir) if assets_dir is not None else None
 
-    def _data(self, requests: Iterator[pb.UploadChunk], declared: int) -> Iterator[bytes]:
-        """The upload's data chunks, refused as soon as they break a limit, before they are written."""
-        received = 0
-        for msg in requests:
-            if msg.WhichOneof("kind") != "data":
-                raise StoreRefused("only data chunks may follow the upload header", "invalid")
-            if len(msg.data) > CHUNK_BYTES:
-                raise StoreRefused(f"data chunk of {len(msg.data)} bytes exceeds {CHUNK_BYTES}", "invalid")
-            received += len(msg.data)
-            if received > self.max_bundle_bytes:
-                raise StoreRefused(f"upload exceeds the limit of {self.max_bundle_bytes} bytes", "too_large")
-            if received > declared:
-                raise StoreRefused(f"upload sends more than the declared {declared} bytes", "invalid")
-            yield msg.data
-
     def _deadline(self, context) -> None:
         """Cancel this call once it has run call_timeout_s: a client that stalls mid-stream (or
         trickles bytes) would otherwise hold a worker thread and an open temporary file forever.
@@ -116,8 +141,11 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         if first is None or first.WhichOneof("kind") != "header":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first upload chunk must carry the header")
         h = first.header
-        if not _SHA256.match(h.sha256):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"header sha256 {h.sha256!r} is not 64 lower-case hex digits")
+        if h.sha256:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"the upload header carries sha256 {h.sha256!r} (upload protocol 1); this exchange speaks "
+                          f"protocol 2: an empty header sha256, the tar's sha256 in a trailer after the data; "
+                          f"update plan-node on the site")
         if h.size == 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header size is 0")
         if h.size > self.max_bundle_bytes:
@@ -132,10 +160,9 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
             )
         if not self.trust.keys(h.site):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {h.site!r} is not registered (or its key was revoked)")
+        body = _UploadBody(request_iterator, declared=h.size, limit=self.max_bundle_bytes)
         try:
-            rec = self.store.put(
-                self._data(request_iterator, h.size), verify=self.trust, site=h.site, size=h.size, sha256=h.sha256
-            )
+            rec = self.store.put(body, verify=self.trust, site=h.site, size=h.size, sha256=body.sha256)
         except StoreRefused as e:
             log.warning("upload from site %r refused (%s): %s", h.site, e.reason, e)
             context.abort(_CODES.get(e.reason, grpc.StatusCode.INVALID_ARGUMENT), str(e))
@@ -153,7 +180,7 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         yield pb.DownloadChunk(info=_info(rec))
         with self.store.open(rec.bundle_id) as f:
             for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-                yield pb.DownloadChunk(data=block)
+                yield encode_data(block)
 
     def DownloadAsset(self, request, context):
         self._deadline(context)
@@ -177,7 +204,7 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
             log.info("serving asset %s (%d bytes) to %r", request.sha256, size, peer_site(context))
             yield pb.DownloadChunk(info=pb.BundleInfo(sha256=request.sha256, size=size))
             for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-                yield pb.DownloadChunk(data=block)
+                yield encode_data(block)
 
     def TrustedKeys(self, request, context):
         signed = b""
@@ -189,6 +216,31 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         return pb.HealthReply(
             status="ok", n_bundles=len(self.store.list()), n_sites=len(self.trust.sites()), version=code_version()
         )
+
+
+_HANDLER_KINDS = {  # (client streams, server streams) -> how grpc wraps such a method
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_exchange_to_server(servicer: ExchangeServicer, server: grpc.Server) -> None:
+    """Register `servicer` as the generated pb_grpc.add_ExchangeServicer_to_server does, every
+    method as exchange.proto declares it, except that replies go through common.wire.serialize:
+    the download streams send their data messages already encoded (encode_data)."""
+    service = pb.DESCRIPTOR.services_by_name["Exchange"]
+    handlers = {
+        m.name: _HANDLER_KINDS[m.client_streaming, m.server_streaming](
+            getattr(servicer, m.name),
+            request_deserializer=getattr(pb, m.input_type.name).FromString,
+            response_serializer=serialize,
+        )
+        for m in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def serve(
@@ -223,7 +275,7 @@ def serve(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=grpc_options())
-    pb_grpc.add_ExchangeServicer_to_server(
+    add_exchange_to_server(
         ExchangeServicer(
             store=store, trust=trust, max_bundle_bytes=max_bundle_bytes, mutual_tls=client_ca is not None,
             coordinator_key=load_private_key(coordinator_key_path) if coordinator_key_path else None,

@@ -8,16 +8,20 @@ Layout under `root`:
                            stored_at, key_id), and removed(...): bundles purged after their key was
                            revoked, kept so that they stay replays and sequences never go back
 
-An upload is written to incoming/, checked (declared size and digest, then `verify_bundle`
-against the trust store, then the replay check), renamed into objects/ and indexed in one
-transaction. On any failure the temporary file is removed and the index is unchanged, so the
-store never holds a partial or unverified bundle.
+An upload is verified while it arrives: each chunk is counted against the limits, hashed and
+appended to a file in incoming/, and `verify_bundle` extracts and hashes the tar's members from
+that file right behind it (so every byte is read back once, from the page cache, instead of after
+the whole upload is on disk). Once the stream has ended, the file is fsynced and its declared size
+and digest checked, then the replay check; only then is it renamed into objects/ and indexed, in
+one transaction. On any failure the temporary file and the extraction are removed and the index
+is unchanged, so the store never holds a partial or unverified bundle.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -71,6 +75,74 @@ class StoreRefused(Exception):
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
+
+
+class _Arriving:
+    """An upload as it arrives, readable as a file (read, seek, tell: what tarfile needs) while it
+    is still being received.
+
+    Reading past what has arrived pulls the next chunks from `chunks`: each is counted against
+    `limit` and `declared` (bytes), hashed and appended to the file open at `fd` before anything
+    reads it, and reads come back from that file. `name` names it in errors. finish() takes in the
+    rest of the stream (what follows the tar's end-of-archive blocks) and fsyncs the file.
+    """
+
+    def __init__(self, chunks: Iterator[bytes], fd: int, *, name: str, limit: int, declared: int | None):
+        self.name = name
+        self._chunks, self._fd = chunks, fd
+        self._limit, self._declared = limit, declared
+        self._hash = hashlib.sha256()
+        self._size = 0  # bytes received, all written at fd
+        self._pos = 0  # read position
+        self._ended = False
+
+    def _pull(self) -> bool:
+        """Take in the next chunk; False once the stream has ended."""
+        chunk = next(self._chunks, None)
+        if chunk is None:
+            if self._declared is not None and self._size != self._declared:
+                raise StoreRefused(f"received {self._size} bytes but {self._declared} were declared", "invalid")
+            self._ended = True
+            return False
+        self._size += len(chunk)
+        if self._size > self._limit:
+            raise StoreRefused(f"bundle exceeds the limit of {self._limit} bytes", "too_large")
+        if self._declared is not None and self._size > self._declared:
+            raise StoreRefused(f"received more than the declared {self._declared} bytes", "invalid")
+        self._hash.update(chunk)
+        view = memoryview(chunk)
+        while view:  # os.write may write less than asked
+            view = view[os.write(self._fd, view):]
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to `n` bytes (all the rest when n < 0) from the read position; b"" at the end."""
+        while not self._ended and (n < 0 or self._size < self._pos + n) and self._pull():
+            pass
+        n = self._size - self._pos if n < 0 else min(n, self._size - self._pos)
+        data = os.pread(self._fd, n, self._pos) if n > 0 else b""
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            offset += self._pos
+        elif whence != io.SEEK_SET:
+            raise io.UnsupportedOperation("an arriving upload has no end to seek from yet")
+        if offset < 0:
+            raise ValueError(f"negative seek position {offset}")
+        self._pos = offset
+        return offset
+
+    def tell(self) -> int:
+        return self._pos
+
+    def finish(self) -> tuple[int, str]:
+        """Receive the rest of the stream and fsync; (size in bytes, sha256 hex) of all of it."""
+        while self._pull():
+            pass
+        os.fsync(self._fd)
+        return self._size, self._hash.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -134,41 +206,16 @@ class BundleStore:
             if p.stem not in indexed:
                 p.unlink()
 
-    def _receive(self, source, dest: Path, declared: int | None) -> tuple[int, str]:
-        """Copy `source` (path, bytes, binary file or iterable of byte chunks) to `dest`.
-
-        Refuses before writing a byte past the store's limit ("too_large") or past the
-        declared size ("invalid"). Returns (size in bytes, sha256 hex).
-        """
-        if declared is not None and declared > self.max_bundle_bytes:
-            raise StoreRefused(
-                f"declared size {declared} bytes exceeds the limit of {self.max_bundle_bytes} bytes", "too_large"
-            )
-        h, size = hashlib.sha256(), 0
-        with contextlib.ExitStack() as stack:
-            if isinstance(source, (str, Path)):
-                f = stack.enter_context(open(source, "rb"))
-                chunks: Iterable[bytes] = iter(lambda: f.read(_BLOCK), b"")
-            elif isinstance(source, (bytes, bytearray, memoryview)):
-                chunks = [bytes(source)]
-            elif hasattr(source, "read"):
-                chunks = iter(lambda: source.read(_BLOCK), b"")
-            else:
-                chunks = source
-            out = stack.enter_context(open(dest, "wb"))
-            for chunk in chunks:
-                size += len(chunk)
-                if size > self.max_bundle_bytes:
-                    raise StoreRefused(
-                        f"bundle exceeds the limit of {self.max_bundle_bytes} bytes", "too_large"
-                    )
-                if declared is not None and size > declared:
-                    raise StoreRefused(f"received more than the declared {declared} bytes", "invalid")
-                h.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        return size, h.hexdigest()
+    def _chunks(self, source, stack: contextlib.ExitStack) -> Iterator[bytes]:
+        """`source` (path, bytes, binary file or iterable of byte chunks) as byte chunks."""
+        if isinstance(source, (str, Path)):
+            f = stack.enter_context(open(source, "rb"))
+            return iter(lambda: f.read(_BLOCK), b"")
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return iter([bytes(source)])
+        if hasattr(source, "read"):
+            return iter(lambda: source.read(_BLOCK), b"")
+        return iter(source)
 
     # ------------------------------------------------------------ public
 
@@ -185,23 +232,30 @@ class BundleStore:
 
         verify: the trust store (or site -> public keys) the bundle's signature must verify
         against. `site`, `size`, `sha256`: what the sender declared; each, when given, must
-        match what arrived (site: the site that signed the bundle).
+        match what arrived (site: the site that signed the bundle). `sha256` may be a function
+        returning it, called once `source` is exhausted (an upload's trailer). A source that
+        breaks a limit is refused before the bytes past it are written: over the store's limit
+        ("too_large"), more or fewer bytes than `size` ("invalid").
         """
         trusted = verify.windows() if isinstance(verify, TrustStore) else dict(verify)
+        if size is not None and size > self.max_bundle_bytes:
+            raise StoreRefused(f"declared size {size} bytes exceeds the limit of {self.max_bundle_bytes} bytes", "too_large")
         fd, tmp_name = tempfile.mkstemp(dir=self.incoming, prefix="upload-", suffix=".tar")
-        os.close(fd)
         tmp = Path(tmp_name)
         work = Path(tempfile.mkdtemp(dir=self.incoming, prefix="verify-"))
         try:
-            got_size, got_sha = self._receive(source, tmp, size)
-            if size is not None and got_size != size:
-                raise StoreRefused(f"received {got_size} bytes but {size} were declared", "invalid")
-            if sha256 is not None and got_sha != sha256:
-                raise StoreRefused(f"sha256 of the received bytes is {got_sha}, declared {sha256}", "invalid")
-            try:
-                vb = verify_bundle(tmp, trusted, max_bytes=self.max_bundle_bytes, dest=work / "x")
-            except BundleError as e:
-                raise StoreRefused(str(e), e.reason) from None
+            with contextlib.ExitStack() as stack:
+                stack.callback(os.close, fd)
+                arriving = _Arriving(self._chunks(source, stack), fd, name=tmp.name,
+                                     limit=self.max_bundle_bytes, declared=size)
+                try:
+                    vb = verify_bundle(arriving, trusted, max_bytes=self.max_bundle_bytes, dest=work / "x")
+                except BundleError as e:
+                    raise StoreRefused(str(e), e.reason) from None
+                got_size, got_sha = arriving.finish()
+            want_sha = sha256() if callable(sha256) else sha256
+            if want_sha is not None and got_sha != want_sha:
+                raise StoreRefused(f"sha256 of the received bytes is {got_sha}, declared {want_sha}", "invalid")
             if site is not None and vb.site != site:
                 raise StoreRefused(
                     f"bundle is signed for site {vb.site!r} but was uploaded as site {site!r}", "untrusted"

@@ -259,7 +259,7 @@ def test_stream_larger_than_declared(fed):
     with grpc.secure_channel(fed.ex.address, _creds(fed, "a")) as ch:
         with pytest.raises(grpc.RpcError) as e:
             pb_grpc.ExchangeStub(ch).Upload(iter([
-                pb.UploadChunk(header=pb.UploadHeader(site="a", size=len(data) - 100, sha256=sha256_bytes(data))),
+                pb.UploadChunk(header=pb.UploadHeader(site="a", size=len(data) - 100)),
                 pb.UploadChunk(data=data),
             ]), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -279,13 +279,18 @@ def test_bundle_over_the_size_limit(fed):
     with grpc.secure_channel(fed.ex.address, _creds(fed, "a")) as ch:
         stub = pb_grpc.ExchangeStub(ch)
         with pytest.raises(grpc.RpcError) as e:  # honest header
-            stub.Upload(iter([pb.UploadChunk(header=pb.UploadHeader(site="a", size=MAX + 1, sha256="0" * 64))]), timeout=10)
+            stub.Upload(iter([pb.UploadChunk(header=pb.UploadHeader(site="a", size=MAX + 1))]), timeout=10)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert f"declared size {MAX + 1} bytes exceeds the limit of {MAX} bytes" in e.value.details()
 
         def lying():  # a header within the limit, then more than the limit: stopped while streaming
-            yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=MAX, sha256="0" * 64))
-            for _ in range(MAX // (1 << 20) + 2):
+            yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=MAX))
+            # a well-formed tar of 1 MiB members: the tar is checked as it arrives, and zeros
+            # would be refused as no tar before they reached the limit
+            for i in range(MAX // (1 << 20) + 2):
+                info = tarfile.TarInfo(f"bag/data/{i}.bin")
+                info.size = 1 << 20
+                yield pb.UploadChunk(data=info.tobuf(tarfile.USTAR_FORMAT))
                 yield pb.UploadChunk(data=b"\0" * (1 << 20))
 
         with pytest.raises(grpc.RpcError) as e:
@@ -329,7 +334,7 @@ def test_grpc_message_bomb(fed):
     with grpc.secure_channel(fed.ex.address, _creds(fed, "a"), options=opts, compression=grpc.Compression.Gzip) as ch:
         with pytest.raises(grpc.RpcError) as e:
             pb_grpc.ExchangeStub(ch).Upload(iter([
-                pb.UploadChunk(header=pb.UploadHeader(site="a", size=MAX, sha256="0" * 64)),
+                pb.UploadChunk(header=pb.UploadHeader(site="a", size=MAX)),
                 pb.UploadChunk(data=b"\0" * (64 << 20)),
             ]), timeout=20)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
@@ -347,7 +352,7 @@ def test_upload_cut_off_mid_stream(fed):
     data = tar.read_bytes()
 
     def cut():
-        yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=len(data), sha256=sha256_bytes(data)))
+        yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=len(data)))
         yield pb.UploadChunk(data=data[: len(data) // 2])
         raise ConnectionError("link lost")  # grpc cancels the call: the server sees the stream end early
 
@@ -432,12 +437,13 @@ def test_kill_9_during_upload_then_restart(tmp_path):
         sent = threading.Event()
 
         def slow():
-            yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=len(data), sha256=sha256_bytes(data)))
+            yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=len(data)))
             for i in range(0, len(data), 4096):
                 yield pb.UploadChunk(data=data[i:i + 4096])
                 if i >= 8192:
                     sent.set()
                 time.sleep(0.05)
+            yield pb.UploadChunk(trailer=pb.UploadTrailer(sha256=sha256_bytes(data)))
 
         creds = grpc.ssl_channel_credentials(cd.ca_cert.read_bytes(), private_key=key.read_bytes(), certificate_chain=cert.read_bytes())
         errors = []

@@ -1,6 +1,8 @@
 """The exchange end to end over real TLS gRPC on 127.0.0.1: store, trust, server, client."""
 
+import hashlib
 import sqlite3
+from concurrent import futures
 
 import grpc
 import pytest
@@ -9,11 +11,13 @@ from common import exchange_pb2 as pb
 from common import exchange_pb2_grpc as pb_grpc
 from common.bundle import load_bundle_images, verify_bundle
 from common.fileio import sha256_file
+from common.keyfile import read_private_file
 from common.tls import issue_client_cert
+from common.wire import encode_data
 from node.exchange_client import ExchangeClient, ExchangeError
 from server.store import BundleStore, StoreRefused
 from server.trust import TrustError, TrustStore
-from tests.helpers_exchange import PASSED_AUDIT, live_exchange, make_bundle, sample_set, site_key
+from tests.helpers_exchange import PASSED_AUDIT, coordinator_dir, live_exchange, make_bundle, sample_set, site_key
 
 MAX = 16 * 1024 * 1024
 
@@ -148,10 +152,14 @@ def test_oversized_refused(tmp_path, keys):
             grpc.secure_channel(ex.address, grpc.ssl_channel_credentials(ex.ca_cert.read_bytes()))
         )
 
+        # (the bundle's own bytes: the tar is checked as it arrives, and junk would be refused
+        # as no tar before it reached any limit)
+        data = tar.read_bytes()
+
         def lying():
-            yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=1000, sha256="0" * 64))
-            for _ in range(30):
-                yield pb.UploadChunk(data=b"x" * 1000)
+            yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=1000))
+            for i in range(30):
+                yield pb.UploadChunk(data=data[i * 1000:(i + 1) * 1000])
 
         with pytest.raises(grpc.RpcError) as e:
             stub.Upload(lying(), timeout=10)
@@ -159,9 +167,9 @@ def test_oversized_refused(tmp_path, keys):
         assert "more than the declared 1000 bytes" in e.value.details()
 
         def huge():
-            yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=19_000, sha256="0" * 64))
-            for _ in range(30):
-                yield pb.UploadChunk(data=b"x" * 1000)
+            yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=19_000))
+            for i in range(30):
+                yield pb.UploadChunk(data=data[i * 1000:(i + 1) * 1000])
 
         with pytest.raises(grpc.RpcError) as e:
             stub.Upload(huge(), timeout=10)
@@ -169,15 +177,68 @@ def test_oversized_refused(tmp_path, keys):
         assert not any(ex.store.objects.iterdir()) and not any(ex.store.incoming.iterdir())
 
 
-def test_malformed_stream_refused(ex):
+def _upload(stub, header: pb.UploadHeader, data: bytes, *after: pb.UploadChunk) -> str:
+    """Send `header`, `data` in 1000-byte chunks, then `after`; the refusal's details (INVALID_ARGUMENT)."""
+    msgs = [pb.UploadChunk(header=header), *(pb.UploadChunk(data=data[i:i + 1000]) for i in range(0, len(data), 1000)), *after]
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Upload(iter(msgs), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    return e.value.details()
+
+
+def test_malformed_stream_refused(ex, tmp_path, keys):
     stub = pb_grpc.ExchangeStub(grpc.secure_channel(ex.address, grpc.ssl_channel_credentials(ex.ca_cert.read_bytes())))
     with pytest.raises(grpc.RpcError) as e:
         stub.Upload(iter([pb.UploadChunk(data=b"x")]), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "header" in e.value.details()
-    with pytest.raises(grpc.RpcError) as e:
-        stub.Upload(iter([pb.UploadChunk(header=pb.UploadHeader(site="a", size=3, sha256="0" * 64)),
-                          pb.UploadChunk(data=b"abc")]), timeout=10)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sha256 of the received bytes" in e.value.details()
+    before = _snapshot(ex.store)
+    tar = make_bundle(tmp_path / "b", keys["a"][0])
+    data = tar.read_bytes()
+    header, digest = pb.UploadHeader(site="a", size=len(data)), hashlib.sha256(data).hexdigest()
+    trailer = pb.UploadChunk(trailer=pb.UploadTrailer(sha256=digest))
+    # the bytes are not the ones the trailer names
+    details = _upload(stub, header, data, pb.UploadChunk(trailer=pb.UploadTrailer(sha256="0" * 64)))
+    assert f"sha256 of the received bytes is {digest}, declared {'0' * 64}" in details
+    assert "without its trailer" in _upload(stub, header, data)
+    assert "is not 64 lower-case hex digits" in _upload(stub, header, data, pb.UploadChunk(trailer=pb.UploadTrailer(sha256="x")))
+    assert "after the upload trailer" in _upload(stub, header, data, trailer, pb.UploadChunk(data=b"x"))
+    assert "unexpected header message after the upload header" in _upload(stub, header, data, pb.UploadChunk(header=header))
+    # a client of upload protocol 1 (the digest in the header) is told what this exchange expects
+    details = _upload(stub, pb.UploadHeader(site="a", size=len(data), sha256=digest), data)
+    assert "(upload protocol 1); this exchange speaks protocol 2" in details and "trailer" in details
+    assert _snapshot(ex.store) == before
+    with ExchangeClient(ex.address, ex.ca_cert, timeout=10) as c:  # nothing was left behind: the bundle goes in
+        assert c.upload(tar)["sha256"] == digest
+
+
+def test_data_messages_encoded_as_protobuf_does():
+    for n in (0, 1, 127, 128, 300, 16383, 16384, 1 << 20):
+        block = bytes(range(256)) * (n // 256) + bytes(n % 256)
+        assert encode_data(block) == pb.UploadChunk(data=block).SerializeToString()
+        assert encode_data(block) == pb.DownloadChunk(data=block).SerializeToString()
+        assert pb.DownloadChunk.FromString(encode_data(block)).data == block
+
+
+def test_client_explains_an_exchange_of_upload_protocol_1(tmp_path, keys):
+    def upload(request_iterator, context):  # how such an exchange refuses a protocol-2 header
+        h = next(request_iterator).header
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"header sha256 {h.sha256!r} is not 64 lower-case hex digits")
+
+    cd = coordinator_dir(tmp_path / "coord")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("plannode.exchange.v1.Exchange", {
+        "Upload": grpc.stream_unary_rpc_method_handler(upload, request_deserializer=pb.UploadChunk.FromString),
+    }),))
+    creds = grpc.ssl_server_credentials([(read_private_file(cd.tls_dir / "server.key"), (cd.tls_dir / "server.crt").read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    try:
+        with ExchangeClient(f"127.0.0.1:{port}", cd.ca_cert, timeout=10) as c:
+            with pytest.raises(ExchangeError, match=r"INVALID_ARGUMENT: header sha256 '' .*speaks upload protocol 1.*"
+                                                    r"update plan-node on the coordinator"):
+                c.upload(make_bundle(tmp_path / "b", keys["a"][0]))
+    finally:
+        server.stop(None)
 
 
 def test_client_refuses_an_untrusted_server(tmp_path, ex):

@@ -43,10 +43,11 @@ def test_a_stalled_upload_is_cancelled_by_the_server_and_it_keeps_serving(tmp_pa
         def stalling():
             import hashlib
 
-            yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=len(data), sha256=hashlib.sha256(data).hexdigest()))
+            yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=len(data)))
             yield pb.UploadChunk(data=data[:100])
             time.sleep(4)  # the client's own deadline (30 s) is far away; the server's (1 s) is not
             yield pb.UploadChunk(data=data[100:])
+            yield pb.UploadChunk(trailer=pb.UploadTrailer(sha256=hashlib.sha256(data).hexdigest()))
 
         t0 = time.monotonic()
         with pytest.raises(grpc.RpcError) as e:
