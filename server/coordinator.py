@@ -176,6 +176,8 @@ def run_coordinator(
             # every SuperNode needed (no bundle exists yet), then the pool's quorum as usual.
             _wait_for_quorum(cd, store, 0, fed.nodes_needed, superlink, say, since=superlink_started)
             cvae = _run_cvae(cd, fed, out / "cvae", say)
+            for line in cvae_outcome(cvae, out / "cvae"):
+                say(line)
         _wait_for_quorum(cd, store, fed.quorum, fed.nodes_needed, superlink, say, since=superlink_started)
         results = _run_once(cd, fed, store, say, out=out, cvae=cvae)
         if exit_after_run:
@@ -288,6 +290,22 @@ def _run_cvae(cd: CoordinatorDir, fed: FederationConfig, out: Path, say) -> dict
     results = _submit_and_wait(cd, fed, out, say, label="federated CVAE (FedAvg of the decoders)", task="cvae")
     atomic_write_json(out / "results.json", results)
     return results
+
+
+def cvae_outcome(results: dict, out: Path) -> list[str]:
+    """What each site did with the federation's final decoder, as lines to report. Raises
+    FlowerError when the CVAE run did not complete: no site can then synthesize (they sample only
+    from the final round's decoder), so waiting for the pool's quorum would wait forever."""
+    if not results.get("completed"):
+        raise federation.FlowerError(
+            f"the federated CVAE run {results.get('run_id')} did not complete ({results.get('status')}, rounds "
+            f"{results.get('rounds_completed', 0)}/{results.get('rounds')}): no site has the federation's final decoder to "
+            f"sample from, so no bundle can follow; see {out / 'results.json'} and the sites' logs")
+    per_site = results.get("per_site", {})
+    final = per_site[max(per_site, key=int)].get("evaluate", {}) if per_site else {}
+    said = {1.0: "published its bundle", 0.0: "published nothing: its audit did not pass",
+            -1.0: "failed to synthesize, audit or publish (see its reports/cvae_federated.json)"}
+    return [f"  {site}: {said.get(m.get('released'), 'sent no release result')}" for site, m in sorted(final.items())]
 
 
 def _cvae_summary(results: dict, out: Path, runs: Path) -> dict:

@@ -188,3 +188,18 @@ def test_dp_federated_rounds_are_one_plan_and_the_release_reports_its_epsilon(ti
     run = json.loads((ws.synth / "latest.json").read_text())["run_id"]
     synth = json.loads((ws.synth / run / "synth.json").read_text())
     assert synth["dp_epsilon"] == pytest.approx(spent[2]) and synth["dp_delta"] == fed.delta
+
+
+def test_the_coordinator_stops_when_the_cvae_run_did_not_complete_and_reports_each_sites_release(tmp_path):
+    from common.flower import FlowerError
+    from server.coordinator import cvae_outcome
+
+    failed = {"run_id": 42, "status": "finished:failed", "completed": False, "rounds": 3, "rounds_completed": 1}
+    with pytest.raises(FlowerError, match=r"run 42 did not complete \(finished:failed, rounds 1/3\).*results.json"):
+        cvae_outcome(failed, tmp_path / "cvae")
+    done = {"completed": True, "per_site": {
+        "1": {"evaluate": {"site-a": {"released": 0.0}}},
+        "2": {"evaluate": {"site-a": {"released": 1.0}, "site-b": {"released": 0.0}, "site-c": {"released": -1.0}}}}}
+    lines = cvae_outcome(done, tmp_path / "cvae")
+    assert lines == ["  site-a: published its bundle", "  site-b: published nothing: its audit did not pass",
+                     "  site-c: failed to synthesize, audit or publish (see its reports/cvae_federated.json)"]
