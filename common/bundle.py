@@ -32,7 +32,10 @@ coordinator's replay check also catches a set published twice.
 from __future__ import annotations
 
 import base64
+import codecs
+import contextlib
 import csv
+import dataclasses
 import datetime as dt
 import hashlib
 import io
@@ -46,7 +49,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Mapping, Sequence
+from typing import BinaryIO, Iterable, Mapping, Sequence, TextIO
 
 import bagit
 import numpy as np
@@ -78,6 +81,14 @@ EMBEDDINGS_TENSOR = "embeddings"  # the one tensor it holds
 MAX_SAFETENSORS_HEADER = 1024 * 1024
 DATA_FORMATS = {"plan": "png-grey8", "cvae": "safetensors-float32"}  # route -> datacard.data_format
 _LABEL = re.compile(r"0|[1-9][0-9]?")  # a class index 0..99, canonical decimal (fullmatch)
+_DATA = f"{BAG}/data/"  # the payload's folder, as member paths start
+# The files the checks parse whole, kept as they stream past (see _Members).
+_KEPT = frozenset([ATTESTATION, *(f"{BAG}/{t}" for t in TAG_FILES), f"{_DATA}labels.csv"])
+# A kept file up to this size stays in memory; a larger one (labels.csv or the manifest of very
+# many samples: they grow with the sample count) goes to a temporary file, so memory stays bounded.
+_KEEP_IN_MEMORY = 16 * 1024 * 1024
+_PNG_HEAD = 24  # bytes of a PNG that its header check reads: signature, IHDR length and type, width, height
+_BLOCK = 1 << 20  # bytes read at a time from an archive member
 
 
 class BundleError(ValueError):
@@ -94,13 +105,15 @@ class BundleError(ValueError):
 
 @dataclass(frozen=True)
 class VerifiedBundle:
-    """A bundle that passed `verify_bundle`, extracted at `dir` (holding bag/ and the attestation).
+    """A bundle that passed `verify_bundle`, extracted at `dir` (holding bag/ and the attestation),
+    or `verify_bundle_stream` (dir None: nothing was extracted).
 
     route: "plan" (the payload is images) or "cvae" (embeddings), as the payload, the signed
-    predicate and the data card all agree.
+    predicate and the data card all agree. datacard: bag/datacard.json's content (checked
+    against the signed predicate: site, bundle_id, route, n_samples).
     """
 
-    dir: Path
+    dir: Path | None
     site: str
     bundle_id: str
     sequence: int
@@ -108,6 +121,7 @@ class VerifiedBundle:
     n_samples: int
     key_id: str = ""  # the registered key that verified the signature
     route: str = "plan"
+    datacard: dict = dataclasses.field(default_factory=dict)
 
     @property
     def predicate(self) -> dict:
@@ -427,7 +441,9 @@ def safe_extract(tar: Path | BinaryIO, dest: Path, *, max_bytes: int, max_member
     counted while copying: a member never yields more bytes than its header declares.
     On refusal, whatever was extracted stays in `dest` for the caller to remove.
     """
-    return list(_extract_hashed(tar, Path(dest), max_bytes=max_bytes, max_members=max_members))
+    with _Members(spill_dir=None) as members:
+        _read_members(tar, members, max_bytes=max_bytes, max_members=max_members, dest=Path(dest))
+        return list(members.digests)
 
 
 def _open_tar(tar: Path | BinaryIO) -> tarfile.TarFile:
@@ -444,95 +460,140 @@ def _tar_name(tar: Path | BinaryIO) -> str:
     return Path(tar).name if isinstance(tar, (str, Path)) else Path(getattr(tar, "name", "bundle.tar")).name
 
 
-def _extract_hashed(tar: Path | BinaryIO, dest: Path, *, max_bytes: int, max_members: int) -> dict[str, str]:
-    """safe_extract, returning each extracted file's sha256 (hex) by its path: hashed as it is
-    written, so that the bag's digests are checked without reading the files again."""
+def _read_members(tar: Path | BinaryIO, members: "_Members", *, max_bytes: int, max_members: int,
+                  dest: Path | None) -> None:
+    """Walk the tar's members once, front to back, under the safety rules of safe_extract, and
+    gather into `members` what the checks need (each file's sha256, see _Members); with a `dest`
+    (new or empty), also extract them there. Without one nothing is written but `members`' spill
+    files: the same walk and the same refusals, so a bundle the store verifies in flight is held
+    to exactly the rules of one a node extracts."""
     if isinstance(tar, (str, Path)):
         size = os.path.getsize(tar)
         if size > max_bytes + 1024 * 1024:  # tar headers and padding on top of the content budget
             raise BundleError(f"{_tar_name(tar)}: archive is {size} bytes, over the limit of {max_bytes}", "too_large")
-    dest.mkdir(parents=True, exist_ok=True)
-    if any(dest.iterdir()):
-        raise BundleError(f"{dest}: extraction folder is not empty")
-    root = dest.resolve()
+    root = None
+    if dest is not None:
+        dest.mkdir(parents=True, exist_ok=True)
+        if any(dest.iterdir()):
+            raise BundleError(f"{dest}: extraction folder is not empty")
+        root = str(dest.resolve())
     budget = max_bytes
-    digests: dict[str, str] = {}
-    folders = {root}  # made by us and checked to resolve inside root
+    files: set[str] = set()
+    folders: set[str] = set()
+    made: set[str] = set()  # folders made under root
     with _open_tar(tar) as tf:
         try:
             for n, m in enumerate(tf):
                 if n >= max_members:
                     raise BundleError(f"{_tar_name(tar)}: more than {max_members} archive members", "too_large")
-                target, rel = _member_target(m, root, folders)
+                rel = _claim_member(m, files, folders)
                 if m.isdir():
-                    _make_folder(target, root, folders, f"archive member {m.name!r}")
+                    if root is not None:
+                        _make_folders(root, rel, m.name, made)
                     continue
                 if m.size > budget:
                     raise BundleError(
                         f"archive member {rel!r}: {m.size} bytes would exceed the limit of {max_bytes} bytes",
                         "too_large",
                     )
-                digests[rel] = _copy_member(tf.extractfile(m), m.size, target, rel)
+                out = None if root is None else _create_file(root, rel, m.name, made)
+                with out or contextlib.nullcontext():
+                    members.take(_MemberReader(tf.extractfile(m), m.size, rel, out))
                 budget -= m.size
         except tarfile.TarError as e:
             raise BundleError(f"{_tar_name(tar)}: corrupt tar archive ({e})") from None
-    return digests
 
 
-def _member_target(m: tarfile.TarInfo, root: Path, folders: set[Path]) -> tuple[Path, str]:
-    """(where member `m` goes under `root`, its normalised path), its parent folder made (and
-    added to `folders`, the ones made so far): refused unless it is a regular file or folder
-    whose path stays inside `root`."""
+def _claim_member(m: tarfile.TarInfo, files: set[str], folders: set[str]) -> str:
+    """The normalised path of member `m` ("a/b"), recorded in `files` or `folders` (the paths
+    claimed so far, folders with every folder above them); refused unless `m` is a regular file
+    or a folder, its path is safe (_safe_member_path), no folder above it is a file of the
+    archive, and a file's path was not claimed before. Checked on paths, not on disk, so that
+    the walk that extracts nothing refuses exactly what extraction would."""
     parts = _safe_member_path(m.name)
     if m.issym() or m.islnk():
         raise BundleError(f"archive member {m.name!r}: links are not allowed", "unsafe")
     if not (m.isreg() or m.isdir()):
         raise BundleError(f"archive member {m.name!r}: only regular files and folders are allowed", "unsafe")
-    target = root.joinpath(*parts)
-    _make_folder(target.parent, root, folders, f"archive member {m.name!r}")
-    return target, "/".join(parts)
+    rel = "/".join(parts)
+    above = parts if m.isdir() else parts[:-1]
+    # A folder already in `folders` had every folder above it checked when it was added, and
+    # no file can take a folder's path afterwards: only new folders need checking.
+    if above and "/".join(above) not in folders:
+        for i in range(1, len(above) + 1):
+            folder = "/".join(above[:i])
+            if folder in files:
+                raise BundleError(f"archive member {m.name!r}: its folder {folder} is a file of the archive", "unsafe")
+            folders.add(folder)
+    if m.isreg():
+        if rel in files or rel in folders:
+            raise BundleError(f"archive member {rel!r}: appears twice", "unsafe")
+        files.add(rel)
+    return rel
 
 
-def _make_folder(folder: Path, root: Path, folders: set[Path], what: str) -> None:
-    """Make `folder` (0755, with its parents) unless it is in `folders`, then add it there;
-    `what` (the archive member it is for) names it in errors.
+def _make_folders(root: str, rel: str, name: str, made: set[str]) -> None:
+    """Make the folder `rel` (0755, with its parents) under the extraction folder `root`, unless
+    it is in `made` (the folders made so far), then add it there; `name` (the member's) names it
+    in errors.
 
-    Folders are made by us, never taken from the archive's own link entries, but check anyway
-    that nothing resolves outside `root`; once made and checked, a folder stays so (nothing
-    else writes there), so each is resolved once, not once per file in it."""
-    if folder in folders:
+    No path resolution: `rel` passed _claim_member (relative, no '..', no folder of it is a
+    file), the extraction folder was empty, every folder in it is made here and only regular
+    files and folders are ever created in it (links are refused), so no path under `root` can
+    lead outside it. Resolving each folder (realpath) cost more than the rest of extraction."""
+    if rel in made:
         return
-    if not folder.resolve().is_relative_to(root):
-        raise BundleError(f"{what}: resolves outside the extraction folder", "unsafe")
     try:
-        folder.mkdir(mode=0o755, parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise BundleError(f"{what}: its folder {folder.relative_to(root)} is a file of the archive", "unsafe") from None
-    folders.add(folder)
+        os.makedirs(f"{root}/{rel}", mode=0o755, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # _claim_member refuses this first; kept as a guard
+        raise BundleError(f"archive member {name!r}: a folder of {rel} is a file of the archive", "unsafe") from None
+    made.add(rel)
 
 
-def _copy_member(src: BinaryIO, size: int, target: Path, rel: str) -> str:
-    """Copy exactly `size` bytes (the member's declared size) from `src` to the new file `target`;
-    return their sha256 (hex). Refuses a member that yields more or fewer bytes, or whose path
-    was already extracted."""
+def _create_file(root: str, rel: str, name: str, made: set[str]) -> BinaryIO:
+    """The new file `rel` under the extraction folder `root`, open for writing (0644), its
+    folder made first; O_EXCL and O_NOFOLLOW guard the file itself (see _make_folders)."""
+    folder = rel.rpartition("/")[0]
+    if folder:
+        _make_folders(root, folder, name, made)
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    except FileExistsError:
+        fd = os.open(f"{root}/{rel}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:  # _claim_member refuses this first; kept as a guard
         raise BundleError(f"archive member {rel!r}: appears twice", "unsafe") from None
-    h, copied = hashlib.sha256(), 0
-    with os.fdopen(fd, "wb") as out:
-        while True:
-            block = src.read(min(1 << 20, size - copied + 1))
-            if not block:
-                break
-            copied += len(block)
-            if copied > size:
-                raise BundleError(f"archive member {rel!r}: more bytes than declared", "unsafe")
-            h.update(block)
-            out.write(block)
-    if copied != size:
-        raise BundleError(f"archive member {rel!r}: truncated ({copied} of {size} bytes)")
-    return h.hexdigest()
+    return os.fdopen(fd, "wb")
+
+
+class _MemberReader:
+    """One archive member of `size` bytes (declared by its header) read from `src`, each byte
+    hashed (sha256) and, with an `out` file, copied there as it is read: whoever inspects the
+    member reads it through this, so that it is read once. `rel` names it in errors."""
+
+    def __init__(self, src: BinaryIO, size: int, rel: str, out: BinaryIO | None):
+        self._src, self._out = src, out
+        self.size, self.rel = size, rel
+        self._hash = hashlib.sha256()
+        self._done = 0  # bytes read
+
+    def read(self, n: int = _BLOCK) -> bytes:
+        """Up to `n` bytes (n >= 0); b"" at the member's end. More bytes than declared are refused."""
+        if self._done > self.size:  # refused before: say so again to whoever reads on
+            raise BundleError(f"archive member {self.rel!r}: more bytes than declared", "unsafe")
+        block = self._src.read(min(n, self.size - self._done + 1))  # +1: a longer member shows
+        self._done += len(block)
+        if self._done > self.size:
+            raise BundleError(f"archive member {self.rel!r}: more bytes than declared", "unsafe")
+        self._hash.update(block)
+        if self._out is not None:
+            self._out.write(block)
+        return block
+
+    def finish(self) -> str:
+        """Read the rest; the sha256 (hex) of all the member's bytes. Refuses a truncated one."""
+        while self.read():
+            pass
+        if self._done != self.size:
+            raise BundleError(f"archive member {self.rel!r}: truncated ({self._done} of {self.size} bytes)")
+        return self._hash.hexdigest()
 
 
 def read_predicate(tar: Path | BinaryIO) -> dict:
@@ -563,11 +624,108 @@ def read_bundle_site(tar_path: Path) -> str:
 # ---------------------------------------------------------------- verify
 
 
-def _read_json(path: Path, what: str):
-    if path.stat().st_size > MAX_JSON_BYTES:
+class _Members:
+    """What the checks need of a bundle tar, gathered while its members stream past once
+    (_read_members). The checks read only this, never extracted files, so one set of checks
+    serves a bundle extracted to disk (verify_bundle) and one that is only streamed through
+    (verify_bundle_stream).
+
+    digests: sha256 (hex) of every regular file by its normalised path ("bag/data/labels.csv");
+    sizes: their sizes in bytes; heads: the first _PNG_HEAD bytes of each other payload file, by
+    its path in data/ (for the PNG header check); embeddings: the scan of
+    data/embeddings.safetensors, if there is one. The files the checks parse (_KEPT) are kept
+    whole: in memory up to _KEEP_IN_MEMORY bytes each, beyond that (a manifest or labels.csv of
+    many samples) in a temporary file under `spill_dir`, removed by close().
+    """
+
+    def __init__(self, spill_dir: Path | None):
+        self.digests: dict[str, str] = {}
+        self.sizes: dict[str, int] = {}
+        self.heads: dict[str, bytes] = {}
+        self.embeddings: _EmbeddingScan | None = None
+        self._kept: dict[str, bytes | Path] = {}
+        self._spill_dir = spill_dir
+
+    def __enter__(self) -> "_Members":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the spill files."""
+        for kept in self._kept.values():
+            if isinstance(kept, Path):
+                kept.unlink(missing_ok=True)
+
+    def take(self, member: _MemberReader) -> None:
+        """Read `member` to its end, keeping what the checks need of it."""
+        rel = member.rel
+        if rel in _KEPT:
+            self._keep(member)
+        elif rel == f"{_DATA}{EMBEDDINGS}":
+            self.embeddings = _EmbeddingScan.of(member, f"data/{EMBEDDINGS}")
+        elif rel.startswith(_DATA):
+            self.heads[rel[len(_DATA):]] = member.read(_PNG_HEAD)
+        self.digests[rel] = member.finish()
+        self.sizes[rel] = member.size
+
+    def _keep(self, member: _MemberReader) -> None:
+        if member.size <= _KEEP_IN_MEMORY:
+            self._kept[member.rel] = b"".join(iter(member.read, b""))
+            return
+        fd, name = tempfile.mkstemp(dir=self._spill_dir, prefix="member-")
+        self._kept[member.rel] = Path(name)
+        with os.fdopen(fd, "wb") as f:
+            for block in iter(member.read, b""):
+                f.write(block)
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The whole content of kept file `rel` (KeyError if it was not in the archive)."""
+        kept = self._kept[rel]
+        return kept if isinstance(kept, bytes) else kept.read_bytes()
+
+    def open_text(self, rel: str) -> TextIO:
+        """Kept file `rel` open as UTF-8 text (newlines untranslated, for csv)."""
+        kept = self._kept[rel]
+        if isinstance(kept, bytes):
+            return io.TextIOWrapper(io.BytesIO(kept), encoding="utf-8", newline="")
+        return open(kept, encoding="utf-8", newline="")
+
+
+@dataclass(frozen=True)
+class _EmbeddingScan:
+    """data/embeddings.safetensors as checked while it streamed: `shape` (N, D), or the first
+    `fault` found (header, then values). A fault is kept, not raised, so that the checks report
+    it in its usual place: after the signature and the bag, like every other payload check."""
+
+    shape: tuple[int, int] | None
+    fault: BundleError | None
+
+    @classmethod
+    def of(cls, member: _MemberReader, what: str) -> "_EmbeddingScan":
+        """Scan `member` from its start: the header parsed and bounded (_parse_safetensors_header),
+        then every value checked finite (_check_finite); leaves the rest for the caller to read."""
+        try:
+            n, d, _ = _parse_safetensors_header(member, member.size, what)
+            _check_finite(member, what, n, d)
+        except BundleError as e:
+            return cls(None, e)
+        return cls((n, d), None)
+
+    def result(self) -> tuple[int, int]:
+        """(N, D), or raise the fault."""
+        if self.fault is not None:
+            raise self.fault
+        return self.shape
+
+
+def _read_json(members: _Members, rel: str, what: str):
+    """The JSON content of kept file `rel`; `what` names it in errors."""
+    if members.sizes[rel] > MAX_JSON_BYTES:
         raise BundleError(f"{what}: larger than {MAX_JSON_BYTES} bytes", "too_large")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(members.read_bytes(rel).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: [[[[...
         raise BundleError(f"{what}: not valid JSON ({type(e).__name__}: {e})") from None
 
@@ -577,7 +735,7 @@ def _check_layout(files: list[str]) -> None:
     for rel in files:
         if rel == ATTESTATION:
             continue
-        if rel.startswith(f"{BAG}/data/"):
+        if rel.startswith(_DATA):
             continue
         if rel.startswith(f"{BAG}/") and rel[len(BAG) + 1:] in TAG_FILES:
             continue
@@ -652,59 +810,155 @@ def _open_statement(env: dict, trusted_keys: Mapping[str, Sequence]) -> tuple[di
     return statement, kid
 
 
-def _check_bag(bag_dir: Path, digests: Mapping[str, str]) -> None:
-    """The bag at `bag_dir` is valid and complete, and every file its manifests list has the
-    listed sha256. `digests`: sha256 (hex) of each file under `bag_dir`, by path relative to it,
-    as it was hashed while being extracted; bagit checks structure and completeness, the digests
-    are compared here, so that no file is read twice."""
-    try:
-        bag = bagit.Bag(str(bag_dir))
-        if bag.algorithms != ["sha256"]:
-            raise BundleError(f"{BAG}: manifests must be sha256 only, found {bag.algorithms}")
-        bag.validate(completeness_only=True)
-        _check_manifest_digests(bag, digests)
-    except bagit.BagValidationError as e:
-        problems = []
-        for d in e.details or []:
-            if isinstance(d, bagit.ChecksumMismatch):
-                problems.append(f"{d.path}: {d.algorithm} mismatch")
-            elif isinstance(d, bagit.FileMissing):
-                problems.append(f"{d.path}: listed in the manifest but missing")
-            elif isinstance(d, bagit.UnexpectedFile):
-                problems.append(f"{d.path}: not listed in the manifest")
-            else:
-                problems.append(str(d))
-        raise BundleError("; ".join(problems) or f"{BAG}: {e.message}") from None
-    except bagit.BagError as e:
-        raise BundleError(f"{BAG}: not a valid BagIt bag ({e})") from None
-    # bagit does not require tag files to be listed in the tag manifest; we do, so the signed
-    # tag manifest digest covers audit.json and datacard.json.
-    listed = set(bag.tagfile_entries())
+# The bag is checked by our own code over the member list rather than by bagit's Bag.validate:
+# bagit validates a folder (it walks data/ and resolves every manifest path on disk), and the
+# store no longer extracts the payload. _check_bag checks at least what bagit checked: bagit.txt
+# (no byte-order mark, BagIt-Version M.N, Tag-File-Character-Encoding), bag-info.txt's tags and
+# its Payload-Oxum, well-formed manifest lines naming safe paths each once, every payload file
+# listed and every listed file present (completeness), every listed digest; and more: sha256
+# manifests only, UTF-8 only, every tag file listed in the tag manifest (so that the signature
+# over it covers audit.json and datacard.json), no stray entries in either manifest.
+_BAGIT_VERSIONS = ((0, 97), (2, 0))  # [from, below): 0.97 is the first whose tag manifest is checked
+_MAX_PROBLEMS = 10  # bag problems named in one error; the rest are counted
+
+
+def _check_bag(members: _Members) -> None:
+    """The bag is well formed and complete, and every file its manifests list has the listed sha256."""
+    _check_bagit_txt(members)
+    payload = {rel[len(BAG) + 1:]: size for rel, size in members.sizes.items() if rel.startswith(_DATA)}
+    if not payload:
+        raise BundleError(f"{BAG}: no payload (data/ holds no file)")
+    _check_oxum(_read_tags(members, f"{BAG}/bag-info.txt"), payload)
+    manifest = _read_manifest(members, "manifest-sha256.txt")
+    tagmanifest = _read_manifest(members, TAGMANIFEST)
+    for path in manifest:
+        if not path.startswith("data/"):
+            raise BundleError(f"manifest-sha256.txt: lists {path}, which is not a payload file (data/...)")
+    for path in tagmanifest:
+        if path not in TAG_FILES or path == TAGMANIFEST:
+            raise BundleError(f"{TAGMANIFEST}: lists {path}, which is not one of the tag files {sorted(TAG_FILES)}")
+    digests = {rel[len(BAG) + 1:]: d for rel, d in members.digests.items() if rel.startswith(f"{BAG}/")}
+    problems = _manifest_problems(manifest, digests, payload) + _manifest_problems(tagmanifest, digests, ())
+    if problems:
+        more = len(problems) - _MAX_PROBLEMS
+        raise BundleError("; ".join(problems[:_MAX_PROBLEMS]) + (f"; and {more} more" if more > 0 else ""))
     for name in TAG_FILES:
-        if name != TAGMANIFEST and name not in listed:
+        if name != TAGMANIFEST and name not in tagmanifest:
             raise BundleError(f"{name}: not listed in {TAGMANIFEST}")
 
 
-def _check_manifest_digests(bag: bagit.Bag, digests: Mapping[str, str]) -> None:
-    """What bagit's own full validation checks after completeness: each manifest entry's sha256
-    against the file's (here from `digests` rather than by reading the file again); raises
-    bagit.BagValidationError listing every mismatch, as bagit does."""
-    errors = []
-    for rel_path, hashes in bag.entries.items():
-        stored = hashes["sha256"].lower()
-        got = digests.get(bag.normalized_filesystem_names.get(rel_path, rel_path))
-        if got is None:  # listed, but not a file that was extracted (a folder, say)
-            errors.append(bagit.FileMissing(rel_path))
-        elif got != stored:
-            errors.append(bagit.ChecksumMismatch(rel_path, "sha256", stored, got))
-    if errors:
-        raise bagit.BagValidationError("Bag validation failed", errors)
+def _manifest_problems(entries: Mapping[str, str], digests: Mapping[str, str], present: Iterable[str]) -> list[str]:
+    """What is wrong between a manifest's `entries` (path in the bag -> sha256) and the files:
+    `digests` (path in the bag -> sha256 as read) and `present`, the files it must list."""
+    problems = []
+    for path, want in entries.items():
+        got = digests.get(path)
+        if got is None:
+            problems.append(f"{path}: listed in the manifest but missing")
+        elif got != want:
+            problems.append(f"{path}: sha256 mismatch (manifest {want}, file {got})")
+    problems += [f"{path}: not listed in the manifest" for path in present if path not in entries]
+    return problems
+
+
+def _check_bagit_txt(members: _Members) -> None:
+    """bagit.txt: no byte-order mark, BagIt-Version M.N from 0.97 below 2, encoding UTF-8."""
+    what = f"{BAG}/bagit.txt"
+    if members.read_bytes(what).startswith(codecs.BOM_UTF8):
+        raise BundleError(f"{what}: must not start with a byte-order mark")
+    tags = _read_tags(members, what)
+    for name in ("BagIt-Version", "Tag-File-Character-Encoding"):
+        if name not in tags:
+            raise BundleError(f"{what}: missing required tag {name}")
+    version = tags["BagIt-Version"][0]
+    try:
+        number = tuple(int(v) for v in version.split(".", 1))
+    except ValueError:
+        raise BundleError(f"{what}: BagIt-Version {version!r} is not MAJOR.MINOR") from None
+    if not _BAGIT_VERSIONS[0] <= number < _BAGIT_VERSIONS[1]:
+        raise BundleError(f"{what}: BagIt-Version {version} is not supported (0.97 up to 1.x)")
+    encoding = tags["Tag-File-Character-Encoding"][0]
+    if encoding.upper() != "UTF-8":
+        raise BundleError(f"{what}: Tag-File-Character-Encoding is {encoding!r}, expected 'UTF-8'")
+
+
+def _read_tags(members: _Members, rel: str) -> dict[str, list[str]]:
+    """A BagIt tag file's `Name: value` lines (a line starting with blanks continues the value
+    before it, RFC 2822 folding), each name's values in order."""
+    tags: dict[str, list[str]] = {}
+    name = None
+    try:
+        with members.open_text(rel) as f:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                if line[0].isspace() and name is not None:
+                    tags[name][-1] += " " + line.strip()
+                    continue
+                name, colon, value = line.partition(":")
+                if not colon:
+                    raise BundleError(f"{rel} line {i}: {line.strip()!r} is not a 'Name: value' tag")
+                name = name.strip()
+                tags.setdefault(name, []).append(value.strip())
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{rel}: not UTF-8 text ({e})") from None
+    return tags
+
+
+def _check_oxum(info: Mapping[str, list[str]], payload: Mapping[str, int]) -> None:
+    """bag-info.txt's Payload-Oxum (`<bytes>.<files>`), when present, against the payload
+    (path -> size in bytes); the first one counts when it is given more than once, as in bagit."""
+    if "Payload-Oxum" not in info:
+        return
+    oxum = info["Payload-Oxum"][0]
+    nbytes, _, nfiles = oxum.partition(".")
+    if not (nbytes.isdecimal() and nfiles.isdecimal() and nbytes.isascii() and nfiles.isascii()):
+        raise BundleError(f"{BAG}/bag-info.txt: malformed Payload-Oxum {oxum!r}, expected <bytes>.<files>")
+    found = (sum(payload.values()), len(payload))
+    if (int(nbytes), int(nfiles)) != found:
+        raise BundleError(f"{BAG}/bag-info.txt: Payload-Oxum validation failed: it declares {nbytes} bytes in "
+                          f"{nfiles} files, the payload holds {found[0]} bytes in {found[1]} files")
+
+
+def _read_manifest(members: _Members, name: str) -> dict[str, str]:
+    """Manifest `name` of the bag: path in the bag -> sha256 (hex, lower case), one per
+    `<digest> <path>` line (blank lines and # comments skipped, a leading byte-order mark
+    tolerated and %0D/%0A in paths decoded, as bagit does). Refuses a malformed line, an
+    absolute path or '..' (bagit: "unsafe"), and a path listed twice."""
+    rel = f"{BAG}/{name}"
+    entries: dict[str, str] = {}
+    try:
+        with members.open_text(rel) as f:
+            for i, line in enumerate(f, start=1):
+                line = line.lstrip("\ufeff").strip() if i == 1 else line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                fields = line.split(None, 1)
+                if len(fields) != 2:
+                    raise BundleError(f"{name} line {i}: {line!r} is not '<sha256> <path>'")
+                path = re.sub("%0A", "\n", re.sub("%0D", "\r", fields[1].lstrip("*"), flags=re.I), flags=re.I)
+                parts = [p for p in path.split("/") if p not in ("", ".")]
+                if path.startswith("/") or ".." in parts or not parts:
+                    raise BundleError(f"{name} line {i}: path {path!r} is unsafe (absolute, '..' or empty)")
+                path = "/".join(parts)
+                if path in entries:
+                    raise BundleError(f"{name} line {i}: {path} is listed twice")
+                entries[path] = fields[0].lower()
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{name}: not UTF-8 text ({e})") from None
+    return entries
 
 
 def _read_labels(data_dir: Path) -> list[tuple[str, int]]:
+    """labels.csv rows of the image bundle at `data_dir` (see _parse_labels)."""
+    with open(data_dir / "labels.csv", newline="", encoding="utf-8") as f:
+        return _parse_labels(f)
+
+
+def _parse_labels(f: TextIO) -> list[tuple[str, int]]:
     """labels.csv rows, each checked: a payload path of the expected form matching its label."""
     rows = []
-    with open(data_dir / "labels.csv", newline="", encoding="utf-8") as f:
+    try:
         reader = csv.reader(f)
         if next(reader, None) != ["file", "label"]:
             raise BundleError("data/labels.csv: header must be 'file,label'")
@@ -715,6 +969,8 @@ def _read_labels(data_dir: Path) -> list[tuple[str, int]]:
             if not m or not _LABEL.fullmatch(row[1]) or int(row[1]) != int(m.group(1)):
                 raise BundleError(f"data/labels.csv line {i}: bad row {row!r}")
             rows.append((row[0], int(row[1])))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise BundleError(f"data/labels.csv: not a readable CSV file ({type(e).__name__}: {e})") from None
     if not rows:
         raise BundleError("data/labels.csv: no samples")
     return rows
@@ -738,7 +994,14 @@ def _is_count(v) -> bool:
 
 
 def _read_safetensors_header(path: Path, what: str) -> tuple[int, int, int]:
-    """(N, D, byte offset of the data) of an embeddings file, from its header alone.
+    """(N, D, byte offset of the data) of the embeddings file at `path` (see _parse_safetensors_header)."""
+    with open(path, "rb") as f:
+        return _parse_safetensors_header(f, path.stat().st_size, what)
+
+
+def _parse_safetensors_header(f: BinaryIO, size: int, what: str) -> tuple[int, int, int]:
+    """(N, D, byte offset of the data) of an embeddings file of `size` bytes, from its header
+    alone, read from `f` (at the file's start; left just past the header).
 
     The header is parsed here, bounded, before any library touches the file: the first 8 bytes
     are its length (little-endian u64), then that many bytes of JSON. Only exactly one tensor
@@ -746,18 +1009,16 @@ def _read_safetensors_header(path: Path, what: str) -> tuple[int, int, int]:
     which ends the file, is accepted; an optional "__metadata__" must be a str -> str object.
     `what` names the file in errors.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise BundleError(f"{what}: {size} bytes, too short for a safetensors file (an 8-byte header length first)")
-        (hlen,) = struct.unpack("<Q", head)
-        if hlen > MAX_SAFETENSORS_HEADER:
-            raise BundleError(f"{what}: declares a {hlen}-byte header, over the limit of {MAX_SAFETENSORS_HEADER} bytes",
-                              "too_large")
-        if hlen < 2 or 8 + hlen > size:
-            raise BundleError(f"{what}: declares a {hlen}-byte header but the file has {size} bytes")
-        raw = f.read(hlen)
+    head = f.read(8)
+    if len(head) < 8:
+        raise BundleError(f"{what}: {size} bytes, too short for a safetensors file (an 8-byte header length first)")
+    (hlen,) = struct.unpack("<Q", head)
+    if hlen > MAX_SAFETENSORS_HEADER:
+        raise BundleError(f"{what}: declares a {hlen}-byte header, over the limit of {MAX_SAFETENSORS_HEADER} bytes",
+                          "too_large")
+    if hlen < 2 or 8 + hlen > size:
+        raise BundleError(f"{what}: declares a {hlen}-byte header but the file has {size} bytes")
+    raw = f.read(hlen)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -791,46 +1052,49 @@ def _read_safetensors_header(path: Path, what: str) -> tuple[int, int, int]:
     return n, d, 8 + hlen
 
 
-def _check_finite(path: Path, what: str, start: int, n: int, d: int) -> None:
-    """Every one of the N*D little-endian float32 values from byte `start` is finite; read in
-    blocks, so checking costs no more memory than a block."""
-    block = 1 << 20  # values
-    with open(path, "rb") as f:
-        f.seek(start)
-        done, total = 0, n * d
-        while done < total:
-            k = min(block, total - done)
-            buf = f.read(4 * k)
-            if len(buf) != 4 * k:
-                raise BundleError(f"{what}: truncated data ({done + len(buf) // 4} of {total} values)")
-            x = np.frombuffer(buf, dtype="<f4")
-            bad = ~np.isfinite(x)
-            if bad.any():
-                i = done + int(np.argmax(bad))
-                raise BundleError(f"{what}: embedding [{i // d},{i % d}] is {x[i - done]}, expected a finite value")
-            done += k
+def _check_finite(f: BinaryIO, what: str, n: int, d: int) -> None:
+    """Every one of the N*D little-endian float32 values read from `f` (at the data's start) is
+    finite; read in blocks, so checking costs no more memory than a block."""
+    block = 1 << 18  # values: 1 MiB, as the member is read
+    done, total = 0, n * d
+    while done < total:
+        k = min(block, total - done)
+        buf = f.read(4 * k)
+        if len(buf) != 4 * k:
+            raise BundleError(f"{what}: truncated data ({done + len(buf) // 4} of {total} values)")
+        x = np.frombuffer(buf, dtype="<f4")
+        bad = ~np.isfinite(x)
+        if bad.any():
+            i = done + int(np.argmax(bad))
+            raise BundleError(f"{what}: embedding [{i // d},{i % d}] is {x[i - done]}, expected a finite value")
+        done += k
 
 
-def _read_index_labels(path: Path, n: int, what: str = "data/labels.csv") -> np.ndarray:
+def _read_index_labels(path: Path, n: int, what: str) -> np.ndarray:
+    """int64 [n] labels from the embedding bundle's labels.csv at `path` (see _parse_index_labels)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return _parse_index_labels(f, n, what)
+
+
+def _parse_index_labels(f: TextIO, n: int, what: str = "data/labels.csv") -> np.ndarray:
     """int64 [n] labels from an embedding bundle's labels.csv: header `index,label`, then exactly
     n rows whose index is 0..n-1 in order (canonical decimal) and whose label is 0..99."""
     labels = np.empty(n, np.int64)
     count = 0
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            if next(reader, None) != ["index", "label"]:
-                raise BundleError(f"{what}: header must be 'index,label'")
-            for line, row in enumerate(reader, start=2):
-                if count >= n:
-                    raise BundleError(f"{what} line {line}: more rows than the {n} embeddings")
-                if len(row) != 2 or not _LABEL.fullmatch(row[1]):
-                    raise BundleError(f"{what} line {line}: bad row {row!r}, expected 'index,label' with a label 0..99")
-                if row[0] != str(count):
-                    raise BundleError(f"{what} line {line}: index {row[0]!r}, expected {count} "
-                                      f"(one row per embedding, indices 0..N-1 in order)")
-                labels[count] = int(row[1])
-                count += 1
+        reader = csv.reader(f)
+        if next(reader, None) != ["index", "label"]:
+            raise BundleError(f"{what}: header must be 'index,label'")
+        for line, row in enumerate(reader, start=2):
+            if count >= n:
+                raise BundleError(f"{what} line {line}: more rows than the {n} embeddings")
+            if len(row) != 2 or not _LABEL.fullmatch(row[1]):
+                raise BundleError(f"{what} line {line}: bad row {row!r}, expected 'index,label' with a label 0..99")
+            if row[0] != str(count):
+                raise BundleError(f"{what} line {line}: index {row[0]!r}, expected {count} "
+                                  f"(one row per embedding, indices 0..N-1 in order)")
+            labels[count] = int(row[1])
+            count += 1
     except (UnicodeDecodeError, csv.Error) as e:
         raise BundleError(f"{what}: not a readable CSV file ({type(e).__name__}: {e})") from None
     if count != n:
@@ -838,12 +1102,11 @@ def _read_index_labels(path: Path, n: int, what: str = "data/labels.csv") -> np.
     return labels
 
 
-def _check_png_header(path: Path, rel: str) -> None:
-    """Refuse a payload file that is not a PNG or whose header declares more than MAX_IMAGE_SIDE
-    pixels a side: a few compressed bytes can decode to gigabytes (decompression bomb), so this is
-    checked from the 24-byte header, before anyone decodes it."""
-    with open(path, "rb") as f:
-        head = f.read(24)
+def _check_png_header(head: bytes, rel: str) -> None:
+    """Refuse payload file `rel` (in data/) if its first bytes `head` are not a PNG's or its header
+    declares more than MAX_IMAGE_SIDE pixels a side: a few compressed bytes can decode to
+    gigabytes (decompression bomb), so this is checked from the 24-byte header, before anyone
+    decodes it."""
     if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
         raise BundleError(f"data/{rel}: not a PNG file")
     width, height = struct.unpack(">II", head[16:24])
@@ -855,9 +1118,11 @@ def _check_png_header(path: Path, rel: str) -> None:
         )
 
 
-def _check_image_payload(data_dir: Path, payload: set[str]) -> int:
-    """N: labels.csv lists exactly the PNGs present, each with a sane header."""
-    rows = _read_labels(data_dir)
+def _check_image_payload(members: _Members, payload: set[str]) -> int:
+    """N: labels.csv lists exactly the PNGs present (`payload`: the paths in data/), each with a
+    sane header."""
+    with members.open_text(f"{_DATA}labels.csv") as f:
+        rows = _parse_labels(f)
     listed = {r for r, _ in rows}
     if len(listed) != len(rows):
         raise BundleError("data/labels.csv: a file is listed twice")
@@ -865,12 +1130,13 @@ def _check_image_payload(data_dir: Path, payload: set[str]) -> int:
         extra = sorted(payload - listed - {"labels.csv"}) or sorted(listed - payload)
         raise BundleError(f"data/{extra[0]}: payload and labels.csv disagree")
     for rel, _ in rows:
-        _check_png_header(data_dir / rel, rel)
+        _check_png_header(members.heads[rel], rel)
     return len(rows)
 
 
-def _check_embedding_payload(data_dir: Path, payload: set[str]) -> tuple[int, int]:
-    """(N, D): exactly labels.csv and a well-formed, all-finite embeddings.safetensors that agree."""
+def _check_embedding_payload(members: _Members, payload: set[str]) -> tuple[int, int]:
+    """(N, D): the payload (`payload`: the paths in data/) is exactly labels.csv and a
+    well-formed, all-finite embeddings.safetensors, and they agree."""
     expected = {"labels.csv", EMBEDDINGS}
     if payload != expected:
         extra = sorted(payload - expected)
@@ -878,10 +1144,9 @@ def _check_embedding_payload(data_dir: Path, payload: set[str]) -> tuple[int, in
             raise BundleError(f"data/{extra[0]}: unexpected in an embedding bundle (its payload is exactly "
                               f"data/labels.csv and data/{EMBEDDINGS})")
         raise BundleError(f"data/{sorted(expected - payload)[0]}: missing from the embedding bundle")
-    what = f"data/{EMBEDDINGS}"
-    n, d, start = _read_safetensors_header(data_dir / EMBEDDINGS, what)
-    _check_finite(data_dir / EMBEDDINGS, what, start, n, d)
-    _read_index_labels(data_dir / "labels.csv", n)
+    n, d = members.embeddings.result()
+    with members.open_text(f"{_DATA}labels.csv") as f:
+        _parse_index_labels(f, n)
     return n, d
 
 
@@ -905,6 +1170,68 @@ def _check_route(route: str, pred: dict, card: dict, dim: int | None) -> None:
                           f"{dim}-dimensional embeddings")
 
 
+def _check_members(members: _Members, trusted_keys: Mapping[str, Sequence]) -> VerifiedBundle:
+    """Every check of verify_bundle after the walk, on what the walk gathered (`members`); the
+    VerifiedBundle it returns has no dir (the caller sets it when it extracted)."""
+    _check_layout(list(members.digests))
+    env = _read_json(members, ATTESTATION, ATTESTATION)
+    statement, signer = _open_statement(env, trusted_keys)
+    _check_bag(members)
+
+    subject = statement.get("subject")
+    if (
+        not isinstance(subject, list)
+        or len(subject) != 1
+        or not isinstance(subject[0], dict)
+        or subject[0].get("name") != TAGMANIFEST
+    ):
+        raise BundleError(f"{ATTESTATION}: subject must be exactly [{TAGMANIFEST}]")
+    signed_digest = (subject[0].get("digest") or {}).get("sha256")
+    actual = members.digests[f"{BAG}/{TAGMANIFEST}"]
+    if signed_digest != actual:
+        raise BundleError(
+            f"{TAGMANIFEST}: sha256 {actual} does not match the signed subject digest {signed_digest}"
+        )
+
+    pred = statement.get("predicate")
+    if not isinstance(pred, dict):
+        raise BundleError(f"{ATTESTATION}: predicate must be an object")
+    site, bundle_id, sequence = pred.get("site"), pred.get("bundle_id"), pred.get("sequence")
+    if not isinstance(bundle_id, str) or not _BUNDLE_ID.match(bundle_id):
+        raise BundleError(f"{ATTESTATION}: predicate.bundle_id {bundle_id!r} is not 32 hex digits")
+    if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 1:
+        raise BundleError(f"{ATTESTATION}: predicate.sequence {sequence!r} is not a positive integer")
+    audit = pred.get("audit")
+    if not isinstance(audit, dict):
+        raise BundleError(f"{ATTESTATION}: predicate.audit must be an object")
+    if _read_json(members, f"{BAG}/audit.json", "audit.json") != audit:
+        raise BundleError("audit.json: differs from the signed predicate.audit")
+    card = _read_json(members, f"{BAG}/datacard.json", "datacard.json")
+    if not isinstance(card, dict) or card.get("site") != site or card.get("bundle_id") != bundle_id:
+        raise BundleError("datacard.json: site or bundle_id differs from the signed predicate")
+
+    payload = {rel[len(_DATA):] for rel in members.digests if rel.startswith(_DATA)}
+    # The layout is told by what the payload holds, never by a (signed but) claimed route;
+    # the claims are then checked against it.
+    if EMBEDDINGS in payload:
+        route = "cvae"
+        n, dim = _check_embedding_payload(members, payload)
+        if card.get("n_samples") != n:
+            raise BundleError(f"datacard.json: n_samples is {card.get('n_samples')!r} but {EMBEDDINGS} holds {n}")
+    else:
+        route, n, dim = "plan", _check_image_payload(members, payload), None
+    _check_route(route, pred, card, dim)
+    if pred.get("n_samples") != n or isinstance(pred.get("n_samples"), bool):
+        raise BundleError(f"{ATTESTATION}: predicate.n_samples {pred.get('n_samples')!r} but the payload holds {n}")
+
+    if audit.get("passed") is not True:
+        raise BundleError(f"audit did not pass (predicate.audit.passed is {audit.get('passed')!r})", "policy")
+    return VerifiedBundle(
+        dir=None, site=site, bundle_id=bundle_id, sequence=sequence, statement=statement, n_samples=n,
+        key_id=signer, route=route, datacard=card,
+    )
+
+
 def verify_bundle(
     tar: Path | BinaryIO,
     trusted_keys: Mapping[str, Sequence],
@@ -922,8 +1249,8 @@ def verify_bundle(
     signed sequence may verify it).
     Checks: safe extraction within `max_bytes`; exactly the expected files; the DSSE signature
     against a registered key of the site the statement names; the bag (every payload and tag
-    digest, completeness); the statement's subject digest against the actual tag manifest;
-    predicate fields; audit.json and datacard.json consistent with the signed predicate;
+    digest, completeness: _check_bag); the statement's subject digest against the actual tag
+    manifest; predicate fields; audit.json and datacard.json consistent with the signed predicate;
     the payload, by its layout: images (labels.csv against the PNGs present, each PNG header)
     or embeddings (exactly labels.csv and embeddings.safetensors, its header parsed here and
     bounded before anything else reads it, every value finite, labels.csv indices 0..N-1); the
@@ -932,73 +1259,16 @@ def verify_bundle(
 
     Extracts into `dest` (must be new or empty) or a new temporary folder; the caller owns and
     removes `VerifiedBundle.dir`. On failure, raises BundleError and removes what it extracted.
+    verify_bundle_stream makes the same checks without extracting.
     """
     if dest is not None and Path(dest).exists() and any(Path(dest).iterdir()):
         raise BundleError(f"{dest}: extraction folder is not empty")  # before we own anything in it
     created = dest is None or not Path(dest).exists()
     out = Path(tempfile.mkdtemp(prefix="plan-bundle-")) if dest is None else Path(dest)
     try:
-        digests = _extract_hashed(tar, out, max_bytes=max_bytes, max_members=MAX_MEMBERS)
-        _check_layout(list(digests))
-        env = _read_json(out / ATTESTATION, ATTESTATION)
-        statement, signer = _open_statement(env, trusted_keys)
-        bag_dir = out / BAG
-        in_bag = {rel[len(BAG) + 1:]: d for rel, d in digests.items() if rel.startswith(f"{BAG}/")}
-        _check_bag(bag_dir, in_bag)
-
-        subject = statement.get("subject")
-        if (
-            not isinstance(subject, list)
-            or len(subject) != 1
-            or not isinstance(subject[0], dict)
-            or subject[0].get("name") != TAGMANIFEST
-        ):
-            raise BundleError(f"{ATTESTATION}: subject must be exactly [{TAGMANIFEST}]")
-        signed_digest = (subject[0].get("digest") or {}).get("sha256")
-        actual = in_bag[TAGMANIFEST]
-        if signed_digest != actual:
-            raise BundleError(
-                f"{TAGMANIFEST}: sha256 {actual} does not match the signed subject digest {signed_digest}"
-            )
-
-        pred = statement.get("predicate")
-        if not isinstance(pred, dict):
-            raise BundleError(f"{ATTESTATION}: predicate must be an object")
-        site, bundle_id, sequence = pred.get("site"), pred.get("bundle_id"), pred.get("sequence")
-        if not isinstance(bundle_id, str) or not _BUNDLE_ID.match(bundle_id):
-            raise BundleError(f"{ATTESTATION}: predicate.bundle_id {bundle_id!r} is not 32 hex digits")
-        if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 1:
-            raise BundleError(f"{ATTESTATION}: predicate.sequence {sequence!r} is not a positive integer")
-        audit = pred.get("audit")
-        if not isinstance(audit, dict):
-            raise BundleError(f"{ATTESTATION}: predicate.audit must be an object")
-        if _read_json(bag_dir / "audit.json", "audit.json") != audit:
-            raise BundleError("audit.json: differs from the signed predicate.audit")
-        card = _read_json(bag_dir / "datacard.json", "datacard.json")
-        if not isinstance(card, dict) or card.get("site") != site or card.get("bundle_id") != bundle_id:
-            raise BundleError("datacard.json: site or bundle_id differs from the signed predicate")
-
-        data_dir = bag_dir / "data"
-        payload = {p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*") if p.is_file()}
-        # The layout is told by what the payload holds, never by a (signed but) claimed route;
-        # the claims are then checked against it.
-        if EMBEDDINGS in payload:
-            route = "cvae"
-            n, dim = _check_embedding_payload(data_dir, payload)
-            if card.get("n_samples") != n:
-                raise BundleError(f"datacard.json: n_samples is {card.get('n_samples')!r} but {EMBEDDINGS} holds {n}")
-        else:
-            route, n, dim = "plan", _check_image_payload(data_dir, payload), None
-        _check_route(route, pred, card, dim)
-        if pred.get("n_samples") != n or isinstance(pred.get("n_samples"), bool):
-            raise BundleError(f"{ATTESTATION}: predicate.n_samples {pred.get('n_samples')!r} but the payload holds {n}")
-
-        if audit.get("passed") is not True:
-            raise BundleError(f"audit did not pass (predicate.audit.passed is {audit.get('passed')!r})", "policy")
-        return VerifiedBundle(
-            dir=out, site=site, bundle_id=bundle_id, sequence=sequence, statement=statement, n_samples=n,
-            key_id=signer, route=route,
-        )
+        with _Members(spill_dir=None) as members:
+            _read_members(tar, members, max_bytes=max_bytes, max_members=MAX_MEMBERS, dest=out)
+            return dataclasses.replace(_check_members(members, trusted_keys), dir=out)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -1006,6 +1276,27 @@ def verify_bundle(
             for child in out.iterdir():
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         raise
+
+
+def verify_bundle_stream(
+    tar: Path | BinaryIO,
+    trusted_keys: Mapping[str, Sequence],
+    *,
+    max_bytes: int,
+    spill_dir: Path | None = None,
+) -> VerifiedBundle:
+    """verify_bundle's checks, every one, without extracting: the members are read once as they
+    stream past, hashed, PNG headers and the embeddings checked on the way, and only the small
+    files the checks parse kept (in memory; one over 16 MiB, a manifest or labels.csv of very
+    many samples, in a temporary file under `spill_dir`, removed before returning).
+
+    For a receiver that keeps the tar, not the files (the coordinator's store): the returned
+    VerifiedBundle has dir None and the data card in `datacard`. Raises BundleError as
+    verify_bundle does.
+    """
+    with _Members(spill_dir=spill_dir) as members:
+        _read_members(tar, members, max_bytes=max_bytes, max_members=MAX_MEMBERS, dest=None)
+        return _check_members(members, trusted_keys)
 
 
 # ---------------------------------------------------------------- load
