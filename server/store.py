@@ -9,11 +9,13 @@ Layout under `root`:
                            revoked, kept so that they stay replays and sequences never go back
 
 An upload is verified while it arrives: each chunk is counted against the limits, hashed and
-appended to a file in incoming/, and `verify_bundle` extracts and hashes the tar's members from
-that file right behind it (so every byte is read back once, from the page cache, instead of after
-the whole upload is on disk). Once the stream has ended, the file is fsynced and its declared size
+appended to a file in incoming/, and `verify_bundle_stream` reads the tar's members from that
+file right behind it (so every byte is read back once, from the page cache, instead of after the
+whole upload is on disk) and checks them without extracting anything: the store keeps the tar,
+not the files, so writing and creating the payload's files only to delete them would double the
+bytes written (the upload's largest cost). Once the stream has ended, the file is fsynced and its declared size
 and digest checked, then the replay check; only then is it renamed into objects/ and indexed, in
-one transaction. On any failure the temporary file and the extraction are removed and the index
+one transaction. On any failure the temporary file (and any spill file of the verification) is removed and the index
 is unchanged, so the store never holds a partial or unverified bundle.
 """
 
@@ -22,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import os
 import shutil
 import sqlite3
@@ -32,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Mapping, Sequence
 
-from common.bundle import BundleError, verify_bundle
+from common.bundle import BundleError, verify_bundle_stream
 from common.config import PolicyConfig
 from common.policy import check_audit
 from server.trust import TrustStore
@@ -249,7 +250,7 @@ class BundleStore:
                 arriving = _Arriving(self._chunks(source, stack), fd, name=tmp.name,
                                      limit=self.max_bundle_bytes, declared=size)
                 try:
-                    vb = verify_bundle(arriving, trusted, max_bytes=self.max_bundle_bytes, dest=work / "x")
+                    vb = verify_bundle_stream(arriving, trusted, max_bytes=self.max_bundle_bytes, spill_dir=work)
                 except BundleError as e:
                     raise StoreRefused(str(e), e.reason) from None
                 got_size, got_sha = arriving.finish()
@@ -264,9 +265,9 @@ class BundleStore:
                 raise StoreRefused(f"bundle holds {vb.route!r}-route data; this federation pools route {self.route!r}", "policy")
             if self.extractor is not None and vb.route == "cvae":
                 # embeddings of another network live in another space: pooled, they would be noise
-                card = json.loads((vb.dir / "bag" / "datacard.json").read_text())
-                if card.get("extractor") != self.extractor:
-                    raise StoreRefused(f"embeddings made by extractor {card.get('extractor')!r}; this federation pins {self.extractor!r}", "policy")
+                extractor = vb.datacard.get("extractor")
+                if extractor != self.extractor:
+                    raise StoreRefused(f"embeddings made by extractor {extractor!r}; this federation pins {self.extractor!r}", "policy")
             if self.policy is not None:
                 # the site's own gate ran under the site's policy; the floor is checked here, on
                 # the figures the site signed (common.policy, the same function as the site's gate)
