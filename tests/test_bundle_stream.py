@@ -7,7 +7,9 @@ store nothing in objects/, incoming/ or the index.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import re
 import tarfile
 
@@ -194,3 +196,26 @@ def test_unsafe_members_refused_without_extracting(tmp_path, members, message):
     assert e.value.reason == "unsafe"
     with pytest.raises(BundleError, match=message):  # the extracting walk: the same rules
         verify_bundle(_tar(tmp_path, *members), {}, max_bytes=MAX, dest=tmp_path / "x")
+
+
+def test_arriving_upload_reads_from_memory_and_back_from_the_file(tmp_path):
+    from server.store import _Arriving
+
+    data = bytes(range(256)) * 40  # 10240 bytes in chunks of 1000
+    path = tmp_path / "upload"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        a = _Arriving(iter([data[i:i + 1000] for i in range(0, len(data), 1000)]), fd, name="u", limit=1 << 20,
+                      declared=len(data))
+        assert a.read(10) == data[:10]
+        assert a.read(2500) == data[10:2510]  # across chunks
+        a.seek(5000)
+        assert a.read(3) == data[5000:5003]
+        a.seek(20)  # before what is kept in memory: read back from the written file
+        assert a.read(30) == data[20:50]
+        assert a.read() == data[50:]
+        assert a.finish() == (len(data), hashlib.sha256(data).hexdigest())
+        a.close()
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
