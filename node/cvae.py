@@ -276,7 +276,7 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
             # rounds' epochs), not fewer: calibrating for fewer epochs than are trained, as the
             # reference federated code does, spends more than the epsilon it claims.
             plan_epochs = dp_plan_epochs or (epochs if epochs is not None else cfg.max_epochs)
-            spent = [tuple(float(v) if i < 2 else int(v) for i, v in enumerate(h)) for h in dp_history or []]
+            spent = [(float(sig), float(q), int(n)) for sig, q, n in dp_history or []]
             sigma = spent[-1][0] if spent else get_noise_multiplier(
                 target_epsilon=cfg.dp_epsilon, target_delta=delta, sample_rate=1.0 / len(loader), epochs=plan_epochs,
                 accountant="prv")
@@ -341,6 +341,7 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
         else:
             best_epoch = epoch
     info["steps"] = steps
+    model.eval()
     noise_sd = residual_rms(model, xs[tr].to(device), cs[tr].to(device))
     return CvaeResult(model=model, lo=lo.to(device), hi=hi.to(device), epochs_trained=epoch, best_epoch=best_epoch,
                       best_val_loss=(best_val if epochs is None else history[-1]["val_loss"]) if use_val else None,
