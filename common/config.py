@@ -350,8 +350,12 @@ class FederationConfig(_Strict):
         return self.min_round_nodes if self.min_round_nodes is not None else min(self.quorum, self.nodes_needed)
     exchange_host: str = "127.0.0.1"
     exchange_port: int = Field(50051, ge=1, le=65535)
-    superlink_host: str = "127.0.0.1"
-    superlink_port: int = Field(9092, ge=1, le=65535, description="one HTTPS port for SuperNodes, the flwr CLI and ServerApps")
+    superlink_host: str = Field("127.0.0.1", description="where the Fleet gateway listens: the address SuperNodes dial")
+    superlink_port: int = Field(9092, ge=1, le=65535, description=(
+        "the Fleet gateway's HTTPS port (server/fleet_gateway.py): it passes only registered SuperNodes' Fleet calls"))
+    superlink_internal_port: int = Field(9093, ge=1, le=65535, description=(
+        "the SuperLink itself, on 127.0.0.1 only: the operator's flwr CLI (Control API), the ServerApp and the gateway"))
+    fleet_max_body_bytes: int = Field(256 * 1024 ** 2, ge=1024, description="the largest Fleet request the gateway forwards")
     run_timeout_s: float = Field(1800, gt=0, description="a Flower run that takes longer is reported as failed")
     max_bundle_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     site_quota_bytes: int = Field(4 * 1024 ** 3, ge=1024, description="bytes of bundles the pool keeps per site; an upload beyond is refused")

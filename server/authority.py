@@ -1,7 +1,7 @@
 """The federation's identities at the coordinator: the CA, the server certificate, the coordinator key.
 
     ca/ca.crt + ca.key                the federation CA: issues the server and every site's client certificate
-    tls/server.crt + server.key       the exchange's and the SuperLink's TLS certificate
+    tls/server.crt + server.key       the exchange's, the Fleet gateway's and the (loopback) SuperLink's TLS certificate
     keys/coordinator.key + .pub       Ed25519: signs the trust store the exchange publishes
     clients/<site>.crt                every client certificate issued (a record; keys are never kept)
 
@@ -24,7 +24,9 @@ def init_authority(root: Path, federation: str, *, hosts: list[str] | None = Non
     if not (root / "ca" / "ca.crt").exists():
         made += make_ca(root / "ca", federation)
     if not (root / "tls" / "server.crt").exists():
-        made += issue_server_cert(root / "ca", root / "tls", hosts=hosts or ["localhost", "127.0.0.1", "::1"])
+        # Loopback names always: the SuperLink listens on 127.0.0.1 behind the Fleet gateway.
+        loopback = ["localhost", "127.0.0.1", "::1"]
+        made += issue_server_cert(root / "ca", root / "tls", hosts=[*(hosts or []), *(h for h in loopback if h not in (hosts or []))])
     if not (root / "keys" / "coordinator.key").exists():
         generate_signing_key(root / "keys" / "coordinator.key", root / "keys" / "coordinator.pub")
         (root / "keys").chmod(0o700)

@@ -98,7 +98,8 @@ def sites_revoke(
     key_id: str = typer.Option(None, "--key-id", help="Revoke only this key (8+ hex digits of its id); default: every key."),
     dir: Path = DirOption,
 ) -> None:
-    """Revoke a site's key(s): every bundle signed with them leaves the pool, and no new one is accepted."""
+    """Revoke a site's key(s): every bundle signed with them leaves the pool, and no new one is accepted.
+    Without --key-id the whole site is revoked: its SuperNode key too (server.coordinator.revoke_node)."""
     from server.store import BundleStore
 
     cd = CoordinatorDir(dir)
@@ -109,6 +110,10 @@ def sites_revoke(
     gone = BundleStore(cd.store).remove_signed_by(name, revoked, reason="key revoked")
     console.print(f"site {name!r}: revoked key(s) {', '.join(k[:16] for k in revoked)}; "
                   f"{len(gone)} bundle(s) removed from the pool")
+    if key_id is None:  # the whole site is out: Flower too
+        from server.coordinator import revoke_node
+
+        console.print(f"site {name!r}: {revoke_node(cd, name) or 'had no SuperNode key'}")
 
 
 def sites_list(dir: Path = DirOption, as_json: bool = typer.Option(False, "--json")) -> None:

@@ -11,14 +11,20 @@ Layout of the coordinator directory (`--dir`):
     store/              the bundle pool: content-addressed tars + SQLite index
     assets/<sha256>     federation assets the exchange serves (server/assets.py), e.g. extractor weights
     superlink.db        Flower's state, so registrations and run history survive a restart
+    flower_nodes/       <site>.pub: the SuperNode keys the Fleet gateway admits; revoked/: revoked sites' keys
+    fab_signatures/     <sha256>.json: the coordinator's signature on each Flower App it submitted
     runs/<stamp>/       one folder per federation run: results.json, model.safetensors
                         (cvae/: the federated CVAE's run before it, when cvae_federated)
     logs/               the SuperLink's log
+
+Only the Fleet gateway (server/fleet_gateway.py) listens on `superlink_host:superlink_port`; the
+SuperLink itself, with its unauthenticated Control API, listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +36,7 @@ from common.procs import stop
 from server.authority import init_authority
 from server import federation
 from server.exchange import serve
+from server.fleet_gateway import FleetGateway, GatewayServer, NodeKeys
 from server.report import write_curves
 from server.store import BundleStore
 from server.trust import TrustStore
@@ -89,10 +96,21 @@ class CoordinatorDir:
         """`<site>.pub`: each site's Flower SuperNode public key; `nodes.json`: node id -> site."""
         return self.root / "flower_nodes"
 
+    @property
+    def revoked_node_keys(self) -> Path:
+        return self.node_keys / "revoked"
+
+    @property
+    def fab_signatures(self) -> Path:
+        return self.root / "fab_signatures"
+
     def add_node_key(self, site: str, public_key_line: str) -> None:
         path = self.node_keys / f"{site}.pub"
         if path.exists() and path.read_text().strip() != public_key_line:
             raise ValueError(f"site {site!r} already has another Flower node key ({path})")
+        for revoked in self.revoked_node_keys.glob("*.pub"):
+            if revoked.read_text().strip() == public_key_line:
+                raise ValueError(f"that Flower node key was revoked ({revoked}); the site must make a new one")
         atomic_write_text(path, public_key_line + "\n")
 
     def config(self) -> FederationConfig:
@@ -157,18 +175,20 @@ def run_coordinator(
     superlink_started = time.time()
     superlink = federation.start_superlink(
         flwr_home=cd.flwr_home,
-        host=fed.superlink_host,
-        port=fed.superlink_port,
+        port=fed.superlink_internal_port,
         ca_cert=cd.ca_cert,
         cert=cd.tls_dir / "server.crt",
         key=cd.tls_dir / "server.key",
         database=cd.root / "superlink.db",
         log=cd.root / "logs" / "superlink.log",
     )
+    gateway = None
     try:
         federation.wait_superlink(cd.flwr_home, superlink)
-        say(f"SuperLink listening on {fed.superlink_host}:{fed.superlink_port} (TLS, SuperNode authentication)")
+        say(f"SuperLink listening on {federation.LOOPBACK}:{fed.superlink_internal_port} only (TLS, SuperNode authentication)")
         _register_nodes(cd, say)
+        gateway = start_gateway(cd, fed)
+        say(f"Fleet gateway listening on {fed.superlink_host}:{fed.superlink_port} (TLS; registered SuperNodes' Fleet calls only)")
         out = cd.runs / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         cvae = None
         if fed.route == "cvae" and fed.cvae_federated:
@@ -187,14 +207,76 @@ def run_coordinator(
             time.sleep(5)
         return results
     finally:
+        if gateway is not None:
+            gateway.stop()
         stop(superlink)
         exchange.stop(grace=2)
 
 
-def _register_nodes(cd: CoordinatorDir, say) -> None:
-    """Register every site's SuperNode key at the SuperLink; remember which node id is which site."""
+def start_gateway(cd: CoordinatorDir, fed: FederationConfig) -> GatewayServer:
+    """The Fleet gateway in front of the loopback SuperLink (server/fleet_gateway.py)."""
+    app = FleetGateway(
+        upstream=f"https://{federation.LOOPBACK}:{fed.superlink_internal_port}",
+        ca_cert=cd.ca_cert,
+        allowed_keys=NodeKeys(cd.node_keys),
+        fab_verifications=federation.fab_verifications(cd.fab_signatures),
+        max_body_bytes=fed.fleet_max_body_bytes,
+    )
+    return GatewayServer(app, host=fed.superlink_host, port=fed.superlink_port,
+                         cert=cd.tls_dir / "server.crt", key=cd.tls_dir / "server.key")
+
+
+def revoke_node(cd: CoordinatorDir, site: str) -> str | None:
+    """Revoke a site's SuperNode key. The Fleet gateway stops admitting it at once (its file moves
+    to flower_nodes/revoked/); its registration leaves the SuperLink now if one is running, else
+    at the coordinator's next start. Returns what was done, or None when the site had no node key."""
+    pub = cd.node_keys / f"{site}.pub"
+    if not pub.exists():
+        return None
+    cd.revoked_node_keys.mkdir(parents=True, exist_ok=True)
+    pub.replace(cd.revoked_node_keys / pub.name)
     names_path = cd.node_keys / "nodes.json"
     names = json.loads(names_path.read_text()) if names_path.exists() else {}
+    node_ids = [node_id for node_id, name in names.items() if name == site]
+    pending = _unregister(cd, node_ids)
+    atomic_write_json(names_path, {k: v for k, v in names.items() if k not in set(node_ids) - set(pending)})
+    if pending:
+        pending_path = cd.revoked_node_keys / "pending.json"
+        known = json.loads(pending_path.read_text()) if pending_path.exists() else []
+        atomic_write_json(pending_path, sorted(set(known) | set(pending)))
+        return f"SuperNode key revoked; node(s) {', '.join(pending)} leave the SuperLink at the coordinator's next start"
+    return f"SuperNode key revoked; node(s) {', '.join(node_ids) or 'none'} unregistered"
+
+
+def _unregister(cd: CoordinatorDir, node_ids: list[str]) -> list[str]:
+    """Unregister these nodes at the running SuperLink; returns those it could not reach for."""
+    left = []
+    for node_id in node_ids:
+        try:
+            federation.unregister_node(cd.flwr_home, node_id)
+        except federation.FlowerError as e:
+            if "not found" not in str(e).lower():
+                left.append(node_id)
+        except (OSError, subprocess.TimeoutExpired):
+            left.append(node_id)
+    return left
+
+
+def _register_nodes(cd: CoordinatorDir, say) -> None:
+    """Register every site's SuperNode key at the SuperLink; remember which node id is which site.
+    Revocations made while the SuperLink was down (their registrations persist in superlink.db) are carried out."""
+    names_path = cd.node_keys / "nodes.json"
+    names = json.loads(names_path.read_text()) if names_path.exists() else {}
+    pending_path = cd.revoked_node_keys / "pending.json"
+    if pending_path.exists():
+        pending = json.loads(pending_path.read_text())
+        left = _unregister(cd, pending)
+        if left:
+            raise federation.FlowerError(f"could not unregister the revoked SuperNode(s) {', '.join(left)}; see the SuperLink's log")
+        say(f"revoked SuperNode(s) {', '.join(pending)} unregistered")
+        names = {k: v for k, v in names.items() if k not in pending}
+        atomic_write_json(names_path, names)
+        pending_path.unlink()
     for pub in sorted(cd.node_keys.glob("*.pub")):
         node_id = federation.register_node(cd.flwr_home, pub, name=pub.stem)
         if node_id is not None:
@@ -255,7 +337,7 @@ def _submit_and_wait(cd: CoordinatorDir, fed: FederationConfig, out: Path, say, 
     if task is not None:
         run_config["task"] = task
     n_rounds = fed.cvae_rounds if task == "cvae" else fed.downstream.rounds
-    run_id = federation.submit_run(cd.flwr_home, run_config=run_config)
+    run_id = federation.submit_run(cd.flwr_home, run_config=run_config, key=cd.coordinator_key, signatures=cd.fab_signatures)
     say(f"submitted Flower run {run_id}: {label} ({n_rounds} rounds)")
     atomic_write_json(cd.runs / "latest.json", {"run_dir": str(out.relative_to(cd.runs)), "run_id": run_id, "status": "running", "label": label})
     status = federation.wait_run(cd.flwr_home, run_id, timeout=fed.run_timeout_s)

@@ -1,21 +1,37 @@
-"""The coordinator's side of Flower: a TLS SuperLink process, run submission with `flwr run`, polling."""
+"""The coordinator's side of Flower: a TLS SuperLink process on loopback, signed run submission with `flwr run`, polling.
+
+The SuperLink listens on 127.0.0.1 only; SuperNodes reach it through the Fleet gateway
+(server/fleet_gateway.py), the operator's `flwr` CLI and the ServerApp directly.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import time
 from pathlib import Path
 
+from flwr.cli.build import build_fab_from_disk
+
+from common.fabsign import sign_fab
+from common.fileio import atomic_write_json
 from common.flower import FlowerError, flower_bin, flower_env, flwr_json, write_connection
 from common.procs import spawn
+from common.signing import load_private_key
 
 CONNECTION = "plan"
 FLOWER_APP = Path(__file__).parent / "flower_app"
 
 
-def start_superlink(*, flwr_home: Path, host: str, port: int, ca_cert: Path, cert: Path, key: Path, database: Path, log: Path) -> subprocess.Popen:
-    """Start `flower-superlink` with TLS on host:port (SuperNodes, the flwr CLI and ServerApps share it)."""
-    write_connection(flwr_home, CONNECTION, f"{host}:{port}", ca_cert)
+LOOPBACK = "127.0.0.1"
+
+
+def start_superlink(*, flwr_home: Path, port: int, ca_cert: Path, cert: Path, key: Path, database: Path, log: Path) -> subprocess.Popen:
+    """Start `flower-superlink` with TLS on 127.0.0.1:port. Its Control API has no account
+    authentication in open-source flwr, so it must never listen beyond loopback: SuperNodes come
+    in through the Fleet gateway."""
+    write_connection(flwr_home, CONNECTION, f"{LOOPBACK}:{port}", ca_cert)
     cmd = [
         flower_bin("flower-superlink"),
         "--ssl-ca-certfile", str(ca_cert),
@@ -26,7 +42,7 @@ def start_superlink(*, flwr_home: Path, host: str, port: int, ca_cert: Path, cer
         "--enable-supernode-auth",
         # Offline sites: never `uv sync` an app's dependencies; they are installed with plan-node.
         "--disable-runtime-dependency-installation",
-        "--host", host,
+        "--host", LOOPBACK,
         "--port", str(port),
     ]
     return spawn(cmd, log=log, env=flower_env(flwr_home))
@@ -70,8 +86,33 @@ def register_node(flwr_home: Path, public_key: Path, *, name: str) -> str | None
     return str(data["node-id"])
 
 
-def submit_run(flwr_home: Path, *, run_config: dict[str, str]) -> str:
-    """Submit the plan-node Flower App; returns the run id."""
+def unregister_node(flwr_home: Path, node_id: str) -> None:
+    """Remove a SuperNode's registration; it can no longer activate or pull messages."""
+    flwr_json(["supernode", "unregister", str(node_id), CONNECTION], flwr_home=flwr_home)
+
+
+def sign_app(app_dir: Path, *, key: Path, signatures: Path) -> str:
+    """Build the FAB `flwr run` will submit from `app_dir`, sign it with the coordinator's key and
+    store the verifications as `signatures/<sha256>.json` for the Fleet gateway; returns the sha256.
+
+    FABs are built reproducibly (fixed zip dates), so this is the FAB the SuperLink will hold."""
+    fab = build_fab_from_disk(Path(app_dir))
+    digest = hashlib.sha256(fab).hexdigest()
+    atomic_write_json(Path(signatures) / f"{digest}.json", sign_fab(fab, load_private_key(key)))
+    return digest
+
+
+def fab_verifications(signatures: Path):
+    """For the Fleet gateway: sha256 hex -> the stored verifications, or None when the coordinator never signed it."""
+    def lookup(digest: str) -> dict[str, str] | None:
+        path = Path(signatures) / f"{digest}.json"
+        return json.loads(path.read_text()) if len(digest) == 64 and digest.isalnum() and path.is_file() else None
+    return lookup
+
+
+def submit_run(flwr_home: Path, *, run_config: dict[str, str], key: Path, signatures: Path) -> str:
+    """Sign and submit the plan-node Flower App; returns the run id."""
+    sign_app(FLOWER_APP, key=key, signatures=signatures)
     overrides = " ".join(f'{k}="{v}"' for k, v in run_config.items())
     data = flwr_json(["run", str(FLOWER_APP), CONNECTION, "--run-config", overrides], flwr_home=flwr_home)
     return str(data["run-id"])

@@ -71,10 +71,11 @@ def setup(
     """Create the coordinator and site workspaces under `root`; each site joins through its site kit."""
     root = Path(root).resolve()
     coord = root / "coordinator"
-    exchange_port, superlink_port, *node_ports = free_ports(2 + n_sites)
+    exchange_port, superlink_port, internal_port, *node_ports = free_ports(3 + n_sites)
     # Every site trains in the federation; `quorum` of them must have passed their gate.
     quorum = n_sites if quorum is None else quorum
-    fed = {"name": "local", "quorum": quorum, "min_nodes": n_sites, "exchange_port": exchange_port, "superlink_port": superlink_port}
+    fed = {"name": "local", "quorum": quorum, "min_nodes": n_sites, "exchange_port": exchange_port,
+           "superlink_port": superlink_port, "superlink_internal_port": internal_port}
     fed = deep_merge(fed, federation_overrides or {})
     _run([_cli("plan-server"), "init", "--dir", str(coord), "--quorum", str(quorum), "--min-nodes", str(n_sites)])
     fed_path = coord / "federation.yaml"
