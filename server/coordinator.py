@@ -36,7 +36,7 @@ from common.procs import stop
 from server.authority import init_authority
 from server import federation
 from server.exchange import serve
-from server.fleet_gateway import FleetGateway, GatewayServer, NodeKeys
+from server.fleet_gateway import FleetGateway, GatewayServer, NodeKeys, append_line
 from server.report import write_curves
 from server.store import BundleStore
 from server.trust import TrustStore
@@ -214,13 +214,14 @@ def run_coordinator(
 
 
 def start_gateway(cd: CoordinatorDir, fed: FederationConfig) -> GatewayServer:
-    """The Fleet gateway in front of the loopback SuperLink (server/fleet_gateway.py)."""
+    """The Fleet gateway in front of the loopback SuperLink (server/fleet_gateway.py); its refusals go to logs/gateway.log."""
     app = FleetGateway(
         upstream=f"https://{federation.LOOPBACK}:{fed.superlink_internal_port}",
         ca_cert=cd.ca_cert,
         allowed_keys=NodeKeys(cd.node_keys),
         fab_verifications=federation.fab_verifications(cd.fab_signatures),
         max_body_bytes=fed.fleet_max_body_bytes,
+        log=append_line(cd.root / "logs" / "gateway.log"),
     )
     return GatewayServer(app, host=fed.superlink_host, port=fed.superlink_port,
                          cert=cd.tls_dir / "server.crt", key=cd.tls_dir / "server.key")

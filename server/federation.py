@@ -110,11 +110,11 @@ def fab_verifications(signatures: Path):
     return lookup
 
 
-def submit_run(flwr_home: Path, *, run_config: dict[str, str], key: Path, signatures: Path) -> str:
-    """Sign and submit the plan-node Flower App; returns the run id."""
-    sign_app(FLOWER_APP, key=key, signatures=signatures)
+def submit_run(flwr_home: Path, *, run_config: dict[str, str], key: Path, signatures: Path, app: Path = FLOWER_APP) -> str:
+    """Sign and submit a Flower App (by default plan-node's); returns the run id."""
+    sign_app(app, key=key, signatures=signatures)
     overrides = " ".join(f'{k}="{v}"' for k, v in run_config.items())
-    data = flwr_json(["run", str(FLOWER_APP), CONNECTION, "--run-config", overrides], flwr_home=flwr_home)
+    data = flwr_json(["run", str(app), CONNECTION, "--run-config", overrides], flwr_home=flwr_home)
     return str(data["run-id"])
 
 

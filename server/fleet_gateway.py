@@ -12,7 +12,7 @@ the public port. It forwards a request only when
   checked here before one byte of the body is read, so an outsider never reaches the SuperLink's
   parsers.
 
-Everything else is answered 403 or 401 here. A FAB the SuperLink hands out (GetFab) leaves with
+Everything else is refused here (403, 401 or 412). A FAB the SuperLink hands out (GetFab) leaves with
 the coordinator's signature attached when the coordinator signed that FAB (common/fabsign.py);
 SuperNodes run with `--trusted-entities` and refuse any other app.
 """
@@ -23,6 +23,7 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import json
 import ssl
 import threading
 import time
@@ -35,6 +36,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.proto.fab_pb2 import GetFabResponse  # pylint: disable=no-name-in-module
+from flwr.supercore.error.base import ApiErrorCode
 from google.protobuf.message import DecodeError
 
 FLEET_PREFIX = "/v1/fleet/"
@@ -55,11 +57,18 @@ HOP_BY_HOP = frozenset({
 
 
 class Refused(Exception):
-    """A request the gateway will not forward; `status` is the HTTP status it answers with."""
+    """A request the gateway will not forward: the HTTP status and the reason it answers with.
 
-    def __init__(self, status: int, reason: str):
+    The reply is the JSON error flwr's clients print ({"code", "detail"}), so a refused SuperNode
+    names the cause in its own log."""
+
+    def __init__(self, status: int, reason: str, *, code: int = 0):
         super().__init__(reason)
         self.status = status
+        self.code = code
+
+    def body(self) -> bytes:
+        return json.dumps({"code": self.code, "detail": str(self)}).encode()
 
 
 def node_key_der(key: ec.EllipticCurvePublicKey) -> bytes:
@@ -68,7 +77,8 @@ def node_key_der(key: ec.EllipticCurvePublicKey) -> bytes:
 
 
 def authenticate(headers: dict[str, str], allowed: frozenset[bytes], *, now: float | None = None) -> bytes:
-    """Check a Fleet request's SuperNode signature; return the node key (DER) or raise Refused(401).
+    """Check a Fleet request's SuperNode signature; return the node key (DER) or raise Refused
+    (401: no or a bad signature; 412: a key this federation does not admit).
 
     headers: lower-case names. The signature is ECDSA-SHA256 over the ISO timestamp, as flwr signs it.
     """
@@ -83,7 +93,10 @@ def authenticate(headers: dict[str, str], allowed: frozenset[bytes], *, now: flo
     except (ValueError, TypeError):
         raise Refused(401, "the SuperNode public key header is not a PEM public key") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or node_key_der(key) not in allowed:
-        raise Refused(401, "not a registered SuperNode key of this federation")
+        # 412 with activation's error code, as the SuperLink answers an unknown key: the SuperNode
+        # exits with this message (on a 401 it stops silently, as if asked to).
+        raise Refused(412, "not a registered SuperNode key of this federation (unknown or revoked); "
+                      "ask the coordinator for a site kit", code=ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED)
     try:
         signed_at = dt.datetime.fromisoformat(stamp).timestamp()
         key.verify(signature, stamp.encode("ascii"), ec.ECDSA(hashes.SHA256()))
@@ -129,7 +142,7 @@ class FleetGateway:
                 status, headers, body = await self._forward(scope, receive)
             except Refused as e:
                 self.log(f"refused {scope['method']} {scope['path'][:80]!r} from {scope.get('client')}: {e}")
-                status, headers, body = e.status, [(b"content-type", b"text/plain")], f"{e}\n".encode()
+                status, headers, body = e.status, [(b"content-type", b"application/json")], e.body()
             await send({"type": "http.response.start", "status": status,
                         "headers": [*headers, (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
@@ -210,6 +223,17 @@ class NodeKeys:
                     keys.add(node_key_der(key))
                 self._keys, self._stamp = frozenset(keys), stamp
             return self._keys
+
+
+def append_line(path: Path) -> Callable[[str], None]:
+    """A log function that appends a UTC-stamped line to `path` (the gateway's refusals)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(line: str) -> None:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {line}\n")
+    return log
 
 
 class GatewayServer:

@@ -62,7 +62,7 @@ def test_authenticate_refuses(case, node_key):
     }[case]
     with pytest.raises(Refused) as e:
         authenticate(headers, allowed)
-    assert e.value.status == 401
+    assert e.value.status == (412 if case == "unregistered" else 401)
 
 
 def _gateway(allowed: frozenset[bytes], **kw) -> FleetGateway:
@@ -96,7 +96,7 @@ def test_gateway_refuses_unsigned_and_unregistered_fleet_calls(node_key):
     assert _post(_gateway(allowed), "/v1/fleet/activate-node").status_code == 401
     rogue = ec.generate_private_key(ec.SECP384R1())
     reply = _post(_gateway(allowed), "/v1/fleet/pull-messages", headers=_signed_headers(rogue))
-    assert reply.status_code == 401 and "not a registered SuperNode key" in reply.text
+    assert reply.status_code == 412 and "not a registered SuperNode key" in reply.json()["detail"]
 
 
 def test_gateway_caps_the_body(node_key):
