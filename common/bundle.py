@@ -1372,6 +1372,19 @@ def load_bundle_embeddings(dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.require(x, np.float32, ["C", "W"]), labels
 
 
+def recheck_signer(bundle_dir: Path, trusted_keys: Mapping[str, Sequence]) -> str:
+    """The id of a registered key that still vouches for the verified bundle at `bundle_dir` (as
+    verify_bundle placed it: bag/ and the attestation). Raises BundleError (reason "untrusted") when
+    none does any more: the signer's key was revoked, or its window no longer holds the bundle's
+    sequence. The payload's digests were checked when the bundle was verified; only trust changes."""
+    path = Path(bundle_dir) / ATTESTATION
+    try:
+        env = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{path}: unreadable ({e})") from None
+    return _open_statement(env, trusted_keys)[1]
+
+
 def load_bundle_data(dir: Path) -> tuple[str, np.ndarray, np.ndarray]:
     """(route, data, labels int64 [N]) of a verified bundle, by its layout: ("plan", images
     uint8 [N,H,W], labels) or ("cvae", embeddings float32 [N,D], labels)."""

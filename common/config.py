@@ -256,6 +256,8 @@ class CoordinatorAddress(_Strict):
     client_cert: Path = Field(Path("keys/client.crt"), description="this site's certificate for mutual TLS (from the site kit)")
     client_key: Path = Field(Path("keys/client.key"), description="its private key, mode 0600 (from the site kit)")
     coordinator_pub: Path = Field(Path("keys/coordinator.pub"), description="verifies the trust store the coordinator publishes")
+    federation: str | None = Field(None, description=(
+        "the federation this site joined (from the site kit); trust documents signed for another are refused"))
     supernode_port: int = Field(9094, ge=1, le=65535, description="local port this site's SuperNode binds")
     timeout_s: float = Field(60, gt=0, description="seconds per exchange call (upload, list, download)")
     max_bundle_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="larger bundles are not downloaded or extracted")
@@ -357,6 +359,9 @@ class FederationConfig(_Strict):
         "the SuperLink itself, on 127.0.0.1 only: the operator's flwr CLI (Control API), the ServerApp and the gateway"))
     fleet_max_body_bytes: int = Field(256 * 1024 ** 2, ge=1024, description="the largest Fleet request the gateway forwards")
     run_timeout_s: float = Field(1800, gt=0, description="a Flower run that takes longer is reported as failed")
+    trust_document_ttl_s: float = Field(86400, ge=60, description=(
+        "how long a signed trust document is valid; the exchange signs a fresh one on every request, "
+        "so this bounds how long a captured old one can be replayed to a site that has not seen a newer one"))
     max_bundle_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     site_quota_bytes: int = Field(4 * 1024 ** 3, ge=1024, description="bytes of bundles the pool keeps per site; an upload beyond is refused")
     exchange_call_timeout_s: float = Field(600, gt=0, description=(

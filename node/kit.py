@@ -98,7 +98,7 @@ def install_kit(ws: Workspace, kit_path: Path) -> dict:
     atomic_write_bytes(ws.resolve(c.client_cert), files["client.crt"])
     atomic_write_bytes(ws.resolve(c.ca_cert), files["ca.crt"])
     atomic_write_bytes(ws.resolve(c.coordinator_pub), files["coordinator.pub"])
-    c.exchange, c.superlink = meta["exchange"], meta["superlink"]
+    c.exchange, c.superlink, c.federation = meta["exchange"], meta["superlink"], meta["federation"]
     if floor is not None:
         cfg.policy = cfg.policy.stricter(floor)
     if "route" in meta:

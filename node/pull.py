@@ -4,13 +4,18 @@ Writes (workspace-relative):
     pool/<bundle_id>/        a verified bundle (bag/ + attestation.dsse.json), renamed into place whole
     pool/index.json          {bundle_id: {site, sequence, route, n_samples, sha256, pulled_at}}
     pool/rejected.json       {bundle_id: {site, reason, at}}: bundles that failed verification
+    pool/trust.json          the newest trust document this site accepted (node/trust.py)
+    pool/quarantine/<id>/    pooled bundles whose signing key is no longer trusted, out of training
+    pool/quarantine.json     {bundle_id: {site, reason, at}}
 Temporary files live in pool/.incoming/ and are removed.
 
 Each bundle is checked with common.bundle.verify_bundle against the trust store the coordinator
 publishes, signed with the coordinator's key (common.trustdoc; its public key came in the site
 kit as keys/coordinator.pub): each site's unrevoked keys with their sequence windows.
 A bundle that fails is not kept, is recorded in rejected.json and logged; it is tried again
-on the next pull.
+on the next pull. The document must be no older than the last one this site accepted, and every
+pull re-checks the bundles already pooled against it: a bundle whose key was revoked since (or
+whose window no longer holds its sequence) moves to quarantine/ and out of training.
 
 A pool holds one route: images (PLAN) or embeddings (CVAE) of one feature extractor. Loading
 refuses a pool that mixes them, naming the bundle that does not fit.
@@ -27,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common.bundle import BundleError, load_bundle_data, verify_bundle
+from common.bundle import BundleError, load_bundle_data, recheck_signer, verify_bundle
 from common.fileio import atomic_write_json
 from common.signing import SigningKeyError, load_public_key
-from common.trustdoc import TrustDocumentError, open_trust_document
+from common.trustdoc import TrustDocumentError
 from node.exchange_client import ExchangeClient, ExchangeError, site_client
+from node.trust import accept_trust_document
 from node.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -49,7 +55,8 @@ def _read_index(path: Path) -> dict:
 def trusted_windows(ws: Workspace, client: ExchangeClient) -> dict[str, list[dict]]:
     """site -> keys with sequence windows, from the trust document the coordinator signed.
 
-    Raises ExchangeError if the document is missing or not signed by keys/coordinator.pub.
+    Raises ExchangeError if the document is missing, not signed by keys/coordinator.pub, for
+    another federation, expired, or older than the last one this site accepted (node/trust.py).
     """
     path = ws.resolve(ws.config().coordinator.coordinator_pub)
     try:
@@ -57,7 +64,7 @@ def trusted_windows(ws: Workspace, client: ExchangeClient) -> dict[str, list[dic
     except SigningKeyError as e:
         raise ExchangeError(f"{e}; install the site kit with `plan-node init --kit`") from None
     try:
-        return open_trust_document(client.trust_document(), coordinator_pub)["sites"]
+        return accept_trust_document(ws, client.trust_document(), coordinator_pub)["sites"]
     except TrustDocumentError as e:
         raise ExchangeError(f"trusted keys at {client.address}: {e} ({path})", "UNAUTHENTICATED") from None
 
@@ -119,6 +126,7 @@ def pull(ws: Workspace, *, client: ExchangeClient | None = None) -> list[str]:
         client = site_client(ws)
     try:
         keys = trusted_windows(ws, client)
+        quarantine_untrusted(ws, keys)
         listing = client.list()
         ws.pool.mkdir(parents=True, exist_ok=True)
         index_path, rejected_path = ws.pool / "index.json", ws.pool / "rejected.json"
@@ -146,6 +154,33 @@ def pull(ws: Workspace, *, client: ExchangeClient | None = None) -> list[str]:
         if own:
             client.close()
         shutil.rmtree(ws.pool / ".incoming", ignore_errors=True)
+
+
+def quarantine_untrusted(ws: Workspace, keys: dict[str, list[dict]]) -> list[str]:
+    """Move every pooled bundle that no key in `keys` vouches for any more to pool/quarantine/;
+    return their ids. The index is rewritten after each move, so a crash leaves no bundle half out."""
+    index_path, quarantine_path = ws.pool / "index.json", ws.pool / "quarantine.json"
+    index = _read_index(index_path)
+    moved = []
+    for bid in sorted(index):
+        try:
+            recheck_signer(ws.pool / bid, keys)
+            continue
+        except BundleError as e:
+            reason = str(e)
+        quarantine = _read_index(quarantine_path)
+        quarantine[bid] = {"site": index[bid].get("site"), "reason": reason, "at": dt.datetime.now(dt.timezone.utc).isoformat()}
+        atomic_write_json(quarantine_path, quarantine)
+        del index[bid]
+        atomic_write_json(index_path, index)
+        dest = ws.pool / "quarantine" / bid
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        if (ws.pool / bid).exists():
+            (ws.pool / bid).rename(dest)
+        log.warning("bundle %s of site %r quarantined: %s", bid, quarantine[bid]["site"], reason)
+        moved.append(bid)
+    return moved
 
 
 def load_pool_data(ws: Workspace) -> tuple[str | None, np.ndarray, np.ndarray]:

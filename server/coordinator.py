@@ -155,6 +155,7 @@ def start_exchange(cd: CoordinatorDir, store: BundleStore | None = None):
         federation=fed.name,
         assets_dir=cd.assets,
         call_timeout_s=fed.exchange_call_timeout_s,
+        trust_ttl_s=fed.trust_document_ttl_s,
     )
 
 

@@ -111,13 +111,15 @@ class _UploadBody:
 
 class ExchangeServicer(pb_grpc.ExchangeServicer):
     """mutual_tls: the server requires client certificates, so the upload's site must be the peer's CN.
-    coordinator_key: signs the published trust store (None: TrustedKeys sends no signed document).
+    coordinator_key: signs the published trust store (None: TrustedKeys sends no signed document);
+    each document is valid for trust_ttl_s seconds.
     assets_dir: the federation assets DownloadAsset serves, `<sha256>` files (None: serves none)."""
 
     def __init__(self, *, store: BundleStore, trust: TrustStore, max_bundle_bytes: int,
                  mutual_tls: bool = False, coordinator_key=None, federation: str = "federation",
-                 assets_dir: Path | None = None, call_timeout_s: float = 600):
+                 assets_dir: Path | None = None, call_timeout_s: float = 600, trust_ttl_s: float = 86400):
         self.call_timeout_s = call_timeout_s
+        self.trust_ttl_s = trust_ttl_s
         self.store = store
         self.trust = trust
         self.max_bundle_bytes = max_bundle_bytes
@@ -209,7 +211,9 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
     def TrustedKeys(self, request, context):
         signed = b""
         if self.coordinator_key is not None:
-            signed = sign_trust_document(self.trust.windows(), self.coordinator_key, federation=self.federation)
+            version, windows = self.trust.snapshot()
+            signed = sign_trust_document(windows, self.coordinator_key, federation=self.federation,
+                                         version=version, ttl_s=self.trust_ttl_s)
         return pb.KeysReply(sites={s: pb.PublicKeys(pem=keys) for s, keys in self.trust.all().items()}, signed_document=signed)
 
     def Health(self, request, context):
@@ -258,6 +262,7 @@ def serve(
     max_workers: int = 8,
     assets_dir: Path | None = None,
     call_timeout_s: float = 600,
+    trust_ttl_s: float = 86400,
 ) -> grpc.Server:
     """Start the exchange on host:port with TLS and return the running server (call .stop()).
 
@@ -266,7 +271,8 @@ def serve(
     their certificate names. coordinator_key_path: the coordinator's Ed25519 key (0600) that
     signs the published trust store. assets_dir: the federation assets served by sha256, by
     default `assets/` beside the store's folder (the coordinator directory's layout).
-    call_timeout_s: an upload or download running longer is cancelled.
+    call_timeout_s: an upload or download running longer is cancelled. trust_ttl_s: how long each
+    signed trust document is valid.
     """
     cert = Path(cert_path).read_bytes()
     key = read_private_file(Path(key_path))
@@ -281,7 +287,7 @@ def serve(
             coordinator_key=load_private_key(coordinator_key_path) if coordinator_key_path else None,
             federation=federation,
             assets_dir=assets_dir if assets_dir is not None else Path(store.root).parent / ASSETS_DIRNAME,
-            call_timeout_s=call_timeout_s,
+            call_timeout_s=call_timeout_s, trust_ttl_s=trust_ttl_s,
         ),
         server,
     )

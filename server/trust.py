@@ -3,6 +3,8 @@
 Persisted in SQLite (`path`, e.g. coord/trust.db); every change is one transaction:
 
     keys(site, key_id, pem, added_at, valid_after, valid_until, retired_at, revoked_at)
+    meta('version', n)   grows by one with every change: the published trust document's version,
+                         which receivers refuse to see go back (common.trustdoc)
 
 Validity windows are per-site bundle *sequence numbers*, not times. A key is valid for a bundle
 whose signed `predicate.sequence` s satisfies  valid_after < s  and (valid_until is NULL or
@@ -45,6 +47,8 @@ CREATE TABLE IF NOT EXISTS keys (
     revoked_at TEXT,
     PRIMARY KEY (site, key_id)
 );
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('version', 1);
 """
 
 
@@ -165,11 +169,16 @@ class TrustStore:
                 # After revocations, the new key must not vouch for sequences the old ones used.
                 floor = db.execute("SELECT MAX(valid_until) FROM keys WHERE site = ?", (site,)).fetchone()[0] or 0
                 db.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, NULL, NULL, NULL)", (site, kid, pem, _now(), floor))
+                self._bump(db)
                 db.execute("COMMIT")
             finally:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
         return kid
+
+    @staticmethod
+    def _bump(db: sqlite3.Connection) -> None:
+        db.execute("UPDATE meta SET value = value + 1 WHERE name = 'version'")
 
     @staticmethod
     def _refuse_known(db: sqlite3.Connection, site: str, kid: str) -> None:
@@ -202,6 +211,7 @@ class TrustStore:
                     (last_sequence, _now(), site, current[0]),
                 )
                 db.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, NULL, NULL, NULL)", (site, kid, pem, _now(), last_sequence))
+                self._bump(db)
                 db.execute("COMMIT")
             finally:
                 if db.in_transaction:
@@ -227,6 +237,7 @@ class TrustStore:
                         raise TrustError(f"key id {key_id_prefix!r} matches {len(rows)} unrevoked keys of site {site!r}")
                 now = _now()
                 db.executemany("UPDATE keys SET revoked_at = ? WHERE site = ? AND key_id = ?", [(now, site, k) for k in rows])
+                self._bump(db)
                 db.execute("COMMIT")
             finally:
                 if db.in_transaction:
@@ -243,11 +254,19 @@ class TrustStore:
 
     def windows(self) -> dict[str, list[dict]]:
         """site -> its unrevoked keys with their sequence windows: what verifiers check bundles against."""
+        return self.snapshot()[1]
+
+    def snapshot(self) -> tuple[int, dict[str, list[dict]]]:
+        """(version, windows) read in one transaction: the content of one published trust document."""
+        with self._db() as db:
+            db.execute("BEGIN")
+            version = db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()[0]
+            rows = db.execute("SELECT * FROM keys WHERE revoked_at IS NULL ORDER BY site, valid_after, added_at").fetchall()
+            db.execute("COMMIT")
         out: dict[str, list[dict]] = {}
-        for e in self.entries():
-            if e.revoked_at is None:
-                out.setdefault(e.site, []).append(e.window())
-        return out
+        for e in (KeyEntry(*r) for r in rows):
+            out.setdefault(e.site, []).append(e.window())
+        return version, out
 
     def keys(self, site: str) -> list[str]:
         """The PEM key(s) `site` may sign *new* bundles with: its current key; empty if none."""

@@ -177,13 +177,14 @@ def test_pull_verifies_the_signed_trust_store(tmp_path):
         make_kit(ex.cd, "a", ws.signing_pub.read_text(), tmp_path / "a.kit", exchange=ex.address)
         install_kit(ws, tmp_path / "a.kit")
         with site_client(ws) as c:
-            doc = open_trust_document(c.trust_document(), load_private_key(ex.cd.coordinator_key).public_key())
-        assert list(doc["sites"]) == ["a"] and doc["federation"] == "test"
+            doc = open_trust_document(c.trust_document(), load_private_key(ex.cd.coordinator_key).public_key(),
+                                      federation="test")
+        assert list(doc["sites"]) == ["a"] and doc["federation"] == "test" and doc["version"] >= 2
         # a document signed by anyone else is refused
         intruder, _ = site_key(tmp_path / "k", "intruder")
-        forged = sign_trust_document({"a": [], "evil": []}, intruder, federation="test")
+        forged = sign_trust_document({"a": [], "evil": []}, intruder, federation="test", version=99, ttl_s=60)
         with pytest.raises(TrustDocumentError, match="not signed by the coordinator's key"):
-            open_trust_document(forged, load_private_key(ex.cd.coordinator_key).public_key())
+            open_trust_document(forged, load_private_key(ex.cd.coordinator_key).public_key(), federation="test")
         # a site whose coordinator.pub is not the coordinator's key pulls nothing
         ws.resolve(ws.config().coordinator.coordinator_pub).write_text((tmp_path / "k" / "intruder.pub").read_text())
         from node.exchange_client import ExchangeError
