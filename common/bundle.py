@@ -59,6 +59,7 @@ from safetensors.numpy import save_file as save_safetensors
 
 from common.dsse import EnvelopeError, sign_envelope, verify_envelope
 from common.fileio import sha256_file
+from common.tarscan import TarEntry, TarFormatError, iter_tar, short
 from common.signing import SigningKeyError, key_id, load_public_key
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -74,6 +75,8 @@ _PAYLOAD_FILE = re.compile(r"^images/(\d{1,2})/(\d{1,9})\.png$", re.ASCII)
 _BUNDLE_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_IMAGE_SIDE = 4096  # pixels; a decoded PNG larger than this is refused (decompression bombs)
 MAX_JSON_BYTES = 16 * 1024 * 1024  # attestation and tag files are read whole; bound them
+MAX_ATTESTATION_BYTES = 1024 * 1024  # the signed statement, read and verified before any other member
+MAX_SIGNATURES = 4  # signatures an attestation may carry: each costs a verification
 MAX_MEMBERS = 200_000  # archive members a bundle tar may hold
 EMBEDDINGS = "embeddings.safetensors"  # the CVAE route's payload file in data/, beside labels.csv
 EMBEDDINGS_TENSOR = "embeddings"  # the one tensor it holds
@@ -419,14 +422,14 @@ def pack_bundle(bundle_dir: Path) -> Path:
 
 def _safe_member_path(name: str) -> tuple[str, ...]:
     if not name or "\x00" in name or "\\" in name or any(ord(c) < 32 for c in name):
-        raise BundleError(f"archive member {name!r}: name has control characters or backslashes", "unsafe")
+        raise BundleError(f"archive member {short(name)!r}: name has control characters or backslashes", "unsafe")
     if name.startswith("/"):
-        raise BundleError(f"archive member {name!r}: absolute path", "unsafe")
+        raise BundleError(f"archive member {short(name)!r}: absolute path", "unsafe")
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if not parts:
-        raise BundleError(f"archive member {name!r}: empty path", "unsafe")
+        raise BundleError(f"archive member {short(name)!r}: empty path", "unsafe")
     if ".." in parts:
-        raise BundleError(f"archive member {name!r}: '..' in path", "unsafe")
+        raise BundleError(f"archive member {short(name)!r}: '..' in path", "unsafe")
     return parts
 
 
@@ -442,18 +445,8 @@ def safe_extract(tar: Path | BinaryIO, dest: Path, *, max_bytes: int, max_member
     On refusal, whatever was extracted stays in `dest` for the caller to remove.
     """
     with _Members(spill_dir=None) as members:
-        _read_members(tar, members, max_bytes=max_bytes, max_members=max_members, dest=Path(dest))
+        _read_members(tar, members, max_bytes=max_bytes, max_members=max_members, dest=Path(dest), trusted_keys=None)
         return list(members.digests)
-
-
-def _open_tar(tar: Path | BinaryIO) -> tarfile.TarFile:
-    """`tar` opened for reading as an uncompressed archive: "r:" refuses compressed ones."""
-    try:
-        if isinstance(tar, (str, Path)):
-            return tarfile.open(tar, mode="r:")
-        return tarfile.open(fileobj=tar, mode="r:")
-    except tarfile.TarError as e:
-        raise BundleError(f"{_tar_name(tar)}: not an uncompressed tar archive ({e})") from None
 
 
 def _tar_name(tar: Path | BinaryIO) -> str:
@@ -461,12 +454,17 @@ def _tar_name(tar: Path | BinaryIO) -> str:
 
 
 def _read_members(tar: Path | BinaryIO, members: "_Members", *, max_bytes: int, max_members: int,
-                  dest: Path | None) -> None:
+                  dest: Path | None, trusted_keys: Mapping[str, Sequence] | None) -> None:
     """Walk the tar's members once, front to back, under the safety rules of safe_extract, and
     gather into `members` what the checks need (each file's sha256, see _Members); with a `dest`
     (new or empty), also extract them there. Without one nothing is written but `members`' spill
     files: the same walk and the same refusals, so a bundle the store verifies in flight is held
-    to exactly the rules of one a node extracts."""
+    to exactly the rules of one a node extracts.
+
+    The archive is read by common.tarscan, never by tarfile. With `trusted_keys` (a bundle, not
+    any archive) the first member must be the attestation, and its signature is verified
+    (members.open_statement) before the next member is read: nothing unsigned is parsed beyond
+    the tar headers."""
     if isinstance(tar, (str, Path)):
         size = os.path.getsize(tar)
         if size > max_bytes + 1024 * 1024:  # tar headers and padding on top of the content budget
@@ -481,12 +479,14 @@ def _read_members(tar: Path | BinaryIO, members: "_Members", *, max_bytes: int, 
     files: set[str] = set()
     folders: set[str] = set()
     made: set[str] = set()  # folders made under root
-    with _open_tar(tar) as tf:
+    with open(tar, "rb") if isinstance(tar, (str, Path)) else contextlib.nullcontext(tar) as src:
         try:
-            for n, m in enumerate(tf):
+            for n, (m, body) in enumerate(iter_tar(src)):
                 if n >= max_members:
                     raise BundleError(f"{_tar_name(tar)}: more than {max_members} archive members", "too_large")
                 rel = _claim_member(m, files, folders)
+                if n == 0 and trusted_keys is not None:
+                    _check_first_member(rel, m, tar)
                 if m.isdir():
                     if root is not None:
                         _make_folders(root, rel, m.name, made)
@@ -498,23 +498,32 @@ def _read_members(tar: Path | BinaryIO, members: "_Members", *, max_bytes: int, 
                     )
                 out = None if root is None else _create_file(root, rel, m.name, made)
                 with out or contextlib.nullcontext():
-                    members.take(_MemberReader(tf.extractfile(m), m.size, rel, out))
+                    members.take(_MemberReader(body, m.size, rel, out))
                 budget -= m.size
-        except tarfile.TarError as e:
+                if n == 0 and trusted_keys is not None:
+                    members.open_statement(trusted_keys)  # before one byte of the payload is read
+        except TarFormatError as e:
+            if e.unsafe:
+                raise BundleError(str(e), "unsafe") from None
             raise BundleError(f"{_tar_name(tar)}: corrupt tar archive ({e})") from None
 
 
-def _claim_member(m: tarfile.TarInfo, files: set[str], folders: set[str]) -> str:
+def _check_first_member(rel: str, m: TarEntry, tar: Path | BinaryIO) -> None:
+    """The signed statement comes first, small, so it is verified before the payload is parsed."""
+    if rel != ATTESTATION or not m.isreg():
+        raise BundleError(f"{_tar_name(tar)}: the first archive member is {short(rel)!r}, not {ATTESTATION} "
+                          f"(the signed statement comes first and is checked before anything else)", "unsafe")
+    if m.size > MAX_ATTESTATION_BYTES:
+        raise BundleError(f"{ATTESTATION}: {m.size} bytes, over the limit of {MAX_ATTESTATION_BYTES}", "too_large")
+
+
+def _claim_member(m: TarEntry, files: set[str], folders: set[str]) -> str:
     """The normalised path of member `m` ("a/b"), recorded in `files` or `folders` (the paths
     claimed so far, folders with every folder above them); refused unless `m` is a regular file
     or a folder, its path is safe (_safe_member_path), no folder above it is a file of the
     archive, and a file's path was not claimed before. Checked on paths, not on disk, so that
     the walk that extracts nothing refuses exactly what extraction would."""
-    parts = _safe_member_path(m.name)
-    if m.issym() or m.islnk():
-        raise BundleError(f"archive member {m.name!r}: links are not allowed", "unsafe")
-    if not (m.isreg() or m.isdir()):
-        raise BundleError(f"archive member {m.name!r}: only regular files and folders are allowed", "unsafe")
+    parts = _safe_member_path(m.name)  # links, devices and FIFOs never get here: common.tarscan refuses them
     rel = "/".join(parts)
     above = parts if m.isdir() else parts[:-1]
     # A folder already in `folders` had every folder above it checked when it was added, and
@@ -598,18 +607,18 @@ class _MemberReader:
 
 def read_predicate(tar: Path | BinaryIO) -> dict:
     """The attestation predicate of a bundle tar (a path or an open binary file), NOT verified:
-    for addressing an upload, or for showing figures of bundles that were verified when stored."""
-    name = tar if isinstance(tar, Path) else getattr(tar, "name", "bundle")
+    for addressing an upload, or for showing figures of bundles that were verified when stored.
+    Only the first member, the attestation, is read (common.tarscan)."""
+    name = _tar_name(tar)
     try:
-        with tarfile.open(tar, mode="r:") if isinstance(tar, Path) else tarfile.open(fileobj=tar, mode="r:") as tf:
-            m = tf.getmember(ATTESTATION)
-            if not m.isreg() or m.size > MAX_JSON_BYTES:
-                raise BundleError(f"{name}: {ATTESTATION} is not a regular file of sane size")
-            env = json.loads(tf.extractfile(m).read())
+        with open(tar, "rb") if isinstance(tar, (str, Path)) else contextlib.nullcontext(tar) as src:
+            m, body = next(iter_tar(src))
+            _check_first_member("/".join(_safe_member_path(m.name)), m, tar)
+            env = json.loads(body.read())
         return json.loads(base64.b64decode(env["payload"]))["predicate"]
     except BundleError:
         raise
-    except (KeyError, ValueError, TypeError, tarfile.TarError, OSError) as e:
+    except (StopIteration, KeyError, ValueError, TypeError, OSError) as e:  # TarFormatError is a ValueError
         raise BundleError(f"{name}: cannot read the predicate of {ATTESTATION} ({e})") from None
 
 
@@ -645,6 +654,12 @@ class _Members:
         self.embeddings: _EmbeddingScan | None = None
         self._kept: dict[str, bytes | Path] = {}
         self._spill_dir = spill_dir
+        self.statement: tuple[dict, str] | None = None  # (statement, signer key id) once verified
+
+    def open_statement(self, trusted_keys: Mapping[str, Sequence]) -> tuple[dict, str]:
+        """Verify the attestation read so far (_open_statement); remember and return (statement, signer)."""
+        self.statement = _open_statement(_read_json(self, ATTESTATION, ATTESTATION), trusted_keys)
+        return self.statement
 
     def __enter__(self) -> "_Members":
         return self
@@ -776,6 +791,9 @@ def _open_statement(env: dict, trusted_keys: Mapping[str, Sequence]) -> tuple[di
     """
     if not isinstance(env, dict) or not isinstance(env.get("payload"), str):
         raise BundleError(f"{ATTESTATION}: not a DSSE envelope")
+    signatures = env.get("signatures")
+    if isinstance(signatures, list) and len(signatures) > MAX_SIGNATURES:
+        raise BundleError(f"{ATTESTATION}: {len(signatures)} signatures; a bundle carries at most {MAX_SIGNATURES}", "unsafe")
     # Read the claimed site and sequence from the (not yet trusted) payload only to pick keys.
     try:
         claimed = json.loads(base64.b64decode(env["payload"], validate=True))
@@ -1174,8 +1192,7 @@ def _check_members(members: _Members, trusted_keys: Mapping[str, Sequence]) -> V
     """Every check of verify_bundle after the walk, on what the walk gathered (`members`); the
     VerifiedBundle it returns has no dir (the caller sets it when it extracted)."""
     _check_layout(list(members.digests))
-    env = _read_json(members, ATTESTATION, ATTESTATION)
-    statement, signer = _open_statement(env, trusted_keys)
+    statement, signer = members.statement or members.open_statement(trusted_keys)
     _check_bag(members)
 
     subject = statement.get("subject")
@@ -1267,7 +1284,7 @@ def verify_bundle(
     out = Path(tempfile.mkdtemp(prefix="plan-bundle-")) if dest is None else Path(dest)
     try:
         with _Members(spill_dir=None) as members:
-            _read_members(tar, members, max_bytes=max_bytes, max_members=MAX_MEMBERS, dest=out)
+            _read_members(tar, members, max_bytes=max_bytes, max_members=MAX_MEMBERS, dest=out, trusted_keys=trusted_keys)
             return dataclasses.replace(_check_members(members, trusted_keys), dir=out)
     except BaseException:
         if created:
@@ -1295,7 +1312,7 @@ def verify_bundle_stream(
     verify_bundle does.
     """
     with _Members(spill_dir=spill_dir) as members:
-        _read_members(tar, members, max_bytes=max_bytes, max_members=MAX_MEMBERS, dest=None)
+        _read_members(tar, members, max_bytes=max_bytes, max_members=MAX_MEMBERS, dest=None, trusted_keys=trusted_keys)
         return _check_members(members, trusted_keys)
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -230,6 +232,61 @@ def test_unsafe_archive_members(fed, member, match):
     _refused(fed, "a", tar, "INVALID_ARGUMENT", match)
 
 
+def _raw_tar(good_tar: Path, out: Path, *, before: bytes = b"", after: bytes = b"") -> Path:
+    """`good_tar`'s members with raw header bytes `before` the first and `after` the last (and
+    the data they announce), written byte by byte: headers tarfile would not write, or would
+    write only in another format."""
+    with tarfile.open(good_tar) as src:
+        body = b"".join(m.tobuf(tarfile.PAX_FORMAT) + _padded(src.extractfile(m).read()) for m in src)
+    out.write_bytes(before + body + after + b"\0" * 1024)
+    return out
+
+
+def _padded(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 512)
+
+
+def _header(name: str, *, size: int = 0, type: bytes = tarfile.REGTYPE, fmt=tarfile.PAX_FORMAT, pax=None) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, type
+    if pax:
+        info.pax_headers = pax
+    return info.tobuf(fmt)
+
+
+# Verify before you parse (issue 15): headers that would cost tarfile seconds or memory, or that
+# a bundle never needs, are refused from their raw bytes; the statement comes first and is checked first.
+@pytest.mark.parametrize("where,extra,match", [
+    # CVE-2024-6232: tarfile's PAX parser is quadratic in a header of many digits
+    ("after", _header("bag/data/x.png", size=1, pax={"comment": "9" * 40_000}) + _padded(b"x"), r"PAX header of \d+ bytes, over the limit"),
+    ("before", _header("attestation.dsse.json", pax={"comment": "9" * 40_000}), r"PAX header of \d+ bytes, over the limit"),
+    ("after", _header("bag/data/" + "x" * 20_000, size=1, fmt=tarfile.GNU_FORMAT) + _padded(b"x"), r"GNU long names are not allowed"),
+    ("after", _header("bag/data/sparse.png", size=1, type=tarfile.GNUTYPE_SPARSE, fmt=tarfile.GNU_FORMAT) + _padded(b"x"),
+     r"sparse archive members are not allowed"),
+    ("after", _header("bag/data/s.png", size=1, pax={"GNU.sparse.map": "0,1"}) + _padded(b"x"), r"sparse archive members are not allowed"),
+    ("after", _header("pax_global_header", size=0, type=tarfile.XGLTYPE), r"global PAX headers are not allowed"),
+    ("before", _header("bag/data/early.png", size=1) + _padded(b"x"), r"first archive member is 'bag/data/early.png', not attestation"),
+])  # fmt: skip
+def test_hostile_headers_are_refused_before_parsing(fed, where, extra, match):
+    good = fed.bundle("a")
+    tar = _raw_tar(good, fed.root / f"hostile-{fed.n}.tar", **{where: extra})
+    with fed.client("a") as c:
+        with pytest.raises(ExchangeError, match=match) as e:
+            c.upload(tar, site="a")
+    assert e.value.code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")
+    assert len(str(e.value)) < 1000  # a 20 000-character name is cut, not echoed
+    fed.assert_still_serving()
+
+
+def test_an_attestation_with_many_signatures_is_refused_unverified(fed):
+    tar = fed.bundle("a")
+    d = tar.with_suffix("")
+    env = json.loads((d / bundle_mod.ATTESTATION).read_text())
+    env["signatures"] = env["signatures"] + [{"keyid": "x", "sig": env["signatures"][0]["sig"]}] * 5000
+    (d / bundle_mod.ATTESTATION).write_text(json.dumps(env))
+    _refused(fed, "a", _repack(d), "INVALID_ARGUMENT", r"5001 signatures; a bundle carries at most 4")
+
+
 @pytest.mark.parametrize("factor,match", [
     # declared half its size: the member's real bytes run past its header's size
     (0.5, r"Payload-Oxum validation failed|corrupt tar archive|sha256 mismatch"),
@@ -283,10 +340,16 @@ def test_bundle_over_the_size_limit(fed):
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert f"declared size {MAX + 1} bytes exceeds the limit of {MAX} bytes" in e.value.details()
 
+        with tarfile.open(fed.bundle("a")) as tf:
+            statement = tf.getmember(bundle_mod.ATTESTATION)
+            statement_data = tf.extractfile(statement).read()
+
         def lying():  # a header within the limit, then more than the limit: stopped while streaming
             yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=MAX))
-            # a well-formed tar of 1 MiB members: the tar is checked as it arrives, and zeros
-            # would be refused as no tar before they reached the limit
+            # a well-formed tar of a genuine signed statement, then 1 MiB members: the tar is
+            # checked as it arrives, and zeros would be refused as no tar before they reached the limit
+            yield pb.UploadChunk(data=statement.tobuf(tarfile.PAX_FORMAT) + statement_data
+                                 + b"\0" * (-len(statement_data) % 512))
             for i in range(MAX // (1 << 20) + 2):
                 info = tarfile.TarInfo(f"bag/data/{i}.bin")
                 info.size = 1 << 20
@@ -296,7 +359,7 @@ def test_bundle_over_the_size_limit(fed):
         with pytest.raises(grpc.RpcError) as e:
             stub.Upload(lying(), timeout=20)
         assert e.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT)
-        assert "exceeds the limit" in e.value.details() or "more than the declared" in e.value.details()
+        assert re.search(r"exceeds? the limit|more than the declared", e.value.details())
     fed.assert_unchanged(before)
     fed.assert_still_serving()
 

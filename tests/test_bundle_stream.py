@@ -190,12 +190,34 @@ def _tar(tmp_path, *members):
     ([("../x", tarfile.REGTYPE, b"1")], r"'\.\.' in path"),
     ([("l", tarfile.SYMTYPE, None)], r"links are not allowed"),
 ])
-def test_unsafe_members_refused_without_extracting(tmp_path, members, message):
+def test_unsafe_members_refused_without_extracting(tmp_path, key_a, members, message):
+    # After a genuine signed statement (it comes first and is verified first), the hostile members.
+    priv, pem = key_a
+    with tarfile.open(make_bundle(tmp_path / "b", priv)) as tf:
+        statement = tf.extractfile(bundle_mod.ATTESTATION).read()
+    members = [(bundle_mod.ATTESTATION, tarfile.REGTYPE, statement), *members]
     with pytest.raises(BundleError, match=message) as e:
-        verify_bundle_stream(_tar(tmp_path, *members), {}, max_bytes=MAX)
+        verify_bundle_stream(_tar(tmp_path, *members), {"a": [pem]}, max_bytes=MAX)
     assert e.value.reason == "unsafe"
     with pytest.raises(BundleError, match=message):  # the extracting walk: the same rules
-        verify_bundle(_tar(tmp_path, *members), {}, max_bytes=MAX, dest=tmp_path / "x")
+        verify_bundle(_tar(tmp_path, *members), {"a": [pem]}, max_bytes=MAX, dest=tmp_path / "x")
+
+
+@pytest.mark.parametrize("members, message", [
+    ([("bag/bagit.txt", tarfile.REGTYPE, b"x")], r"first archive member is 'bag/bagit.txt', not attestation"),
+    ([], r"attestation.dsse.json: missing from bundle"),
+])
+def test_the_signed_statement_comes_first(tmp_path, key_a, members, message):
+    priv, pem = key_a
+    tar = make_bundle(tmp_path / "b", priv)
+    if members:  # a good bundle with a member put before its attestation
+        with tarfile.open(tar) as tf:
+            members = [*members, *((m.name, m.type, tf.extractfile(m).read()) for m in tf)]
+        tar = _tar(tmp_path, *members)
+    else:  # an empty archive
+        tar = _tar(tmp_path)
+    with pytest.raises(BundleError, match=message):
+        verify_bundle_stream(tar, {"a": [pem]}, max_bytes=MAX)
 
 
 def test_arriving_upload_reads_from_memory_and_back_from_the_file(tmp_path):
