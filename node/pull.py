@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,12 +36,14 @@ import numpy as np
 from common.bundle import BundleError, load_bundle_data, recheck_signer, verify_bundle
 from common.fileio import atomic_write_json
 from common.signing import SigningKeyError, load_public_key
+from common.tarscan import short
 from common.trustdoc import TrustDocumentError
 from node.exchange_client import ExchangeClient, ExchangeError, site_client
 from node.trust import accept_trust_document
 from node.workspace import Workspace
 
 log = logging.getLogger(__name__)
+_BUNDLE_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def _read_index(path: Path) -> dict:
@@ -85,7 +88,7 @@ def _pull_one(ws: Workspace, client: ExchangeClient, rec: dict, keys: dict, max_
     """Download, verify and place one bundle; return its index entry. Raises on failure, leaving nothing."""
     incoming = ws.pool / ".incoming"
     incoming.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=incoming, prefix=f"{rec['bundle_id'][:12]}-"))
+    work = Path(tempfile.mkdtemp(dir=incoming, prefix="bundle-"))
     try:
         if rec["size"] > max_bytes:
             raise BundleError(f"bundle is {rec['size']} bytes, over the limit of {max_bytes}", "too_large")
@@ -134,6 +137,9 @@ def pull(ws: Workspace, *, client: ExchangeClient | None = None) -> list[str]:
         new: list[str] = []
         for rec in listing:
             bid = rec["bundle_id"]
+            if not _BUNDLE_ID.fullmatch(bid):  # the listing is not signed: never a path from it
+                log.warning("the coordinator lists a bundle id %r that is not 32 hex digits; skipped", short(bid))
+                continue
             if bid in index and (ws.pool / bid).is_dir():
                 continue
             try:

@@ -157,3 +157,25 @@ def test_clientapp_trains_on_pool_real_or_both(fed):
     assert both_y.tolist() == pool_y.tolist() + [0, 1, 0, 1]
     with pytest.raises(ValueError, match="'everything'"):
         _training_data(a, "everything")
+
+
+def test_a_listed_bundle_id_is_never_a_path(fed, tmp_path):
+    """The listing is not signed: a bundle id like '../x' (a compromised exchange host) must not
+    name a folder, a temporary one included, outside the pool."""
+    ex, a, b = fed
+    bid = publish(a)
+
+    class Hostile:
+        def __init__(self, client):
+            self._client = client
+
+        def list(self, site=None):
+            return [dict(r, bundle_id="../../escape" + "0" * 20) for r in self._client.list()]
+
+        def __getattr__(self, name):
+            return getattr(self._client, name)
+
+    with site_client(b) as c:
+        assert pull(b, client=Hostile(c)) == []
+    assert not any(p.name.startswith("escape") for p in tmp_path.rglob("*"))
+    assert pull(b) == [bid]  # the real listing still pulls
