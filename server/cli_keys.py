@@ -110,9 +110,12 @@ def sites_revoke(
     gone = BundleStore(cd.store).remove_signed_by(name, revoked, reason="key revoked")
     console.print(f"site {name!r}: revoked key(s) {', '.join(k[:16] for k in revoked)}; "
                   f"{len(gone)} bundle(s) removed from the pool")
-    if key_id is None:  # the whole site is out: Flower too
+    if key_id is None:  # the whole site is out: its TLS certificates and Flower too
         from server.coordinator import revoke_node
+        from server.revoked import revoke_certificates
 
+        serials = revoke_certificates(cd.revoked_certs, name, cd.issued_certs(name))
+        console.print(f"site {name!r}: {len(serials)} client certificate(s) revoked at the exchange")
         console.print(f"site {name!r}: {revoke_node(cd, name) or 'had no SuperNode key'}")
 
 

@@ -79,6 +79,15 @@ class CoordinatorDir:
         return self.root / "store"
 
     @property
+    def revoked_certs(self) -> Path:
+        """The client certificates the exchange refuses (server/revoked.py)."""
+        return self.root / "clients" / "revoked.json"
+
+    def issued_certs(self, site: str) -> list[Path]:
+        """Every client certificate issued to `site` that is on record."""
+        return sorted({*self.root.glob(f"clients/issued/{site}-*.crt"), *self.root.glob(f"clients/{site}.crt")})
+
+    @property
     def assets(self) -> Path:
         """Federation assets by sha256 (server/assets.py); the exchange serves `assets/` beside `store/`."""
         return self.root / "assets"
@@ -156,6 +165,7 @@ def start_exchange(cd: CoordinatorDir, store: BundleStore | None = None):
         assets_dir=cd.assets,
         call_timeout_s=fed.exchange_call_timeout_s,
         trust_ttl_s=fed.trust_document_ttl_s,
+        revoked_certs_path=cd.revoked_certs,
     )
 
 

@@ -41,6 +41,7 @@ from common.trustdoc import sign_trust_document
 from common.wire import CHUNK_BYTES, encode_data, grpc_options, serialize
 from server.assets import ASSETS_DIRNAME
 from server.store import BundleRecord, BundleStore, StoreRefused
+from server.revoked import RevokedSerials, certificate_serial
 from server.trust import TrustStore
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,12 @@ def peer_site(context) -> str | None:
     """The CN of the client's TLS certificate (its site name), or None without one."""
     names = context.auth_context().get("x509_common_name") or []
     return names[0].decode("utf-8", "replace") if names else None
+
+
+def peer_serial(context) -> str | None:
+    """The serial (hex) of the client's TLS certificate, or None without one."""
+    pems = context.auth_context().get("x509_pem_cert") or []
+    return certificate_serial(pems[0]) if pems else None
 
 
 class _UploadBody:
@@ -112,12 +119,16 @@ class _UploadBody:
 class ExchangeServicer(pb_grpc.ExchangeServicer):
     """mutual_tls: the server requires client certificates, so the upload's site must be the peer's CN.
     coordinator_key: signs the published trust store (None: TrustedKeys sends no signed document);
-    each document is valid for trust_ttl_s seconds.
+    each document is valid for trust_ttl_s seconds. revoked_serials: () -> the client certificate
+    serials refused (server/revoked.py); with mutual TLS every call is refused for a listed
+    certificate and for a site whose every key is revoked (_admit).
     assets_dir: the federation assets DownloadAsset serves, `<sha256>` files (None: serves none)."""
 
     def __init__(self, *, store: BundleStore, trust: TrustStore, max_bundle_bytes: int,
                  mutual_tls: bool = False, coordinator_key=None, federation: str = "federation",
-                 assets_dir: Path | None = None, call_timeout_s: float = 600, trust_ttl_s: float = 86400):
+                 assets_dir: Path | None = None, call_timeout_s: float = 600, trust_ttl_s: float = 86400,
+                 revoked_serials=lambda: frozenset()):
+        self.revoked_serials = revoked_serials
         self.call_timeout_s = call_timeout_s
         self.trust_ttl_s = trust_ttl_s
         self.store = store
@@ -137,7 +148,19 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         timer.start()
         context.add_callback(timer.cancel)
 
+    def _admit(self, context) -> None:
+        """Refuse a revoked site's call, whatever it is: its certificate is listed, or every key of its site is revoked."""
+        if not self.mutual_tls:
+            return
+        site = peer_site(context)
+        if peer_serial(context) in self.revoked_serials():
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"the client certificate of site {site!r} was revoked")
+        entries = self.trust.entries(site) if site else []
+        if entries and all(e.revoked_at for e in entries):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {site!r} was revoked: every key of it is")
+
     def Upload(self, request_iterator, context):
+        self._admit(context)
         self._deadline(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "header":
@@ -172,9 +195,11 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         return pb.UploadReply(bundle=_info(rec))
 
     def List(self, request, context):
+        self._admit(context)
         return pb.ListReply(bundles=[_info(r) for r in self.store.list(request.site or None)])
 
     def Download(self, request, context):
+        self._admit(context)
         self._deadline(context)
         rec = self.store.get(request.bundle_id)
         if rec is None:
@@ -185,6 +210,7 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
                 yield encode_data(block)
 
     def DownloadAsset(self, request, context):
+        self._admit(context)
         self._deadline(context)
         # Content-addressed: only names of 64 lower-case hex digits are looked up, so a request can
         # never name a path. The bytes go out as they are; the site checks them against its pin.
@@ -209,6 +235,7 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
                 yield encode_data(block)
 
     def TrustedKeys(self, request, context):
+        self._admit(context)
         signed = b""
         if self.coordinator_key is not None:
             version, windows = self.trust.snapshot()
@@ -217,6 +244,7 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         return pb.KeysReply(sites={s: pb.PublicKeys(pem=keys) for s, keys in self.trust.all().items()}, signed_document=signed)
 
     def Health(self, request, context):
+        self._admit(context)
         return pb.HealthReply(
             status="ok", n_bundles=len(self.store.list()), n_sites=len(self.trust.sites()), version=code_version()
         )
@@ -263,6 +291,7 @@ def serve(
     assets_dir: Path | None = None,
     call_timeout_s: float = 600,
     trust_ttl_s: float = 86400,
+    revoked_certs_path: Path | None = None,
 ) -> grpc.Server:
     """Start the exchange on host:port with TLS and return the running server (call .stop()).
 
@@ -272,7 +301,7 @@ def serve(
     signs the published trust store. assets_dir: the federation assets served by sha256, by
     default `assets/` beside the store's folder (the coordinator directory's layout).
     call_timeout_s: an upload or download running longer is cancelled. trust_ttl_s: how long each
-    signed trust document is valid.
+    signed trust document is valid. revoked_certs_path: the client certificates refused (server/revoked.py).
     """
     cert = Path(cert_path).read_bytes()
     key = read_private_file(Path(key_path))
@@ -288,6 +317,7 @@ def serve(
             federation=federation,
             assets_dir=assets_dir if assets_dir is not None else Path(store.root).parent / ASSETS_DIRNAME,
             call_timeout_s=call_timeout_s, trust_ttl_s=trust_ttl_s,
+            revoked_serials=RevokedSerials(revoked_certs_path) if revoked_certs_path else (lambda: frozenset()),
         ),
         server,
     )

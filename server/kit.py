@@ -20,6 +20,7 @@ from common.fileio import atomic_write_bytes
 from common.signing import SigningKeyError, key_id, load_public_key
 from common.sitekit import KIT_FORMAT, KitError, write_kit
 from common.tls import issue_client_cert
+from server.revoked import certificate_serial
 from server.coordinator import CoordinatorDir
 
 
@@ -85,6 +86,8 @@ def make_kit(
             "coordinator.pub": cd.coordinator_pub.read_bytes(),
         })
         atomic_write_bytes(cd.root / "clients" / f"{site}.crt", cert_pem)
+        # every certificate ever issued stays on record, so that revoking the site can list them all
+        atomic_write_bytes(cd.root / "clients" / "issued" / f"{site}-{certificate_serial(cert_pem)}.crt", cert_pem)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return meta

@@ -79,6 +79,7 @@ def live_exchange(root: Path, *, max_bundle_bytes: int = 64 * 1024 * 1024, clien
         cert_path=cd.tls_dir / "server.crt", key_path=cd.tls_dir / "server.key",
         max_bundle_bytes=max_bundle_bytes, client_ca_path=cd.ca_cert if client_ca else None,
         coordinator_key_path=cd.coordinator_key, federation="test", call_timeout_s=call_timeout_s,
+        revoked_certs_path=cd.revoked_certs,
     )
     try:
         yield LiveExchange(f"127.0.0.1:{port}", cd.ca_cert, store, trust, server, cd)
