@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from common.config import DownstreamConfig
+from common.content import ContentSpec
 from common.fileio import atomic_write_json
 from common.models import downstream_model
 from node import cvae_federated
@@ -48,6 +49,13 @@ def _route(cfg: ConfigRecord) -> str:
     return str(cfg.get("route", "plan"))
 
 
+def _content_spec(cfg: ConfigRecord) -> ContentSpec:
+    """The federation's data as the ServerApp's config states it (common/content.py)."""
+    if _route(cfg) == "cvae":
+        return ContentSpec(n_classes=int(cfg["n-classes"]), embedding_dim=int(cfg.get("embedding-dim", 0)) or None)
+    return ContentSpec(n_classes=int(cfg["n-classes"]), image_size=int(cfg["image-size"]))
+
+
 def _reply(msg: Message, ws: Workspace, records: dict) -> Message:
     records["site"] = ConfigRecord({"name": ws.config().name})
     # what `plan-node status` shows as this site's part in the current run
@@ -59,15 +67,16 @@ def _reply(msg: Message, ws: Workspace, records: dict) -> Message:
     return Message(RecordDict(records), reply_to=msg)
 
 
-def _training_data(ws: Workspace, train_on: str, route: str = "plan") -> tuple[np.ndarray, np.ndarray]:
+def _training_data(ws: Workspace, train_on: str, route: str = "plan", spec: ContentSpec | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Records (images uint8 [N,H,W], or embeddings float32 [N,D] on the CVAE route) and labels
-    [N]: the verified pool, the site's real train split, or both."""
+    [N]: the verified pool, the site's real train split, or both. Pooled bundles that do not fit
+    the federation's `spec` are quarantined, not trained on (node/pull.py)."""
     parts = []
     if train_on in ("pool", "pool+real"):
         # Bundles pooled after this site started its SuperNode are fetched and verified now, so
         # every round trains on the whole verified pool (and only on verified bundles).
         pull(ws)
-        pool_route, data, labels = load_pool_data(ws)
+        pool_route, data, labels = load_pool_data(ws, spec=spec, route=route)
         if len(labels) == 0:
             raise RuntimeError(f"{ws.root}: the verified pool is empty; nothing to train on")
         if pool_route != route:
@@ -126,7 +135,7 @@ def train(msg: Message, context: Context) -> Message:
     ws = _workspace(context)
     model, cfg = _model_from(msg)
     route = _route(cfg)
-    data, labels = _training_data(ws, str(cfg.get("train-on", "pool")), route)
+    data, labels = _training_data(ws, str(cfg.get("train-on", "pool")), route, _content_spec(cfg))
     if route == "cvae":
         model.fit_scaler(torch.from_numpy(data))  # from the pool: the same at every site
     global_params = [p.detach().clone() for p in model.parameters()]

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from common.bundle import BundleError, load_bundle_data, recheck_signer, verify_bundle
+from common.content import ContentSpec, check_arrays
 from common.fileio import atomic_write_json
 from common.signing import SigningKeyError, load_public_key
 from common.tarscan import short
@@ -164,35 +165,45 @@ def pull(ws: Workspace, *, client: ExchangeClient | None = None) -> list[str]:
 
 def quarantine_untrusted(ws: Workspace, keys: dict[str, list[dict]]) -> list[str]:
     """Move every pooled bundle that no key in `keys` vouches for any more to pool/quarantine/;
-    return their ids. The index is rewritten after each move, so a crash leaves no bundle half out."""
-    index_path, quarantine_path = ws.pool / "index.json", ws.pool / "quarantine.json"
-    index = _read_index(index_path)
+    return their ids."""
     moved = []
-    for bid in sorted(index):
+    for bid in sorted(_read_index(ws.pool / "index.json")):
         try:
             recheck_signer(ws.pool / bid, keys)
-            continue
         except BundleError as e:
-            reason = str(e)
-        quarantine = _read_index(quarantine_path)
-        quarantine[bid] = {"site": index[bid].get("site"), "reason": reason, "at": dt.datetime.now(dt.timezone.utc).isoformat()}
-        atomic_write_json(quarantine_path, quarantine)
-        del index[bid]
-        atomic_write_json(index_path, index)
-        dest = ws.pool / "quarantine" / bid
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(dest, ignore_errors=True)
-        if (ws.pool / bid).exists():
-            (ws.pool / bid).rename(dest)
-        log.warning("bundle %s of site %r quarantined: %s", bid, quarantine[bid]["site"], reason)
-        moved.append(bid)
+            quarantine(ws, bid, str(e))
+            moved.append(bid)
     return moved
 
 
-def load_pool_data(ws: Workspace) -> tuple[str | None, np.ndarray, np.ndarray]:
+def quarantine(ws: Workspace, bid: str, reason: str) -> None:
+    """Take pooled bundle `bid` out of training: pool/quarantine/<bid>, recorded in quarantine.json.
+    The index is rewritten first, so a crash leaves no bundle half in."""
+    index_path, quarantine_path = ws.pool / "index.json", ws.pool / "quarantine.json"
+    index = _read_index(index_path)
+    entry = index.pop(bid, {})
+    records = _read_index(quarantine_path)
+    records[bid] = {"site": entry.get("site"), "reason": reason, "at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    atomic_write_json(quarantine_path, records)
+    atomic_write_json(index_path, index)
+    dest = ws.pool / "quarantine" / bid
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    if (ws.pool / bid).exists():
+        (ws.pool / bid).rename(dest)
+    log.warning("bundle %s of site %r quarantined: %s", bid, entry.get("site"), reason)
+
+
+def load_pool_data(ws: Workspace, *, spec: ContentSpec | None = None,
+                   route: str | None = None) -> tuple[str | None, np.ndarray, np.ndarray]:
     """(route, data, labels int64 [N]): every verified bundle in pool/index.json, own site
     included, in bundle-id order. route "plan": data is images uint8 [N,H,W]; "cvae": embeddings
     float32 [N,D]. (None, uint8 [0,0,0], int64 [0]) when the pool is empty.
+
+    With the federation's `spec` and `route` (a round of the federation: node/clientapp.py), a
+    bundle that does not fit them (another route, image size or embedding length, a label outside
+    the classes) is quarantined (pool/quarantine/) and the rest is loaded: one poison bundle does
+    not fail every round.
 
     Raises BundleError naming the first bundle that does not fit the one before it: another
     route, another image size, or another embedding dimension (embeddings of different
@@ -200,9 +211,16 @@ def load_pool_data(ws: Workspace) -> tuple[str | None, np.ndarray, np.ndarray]:
     federation pins one, DESIGN.md section 7).
     """
     index = _read_index(ws.pool / "index.json")
+    expected_route = route
     route, first, parts, labels = None, None, [], []
     for bid in sorted(index):
         r, x, y = load_bundle_data(ws.pool / bid)
+        if spec is not None:
+            try:
+                check_arrays(r, x, y, spec, route_expected=expected_route or r, where=str(ws.pool / bid))
+            except BundleError as e:
+                quarantine(ws, bid, str(e))
+                continue
         if route is None:
             route, first = r, bid
         elif r != route:

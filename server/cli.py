@@ -60,6 +60,7 @@ def start(
     except ConfigError as e:
         _fail(str(e))
     if results is not None and not results.get("completed"):
+        console.print(f"[red]the federation run failed[/red]: {results.get('failure', 'it did not complete')}")
         raise typer.Exit(1)
 
 
@@ -164,6 +165,8 @@ def status(dir: Path = DirOption, as_json: bool = typer.Option(False, "--json"))
     progress = run["progress"] or {}
     out.print(f"run {run['run_id']} ({run.get('label', '')}): {run['status']}, round {progress.get('round', '-')} {progress.get('phase', '')}"
               + (" [DEGRADED]" if run["degraded"] else ""))
+    if run.get("failure"):
+        out.print(f"[red]FAILED[/red]: {run['failure']}")
     if run["last_metrics"]:
         out.print("last round: " + ", ".join(f"{k} {_num(v)}" for k, v in sorted(run["last_metrics"].items()) if k != "num-examples"))
     for e in run["errors"] or []:

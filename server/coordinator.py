@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from common.config import FederationConfig, dump_yaml, load_federation_config
+from common.content import ContentSpec
 from common.fileio import atomic_write_json, atomic_write_text
 from common.procs import stop
 from server.authority import init_authority
@@ -144,7 +145,14 @@ def fed_store(cd: CoordinatorDir, fed: FederationConfig) -> BundleStore:
     """The coordinator's bundle store, refusing what the federation config rules out."""
     return BundleStore(cd.store, max_bundle_bytes=fed.max_bundle_bytes, policy=fed.policy, route=fed.route,
                        extractor=fed.extractor.model_dump(mode="json") if fed.route == "cvae" else None,
-                       site_quota_bytes=fed.site_quota_bytes)
+                       site_quota_bytes=fed.site_quota_bytes, content=content_spec(fed))
+
+
+def content_spec(fed: FederationConfig) -> ContentSpec:
+    """What every pooled bundle must hold (common/content.py): the federation's classes, image size or embedding length."""
+    if fed.route == "cvae":
+        return ContentSpec(n_classes=fed.n_classes, embedding_dim=fed.extractor.dim)
+    return ContentSpec(n_classes=fed.n_classes, image_size=fed.image_size)
 
 
 def start_exchange(cd: CoordinatorDir, store: BundleStore | None = None):
@@ -357,13 +365,29 @@ def _submit_and_wait(cd: CoordinatorDir, fed: FederationConfig, out: Path, say, 
     results = json.loads(results_path.read_text()) if results_path.exists() else {"completed": False}
     results.update({"run_id": run_id, "status": status})
     results.update(_failures(cd, results.get("per_site", {})))
+    failure = run_failure(results, n_rounds)
+    if failure:
+        results["failure"] = failure
     say(f"run {run_id} ({label}): {status}{' (DEGRADED)' if results['degraded'] else ''}; "
-        f"rounds completed {results.get('rounds_completed', 0)}/{n_rounds}")
+        f"rounds completed {results.get('rounds_completed', 0)}/{n_rounds}"
+        + (f"; FAILED: {results['failure']}" if "failure" in results else ""))
     for e in results["errors"]:
         say(f"  round {e['round']} {e['phase']}: {e['site']} failed: {e['error']}")
     for site, rounds in results["missed"].items():
         say(f"  {site} missed round(s) {sorted({r['round'] for r in rounds})}")
     return results
+
+
+def run_failure(results: dict, n_rounds: int) -> str | None:
+    """Why a run failed, or None when it completed every round. Flower reports a run whose every
+    ClientApp failed as finished:completed, so the rounds completed decide, and the first site
+    error says why."""
+    if results.get("completed"):
+        return None
+    first = results["errors"][0] if results.get("errors") else None
+    why = (f"first error, round {first['round']} {first['phase']} at {first['site']}: {first['error']}" if first
+           else f"Flower status {results.get('status')}")
+    return f"{results.get('rounds_completed', 0)} of {n_rounds} rounds completed; {why}"
 
 
 def _final_per_site(results: dict, keys: tuple[str, ...], *, prefix: str = "") -> dict:
@@ -434,5 +458,8 @@ def _run_once(cd: CoordinatorDir, fed: FederationConfig, store: BundleStore, say
     results["per_site_final"] = _final_per_site(results, METRICS)
     atomic_write_json(out / "results.json", results)
     write_curves(out / "curves.png", results, real)
-    atomic_write_json(cd.runs / "latest.json", {"run_dir": out.name, "run_id": results["run_id"], "status": results["status"], "label": "finished"})
+    atomic_write_json(cd.runs / "latest.json", {
+        "run_dir": out.name, "run_id": results["run_id"], "label": "finished",
+        "status": "failed" if "failure" in results else results["status"], "failure": results.get("failure"),
+    })  # fmt: skip
     return results

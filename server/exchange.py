@@ -54,6 +54,7 @@ _CODES = {
     "policy": grpc.StatusCode.PERMISSION_DENIED,
     "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "replay": grpc.StatusCode.ALREADY_EXISTS,
+    "content": grpc.StatusCode.INVALID_ARGUMENT,
 }
 
 

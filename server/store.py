@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Mapping, Sequence
 
 from common.bundle import BundleError, verify_bundle_stream
+from common.content import ContentSpec, check_bundle_content
 from common.config import PolicyConfig
 from common.policy import check_audit
 from server.trust import TrustStore
@@ -73,7 +74,8 @@ class StoreRefused(Exception):
 
     `reason`: "invalid" (malformed, digest mismatch), "unsafe" (dangerous archive), "untrusted"
     (unregistered site, bad signature, wrong sender), "too_large", "policy" (audit did not
-    pass), or "replay" (bundle id already stored, or sequence not above the site's last).
+    pass), "replay" (bundle id already stored, or sequence not above the site's last), or
+    "content" (images, labels or embeddings not the federation's: common/content.py).
     """
 
     def __init__(self, message: str, reason: str):
@@ -260,12 +262,14 @@ class BundleStore:
     `site_quota_bytes`, a bundle that would take its site's stored bytes above the quota."""
 
     def __init__(self, root: Path, *, max_bundle_bytes: int = 512 * 1024 * 1024, policy: PolicyConfig | None = None,
-                 route: str | None = None, extractor: dict | None = None, site_quota_bytes: int | None = None):
+                 route: str | None = None, extractor: dict | None = None, site_quota_bytes: int | None = None,
+                 content: ContentSpec | None = None):
         self.root = Path(root)
         self.max_bundle_bytes = max_bundle_bytes
         self.policy = policy
         self.route, self.extractor = route, extractor
         self.site_quota_bytes = site_quota_bytes
+        self.content = content
         self.objects = self.root / "objects"
         self.incoming = self.root / "incoming"
         self.index_path = self.root / "index.db"
@@ -360,6 +364,11 @@ class BundleStore:
                 extractor = vb.datacard.get("extractor")
                 if extractor != self.extractor:
                     raise StoreRefused(f"embeddings made by extractor {extractor!r}; this federation pins {self.extractor!r}", "policy")
+            if self.content is not None:
+                try:
+                    check_bundle_content(tmp, self.content, route=vb.route, embedding_dim=vb.datacard.get("embedding_dim"))
+                except BundleError as e:
+                    raise StoreRefused(str(e), e.reason) from None
             if self.policy is not None:
                 # the site's own gate ran under the site's policy; the floor is checked here, on
                 # the figures the site signed (common.policy, the same function as the site's gate)

@@ -12,7 +12,7 @@ import numpy as np
 from common.bundle import build_bundle, pack_bundle
 from common.config import FederationConfig
 from common.signing import generate_signing_key, load_private_key
-from server.coordinator import CoordinatorDir, init_coordinator
+from server.coordinator import CoordinatorDir, content_spec, init_coordinator
 from server.exchange import serve
 from server.store import BundleStore
 from server.trust import TrustStore
@@ -61,8 +61,9 @@ class LiveExchange:
 
 
 def coordinator_dir(root: Path, *, port: int | None = None, max_bundle_bytes: int = 64 * 1024 * 1024) -> CoordinatorDir:
-    """`plan-server init`'s directory (federation "test") with the exchange on 127.0.0.1:port."""
-    cfg = FederationConfig(name="test", exchange_port=port or free_port(), max_bundle_bytes=max_bundle_bytes)
+    """`plan-server init`'s directory (federation "test", 8x8 images) with the exchange on 127.0.0.1:port."""
+    # image_size 8: the test bundles' (sample_set), which the coordinator's content check holds them to
+    cfg = FederationConfig(name="test", exchange_port=port or free_port(), max_bundle_bytes=max_bundle_bytes, image_size=8)
     return init_coordinator(root, cfg)
 
 
@@ -72,7 +73,8 @@ def live_exchange(root: Path, *, max_bundle_bytes: int = 64 * 1024 * 1024, clien
     """A real exchange server with TLS (mutual with `client_ca`) on 127.0.0.1, stopped on exit."""
     cd = coordinator_dir(root, max_bundle_bytes=max_bundle_bytes)
     port = cd.config().exchange_port
-    store = BundleStore(cd.store, max_bundle_bytes=max_bundle_bytes, site_quota_bytes=site_quota_bytes)
+    store = BundleStore(cd.store, max_bundle_bytes=max_bundle_bytes, site_quota_bytes=site_quota_bytes,
+                        content=content_spec(cd.config()))
     trust = cd.trust()
     server = serve(
         store=store, trust=trust, host="127.0.0.1", port=port,
