@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63ommon/exchange.proto\x12\x14plannode.exchange.v1\":\n\x0cUploadHeader\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x1f\n\rUploadTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x93\x01\n\x0bUploadChunk\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".plannode.exchange.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x36\n\x07trailer\x18\x03 \x01(\x0b\x32#.plannode.exchange.v1.UploadTrailerH\x00\x42\x06\n\x04kind\"\x83\x01\n\nBundleInfo\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x11\n\tn_samples\x18\x06 \x01(\x04\x12\x11\n\tstored_at\x18\x07 \x01(\x01\"?\n\x0bUploadReply\x12\x30\n\x06\x62undle\x18\x01 \x01(\x0b\x32 .plannode.exchange.v1.BundleInfo\"\x1b\n\x0bListRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\">\n\tListReply\x12\x31\n\x07\x62undles\x18\x01 \x03(\x0b\x32 .plannode.exchange.v1.BundleInfo\"$\n\x0f\x44ownloadRequest\x12\x11\n\tbundle_id\x18\x01 \x01(\t\"Y\n\rDownloadChunk\x12\x30\n\x04info\x18\x01 \x01(\x0b\x32 .plannode.exchange.v1.BundleInfoH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x1e\n\x0c\x41ssetRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x07\n\x05\x45mpty\"\x19\n\nPublicKeys\x12\x0b\n\x03pem\x18\x01 \x03(\t\"\xaf\x01\n\tKeysReply\x12\x39\n\x05sites\x18\x01 \x03(\x0b\x32*.plannode.exchange.v1.KeysReply.SitesEntry\x12\x17\n\x0fsigned_document\x18\x02 \x01(\x0c\x1aN\n\nSitesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .plannode.exchange.v1.PublicKeys:\x02\x38\x01\"R\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x11\n\tn_bundles\x18\x02 \x01(\x04\x12\x0f\n\x07n_sites\x18\x03 \x01(\x04\x12\x0f\n\x07version\x18\x04 \x01(\t2\xf5\x03\n\x08\x45xchange\x12P\n\x06Upload\x12!.plannode.exchange.v1.UploadChunk\x1a!.plannode.exchange.v1.UploadReply(\x01\x12J\n\x04List\x12!.plannode.exchange.v1.ListRequest\x1a\x1f.plannode.exchange.v1.ListReply\x12X\n\x08\x44ownload\x12%.plannode.exchange.v1.DownloadRequest\x1a#.plannode.exchange.v1.DownloadChunk0\x01\x12Z\n\rDownloadAsset\x12\".plannode.exchange.v1.AssetRequest\x1a#.plannode.exchange.v1.DownloadChunk0\x01\x12K\n\x0bTrustedKeys\x12\x1b.plannode.exchange.v1.Empty\x1a\x1f.plannode.exchange.v1.KeysReply\x12H\n\x06Health\x12\x1b.plannode.exchange.v1.Empty\x1a!.plannode.exchange.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63ommon/exchange.proto\x12\x14plannode.exchange.v1\":\n\x0cUploadHeader\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x1f\n\rUploadTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x93\x01\n\x0bUploadChunk\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".plannode.exchange.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x36\n\x07trailer\x18\x03 \x01(\x0b\x32#.plannode.exchange.v1.UploadTrailerH\x00\x42\x06\n\x04kind\"\x83\x01\n\nBundleInfo\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x11\n\tn_samples\x18\x06 \x01(\x04\x12\x11\n\tstored_at\x18\x07 \x01(\x01\"?\n\x0bUploadReply\x12\x30\n\x06\x62undle\x18\x01 \x01(\x0b\x32 .plannode.exchange.v1.BundleInfo\"B\n\x0bListRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\"l\n\tListReply\x12\x31\n\x07\x62undles\x18\x01 \x03(\x0b\x32 .plannode.exchange.v1.BundleInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x13\n\x0bsigned_page\x18\x03 \x01(\x0c\"$\n\x0f\x44ownloadRequest\x12\x11\n\tbundle_id\x18\x01 \x01(\t\"Y\n\rDownloadChunk\x12\x30\n\x04info\x18\x01 \x01(\x0b\x32 .plannode.exchange.v1.BundleInfoH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x1e\n\x0c\x41ssetRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x07\n\x05\x45mpty\"\x19\n\nPublicKeys\x12\x0b\n\x03pem\x18\x01 \x03(\t\"\xaf\x01\n\tKeysReply\x12\x39\n\x05sites\x18\x01 \x03(\x0b\x32*.plannode.exchange.v1.KeysReply.SitesEntry\x12\x17\n\x0fsigned_document\x18\x02 \x01(\x0c\x1aN\n\nSitesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .plannode.exchange.v1.PublicKeys:\x02\x38\x01\"R\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x11\n\tn_bundles\x18\x02 \x01(\x04\x12\x0f\n\x07n_sites\x18\x03 \x01(\x04\x12\x0f\n\x07version\x18\x04 \x01(\t2\xf5\x03\n\x08\x45xchange\x12P\n\x06Upload\x12!.plannode.exchange.v1.UploadChunk\x1a!.plannode.exchange.v1.UploadReply(\x01\x12J\n\x04List\x12!.plannode.exchange.v1.ListRequest\x1a\x1f.plannode.exchange.v1.ListReply\x12X\n\x08\x44ownload\x12%.plannode.exchange.v1.DownloadRequest\x1a#.plannode.exchange.v1.DownloadChunk0\x01\x12Z\n\rDownloadAsset\x12\".plannode.exchange.v1.AssetRequest\x1a#.plannode.exchange.v1.DownloadChunk0\x01\x12K\n\x0bTrustedKeys\x12\x1b.plannode.exchange.v1.Empty\x1a\x1f.plannode.exchange.v1.KeysReply\x12H\n\x06Health\x12\x1b.plannode.exchange.v1.Empty\x1a!.plannode.exchange.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,25 +44,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADREPLY']._serialized_start=424
   _globals['_UPLOADREPLY']._serialized_end=487
   _globals['_LISTREQUEST']._serialized_start=489
-  _globals['_LISTREQUEST']._serialized_end=516
-  _globals['_LISTREPLY']._serialized_start=518
-  _globals['_LISTREPLY']._serialized_end=580
-  _globals['_DOWNLOADREQUEST']._serialized_start=582
-  _globals['_DOWNLOADREQUEST']._serialized_end=618
-  _globals['_DOWNLOADCHUNK']._serialized_start=620
-  _globals['_DOWNLOADCHUNK']._serialized_end=709
-  _globals['_ASSETREQUEST']._serialized_start=711
-  _globals['_ASSETREQUEST']._serialized_end=741
-  _globals['_EMPTY']._serialized_start=743
-  _globals['_EMPTY']._serialized_end=750
-  _globals['_PUBLICKEYS']._serialized_start=752
-  _globals['_PUBLICKEYS']._serialized_end=777
-  _globals['_KEYSREPLY']._serialized_start=780
-  _globals['_KEYSREPLY']._serialized_end=955
-  _globals['_KEYSREPLY_SITESENTRY']._serialized_start=877
-  _globals['_KEYSREPLY_SITESENTRY']._serialized_end=955
-  _globals['_HEALTHREPLY']._serialized_start=957
-  _globals['_HEALTHREPLY']._serialized_end=1039
-  _globals['_EXCHANGE']._serialized_start=1042
-  _globals['_EXCHANGE']._serialized_end=1543
+  _globals['_LISTREQUEST']._serialized_end=555
+  _globals['_LISTREPLY']._serialized_start=557
+  _globals['_LISTREPLY']._serialized_end=665
+  _globals['_DOWNLOADREQUEST']._serialized_start=667
+  _globals['_DOWNLOADREQUEST']._serialized_end=703
+  _globals['_DOWNLOADCHUNK']._serialized_start=705
+  _globals['_DOWNLOADCHUNK']._serialized_end=794
+  _globals['_ASSETREQUEST']._serialized_start=796
+  _globals['_ASSETREQUEST']._serialized_end=826
+  _globals['_EMPTY']._serialized_start=828
+  _globals['_EMPTY']._serialized_end=835
+  _globals['_PUBLICKEYS']._serialized_start=837
+  _globals['_PUBLICKEYS']._serialized_end=862
+  _globals['_KEYSREPLY']._serialized_start=865
+  _globals['_KEYSREPLY']._serialized_end=1040
+  _globals['_KEYSREPLY_SITESENTRY']._serialized_start=962
+  _globals['_KEYSREPLY_SITESENTRY']._serialized_end=1040
+  _globals['_HEALTHREPLY']._serialized_start=1042
+  _globals['_HEALTHREPLY']._serialized_end=1124
+  _globals['_EXCHANGE']._serialized_start=1127
+  _globals['_EXCHANGE']._serialized_end=1628
 # @@protoc_insertion_point(module_scope)

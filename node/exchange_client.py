@@ -21,6 +21,7 @@ from common import exchange_pb2 as pb
 from common import exchange_pb2_grpc as pb_grpc
 from common.bundle import read_bundle_site
 from common.keyfile import read_private_file
+from common.listing import ListingError, open_listing
 from common.wire import CHUNK_BYTES, encode_data, grpc_options, serialize
 
 
@@ -159,12 +160,40 @@ class ExchangeClient:
         return _record(reply.bundle)
 
     def list(self, site: str | None = None) -> list[dict]:
-        """Every bundle in the coordinator's pool (only `site`'s when given)."""
-        try:
-            reply = self._stub.List(pb.ListRequest(site=site), timeout=self.timeout)
-        except grpc.RpcError as e:
-            raise self._fail(e, "list") from None
-        return [_record(b) for b in reply.bundles]
+        """Every bundle in the coordinator's pool (only `site`'s when given), page by page, as the
+        exchange states it (unsigned: for display; receivers use `signed_list`)."""
+        return [_record(b) for reply in self._pages(site) for b in reply.bundles]
+
+    def signed_list(self, coordinator_pub, *, federation: str, trust_version: int, site: str | None = None) -> list[dict]:
+        """Every bundle in the pool as the coordinator signed it, page by page (common/listing.py):
+        each page verified against `coordinator_pub`, this federation, the trust document version
+        the caller holds and the page token asked for. Raises ListingError (TrustVersionChanged
+        when the coordinator's keys changed meanwhile: fetch the trust document again)."""
+        out, token = [], ""
+        for reply in self._pages(site):
+            if not reply.signed_page:
+                raise ListingError(f"the exchange at {self.address} sent an unsigned pool listing (an older coordinator?)")
+            bundles, next_token = open_listing(reply.signed_page, coordinator_pub, federation=federation,
+                                               trust_version=trust_version, site=site or "", page_token=token)
+            if next_token != reply.next_page_token:
+                raise ListingError("pool listing: the signed next page token differs from the reply's")
+            out += bundles
+            token = next_token
+        return out
+
+    def _pages(self, site: str | None) -> Iterator[pb.ListReply]:
+        token = ""
+        while True:
+            try:
+                reply = self._stub.List(pb.ListRequest(site=site, page_token=token), timeout=self.timeout)
+            except grpc.RpcError as e:
+                raise self._fail(e, "list") from None
+            yield reply
+            if not reply.next_page_token:
+                return
+            if reply.next_page_token <= token:  # tokens are bundle ids in order: a loop otherwise
+                raise ExchangeError(f"list at {self.address}: page tokens do not advance")
+            token = reply.next_page_token
 
     def _stream_to(self, call, dest: Path, what: str, *, want_sha256: str | None = None, mode: int | None = None):
         """Write a streamed download (an `info` chunk, then data chunks) into a temporary file

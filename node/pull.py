@@ -36,6 +36,7 @@ import numpy as np
 from common.bundle import BundleError, load_bundle_data, recheck_signer, verify_bundle
 from common.content import ContentSpec, check_arrays
 from common.fileio import atomic_write_json
+from common.listing import ListingError, TrustVersionChanged
 from common.signing import SigningKeyError, load_public_key
 from common.tarscan import short
 from common.trustdoc import TrustDocumentError
@@ -56,21 +57,40 @@ def _read_index(path: Path) -> dict:
     return data
 
 
-def trusted_windows(ws: Workspace, client: ExchangeClient) -> dict[str, list[dict]]:
-    """site -> keys with sequence windows, from the trust document the coordinator signed.
-
-    Raises ExchangeError if the document is missing, not signed by keys/coordinator.pub, for
-    another federation, expired, or older than the last one this site accepted (node/trust.py).
-    """
+def _coordinator_pub(ws: Workspace):
     path = ws.resolve(ws.config().coordinator.coordinator_pub)
     try:
-        coordinator_pub = load_public_key(path)
+        return load_public_key(path)
     except SigningKeyError as e:
         raise ExchangeError(f"{e}; install the site kit with `plan-node init --kit`") from None
+
+
+def trusted_document(ws: Workspace, client: ExchangeClient) -> dict:
+    """The trust document the coordinator signed (common/trustdoc.py), accepted by node/trust.py.
+
+    Raises ExchangeError if the document is missing, not signed by keys/coordinator.pub, for
+    another federation, expired, or older than the last one this site accepted.
+    """
     try:
-        return accept_trust_document(ws, client.trust_document(), coordinator_pub)["sites"]
+        return accept_trust_document(ws, client.trust_document(), _coordinator_pub(ws))
     except TrustDocumentError as e:
-        raise ExchangeError(f"trusted keys at {client.address}: {e} ({path})", "UNAUTHENTICATED") from None
+        raise ExchangeError(f"trusted keys at {client.address}: {e}", "UNAUTHENTICATED") from None
+
+
+def _signed_state(ws: Workspace, client: ExchangeClient, *, attempts: int = 3) -> tuple[dict, list[dict]]:
+    """(trust windows, pool listing) that the coordinator signed under one trust document version.
+    A key change between the two calls shows as another version: both are fetched again."""
+    for attempt in range(attempts):
+        doc = trusted_document(ws, client)
+        try:
+            listing = client.signed_list(_coordinator_pub(ws), federation=doc["federation"], trust_version=doc["version"])
+            return doc["sites"], listing
+        except TrustVersionChanged:
+            if attempt == attempts - 1:
+                raise ExchangeError(f"pool listing at {client.address}: the trust document kept changing") from None
+        except ListingError as e:
+            raise ExchangeError(f"pool listing at {client.address}: {e}", "UNAUTHENTICATED") from None
+    raise AssertionError("unreachable")
 
 
 def _check_fits(vb, synth) -> None:
@@ -129,9 +149,8 @@ def pull(ws: Workspace, *, client: ExchangeClient | None = None) -> list[str]:
     if own:
         client = site_client(ws)
     try:
-        keys = trusted_windows(ws, client)
+        keys, listing = _signed_state(ws, client)
         quarantine_untrusted(ws, keys)
-        listing = client.list()
         ws.pool.mkdir(parents=True, exist_ok=True)
         index_path, rejected_path = ws.pool / "index.json", ws.pool / "rejected.json"
         index, rejected = _read_index(index_path), _read_index(rejected_path)

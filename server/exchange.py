@@ -36,17 +36,22 @@ from common import exchange_pb2 as pb
 from common import exchange_pb2_grpc as pb_grpc
 from common.bundle import code_version
 from common.keyfile import read_private_file
+from common.listing import sign_listing
 from common.signing import load_private_key
 from common.trustdoc import sign_trust_document
 from common.wire import CHUNK_BYTES, encode_data, grpc_options, serialize
 from server.assets import ASSETS_DIRNAME
-from server.store import BundleRecord, BundleStore, StoreRefused
 from server.revoked import RevokedSerials, certificate_serial
+from server.store import BundleRecord, BundleStore, StoreRefused
 from server.trust import TrustStore
 
 log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# List pages: ~150 bytes a bundle, so even the largest page stays far below the message cap.
+LIST_PAGE_DEFAULT, LIST_PAGE_MAX = 500, 2000
+_BUNDLE_ID = re.compile(r"[0-9a-f]{32}")
+
 _CODES = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "unsafe": grpc.StatusCode.INVALID_ARGUMENT,
@@ -197,7 +202,18 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
 
     def List(self, request, context):
         self._admit(context)
-        return pb.ListReply(bundles=[_info(r) for r in self.store.list(request.site or None)])
+        if request.page_token and not _BUNDLE_ID.fullmatch(request.page_token):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_token must be empty or a bundle id (32 hex digits)")
+        size = min(request.page_size or LIST_PAGE_DEFAULT, LIST_PAGE_MAX)
+        trust_version = self.trust.snapshot()[0]  # before the page: a key change after it shows as a newer version
+        records = self.store.page(request.site or None, after=request.page_token, limit=size)
+        next_token = records[-1].bundle_id if len(records) == size else ""
+        signed = b""
+        if self.coordinator_key is not None:
+            signed = sign_listing([r.as_dict() for r in records], self.coordinator_key,
+                                  federation=self.federation, trust_version=trust_version, site=request.site,
+                                  page_token=request.page_token, next_page_token=next_token)
+        return pb.ListReply(bundles=[_info(r) for r in records], next_page_token=next_token, signed_page=signed)
 
     def Download(self, request, context):
         self._admit(context)

@@ -475,6 +475,15 @@ class BundleStore:
         with self._db() as db:
             return [BundleRecord(*r) for r in db.execute(q, (site,) if site else ())]
 
+    def page(self, site: str | None, *, after: str, limit: int) -> list[BundleRecord]:
+        """At most `limit` stored bundles with a bundle id above `after` ("" from the start), in
+        bundle-id order; only `site`'s when given. Stable while bundles come and go: a page token
+        is the last id of the page before."""
+        q = (f"SELECT {_COLUMNS} FROM bundles WHERE bundle_id > ?" + (" AND site = ?" if site else "")
+             + " ORDER BY bundle_id LIMIT ?")
+        with self._db() as db:
+            return [BundleRecord(*r) for r in db.execute(q, (after, site, limit) if site else (after, limit))]
+
     def get(self, bundle_id: str) -> BundleRecord | None:
         with self._db() as db:
             r = db.execute(f"SELECT {_COLUMNS} FROM bundles WHERE bundle_id = ?", (bundle_id,)).fetchone()

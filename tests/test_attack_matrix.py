@@ -534,7 +534,7 @@ def test_kill_9_during_upload_then_restart(tmp_path):
         assert _consistent(cd.store) == [stored["bundle_id"]]
         with ExchangeClient(address, cd.ca_cert, timeout=10, client_cert=cert, client_key=key) as c:
             again = c.upload(second)  # not a replay: nothing of it was kept
-            assert [r["bundle_id"] for r in c.list()] == [stored["bundle_id"], again["bundle_id"]]
+            assert sorted(r["bundle_id"] for r in c.list()) == sorted([stored["bundle_id"], again["bundle_id"]])
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)

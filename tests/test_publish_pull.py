@@ -160,8 +160,8 @@ def test_clientapp_trains_on_pool_real_or_both(fed):
 
 
 def test_a_listed_bundle_id_is_never_a_path(fed, tmp_path):
-    """The listing is not signed: a bundle id like '../x' (a compromised exchange host) must not
-    name a folder, a temporary one included, outside the pool."""
+    """Even a signed listing is not a path: a bundle id like '../x' must not name a folder, a
+    temporary one included, outside the pool."""
     ex, a, b = fed
     bid = publish(a)
 
@@ -169,8 +169,8 @@ def test_a_listed_bundle_id_is_never_a_path(fed, tmp_path):
         def __init__(self, client):
             self._client = client
 
-        def list(self, site=None):
-            return [dict(r, bundle_id="../../escape" + "0" * 20) for r in self._client.list()]
+        def signed_list(self, *args, **kw):  # as if the coordinator's own key signed it
+            return [dict(r, bundle_id="../../escape" + "0" * 20) for r in self._client.signed_list(*args, **kw)]
 
         def __getattr__(self, name):
             return getattr(self._client, name)
