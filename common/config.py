@@ -366,6 +366,10 @@ class FederationConfig(_Strict):
     site_quota_bytes: int = Field(4 * 1024 ** 3, ge=1024, description="bytes of bundles the pool keeps per site; an upload beyond is refused")
     exchange_call_timeout_s: float = Field(600, gt=0, description=(
         "the exchange cancels an upload or download still running after this many seconds, whatever the client asked"))
+    exchange_idle_timeout_s: float = Field(60, gt=0, description=(
+        "the exchange cancels an upload or download that moved no data for this many seconds"))
+    exchange_calls_per_site: int = Field(4, ge=1, description=(
+        "calls one site may have in progress at the exchange at once, of them one upload"))
     policy: PolicyConfig = PolicyConfig()  # the floor every site's gate must meet
     downstream: DownstreamConfig = DownstreamConfig()
     extractor: ExtractorConfig = ExtractorConfig()  # the CVAE route's; every site must embed with the same network

@@ -174,6 +174,8 @@ def start_exchange(cd: CoordinatorDir, store: BundleStore | None = None):
         call_timeout_s=fed.exchange_call_timeout_s,
         trust_ttl_s=fed.trust_document_ttl_s,
         revoked_certs_path=cd.revoked_certs,
+        idle_timeout_s=fed.exchange_idle_timeout_s,
+        calls_per_site=fed.exchange_calls_per_site,
     )
 
 

@@ -41,6 +41,7 @@ from common.signing import load_private_key
 from common.trustdoc import sign_trust_document
 from common.wire import CHUNK_BYTES, encode_data, grpc_options, serialize
 from server.assets import ASSETS_DIRNAME
+from server.limits import SiteSlots, Watchdog
 from server.revoked import RevokedSerials, certificate_serial
 from server.store import BundleRecord, BundleStore, StoreRefused
 from server.trust import TrustStore
@@ -87,13 +88,15 @@ class _UploadBody:
     it breaks a limit (`declared` and `limit`, bytes), before it is written, up to the trailer,
     which must end the stream; sha256() is then the digest the trailer declares."""
 
-    def __init__(self, requests: Iterator[pb.UploadChunk], *, declared: int, limit: int):
+    def __init__(self, requests: Iterator[pb.UploadChunk], *, declared: int, limit: int, progress=lambda: None):
         self._requests, self._declared, self._limit = requests, declared, limit
+        self._progress = progress
         self._trailer: str | None = None
 
     def __iter__(self) -> Iterator[bytes]:
         received = 0
         for msg in self._requests:
+            self._progress()
             kind = msg.WhichOneof("kind")
             if kind == "trailer":
                 self._trailer = msg.trailer.sha256
@@ -133,8 +136,10 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
     def __init__(self, *, store: BundleStore, trust: TrustStore, max_bundle_bytes: int,
                  mutual_tls: bool = False, coordinator_key=None, federation: str = "federation",
                  assets_dir: Path | None = None, call_timeout_s: float = 600, trust_ttl_s: float = 86400,
-                 revoked_serials=lambda: frozenset()):
+                 revoked_serials=lambda: frozenset(), idle_timeout_s: float = 60, calls_per_site: int = 4):
         self.revoked_serials = revoked_serials
+        self.idle_timeout_s = idle_timeout_s
+        self.slots = SiteSlots(calls_per_site)
         self.call_timeout_s = call_timeout_s
         self.trust_ttl_s = trust_ttl_s
         self.store = store
@@ -145,18 +150,15 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         self.federation = federation
         self.assets_dir = Path(assets_dir) if assets_dir is not None else None
 
-    def _deadline(self, context) -> None:
-        """Cancel this call once it has run call_timeout_s: a client that stalls mid-stream (or
-        trickles bytes) would otherwise hold a worker thread and an open temporary file forever.
-        Cancelling ends the request stream, and the store removes what it had received."""
-        timer = threading.Timer(self.call_timeout_s, context.cancel)
-        timer.daemon = True
-        timer.start()
-        context.add_callback(timer.cancel)
+    def _watch(self, context) -> Watchdog:
+        """Cancel this call after call_timeout_s, or idle_timeout_s without progress (server/limits.py)."""
+        return Watchdog(context, total_s=self.call_timeout_s, idle_s=self.idle_timeout_s)
 
-    def _admit(self, context) -> None:
-        """Refuse a revoked site's call, whatever it is: its certificate is listed, or every key of its site is revoked."""
+    def _admit(self, context, *, upload: bool = False) -> None:
+        """Refuse a revoked site's call, whatever it is: its certificate is listed, or every key of
+        its site is revoked; then take one of the site's call slots (server/limits.py)."""
         if not self.mutual_tls:
+            self.slots.take(context, context.peer(), upload=upload)  # no certificate: one client per connection
             return
         site = peer_site(context)
         if peer_serial(context) in self.revoked_serials():
@@ -164,10 +166,11 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         entries = self.trust.entries(site) if site else []
         if entries and all(e.revoked_at for e in entries):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {site!r} was revoked: every key of it is")
+        self.slots.take(context, site, upload=upload)
 
     def Upload(self, request_iterator, context):
-        self._admit(context)
-        self._deadline(context)
+        self._admit(context, upload=True)
+        watchdog = self._watch(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "header":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first upload chunk must carry the header")
@@ -191,7 +194,7 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
             )
         if not self.trust.keys(h.site):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {h.site!r} is not registered (or its key was revoked)")
-        body = _UploadBody(request_iterator, declared=h.size, limit=self.max_bundle_bytes)
+        body = _UploadBody(request_iterator, declared=h.size, limit=self.max_bundle_bytes, progress=watchdog.touch)
         try:
             rec = self.store.put(body, verify=self.trust, site=h.site, size=h.size, sha256=body.sha256)
         except StoreRefused as e:
@@ -217,7 +220,7 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
 
     def Download(self, request, context):
         self._admit(context)
-        self._deadline(context)
+        watchdog = self._watch(context)
         rec = self.store.get(request.bundle_id)
         if rec is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no bundle {request.bundle_id!r} in the store")
@@ -225,10 +228,11 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         with self.store.open(rec.bundle_id) as f:
             for block in iter(lambda: f.read(CHUNK_BYTES), b""):
                 yield encode_data(block)
+                watchdog.touch()  # a reader that stalls blocks the yield (flow control): the watchdog ends it
 
     def DownloadAsset(self, request, context):
         self._admit(context)
-        self._deadline(context)
+        watchdog = self._watch(context)
         # Content-addressed: only names of 64 lower-case hex digits are looked up, so a request can
         # never name a path. The bytes go out as they are; the site checks them against its pin.
         if not _SHA256.match(request.sha256):
@@ -250,6 +254,7 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
             yield pb.DownloadChunk(info=pb.BundleInfo(sha256=request.sha256, size=size))
             for block in iter(lambda: f.read(CHUNK_BYTES), b""):
                 yield encode_data(block)
+                watchdog.touch()
 
     def TrustedKeys(self, request, context):
         self._admit(context)
@@ -309,6 +314,8 @@ def serve(
     call_timeout_s: float = 600,
     trust_ttl_s: float = 86400,
     revoked_certs_path: Path | None = None,
+    idle_timeout_s: float = 60,
+    calls_per_site: int = 4,
 ) -> grpc.Server:
     """Start the exchange on host:port with TLS and return the running server (call .stop()).
 
@@ -319,6 +326,8 @@ def serve(
     default `assets/` beside the store's folder (the coordinator directory's layout).
     call_timeout_s: an upload or download running longer is cancelled. trust_ttl_s: how long each
     signed trust document is valid. revoked_certs_path: the client certificates refused (server/revoked.py).
+    idle_timeout_s: a call without progress for that long is cancelled; calls_per_site: the calls one
+    site may have in progress at once, of them one upload (server/limits.py).
     """
     cert = Path(cert_path).read_bytes()
     key = read_private_file(Path(key_path))
@@ -326,7 +335,9 @@ def serve(
     creds = grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=grpc_options())
+    # Beyond 2x the workers, calls are refused at once (RESOURCE_EXHAUSTED) rather than queued without end.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=grpc_options(),
+                         maximum_concurrent_rpcs=2 * max_workers)
     add_exchange_to_server(
         ExchangeServicer(
             store=store, trust=trust, max_bundle_bytes=max_bundle_bytes, mutual_tls=client_ca is not None,
@@ -335,6 +346,7 @@ def serve(
             assets_dir=assets_dir if assets_dir is not None else Path(store.root).parent / ASSETS_DIRNAME,
             call_timeout_s=call_timeout_s, trust_ttl_s=trust_ttl_s,
             revoked_serials=RevokedSerials(revoked_certs_path) if revoked_certs_path else (lambda: frozenset()),
+            idle_timeout_s=idle_timeout_s, calls_per_site=calls_per_site,
         ),
         server,
     )

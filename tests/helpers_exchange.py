@@ -69,7 +69,8 @@ def coordinator_dir(root: Path, *, port: int | None = None, max_bundle_bytes: in
 
 @contextlib.contextmanager
 def live_exchange(root: Path, *, max_bundle_bytes: int = 64 * 1024 * 1024, client_ca: bool = False,
-                  site_quota_bytes: int | None = None, call_timeout_s: float = 600):
+                  site_quota_bytes: int | None = None, call_timeout_s: float = 600, idle_timeout_s: float = 60,
+                  calls_per_site: int = 4):
     """A real exchange server with TLS (mutual with `client_ca`) on 127.0.0.1, stopped on exit."""
     cd = coordinator_dir(root, max_bundle_bytes=max_bundle_bytes)
     port = cd.config().exchange_port
@@ -81,7 +82,7 @@ def live_exchange(root: Path, *, max_bundle_bytes: int = 64 * 1024 * 1024, clien
         cert_path=cd.tls_dir / "server.crt", key_path=cd.tls_dir / "server.key",
         max_bundle_bytes=max_bundle_bytes, client_ca_path=cd.ca_cert if client_ca else None,
         coordinator_key_path=cd.coordinator_key, federation="test", call_timeout_s=call_timeout_s,
-        revoked_certs_path=cd.revoked_certs,
+        revoked_certs_path=cd.revoked_certs, idle_timeout_s=idle_timeout_s, calls_per_site=calls_per_site,
     )
     try:
         yield LiveExchange(f"127.0.0.1:{port}", cd.ca_cert, store, trust, server, cd)

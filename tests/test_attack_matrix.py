@@ -557,14 +557,20 @@ def test_eight_sites_five_bundles_each_concurrently(tmp_path):
 
         def publisher(s: str) -> None:
             # Two uploaders per site send the same five bundles at once (a retry racing the
-            # original): each bundle must be stored once, the duplicate refused as a replay.
+            # original): each bundle must be stored once, the duplicate refused as a replay. A site
+            # has one upload in progress at a time; the other is told to come back (RESOURCE_EXHAUSTED).
             with ExchangeClient(ex.address, ex.ca_cert, timeout=60, client_cert=tls[s][0], client_key=tls[s][1]) as c:
                 start.wait()
                 for tar in tars[s]:
-                    try:
-                        outcomes[s].append(c.upload(tar)["bundle_id"])
-                    except ExchangeError as e:
-                        outcomes[s].append(e.code)
+                    while True:
+                        try:
+                            outcomes[s].append(c.upload(tar)["bundle_id"])
+                        except ExchangeError as e:
+                            if e.code == "RESOURCE_EXHAUSTED":
+                                time.sleep(0.05)
+                                continue
+                            outcomes[s].append(e.code)
+                        break
 
         threads = [threading.Thread(target=publisher, args=(s,)) for s in sites for _ in range(2)]
         for t in threads:

@@ -1,7 +1,8 @@
-"""The exchange's per-site quota and its own deadline per call, over a real TLS exchange."""
+"""The exchange's per-site quota, its deadline and idle limit per call and its per-site call slots, over a real TLS exchange."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -10,6 +11,7 @@ import pytest
 from common import exchange_pb2 as pb
 from common import exchange_pb2_grpc as pb_grpc
 from node.exchange_client import ExchangeClient, ExchangeError
+from common.tls import issue_client_cert
 from tests.helpers_exchange import live_exchange, make_bundle, site_key
 
 
@@ -60,3 +62,74 @@ def test_a_stalled_upload_is_cancelled_by_the_server_and_it_keeps_serving(tmp_pa
         assert ex.store.list() == [] and not any(ex.store.incoming.iterdir())
         with ExchangeClient(ex.address, ex.ca_cert, timeout=10) as c:  # a well-behaved client still gets in
             assert c.upload(tar, site="a")["sequence"] == 1
+
+
+def _stalling(data: bytes, stop: threading.Event):
+    """An upload that sends its header and 100 bytes, then nothing until `stop`."""
+    yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=len(data)))
+    yield pb.UploadChunk(data=data[:100])
+    stop.wait(30)
+
+
+@pytest.fixture
+def mtls(tmp_path, keys):
+    """A mutual-TLS exchange (1 call per site, 1 s without progress ends a call) and clients of sites a and b."""
+    with live_exchange(tmp_path / "coord", client_ca=True, idle_timeout_s=1.0, calls_per_site=1) as ex:
+        certs = {}
+        for s in ("a", "b"):
+            ex.trust.add(s, keys[s][1])
+            certs[s] = issue_client_cert(ex.cd.ca_dir, tmp_path / "tls", s)
+        yield ex, certs
+
+
+def _channel(ex, cert):
+    creds = grpc.ssl_channel_credentials(ex.ca_cert.read_bytes(), private_key=cert[1].read_bytes(),
+                                         certificate_chain=cert[0].read_bytes())
+    return grpc.secure_channel(ex.address, creds)
+
+
+def test_a_site_busy_with_an_upload_gets_no_second_call_and_others_do(mtls, tmp_path, keys):
+    ex, certs = mtls
+    data = make_bundle(tmp_path / "a1", keys["a"][0], sequence=1).read_bytes()
+    stop, errors = threading.Event(), []
+
+    def hold():
+        with _channel(ex, certs["a"]) as ch:
+            try:
+                pb_grpc.ExchangeStub(ch).Upload(_stalling(data, stop), timeout=30)
+            except grpc.RpcError as e:
+                errors.append(e.code())
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        time.sleep(0.3)  # the stalled upload holds site a's one slot (but not past the 1 s idle limit)
+        with ExchangeClient(ex.address, ex.ca_cert, timeout=10, client_cert=certs["a"][0], client_key=certs["a"][1]) as c:
+            with pytest.raises(ExchangeError, match="site 'a' already has (an upload|1 calls) in progress") as e:
+                c.list()
+            assert e.value.code == "RESOURCE_EXHAUSTED"
+        with ExchangeClient(ex.address, ex.ca_cert, timeout=10, client_cert=certs["b"][0], client_key=certs["b"][1]) as c:
+            assert c.upload(make_bundle(tmp_path / "b1", keys["b"][0], site="b", sequence=1), site="b")["site"] == "b"
+        t.join(30)  # the stalled one is ended by the idle limit, well before its own 30 s deadline
+    finally:
+        stop.set()
+    assert errors == [grpc.StatusCode.CANCELLED]
+
+
+def test_a_stream_idle_past_the_limit_is_cancelled_and_the_slot_freed(mtls, tmp_path, keys):
+    ex, certs = mtls
+    data = make_bundle(tmp_path / "a1", keys["a"][0], sequence=1).read_bytes()
+    stop = threading.Event()
+    t0 = time.monotonic()
+    with _channel(ex, certs["a"]) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.ExchangeStub(ch).Upload(_stalling(data, stop), timeout=30)
+    stop.set()
+    assert e.value.code() == grpc.StatusCode.CANCELLED and time.monotonic() - t0 < 10
+    for _ in range(50):
+        if not any(ex.store.incoming.iterdir()):
+            break
+        time.sleep(0.1)
+    assert not any(ex.store.incoming.iterdir())
+    with ExchangeClient(ex.address, ex.ca_cert, timeout=10, client_cert=certs["a"][0], client_key=certs["a"][1]) as c:
+        assert c.upload(make_bundle(tmp_path / "a2", keys["a"][0], sequence=1, seed=5), site="a")["sequence"] == 1
