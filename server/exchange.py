@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import stat
-import threading
 from concurrent import futures
 from pathlib import Path
 from typing import Iterator
