@@ -1389,6 +1389,12 @@ def load_bundle_embeddings(dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.require(x, np.float32, ["C", "W"]), labels
 
 
+def key_vouches(trusted_keys: Mapping[str, Sequence], site: str, kid: str, sequence: int) -> bool:
+    """Whether key `kid` of `site` is among `trusted_keys` with a window holding `sequence`."""
+    return any(k == kid and after < sequence and (until is None or sequence <= until)
+               for k, _, after, until in _key_entries(site, trusted_keys.get(site, [])))
+
+
 def recheck_signer(bundle_dir: Path, trusted_keys: Mapping[str, Sequence]) -> str:
     """The id of a registered key that still vouches for the verified bundle at `bundle_dir` (as
     verify_bundle placed it: bag/ and the attestation). Raises BundleError (reason "untrusted") when

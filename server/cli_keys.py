@@ -85,11 +85,15 @@ def sites_rotate(
     from server.store import BundleStore
 
     cd = CoordinatorDir(dir)
-    last = BundleStore(cd.store).last_sequence(name)
-    try:
-        kid = cd.trust().rotate(name, _read(key, "signing public key"), last_sequence=last)
-    except ValueError as e:
-        _fail(str(e))
+    store = BundleStore(cd.store)
+    # Under the index's write lock: no upload lands between reading the last sequence and closing
+    # the old key's window at it (one that waits re-reads the windows and is refused).
+    with store.write_lock():
+        last = store.last_sequence(name)
+        try:
+            kid = cd.trust().rotate(name, _read(key, "signing public key"), last_sequence=last)
+        except ValueError as e:
+            _fail(str(e))
     console.print(f"site {name!r}: new key {kid[:16]} signs sequences above {last}; the old key covers 1..{last}")
 
 

@@ -142,10 +142,23 @@ def init_coordinator(root: Path, config: FederationConfig, *, hosts: list[str] |
 
 
 def fed_store(cd: CoordinatorDir, fed: FederationConfig) -> BundleStore:
-    """The coordinator's bundle store, refusing what the federation config rules out."""
-    return BundleStore(cd.store, max_bundle_bytes=fed.max_bundle_bytes, policy=fed.policy, route=fed.route,
-                       extractor=fed.extractor.model_dump(mode="json") if fed.route == "cvae" else None,
-                       site_quota_bytes=fed.site_quota_bytes, content=content_spec(fed))
+    """The serving coordinator's bundle store, refusing what the federation config rules out; it
+    holds the store's serving lock, clears a crash's leftovers and finishes interrupted revocations."""
+    store = BundleStore(cd.store, max_bundle_bytes=fed.max_bundle_bytes, policy=fed.policy, route=fed.route,
+                        extractor=fed.extractor.model_dump(mode="json") if fed.route == "cvae" else None,
+                        site_quota_bytes=fed.site_quota_bytes, content=content_spec(fed), serving=True)
+    purge_revoked(store, cd.trust())
+    return store
+
+
+def purge_revoked(store: BundleStore, trust: TrustStore) -> list[str]:
+    """Remove every pooled bundle signed by a revoked key; the ids removed. `sites revoke` does this
+    right after revoking; here it completes a revocation that stopped between the two databases."""
+    gone = []
+    for e in trust.entries():
+        if e.revoked_at:
+            gone += [r.bundle_id for r in store.remove_signed_by(e.site, [e.key_id], reason="key revoked")]
+    return gone
 
 
 def content_spec(fed: FederationConfig) -> ContentSpec:

@@ -22,6 +22,7 @@ unverified bundle.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import os
@@ -36,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Mapping, Sequence
 
-from common.bundle import BundleError, verify_bundle_stream
+from common.bundle import BundleError, key_vouches, verify_bundle_stream
 from common.content import ContentSpec, check_bundle_content
 from common.config import PolicyConfig
 from common.policy import check_audit
@@ -263,7 +264,7 @@ class BundleStore:
 
     def __init__(self, root: Path, *, max_bundle_bytes: int = 512 * 1024 * 1024, policy: PolicyConfig | None = None,
                  route: str | None = None, extractor: dict | None = None, site_quota_bytes: int | None = None,
-                 content: ContentSpec | None = None):
+                 content: ContentSpec | None = None, serving: bool = False):
         self.root = Path(root)
         self.max_bundle_bytes = max_bundle_bytes
         self.policy = policy
@@ -280,7 +281,29 @@ class BundleStore:
             if columns and "key_id" not in columns:  # an index written before signers were recorded
                 db.execute("ALTER TABLE bundles ADD COLUMN key_id TEXT NOT NULL DEFAULT ''")
             db.executescript(_SCHEMA)
-        self._recover()
+        # Only the serving process clears a crash's leftovers, under an exclusive lock it holds for
+        # its life: `plan-server status` or `sites revoke` beside a running exchange must never
+        # delete an upload in flight or an object not yet indexed.
+        self._serving_fd = _serving_lock(self.root) if serving else None
+        if serving:
+            self._recover()
+
+    def close(self) -> None:
+        """Release the serving lock, if this store holds it."""
+        if self._serving_fd is not None:
+            os.close(self._serving_fd)
+            self._serving_fd = None
+
+    @contextlib.contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """Hold the index's write lock: no bundle is inserted meanwhile (server/cli_keys.py holds it
+        across reading a site's last sequence and rotating its key)."""
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            finally:
+                db.execute("ROLLBACK")
 
     # ------------------------------------------------------------ internals
 
@@ -293,7 +316,8 @@ class BundleStore:
             db.close()
 
     def _recover(self) -> None:
-        """Remove what a crash may have left: temporary uploads and objects never indexed."""
+        """Remove what a crash may have left: temporary uploads and objects never indexed. Only
+        under the serving lock (__init__)."""
         for p in self.incoming.iterdir():
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         with self._db() as db:
@@ -394,6 +418,12 @@ class BundleStore:
                             raise StoreRefused(
                                 f"site {vb.site!r} stores {used} bytes; this bundle's {got_size} would exceed its quota of "
                                 f"{self.site_quota_bytes} bytes", "too_large")
+                    if isinstance(verify, TrustStore) and not key_vouches(verify.windows(), vb.site, vb.key_id, vb.sequence):
+                        # re-read under the index's write lock: a revocation or rotation committed
+                        # while the bundle was arriving refuses it here, and one committed after
+                        # this point removes it (it waits for this transaction: server/cli_keys.py)
+                        raise StoreRefused(f"the key {vb.key_id[:16]} of site {vb.site!r} no longer vouches for sequence "
+                                           f"{vb.sequence}: revoked or rotated while the bundle was arriving", "untrusted")
                     last = self._last_sequence(db, vb.site)
                     if last is not None and vb.sequence <= last:
                         raise StoreRefused(
@@ -499,3 +529,16 @@ class BundleStore:
     def sites_with_bundles(self) -> set[str]:
         with self._db() as db:
             return {r[0] for r in db.execute("SELECT DISTINCT site FROM bundles")}
+
+
+def _serving_lock(root: Path) -> int:
+    """An exclusive lock on `root`/.serving.lock for this process (its file descriptor); OSError
+    when another process holds it."""
+    fd = os.open(root / ".serving.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OSError(f"{root}: another process serves this bundle store (a running `plan-server start` "
+                      f"or exchange); stop it first") from None
+    return fd

@@ -471,7 +471,7 @@ def _wait_healthy(address: str, ca: Path, cert, key, timeout: float = 30) -> Non
 
 
 def _consistent(store_root: Path) -> list[str]:
-    """Open the store as a restarted coordinator does; check index and objects agree exactly."""
+    """Check index and objects agree exactly (after the serving process's recovery)."""
     store = BundleStore(store_root, max_bundle_bytes=MAX)
     recs = store.list()
     objects = {p.name for p in store.objects.iterdir()}

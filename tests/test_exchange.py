@@ -6,6 +6,7 @@ from concurrent import futures
 
 import grpc
 import pytest
+from pathlib import Path
 
 from common import exchange_pb2 as pb
 from common import exchange_pb2_grpc as pb_grpc
@@ -269,10 +270,25 @@ def test_store_put_directly_and_recovery(tmp_path, keys):
     rec = store.put(tar, verify={"a": [keys["a"][1]]})
     with store.open(rec.bundle_id) as f:
         assert f.read() == tar.read_bytes()
-    # a crash's leftovers are cleared on start: a stray upload and an unindexed object
+    # a crash's leftovers are cleared when a serving process opens the store: a stray upload and an unindexed object
     (store.incoming / "upload-x.tar").write_bytes(b"partial")
     (store.objects / ("f" * 64 + ".tar")).write_bytes(b"orphan")
-    store = BundleStore(tmp_path / "store")
+    BundleStore(tmp_path / "store")  # `plan-server status` beside a running exchange: touches nothing
+    assert (store.incoming / "upload-x.tar").exists() and (store.objects / ("f" * 64 + ".tar")).exists()
+    store = BundleStore(tmp_path / "store", serving=True)
+    with pytest.raises(OSError, match="another process serves this bundle store"):
+        _other_process_serves(tmp_path / "store")
     assert not any(store.incoming.iterdir())
     assert [p.name for p in store.objects.iterdir()] == [f"{rec.sha256}.tar"]
     assert [r.bundle_id for r in store.list()] == [rec.bundle_id]
+
+
+def _other_process_serves(root):
+    """Open the store as a serving process in a child process (flock is per open file description)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", f"from server.store import BundleStore; BundleStore({str(root)!r}, serving=True)"],
+                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    if proc.returncode != 0:
+        raise OSError(proc.stderr.strip().splitlines()[-1])
