@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +46,25 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class Reloaded:
+    """`load(path)`, computed again only when `path`'s modification time changes (a folder's
+    changes when a file in it is added, removed or renamed into place); `empty` while `path` does
+    not exist. Call it for the current value; safe from several threads."""
+
+    def __init__(self, path: Path, load, *, empty):
+        self.path, self._load, self._empty = Path(path), load, empty
+        self._stamp: int | None = None
+        self._value = empty
+        self._lock = threading.Lock()
+
+    def __call__(self):
+        try:
+            stamp = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return self._empty
+        with self._lock:
+            if stamp != self._stamp:
+                self._value, self._stamp = self._load(self.path), stamp
+            return self._value

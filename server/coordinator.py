@@ -37,7 +37,7 @@ from common.procs import stop
 from server.authority import init_authority
 from server import federation
 from server.exchange import serve
-from server.fleet_gateway import FleetGateway, GatewayServer, NodeKeys, append_line
+from server.fleet_gateway import FleetGateway, GatewayServer, append_line, node_keys
 from server.report import write_curves
 from server.store import BundleStore
 from server.trust import TrustStore
@@ -252,7 +252,7 @@ def start_gateway(cd: CoordinatorDir, fed: FederationConfig) -> GatewayServer:
     app = FleetGateway(
         upstream=f"https://{federation.LOOPBACK}:{fed.superlink_internal_port}",
         ca_cert=cd.ca_cert,
-        allowed_keys=NodeKeys(cd.node_keys),
+        allowed_keys=node_keys(cd.node_keys),
         fab_verifications=federation.fab_verifications(cd.fab_signatures),
         max_body_bytes=fed.fleet_max_body_bytes,
         log=append_line(cd.root / "logs" / "gateway.log"),

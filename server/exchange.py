@@ -41,7 +41,7 @@ from common.trustdoc import sign_trust_document
 from common.wire import CHUNK_BYTES, encode_data, grpc_options, serialize
 from server.assets import ASSETS_DIRNAME
 from server.limits import SiteSlots, Watchdog
-from server.revoked import RevokedSerials, certificate_serial
+from server.revoked import certificate_serial, revoked_serials
 from server.store import BundleRecord, BundleStore, StoreRefused
 from server.trust import TrustStore
 
@@ -344,7 +344,7 @@ def serve(
             federation=federation,
             assets_dir=assets_dir if assets_dir is not None else Path(store.root).parent / ASSETS_DIRNAME,
             call_timeout_s=call_timeout_s, trust_ttl_s=trust_ttl_s,
-            revoked_serials=RevokedSerials(revoked_certs_path) if revoked_certs_path else (lambda: frozenset()),
+            revoked_serials=revoked_serials(revoked_certs_path) if revoked_certs_path else (lambda: frozenset()),
             idle_timeout_s=idle_timeout_s, calls_per_site=calls_per_site,
         ),
         server,

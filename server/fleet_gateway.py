@@ -39,6 +39,8 @@ from flwr.proto.fab_pb2 import GetFabResponse  # pylint: disable=no-name-in-modu
 from flwr.supercore.error.base import ApiErrorCode
 from google.protobuf.message import DecodeError
 
+from common.fileio import Reloaded
+
 FLEET_PREFIX = "/v1/fleet/"
 FLEET_OPS = frozenset({
     "activate-node", "deactivate-node", "send-node-heartbeat", "pull-messages", "push-messages",
@@ -199,30 +201,16 @@ async def _read_body(receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-class NodeKeys:
-    """The allowed SuperNode keys: every `<site>.pub` (OpenSSH line) in a folder, re-read when the folder changes.
+def node_keys(folder: Path) -> Reloaded:
+    """The allowed SuperNode keys (DER): every `<site>.pub` (OpenSSH line) in `folder`, re-read
+    when the folder changes. Revoking a site moves its file out (server/coordinator.py), which
+    the next request sees."""
+    return Reloaded(folder, _read_node_keys, empty=frozenset())
 
-    Revoking a site moves its file out of the folder (server/coordinator.py), which the next request sees."""
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self._stamp: int | None = None
-        self._keys: frozenset[bytes] = frozenset()
-        self._lock = threading.Lock()
-
-    def __call__(self) -> frozenset[bytes]:
-        try:
-            stamp = self.folder.stat().st_mtime_ns
-        except FileNotFoundError:
-            return frozenset()
-        with self._lock:
-            if stamp != self._stamp:
-                keys = set()
-                for pub in sorted(self.folder.glob("*.pub")):
-                    key = serialization.load_ssh_public_key(pub.read_bytes().strip())
-                    keys.add(node_key_der(key))
-                self._keys, self._stamp = frozenset(keys), stamp
-            return self._keys
+def _read_node_keys(folder: Path) -> frozenset[bytes]:
+    return frozenset(node_key_der(serialization.load_ssh_public_key(pub.read_bytes().strip()))
+                     for pub in sorted(folder.glob("*.pub")))
 
 
 def append_line(path: Path) -> Callable[[str], None]:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import threading
 from pathlib import Path
 
 from cryptography import x509
 
-from common.fileio import atomic_write_json
+from common.fileio import Reloaded, atomic_write_json
 
 
 def certificate_serial(pem: bytes) -> str:
@@ -42,21 +41,6 @@ def revoke_certificates(path: Path, site: str, certificates: list[Path]) -> list
     return added
 
 
-class RevokedSerials:
-    """The deny-list at `path` as a set of serials, re-read when the file changes."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._stamp: int | None = None
-        self._serials: frozenset[str] = frozenset()
-        self._lock = threading.Lock()
-
-    def __call__(self) -> frozenset[str]:
-        try:
-            stamp = self.path.stat().st_mtime_ns
-        except FileNotFoundError:
-            return frozenset()
-        with self._lock:
-            if stamp != self._stamp:
-                self._serials, self._stamp = frozenset(json.loads(self.path.read_text())), stamp
-            return self._serials
+def revoked_serials(path: Path) -> Reloaded:
+    """The deny-list at `path` as a frozenset of serials, re-read when the file changes."""
+    return Reloaded(path, lambda p: frozenset(json.loads(p.read_text())), empty=frozenset())

@@ -23,7 +23,7 @@ from flwr.supercore.fab import Fab
 from flwr.supernode.start_client_internal import _verify_fab
 
 from common.fabsign import sign_fab, trusted_entities
-from server.fleet_gateway import FleetGateway, NodeKeys, Refused, authenticate, node_key_der, sign_fab_response
+from server.fleet_gateway import FleetGateway, Refused, authenticate, node_key_der, node_keys, sign_fab_response
 
 
 def _signed_headers(key: ec.EllipticCurvePrivateKey, *, at: dt.datetime | None = None) -> dict[str, str]:
@@ -109,7 +109,7 @@ def test_gateway_caps_the_body(node_key):
 def test_node_keys_follow_the_folder(tmp_path, node_key):
     folder = tmp_path / "flower_nodes"
     folder.mkdir()
-    keys = NodeKeys(folder)
+    keys = node_keys(folder)
     assert keys() == frozenset()
     line = node_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     (folder / "site-a.pub").write_bytes(line + b"\n")
