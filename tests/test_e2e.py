@@ -68,13 +68,14 @@ def test_federated_accuracy_above_chance(federation):
 
 
 def _serve_pool(coord: Path):
-    """The coordinator's exchange over its own store again (the launcher stopped it after the run)."""
-    from server.coordinator import CoordinatorDir, start_exchange
+    """The coordinator's exchange over its own store again (the launcher stopped it after the run);
+    (server, its store: close it after stopping the server, to free the store's serving lock, address)."""
+    from server.coordinator import CoordinatorDir, fed_store, start_exchange
 
     cd = CoordinatorDir(coord)
-    server = start_exchange(cd)
     fed = cd.config()
-    return server, f"{fed.exchange_host}:{fed.exchange_port}"
+    store = fed_store(cd, fed)
+    return start_exchange(cd, store), store, f"{fed.exchange_host}:{fed.exchange_port}"
 
 
 def _store_snapshot(coord: Path) -> tuple:
@@ -104,7 +105,7 @@ def test_tampered_and_unregistered_bundles_are_rejected(federation, tmp_path):
     site = next(s for s in sites if s.name in _passed(sites))
     tars = sorted((site / "bundles").glob("*.tar"))
     assert tars, "the site kept no bundle tar"
-    server, address = _serve_pool(coord)
+    server, store, address = _serve_pool(coord)
     try:
         # The site's own kit credentials: mutual TLS is required.
         client = ExchangeClient(address, coord / "ca" / "ca.crt", client_cert=site / "keys" / "client.crt", client_key=site / "keys" / "client.key")
@@ -128,6 +129,7 @@ def test_tampered_and_unregistered_bundles_are_rejected(federation, tmp_path):
         assert _store_snapshot(coord) == before
     finally:
         server.stop(grace=1)
+        store.close()
 
 
 def test_every_site_reports_the_full_metric_set(federation):

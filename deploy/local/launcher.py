@@ -148,6 +148,8 @@ def run(
     # Sites share this machine's cores: one thread each keeps them from fighting over them.
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, len(sites))))
     procs: dict[str, subprocess.Popen] = {}
+    latest = coord / "runs" / "latest.json"
+    before = latest.stat().st_mtime_ns if latest.exists() else None
     try:
         procs["coordinator"] = spawn(
             [_cli("plan-server"), "start", "--dir", str(coord), "--exit-after-run"], log=logs / "coordinator.log", env=env
@@ -169,9 +171,8 @@ def run(
             if time.time() > deadline:
                 raise LaunchError(f"the federation did not finish within {timeout:.0f} s:\n{_tail(logs / 'coordinator.log')}")
             time.sleep(2)
-        latest = coord / "runs" / "latest.json"
-        if not latest.exists():
-            raise LaunchError(f"the coordinator exited with code {procs['coordinator'].returncode} and no run:\n{_tail(logs / 'coordinator.log')}")
+        if not latest.exists() or latest.stat().st_mtime_ns == before:  # a run of an earlier start is no answer
+            raise LaunchError(f"the coordinator exited with code {procs['coordinator'].returncode} and no new run:\n{_tail(logs / 'coordinator.log')}")
         run_dir = coord / "runs" / json.loads(latest.read_text())["run_dir"]
         return json.loads((run_dir / "results.json").read_text())
     finally:
