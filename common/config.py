@@ -350,7 +350,10 @@ class FederationConfig(_Strict):
     @property
     def round_nodes_needed(self) -> int:
         return self.min_round_nodes if self.min_round_nodes is not None else min(self.quorum, self.nodes_needed)
-    exchange_host: str = "127.0.0.1"
+    public_host: str | None = Field(None, description=(
+        "the name or IP sites dial (site kits' default addresses); the server certificate must cover it "
+        "(`plan-server init --host` or `plan-server ca init --host`). None: exchange_host"))
+    exchange_host: str = Field("127.0.0.1", description="where the exchange listens (0.0.0.0: every interface)")
     exchange_port: int = Field(50051, ge=1, le=65535)
     superlink_host: str = Field("127.0.0.1", description="where the Fleet gateway listens: the address SuperNodes dial")
     superlink_port: int = Field(9092, ge=1, le=65535, description=(

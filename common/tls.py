@@ -128,6 +128,22 @@ def issue_server_cert(
     )
 
 
+def certificate_names(pem: bytes) -> list[str]:
+    """The DNS names and IP addresses (as text) a PEM certificate's subjectAltName covers."""
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [*san.get_values_for_type(x509.DNSName), *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))]
+
+
+def address_host(address: str) -> str:
+    """The host of "host:port" or "[v6]:port"."""
+    host = address.rsplit(":", 1)[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def issue_client_cert(ca_dir: Path, out_dir: Path, name: str, *, days: int = 825) -> tuple[Path, Path]:
     """`out_dir/<name>.crt` + `<name>.key` (CN = name) for mutual TLS, signed by the CA in `ca_dir`."""
     return _issue(ca_dir, out_dir, name, name, [x509.DNSName(name)], ExtendedKeyUsageOID.CLIENT_AUTH, days)

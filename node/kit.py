@@ -25,6 +25,7 @@ from common.fileio import atomic_write_bytes, atomic_write_text
 from common.keyfile import write_private_file
 from common.signing import SigningKeyError, key_id, load_public_key
 from common.sitekit import KitError, read_kit
+from common.tls import address_host
 from node.workspace import Workspace
 
 
@@ -76,6 +77,12 @@ def install_kit(ws: Workspace, kit_path: Path) -> dict:
     except SigningKeyError as e:
         raise KitError(f"{kit_path}: coordinator.pub: {e}") from None
     _check_certificate(kit_path, files, cfg.name)
+    for field in ("exchange", "superlink"):  # kits made before server_names was recorded are not checked
+        host = address_host(meta[field])
+        if "server_names" in meta and host not in meta["server_names"]:
+            raise KitError(f"{kit_path}: the {field} address {meta[field]} is not covered by the coordinator's server "
+                           f"certificate ({', '.join(meta['server_names'])}); ask the operator for a kit made after "
+                           f"`plan-server ca init --host {host}`")
     try:
         floor = PolicyConfig(**meta["policy_floor"]) if "policy_floor" in meta else None
     except ValueError as e:

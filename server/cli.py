@@ -13,6 +13,7 @@ from rich.table import Table
 from common.bundle import read_predicate
 from common.config import ConfigError, FederationConfig
 from common.nodekey import check_node_public_key
+from common.tls import certificate_names
 from server.coordinator import CoordinatorDir, init_coordinator, run_coordinator
 from server.cli_keys import register as _register_key_commands
 from server.store import BundleStore
@@ -39,14 +40,19 @@ def init(
     quorum: int = typer.Option(2, help="Sites with a bundle in the pool before the run starts."),
     min_nodes: int = typer.Option(None, help="SuperNodes online before the run starts (default: the quorum)."),
     rounds: int = typer.Option(3, help="Federated rounds of the downstream classifier."),
+    host: list[str] = typer.Option(None, "--host", help=(
+        "A name or IP sites dial (repeat): the server certificate covers each; the first is the kits' default address.")),
+    bind: str = typer.Option("127.0.0.1", "--bind", help="Where the exchange and the Fleet gateway listen (0.0.0.0: every interface)."),
 ) -> None:
     """Create a coordinator directory: federation.yaml, the federation CA and TLS certificate."""
     try:
-        cfg = FederationConfig(name=name, quorum=quorum, min_nodes=min_nodes, downstream={"rounds": rounds})
-        cd = init_coordinator(dir, cfg)
+        cfg = FederationConfig(name=name, quorum=quorum, min_nodes=min_nodes, downstream={"rounds": rounds},
+                               public_host=host[0] if host else None, exchange_host=bind, superlink_host=bind)
+        cd = init_coordinator(dir, cfg, hosts=host or None)
     except (ValueError, FileExistsError) as e:
         _fail(str(e))
-    console.print(f"coordinator initialised in {cd.root}; give sites {cd.ca_cert}")
+    console.print(f"coordinator initialised in {cd.root}; listening on {bind}; the server certificate covers "
+                  f"{', '.join(certificate_names((cd.tls_dir / 'server.crt').read_bytes()))}")
 
 
 @app.command()

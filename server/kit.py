@@ -19,15 +19,24 @@ from cryptography import x509
 from common.fileio import atomic_write_bytes
 from common.signing import SigningKeyError, key_id, load_public_key
 from common.sitekit import KIT_FORMAT, KitError, write_kit
-from common.tls import issue_client_cert
+from common.tls import address_host, certificate_names, issue_client_cert
 from server.revoked import certificate_serial
 from server.coordinator import CoordinatorDir
 
 
 def _address(host: str, port: int, flag: str) -> str:
     if host in ("0.0.0.0", "::", ""):
-        raise KitError(f"federation.yaml listens on {host!r}, which sites cannot dial; give {flag} host:port")
+        raise KitError(f"federation.yaml listens on {host!r}, which sites cannot dial; set public_host there "
+                       f"(`plan-server init --host NAME`) or give {flag} host:port")
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_covered(address: str, names: list[str], flag: str, cd: CoordinatorDir) -> None:
+    """Refuse a kit address whose host the server certificate does not cover: the site's TLS would refuse it."""
+    host = address_host(address)
+    if host not in names:
+        raise KitError(f"{flag} {address}: the server certificate covers {', '.join(names)}, not {host!r}; "
+                       f"run `plan-server ca init --dir {cd.root} --host {host}` first")
 
 
 def make_kit(
@@ -57,8 +66,8 @@ def make_kit(
         "format": KIT_FORMAT,
         "site": site,
         "federation": fed.name,
-        "exchange": exchange or _address(fed.exchange_host, fed.exchange_port, "--exchange"),
-        "superlink": superlink or _address(fed.superlink_host, fed.superlink_port, "--superlink"),
+        "exchange": exchange or _address(fed.public_host or fed.exchange_host, fed.exchange_port, "--exchange"),
+        "superlink": superlink or _address(fed.public_host or fed.superlink_host, fed.superlink_port, "--superlink"),
         "signing_key_id": signing_id,
         "flower_node_key_registered": node_key_line is not None,
         # the release gate every bundle must pass here; the site's own policy becomes at least this strict
@@ -69,7 +78,11 @@ def make_kit(
         # CVAE route: whether the CVAE is trained across the sites (decoders averaged) before synthesis
         "cvae_federated": fed.route == "cvae" and fed.cvae_federated,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        # what the server certificate covers: the site checks its addresses against it (node/kit.py)
+        "server_names": certificate_names((cd.tls_dir / "server.crt").read_bytes()),
     }
+    _check_covered(meta["exchange"], meta["server_names"], "--exchange", cd)
+    _check_covered(meta["superlink"], meta["server_names"], "--superlink", cd)
     cd.trust().add(site, signing_pub_pem)  # validates the site name too, before a certificate is issued
     if node_key_line is not None:
         cd.add_node_key(site, node_key_line)

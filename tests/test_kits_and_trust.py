@@ -41,8 +41,9 @@ def _mode(p) -> int:
 
 def test_kit_through_the_clis(tmp_path):
     coord, site = tmp_path / "coord", tmp_path / "site"
-    _ok(server_app, ["init", "--dir", coord, "--name", "fed"])
+    _ok(server_app, ["init", "--dir", coord, "--name", "fed", "--host", "coord.example", "--bind", "0.0.0.0"])
     cd = CoordinatorDir(coord)
+    assert (cd.config().exchange_host, cd.config().superlink_host, cd.config().public_host) == ("0.0.0.0", "0.0.0.0", "coord.example")
     assert _mode(cd.coordinator_key) == 0o600 and cd.coordinator_pub.exists()
     assert "nothing to do" in _ok(server_app, ["ca", "init", "--dir", coord])  # idempotent, never replaces
     _ok(node_app, ["init", "--site-dir", site, "--name", "st-marys"])
@@ -54,12 +55,12 @@ def test_kit_through_the_clis(tmp_path):
     site_yaml = yaml.safe_load(ws.config_path.read_text())
     site_yaml["policy"] = {"max_reid_rate": 0.05}
     ws.config_path.write_text(yaml.safe_dump(site_yaml))
-    out = _ok(server_app, ["kit", "st-marys", "--key", ws.signing_pub, "--node-key", ws.node_pub,
-                           "--exchange", "coord.example:50051", "--dir", coord])
+    out = _ok(server_app, ["kit", "st-marys", "--key", ws.signing_pub, "--node-key", ws.node_pub, "--dir", coord])
     kit = coord / "kits" / "st-marys.kit.tar"
     assert _mode(kit) == 0o600 and "BEGIN" not in out  # no key material printed
     meta, files = read_kit(kit)
     assert meta["site"] == "st-marys" and meta["exchange"] == "coord.example:50051" and meta["flower_node_key_registered"]
+    assert meta["superlink"] == "coord.example:9092" and "coord.example" in meta["server_names"]
     assert (coord / "flower_nodes" / "st-marys.pub").exists()  # issue 7's node key registration
     assert cd.trust().keys("st-marys") == [ws.signing_pub.read_text()]
     # a second kit for another key of the same site is refused: that is a rotation
@@ -201,3 +202,33 @@ def test_a_site_named_like_the_federation_connects(tmp_path):
         crt, key = issue_client_cert(ex.cd.ca_dir, tmp_path / "tls", "test")
         with ExchangeClient(ex.address, ex.ca_cert, timeout=5, client_cert=crt, client_key=key) as c:
             assert c.health()["status"] == "ok"
+
+
+def test_kits_only_name_addresses_the_server_certificate_covers(tmp_path):
+    coord = tmp_path / "coord"
+    _ok(server_app, ["init", "--dir", coord, "--name", "fed", "--host", "coord.example"])
+    cd = CoordinatorDir(coord)
+    ca_before, key_before = cd.ca_cert.read_bytes(), cd.coordinator_key.read_bytes()
+    generate_signing_key(tmp_path / "a.key", tmp_path / "a.pub")
+    r = runner.invoke(server_app, ["kit", "a", "--key", str(tmp_path / "a.pub"), "--exchange", "198.18.0.7:50051",
+                                   "--out", str(tmp_path / "a.kit"), "--dir", str(coord)])
+    said = " ".join(r.output.split())  # rich wraps long lines
+    assert r.exit_code == 2 and "plan-server ca init" in said and "--host 198.18.0.7" in said
+    assert not (tmp_path / "a.kit").exists() and cd.trust().keys("a") == []  # nothing registered
+    out = _ok(server_app, ["ca", "init", "--dir", coord, "--host", "198.18.0.7"])
+    assert "198.18.0.7" in out and "restart" in " ".join(out.split())
+    assert cd.ca_cert.read_bytes() == ca_before and cd.coordinator_key.read_bytes() == key_before  # kept
+    _ok(server_app, ["kit", "a", "--key", tmp_path / "a.pub", "--exchange", "198.18.0.7:50051",
+                     "--superlink", "coord.example:9092", "--out", tmp_path / "a.kit", "--dir", coord])
+    # a kit whose addresses its own certificate list does not cover (edited) is refused by the site
+    from common.sitekit import write_kit
+
+    meta, files = read_kit(tmp_path / "a.kit")
+    meta["exchange"] = "elsewhere.example:50051"
+    write_kit(tmp_path / "edited.kit", {**files, "kit.json": json.dumps(meta).encode()})
+    site = tmp_path / "site"
+    _ok(node_app, ["init", "--site-dir", site, "--name", "a"])
+    (site / "keys" / "signing.key").write_bytes((tmp_path / "a.key").read_bytes())
+    (site / "keys" / "signing.pub").write_bytes((tmp_path / "a.pub").read_bytes())
+    r = runner.invoke(node_app, ["init", "--site-dir", str(site), "--kit", str(tmp_path / "edited.kit")])
+    assert r.exit_code != 0 and "not covered by the coordinator's server certificate" in " ".join(r.output.split())
