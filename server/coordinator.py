@@ -4,18 +4,19 @@ Layout of the coordinator directory (`--dir`):
 
     federation.yaml     the federation config (quorum, ports, policy floor, downstream model)
     ca/                 the federation CA (ca.key 0600 never leaves this machine)
-    tls/                the coordinator's server certificate for the exchange and the SuperLink
-    keys/               coordinator.key (0600) + .pub: signs the trust store the exchange publishes
-    clients/            <site>.crt: the client certificate in each site kit issued (server.kit)
+    tls/                the coordinator's server certificate for the exchange, the Fleet gateway and the SuperLink
+    keys/               coordinator.key (0600) + .pub: signs the trust document, the pool listing and Flower Apps
+    clients/            <site>.crt: the client certificate of the latest kit of each site (server.kit);
+                        issued/<site>-<serial>.crt: every one issued; revoked.json: the exchange's deny-list
     trust.db            registered site signing keys
-    store/              the bundle pool: content-addressed tars + SQLite index
+    store/              the bundle pool: content-addressed tars + SQLite index (.serving.lock: held by the exchange)
     assets/<sha256>     federation assets the exchange serves (server/assets.py), e.g. extractor weights
     superlink.db        Flower's state, so registrations and run history survive a restart
     flower_nodes/       <site>.pub: the SuperNode keys the Fleet gateway admits; revoked/: revoked sites' keys
     fab_signatures/     <sha256>.json: the coordinator's signature on each Flower App it submitted
     runs/<stamp>/       one folder per federation run: results.json, model.safetensors
                         (cvae/: the federated CVAE's run before it, when cvae_federated)
-    logs/               the SuperLink's log
+    logs/               the SuperLink's log; gateway.log: the Fleet gateway's refusals
 
 Only the Fleet gateway (server/fleet_gateway.py) listens on `superlink_host:superlink_port`; the
 SuperLink itself, with its unauthenticated Control API, listens on 127.0.0.1 only.
