@@ -72,7 +72,7 @@ BAG = "bag"
 TAG_FILES = ("bagit.txt", "bag-info.txt", "manifest-sha256.txt", TAGMANIFEST, "audit.json", "datacard.json")
 # ASCII digits only: str patterns' \d would also take other scripts' digits.
 _PAYLOAD_FILE = re.compile(r"^images/(\d{1,2})/(\d{1,9})\.png$", re.ASCII)
-_BUNDLE_ID = re.compile(r"^[0-9a-f]{32}$")
+BUNDLE_ID = re.compile(r"[0-9a-f]{32}")  # fullmatch: a bundle id, the name of its folder and object
 MAX_IMAGE_SIDE = 4096  # pixels; a decoded PNG larger than this is refused (decompression bombs)
 MAX_JSON_BYTES = 16 * 1024 * 1024  # attestation and tag files are read whole; bound them
 MAX_ATTESTATION_BYTES = 1024 * 1024  # the signed statement, read and verified before any other member
@@ -1214,7 +1214,7 @@ def _check_members(members: _Members, trusted_keys: Mapping[str, Sequence]) -> V
     if not isinstance(pred, dict):
         raise BundleError(f"{ATTESTATION}: predicate must be an object")
     site, bundle_id, sequence = pred.get("site"), pred.get("bundle_id"), pred.get("sequence")
-    if not isinstance(bundle_id, str) or not _BUNDLE_ID.match(bundle_id):
+    if not isinstance(bundle_id, str) or not BUNDLE_ID.fullmatch(bundle_id):
         raise BundleError(f"{ATTESTATION}: predicate.bundle_id {bundle_id!r} is not 32 hex digits")
     if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 1:
         raise BundleError(f"{ATTESTATION}: predicate.sequence {sequence!r} is not a positive integer")

@@ -26,14 +26,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from common.bundle import BundleError, load_bundle_data, recheck_signer, verify_bundle
+from common.bundle import BUNDLE_ID, BundleError, load_bundle_data, recheck_signer, verify_bundle
 from common.content import ContentSpec, check_arrays
 from common.fileio import atomic_write_json
 from common.listing import ListingError, TrustVersionChanged
@@ -45,7 +44,6 @@ from node.trust import accept_trust_document
 from node.workspace import Workspace
 
 log = logging.getLogger(__name__)
-_BUNDLE_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def _read_index(path: Path) -> dict:
@@ -65,14 +63,14 @@ def _coordinator_pub(ws: Workspace):
         raise ExchangeError(f"{e}; install the site kit with `plan-node init --kit`") from None
 
 
-def trusted_document(ws: Workspace, client: ExchangeClient) -> dict:
+def trusted_document(ws: Workspace, client: ExchangeClient, coordinator_pub) -> dict:
     """The trust document the coordinator signed (common/trustdoc.py), accepted by node/trust.py.
 
     Raises ExchangeError if the document is missing, not signed by keys/coordinator.pub, for
     another federation, expired, or older than the last one this site accepted.
     """
     try:
-        return accept_trust_document(ws, client.trust_document(), _coordinator_pub(ws))
+        return accept_trust_document(ws, client.trust_document(), coordinator_pub)
     except TrustDocumentError as e:
         raise ExchangeError(f"trusted keys at {client.address}: {e}", "UNAUTHENTICATED") from None
 
@@ -80,10 +78,11 @@ def trusted_document(ws: Workspace, client: ExchangeClient) -> dict:
 def _signed_state(ws: Workspace, client: ExchangeClient, *, attempts: int = 3) -> tuple[dict, list[dict]]:
     """(trust windows, pool listing) that the coordinator signed under one trust document version.
     A key change between the two calls shows as another version: both are fetched again."""
+    coordinator_pub = _coordinator_pub(ws)
     for attempt in range(attempts):
-        doc = trusted_document(ws, client)
+        doc = trusted_document(ws, client, coordinator_pub)
         try:
-            listing = client.signed_list(_coordinator_pub(ws), federation=doc["federation"], trust_version=doc["version"])
+            listing = client.signed_list(coordinator_pub, federation=doc["federation"], trust_version=doc["version"])
             return doc["sites"], listing
         except TrustVersionChanged:
             if attempt == attempts - 1:
@@ -157,7 +156,7 @@ def pull(ws: Workspace, *, client: ExchangeClient | None = None) -> list[str]:
         new: list[str] = []
         for rec in listing:
             bid = rec["bundle_id"]
-            if not _BUNDLE_ID.fullmatch(bid):  # the listing is not signed: never a path from it
+            if not BUNDLE_ID.fullmatch(bid):  # a listing, even signed, never names a path
                 log.warning("the coordinator lists a bundle id %r that is not 32 hex digits; skipped", short(bid))
                 continue
             if bid in index and (ws.pool / bid).is_dir():

@@ -33,7 +33,7 @@ import grpc
 
 from common import exchange_pb2 as pb
 from common import exchange_pb2_grpc as pb_grpc
-from common.bundle import code_version
+from common.bundle import BUNDLE_ID, code_version
 from common.keyfile import read_private_file
 from common.listing import sign_listing
 from common.signing import load_private_key
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # List pages: ~150 bytes a bundle, so even the largest page stays far below the message cap.
 LIST_PAGE_DEFAULT, LIST_PAGE_MAX = 500, 2000
-_BUNDLE_ID = re.compile(r"[0-9a-f]{32}")
 
 _CODES = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
@@ -204,7 +203,7 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
 
     def List(self, request, context):
         self._admit(context)
-        if request.page_token and not _BUNDLE_ID.fullmatch(request.page_token):
+        if request.page_token and not BUNDLE_ID.fullmatch(request.page_token):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_token must be empty or a bundle id (32 hex digits)")
         size = min(request.page_size or LIST_PAGE_DEFAULT, LIST_PAGE_MAX)
         trust_version = self.trust.snapshot()[0]  # before the page: a key change after it shows as a newer version
