@@ -40,7 +40,7 @@ def check_bundle_content(tar: Path, spec: ContentSpec, *, route: str, embedding_
         raise BundleError(f"embeddings are {embedding_dim}-dimensional; this federation's are {spec.embedding_dim}", "content")
     with open(tar, "rb") as f:
         for entry, body in iter_tar(f):
-            name = entry.name.lstrip("./")
+            name = entry.name.removeprefix("./")
             if not entry.isreg() or not name.startswith(_DATA):
                 continue
             if name == f"{_DATA}labels.csv":
