@@ -3,10 +3,11 @@ bootstrap confidence intervals (DESIGN.md section 5). Every attack returns membe
 train records T and non-member scores for the holdout records H (higher = "member"); AUC 0.5 is
 ideal.
 
-- density_ratio_scores: DOMIAS (van Breugel et al. 2023): log p_S(x) - log p_H(x), Gaussian KDEs
-  in a PCA of an embedding space; the reference density comes from H, leaving out the scored
-  record's own patient (otherwise each H record would sit on its own kernel and its patient's
-  other images, and look *less* like a member than T records do, for no reason but the setup).
+- density_ratio_scores: DOMIAS (van Breugel et al. 2023): log p_S(x) - log p_R(x), Gaussian KDEs
+  in a PCA of an embedding space; the reference density R comes from non-member patients other
+  than the scored ones (the audit's calibration half; otherwise each scored record would sit on
+  its own kernel and its patient's other images, and look *less* like a member than T records
+  do, for no reason but the setup).
 - discriminator_scores: LOGAN white-box (Hayes et al. 2019): D(x) of the GAN's discriminator.
 - downstream_scores: train a classifier on S, score -loss(x, y) (loss-threshold attack,
   Yeom et al. 2018), as in the PLAN paper's MIA column.
@@ -75,44 +76,35 @@ def bootstrap_ci(stat: Callable[..., float], arrays_groups: list[tuple[np.ndarra
 # ---------------------------------------------------------------- DOMIAS
 
 
-def _log_kde(x: np.ndarray, ref: np.ndarray, h: float, exclude: np.ndarray | None = None) -> np.ndarray:
-    """log of a Gaussian KDE with bandwidth h over ref [M,d] at x [N,d]; `exclude` [N,M] bool masks
-    kernels out (leave-one-patient-out). Constant factors cancel in the ratio and are dropped."""
+def _log_kde(x: np.ndarray, ref: np.ndarray, h: float) -> np.ndarray:
+    """log of a Gaussian KDE with bandwidth h over ref [M,d] at x [N,d]. Constant factors cancel
+    in the ratio and are dropped."""
     d2 = (x * x).sum(1)[:, None] + (ref * ref).sum(1)[None] - 2 * x @ ref.T
     logk = -np.maximum(d2, 0) / (2 * h * h)
-    if exclude is not None:
-        logk = np.where(exclude, -np.inf, logk)
     m = logk.max(1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    cnt = (~exclude).sum(1) if exclude is not None else np.full(len(x), ref.shape[0])
-    with np.errstate(divide="ignore"):
-        return (m[:, 0] + np.log(np.exp(logk - m).sum(1))) - np.log(np.maximum(cnt, 1))
+    return m[:, 0] + np.log(np.exp(logk - m).sum(1)) - np.log(len(ref))
 
 
-def density_ratio_scores(s: np.ndarray, t: np.ndarray, h: np.ndarray, *, holdout_ids: np.ndarray,
+def density_ratio_scores(s: np.ndarray, t: np.ndarray, h: np.ndarray, *, reference: np.ndarray,
                          dims: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """DOMIAS scores log p_S(x) - log p_H(x) for x in t [N,D] (members) and h [M,D] (non-members),
-    from embeddings of S [K,D]. PCA to `dims` whitened dimensions fitted on S and H (what an
-    attacker holding the release and reference data has), Scott's-rule bandwidth."""
-    s, t, h = (np.asarray(a, dtype=np.float64) for a in (s, t, h))
-    fit = np.concatenate([s, h])
+    """DOMIAS scores log p_S(x) - log p_R(x) for x in t [N,D] (members) and h [M,D] (non-members),
+    from embeddings of S [K,D] and of a reference set R [L,D] of other non-members (patients in
+    neither t nor h, so no record sits on its own kernel). PCA to `dims` whitened dimensions
+    fitted on S and R (what an attacker holding the release and reference data has), Scott's-rule
+    bandwidth."""
+    s, t, h, r = (np.asarray(a, dtype=np.float64) for a in (s, t, h, reference))
+    fit = np.concatenate([s, r])
     mu = fit.mean(0)
     _, sv, vt = np.linalg.svd(fit - mu, full_matrices=False)
     k = int(min(dims, (sv > 1e-9 * sv[0]).sum())) if len(sv) and sv[0] > 0 else 0
-    if k == 0:
+    if k == 0 or len(r) == 0:
         return np.zeros(len(t)), np.zeros(len(h))
     proj = vt[:k].T / (sv[:k] / np.sqrt(max(len(fit) - 1, 1)))
-    zs, zt, zh = ((a - mu) @ proj for a in (s, t, h))
+    zs, zt, zh, zr = ((a - mu) @ proj for a in (s, t, h, r))
     bw = lambda n: float(n ** (-1.0 / (k + 4)))  # Scott's rule on unit-variance dimensions
-    hid = np.asarray(holdout_ids)
-    same_patient = hid[:, None] == hid[None, :]
-    pos = _log_kde(zt, zs, bw(len(zs))) - _log_kde(zt, zh, bw(len(zh)))
-    neg = _log_kde(zh, zs, bw(len(zs))) - _log_kde(zh, zh, bw(len(zh)), exclude=same_patient)
-    # a holdout patient alone in H has no reference left: its reference density is 0, score +inf;
-    # clip to the finite range so ranks stay meaningful
-    finite = np.concatenate([pos, neg])
-    hi = np.max(finite[np.isfinite(finite)]) if np.isfinite(finite).any() else 0.0
-    return np.nan_to_num(pos, posinf=hi), np.nan_to_num(neg, posinf=hi)
+    pos = _log_kde(zt, zs, bw(len(zs))) - _log_kde(zt, zr, bw(len(zr)))
+    neg = _log_kde(zh, zs, bw(len(zs))) - _log_kde(zh, zr, bw(len(zr)))
+    return pos, neg
 
 
 # ---------------------------------------------------------------- LOGAN

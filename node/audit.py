@@ -13,13 +13,21 @@ classifier trained on the set. `mia_auc` is the worst of them. LOGAN (the GAN's 
 is reported, not gated. Every figure has a 95% bootstrap interval (patients resampled for T and
 H, records for the synthetic set).
 
-Gate: (1) drop each candidate whose pixel MSE to its nearest train image is below
-policy.min_pixel_distance, or that phi_id re-identifies (top-class probability above the 95th
-percentile of the same score on holdout images); (2) on the accepted set recompute the figures,
-with the re-identification rate judged by the attacker (which the walk never optimised against,
-so it is not fooled by construction; 0.05 is what a set unrelated to the train patients
-scores); (3) common.policy.evaluate: all checks of the policy must pass, including
-n_accepted >= min_accepted.
+The holdout is split by patient (node.release_filter.holdout_halves): its calibration half sets
+every per-sample threshold and is the DOMIAS reference; its evaluation half is where the set-level
+figures are measured.
+
+Gate: (1) keep distinct candidates only (bitwise or near-identical renders count once); drop each
+candidate that is an edited copy of a train image (node.copies: the minimum distance over a family
+of shifts, flips, rotations and zooms, in normalised pixels, blurred normalised pixels, the
+attacker's embedding and LPIPS when present, each below the `policy.copy_fpr` point of real
+non-members' distances), whose plain pixel MSE to a train image is below
+policy.min_pixel_distance, that phi_id re-identifies (top-class probability above the 95th
+percentile of calibration-half scores), or that the independent attacker re-identifies (above its
+1 - copy_fpr point); (2) on the accepted set, every set-level figure with a 95% bootstrap
+interval on the evaluation half; (3) common.policy.evaluate judges each estimated figure at the
+unfavourable end of its interval, fails a degenerate attack space, and needs
+n_accepted >= min_accepted (distinct images).
 """
 
 from __future__ import annotations
@@ -38,16 +46,20 @@ from common.models import EmbeddingHead
 from common.policy import evaluate
 from node.attacks import bootstrap_ci, density_ratio_scores, discriminator_scores, downstream_scores, roc_points
 from node.classifiers import SmallCNN
+from node.copies import calibrate, copy_distances, warp_family
 from node.device import pick_device
 from node.lpips_matrix import lpips_features, lpips_nearest, nearest_sq, prepare
 from node.distances import embed, min_sq_dist, pixels01
 from node.ingest import load_split
+from node.release_filter import distinct, holdout_halves
 from node.synthesize import latest_run
 from node.task import predict_logits
 from node.train import load_model
 from node.workspace import Workspace
 
 REID_QUANTILE = 0.95
+# The holdout's halves do not move with synth.seed: retrying with new seeds cannot shop for a lucky split.
+HALVES_SEED = 0
 
 
 # ---------------------------------------------------------------- pure figures
@@ -226,34 +238,53 @@ def _reid_block(s_scores: np.ndarray, h_scores: np.ndarray, holdout_ids: np.ndar
 
 @dataclass
 class Evidence:
-    """What a route's audit measured before judging the set: its distance spaces and per-sample scores."""
+    """What a route's audit measured before judging the set. Holdout arrays are split into the
+    calibration half (`*_cal`: thresholds) and the evaluation half (`*_eval`: set-level figures)."""
 
-    spaces: dict  # name -> nearest-neighbour function (see _space_fn), "pixel"/"embedding" first
-    attack_features: tuple[np.ndarray, np.ndarray, np.ndarray]  # S, T, H in the space DOMIAS attacks
+    spaces: dict  # name -> nearest-neighbour function over (S, T, H_eval) (see _space_fn)
+    attack_features: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # S, T, H_cal, H_eval in the space DOMIAS attacks
     closeness: np.ndarray  # float [S]: per sample, the figure the policy's per-sample minimum applies to
     closeness_key: str  # the report key of its minimum over the released set
     too_close: np.ndarray  # bool [S]: below the policy's per-sample minimum
-    id_score: np.ndarray  # [S] phi_id's top-class probability; id_hold [M] the same on holdout
-    id_hold: np.ndarray
-    att_score: np.ndarray  # [S] the independent attacker's; att_hold [M]
-    att_hold: np.ndarray
+    copies: dict  # space -> bool [S]: an edited copy of a train image in that space (node.copies)
+    calibration: dict  # thresholds and what they were set on, for the report
+    distinct: np.ndarray  # bool [S]: the first of each group of duplicate candidates
+    id_score: np.ndarray  # [S] phi_id's top-class probability; id_cal [A], id_eval [B] the same on the halves
+    id_cal: np.ndarray
+    id_eval: np.ndarray
+    att_score: np.ndarray  # [S] the independent attacker's; att_cal [A], att_eval [B]
+    att_cal: np.ndarray
+    att_eval: np.ndarray
+
+
+def _max_or_nan(vals: list[float]) -> float:
+    return float("nan") if not vals or any(np.isnan(v) for v in vals) else float(max(vals))
+
+
+def _upper(ci, point: float) -> float:
+    """The upper end of an interval, nan where it is undefined."""
+    return float("nan") if ci is None or ci[1] is None or np.isnan(point) else float(ci[1])
 
 
 def _judge(
-    ev: Evidence, *, candidates: np.ndarray, train: np.ndarray, holdout: np.ndarray, policy: PolicyConfig,
-    train_ids: np.ndarray, holdout_ids: np.ndarray, candidate_labels, train_labels, holdout_labels,
+    ev: Evidence, *, candidates: np.ndarray, train: np.ndarray, holdout_eval: np.ndarray, policy: PolicyConfig,
+    train_ids: np.ndarray, eval_ids: np.ndarray, candidate_labels, train_labels, eval_labels, paths,
     make_classifier, augment: str, discriminator, dp_epsilon, device, seed: int, n_boot: int, downstream_epochs: int,
     details: dict | None, extra: dict,
 ) -> tuple[dict, np.ndarray]:
     """The per-sample filter, every set-level figure on the accepted set and the gate: the part of
     the audit both routes share. Returns (report, accepted mask [S])."""
     S = len(candidates)
-    thr_id = reid_threshold(ev.id_hold)
-    reidentified = ev.id_score > thr_id
-    accepted = ~ev.too_close & ~reidentified
-    acc_idx, all_idx = np.flatnonzero(accepted), np.arange(S)
-    t_bal = balanced_sample(train_ids, holdout_ids, seed=seed)
-    kw = {"n_t": len(train), "n_h": len(holdout), "train_ids": train_ids, "holdout_ids": holdout_ids, "n_boot": n_boot, "seed": seed}
+    thr_id = reid_threshold(ev.id_cal)
+    thr_att = reid_threshold(ev.att_cal, quantile=1 - policy.copy_fpr)
+    reid_id, reid_att = ev.id_score > thr_id, ev.att_score > thr_att
+    copy_any = np.zeros(S, dtype=bool)
+    for flags in ev.copies.values():
+        copy_any |= flags
+    accepted = ev.distinct & ~ev.too_close & ~copy_any & ~reid_id & ~reid_att
+    acc_idx, all_idx = np.flatnonzero(accepted), np.flatnonzero(ev.distinct)
+    t_bal = balanced_sample(train_ids, eval_ids, seed=seed)
+    kw = {"n_t": len(train), "n_h": len(holdout_eval), "train_ids": train_ids, "holdout_ids": eval_ids, "n_boot": n_boot, "seed": seed}
     figs_acc = set_figures(ev.spaces, t_bal, acc_idx, details=details, **kw)
     figs_all = set_figures(ev.spaces, t_bal, all_idx, **{**kw, "n_boot": 0}) if S else figs_acc
     n_acc = int(accepted.sum())
@@ -261,49 +292,78 @@ def _judge(
     # attacks on the released (accepted) set beyond the nearest-neighbour one
     attacks: dict = {}
     if n_acc >= 2:
-        s_e, t_e, h_e = ev.attack_features
-        pos, neg = density_ratio_scores(s_e[acc_idx], t_e, h_e, holdout_ids=holdout_ids)
-        attacks["density_ratio"] = {"space": extra.get("attack_space", "attacker"), **_auc_block(pos, neg, train_ids, holdout_ids, n_boot=n_boot, seed=seed)}
-    if n_acc >= 2 and candidate_labels is not None and train_labels is not None and holdout_labels is not None and downstream_epochs > 0:
-        pos, neg, info = downstream_scores(candidates[acc_idx], np.asarray(candidate_labels)[acc_idx], (train, train_labels), (holdout, holdout_labels),
+        s_e, t_e, hc_e, he_e = ev.attack_features
+        pos, neg = density_ratio_scores(s_e[acc_idx], t_e, he_e, reference=hc_e)
+        attacks["density_ratio"] = {"space": extra.get("attack_space", "attacker"), **_auc_block(pos, neg, train_ids, eval_ids, n_boot=n_boot, seed=seed)}
+    if n_acc >= 2 and candidate_labels is not None and train_labels is not None and eval_labels is not None and downstream_epochs > 0:
+        pos, neg, info = downstream_scores(candidates[acc_idx], np.asarray(candidate_labels)[acc_idx], (train, train_labels), (holdout_eval, eval_labels),
                                            make_model=make_classifier, augment=augment, epochs=downstream_epochs, seed=seed, device=device)
-        attacks["downstream_loss"] = {**info, **_auc_block(pos, neg, train_ids, holdout_ids, n_boot=n_boot, seed=seed)}
+        attacks["downstream_loss"] = {**info, **_auc_block(pos, neg, train_ids, eval_ids, n_boot=n_boot, seed=seed)}
     # LOGAN attacks the GAN, not the released set: reported, not gated (D is never released, and
     # k-same, the walk and the filter stand between G and what is published)
     if discriminator is not None and S >= 3:
         ctx = candidates[:3]
-        pos, neg = discriminator_scores(discriminator, train, ctx, device=device), discriminator_scores(discriminator, holdout, ctx, device=device)
-        attacks["discriminator"] = {"gated": False, **_auc_block(pos, neg, train_ids, holdout_ids, n_boot=n_boot, seed=seed)}
-    gated = [f["membership"]["auc"] for f in figs_acc.values()] + [a["auc"] for k, a in attacks.items() if k != "discriminator"]
+        pos, neg = discriminator_scores(discriminator, train, ctx, device=device), discriminator_scores(discriminator, holdout_eval, ctx, device=device)
+        attacks["discriminator"] = {"gated": False, **_auc_block(pos, neg, train_ids, eval_ids, n_boot=n_boot, seed=seed)}
+    gated_blocks = {f"black_box/{k}": f["membership"] for k, f in figs_acc.items()}
+    gated_blocks.update({k: a for k, a in attacks.items() if k != "discriminator"})
+    gated = [b["auc"] for b in gated_blocks.values()]
     # Two-sided: an AUC well below 0.5 leaks membership too, to an attacker who knows the
     # synthesis keeps away from train records and flips the score. Not in phi_id's space: the
     # walk pushes images away from train identities as phi_id sees them, phi_id never leaves the
     # site, and an outsider's view of that push is what the attacker's space measures.
-    outsider = [f["membership"]["auc"] for k, f in figs_acc.items() if k != "phi_id"] + [a["auc"] for k, a in attacks.items() if k != "discriminator"]
+    outsider = {k: b for k, b in gated_blocks.items() if k != "black_box/phi_id"}
+
+    def far_end(b: dict) -> float:  # the end of the AUC's interval farther from 0.5
+        ci = b.get("auc_ci") or [None, None]
+        return float("nan") if None in ci or np.isnan(b["auc"]) else max(ci[1] - 0.5, 0.5 - ci[0])
 
     lp = figs_acc.get("lpips", {}).get("nearest_record", {})
     reid = {
-        "phi_id": _reid_block(ev.id_score[accepted], ev.id_hold, holdout_ids, n_boot=n_boot, seed=seed),
-        "attacker": _reid_block(ev.att_score[accepted], ev.att_hold, holdout_ids, n_boot=n_boot, seed=seed),
+        "phi_id": _reid_block(ev.id_score[accepted], ev.id_eval, eval_ids, n_boot=n_boot, seed=seed),
+        "attacker": _reid_block(ev.att_score[accepted], ev.att_eval, eval_ids, n_boot=n_boot, seed=seed),
     }
+    degenerate = sorted(k for k, b in gated_blocks.items() if b.get("degenerate"))
+    paths = None if paths is None else np.asarray(paths)
     report = {
         "passed": False,
         "checks": [],
-        "mia_auc": float("nan") if not gated or any(np.isnan(gated)) else float(max(gated)),
+        "mia_auc": _max_or_nan(gated),
+        "mia_auc_upper": _max_or_nan([_upper(b.get("auc_ci"), b["auc"]) for b in gated_blocks.values()]),
         "mia_auc_attack": None,
-        "mia_auc_two_sided": float("nan") if not outsider or any(np.isnan(outsider)) else float(0.5 + max(abs(g - 0.5) for g in outsider)),
+        "mia_auc_two_sided": _max_or_nan([0.5 + abs(b["auc"] - 0.5) for b in outsider.values()]),
+        "mia_auc_two_sided_upper": _max_or_nan([0.5 + far_end(b) for b in outsider.values()]),
         "tpr_at_low_fpr": _worst(figs_acc, "membership", "tpr_at_1pct_fpr"),
+        "tpr_at_low_fpr_upper": _max_or_nan([_upper(f["membership"].get("tpr_at_1pct_fpr_ci"), f["membership"]["tpr_at_1pct_fpr"])
+                                             for f in figs_acc.values()]),
         "reid_rate": reid["attacker"]["rate"],
         "reid_rate_ci": reid["attacker"]["rate_ci"],
+        "reid_rate_upper": _upper(reid["attacker"]["rate_ci"], reid["attacker"]["rate"]),
         "closer_to_train": _worst(figs_acc, "nearest_record", "closer_to_train"),
+        "closer_to_train_upper": _max_or_nan([_upper(f["nearest_record"].get("closer_to_train_ci"), f["nearest_record"]["closer_to_train"])
+                                              for f in figs_acc.values()]),
+        "n_degenerate": len(degenerate),
+        "degenerate": degenerate,
         ev.closeness_key: float(ev.closeness[accepted].min()) if n_acc else float("nan"),
         "mmL": lp.get("mean_min_train"),  # None without the LPIPS space (no backbone weights, or embeddings)
         "min_lpips_to_train": lp.get("min_train"),
         **{k: v for k, v in extra.items() if k != "attack_space"},
         "dp_epsilon": dp_epsilon,
         "n_candidates": S,
+        "n_distinct": int(ev.distinct.sum()),
         "n_accepted": n_acc,
-        "dropped": {"too_close": int(ev.too_close.sum()), "reidentified": int(reidentified.sum()), "either": int((~accepted).sum())},
+        "n_paths": None if paths is None else int(len(np.unique(paths[accepted]))),
+        "dropped": {
+            "duplicate": int((~ev.distinct).sum()),
+            # counts among distinct candidates; one candidate may be dropped for several reasons
+            "too_close": int((ev.too_close & ev.distinct).sum()),
+            "copy": {k: int((f & ev.distinct).sum()) for k, f in ev.copies.items()},
+            "reidentified": int((reid_id & ev.distinct).sum()),
+            "reidentified_attacker": int((reid_att & ev.distinct).sum()),
+            "either": int((~accepted).sum()),
+        },
+        "calibration": {**ev.calibration, "reid_threshold_phi_id": thr_id, "reid_threshold_attacker": thr_att,
+                        "reid_quantile_attacker": 1 - policy.copy_fpr},
         "policy": policy.model_dump(mode="json"),
         "nearest_record": {k: v["nearest_record"] for k, v in figs_acc.items()},
         "membership": {k: v["membership"] for k, v in figs_acc.items()},
@@ -312,18 +372,17 @@ def _judge(
         "candidates": {
             "nearest_record": {k: v["nearest_record"] for k, v in figs_all.items()},
             "membership": {k: {m: v["membership"].get(m) for m in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")} for k, v in figs_all.items()},
-            "reid_rate_phi_id": reid_rate(ev.id_score, thr_id),
-            "reid_rate_attacker": reid_rate(ev.att_score, reid_threshold(ev.att_hold)),
-            ev.closeness_key: float(ev.closeness.min()) if S else None,
+            "reid_rate_phi_id": reid_rate(ev.id_score[ev.distinct], thr_id),
+            "reid_rate_attacker": reid_rate(ev.att_score[ev.distinct], reid_threshold(ev.att_eval)),
+            ev.closeness_key: float(ev.closeness[ev.distinct].min()) if S else None,
         },
-        "reid_thresholds": {"phi_id": thr_id, "attacker": reid_threshold(ev.att_hold), "quantile": REID_QUANTILE},
-        "bootstrap": {"resamples": n_boot, "level": 0.95, "unit": "patient for T and H, record for S"},
+        "bootstrap": {"resamples": n_boot, "level": 0.95, "unit": "patient for T and H, record for S",
+                      "gated_at": "the unfavourable end of each interval (*_upper)"},
         "n_train": len(train),
-        "n_holdout": len(holdout),
+        "n_holdout_evaluation": len(holdout_eval),
     }
     if gated and not any(np.isnan(gated)):
-        names = [f"black_box/{k}" for k in figs_acc] + [k for k in attacks if k != "discriminator"]
-        report["mia_auc_attack"] = names[int(np.argmax(gated))]
+        report["mia_auc_attack"] = list(gated_blocks)[int(np.argmax(gated))]
     report["passed"], report["checks"] = gate(report, policy)
     if details is not None:
         details["accepted"] = accepted
@@ -336,44 +395,99 @@ def _ids(train_ids, holdout_ids, n_train: int, n_holdout: int) -> tuple[np.ndarr
             np.array([f"h{i}" for i in range(n_holdout)]) if holdout_ids is None else np.asarray(holdout_ids))
 
 
+def _halves_info(holdout_ids: np.ndarray, cal: np.ndarray, evl: np.ndarray) -> dict:
+    return {"n_calibration": int(len(cal)), "n_evaluation": int(len(evl)),
+            "patients_calibration": int(len(np.unique(holdout_ids[cal]))), "patients_evaluation": int(len(np.unique(holdout_ids[evl])))}
+
+
+def _features_fn(model, device, *, batch_size: int = 1024):
+    """An Embedder (node.copies) from a network's `features`: float [B,1,H,W] -> [B,F] on the CPU."""
+    model.to(device).eval()
+
+    @torch.no_grad()
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([model.features(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+
+    return f
+
+
+def _lpips_embedder(model):
+    """An Embedder giving LPIPS features (node.lpips_matrix): grey [-1,1] images upsampled as `prepare` does."""
+    import torch.nn.functional as F
+
+    from node.lpips_matrix import MIN_SIDE
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < MIN_SIDE:
+            x = F.interpolate(x, scale_factor=MIN_SIDE / min(x.shape[-2:]), mode="bilinear", align_corners=False)
+        return lpips_features(model, x.expand(-1, 3, -1, -1).contiguous())
+
+    return f
+
+
 def audit_images(
     candidates: np.ndarray, train: np.ndarray, holdout: np.ndarray, *,
     phi_id, attacker, policy: PolicyConfig, device: torch.device | str, seed: int = 0,
     train_ids: np.ndarray | None = None, holdout_ids: np.ndarray | None = None,
     candidate_labels: np.ndarray | None = None, train_labels: np.ndarray | None = None, holdout_labels: np.ndarray | None = None,
-    discriminator=None, lpips_model=None, lpips_reason: str | None = None, dp_epsilon: float | None = None,
-    n_boot: int = 200, downstream_epochs: int = 20, details: dict | None = None,
+    paths: np.ndarray | None = None, discriminator=None, lpips_model=None, lpips_reason: str | None = None,
+    dp_epsilon: float | None = None, n_boot: int = 200, downstream_epochs: int = 20, details: dict | None = None,
 ) -> tuple[dict, np.ndarray]:
     """Audit candidate images uint8 [S,H,W] (the PLAN route) against train and holdout images
     (with their patient ids; without, every image is its own patient).
 
-    Optional parts: labels of all three sets (the downstream-model attack), the GAN's
-    `discriminator` (LOGAN), an `lpips_model` (node.lpips_matrix.build_lpips; when None the
-    report says why, from `lpips_reason`), a declared DP epsilon. `details`, when a dict, is
-    filled with distances, scores and closest pairs for the HTML report.
+    Optional parts: labels of all three sets (the downstream-model attack), each candidate's path
+    (the report counts the distinct paths released), the GAN's `discriminator` (LOGAN), an
+    `lpips_model` (node.lpips_matrix.build_lpips; when None the report says why, from
+    `lpips_reason`), a declared DP epsilon. `details`, when a dict, is filled with distances,
+    scores and closest pairs for the HTML report.
 
     Returns (report dict as written to audit.json, boolean mask [S] of accepted candidates)."""
     S = len(candidates)
     train_ids, holdout_ids = _ids(train_ids, holdout_ids, len(train), len(holdout))
-    pix_s, pix_t, pix_h = pixels01(candidates), pixels01(train), pixels01(holdout)
+    cal, evl = holdout_halves(holdout_ids, seed=HALVES_SEED)
+    h_cal, h_eval = holdout[cal], holdout[evl]
+    pix_s, pix_t, pix_e = pixels01(candidates), pixels01(train), pixels01(h_eval)
     d_pix_train = (min_sq_dist(pix_s, pix_t)[0] / pix_s.shape[1]).numpy() if S else np.zeros(0)
     empty = torch.zeros(0, 1)
-    emb = {name: (embed(m, candidates, device=device) if S else empty, embed(m, train, device=device), embed(m, holdout, device=device))
+    emb = {name: (embed(m, candidates, device=device) if S else empty, embed(m, train, device=device), embed(m, h_eval, device=device))
            for name, m in (("phi_id", phi_id), ("attacker", attacker))}
-    spaces = {"pixel": _space_fn((pix_s, pix_t, pix_h), scale=pix_s.shape[1])}
+    spaces = {"pixel": _space_fn((pix_s, pix_t, pix_e), scale=pix_s.shape[1])}
     spaces.update({k: _space_fn(v) for k, v in emb.items()})
     if lpips_model is not None:
-        spaces["lpips"] = _lpips_fn(lpips_model, (candidates, train, holdout))
+        spaces["lpips"] = _lpips_fn(lpips_model, (candidates, train, h_eval))
+
+    # the copy detector: each space's threshold from the calibration half's own copy distances
+    embedders = {"attacker": _features_fn(attacker, device)}
+    if lpips_model is not None:
+        embedders["lpips"] = _lpips_embedder(lpips_model)
+    family = warp_family()
+    chunk = 4 if lpips_model is not None else 32  # LPIPS feature rows are ~100x wider
+    on = policy.copy_fpr > 0
+    d_cal = copy_distances(h_cal, train, embedders=embedders, family=family, chunk=chunk) if on else {}
+    d_cand = copy_distances(candidates, train, embedders=embedders, family=family, chunk=chunk) if on and S else {}
+    thresholds = {k: calibrate(d, fpr=policy.copy_fpr) for k, (d, _) in d_cal.items()}
+    copies = {k: (d_cand[k][0] < t if S else np.zeros(0, dtype=bool)) for k, t in thresholds.items()}
+    calibration = {
+        **_halves_info(holdout_ids, cal, evl), "copy_fpr": policy.copy_fpr, "copy_family": len(family) if on else 0,
+        "copy_thresholds": thresholds,
+        # real non-members the detector would flag: more than copy_fpr of them means near-duplicates across patients in the data
+        "copy_calibration_flagged": {k: int((d_cal[k][0] < t).sum()) for k, t in thresholds.items()},
+    }
+    if details is not None and d_cand:
+        details["copy_distances"] = {k: d for k, (d, _) in d_cand.items()}
     ev = Evidence(
-        spaces=spaces, attack_features=tuple(a.numpy() for a in emb["attacker"]),
+        spaces=spaces,
+        attack_features=(emb["attacker"][0].numpy(), emb["attacker"][1].numpy(), embed(attacker, h_cal, device=device).numpy(), emb["attacker"][2].numpy()),
         closeness=d_pix_train, closeness_key="min_pixel_mse_to_train", too_close=d_pix_train < policy.min_pixel_distance,
-        id_score=_top_prob(phi_id, candidates, device), id_hold=_top_prob(phi_id, holdout, device),
-        att_score=_top_prob(attacker, candidates, device), att_hold=_top_prob(attacker, holdout, device),
+        copies=copies, calibration=calibration, distinct=distinct(candidates),
+        id_score=_top_prob(phi_id, candidates, device), id_cal=_top_prob(phi_id, h_cal, device), id_eval=_top_prob(phi_id, h_eval, device),
+        att_score=_top_prob(attacker, candidates, device), att_cal=_top_prob(attacker, h_cal, device), att_eval=_top_prob(attacker, h_eval, device),
     )
     report, accepted = _judge(
-        ev, candidates=candidates, train=train, holdout=holdout, policy=policy, train_ids=train_ids, holdout_ids=holdout_ids,
-        candidate_labels=candidate_labels, train_labels=train_labels, holdout_labels=holdout_labels,
-        make_classifier=lambda n, _: SmallCNN(n, width=8, image_size=candidates.shape[-1]), augment="light",
+        ev, candidates=candidates, train=train, holdout_eval=h_eval, policy=policy, train_ids=train_ids, eval_ids=holdout_ids[evl],
+        candidate_labels=candidate_labels, train_labels=train_labels, eval_labels=None if holdout_labels is None else np.asarray(holdout_labels)[evl],
+        paths=paths, make_classifier=lambda n, _: SmallCNN(n, width=8, image_size=candidates.shape[-1]), augment="light",
         discriminator=discriminator, dp_epsilon=dp_epsilon, device=device, seed=seed, n_boot=n_boot,
         downstream_epochs=downstream_epochs, details=details,
         extra={"route": "plan", "lpips": {"available": lpips_model is not None, **(
@@ -404,26 +518,29 @@ def audit_embeddings(
     The distance space is the embedding itself, standardised by train. The per-sample minimum is
     relative, because an embedding's scale is the extractor's: a candidate is too close when its
     distance to the nearest train record is below policy.min_embedding_distance_ratio times the
-    median distance from a holdout record (a real non-member) to its nearest train record.
-    Returns (report, accepted mask [S]) as audit_images."""
+    median distance from a calibration-half holdout record (a real non-member) to its nearest
+    train record. Returns (report, accepted mask [S]) as audit_images."""
     S = len(candidates)
     train_ids, holdout_ids = _ids(train_ids, holdout_ids, len(train), len(holdout))
-    t, s, h = standardise(train, candidates if S else np.zeros((0, train.shape[1]), np.float32), holdout)
+    cal, evl = holdout_halves(holdout_ids, seed=HALVES_SEED)
+    t, s, hc, he = standardise(train, candidates if S else np.zeros((0, train.shape[1]), np.float32), holdout[cal], holdout[evl])
     # Euclidean, not squared, so the ratio reads as "this far, relative to a real non-member"
     d_s = min_sq_dist(s, t)[0].sqrt().numpy() if S else np.zeros(0)
-    typical = float(min_sq_dist(h, t)[0].sqrt().median())
+    typical = float(min_sq_dist(hc, t)[0].sqrt().median())
     ratio = d_s / max(typical, 1e-12)
     ev = Evidence(
-        spaces={"embedding": _space_fn((s, t, h))}, attack_features=(s.numpy(), t.numpy(), h.numpy()),
+        spaces={"embedding": _space_fn((s, t, he))}, attack_features=(s.numpy(), t.numpy(), hc.numpy(), he.numpy()),
         closeness=ratio, closeness_key="min_embedding_distance_ratio", too_close=ratio < policy.min_embedding_distance_ratio,
-        id_score=_top_prob(phi_id, candidates, device), id_hold=_top_prob(phi_id, holdout, device),
-        att_score=_top_prob(attacker, candidates, device), att_hold=_top_prob(attacker, holdout, device),
+        copies={}, calibration={**_halves_info(holdout_ids, cal, evl), "median_holdout_distance": typical},
+        distinct=distinct(np.asarray(candidates), near_mse=None),
+        id_score=_top_prob(phi_id, candidates, device), id_cal=_top_prob(phi_id, holdout[cal], device), id_eval=_top_prob(phi_id, holdout[evl], device),
+        att_score=_top_prob(attacker, candidates, device), att_cal=_top_prob(attacker, holdout[cal], device), att_eval=_top_prob(attacker, holdout[evl], device),
     )
     d = train.shape[1]
     report, accepted = _judge(
-        ev, candidates=candidates, train=train, holdout=holdout, policy=policy, train_ids=train_ids, holdout_ids=holdout_ids,
-        candidate_labels=candidate_labels, train_labels=train_labels, holdout_labels=holdout_labels,
-        make_classifier=lambda n, s_data: EmbeddingHead(d, n).fit_scaler(torch.from_numpy(s_data)), augment="none",
+        ev, candidates=candidates, train=train, holdout_eval=holdout[evl], policy=policy, train_ids=train_ids, eval_ids=holdout_ids[evl],
+        candidate_labels=candidate_labels, train_labels=train_labels, eval_labels=None if holdout_labels is None else np.asarray(holdout_labels)[evl],
+        paths=None, make_classifier=lambda n, s_data: EmbeddingHead(d, n).fit_scaler(torch.from_numpy(s_data)), augment="none",
         discriminator=None, dp_epsilon=dp_epsilon,
         device=device, seed=seed, n_boot=n_boot, downstream_epochs=downstream_epochs, details=details,
         extra={"route": "cvae", "attack_space": "embedding", "median_holdout_distance": typical},
@@ -452,17 +569,21 @@ def _load_lpips(ws: Workspace):
         return None, str(e)
 
 
-def audit(ws: Workspace, *, policy: PolicyConfig | None = None) -> dict:
+def audit(ws: Workspace, *, policy: PolicyConfig | None = None, note: str | None = None) -> dict:
     """Audit synth/<latest run>/candidates.npz (images, or embeddings on the CVAE route); write
     audit.json and accepted.npz beside it, and the site-only HTML report
     reports/audit-<run>.html (it shows real images).
 
     `policy` defaults to the site's; pass the site's policy tightened by the federation floor
-    (PolicyConfig.stricter) to audit for release into a federation."""
+    (PolicyConfig.stricter) to audit for release into a federation. Every audit is an attempt
+    on the site's training data (node.attempts): past policy.max_attempts failed ones, it needs a
+    new synth.seed and a `note`, or it raises AttemptRefused before auditing anything."""
+    from node.attempts import next_attempt, record_attempt
     from node.audit_report import write_report
 
     cfg = ws.config()
     policy = policy or cfg.policy
+    attempt = next_attempt(ws, seed=cfg.synth.seed, max_attempts=policy.max_attempts, note=note)
     device = pick_device(cfg.device)
     run_id = latest_run(ws)
     run_dir = ws.synth / run_id
@@ -489,12 +610,13 @@ def audit(ws: Workspace, *, policy: PolicyConfig | None = None) -> dict:
             cand["images"], train.images, holdout.images,
             phi_id=load_model(ws, "phi_id", device), attacker=load_model(ws, "phi_attack", device),
             train_labels=train.labels, holdout_labels=holdout.labels,
-            discriminator=D, lpips_model=lpips_model, lpips_reason=lpips_reason, **common)
+            paths=cand.get("path"), discriminator=D, lpips_model=lpips_model, lpips_reason=lpips_reason, **common)
         shown = (cand["images"], train.images)
-    report = _nan_to_none({"run_id": run_id, **report})
+    report = _nan_to_none({"run_id": run_id, "attempt": attempt, **report})
     buf = io.BytesIO()
     np.savez(buf, **{k: v[accepted] for k, v in cand.items()})
     atomic_write_bytes(run_dir / "accepted.npz", buf.getvalue())
     atomic_write_json(run_dir / "audit.json", report)
     write_report(ws.reports / f"audit-{run_id}.html", report, details, images=shown)
+    record_attempt(ws, attempt, run_id=run_id, passed=bool(report["passed"]))
     return report

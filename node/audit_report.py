@@ -135,6 +135,27 @@ def render(report: dict, details: dict, *, images: tuple[np.ndarray, np.ndarray]
             grids.append(f"<h3>{html.escape(space)}</h3><div class=grid>{cells}</div>")
     closest = ("<h2>Closest released / train pairs</h2><p>Each pair: released sample (left), its nearest train image (right).</p>"
                + "".join(grids)) if grids else ""
+    att = report.get("attempt") or {}
+    attempt_html = (f"<p>Attempt {att.get('number')} on this training data; {att.get('failed_before')} earlier attempt(s) failed "
+                    f"(policy allows {att.get('max_attempts')} before a new seed and a note are needed); synthesis seed {att.get('seed')}"
+                    + (f"; note: {html.escape(str(att['note']))}" if att.get("note") else "") + ".</p>") if att else ""
+    cal = report.get("calibration") or {}
+    drop = report.get("dropped") or {}
+    filt_rows = "".join(
+        f"<tr><td>copy ({html.escape(k)})</td><td>{n}</td><td>{_fmt((cal.get('copy_thresholds') or {}).get(k), 4)}</td>"
+        f"<td>{(cal.get('copy_calibration_flagged') or {}).get(k)} of {cal.get('n_calibration')}</td></tr>"
+        for k, n in (drop.get("copy") or {}).items())
+    filter_html = f"""<h2>Per-sample filter</h2><p>{report.get('n_distinct')} distinct of {report.get('n_candidates')} candidates
+({drop.get('duplicate')} duplicates removed); {report.get('n_accepted')} accepted from {report.get('n_paths')} paths. Thresholds come
+from the holdout's calibration half ({cal.get('n_calibration')} images, {cal.get('patients_calibration')} patients); the set-level figures
+below are measured on its evaluation half ({cal.get('n_evaluation')} images). Copy distances are minimised over
+{cal.get('copy_family')} shifts, flips, rotations and zooms; a calibration image flagged is a real non-member as close to a train
+image as a copy (near-duplicates across patients in the data).</p>
+<table><tr><th>reason</th><th>dropped</th><th>threshold</th><th>calibration images flagged</th></tr>{filt_rows}
+<tr><td>pixel MSE below policy.min_pixel_distance</td><td>{drop.get('too_close')}</td><td></td><td></td></tr>
+<tr><td>re-identified by phi_id</td><td>{drop.get('reidentified')}</td><td>{_fmt(cal.get('reid_threshold_phi_id'), 4)}</td><td></td></tr>
+<tr><td>re-identified by the attacker</td><td>{drop.get('reidentified_attacker')}</td><td>{_fmt(cal.get('reid_threshold_attacker'), 4)}</td><td></td></tr>
+</table>"""
     lp = report.get("lpips") or {}
     lp_note = "" if lp.get("available", True) else f"<p class=warn>LPIPS not computed: {html.escape(str(lp.get('reason')))}</p>"
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Privacy audit {html.escape(str(report.get('run_id')))}</title>
@@ -145,10 +166,12 @@ figure img{{display:inline-block;margin:1px}} .verdict{{font-size:140%;font-weig
 <h1>Privacy audit of synthetic run {html.escape(str(report.get('run_id')))}</h1>
 <p class=verdict>{'PASSED: the accepted set may be published' if passed else 'FAILED: nothing is published'}</p>
 <p>{report.get('n_accepted')} of {report.get('n_candidates')} candidates accepted (dropped: {html.escape(str(report.get('dropped')))});
-train {report.get('n_train')} records, holdout {report.get('n_holdout')} records. 95% bootstrap intervals in brackets
-({html.escape(str((report.get('bootstrap') or {}).get('unit')))}). This report shows real patient images: it must stay at the site.</p>
-{lp_note}
+train {report.get('n_train')} records, holdout evaluation half {report.get('n_holdout_evaluation')} records. 95% bootstrap intervals in
+brackets ({html.escape(str((report.get('bootstrap') or {}).get('unit')))}); the gate judges each estimate at its unfavourable end.
+This report shows real patient images: it must stay at the site.</p>
+{attempt_html}{lp_note}
 <h2>Release gate</h2><table><tr><th>check</th><th>value</th><th>policy</th><th></th><th>by how much</th></tr>{''.join(rows)}</table>
+{filter_html}
 <h2>Membership attacks on the released set</h2><p>AUC 0.5 is ideal (the attacker guesses).</p>
 <table><tr><th>attack</th><th>AUC</th><th>TPR at 1% FPR</th><th>TPR at 0.1% FPR</th></tr>{att_html}</table>
 {svg_roc(curves)}

@@ -104,11 +104,16 @@ def _install_kit(ws: Workspace, kit: Path) -> None:
                   f"SuperLink {meta['superlink']}")
 
 
-def _pipeline(site_dir: Path, upto: str, force: bool) -> Workspace:
+def _pipeline(site_dir: Path, upto: str, force: bool, note: str | None = None) -> Workspace:
+    from node.attempts import AttemptRefused
     from node.stages import run_pipeline
 
     ws = _workspace(site_dir)
-    run_pipeline(ws, upto=upto, force=force)
+    try:
+        run_pipeline(ws, upto=upto, force=force, note=note)
+    except AttemptRefused as e:
+        console.print(f"refused: {e}", style="red", markup=False)  # the message may hold brackets
+        raise typer.Exit(1) from None
     return ws
 
 
@@ -143,9 +148,13 @@ def _set_route(ws: Workspace, route: str) -> None:
 
 
 @app.command()
-def audit(site_dir: Path = SiteDir, force: bool = typer.Option(False, help="Run even if up to date.")) -> None:
+def audit(
+    site_dir: Path = SiteDir,
+    force: bool = typer.Option(False, help="Run even if up to date."),
+    note: str = typer.Option(None, help="Why this attempt: required, with a new synth.seed, after policy.max_attempts failed audits."),
+) -> None:
     """Membership and re-identification audit of the candidates; the release gate."""
-    ws = _pipeline(site_dir, "audit", force)
+    ws = _pipeline(site_dir, "audit", force, note)
     from node.status import site_status
     from node.synthesize import latest_run
 

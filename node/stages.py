@@ -76,14 +76,15 @@ def stage_io(ws: Workspace, stage: str) -> tuple[list[Path], list[Path]]:
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
 
-def run_one(ws: Workspace, stage: str, *, force: bool = False, policy: PolicyConfig | None = None) -> bool:
+def run_one(ws: Workspace, stage: str, *, force: bool = False, policy: PolicyConfig | None = None, note: str | None = None) -> bool:
     """Run one stage through the ledger; True if it ran, False if it was up to date.
 
-    A `policy` other than the site's (e.g. tightened by a federation floor) always reruns audit."""
+    A `policy` other than the site's (e.g. tightened by a federation floor) always reruns audit;
+    `note` goes into the audit attempt (node.attempts)."""
     train, synthesize = _route(ws)[:2]
     fns: dict[str, Callable[[], object]] = {
         "ingest": lambda: ingest(ws), "train": lambda: train(ws), "synthesize": lambda: synthesize(ws),
-        "audit": lambda: audit(ws, policy=policy), "local_only": lambda: local_only(ws),
+        "audit": lambda: audit(ws, policy=policy, note=note), "local_only": lambda: local_only(ws),
     }
     if stage not in fns:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
@@ -92,14 +93,14 @@ def run_one(ws: Workspace, stage: str, *, force: bool = False, policy: PolicyCon
     return ran
 
 
-def run_pipeline(ws: Workspace, *, upto: str | None = None, force: bool = False) -> dict[str, bool]:
-    """Run ingest -> train -> synthesize -> audit -> local_only (up to and including `upto`).
-    Returns {stage: ran?}."""
+def run_pipeline(ws: Workspace, *, upto: str | None = None, force: bool = False, note: str | None = None) -> dict[str, bool]:
+    """Run ingest -> train -> synthesize -> audit -> local_only (up to and including `upto`);
+    `note` for the audit attempt. Returns {stage: ran?}."""
     if upto is not None and upto not in STAGES:
         raise ValueError(f"unknown stage {upto!r}; expected one of {STAGES}")
     ran = {}
     for stage in STAGES:
-        ran[stage] = run_one(ws, stage, force=force)
+        ran[stage] = run_one(ws, stage, force=force, note=note)
         if stage == upto:
             break
     return ran

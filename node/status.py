@@ -24,12 +24,14 @@ def site_status(ws: Workspace) -> dict:
         for line in ws.ledger.read_text().splitlines():
             if line.strip():
                 entry = json.loads(line)
-                stages[entry["stage"]] = {"seconds": entry["seconds"], "finished": entry["started"] + entry["seconds"]}
+                if "seconds" in entry:  # audit attempts (node.attempts) share the ledger
+                    stages[entry["stage"]] = {"seconds": entry["seconds"], "finished": entry["started"] + entry["seconds"]}
     audit = latest_audit(ws)
     return {
         "site": ws.config().name,
         "stages": stages,
-        "audit": {k: audit.get(k) for k in ("passed", "mia_auc", "reid_rate", "n_candidates", "n_accepted")} if audit else None,
+        "audit": {k: audit.get(k) for k in ("passed", "mia_auc", "mia_auc_upper", "reid_rate", "n_candidates", "n_accepted", "attempt")}
+        if audit else None,
         "published": read_json(ws.bundles / "published.json"),
         "pool": read_json(ws.pool / "index.json"),
         "local_only": read_json(ws.reports / "local_only.json"),

@@ -18,8 +18,9 @@ from server.store import BundleStore
 from server.trust import TrustStore
 
 # Every figure the coordinator checks against its policy floor (common/policy.py), passing the default.
-PASSED_AUDIT = {"passed": True, "mia_auc": 0.52, "mia_auc_two_sided": 0.55, "reid_rate": 0.01, "tpr_at_low_fpr": 0.02, "closer_to_train": 0.5,
-                "n_accepted": 20, "min_pixel_mse_to_train": 0.01, "policy": {"max_mia_auc": 0.65}}
+PASSED_AUDIT = {"passed": True, "mia_auc": 0.52, "mia_auc_upper": 0.58, "mia_auc_two_sided_upper": 0.59, "reid_rate_upper": 0.04,
+                "tpr_at_low_fpr_upper": 0.05, "closer_to_train_upper": 0.6, "n_degenerate": 0, "n_accepted": 20,
+                "min_pixel_mse_to_train": 0.01, "policy": {"max_mia_auc": 0.65, "copy_fpr": 0.02}}
 
 
 def site_key(dir: Path, name: str):

@@ -98,12 +98,13 @@ def test_lpips_backbone_loads_from_store(tmp_path, lpips_random):
 
 @pytest.fixture(scope="module")
 def clinic():
-    """One phantom clinic at 16x16: 60 train patients, 60 holdout, 60 fresh (in neither), 3 images
-    each. 60 patients a side put the AUC's patient-level standard error near 0.05, so a chance
-    set lands in 0.4-0.6 with room to spare; fewer would make the calibration test a coin toss."""
-    x, y, p = make_phantom(n_patients=180, images_per_patient=3, n_classes=2, size=16, seed=9)
+    """One phantom clinic at 16x16: 60 train patients, 120 holdout, 60 fresh (in neither), 3 images
+    each. The audit measures the set on half of the holdout (60 patients, the AUC's patient-level
+    standard error near 0.05) and gates the upper ends of 95% intervals, so fewer would make a
+    chance set fail for want of evidence."""
+    x, y, p = make_phantom(n_patients=240, images_per_patient=3, n_classes=2, size=16, seed=9)
     pid = np.unique(p, return_inverse=True)[1]
-    tr, ho, fr = pid < 60, (pid >= 60) & (pid < 120), pid >= 120
+    tr, ho, fr = pid < 60, (pid >= 60) & (pid < 180), pid >= 180
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         phi_id, att = SmallCNN(60, width=4, image_size=16), SmallCNN(60, width=6, image_size=16)
@@ -122,12 +123,12 @@ def test_leaky_set_fails_with_high_auc(clinic):
     rng = np.random.default_rng(1)
     leaky = np.clip(xt.astype(int) + rng.integers(-4, 5, xt.shape), 0, 255).astype(np.uint8)
     # the per-sample filter off, so the set-level attacks must see the leak by themselves
-    report, _ = _audit(clinic, leaky, yt, PolicyConfig(min_pixel_distance=0.0, min_accepted=1))
+    report, _ = _audit(clinic, leaky, yt, PolicyConfig(min_pixel_distance=0.0, copy_fpr=0, min_accepted=1))
     assert not report["passed"]
     assert report["membership"]["pixel"]["auc"] >= 0.9 and report["mia_auc"] >= 0.9
     assert report["tpr_at_low_fpr"] > 0.5 and report["mia_auc_two_sided"] >= report["mia_auc"]
     failed = {c["name"]: c for c in report["checks"] if not c["passed"]}
-    assert "mia_auc" in failed and "by" in failed["mia_auc"]["message"]
+    assert "mia_auc_upper" in failed and "by" in failed["mia_auc_upper"]["message"]
     # with the default filter every copy is dropped and the gate fails on the set size
     report, accepted = _audit(clinic, leaky, yt, PolicyConfig())
     assert not accepted.any() and not report["passed"]
@@ -153,7 +154,7 @@ def test_fresh_real_images_pass_with_chance_auc(clinic):
 def test_lpips_space_in_the_audit(clinic, lpips_random):
     xt, yt, _ = clinic["t"]
     cand = np.concatenate([clinic["f"][0][:20], xt[:4]])
-    report, _ = _audit(clinic, cand, np.concatenate([clinic["f"][1][:20], yt[:4]]), PolicyConfig(min_pixel_distance=0.0, min_accepted=1, min_mmL=1e-6),
+    report, _ = _audit(clinic, cand, np.concatenate([clinic["f"][1][:20], yt[:4]]), PolicyConfig(min_pixel_distance=0.0, copy_fpr=0, min_accepted=1, min_mmL=1e-6),
                        lpips_model=lpips_random)
     assert report["lpips"]["available"] and "lpips" in report["membership"]
     assert report["min_lpips_to_train"] == pytest.approx(0.0, abs=1e-5)  # exact copies are in the set
@@ -165,14 +166,13 @@ def test_lpips_space_in_the_audit(clinic, lpips_random):
 
 def test_density_ratio_detects_a_set_concentrated_on_members():
     rng = np.random.default_rng(0)
-    t, h = rng.normal(size=(150, 5)), rng.normal(size=(150, 5))
-    hid = np.repeat(np.arange(50), 3)
+    t, h, ref = rng.normal(size=(150, 5)), rng.normal(size=(150, 5)), rng.normal(size=(150, 5))
     leak = t + 0.05 * rng.normal(size=t.shape)
-    pos, neg = density_ratio_scores(leak, t, h, holdout_ids=hid)
+    pos, neg = density_ratio_scores(leak, t, h, reference=ref)
     # Scott's-rule KDEs are smooth: copies show, but less sharply than to a nearest-neighbour attack (0.79 here)
     assert roc_auc(pos, neg) > 0.75
     fresh = rng.normal(size=(150, 5))
-    pos, neg = density_ratio_scores(fresh, t, h, holdout_ids=hid)
+    pos, neg = density_ratio_scores(fresh, t, h, reference=ref)
     assert 0.3 < roc_auc(pos, neg) < 0.7
 
 
@@ -204,22 +204,30 @@ def test_roc_points_and_bootstrap():
 
 
 def test_policy_checks_say_by_how_much_and_federation_floor():
-    audit = {"passed": True, "mia_auc": 0.8, "mia_auc_two_sided": 0.6, "tpr_at_low_fpr": 0.05, "reid_rate": 0.02,
-             "closer_to_train": 0.5, "n_accepted": 100, "min_pixel_mse_to_train": 0.01, "mmL": None, "dp_epsilon": None}
-    fails = check_audit(audit, PolicyConfig())
-    assert fails == ["mia_auc 0.8 > max 0.75 (by 0.05)"]
+    audit = {"passed": True, "mia_auc_upper": 0.8, "mia_auc_two_sided_upper": 0.6, "tpr_at_low_fpr_upper": 0.05,
+             "reid_rate_upper": 0.02, "closer_to_train_upper": 0.5, "n_degenerate": 0, "n_accepted": 100,
+             "min_pixel_mse_to_train": 0.01, "mmL": None, "dp_epsilon": None, "policy": {"copy_fpr": 0.02}}
+    fails = check_audit(audit, PolicyConfig(max_mia_auc=0.75))
+    assert fails == ["mia_auc_upper 0.8 > max 0.75 (by 0.05)"]
     # members given away by being the ones nothing resembles (AUC 0.2, two-sided 0.8) fail too
-    assert check_audit({**audit, "mia_auc": 0.2, "mia_auc_two_sided": 0.8}, PolicyConfig()) == ["mia_auc_two_sided 0.8 > max 0.75 (by 0.05)"]
-    assert check_audit({**audit, "mia_auc": 0.6}, PolicyConfig()) == []
-    assert any("mmL not evaluated" in f for f in check_audit({**audit, "mia_auc": 0.6}, PolicyConfig(min_mmL=0.1)))
-    eps = check_audit({**audit, "mia_auc": 0.6, "dp_epsilon": 8.0}, PolicyConfig(max_dp_epsilon=4.0))
+    assert check_audit({**audit, "mia_auc_upper": 0.3, "mia_auc_two_sided_upper": 0.8}, PolicyConfig(max_mia_auc=0.75)) == [
+        "mia_auc_two_sided_upper 0.8 > max 0.75 (by 0.05)"]
+    ok = {**audit, "mia_auc_upper": 0.6}
+    assert check_audit(ok, PolicyConfig()) == []
+    # a degenerate attack space, or a copy detector run laxer than the floor, fails whatever the figures
+    assert check_audit({**ok, "n_degenerate": 1}, PolicyConfig()) == ["n_degenerate 1 > max 0 (by 1)"]
+    assert check_audit({**ok, "policy": {"copy_fpr": 0.0}}, PolicyConfig()) == ["audit ran its copy detector at copy_fpr 0.0 below the floor's 0.02"]
+    assert any("mmL not evaluated" in f for f in check_audit(ok, PolicyConfig(min_mmL=0.1)))
+    eps = check_audit({**ok, "dp_epsilon": 8.0}, PolicyConfig(max_dp_epsilon=4.0))
     assert eps == ["dp_epsilon 8 > max 4 (by 4)"]
-    assert check_audit({"passed": True, "mia_auc": 0.5}, PolicyConfig())  # figures missing: refused
-    site = PolicyConfig(max_mia_auc=0.9, max_tpr_at_low_fpr=0.1)
-    floor = PolicyConfig(max_mia_auc=0.7, max_dp_epsilon=3.0)
+    # point estimates alone (an audit from before upper bounds were gated) are refused
+    assert check_audit({"passed": True, "mia_auc": 0.5, "n_accepted": 100, "policy": {"copy_fpr": 0.02}}, PolicyConfig())
+    site = PolicyConfig(max_mia_auc=0.9, max_tpr_at_low_fpr=0.1, copy_fpr=0.01, max_attempts=5)
+    floor = PolicyConfig(max_mia_auc=0.7, max_dp_epsilon=3.0, copy_fpr=0.05, max_attempts=2)
     both = site.stricter(floor)
     assert both.max_mia_auc == 0.7 and both.max_tpr_at_low_fpr == 0.1 and both.max_dp_epsilon == 3.0
-    assert {c["name"] for c in evaluate(audit, both)} >= {"mia_auc", "tpr_at_low_fpr", "min_pixel_mse_to_train"}
+    assert both.copy_fpr == 0.05 and both.max_attempts == 2
+    assert {c["name"] for c in evaluate(audit, both)} >= {"mia_auc_upper", "tpr_at_low_fpr_upper", "n_degenerate", "min_pixel_mse_to_train"}
 
 
 def test_store_refuses_bundle_under_the_federation_floor(tmp_path):
@@ -227,14 +235,14 @@ def test_store_refuses_bundle_under_the_federation_floor(tmp_path):
     from tests.helpers_exchange import make_bundle, site_key
 
     priv, pub = site_key(tmp_path, "a")
-    good = {"passed": True, "mia_auc": 0.6, "mia_auc_two_sided": 0.6, "tpr_at_low_fpr": 0.05, "reid_rate": 0.02, "closer_to_train": 0.5,
-            "n_accepted": 12, "min_pixel_mse_to_train": 0.01, "policy": {}}
+    good = {"passed": True, "mia_auc_upper": 0.6, "mia_auc_two_sided_upper": 0.6, "tpr_at_low_fpr_upper": 0.05, "reid_rate_upper": 0.02,
+            "closer_to_train_upper": 0.5, "n_degenerate": 0, "n_accepted": 12, "min_pixel_mse_to_train": 0.01, "policy": {"copy_fpr": 0.02}}
     floor = PolicyConfig(min_accepted=10, max_mia_auc=0.65)
     store = BundleStore(tmp_path / "store", policy=floor)
-    lax = make_bundle(tmp_path / "b1", priv, sequence=1, audit={**good, "mia_auc": 0.7})
+    lax = make_bundle(tmp_path / "b1", priv, sequence=1, audit={**good, "mia_auc_upper": 0.7})
     with pytest.raises(StoreRefused) as e:
         store.put(lax, verify={"a": [pub]})
-    assert e.value.reason == "policy" and "mia_auc 0.7 > max 0.65" in str(e.value)
+    assert e.value.reason == "policy" and "mia_auc_upper 0.7 > max 0.65" in str(e.value)
     assert store.list() == []
     rec = store.put(make_bundle(tmp_path / "b2", priv, sequence=2, audit=good), verify={"a": [pub]})
     assert rec.sequence == 2 and len(store.list()) == 1
@@ -268,5 +276,5 @@ def test_calibration_on_breastmnist():
     assert all(m["auc"] <= 0.6 for m in fresh["membership"].values())
     rng = np.random.default_rng(1)
     leaky = np.clip(x[ti].astype(int) + rng.integers(-4, 5, (200, 28, 28)), 0, 255).astype(np.uint8)
-    leak, _ = audit_images(leaky, x[ti], x[hi], policy=PolicyConfig(min_pixel_distance=0.0), candidate_labels=y[ti], **kw)
+    leak, _ = audit_images(leaky, x[ti], x[hi], policy=PolicyConfig(min_pixel_distance=0.0, copy_fpr=0), candidate_labels=y[ti], **kw)
     assert not leak["passed"] and leak["membership"]["pixel"]["auc"] >= 0.9

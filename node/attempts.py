@@ -1,0 +1,72 @@
+"""Audit attempts, counted per training data (issue 13).
+
+A gate that may be retried until it passes is no gate: with enough synthesis seeds one set
+passes by chance. So every audit on the same training data (the digest of data/dataset.npz and
+data/splits.json) is a line in the site's ledger, {"stage": "audit_attempt", ...}, and the audit
+signs its attempt number and how many earlier attempts failed. After `policy.max_attempts`
+failed attempts, another one needs a synthesis seed no earlier attempt used and a note saying why
+(`plan-node audit --note`); both go into the signed audit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from common.fileio import sha256_file
+from node.workspace import Workspace
+
+STAGE = "audit_attempt"
+
+
+class AttemptRefused(Exception):
+    """Raised before an audit that the attempt limit refuses; the message says what to do."""
+
+
+def data_digest(ws: Workspace) -> str:
+    """sha256 over the ingested data and its split: what "the same training data" means."""
+    return sha256_file(ws.data / "dataset.npz") + sha256_file(ws.data / "splits.json")
+
+
+def earlier_attempts(ws: Workspace, digest: str) -> list[dict]:
+    """The ledger's attempt lines for this training data, oldest first."""
+    if not ws.ledger.exists():
+        return []
+    out = []
+    for line in ws.ledger.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash says nothing
+        if isinstance(e, dict) and e.get("stage") == STAGE and e.get("data") == digest:
+            out.append(e)
+    return out
+
+
+def next_attempt(ws: Workspace, *, seed: int, max_attempts: int, note: str | None) -> dict:
+    """The attempt about to run: {"number", "failed_before", "seed", "note"}. Raises AttemptRefused
+    when `max_attempts` attempts on this data already failed and this one lacks a new seed or a note."""
+    digest = data_digest(ws)
+    prior = earlier_attempts(ws, digest)
+    failed = sum(1 for e in prior if not e.get("passed"))
+    if failed >= max_attempts:
+        used = sorted({e.get("seed") for e in prior if isinstance(e.get("seed"), int)})
+        missing = []
+        if seed in used:
+            missing.append(f"a synthesis seed not used before (synth.seed is {seed}; used: {used})")
+        if not (note and note.strip()):
+            missing.append("a note saying why (plan-node audit --note TEXT)")
+        if missing:
+            raise AttemptRefused(
+                f"{failed} audit attempts on this training data failed (policy.max_attempts {max_attempts}); "
+                f"another attempt needs {' and '.join(missing)}")
+    return {"number": len(prior) + 1, "failed_before": failed, "seed": seed, "note": (note or "").strip() or None,
+            "max_attempts": max_attempts}
+
+
+def record_attempt(ws: Workspace, attempt: dict, *, run_id: str, passed: bool) -> None:
+    """Append the finished attempt to the ledger (one line, written with a single write call)."""
+    entry = {"stage": STAGE, "data": data_digest(ws), "run_id": run_id, "passed": bool(passed), "time": time.time(), **attempt}
+    ws.ledger.parent.mkdir(parents=True, exist_ok=True)
+    with open(ws.ledger, "a") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")

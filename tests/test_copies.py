@@ -1,0 +1,153 @@
+"""The per-sample copy detector (node.copies), the holdout halves and distinct candidates
+(node.release_filter), and the audit-attempt counter (node.attempts)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from node.copies import Warp, calibrate, copy_distances, warp, warp_family
+from node.release_filter import distinct, holdout_halves
+
+
+def textures(n: int, *, seed: int, size: int = 32) -> np.ndarray:
+    """n random smooth textures uint8 [n,size,size]: every one its own identity, and unlike the
+    phantom's bodies no two are a shift or a rotation of each other."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, size, size, generator=g)
+    k = torch.exp(-torch.arange(-4, 5, dtype=torch.float32) ** 2 / 4.5)
+    k = (k[:, None] * k[None]) / (k.sum() ** 2)
+    x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (4, 4, 4, 4), mode="circular"), k[None, None])
+    x = (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True)
+    return (x[:, 0] * 40 + 128).clamp(0, 255).round().to(torch.uint8).numpy()
+
+
+def _pil(img: np.ndarray, f) -> np.ndarray:
+    return np.asarray(f(Image.fromarray(img)))
+
+
+def _shift(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    p = max(abs(dy), abs(dx))
+    return np.pad(img, p, mode="edge")[p - dy : p - dy + img.shape[0], p - dx : p - dx + img.shape[1]]
+
+
+EDITS = {
+    "shift": lambda x, r: _shift(x, 2, -3),
+    "flip": lambda x, r: x[:, ::-1],
+    "brightness_contrast": lambda x, r: np.clip(x.astype(float) * 0.8 + 30, 0, 255).astype(np.uint8),
+    "blur": lambda x, r: _pil(x, lambda im: im.filter(ImageFilter.GaussianBlur(0.8))),
+    "noise": lambda x, r: np.clip(x + r.normal(0, 5, x.shape), 0, 255).astype(np.uint8),
+    "rotation": lambda x, r: _pil(x, lambda im: im.rotate(6, resample=Image.BILINEAR, fillcolor=128)),
+    "rescale_crop": lambda x, r: _pil(x, lambda im: im.resize((35, 35), Image.BILINEAR).crop((1, 2, 33, 34))),
+}
+
+
+@pytest.fixture(scope="module")
+def textured():
+    train, nonmembers, fresh = textures(120, seed=1), textures(60, seed=2), textures(40, seed=3)
+    d_cal = copy_distances(nonmembers, train)
+    return train, fresh, {k: calibrate(d, fpr=0.02) for k, (d, _) in d_cal.items()}
+
+
+@pytest.mark.parametrize("kind", sorted(EDITS))
+def test_an_edited_copy_is_flagged_and_a_fresh_image_is_not(textured, kind):
+    train, fresh, thr = textured
+    rng = np.random.default_rng(0)
+    src = [3, 40, 77, 101]
+    copies = np.stack([EDITS[kind](train[i], rng) for i in src])
+    d = copy_distances(copies, train)
+    for space in ("pixel", "pixel_smooth"):
+        dist, j = d[space]
+        # at least one view flags every copy, and finds the image it was made from
+        assert (j == src).all() or space == "pixel_smooth", (kind, space, j)
+    flagged = (d["pixel"][0] < thr["pixel"]) | (d["pixel_smooth"][0] < thr["pixel_smooth"])
+    assert flagged.all(), (kind, d["pixel"][0], thr)
+    d_fresh = copy_distances(fresh, train)
+    kept = (d_fresh["pixel"][0] >= thr["pixel"]) & (d_fresh["pixel_smooth"][0] >= thr["pixel_smooth"])
+    assert kept.mean() >= 0.9
+
+
+def test_plain_pixel_mse_misses_what_the_family_catches(textured):
+    """Why the family: a 2-pixel shift of a train image is, in plain MSE, as far as a fresh image."""
+    train, fresh, _ = textured
+    shifted = _shift(train[5], 0, 2)[None]
+    plain = ((shifted.astype(float) - train.astype(float)) ** 2).mean((1, 2)).min()
+    plain_fresh = ((fresh[:1].astype(float) - train.astype(float)) ** 2).mean((1, 2)).min()
+    assert plain > 0.3 * plain_fresh
+    assert copy_distances(shifted, train)["pixel"][0][0] < 1e-3
+
+
+def test_warp_family_is_symmetric_and_starts_with_the_identity():
+    fam = warp_family()
+    assert fam[0] == Warp()
+    keys = {(w.angle, round(w.scale, 6), w.dx, w.dy, w.flip_h, w.flip_v) for w in fam}
+    for w in fam:
+        if w.angle == 0 and w.scale == 1:  # shifts and flips: the exact inverse is in the family
+            assert (0.0, 1.0, -w.dx if not w.flip_h else w.dx, -w.dy if not w.flip_v else w.dy, w.flip_h, w.flip_v) in keys
+        else:
+            assert (-w.angle, round(1 / w.scale, 6), 0, 0, False, False) in keys or (-w.angle, round(1 / w.scale, 6), 0.0, 0.0, False, False) in keys
+    x = torch.rand(2, 1, 8, 8)
+    shifted = warp(x, [Warp(dx=1)])[:, 0]
+    assert torch.allclose(shifted[..., 1:], x[..., :-1], atol=1e-6)  # whole-pixel shifts are exact
+
+
+def test_calibration_ignores_a_minority_of_near_duplicates():
+    rng = np.random.default_rng(0)
+    bulk = np.exp(rng.normal(np.log(0.1), 0.3, 90))
+    dups = np.full(10, 1e-4)  # 10% of the "non-members" are copies of train images in disguise
+    thr = calibrate(np.concatenate([bulk, dups]), fpr=0.02)
+    assert 0.02 < thr < 0.08  # near the bulk's low tail, nowhere near the duplicates
+    assert np.quantile(np.concatenate([bulk, dups]), 0.02) < 1e-3  # what a plain quantile would have said
+    with pytest.raises(ValueError, match="at least 2"):
+        calibrate(np.array([0.1]), fpr=0.02)
+
+
+def test_holdout_halves_split_patients_and_never_overlap():
+    ids = np.repeat([f"p{i}" for i in range(11)], 3)
+    cal, ev = holdout_halves(ids, seed=0)
+    assert len(np.intersect1d(cal, ev)) == 0 and sorted(np.concatenate([cal, ev])) == list(range(len(ids)))
+    assert not set(ids[cal]) & set(ids[ev]) and len(set(ids[cal])) == 6
+    assert np.array_equal(holdout_halves(ids, seed=0)[0], cal)
+    with pytest.raises(ValueError, match="at least 2"):
+        holdout_halves(np.array(["a", "a"]), seed=0)
+
+
+def test_distinct_drops_bitwise_and_near_duplicates():
+    x = textures(5, seed=4)
+    near = np.clip(x[1].astype(int) + 1, 0, 255).astype(np.uint8)  # 1 grey level: the same picture
+    cand = np.stack([x[0], x[1], x[0], near, x[2]])
+    assert distinct(cand).tolist() == [True, True, False, False, True]
+    assert distinct(cand, near_mse=None).tolist() == [True, True, False, True, True]
+    emb = np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 1.5]], dtype=np.float32)
+    assert distinct(emb, near_mse=None).tolist() == [True, False, True]
+
+
+def test_attempts_are_counted_and_survive_a_restart(tmp_path):
+    from node.attempts import AttemptRefused, next_attempt, record_attempt
+    from node.workspace import Workspace
+
+    ws = Workspace(tmp_path)
+    ws.data.mkdir(parents=True)
+    (ws.data / "dataset.npz").write_bytes(b"data")
+    (ws.data / "splits.json").write_text("{}")
+    for i in range(3):
+        a = next_attempt(ws, seed=0, max_attempts=3, note=None)
+        assert a["number"] == i + 1 and a["failed_before"] == i
+        record_attempt(ws, a, run_id="r0", passed=False)
+    ws = Workspace(tmp_path)  # a new process reads the same ledger
+    with pytest.raises(AttemptRefused, match="synthesis seed not used before.*and a note"):
+        next_attempt(ws, seed=0, max_attempts=3, note=None)
+    with pytest.raises(AttemptRefused, match="a note"):
+        next_attempt(ws, seed=7, max_attempts=3, note="  ")
+    with pytest.raises(AttemptRefused, match="synthesis seed"):
+        next_attempt(ws, seed=0, max_attempts=3, note="new walk settings")
+    a = next_attempt(ws, seed=7, max_attempts=3, note="new walk settings")
+    assert a == {"number": 4, "failed_before": 3, "seed": 7, "note": "new walk settings", "max_attempts": 3}
+    record_attempt(ws, a, run_id="r1", passed=True)
+    lines = [json.loads(x) for x in ws.ledger.read_text().splitlines()]
+    assert [e["passed"] for e in lines] == [False, False, False, True] and all(e["stage"] == "audit_attempt" for e in lines)
+    # new training data starts a new count
+    (ws.data / "dataset.npz").write_bytes(b"other data")
+    assert next_attempt(ws, seed=0, max_attempts=3, note=None)["number"] == 1
