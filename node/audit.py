@@ -49,7 +49,7 @@ from node.classifiers import SmallCNN
 from node.copies import calibrate, copy_distances, warp_family
 from node.device import pick_device
 from node.lpips_matrix import lpips_features, lpips_nearest, nearest_sq, prepare
-from node.distances import embed, min_sq_dist, pixels01
+from node.distances import embed, min_pixel_mse, min_sq_dist, pixels01
 from node.ingest import load_split
 from node.release_filter import distinct, holdout_halves
 from node.synthesize import latest_run
@@ -446,6 +446,43 @@ def audit_images(
     S = len(candidates)
     train_ids, holdout_ids = _ids(train_ids, holdout_ids, len(train), len(holdout))
     cal, evl = holdout_halves(holdout_ids, seed=HALVES_SEED)
+
+    # the copy detector: each space's threshold from the calibration half's own copy distances
+    embedders = {"attacker": _features_fn(attacker, device)}
+    if lpips_model is not None:
+        embedders["lpips"] = _lpips_embedder(lpips_model)
+    family = warp_family()
+    chunk = 4 if lpips_model is not None else 32  # LPIPS feature rows are ~100x wider
+    on = policy.copy_fpr > 0
+    d_cal = copy_distances(holdout[cal], train, embedders=embedders, family=family, chunk=chunk) if on else {}
+    thresholds = {k: calibrate(d, fpr=policy.copy_fpr) for k, (d, _) in d_cal.items()}
+
+    def flagged(images: np.ndarray) -> dict[str, np.ndarray]:
+        if not thresholds or len(images) == 0:
+            return {k: np.zeros(len(images), dtype=bool) for k in thresholds}
+        d = copy_distances(images, train, embedders=embedders, family=family, chunk=chunk)
+        return {k: d[k][0] < t for k, t in thresholds.items()}
+
+    copies = flagged(candidates)
+    # The evaluation half goes through the same per-sample filter as the candidates. Real data
+    # holds near-duplicates of train images among its "non-members" (BUSI's frames of one
+    # patient); compared with a filtered set, they would make the set look farther from train
+    # than non-members are (AUC well below 0.5) for no reason but the filter.
+    h_e = holdout[evl]
+    eval_drop = (np.any(list(flagged(h_e).values()), axis=0) if thresholds else np.zeros(len(evl), dtype=bool)) | (
+        min_pixel_mse(h_e, train) < policy.min_pixel_distance) | (
+        _top_prob(phi_id, h_e, device) > reid_threshold(_top_prob(phi_id, holdout[cal], device))) | (
+        _top_prob(attacker, h_e, device) > reid_threshold(_top_prob(attacker, holdout[cal], device), quantile=1 - policy.copy_fpr))
+    evl_kept = evl[~eval_drop] if (~eval_drop).any() else evl
+    calibration = {
+        **_halves_info(holdout_ids, cal, evl), "copy_fpr": policy.copy_fpr, "copy_family": len(family) if on else 0,
+        "copy_family_embeddings": len(warp_family(max_shift=0, fine_shift=0)) if on else 0,
+        "copy_thresholds": thresholds,
+        # real non-members the detector would flag: more than copy_fpr of them means near-duplicates across patients in the data
+        "copy_calibration_flagged": {k: int((d_cal[k][0] < t).sum()) for k, t in thresholds.items()},
+        "evaluation_filtered": int(len(evl) - len(evl_kept)),
+    }
+    evl = evl_kept
     h_cal, h_eval = holdout[cal], holdout[evl]
     pix_s, pix_t, pix_e = pixels01(candidates), pixels01(train), pixels01(h_eval)
     d_pix_train = (min_sq_dist(pix_s, pix_t)[0] / pix_s.shape[1]).numpy() if S else np.zeros(0)
@@ -456,26 +493,6 @@ def audit_images(
     spaces.update({k: _space_fn(v) for k, v in emb.items()})
     if lpips_model is not None:
         spaces["lpips"] = _lpips_fn(lpips_model, (candidates, train, h_eval))
-
-    # the copy detector: each space's threshold from the calibration half's own copy distances
-    embedders = {"attacker": _features_fn(attacker, device)}
-    if lpips_model is not None:
-        embedders["lpips"] = _lpips_embedder(lpips_model)
-    family = warp_family()
-    chunk = 4 if lpips_model is not None else 32  # LPIPS feature rows are ~100x wider
-    on = policy.copy_fpr > 0
-    d_cal = copy_distances(h_cal, train, embedders=embedders, family=family, chunk=chunk) if on else {}
-    d_cand = copy_distances(candidates, train, embedders=embedders, family=family, chunk=chunk) if on and S else {}
-    thresholds = {k: calibrate(d, fpr=policy.copy_fpr) for k, (d, _) in d_cal.items()}
-    copies = {k: (d_cand[k][0] < t if S else np.zeros(0, dtype=bool)) for k, t in thresholds.items()}
-    calibration = {
-        **_halves_info(holdout_ids, cal, evl), "copy_fpr": policy.copy_fpr, "copy_family": len(family) if on else 0,
-        "copy_thresholds": thresholds,
-        # real non-members the detector would flag: more than copy_fpr of them means near-duplicates across patients in the data
-        "copy_calibration_flagged": {k: int((d_cal[k][0] < t).sum()) for k, t in thresholds.items()},
-    }
-    if details is not None and d_cand:
-        details["copy_distances"] = {k: d for k, (d, _) in d_cand.items()}
     ev = Evidence(
         spaces=spaces,
         attack_features=(emb["attacker"][0].numpy(), emb["attacker"][1].numpy(), embed(attacker, h_cal, device=device).numpy(), emb["attacker"][2].numpy()),
@@ -528,10 +545,19 @@ def audit_embeddings(
     d_s = min_sq_dist(s, t)[0].sqrt().numpy() if S else np.zeros(0)
     typical = float(min_sq_dist(hc, t)[0].sqrt().median())
     ratio = d_s / max(typical, 1e-12)
+    # as on the PLAN route, the evaluation half goes through the candidates' per-sample filter
+    h_e = holdout[evl]
+    eval_drop = (min_sq_dist(he, t)[0].sqrt().numpy() / max(typical, 1e-12) < policy.min_embedding_distance_ratio) | (
+        _top_prob(phi_id, h_e, device) > reid_threshold(_top_prob(phi_id, holdout[cal], device))) | (
+        _top_prob(attacker, h_e, device) > reid_threshold(_top_prob(attacker, holdout[cal], device), quantile=1 - policy.copy_fpr))
+    n_eval = len(evl)
+    if (~eval_drop).any():
+        evl, he = evl[~eval_drop], he[torch.from_numpy(~eval_drop)]
     ev = Evidence(
         spaces={"embedding": _space_fn((s, t, he))}, attack_features=(s.numpy(), t.numpy(), hc.numpy(), he.numpy()),
         closeness=ratio, closeness_key="min_embedding_distance_ratio", too_close=ratio < policy.min_embedding_distance_ratio,
-        copies={}, calibration={**_halves_info(holdout_ids, cal, evl), "median_holdout_distance": typical},
+        copies={}, calibration={**_halves_info(holdout_ids, cal, evl), "median_holdout_distance": typical,
+                                 "evaluation_filtered": int(n_eval - len(evl))},
         distinct=distinct(np.asarray(candidates), near_mse=None),
         id_score=_top_prob(phi_id, candidates, device), id_cal=_top_prob(phi_id, holdout[cal], device), id_eval=_top_prob(phi_id, holdout[evl], device),
         att_score=_top_prob(attacker, candidates, device), att_cal=_top_prob(attacker, holdout[cal], device), att_eval=_top_prob(attacker, holdout[evl], device),
@@ -612,7 +638,8 @@ def audit(ws: Workspace, *, policy: PolicyConfig | None = None, note: str | None
             train_labels=train.labels, holdout_labels=holdout.labels,
             paths=cand.get("path"), discriminator=D, lpips_model=lpips_model, lpips_reason=lpips_reason, **common)
         shown = (cand["images"], train.images)
-    report = _nan_to_none({"run_id": run_id, "attempt": attempt, **report})
+    # the synthesis's differential-privacy claim and its caveats (CVAE route) go into the signed audit
+    report = _nan_to_none({"run_id": run_id, "attempt": attempt, **report, "dp": synth_info.get("dp")})
     buf = io.BytesIO()
     np.savez(buf, **{k: v[accepted] for k, v in cand.items()})
     atomic_write_bytes(run_dir / "accepted.npz", buf.getvalue())

@@ -52,7 +52,7 @@ class Warp:
 
 
 def warp_family(*, max_shift: int = 4, angles: tuple[float, ...] = (-12.0, -8.0, -4.0, 4.0, 8.0, 12.0),
-                scales: tuple[float, ...] = (0.85, 0.92, 1 / 0.92, 1 / 0.85), fine_shift: int = 2) -> list[Warp]:
+                scales: tuple[float, ...] = (0.85, 0.9, 0.95, 1 / 0.95, 1 / 0.9, 1 / 0.85), fine_shift: int = 2) -> list[Warp]:
     """The default family: every whole-pixel shift up to `max_shift` with and without each flip;
     every rotation and every scale with shifts up to `fine_shift` (a rotated copy is rarely also
     shifted far). Symmetric: each edit's inverse is in it (up to a 1-pixel shift for
@@ -118,33 +118,43 @@ Embedder = Callable[[torch.Tensor], torch.Tensor]  # float [B,1,H,W] in [-1,1] -
 
 
 def copy_distances(query: np.ndarray, train: np.ndarray, *, embedders: dict[str, Embedder] | None = None,
-                   family: list[Warp] | None = None, chunk: int = 32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                   family: list[Warp] | None = None, embed_family: list[Warp] | None = None,
+                   chunk: int = 32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Copy distance of each query image (uint8 [N,H,W]) to the train images (uint8 [M,H,W]) in
     the two pixel views and in each embedding space of `embedders`:
     {space: (distance float64 [N], index of the nearest train image int64 [N])}.
 
-    Train images are taken as they are; only the query is warped (the family is symmetric).
-    Memory: `chunk` query images x len(family) warps at a time."""
+    Train images are taken as they are; only the query is warped (the family is symmetric). The
+    embedding spaces use `embed_family` (default: no shifts, only flips, rotations and zooms): a
+    network pass per warp costs ~100x a pixel view, and a CNN's pooled features already give
+    little weight to a shift of a few pixels. Memory: `chunk` query images x len(family) warps."""
     family = family or warp_family()
+    embed_family = embed_family or warp_family(max_shift=0, fine_shift=0)
     embedders = embedders or {}
-    H = train.shape[-1]
-    margin = crop_margin(family, H)
+    margin = crop_margin(family, train.shape[-1])
     t = to_tensor(train)
+    best: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def keep(k: str, i: int, v: torch.Tensor, ref: torch.Tensor, T: int) -> None:
+        d, j = _nearest_unit(v, ref) if k.startswith("pixel") else min_sq_dist(v, ref)
+        n = len(v) // T
+        d, t_best = d.reshape(n, T).min(1)
+        j = j.reshape(n, T).gather(1, t_best[:, None])[:, 0]
+        best[k][0][i : i + n], best[k][1][i : i + n] = d.numpy(), j.numpy()
+
     with torch.no_grad():
         refs = {"pixel": pixel_view(t, margin=margin), "pixel_smooth": pixel_view(t, margin=margin, sigma=SMOOTH_SIGMA)}
         refs.update({k: f(t).float() for k, f in embedders.items()})
-        best = {k: (np.full(len(query), np.inf), np.zeros(len(query), dtype=np.int64)) for k in refs}
-        T = len(family)
+        best.update({k: (np.full(len(query), np.inf), np.zeros(len(query), dtype=np.int64)) for k in refs})
         for i in range(0, len(query), chunk):
-            q = warp(to_tensor(query[i : i + chunk]), family).flatten(0, 1)  # [n*T,1,H,W]
-            n = len(q) // T
-            views = {"pixel": pixel_view(q, margin=margin), "pixel_smooth": pixel_view(q, margin=margin, sigma=SMOOTH_SIGMA)}
-            views.update({k: f(q).float() for k, f in embedders.items()})
-            for k, v in views.items():
-                d, j = _nearest_unit(v, refs[k]) if k.startswith("pixel") else min_sq_dist(v, refs[k])
-                d, t_best = d.reshape(n, T).min(1)
-                j = j.reshape(n, T).gather(1, t_best[:, None])[:, 0]
-                best[k][0][i : i + n], best[k][1][i : i + n] = d.numpy(), j.numpy()
+            x = to_tensor(query[i : i + chunk])
+            q = warp(x, family).flatten(0, 1)  # [n*T,1,H,W], warp k of image n at n*T+k
+            keep("pixel", i, pixel_view(q, margin=margin), refs["pixel"], len(family))
+            keep("pixel_smooth", i, pixel_view(q, margin=margin, sigma=SMOOTH_SIGMA), refs["pixel_smooth"], len(family))
+            if embedders:
+                qe = warp(x, embed_family).flatten(0, 1)
+                for k, f in embedders.items():
+                    keep(k, i, f(qe).float(), refs[k], len(embed_family))
     return best
 
 
@@ -178,6 +188,8 @@ def calibrate(nonmember: np.ndarray, *, fpr: float) -> float:
     if len(x) < 2:
         raise ValueError(f"need at least 2 non-member images to calibrate a copy threshold, got {len(x)}")
     q50, q75 = np.quantile(np.log(np.maximum(x, 1e-12)), [0.5, 0.75])
+    if q75 <= q50:  # no spread: a dead space tells copies from nothing (the set-level check fails it as degenerate)
+        return 0.0
     # Gumbel-min quantiles: Q(p) = mu + beta * ln(-ln(1 - p)); ln ln 2 = -0.3665, ln ln 4 = 0.3266
     beta = (q75 - q50) / (math.log(math.log(4)) - math.log(math.log(2)))
     mu = q50 - beta * math.log(math.log(2))

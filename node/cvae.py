@@ -3,7 +3,9 @@ VAE that learns the class-conditional distribution of a site's embeddings, and s
 
 Embeddings float32 [N,D] are min-max scaled per dimension to [0,1] with bounds fitted on the
 train set; the decoder ends in a sigmoid and samples are clipped to [0,1], so every sample,
-unscaled, lies inside the train range. Optionally trained with DP-SGD (Opacus).
+unscaled, lies inside the train range. Optionally trained with DP-SGD (Opacus), per patient: the
+bounds are then DP estimates (or public ones) that no train record's value sets exactly, records
+are clipped into them, and the decoder's noise scale is a DP estimate too (node.cvae_dp).
 
 Sampling draws from the decoder's likelihood, not only its mean: decoded z plus Gaussian noise of
 the per-dimension RMS reconstruction error of the train records (`noise_sd`). The summed-MSE loss
@@ -29,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.config import CvaeConfig
 from common.models import CVAE  # one definition, shared with the coordinator (the federated CVAE's decoder)
+from node import cvae_dp
 from node.checkpoint import load_weights, read_sidecar, save_model
 
 # A validation loss counts as lower only if it beats the best by this share: float noise and
@@ -106,15 +109,15 @@ class CvaeResult:
     """A trained CVAE with what is needed to sample from it and to report how it was made."""
 
     model: CVAE
-    lo: torch.Tensor  # [D] per-dimension train minimum (the scaler)
-    hi: torch.Tensor  # [D] per-dimension train maximum
+    lo: torch.Tensor  # [D] per-dimension train minimum (the scaler); with dp a DP or public bound
+    hi: torch.Tensor  # [D] per-dimension train maximum; with dp a DP or public bound
     epochs_trained: int  # epochs run, including those after the best one
     best_epoch: int  # the epoch whose weights `model` holds
     best_val_loss: float | None  # mean per-sample validation loss there; None when no validation split
     history: list[dict] = field(default_factory=list)  # per epoch: epoch, train_loss, val_loss (None without)
-    epsilon: float | None = None  # DP: the (epsilon, delta) actually spent over the steps trained
-    delta: float | None = None
-    info: dict = field(default_factory=dict)  # split sizes, DP mechanism details and caveats
+    epsilon: float | None = None  # DP: the (epsilon, delta) per patient actually spent: scaler, noise scale and
+    delta: float | None = None  # the DP-SGD steps trained, composed (info["dp"] has the parts)
+    info: dict = field(default_factory=dict)  # split sizes; "dp": the DP block (`dp_block`)
     noise_sd: torch.Tensor | None = None  # [D] the decoder's observation noise in the scaled space (`residual_rms`)
 
 
@@ -163,34 +166,90 @@ def eval_loss(model: CVAE, x: torch.Tensor, c: torch.Tensor, eps: torch.Tensor, 
 
 
 @torch.no_grad()
+def squared_residuals(model: CVAE, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Squared errors [N,D] of reconstructing scaled embeddings x [N,D] (one-hot labels c [N,C])
+    through their posterior means."""
+    model.eval()
+    mu, _ = model.encode(x, c)
+    return (x - model.decode(mu, c)).pow(2)
+
+
+@torch.no_grad()
 def residual_rms(model: CVAE, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Per-dimension root-mean-square error [D] of reconstructing scaled embeddings x [N,D] (one-hot
     labels c [N,C]) through their posterior means: the maximum-likelihood standard deviation of a
     Gaussian decoder with this mean, the noise `sample_cvae` adds. Zeros for N = 0."""
     if len(x) == 0:
         return torch.zeros(x.shape[1], device=x.device)
-    model.eval()
-    mu, _ = model.encode(x, c)
-    return (x - model.decode(mu, c)).pow(2).mean(0).sqrt()
+    return squared_residuals(model, x, c).mean(0).sqrt()
+
+
+def dp_residual_rms(model: CVAE, x: torch.Tensor, c: torch.Tensor, groups: np.ndarray, plan: cvae_dp.DpPlan, *,
+                    seed: int) -> tuple[torch.Tensor, dict]:
+    """`residual_rms` with DP per patient (ids groups [N]) at the plan's noise_scale budget
+    (node.cvae_dp.dp_noise_scale): sd [D] on x's device, and the mechanism's details. x must lie in
+    [0,1] (scaled and clipped). Seeded, so that recomputing it (every federated round) redraws the
+    same noise rather than averaging fresh draws away."""
+    sq = squared_residuals(model, x, c).double().cpu()
+    gen = torch.Generator().manual_seed(seed + cvae_dp.SEED_OFFSET["noise_scale"])
+    sd, info = cvae_dp.dp_noise_scale(sq, groups, *plan.noise_scale, gen)
+    return sd.to(x.device), info
+
+
+def fit_scaler(x: torch.Tensor, groups: np.ndarray, cfg: CvaeConfig, plan: cvae_dp.DpPlan | None, *,
+               seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The scaler's bounds lo [D], hi [D] for embeddings x [N,D] (patient ids groups [N]) and how
+    they were made. Without dp: the train minimum and maximum (`fit_minmax`). With dp: the public
+    cfg.dp_bounds for every dimension, or DP estimates at the plan's scaler budget
+    (node.cvae_dp.dp_bounds); the exact train extremes would put a record's value in every sample
+    clipped to them."""
+    if not cfg.dp:
+        lo, hi = fit_minmax(x)
+        return lo, hi, {"mechanism": "train minimum and maximum (no DP)"}
+    if cfg.dp_bounds is not None:
+        lo, hi = (torch.full((x.shape[1],), float(b)) for b in cfg.dp_bounds)
+        return lo, hi, {"mechanism": f"public bounds synth.cvae.dp_bounds {list(cfg.dp_bounds)}"}
+    gen = torch.Generator().manual_seed(seed + cvae_dp.SEED_OFFSET["scaler"])
+    return cvae_dp.dp_bounds(x, groups, *plan.scaler, gen)
+
+
+def dp_block(result: "CvaeResult") -> dict:
+    """The "dp" block synth.json carries into the audit: the model's info["dp"], {"enabled": False}
+    without dp. A model from before per-patient accounting says its unit is the record."""
+    dp = result.info.get("dp")
+    if isinstance(dp, dict):
+        return dp
+    if result.epsilon is None:
+        return {"enabled": False}
+    return {"enabled": True, "epsilon": result.epsilon, "delta": result.delta, "unit": "record",
+            "caveats": list(result.info.get("dp_caveats", [])) + [
+                "trained before per-patient accounting: epsilon is per image, not per patient, and the scaler and "
+                "the noise scale are not DP; retrain (`plan-node train --force`)"]}
 
 
 def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig, seed: int,
                device: torch.device | str, init: CVAE | None = None, epochs: int | None = None,
-               dp_plan_epochs: int | None = None, dp_history: list | None = None) -> CvaeResult:
-    """Fit a CVAE to embeddings x float [N,D] with labels y int [N] in [0, n_classes).
+               dp_plan_epochs: int | None = None, dp_history: list | None = None, groups: np.ndarray | None = None,
+               scaler: "CvaeResult | None" = None) -> CvaeResult:
+    """Fit a CVAE to embeddings x float [N,D] with labels y int [N] in [0, n_classes), of the
+    patients groups [N] (ids; None: every record its own patient).
 
     Adam (cfg.lr), batches of cfg.batch_size (None: 512, at most len(train) // 8, at least 16), up to cfg.max_epochs epochs. Without dp: early
     stopping when the loss on a stratified validation split (cfg.val_fraction of x, seeded) has
     not improved for cfg.patience epochs, and the best epoch's weights are restored.
 
-    With dp (Opacus DP-SGD, Poisson sampling, per-sample clipping at cfg.dp_max_grad_norm): the
-    noise is calibrated so that cfg.max_epochs epochs spend cfg.dp_epsilon at delta (cfg.dp_delta,
-    or 1 / the records trained on), and the epsilon reported is the accountant's over the steps
-    actually taken. By default dp trains on every record for all max_epochs epochs, without a
-    validation split: a stopping rule looking at held-out records would leak about them outside
-    the accounting. cfg.dp_early_stopping turns the validation split and early stopping back on;
-    those records are then never trained on, but the stopping epoch and the restored weights
-    depend on them, which `info["dp_caveats"]` says.
+    With dp, per patient (node.cvae_dp): the scaler's bounds are public (cfg.dp_bounds) or DP
+    estimates, and the records are clipped into them; DP-SGD (Opacus, Poisson sampling of records,
+    per-sample clipping at cfg.dp_max_grad_norm) is accounted per record and converted to per
+    patient by group privacy, its noise calibrated so that cfg.max_epochs epochs spend its share of
+    cfg.dp_epsilon per patient; the noise scale is a DP estimate. delta is cfg.dp_delta, at most
+    (and by default) 1 / (10 N_patients). The epsilon and delta reported are the sums of the parts,
+    DP-SGD's from the accountant over the steps actually taken; info["dp"] has the parts and the
+    caveats (node.cvae_dp.report). By default dp trains on every record for all max_epochs epochs,
+    without a validation split: a stopping rule looking at held-out records would leak about them
+    outside the accounting. cfg.dp_early_stopping turns the validation split and early stopping
+    back on; those records are then never trained on, but the stopping epoch and the restored
+    weights depend on them, which the caveats say.
 
     init: start from a copy of this CVAE (its architecture, encoder and decoder) instead of a fresh
     one; `init` itself is not modified. epochs: train exactly this many epochs without early
@@ -202,9 +261,13 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
     earlier calls of the same plan spent on the same records (their `info["dp_history"]`, a list of
     [noise_multiplier, sample_rate, steps]). A call with a history keeps its noise multiplier and
     composes its steps after it, so the epsilon reported covers every call so far, and the plan's
-    last call spends (at most) cfg.dp_epsilon.
+    last call spends (at most) cfg.dp_epsilon. scaler: a CVAE whose scaler (lo, hi and
+    info["scaler"]) to use instead of fitting one: a DP plan's calls pass that of its start
+    (`initial_cvae`), which the plan's scaler share paid for; it must come from `fit_scaler` with
+    the same cfg, data and seed, or the reported epsilon does not cover it.
 
-    The result's noise_sd is `residual_rms` over the records trained on, with the final weights.
+    The result's noise_sd is `residual_rms` over the records trained on, with the final weights
+    (with dp: `dp_residual_rms`).
 
     Reproducible for a given seed and device; the caller's global RNG state is left as it was.
     """
@@ -216,6 +279,9 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
         raise ValueError(f"expected x [N,D] and y [N], got {x.shape} and {y.shape}")
     if len(y) and (y.min() < 0 or y.max() >= n_classes):
         raise ValueError(f"labels must lie in [0, {n_classes}), got {y.min()}..{y.max()}")
+    groups = np.arange(len(x)) if groups is None else np.asarray(groups)
+    if groups.shape != (len(x),):
+        raise ValueError(f"expected one patient id per record, got groups {groups.shape} for x {x.shape}")
     device = torch.device(device)
     use_val = not cfg.dp or cfg.dp_early_stopping
     n_epochs = cfg.max_epochs if epochs is None else int(epochs)
@@ -226,12 +292,18 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
         use_val = False
     if len(tr) == 0:
         raise ValueError("no training records left after the validation split")
+    plan = cvae_dp.plan_budget(cfg, groups[tr]) if cfg.dp else None  # refuses a too-large delta before any work
     xt = torch.from_numpy(x)
     # The scaler is fitted on every train record, validation split included, so that samples can
-    # cover the whole train range. It is not differentially private: with dp, each dimension's
-    # train minimum and maximum bound the released samples outside the accounting (info says so).
-    lo, hi = fit_minmax(xt)
+    # cover the whole train range (with dp: DP or public bounds, which the plan's scaler share pays for).
+    if scaler is not None:
+        lo, hi = (t.detach().float().cpu() for t in (scaler.lo, scaler.hi))
+        scaler_info = dict(scaler.info.get("scaler", {"mechanism": "given"}))
+    else:
+        lo, hi, scaler_info = fit_scaler(xt, groups, cfg, plan, seed=seed)
     xs = scale(xt, lo, hi)
+    if cfg.dp:
+        xs = xs.clamp(0, 1)  # records outside the DP or public bounds are clipped into them
     cs = one_hot(torch.from_numpy(y), n_classes)
 
     forked = [device] if device.type == "cuda" else []
@@ -256,15 +328,17 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
         x_val, c_val = xs[va].to(device), cs[va].to(device)
         eps_val = torch.randn(len(va), latent, generator=torch.Generator().manual_seed(seed + 1)).to(device)
 
-        info: dict = {"n_train": int(len(tr)), "n_val": int(len(va)), "early_stopping": use_val and epochs is None, "dp": cfg.dp, "batch_size": batch_size}
+        info: dict = {"n_train": int(len(tr)), "n_val": int(len(va)), "early_stopping": use_val and epochs is None,
+                      "dp": {"enabled": False}, "batch_size": batch_size, "scaler": scaler_info}
         engine = None
         train_model: nn.Module = model
         criterion: nn.Module = _Criterion(cfg.beta, "mean")
-        delta = None
         if cfg.dp:
             from opacus import PrivacyEngine
 
-            delta = cfg.dp_delta if cfg.dp_delta is not None else 1.0 / len(tr)
+            # The accountant works per record: it is calibrated to the plan's per-record targets,
+            # which group privacy turns into the plan's per-patient DP-SGD share (node.cvae_dp).
+            rec_eps, rec_delta = plan.sgd_record
             # PRV accountant (Opacus' default): a tighter bound than RDP, so less noise for the
             # same budget (sigma 14.8 against 16.3 for epsilon 1 over 1,800 steps at rate 1/9). The
             # calibration searches with the same get_epsilon that is reported, so a full run
@@ -278,7 +352,7 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
             plan_epochs = dp_plan_epochs or (epochs if epochs is not None else cfg.max_epochs)
             spent = [(float(sig), float(q), int(n)) for sig, q, n in dp_history or []]
             sigma = spent[-1][0] if spent else get_noise_multiplier(
-                target_epsilon=cfg.dp_epsilon, target_delta=delta, sample_rate=1.0 / len(loader), epochs=plan_epochs,
+                target_epsilon=rec_eps, target_delta=rec_delta, sample_rate=1.0 / len(loader), epochs=plan_epochs,
                 accountant="prv")
             # Ghost clipping: per-sample gradient norms of a Linear layer from its inputs' and
             # output gradients' norms, then a second, reweighted backward pass, instead of
@@ -293,15 +367,7 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
             engine.accountant.history = list(spent)  # the PRV accountant composes over its whole history
             info.update({"accountant": "prv", "noise_multiplier": float(opt.noise_multiplier),
                          "sample_rate": 1.0 / len(loader), "max_grad_norm": cfg.dp_max_grad_norm,
-                         "target_epsilon": cfg.dp_epsilon, "calibrated_epochs": plan_epochs,
-                         "dp_caveats": ["the per-dimension min-max scaler is fitted on the train records without DP",
-                                        "the decoder's per-dimension noise scale (RMS reconstruction error over the "
-                                        "train records) is computed without DP",
-                                        "noise from torch's pseudo-random generator (Opacus secure_mode off), "
-                                        "not a cryptographically secure one"]
-                         + (["early stopping: the stopping epoch and the restored weights depend on the "
-                             f"{len(va)} validation records, which DP-SGD never sees and epsilon does not cover"]
-                            if use_val else [])})
+                         "target_epsilon": cfg.dp_epsilon, "calibrated_epochs": plan_epochs})
 
         history: list[dict] = []
         best_val, best_epoch, best_state, stale, steps = float("inf"), 0, None, 0, 0
@@ -331,9 +397,9 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
                 if stale >= cfg.patience:
                     break
 
-        epsilon = None
+        rec_spent = None
         if cfg.dp:
-            epsilon = float(engine.accountant.get_epsilon(delta))
+            rec_spent = float(engine.accountant.get_epsilon(rec_delta))
             info["dp_history"] = [[float(sig), float(q), int(n)] for sig, q, n in engine.accountant.history]
             train_model.remove_hooks()  # the bare `model` shares its parameters; drop Opacus' hooks
         if best_state is not None:
@@ -342,23 +408,39 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
             best_epoch = epoch
     info["steps"] = steps
     model.eval()
-    noise_sd = residual_rms(model, xs[tr].to(device), cs[tr].to(device))
+    epsilon = delta = None
+    if cfg.dp:
+        noise_sd, noise_info = dp_residual_rms(model, xs[tr].to(device), cs[tr].to(device), groups[tr], plan, seed=seed)
+        info["dp"] = cvae_dp.report(plan, cfg, sgd_record_epsilon=rec_spent, noise_multiplier=info["noise_multiplier"],
+                                    sample_rate=info["sample_rate"], steps=sum(h[2] for h in info["dp_history"]),
+                                    n_val=len(va) if use_val else 0, scaler=scaler_info, noise_scale=noise_info)
+        epsilon, delta = info["dp"]["epsilon"], info["dp"]["delta"]
+    else:
+        noise_sd = residual_rms(model, xs[tr].to(device), cs[tr].to(device))
     return CvaeResult(model=model, lo=lo.to(device), hi=hi.to(device), epochs_trained=epoch, best_epoch=best_epoch,
                       best_val_loss=(best_val if epochs is None else history[-1]["val_loss"]) if use_val else None,
                       history=history, epsilon=epsilon, delta=delta, info=info, noise_sd=noise_sd)
 
 
-def initial_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig, seed: int) -> CvaeResult:
-    """An untrained CVAE (seeded init) with the min-max scaler fitted on x [N,D]: the start of a
-    federated DP plan, which must not spend budget on local pre-training outside its accounting.
-    Its noise_sd is zero: it is never sampled from."""
+def initial_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig, seed: int,
+                 groups: np.ndarray | None = None) -> CvaeResult:
+    """An untrained CVAE (seeded init) with the scaler fitted on x [N,D] (`fit_scaler`, patient ids
+    groups [N], None: one record each; with dp the DP or public bounds, as `train_cvae` would fit
+    them): the start of a federated DP plan, which must not spend budget on local pre-training
+    outside its accounting. The plan's rounds pass these bounds on (`train_cvae`'s scaler), and
+    their epsilon covers them. Its noise_sd is zero: it is never sampled from."""
     xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
-    lo, hi = fit_minmax(xt)
+    groups = np.arange(len(xt)) if groups is None else np.asarray(groups)
+    tr = np.arange(len(xt)) if cfg.dp and not cfg.dp_early_stopping else stratified_split(
+        np.asarray(y).astype(np.int64), cfg.val_fraction, seed=seed)[0]
+    plan = cvae_dp.plan_budget(cfg, groups[tr]) if cfg.dp else None
+    lo, hi, scaler_info = fit_scaler(xt, groups, cfg, plan, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CVAE(xt.shape[1], n_classes, hidden=cfg.hidden, latent=cfg.latent_dim).eval()
     return CvaeResult(model=model, lo=lo, hi=hi, epochs_trained=0, best_epoch=0, best_val_loss=None,
-                      info={"untrained": "the start of a federated DP plan: the federation's rounds train it"},
+                      info={"untrained": "the start of a federated DP plan: the federation's rounds train it",
+                            "dp": {"enabled": False}, "scaler": scaler_info},
                       noise_sd=torch.zeros(xt.shape[1]))
 
 

@@ -9,14 +9,16 @@ local_update    train handler: the site's CVAE with the federation's decoder put
                 coordinator's initial decoder is then only the wire format.
 receive_global  evaluate handler: the federation's decoder, with this site's encoder, min-max
                 scaler and its own noise scale (the reconstruction error through the federation's
-                decoder), saved as models/cvae_global (+ sidecar naming the decoder's sha256 and
-                whether it is the run's final one); its loss on the site's validation split.
+                decoder; with dp a DP estimate at the plan's noise-scale share), saved as
+                models/cvae_global (+ sidecar naming the decoder's sha256 and whether it is the
+                run's final one); its loss on the site's validation split.
 release         after the final round's decoder arrived: synthesize -> audit -> publish, as
                 `plan-node start` does on the local route; errors are logged and returned, never raised.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import traceback
@@ -27,12 +29,13 @@ import torch
 from common.fileio import atomic_write_json
 from common.models import CVAE, state_sha256
 from node.checkpoint import read_sidecar
-from node.cvae import (CvaeResult, eval_loss, load_cvae, one_hot, residual_rms, save_cvae, scale, stratified_split,
-                       train_cvae)
+from node import cvae_dp
+from node.cvae import (CvaeResult, dp_residual_rms, eval_loss, load_cvae, one_hot, residual_rms, save_cvae, scale,
+                       stratified_split, train_cvae)
 from node.cvae_stages import GLOBAL_NAME
 from node.device import pick_device
 from node.embeddings import split_embeddings
-from node.ingest import read_splits
+from node.ingest import load_split, read_splits
 from node.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -70,10 +73,11 @@ def _current(ws: Workspace) -> CvaeResult:
     return load_cvae(ws.models / "cvae.safetensors")
 
 
-def _train_data(ws: Workspace) -> tuple[np.ndarray, np.ndarray, int]:
+def _train_data(ws: Workspace) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """The train split's embeddings [N,D], labels [N], the number of classes and the patient ids [N]."""
     cfg = ws.config()
     x, y = split_embeddings(ws, cfg.synth.extractor, "train", device=pick_device(cfg.device))
-    return x, y, int(read_splits(ws)["n_classes"])
+    return x, y, int(read_splits(ws)["n_classes"]), load_split(ws, "train").patient_ids
 
 
 def _dp_history(ws: Workspace, start: CvaeResult, server_round: int) -> list:
@@ -103,11 +107,13 @@ def local_update(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_roun
     _check(ws, start.model, arch)
     if server_round > 1:
         start.model.load_decoder_state(decoder)
-    dp = {"dp_plan_epochs": rounds * epochs, "dp_history": _dp_history(ws, start, server_round)} if cc.dp else {}
-    x, y, n_classes = _train_data(ws)
+    # with dp every round keeps the scaler of the plan's start (models/cvae, `initial_cvae`), paid for once
+    dp = {"dp_plan_epochs": rounds * epochs, "dp_history": _dp_history(ws, start, server_round),
+          "scaler": start} if cc.dp else {}
+    x, y, n_classes, groups = _train_data(ws)
     # the same seed as the site's own training: the same validation split, never trained on
     result = train_cvae(x, y, n_classes=n_classes, cfg=cc, seed=cfg.models.seed,
-                        device=pick_device(cfg.device), init=start.model, epochs=epochs, **dp)
+                        device=pick_device(cfg.device), init=start.model, epochs=epochs, groups=groups, **dp)
     save_cvae(ws.models / f"{FED_NAME}.safetensors", result,
               sidecar={"federated_round": server_round, "base_weights_sha256": _base(ws)})
     last = result.history[-1]
@@ -116,21 +122,33 @@ def local_update(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_roun
         float("nan") if val is None else float(val)
 
 
-def _fit_figures(ws: Workspace, result: CvaeResult) -> tuple[float, int, torch.Tensor]:
-    """The CVAE's loss on the site's validation split (nan, 0 without one), the split's size, and
-    its noise scale (node.cvae.residual_rms) on the site's train split, as train_cvae splits them."""
+def _fit_figures(ws: Workspace, result: CvaeResult) -> tuple[float, int, torch.Tensor, dict | None]:
+    """The CVAE's loss on the site's validation split (nan, 0 without one), the split's size, its
+    noise scale on the site's train split, as train_cvae splits them (node.cvae.residual_rms; with
+    dp node.cvae.dp_residual_rms over the records DP-SGD trained on, at the plan's noise-scale
+    share, and that mechanism's details, else None)."""
     cfg = ws.config()
-    x, y, n_classes = _train_data(ws)
-    tr, va = stratified_split(y, cfg.synth.cvae.val_fraction, seed=cfg.models.seed)
+    cc = cfg.synth.cvae
+    x, y, n_classes, groups = _train_data(ws)
+    tr, va = stratified_split(y, cc.val_fraction, seed=cfg.models.seed)
     model = result.model.cpu()
     xs = scale(torch.from_numpy(x), result.lo.cpu(), result.hi.cpu())
     c = one_hot(torch.from_numpy(y), n_classes)
-    noise_sd = residual_rms(model, xs[tr], c[tr])
+    noise_info = None
+    if cc.dp:
+        xs = xs.clamp(0, 1)  # as train_cvae clipped them into the DP or public bounds
+        # DP-SGD trained on every record unless dp_early_stopping: the noise scale covers the same ones.
+        # Recomputed each round with the same seed; only the final round's is sampled from and released.
+        dp_tr = tr if cc.dp_early_stopping else np.arange(len(y))
+        plan = cvae_dp.plan_budget(cc, groups[dp_tr])
+        noise_sd, noise_info = dp_residual_rms(model, xs[dp_tr], c[dp_tr], groups[dp_tr], plan, seed=cfg.models.seed)
+    else:
+        noise_sd = residual_rms(model, xs[tr], c[tr])
     if len(va) == 0:
-        return float("nan"), 0, noise_sd
+        return float("nan"), 0, noise_sd, noise_info
     # the same noise as train_cvae's validation (seed + 1), so the figures compare
     eps = torch.randn(len(va), model.latent, generator=torch.Generator().manual_seed(cfg.models.seed + 1))
-    return eval_loss(model, xs[va], c[va], eps, cfg.synth.cvae.beta), int(len(va)), noise_sd
+    return eval_loss(model, xs[va], c[va], eps, cc.beta), int(len(va)), noise_sd, noise_info
 
 
 def receive_global(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_round: int, rounds: int,
@@ -141,15 +159,20 @@ def receive_global(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_ro
     _check(ws, current.model, arch)
     current.model.load_decoder_state(decoder)
     # the noise scale is this site's own reconstruction error through the federation's decoder
-    val, n_val, noise_sd = _fit_figures(ws, current)
+    val, n_val, noise_sd, noise_info = _fit_figures(ws, current)
     sha = state_sha256(decoder)
+    info = {**current.info, "decoder": "federation", "encoder": "this site's, after its last local update"}
+    if isinstance(info.get("dp"), dict) and info["dp"].get("enabled"):
+        # the same plan's noise-scale share, spent on this noise scale instead of the local one (which
+        # is never sampled from): the epsilon stays the local update's
+        dp = copy.deepcopy(info["dp"])
+        dp["budget"]["noise_scale"].update(noise_info or {}, computed_through="the federation's decoder")
+        dp["caveats"].append("each round's validation loss, reported to the coordinator, is computed on this site's "
+                             "records without DP")
+        info["dp"] = dp
     result = CvaeResult(model=current.model, lo=current.lo, hi=current.hi, epochs_trained=current.epochs_trained,
                         best_epoch=current.epochs_trained, best_val_loss=None if math.isnan(val) else val, history=[],
-                        epsilon=current.epsilon, delta=current.delta, noise_sd=noise_sd,
-                        info={**current.info, "decoder": "federation", "encoder": "this site's, after its last local update"})
-    if "dp_caveats" in result.info:
-        result.info["dp_caveats"] = result.info["dp_caveats"] + [
-            "each round's validation loss, reported to the coordinator, is computed on this site's records without DP"]
+                        epsilon=current.epsilon, delta=current.delta, noise_sd=noise_sd, info=info)
     save_cvae(ws.models / f"{GLOBAL_NAME}.safetensors", result, sidecar={
         "global_decoder_sha256": sha, "flower_run_id": flower_run_id, "server_round": server_round, "rounds": rounds,
         "final": server_round >= rounds, "base_weights_sha256": _base(ws),

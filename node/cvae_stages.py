@@ -9,7 +9,10 @@ train:      the train split's embeddings by the federation's pinned extractor (n
 synthesize: sample labels (replicate the train class counts, or synth.target_size in their
             proportions) and decode one embedding per label. Outputs synth/<run_id>/
             candidates.npz (embeddings float32 [M,D], labels int64 [M]) and synth.json, with the
-            DP epsilon actually spent when the CVAE was trained with DP-SGD. With synth.cvae.federated
+            DP epsilon and delta actually spent (per patient) when the CVAE was trained with DP
+            ("dp_epsilon", "dp_delta"; None without) and the "dp" block: the unit, the budget's
+            parts and the caveats (node.cvae_dp.report; {"enabled": false} without DP), which the
+            audit report carries into the signed bundle. With synth.cvae.federated
             it samples from models/cvae_global (the federation's decoder, node.cvae_federated) and
             synth.json names that decoder's sha256.
 
@@ -27,7 +30,7 @@ import torch
 from common.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 from common.models import EmbeddingHead
 from node.checkpoint import config_digest, load_weights, read_sidecar, save_model
-from node.cvae import initial_cvae, load_cvae, sample_cvae, sample_labels, save_cvae, train_cvae
+from node.cvae import dp_block, initial_cvae, load_cvae, sample_cvae, sample_labels, save_cvae, train_cvae
 from node.device import pick_device
 from node.embedder import extractor_digest
 from node.embeddings import split_embeddings
@@ -80,11 +83,13 @@ def train(ws: Workspace) -> None:
         })
 
     t0 = time.time()
+    # patient ids: with dp the unit of privacy is the patient (node.cvae_dp), not the image
     if cfg.synth.cvae.federated and cfg.synth.cvae.dp:
         # the federated rounds are the whole DP plan: local pre-training would spend budget outside it
-        result = initial_cvae(x, y, n_classes=n_classes, cfg=cfg.synth.cvae, seed=cfg.models.seed)
+        result = initial_cvae(x, y, n_classes=n_classes, cfg=cfg.synth.cvae, seed=cfg.models.seed, groups=patients)
     else:
-        result = train_cvae(x, y, n_classes=n_classes, cfg=cfg.synth.cvae, seed=cfg.models.seed, device=device)
+        result = train_cvae(x, y, n_classes=n_classes, cfg=cfg.synth.cvae, seed=cfg.models.seed, device=device,
+                            groups=patients)
     save_cvae(ws.models / "cvae.safetensors", result, sidecar={**common, "seconds": round(time.time() - t0, 2)})
 
 
@@ -153,9 +158,11 @@ def synthesize(ws: Workspace) -> str:
             "counts": {"n_train": len(train_labels), "n_candidates": len(labels), "embedding_dim": int(emb.shape[1]),
                        "per_class": {int(c): int((labels == c).sum()) for c in np.unique(labels)}},
             "cvae": {"epochs_trained": result.epochs_trained, "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss},
-            # The epsilon the accountant reports over the steps actually trained (None without DP).
+            # The (epsilon, delta) per patient actually spent: DP scaler, DP noise scale and the
+            # DP-SGD steps trained, composed (None without DP); "dp" has the parts and the caveats.
             "dp_epsilon": result.epsilon,
             "dp_delta": result.delta,
+            "dp": dp_block(result),
             "seconds": {"total": round(time.time() - t0, 2)},
             **federated,
         })

@@ -143,14 +143,14 @@ def test_dp_reports_the_epsilon_spent_and_fewer_epochs_spend_less():
     base = dict(hidden=16, latent_dim=4, batch_size=64, max_epochs=6, dp=True, dp_epsilon=3.0)
     full = train_cvae(x, y, n_classes=2, cfg=CvaeConfig(**base), seed=0, device="cpu")
     assert full.epochs_trained == 6 and full.info["n_val"] == 0  # dp: no validation split by default
-    assert full.delta == pytest.approx(1 / 300)
+    assert full.delta <= 1 / 3000 * (1 + 1e-9)  # at most 1 / (10 N), every record its own patient here
     assert 0 < full.epsilon <= 3.0 and math.isfinite(full.epsilon)
     assert full.epsilon > 2.5  # a full run spends (nearly) what it was calibrated to
     # early stopping (opt-in with dp) after 2 epochs: the same noise, fewer steps, less spent
     short = train_cvae(x, y, n_classes=2, seed=0, device="cpu",
                        cfg=CvaeConfig(**base, dp_early_stopping=True, patience=1, lr=1e-9))
     assert short.epochs_trained == 2
-    assert short.info["noise_multiplier"] > 0 and any("validation" in c for c in short.info["dp_caveats"])
+    assert short.info["noise_multiplier"] > 0 and any("validation" in c for c in short.info["dp"]["caveats"])
     assert 0 < short.epsilon < full.epsilon
 
 

@@ -136,6 +136,7 @@ def test_a_site_keeps_its_encoder_and_samples_from_the_federations_decoder(feder
     run = json.loads((ws.synth / "latest.json").read_text())["run_id"]
     synth = json.loads((ws.synth / run / "synth.json").read_text())
     assert synth["decoder"]["source"] == "federation" and synth["decoder"]["global_decoder_sha256"] == state_sha256(dec2)
+    assert synth["dp"] == {"enabled": False} and synth["dp_epsilon"] is None  # the block is there without dp too
     assert not run_one(ws, "synthesize")  # up to date
     # a new global decoder is a new input: synthesis runs again, into a new run
     cvae_federated.receive_global(ws, rnd2, server_round=2, rounds=2)
@@ -188,6 +189,14 @@ def test_dp_federated_rounds_are_one_plan_and_the_release_reports_its_epsilon(ti
     run = json.loads((ws.synth / "latest.json").read_text())["run_id"]
     synth = json.loads((ws.synth / run / "synth.json").read_text())
     assert synth["dp_epsilon"] == pytest.approx(spent[2]) and synth["dp_delta"] == fed.delta
+    # the "dp" block the audit signs: per patient, the plan's parts, the federated caveat
+    dp = synth["dp"]
+    assert dp["enabled"] and dp["unit"] == "patient" and dp["epsilon"] == pytest.approx(spent[2])
+    assert dp["group_size_k"] == 3 and dp["budget"]["sgd"]["steps"] == sum(h[2] for h in fed.info["dp_history"])
+    assert dp["budget"]["noise_scale"]["computed_through"] == "the federation's decoder"
+    assert any("validation loss, reported to the coordinator" in c for c in dp["caveats"])
+    # every round kept the scaler its start paid for
+    assert torch.equal(fed.lo, local.lo) and torch.equal(fed.hi, local.hi)
 
 
 def test_the_coordinator_stops_when_the_cvae_run_did_not_complete_and_reports_each_sites_release(tmp_path):

@@ -43,7 +43,8 @@ def _reid(x, ids, hidden, seed):
 
 @pytest.fixture(scope="module")
 def clinic():
-    t, h, f = _patients(40, seed=1), _patients(20, seed=2), _patients(20, seed=3)
+    # 60 holdout patients: 30 calibrate the filter, 30 measure the set
+    t, h, f = _patients(40, seed=1), _patients(60, seed=2), _patients(40, seed=3)
     return {"t": t, "h": h, "f": f, "phi_id": _reid(t[0], t[2], 32, 0), "att": _reid(t[0], t[2], 48, 1)}
 
 
@@ -64,7 +65,8 @@ def test_leaky_embeddings_fail_and_fresh_records_pass(clinic):
     failed = {c["name"] for c in report["checks"] if not c["passed"]}
     assert "n_accepted" in failed and "min_pixel_mse_to_train" not in {c["name"] for c in report["checks"]}
 
-    fresh, _ = _audit(clinic, f[0], f[1], min_accepted=10, max_mia_auc=0.8)
+    # a loose policy: 40 patients of 3 tightly clustered records leave wide intervals (upper bounds are gated)
+    fresh, _ = _audit(clinic, f[0], f[1], min_accepted=10, max_mia_auc=0.8, max_tpr_at_low_fpr=0.4)
     assert fresh["passed"], fresh["checks"]
     assert 0.3 < fresh["membership"]["embedding"]["auc"] < 0.7
     assert fresh["min_embedding_distance_ratio"] >= 0.5
