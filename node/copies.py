@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from node.distances import min_sq_dist
+from node.distances import min_sq_dist, nearest_sq
 from node.pixels import to_tensor
 
 SMOOTH_SIGMA = 1.0  # pixels: removes most of the power of per-pixel noise, keeps anatomy
@@ -136,7 +136,8 @@ def copy_distances(query: np.ndarray, train: np.ndarray, *, embedders: dict[str,
     best: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def keep(k: str, i: int, v: torch.Tensor, ref: torch.Tensor, T: int) -> None:
-        d, j = _nearest_unit(v, ref) if k.startswith("pixel") else min_sq_dist(v, ref)
+        d, j = nearest_sq(v, ref, chunk=4096) if k.startswith("pixel") else min_sq_dist(v, ref)
+        d = d.double()
         n = len(v) // T
         d, t_best = d.reshape(n, T).min(1)
         j = j.reshape(n, T).gather(1, t_best[:, None])[:, 0]
@@ -156,20 +157,6 @@ def copy_distances(query: np.ndarray, train: np.ndarray, *, embedders: dict[str,
                 for k, f in embedders.items():
                     keep(k, i, f(qe).float(), refs[k], len(embed_family))
     return best
-
-
-def _nearest_unit(q: torch.Tensor, r: torch.Tensor, *, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """min_sq_dist for unit (or zero) rows, in float32: ||q-r||^2 = |q|^2 + |r|^2 - 2 q.r with
-    norms of at most 1, so rounding is ~1e-7, far below any copy threshold."""
-    rr = r.square().sum(1)
-    mins, args = [], []
-    for i in range(0, len(q), chunk):
-        a = q[i : i + chunk]
-        d = torch.addmm(rr[None], a, r.T, alpha=-2.0).add_(a.square().sum(1)[:, None]).clamp_min_(0)
-        m, j = d.min(1)
-        mins.append(m.double())
-        args.append(j)
-    return torch.cat(mins), torch.cat(args)
 
 
 def calibrate(nonmember: np.ndarray, *, fpr: float) -> float:

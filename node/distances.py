@@ -31,6 +31,24 @@ def min_sq_dist(a: torch.Tensor, b: torch.Tensor, *, chunk: int = 2048) -> tuple
     return torch.cat(mins), torch.cat(args)
 
 
+def nearest_sq(q: torch.Tensor, r: torch.Tensor, *, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of q [N,D] the smallest ||q - r_j||^2 over rows of r [M,D] and its j:
+    ([N] float32, [N] long). ||q||^2 + ||r||^2 - 2 q.r, one [chunk,M] product at a time, in float32:
+    for unit-scale rows (LPIPS features, normalised pixels) the expansion's rounding is ~1e-6, far
+    under anything these distances are compared with."""
+    rr = r.square().sum(1)
+    mins, args = [], []
+    for i in range(0, len(q), chunk):
+        a = q[i : i + chunk]
+        d = torch.addmm(rr[None], a, r.T, alpha=-2.0).add_(a.square().sum(1)[:, None]).clamp_min_(0)
+        m, j = d.min(1)
+        mins.append(m)
+        args.append(j)
+    if not mins:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(mins), torch.cat(args)
+
+
 def min_pixel_mse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """For each image of a (uint8 [N,H,W]) the mean squared error on [0,1] to its nearest image in b: [N]."""
     pa, pb = pixels01(a), pixels01(b)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.modelstore import resolve
+from node.distances import nearest_sq
 
 # torchvision's published files; torchvision names each by the first 8 hex digits of its sha256,
 # which is all that is pinned here (the full digests were not obtainable offline).
@@ -103,23 +104,6 @@ def lpips_features(model, x: torch.Tensor, *, batch_size: int = 128) -> torch.Te
             parts.append(f.flatten(1))
         out.append(torch.cat(parts, 1).float())
     return torch.cat(out) if out else torch.zeros(0, 0)
-
-
-def nearest_sq(q: torch.Tensor, r: torch.Tensor, *, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row of q [N,D] the smallest ||q - r_j||^2 over rows of r [M,D] and its j:
-    ([N] float32, [N] long). ||q||^2 + ||r||^2 - 2 q.r, one [chunk,M] product at a time (float32:
-    LPIPS features are unit-scale, the expansion's rounding is ~1e-6, far under the metric's noise)."""
-    rr = r.square().sum(1)
-    mins, args = [], []
-    for i in range(0, len(q), chunk):
-        a = q[i : i + chunk]
-        d = torch.addmm(rr[None], a, r.T, alpha=-2.0).add_(a.square().sum(1)[:, None]).clamp_min_(0)
-        m, j = d.min(1)
-        mins.append(m)
-        args.append(j)
-    if not mins:
-        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(mins), torch.cat(args)
 
 
 @torch.no_grad()
