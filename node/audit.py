@@ -46,7 +46,7 @@ from common.models import EmbeddingHead
 from common.policy import evaluate
 from node.attacks import bootstrap_ci, density_ratio_scores, discriminator_scores, downstream_scores, roc_points
 from node.classifiers import SmallCNN
-from node.copies import calibrate, copy_distances, warp_family
+from node.copies import calibrate, copy_distances, embed_warp_family, warp_family
 from node.device import pick_device
 from node.lpips_matrix import lpips_features, lpips_nearest, prepare
 from node.distances import embed, min_sq_dist, nearest_sq, pixels01
@@ -459,16 +459,11 @@ def audit_images(
     d_cal = copy_distances(holdout[cal], train, embedders=embedders, family=family, chunk=chunk) if on else {}
     thresholds = {k: calibrate(d, fpr=policy.copy_fpr) for k, (d, _) in d_cal.items()}
 
-    def flagged(images: np.ndarray) -> dict[str, np.ndarray]:
-        if not thresholds or len(images) == 0:
-            return {k: np.zeros(len(images), dtype=bool) for k in thresholds}
-        d = copy_distances(images, train, embedders=embedders, family=family, chunk=chunk)
-        return {k: d[k][0] < t for k, t in thresholds.items()}
-
-    copies = flagged(candidates)
+    d_cand = copy_distances(candidates, train, embedders=embedders, family=family, chunk=chunk) if thresholds and S else {}
+    copies = {k: (d_cand[k][0] < t if S else np.zeros(0, dtype=bool)) for k, t in thresholds.items()}
     calibration = {
         **_halves_info(holdout_ids, cal, evl), "copy_fpr": policy.copy_fpr, "copy_family": len(family) if on else 0,
-        "copy_family_embeddings": len(warp_family(max_shift=0, fine_shift=0)) if on else 0,
+        "copy_family_embeddings": len(embed_warp_family()) if on else 0,
         "copy_thresholds": thresholds,
         # real non-members the detector would flag: more than copy_fpr of them means near-duplicates across patients in the data
         "copy_calibration_flagged": {k: int((d_cal[k][0] < t).sum()) for k, t in thresholds.items()},

@@ -68,6 +68,12 @@ def warp_family(*, max_shift: int = 4, angles: tuple[float, ...] = (-12.0, -8.0,
     return out
 
 
+def embed_warp_family() -> list[Warp]:
+    """The family for embedding spaces: no shifts, only flips, rotations and zooms (a network pass
+    per warp costs ~100x a pixel view, and a CNN's pooled features give little weight to a shift)."""
+    return warp_family(max_shift=0, fine_shift=0)
+
+
 def warp(x: torch.Tensor, family: list[Warp]) -> torch.Tensor:
     """Every edit of `family` applied to every image: x float [N,1,H,W] -> [N,T,1,H,W]
     (bilinear, border pixels repeated outside; whole-pixel shifts are exact)."""
@@ -129,7 +135,7 @@ def copy_distances(query: np.ndarray, train: np.ndarray, *, embedders: dict[str,
     network pass per warp costs ~100x a pixel view, and a CNN's pooled features already give
     little weight to a shift of a few pixels. Memory: `chunk` query images x len(family) warps."""
     family = family or warp_family()
-    embed_family = embed_family or warp_family(max_shift=0, fine_shift=0)
+    embed_family = embed_family or embed_warp_family()
     embedders = embedders or {}
     margin = crop_margin(family, train.shape[-1])
     t = to_tensor(train)
