@@ -39,7 +39,8 @@ KINDS: dict[str, list[tuple[str, float]]] = {
     "shift_1px": [("shift", 1)],
     "shift_2px": [("shift", 2)],
     "shift_4px": [("shift", 4)],
-    "shift_6px": [("shift", 6)],  # beyond the detector's 4-pixel family
+    "shift_6px": [("shift", 6)],
+    "shift_8px": [("shift", 8)],  # beyond the detector's 6-pixel family
     "flip": [("flip", 1)],
     "brighter_0.1": [("bright", 0.1)],
     "contrast_0.8": [("contrast", 0.8)],
@@ -49,7 +50,8 @@ KINDS: dict[str, list[tuple[str, float]]] = {
     "blur_0.7": [("blur", 0.7)],
     "blur_1.2": [("blur", 1.2)],
     "rotate_5": [("rotate", 5)],
-    "rotate_15": [("rotate", 15)],  # beyond the family's 12 degrees
+    "rotate_15": [("rotate", 15)],
+    "rotate_20": [("rotate", 20)],  # beyond the family's 16 degrees
     "zoom_1.1": [("zoom", 1.1)],
     "shift_2+flip+brighter": [("shift", 2), ("flip", 1), ("bright", 0.1)],
     "rotate_5+shift_1+noise_0.02": [("rotate", 5), ("shift", 1), ("noise", 0.02)],

@@ -10,7 +10,9 @@ training image y under a family of geometric edits t of the candidate, and its c
 in a view v:
 - "pixel": the centre crop (the border a warp fills in is left out) normalised per image to zero
   mean and unit norm, so brightness and contrast changes vanish exactly; d = 2 - 2 cos in [0, 4];
-- "pixel_smooth": the same after a Gaussian blur of both sides, so noise and blur mostly vanish;
+- "pixel_smooth", "pixel_coarse": the same after a Gaussian blur of both sides (sigma 1 and 2
+  pixels), so blur and most of the noise vanish (sigma 1 keeps fine anatomy for copies that are
+  also rotated or zoomed; sigma 2 removes more noise);
 - an embedding space (the independent attacker's features, LPIPS features when the backbone is
   present): squared Euclidean distance between features of the warped candidate and of y.
 
@@ -35,7 +37,13 @@ import torch.nn.functional as F
 from node.distances import min_sq_dist, nearest_sq
 from node.pixels import to_tensor
 
-SMOOTH_SIGMA = 1.0  # pixels: removes most of the power of per-pixel noise, keeps anatomy
+# view -> Gaussian blur sigma in pixels. A blur of sigma s keeps about 1 / (4 pi s^2) of the power of
+# per-pixel noise (8% at 1, 2% at 2) and most of the anatomy's.
+PIXEL_VIEWS = {"pixel": 0.0, "pixel_smooth": 1.0, "pixel_coarse": 2.0}
+# The pixel views work at this side (larger images are area-averaged down first): a copy stays a
+# copy at 32 px, the warp family is in pixels of this size, and the cost stays that of a 32-px site
+# (the family's shifts grow with the square of the side).
+PIXEL_VIEW_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -51,9 +59,11 @@ class Warp:
     flip_v: bool = False
 
 
-def warp_family(*, max_shift: int = 4, angles: tuple[float, ...] = (-12.0, -8.0, -4.0, 4.0, 8.0, 12.0),
+def warp_family(*, max_shift: int = 6, angles: tuple[float, ...] = (-16.0, -12.0, -8.0, -4.0, 4.0, 8.0, 12.0, 16.0),
                 scales: tuple[float, ...] = (0.85, 0.9, 0.95, 1 / 0.95, 1 / 0.9, 1 / 0.85), fine_shift: int = 2) -> list[Warp]:
-    """The default family: every whole-pixel shift up to `max_shift` with and without each flip;
+    """The default family (pixels at PIXEL_VIEW_SIZE: shifts to 6 px are 19% of the side, the
+    largest margin whose centre crop still holds most of the image): every whole-pixel shift up to
+    `max_shift` with and without each flip;
     every rotation and every scale with shifts up to `fine_shift` (a rotated copy is rarely also
     shifted far). Symmetric: each edit's inverse is in it (up to a 1-pixel shift for
     rotations and scales). The identity is the first member."""
@@ -112,6 +122,15 @@ def pixel_view(x: torch.Tensor, *, margin: int, sigma: float = 0.0) -> torch.Ten
     return v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
+def working_size(x: torch.Tensor) -> torch.Tensor:
+    """x float [B,1,H,W] -> [B,1,h,w], area-averaged so that the longer side is at most PIXEL_VIEW_SIZE."""
+    H, W = x.shape[-2:]
+    if max(H, W) <= PIXEL_VIEW_SIZE:
+        return x
+    f = PIXEL_VIEW_SIZE / max(H, W)
+    return F.interpolate(x, size=(max(1, round(H * f)), max(1, round(W * f))), mode="area")
+
+
 def crop_margin(family: list[Warp], size: int) -> int:
     """Pixels to leave out at each side: the largest shift plus one, at most a quarter of the side.
     Rotations and zooms also fill in corners; those few pixels weigh the same on copies and on
@@ -127,18 +146,20 @@ def copy_distances(query: np.ndarray, train: np.ndarray, *, embedders: dict[str,
                    family: list[Warp] | None = None, embed_family: list[Warp] | None = None,
                    chunk: int = 32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Copy distance of each query image (uint8 [N,H,W]) to the train images (uint8 [M,H,W]) in
-    the two pixel views and in each embedding space of `embedders`:
+    the pixel views (PIXEL_VIEWS) and in each embedding space of `embedders`:
     {space: (distance float64 [N], index of the nearest train image int64 [N])}.
 
-    Train images are taken as they are; only the query is warped (the family is symmetric). The
+    The pixel views see both sides at PIXEL_VIEW_SIZE (area-averaged when larger); the embedders
+    see the images as given. Train images are taken as they are; only the query is warped (the family is symmetric). The
     embedding spaces use `embed_family` (default: no shifts, only flips, rotations and zooms): a
     network pass per warp costs ~100x a pixel view, and a CNN's pooled features already give
     little weight to a shift of a few pixels. Memory: `chunk` query images x len(family) warps."""
     family = family or warp_family()
     embed_family = embed_family or embed_warp_family()
     embedders = embedders or {}
-    margin = crop_margin(family, train.shape[-1])
     t = to_tensor(train)
+    t_small = working_size(t)
+    margin = crop_margin(family, t_small.shape[-1])
     best: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def keep(k: str, i: int, v: torch.Tensor, ref: torch.Tensor, T: int) -> None:
@@ -150,14 +171,14 @@ def copy_distances(query: np.ndarray, train: np.ndarray, *, embedders: dict[str,
         best[k][0][i : i + n], best[k][1][i : i + n] = d.numpy(), j.numpy()
 
     with torch.no_grad():
-        refs = {"pixel": pixel_view(t, margin=margin), "pixel_smooth": pixel_view(t, margin=margin, sigma=SMOOTH_SIGMA)}
+        refs = {k: pixel_view(t_small, margin=margin, sigma=sigma) for k, sigma in PIXEL_VIEWS.items()}
         refs.update({k: f(t).float() for k, f in embedders.items()})
         best.update({k: (np.full(len(query), np.inf), np.zeros(len(query), dtype=np.int64)) for k in refs})
         for i in range(0, len(query), chunk):
             x = to_tensor(query[i : i + chunk])
-            q = warp(x, family).flatten(0, 1)  # [n*T,1,H,W], warp k of image n at n*T+k
-            keep("pixel", i, pixel_view(q, margin=margin), refs["pixel"], len(family))
-            keep("pixel_smooth", i, pixel_view(q, margin=margin, sigma=SMOOTH_SIGMA), refs["pixel_smooth"], len(family))
+            q = warp(working_size(x), family).flatten(0, 1)  # [n*T,1,h,w], warp k of image n at n*T+k
+            for k, sigma in PIXEL_VIEWS.items():
+                keep(k, i, pixel_view(q, margin=margin, sigma=sigma), refs[k], len(family))
             if embedders:
                 qe = warp(x, embed_family).flatten(0, 1)
                 for k, f in embedders.items():
