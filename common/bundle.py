@@ -57,10 +57,11 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file as save_safetensors
 
+from common import errors
 from common.dsse import EnvelopeError, sign_envelope, verify_envelope
 from common.fileio import sha256_file
-from common.tarscan import TarEntry, TarFormatError, iter_tar, short
 from common.signing import SigningKeyError, key_id, load_public_key
+from common.tarscan import TarEntry, TarFormatError, iter_tar, short
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -100,6 +101,7 @@ class BundleError(ValueError):
     `reason` is one of "invalid", "unsafe", "untrusted", "too_large", "policy" so a server can
     map it to a status code; the message names the file, field or value at fault.
     """
+    exit_code = errors.VERIFY
 
     def __init__(self, message: str, reason: str = "invalid"):
         super().__init__(message)

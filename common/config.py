@@ -12,12 +12,14 @@ from typing import Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from common import errors
 
 _M = TypeVar("_M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
     """A configuration file is missing, unreadable or invalid; the message says where and why."""
+    exit_code = errors.CONFIG
 
 
 class _Strict(BaseModel):

@@ -12,11 +12,13 @@ from typing import Mapping
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from common import errors
 from common.signing import sign, verify
 
 
 class EnvelopeError(ValueError):
     """An envelope is malformed or no signature verifies; the message says which."""
+    exit_code = errors.VERIFY
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import errors
+
 
 class FlowerError(RuntimeError):
     """A Flower command failed; the message carries what it printed."""
+    exit_code = errors.NETWORK
 
 
 def flower_bin(name: str) -> str:

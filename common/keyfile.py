@@ -11,9 +11,12 @@ import os
 import stat
 from pathlib import Path
 
+from common import errors
+
 
 class KeyFileError(ValueError):
     """A private key file is missing, too open, or would be overwritten; the message names it."""
+    exit_code = errors.CONFIG
 
 
 def write_private_file(path: Path, data: bytes) -> None:

@@ -18,6 +18,7 @@ import json
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from common import errors
 from common.dsse import EnvelopeError, sign_envelope, verify_envelope
 from common.signing import key_id
 
@@ -27,6 +28,7 @@ FIELDS = ("bundle_id", "site", "sequence", "sha256", "size", "n_samples")
 
 class ListingError(ValueError):
     """A listing page is not signed by the coordinator or not the page asked for; the message says which."""
+    exit_code = errors.VERIFY
 
 
 class TrustVersionChanged(ListingError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from common import errors
 from common.fileio import sha256_file
 
 STORE_ENV = "PLAN_MODEL_STORE"
@@ -18,6 +19,7 @@ STORE_ENV = "PLAN_MODEL_STORE"
 
 class ModelStoreError(FileNotFoundError):
     """A pinned weight file is absent from the store or does not match its sha256."""
+    exit_code = errors.DATA
 
 
 def default_store_dir(site_root: Path) -> Path:

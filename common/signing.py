@@ -13,12 +13,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from common import errors
 from common.fileio import atomic_write_bytes
 from common.keyfile import KeyFileError, read_private_file, write_private_file
 
 
 class SigningKeyError(ValueError):
     """A key is missing, unreadable, too open, or not Ed25519; the message names the file."""
+    exit_code = errors.CONFIG
 
 
 def generate_signing_key(key_path: Path, pub_path: Path) -> Ed25519PublicKey:

@@ -21,6 +21,8 @@ import json
 import tarfile
 from pathlib import Path
 
+from common import errors
+
 KIT_FORMAT = "plan-node-site-kit/1"
 MEMBERS = ("kit.json", "ca.crt", "client.crt", "client.key", "coordinator.pub")
 MAX_MEMBER_BYTES = 64 * 1024
@@ -29,6 +31,7 @@ _FIELDS = {"format": str, "site": str, "federation": str, "exchange": str, "supe
 
 class KitError(ValueError):
     """A site kit is malformed, unsafe, or not for this site; the message names the kit and the cause."""
+    exit_code = errors.CONFIG
 
 
 def write_kit(out: Path, files: dict[str, bytes]) -> None:

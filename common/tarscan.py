@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
+from common import errors
+
 BLOCK = 512
 MAX_PAX_BYTES = 4096  # a path of a few hundred bytes needs about 300
 NAME_IN_ERRORS = 120
@@ -28,6 +30,7 @@ _IGNORED_PAX_KEYS = frozenset({"mtime", "atime", "ctime", "uid", "gid", "uname",
 
 class TarFormatError(ValueError):
     """The archive is not in the accepted dialect; `unsafe` marks refusals of hostile constructs."""
+    exit_code = errors.VERIFY
 
     def __init__(self, message: str, *, unsafe: bool = False):
         super().__init__(message)

@@ -23,6 +23,7 @@ import json
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from common import errors
 from common.dsse import EnvelopeError, sign_envelope, verify_envelope
 from common.signing import key_id
 
@@ -33,6 +34,7 @@ MAX_CLOCK_SKEW_S = 300  # between the coordinator's and a site's clock
 
 class TrustDocumentError(ValueError):
     """The published trust store is malformed or not signed by the coordinator; the message says which."""
+    exit_code = errors.VERIFY
 
 
 def sign_trust_document(windows: dict[str, list[dict]], coordinator_key: Ed25519PrivateKey, *, federation: str,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 
+from common import errors
 from common.fileio import sha256_file
 from node.workspace import Workspace
 
@@ -21,6 +22,7 @@ STAGE = "audit_attempt"
 
 class AttemptRefused(Exception):
     """Raised before an audit that the attempt limit refuses; the message says what to do."""
+    exit_code = errors.GATE
 
 
 def data_digest(ws: Workspace) -> str:

@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 
 from common.config import ConfigError, commented_yaml, profile_site_config
+from common import errors
+from common.errors import run_cli
 from common.fileio import atomic_write_text
 from common.nodekey import generate_node_key
 from common.signing import generate_signing_key
@@ -21,10 +23,17 @@ app = typer.Typer(
     help="plan-node: train a private generative model on a hospital's images, audit and publish "
     "synthetic data as a signed bundle, and join the Flower federation.",
     no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals hold configs and key material
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages hold paths: never broken across lines
 
 SiteDir = typer.Option(Path("site"), "--site-dir", help="The site workspace (site.yaml, keys, data, models...).")
+
+
+def _fail(message: object, code: int) -> None:
+    """One line on stderr (never read as markup: messages hold paths and [brackets]) and exit `code`."""
+    console.print(f"error: {message}", style="red", markup=False)
+    raise typer.Exit(code)
 
 
 def _workspace(site_dir: Path) -> Workspace:
@@ -32,8 +41,7 @@ def _workspace(site_dir: Path) -> Workspace:
     try:
         ws.config()
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        _fail(e, errors.CONFIG)
     return ws
 
 
@@ -65,8 +73,7 @@ def init(
         _install_kit(ws, kit)
         return
     if ws.config_path.exists():
-        console.print(f"[red]error:[/red] {ws.config_path} already exists; refusing to overwrite a site")
-        raise typer.Exit(2)
+        _fail(f"{ws.config_path} already exists; refusing to overwrite a site", errors.CONFIG)
     try:
         cfg = profile_site_config(
             profile,
@@ -75,8 +82,7 @@ def init(
             coordinator={"exchange": exchange, "superlink": superlink, "supernode_port": supernode_port},
         )
     except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        _fail(e, errors.CONFIG)
     ws.keys.mkdir(parents=True, exist_ok=True)
     ws.keys.chmod(0o700)
     if ca_cert is not None:
@@ -92,14 +98,12 @@ def _install_kit(ws: Workspace, kit: Path) -> None:
     from node.kit import install_kit
 
     if not ws.config_path.exists():
-        console.print(f"[red]error:[/red] {ws.config_path} not found: run `plan-node init --site-dir {ws.root} --name NAME` "
-                      f"first, send keys/signing.pub to the coordinator, then install the kit it returns")
-        raise typer.Exit(2)
+        _fail(f"{ws.config_path} not found: run `plan-node init --site-dir {ws.root} --name NAME` first, send "
+              f"keys/signing.pub to the coordinator, then install the kit it returns", errors.CONFIG)
     try:
         meta = install_kit(_workspace(ws.root), kit)
     except (KitError, ConfigError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        _fail(e, errors.CONFIG)
     console.print(f"site kit of federation {meta['federation']!r} installed in {ws.keys}; exchange {meta['exchange']}, "
                   f"SuperLink {meta['superlink']}")
 
@@ -112,8 +116,7 @@ def _pipeline(site_dir: Path, upto: str, force: bool, note: str | None = None) -
     try:
         run_pipeline(ws, upto=upto, force=force, note=note)
     except AttemptRefused as e:
-        console.print(f"refused: {e}", style="red", markup=False)  # the message may hold brackets
-        raise typer.Exit(1) from None
+        _fail(f"refused: {e}", errors.GATE)
     return ws
 
 
@@ -139,8 +142,7 @@ def synthesize(
 def _set_route(ws: Workspace, route: str) -> None:
     cfg = ws.config()
     if route not in ("plan", "cvae"):
-        console.print(f"[red]error:[/red] --route must be plan or cvae, got {route!r}")
-        raise typer.Exit(2)
+        _fail(f"--route must be plan or cvae, got {route!r}", errors.CONFIG)
     if cfg.synth.route != route:
         cfg.synth.route = route
         atomic_write_text(ws.config_path, commented_yaml(cfg, title=f"plan-node site config for {cfg.name!r}"))
@@ -163,11 +165,13 @@ def audit(
     full = json.loads((ws.synth / run / "audit.json").read_text())
     for c in full.get("checks", []):
         if not c.get("passed"):
-            console.print(f"[red]gate:[/red] {c.get('message') or c.get('name')}")
+            console.print(f"gate: {c.get('message') or c.get('name')}", style="red", markup=False)
     if not (full.get("lpips") or {}).get("available", True):
-        console.print(f"[yellow]LPIPS not computed:[/yellow] {full['lpips'].get('reason')}")
+        console.print(f"LPIPS not computed: {full['lpips'].get('reason')}", style="yellow", markup=False)
     keep = "shows real images" if full.get("route", "plan") == "plan" else "describes real records"
     console.print(f"report: {ws.reports / f'audit-{run}.html'} ({keep}: keep it at the site)")
+    if not full.get("passed"):
+        raise typer.Exit(errors.GATE)
 
 
 @app.command()
@@ -177,8 +181,7 @@ def publish(site_dir: Path = SiteDir) -> None:
 
     bundle_id = publish_stage(_workspace(site_dir))
     if bundle_id is None:
-        console.print("nothing published: the audit gate did not pass")
-        raise typer.Exit(1)
+        _fail("nothing published: the audit gate did not pass (see `plan-node audit`)", errors.GATE)
     console.print(f"published bundle {bundle_id}")
 
 
@@ -203,8 +206,7 @@ def fetch_assets(site_dir: Path = SiteDir) -> None:
     try:
         path = fetch_extractor_weights(ws, ws.config().synth.extractor, say=console.print)
     except (ExchangeError, ModelStoreError, ValueError, OSError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
+        _fail(e, errors.exit_code_of(e) or errors.DATA)
     console.print("extractor tiny: no weight file to fetch" if path is None else f"extractor weights ready: {path}")
 
 
@@ -237,3 +239,8 @@ def status(site_dir: Path = SiteDir, as_json: bool = typer.Option(False, "--json
     if fed:
         shown = {k: round(v, 3) for k, v in (fed["metrics"] or {}).items() if k in ("accuracy", "auroc", "train-loss")}
         out.print(f"  federation: run {fed['run_id']}, round {fed['round']} {fed['phase']} {shown}")
+
+
+def main() -> None:
+    """The `plan-node` entry point: domain errors as one line and an exit code (common/errors.py)."""
+    run_cli(app, prog="plan-node")

@@ -26,10 +26,11 @@ import traceback
 import numpy as np
 import torch
 
+from common import errors
 from common.fileio import atomic_write_json
 from common.models import CVAE, state_sha256
-from node.checkpoint import read_sidecar
 from node import cvae_dp
+from node.checkpoint import read_sidecar
 from node.cvae import (CvaeResult, dp_residual_rms, eval_loss, load_cvae, one_hot, residual_rms, save_cvae, scale,
                        stratified_split, train_cvae)
 from node.cvae_stages import GLOBAL_NAME
@@ -45,6 +46,7 @@ FED_NAME = "cvae_fed"  # the site's CVAE after its latest local update in a fede
 
 class FederatedCvaeError(RuntimeError):
     """The site cannot take part in the federated CVAE (not set up for it, or another architecture)."""
+    exit_code = errors.CONFIG
 
 
 def _check(ws: Workspace, model: CVAE, arch: dict | None) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from common import errors
 from common.config import DataConfig
 from node.phantom import make_phantom
 
@@ -22,6 +23,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".gi
 
 class DataError(ValueError):
     """The site's data cannot be read as configured; the message names the file and what was expected."""
+    exit_code = errors.DATA
 
 
 @dataclass
@@ -74,9 +76,16 @@ def _grey_uint8(arr: np.ndarray, path: Path, key: str) -> np.ndarray:
 
 def _load_npz(path: Path, size: int) -> ImageSet:
     try:
-        z = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            head = f.read(4)
     except FileNotFoundError:
         raise DataError(f"{path}: .npz file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if head != b"PK\x03\x04":  # an .npz is a zip of .npy arrays; NumPy would talk of pickles here
+        raise DataError(f"{path}: not a NumPy .npz archive (expected a zip of .npy arrays, the file starts with {head!r})")
+    try:
+        z = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read as a NumPy .npz archive: {e}") from None
     with z:

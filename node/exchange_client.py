@@ -17,6 +17,7 @@ from typing import Iterator, Mapping
 import grpc
 from cryptography import x509
 
+from common import errors
 from common import exchange_pb2 as pb
 from common import exchange_pb2_grpc as pb_grpc
 from common.bundle import read_bundle_site
@@ -27,6 +28,7 @@ from common.wire import CHUNK_BYTES, encode_data, grpc_options, serialize
 
 class ExchangeError(RuntimeError):
     """A call to the exchange failed. `code` is the gRPC status code name (e.g. "PERMISSION_DENIED")."""
+    exit_code = errors.NETWORK
 
     def __init__(self, message: str, code: str = "UNKNOWN"):
         super().__init__(message)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import errors
 from common.bundle import build_bundle, bundle_id_for, code_version, pack_bundle
 from common.fileio import atomic_write_json, sha256_file
 from common.signing import load_private_key
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 class PublishError(RuntimeError):
     """The inputs of the publish stage are missing or invalid; the message names the file."""
+    exit_code = errors.DATA
 
 
 def _now() -> str:

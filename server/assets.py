@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import get_args
 
+from common import errors
 from common.config import ExtractorConfig
 from common.fileio import sha256_file
 
@@ -28,6 +29,7 @@ ASSETS_DIRNAME = "assets"  # beside store/ in the coordinator directory (Coordin
 
 class AssetError(ValueError):
     """An asset cannot be added or looked up (unreadable file, malformed digest)."""
+    exit_code = errors.DATA
 
 
 def asset_path(assets_dir: Path, sha256: str) -> Path:

@@ -10,27 +10,30 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from common import errors
 from common.bundle import read_predicate
 from common.config import ConfigError, FederationConfig
+from common.errors import run_cli
 from common.nodekey import check_node_public_key
 from common.tls import certificate_names
-from server.coordinator import CoordinatorDir, init_coordinator, run_coordinator
 from server.cli_keys import register as _register_key_commands
+from server.coordinator import CoordinatorDir, init_coordinator, run_coordinator
 from server.store import BundleStore
 
-app = typer.Typer(help="plan-node coordinator: bundle exchange, trust store and Flower federation.", no_args_is_help=True)
+app = typer.Typer(help="plan-node coordinator: bundle exchange, trust store and Flower federation.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)  # locals hold configs and key material
 sites = typer.Typer(help="Register and list the sites whose signed bundles the coordinator accepts.", no_args_is_help=True)
 app.add_typer(sites, name="sites")
 asset = typer.Typer(help="Federation assets the exchange serves to sites by sha256 (extractor weights).", no_args_is_help=True)
 app.add_typer(asset, name="asset")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages hold paths: never broken across lines
 
 DirOption = typer.Option(Path("coord"), "--dir", help="The coordinator directory.")
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(2)
+    console.print(f"error: {message}", style="red", markup=False)  # messages hold paths and [brackets]
+    raise typer.Exit(errors.CONFIG)
 
 
 @app.command()
@@ -66,8 +69,8 @@ def start(
     except ConfigError as e:
         _fail(str(e))
     if results is not None and not results.get("completed"):
-        console.print(f"[red]the federation run failed[/red]: {results.get('failure', 'it did not complete')}")
-        raise typer.Exit(1)
+        console.print(f"the federation run failed: {results.get('failure', 'it did not complete')}", style="red", markup=False)
+        raise typer.Exit(errors.RUN_FAILED)
 
 
 @sites.command("add")
@@ -185,3 +188,8 @@ def _num(x) -> str:
 
 # ca init, kit, exchange, sites rotate|revoke|list: the federation's keys (server/cli_keys.py).
 _register_key_commands(app, sites)
+
+
+def main() -> None:
+    """The `plan-server` entry point: domain errors as one line and an exit code (common/errors.py)."""
+    run_cli(app, prog="plan-server")

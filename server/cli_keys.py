@@ -13,17 +13,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from common import errors
 from common.config import ConfigError
 from common.nodekey import check_node_public_key
 from server.coordinator import CoordinatorDir
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages hold paths: never broken across lines
 DirOption = typer.Option(Path("coord"), "--dir", help="The coordinator directory.")
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(2)
+    console.print(f"error: {message}", style="red", markup=False)  # messages hold paths and [brackets]
+    raise typer.Exit(errors.CONFIG)
 
 
 def _read(path: Path, what: str) -> str:

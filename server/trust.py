@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+from common import errors
 from common.signing import SigningKeyError, key_id, load_public_key, public_pem
 
 _SITE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -54,6 +55,7 @@ INSERT OR IGNORE INTO meta VALUES ('version', 1);
 
 class TrustError(ValueError):
     """A trust-store operation is refused or its file is invalid; the message says why."""
+    exit_code = errors.VERIFY
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from common import exchange_pb2 as pb
 from common import exchange_pb2_grpc as pb_grpc
+from common import errors
 from common.config import ExtractorConfig, SiteConfig, commented_yaml, load_federation_config
 from common.fileio import sha256_bytes
 from common.modelstore import STORE_ENV, ModelStoreError, default_store_dir, resolve
@@ -136,7 +137,7 @@ def test_unknown_asset_is_a_clear_error(tmp_path, ex):
     ws = _site(tmp_path, ex, _pinned(sha256=unknown))
     r = CliRunner().invoke(node_app, ["fetch-assets", "--site-dir", str(ws.root)])
     out = _flat(r.output)
-    assert r.exit_code == 1
+    assert r.exit_code == errors.NETWORK  # the coordinator refused
     assert "NOT_FOUND" in out and f"no asset {unknown} at the coordinator" in out and "plan-server asset add" in out
     store = default_store_dir(ws.root)
     assert not store.exists() or os.listdir(store) == []

@@ -1,0 +1,57 @@
+"""Exit codes, and the one place a command-line tool turns a domain error into a one-line message.
+
+A domain error (bad config, unreadable data, a failed gate, an unreachable coordinator, a bundle
+that does not verify) is something the operator can act on: it prints as one line naming the
+file, field or value, with no traceback, and exits with the code of its kind (README, "Exit
+codes"). Anything else is a bug: it keeps its traceback and exits 1. `--debug` shows the
+traceback of a domain error too.
+
+Error classes declare their kind with a class attribute `exit_code` (one of the constants below);
+this module imports none of them, so common stays below node and server.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Callable
+
+CRASH = 1  # a bug: the traceback is printed
+CONFIG = 2  # site.yaml / federation.yaml, command-line values, keys, kits
+DATA = 3  # the site's images and labels, model files, the model store
+GATE = 4  # the release gate refused (failed audit, attempts exhausted): nothing was published
+NETWORK = 5  # the coordinator, the exchange or the SuperLink could not be reached or refused the call
+VERIFY = 6  # a bundle, signature, listing or trust document did not verify
+RUN_FAILED = 7  # the federation run started but did not complete (the coordinator's results say why)
+
+EXIT_CODES = {CRASH: "unexpected error (a bug: the traceback says where)", CONFIG: "configuration", DATA: "data",
+              GATE: "release gate refused", NETWORK: "coordinator unreachable or refused", VERIFY: "verification failed",
+              RUN_FAILED: "federation run failed"}
+
+
+def exit_code_of(exc: BaseException) -> int | None:
+    """The exit code a domain error declares, or None for anything else."""
+    code = getattr(type(exc), "exit_code", None)
+    return code if isinstance(code, int) else None
+
+
+def run_cli(main: Callable[..., object], *, prog: str, argv: list[str] | None = None) -> None:
+    """Run a Typer app: `--debug` (anywhere on the line, or PLAN_DEBUG=1) shows tracebacks; a domain
+    error prints `prog: error: MESSAGE` on stderr (plain text: a message is never read as markup)
+    and exits with its code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("PLAN_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    try:
+        main(args=args, prog_name=prog, standalone_mode=True)
+    except Exception as e:  # noqa: BLE001: sorted into domain errors and bugs right here
+        code = exit_code_of(e)
+        if code is None:
+            raise
+        if debug:
+            traceback.print_exception(e)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        if not debug:
+            print(f"{prog}: exit code {code} ({EXIT_CODES[code]}); add --debug for the traceback", file=sys.stderr)
+        sys.exit(code)
