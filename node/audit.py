@@ -46,7 +46,7 @@ from common.models import EmbeddingHead
 from common.policy import evaluate
 from node.attacks import bootstrap_ci, density_ratio_scores, discriminator_scores, downstream_scores, roc_points
 from node.classifiers import SmallCNN
-from node.copies import calibrate, copy_distances, embed_warp_family, warp_family
+from node.copies import PIXEL_VIEW_SIZE, calibrate, copy_distances, embed_warp_family, warp_family
 from node.device import pick_device
 from node.lpips_matrix import lpips_features, lpips_nearest, prepare
 from node.distances import embed, min_sq_dist, nearest_sq, pixels01
@@ -453,7 +453,7 @@ def audit_images(
     embedders = {"attacker": _features_fn(attacker, device)}
     if lpips_model is not None:
         embedders["lpips"] = _lpips_embedder(lpips_model)
-    family = warp_family()
+    family = warp_family(size=min(train.shape[-1], PIXEL_VIEW_SIZE))
     chunk = 4 if lpips_model is not None else 32  # LPIPS feature rows are ~100x wider
     on = policy.copy_fpr > 0
     d_cal = copy_distances(holdout[cal], train, embedders=embedders, family=family, chunk=chunk) if on else {}

@@ -59,14 +59,17 @@ class Warp:
     flip_v: bool = False
 
 
-def warp_family(*, max_shift: int = 6, angles: tuple[float, ...] = (-16.0, -12.0, -8.0, -4.0, 4.0, 8.0, 12.0, 16.0),
-                scales: tuple[float, ...] = (0.85, 0.9, 0.95, 1 / 0.95, 1 / 0.9, 1 / 0.85), fine_shift: int = 2) -> list[Warp]:
-    """The default family (pixels at PIXEL_VIEW_SIZE: shifts to 6 px are 19% of the side, the
-    largest margin whose centre crop still holds most of the image): every whole-pixel shift up to
-    `max_shift` with and without each flip;
-    every rotation and every scale with shifts up to `fine_shift` (a rotated copy is rarely also
-    shifted far). Symmetric: each edit's inverse is in it (up to a 1-pixel shift for
-    rotations and scales). The identity is the first member."""
+def warp_family(*, size: int = PIXEL_VIEW_SIZE, max_shift: int | None = None, fine_shift: int | None = None,
+                angles: tuple[float, ...] = (-16.0, -12.0, -8.0, -4.0, 4.0, 8.0, 12.0, 16.0),
+                scales: tuple[float, ...] = (0.85, 0.9, 0.95, 1 / 0.95, 1 / 0.9, 1 / 0.85)) -> list[Warp]:
+    """The default family for images of side `size` (pixels of the working size): every whole-pixel
+    shift up to `max_shift` (default 3/16 of the side: 6 px at 32, the largest shift whose centre
+    crop still holds most of the image) with and without each flip; every rotation and every
+    scale with shifts up to `fine_shift` (default 1/16 of the side: a rotated copy is rarely also
+    shifted far). Symmetric: each edit's inverse is in it (up to a 1-pixel shift for rotations
+    and scales). The identity is the first member."""
+    max_shift = round(size * 3 / 16) if max_shift is None else max_shift
+    fine_shift = round(size / 16) if fine_shift is None else fine_shift
     shifts = range(-max_shift, max_shift + 1)
     fine = range(-fine_shift, fine_shift + 1)
     out = [Warp(dx=dx, dy=dy) for dy in shifts for dx in shifts]
@@ -154,11 +157,11 @@ def copy_distances(query: np.ndarray, train: np.ndarray, *, embedders: dict[str,
     embedding spaces use `embed_family` (default: no shifts, only flips, rotations and zooms): a
     network pass per warp costs ~100x a pixel view, and a CNN's pooled features already give
     little weight to a shift of a few pixels. Memory: `chunk` query images x len(family) warps."""
-    family = family or warp_family()
-    embed_family = embed_family or embed_warp_family()
-    embedders = embedders or {}
     t = to_tensor(train)
     t_small = working_size(t)
+    family = family or warp_family(size=t_small.shape[-1])
+    embed_family = embed_family or embed_warp_family()
+    embedders = embedders or {}
     margin = crop_margin(family, t_small.shape[-1])
     best: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
