@@ -60,6 +60,10 @@ class DataConfig(_Strict):
     path: Path | None = Field(None, description="the .npz file, image folder or CSV manifest; relative to site.yaml")
     image_size: int = Field(32, ge=8, le=256, description="every image is resized to image_size x image_size, grey")
     max_images: int | None = Field(None, ge=1, description="cap for quick runs; taken deterministically")
+    n_classes: int | None = Field(None, ge=2, description=(
+        "the federation's class count (set by its site kit): ingest refuses a label outside 0..n_classes-1, "
+        "and the site's models have this many classes even when its own data lacks some. None: the data's own"))
+    class_names: list[str] | None = Field(None, description="the federation's class names, label 0 first (set by its site kit)")
     phantom: PhantomConfig = PhantomConfig()
     split: SplitConfig = SplitConfig()
 
@@ -67,7 +71,13 @@ class DataConfig(_Strict):
     def _path_when_needed(self) -> "DataConfig":
         if self.source != "phantom" and self.path is None:
             raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        _check_class_names(self.class_names, self.n_classes, "data")
         return self
+
+
+def _check_class_names(names: list[str] | None, n_classes: int | None, where: str) -> None:
+    if names is not None and len(names) != n_classes:
+        raise ValueError(f"{where}.class_names has {len(names)} names but {where}.n_classes is {n_classes}")
 
 
 class GanConfig(_Strict):
@@ -381,7 +391,8 @@ class FederationConfig(_Strict):
     route: Literal["plan", "cvae"] = Field("plan", description=(
         "what the sites share and the federation trains on: PLAN images (a CNN), or CVAE embeddings (a head on embeddings)"))
     image_size: int = Field(32, ge=8, le=256)
-    n_classes: int = Field(2, ge=2)
+    n_classes: int = Field(2, ge=2, description="the federation's classes: kits carry them, ingest and the exchange refuse labels outside")
+    class_names: list[str] | None = Field(None, description="their names, label 0 first (for reports); None: unnamed")
     quorum: int = Field(2, ge=1, description="sites with a bundle in the pool before the run starts")
     # SuperNodes online before the run starts, and the fewest a round may train with; None: quorum.
     # A site whose own set failed its gate still trains on the others' pooled data.
@@ -431,6 +442,11 @@ class FederationConfig(_Strict):
         "decoder, audits and publishes, and the downstream run follows as usual"))
     cvae_rounds: int = Field(5, ge=1, description="cvae_federated: FedAvg rounds of the CVAE run")
     cvae_local_epochs: int = Field(20, ge=1, description="cvae_federated: epochs each site trains its CVAE per round")
+
+    @model_validator(mode="after")
+    def _class_names_fit(self) -> "FederationConfig":
+        _check_class_names(self.class_names, self.n_classes, "federation")
+        return self
 
 
 # ---------------------------------------------------------------- loading

@@ -31,7 +31,17 @@ def ingest(ws: Workspace) -> None:
                 f"{cfg.path or 'phantom'}: the {name} split is empty ({len(np.unique(data.patient_ids))} patients, "
                 f"fractions train {sp.train}, holdout {sp.holdout}); more patients are needed"
             )
-    n_classes = max(n_classes_of(data), cfg.phantom.n_classes if cfg.source == "phantom" else 0)
+    if cfg.n_classes is not None:  # the federation's schema, from the site kit
+        bad = np.flatnonzero(data.labels >= cfg.n_classes)
+        if bad.size:
+            raise DataError(
+                f"{cfg.path or 'phantom'}: {bad.size} image(s) have labels outside this federation's {cfg.n_classes} classes "
+                f"(0..{cfg.n_classes - 1}{_names(cfg.class_names)}), the first at image {int(bad[0])} with label "
+                f"{int(data.labels[bad[0]])}; relabel them or ask the coordinator whether data.n_classes is right"
+            )
+        n_classes = cfg.n_classes
+    else:
+        n_classes = max(n_classes_of(data), cfg.phantom.n_classes if cfg.source == "phantom" else 0)
     buf = io.BytesIO()
     np.savez(buf, images=data.images, labels=data.labels.astype(np.int64), patient_ids=data.patient_ids.astype(str))
     atomic_write_bytes(ws.data / "dataset.npz", buf.getvalue())
@@ -39,6 +49,10 @@ def ingest(ws: Workspace) -> None:
         ws.data / "splits.json",
         {"seed": sp.seed, "n_classes": n_classes, **{k: splits[k].tolist() for k in SPLITS}},
     )
+
+
+def _names(class_names: list[str] | None) -> str:
+    return "" if not class_names else ": " + ", ".join(f"{i} {n}" for i, n in enumerate(class_names))
 
 
 def read_splits(ws: Workspace) -> dict:

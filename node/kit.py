@@ -97,6 +97,13 @@ def install_kit(ws: Workspace, kit_path: Path) -> dict:
                              "not support with DP-SGD; set synth.cvae.dp to false in site.yaml first")
     except ValueError as e:
         raise KitError(f"{kit_path}: kit.json route or extractor: {e}") from None
+    schema = meta.get("schema")  # kits made before the schema was recorded leave data.* as it is
+    if schema is not None:
+        try:
+            data = cfg.data.model_validate({**cfg.data.model_dump(), "n_classes": schema["n_classes"],
+                                            "class_names": schema["class_names"], "image_size": schema["image_size"]})
+        except (ValueError, KeyError, TypeError) as e:
+            raise KitError(f"{kit_path}: kit.json schema: {e}") from None
 
     ws.keys.mkdir(mode=0o700, parents=True, exist_ok=True)
     ws.keys.chmod(0o700)
@@ -108,6 +115,8 @@ def install_kit(ws: Workspace, kit_path: Path) -> dict:
     c.exchange, c.superlink, c.federation = meta["exchange"], meta["superlink"], meta["federation"]
     if floor is not None:
         cfg.policy = cfg.policy.stricter(floor)
+    if schema is not None:
+        cfg.data = data
     if "route" in meta:
         cfg.synth.route, cfg.synth.extractor = meta["route"], extractor
         cfg.synth.cvae.federated = federated

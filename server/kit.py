@@ -75,6 +75,8 @@ def make_kit(
         # what the site must synthesize: the route, and for embeddings the one extractor everybody uses
         "route": fed.route,
         "extractor": fed.extractor.model_dump(mode="json"),
+        # the data every site's records must fit: ingest refuses labels outside, the site's models get these classes
+        "schema": {"n_classes": fed.n_classes, "class_names": fed.class_names, "image_size": fed.image_size},
         # CVAE route: whether the CVAE is trained across the sites (decoders averaged) before synthesis
         "cvae_federated": fed.route == "cvae" and fed.cvae_federated,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),

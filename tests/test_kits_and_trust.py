@@ -232,3 +232,43 @@ def test_kits_only_name_addresses_the_server_certificate_covers(tmp_path):
     (site / "keys" / "signing.pub").write_bytes((tmp_path / "a.pub").read_bytes())
     r = runner.invoke(node_app, ["init", "--site-dir", str(site), "--kit", str(tmp_path / "edited.kit")])
     assert r.exit_code != 0 and "not covered by the coordinator's server certificate" in " ".join(r.output.split())
+
+
+def test_the_kit_carries_the_federations_schema_and_ingest_refuses_labels_outside(tmp_path):
+    import numpy as np
+
+    from common.config import ConfigError
+    from node.data import DataError
+    from node.ingest import ingest, read_splits
+
+    coord, site = tmp_path / "coord", tmp_path / "site"
+    _ok(server_app, ["init", "--dir", coord])
+    cd = CoordinatorDir(coord)
+    fed_yaml = yaml.safe_load(cd.config_path.read_text())
+    fed_yaml.update(n_classes=3, class_names=["normal", "benign", "malignant"], image_size=16)
+    cd.config_path.write_text(yaml.safe_dump(fed_yaml))
+    # two labels present of three, one a mistake
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 30)
+    np.savez(tmp_path / "scans.npz", images=rng.integers(0, 256, (60, 20, 20), dtype=np.uint8), labels=labels)
+    _ok(node_app, ["init", "--site-dir", site, "--name", "st-marys", "--source", "npz", "--data-path", tmp_path / "scans.npz"])
+    ws = Workspace(site)
+    _ok(server_app, ["kit", "st-marys", "--key", ws.signing_pub, "--dir", coord])
+    meta, _ = read_kit(coord / "kits" / "st-marys.kit.tar")
+    assert meta["schema"] == {"n_classes": 3, "class_names": ["normal", "benign", "malignant"], "image_size": 16}
+    _ok(node_app, ["init", "--site-dir", site, "--kit", coord / "kits" / "st-marys.kit.tar"])
+    data = ws.config().data
+    assert (data.n_classes, data.class_names, data.image_size) == (3, ["normal", "benign", "malignant"], 16)
+
+    ingest(ws)  # labels 0 and 1 only: the site's models still get the federation's three classes
+    assert read_splits(ws)["n_classes"] == 3
+    labels[7] = 4
+    np.savez(tmp_path / "scans.npz", images=rng.integers(0, 256, (60, 20, 20), dtype=np.uint8), labels=labels)
+    with pytest.raises(DataError, match=r"scans.npz: 1 image\(s\) have labels outside this federation's 3 classes "
+                                        r"\(0..2: 0 normal, 1 benign, 2 malignant\), the first at image 7 with label 4"):
+        ingest(ws)
+    # a federation.yaml whose names do not match its count is refused where it is read
+    fed_yaml["class_names"] = ["normal", "benign"]
+    cd.config_path.write_text(yaml.safe_dump(fed_yaml))
+    with pytest.raises(ConfigError, match="class_names has 2 names but federation.n_classes is 3"):
+        cd.config()
