@@ -107,12 +107,24 @@ def sites_revoke(
     name: str = typer.Argument(..., help="Site name."),
     key_id: str = typer.Option(None, "--key-id", help="Revoke only this key (8+ hex digits of its id); default: every key."),
     dir: Path = DirOption,
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (scripts)."),
 ) -> None:
     """Revoke a site's key(s): every bundle signed with them leaves the pool, and no new one is accepted.
-    Without --key-id the whole site is revoked: its SuperNode key too (server.coordinator.revoke_node)."""
+    Without --key-id the whole site is revoked: its SuperNode key too (server.coordinator.revoke_node).
+    Asks first unless --yes: nothing of it can be undone."""
+    import click
+
     from server.store import BundleStore
 
     cd = CoordinatorDir(dir)
+    what = f"key {key_id} of site {name!r}" if key_id else f"every key of site {name!r}, its client certificates and its SuperNode key"
+    if not yes:
+        try:
+            confirmed = typer.confirm(f"Revoke {what}? Every bundle signed with them leaves the pool; this cannot be undone.")
+        except click.exceptions.Abort:  # no terminal to ask on
+            confirmed = False
+        if not confirmed:
+            _fail(f"nothing revoked: confirm at the prompt, or add --yes to revoke {what}")
     try:
         revoked = cd.trust().revoke(name, key_id)
     except ValueError as e:

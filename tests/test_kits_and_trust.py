@@ -147,8 +147,13 @@ def test_rotation_keeps_old_bundles_valid_and_revocation_purges(tmp_path):
     listing = json.loads(_ok(server_app, ["sites", "list", "--json", "--dir", coord]))
     assert [e["status"] for e in listing] == ["retired", "current"] and all("pem" not in e for e in listing)
 
+    # revoking asks first: declined, or with no terminal to ask on, nothing is revoked
+    for answer in ("n\n", ""):
+        r = runner.invoke(server_app, ["sites", "revoke", "a", "--dir", str(coord)], input=answer)
+        assert r.exit_code == 2 and "nothing revoked" in r.output and "--yes" in r.output, r.output
+    assert len(store.list()) == 3 and [e["status"] for e in json.loads(_ok(server_app, ["sites", "list", "--json", "--dir", coord]))] == ["retired", "current"]
     # revoke only the old key: its two bundles leave the pool, the new key's stays
-    out = _ok(server_app, ["sites", "revoke", "a", "--key-id", b1.key_id[:12], "--dir", coord])
+    out = _ok(server_app, ["sites", "revoke", "a", "--key-id", b1.key_id[:12], "--dir", coord, "--yes"])
     assert "2 bundle(s) removed" in out
     assert [r.bundle_id for r in store.list()] == [b3.bundle_id]
     assert {p.name for p in store.objects.iterdir()} == {f"{b3.sha256}.tar"}
@@ -157,7 +162,7 @@ def test_rotation_keeps_old_bundles_valid_and_revocation_purges(tmp_path):
 
     with pytest.raises(StoreRefused, match="not registered|does not verify"):
         store.put(tmp_path / "1" / f"{b1.bundle_id}.tar", verify=cd.trust())
-    _ok(server_app, ["sites", "revoke", "a", "--dir", coord])
+    _ok(server_app, ["sites", "revoke", "a", "--dir", coord, "--yes"])
     assert store.list() == [] and cd.trust().windows() == {}
     # a fresh key after revoking everything: the purged sequences 1..3 are still spent
     fresh, _ = site_key(tmp_path / "k", "fresh")

@@ -22,7 +22,7 @@ def revoked(tmp_path):
         a, b = _site(tmp_path, "a", ex, seed=1), _site(tmp_path, "b", ex, seed=2)
         bid_a, bid_b = publish(a), publish(b)
         assert sorted(pull(b)) == sorted([bid_a, bid_b])
-        out = _ok(server_app, ["sites", "revoke", "a", "--dir", ex.cd.root])
+        out = _ok(server_app, ["sites", "revoke", "a", "--dir", ex.cd.root, "--yes"])
         assert "1 client certificate(s) revoked" in out
         yield ex, a, b, bid_a, bid_b
 
