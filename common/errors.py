@@ -12,10 +12,14 @@ this module imports none of them, so common stays below node and server.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Callable
+
+from common.logs import setup_logging
 
 CRASH = 1  # a bug: the traceback is printed
 CONFIG = 2  # site.yaml / federation.yaml, command-line values, keys, kits
@@ -37,12 +41,22 @@ def exit_code_of(exc: BaseException) -> int | None:
 
 
 def run_cli(main: Callable[..., object], *, prog: str, argv: list[str] | None = None) -> None:
-    """Run a Typer app: `--debug` (anywhere on the line, or PLAN_DEBUG=1) shows tracebacks; a domain
-    error prints `prog: error: MESSAGE` on stderr (plain text: a message is never read as markup)
-    and exits with its code."""
+    """Run a Typer app. Options of every command, anywhere on the line: `--debug` (or PLAN_DEBUG=1)
+    shows tracebacks and debug logs, `--log-file PATH` (or PLAN_LOG_FILE) adds the log to a file
+    (common/logs.py). A domain error prints `prog: error: MESSAGE` on stderr (plain text: a message
+    is never read as markup) and exits with its code."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("PLAN_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
+    log_file = os.environ.get("PLAN_LOG_FILE")
+    if "--log-file" in args:
+        i = args.index("--log-file")
+        if i + 1 >= len(args):
+            print(f"{prog}: error: --log-file needs a PATH", file=sys.stderr)
+            sys.exit(CONFIG)
+        log_file = args[i + 1]
+        del args[i : i + 2]
+    setup_logging(log_file=Path(log_file) if log_file else None, debug=debug)
     try:
         main(args=args, prog_name=prog, standalone_mode=True)
     except Exception as e:  # noqa: BLE001: sorted into domain errors and bugs right here
@@ -52,6 +66,15 @@ def run_cli(main: Callable[..., object], *, prog: str, argv: list[str] | None = 
         if debug:
             traceback.print_exception(e)
         print(f"{prog}: error: {e}", file=sys.stderr)
+        _to_log_files(prog, f"error (exit code {code}): {e}")
         if not debug:
             print(f"{prog}: exit code {code} ({EXIT_CODES[code]}); add --debug for the traceback", file=sys.stderr)
         sys.exit(code)
+
+
+def _to_log_files(prog: str, message: str) -> None:
+    """The error into --log-file too (stderr already has it, as the one line above)."""
+    record = logging.LogRecord(prog, logging.ERROR, __file__, 0, message, None, None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)

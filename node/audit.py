@@ -36,6 +36,8 @@ import io
 import json
 from dataclasses import dataclass
 
+import logging
+
 import numpy as np
 import torch
 
@@ -60,6 +62,8 @@ from node.workspace import Workspace
 REID_QUANTILE = 0.95
 # The holdout's halves do not move with synth.seed: retrying with new seeds cannot shop for a lucky split.
 HALVES_SEED = 0
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- pure figures
@@ -290,6 +294,7 @@ def _judge(
     n_acc = int(accepted.sum())
 
     # attacks on the released (accepted) set beyond the nearest-neighbour one
+    log.info("audit: attacks on the %d accepted records (%d bootstrap resamples)", n_acc, n_boot)
     attacks: dict = {}
     if n_acc >= 2:
         s_e, t_e, hc_e, he_e = ev.attack_features
@@ -450,6 +455,7 @@ def audit_images(
     cal, evl = holdout_halves(holdout_ids, seed=HALVES_SEED)
 
     # the copy detector: each space's threshold from the calibration half's own copy distances
+    log.info("audit: copy detector, %d calibration and %d candidate images against %d train images", len(cal), S, len(train))
     embedders = {"attacker": _features_fn(attacker, device)}
     if lpips_model is not None:
         embedders["lpips"] = _lpips_embedder(lpips_model)

@@ -33,6 +33,7 @@ from common.config import CvaeConfig
 from common.models import CVAE  # one definition, shared with the coordinator (the federated CVAE's decoder)
 from node import cvae_dp
 from node.checkpoint import load_weights, read_sidecar, save_model
+from node.progress import progress
 
 # A validation loss counts as lower only if it beats the best by this share: float noise and
 # DP noise should not reset the patience.
@@ -372,30 +373,32 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
         history: list[dict] = []
         best_val, best_epoch, best_state, stale, steps = float("inf"), 0, None, 0, 0
         epoch = 0
-        for epoch in range(1, n_epochs + 1):
-            train_model.train()
-            total, n = 0.0, 0
-            for xb, cb in loader:
-                xb, cb = xb.to(device), cb.to(device)
-                recon, mu, logvar = train_model(xb, cb)
-                loss = criterion(recon, xb, mu, logvar)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
-                with torch.no_grad():
-                    total, n = total + float(cvae_loss(recon, xb, mu, logvar, beta=cfg.beta).sum()), n + len(xb)
-            val = eval_loss(model, x_val, c_val, eps_val, cfg.beta) if use_val else None
-            history.append({"epoch": epoch, "train_loss": total / max(1, n), "val_loss": val})
-            if val is None or epochs is not None:  # no validation split, or a fixed number of epochs
-                continue
-            if val < best_val - _MIN_REL_IMPROVEMENT * abs(best_val) or best_state is None:
-                best_val, best_epoch, stale = val, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    break
+        with progress("train CVAE", total=n_epochs) as update:
+            for epoch in range(1, n_epochs + 1):
+                train_model.train()
+                total, n = 0.0, 0
+                for xb, cb in loader:
+                    xb, cb = xb.to(device), cb.to(device)
+                    recon, mu, logvar = train_model(xb, cb)
+                    loss = criterion(recon, xb, mu, logvar)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+                    with torch.no_grad():
+                        total, n = total + float(cvae_loss(recon, xb, mu, logvar, beta=cfg.beta).sum()), n + len(xb)
+                val = eval_loss(model, x_val, c_val, eps_val, cfg.beta) if use_val else None
+                history.append({"epoch": epoch, "train_loss": total / max(1, n), "val_loss": val})
+                update(1, info=f"loss {history[-1]['train_loss']:.4f}")
+                if val is None or epochs is not None:  # no validation split, or a fixed number of epochs
+                    continue
+                if val < best_val - _MIN_REL_IMPROVEMENT * abs(best_val) or best_state is None:
+                    best_val, best_epoch, stale = val, epoch, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    stale += 1
+                    if stale >= cfg.patience:
+                        break
 
         rec_spent = None
         if cfg.dp:

@@ -15,6 +15,7 @@ from torch import nn
 
 from common.metrics import classification_metrics
 from node.pixels import random_translate, to_tensor
+from node.progress import progress
 
 
 def _augment_light(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -115,24 +116,31 @@ def train_classifier(
     if proximal_mu > 0:
         anchor = _as_tensors(global_params, model, device) if global_params is not None else [p.detach().clone() for p in model.parameters()]
     last = float("nan")
-    for _ in range(epochs):
-        order = torch.randperm(len(y_all), generator=g).to(device)
-        total, seen = 0.0, 0
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            x = AUGMENTATIONS[augment](x_all[idx], g)
-            loss = F.cross_entropy(model(x), y_all[idx])
-            objective = loss
-            if anchor is not None:
-                objective = loss + proximal_mu / 2 * sum((p - a).square().sum() for p, a in zip(model.parameters(), anchor))
-            opt.zero_grad(set_to_none=True)
-            objective.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-        last = total / max(seen, 1)
+    with progress(f"train {type(model).__name__}", total=epochs) as update:
+        for _ in range(epochs):
+            last = _epoch(model, opt, x_all, y_all, g, batch_size=batch_size, augment=augment, proximal_mu=proximal_mu, anchor=anchor)
+            update(1, info=f"loss {last:.4f}")
     model.eval()
     return last
+
+
+def _epoch(model, opt, x_all, y_all, g, *, batch_size: int, augment: str, proximal_mu: float, anchor) -> float:
+    """One pass over the data in a seeded random order; the mean cross-entropy."""
+    order = torch.randperm(len(y_all), generator=g).to(x_all.device)
+    total, seen = 0.0, 0
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        x = AUGMENTATIONS[augment](x_all[idx], g)
+        loss = F.cross_entropy(model(x), y_all[idx])
+        objective = loss
+        if anchor is not None:
+            objective = loss + proximal_mu / 2 * sum((p - a).square().sum() for p, a in zip(model.parameters(), anchor))
+        opt.zero_grad(set_to_none=True)
+        objective.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+        seen += len(idx)
+    return total / max(seen, 1)
 
 
 @torch.no_grad()

@@ -64,3 +64,28 @@ def test_debug_shows_the_traceback(npz_site):
     site, _ = npz_site
     r = _run("train", "--site-dir", str(site), "--debug")
     assert r.returncode == errors.DATA and "Traceback" in r.stderr and "DataError" in r.stderr
+
+
+def test_log_file_gets_timestamped_lines_and_the_error(npz_site, tmp_path):
+    site, data = npz_site
+    log = tmp_path / "logs" / "node.log"
+    r = _run("train", "--site-dir", str(site), "--log-file", str(log))
+    assert r.returncode == errors.DATA
+    lines = log.read_text().splitlines()
+    assert any(f"ERROR plan-node: error (exit code 3): {data}: .npz file not found" in line for line in lines), lines
+    assert all(line[:4].isdigit() and line[4] == "-" for line in lines), lines  # 2026-12-02 18:00:00,123 ...
+
+
+def test_long_loops_log_a_heartbeat_with_rate_and_eta_without_a_terminal(caplog):
+    import logging
+
+    from node.progress import heartbeat_line, progress
+
+    assert heartbeat_line("walk", 150, 600, 50.0, since=100, info="loss 0.3") == "walk: 150/600 (25%), 1/s, ETA 7m30s, loss 0.3"
+    with caplog.at_level(logging.INFO, logger="node.progress"):
+        with progress("train GAN", total=3, heartbeat_s=0.0) as update:
+            for _ in range(3):
+                update(1, info="G 0.1")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("train GAN: 1/3 (33%)") and "ETA" in lines[0] and lines[0].endswith("G 0.1")
+    assert lines[-1].startswith("train GAN: 3/3 (100%)") and lines[-1].endswith("done")
