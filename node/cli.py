@@ -220,6 +220,26 @@ def start(site_dir: Path = SiteDir) -> None:
 
 
 @app.command()
+def doctor(
+    site_dir: Path = SiteDir,
+    network: bool = typer.Option(True, help="Also dial the exchange and the SuperLink (TLS handshake, names checked)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Check config, data (and the federation's schema), keys, kit and certificate, the coordinator,
+    disk and GPU before any training; exits with the code of the first failure."""
+    from node.doctor import as_dicts, check_site, exit_code
+
+    checks = check_site(Workspace(site_dir), network=network)
+    if as_json:
+        print(json.dumps(as_dicts(checks), indent=2))
+    else:
+        style = {"ok": "green", "warn": "yellow", "fail": "red"}
+        for c in checks:
+            console.print(f"{c.status:4}  {c.name:12} {c.detail}", style=style[c.status], markup=False)
+    raise typer.Exit(exit_code(checks))
+
+
+@app.command()
 def status(site_dir: Path = SiteDir, as_json: bool = typer.Option(False, "--json")) -> None:
     """Stages done, the last audit, published bundles, the pool and the last federation round."""
     from node.status import site_status
