@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from common.config import WalkConfig
 from node.progress import progress
 
 
@@ -50,10 +51,15 @@ def path_loss(
     return loss, {"identity": identity.detach(), "smooth": smooth.detach(), "class": cls.detach()}
 
 
+# The walk's hyperparameters have their defaults in one place, the site config's WalkConfig.
+_WALK = WalkConfig.model_fields
+
+
 def plan_paths(
     G, phi_id, phi_class, start: torch.Tensor, end: torch.Tensor, labels: torch.Tensor, *,
-    points: int, iters: int, lr: float = 0.1, weight_identity: float = 0.1, weight_smooth: float = 1.0,
-    weight_class: float = 1.0, patience: int | None = 20, min_improvement: float = 1e-4, keep_best: bool = True,
+    points: int, iters: int, lr: float = _WALK["lr"].default, weight_identity: float = _WALK["weight_identity"].default,
+    weight_smooth: float = _WALK["weight_smooth"].default, weight_class: float = _WALK["weight_class"].default,
+    patience: int | None = 20, min_improvement: float = 1e-4, keep_best: bool = True,
     device: torch.device | str,
 ) -> WalkResult:
     """Optimise all P paths at once as one tensor [P,points,D]: endpoints `start`/`end` [P,D]

@@ -11,8 +11,13 @@ from node.cli import app
 from node.gan import Generator
 
 
-def test_cpu_profile_is_the_defaults():
-    assert profile_site_config("cpu", name="a") == SiteConfig(name="a")
+def test_cpu_profile_is_the_defaults_sized_for_two_cores():
+    cfg = profile_site_config("cpu", name="a")
+    assert cfg == SiteConfig(name="a")  # the cpu preset adds nothing: the defaults are the cpu sizes
+    g = cfg.models.gan
+    # what README and BENCHMARKS.md state for the cpu profile: a 32x32 generator, 64-d W, 600 steps
+    assert (cfg.data.image_size, g.w_dim, g.channels, g.steps, cfg.synth.walk.iters, cfg.device) == (32, 64, 64, 600, 60, "auto")
+    assert profile_site_config("gpu", name="a") != cfg
 
 
 def test_gpu_profile_overrides_sizes_and_keeps_explicit_fields():
