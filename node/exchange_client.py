@@ -145,6 +145,8 @@ class ExchangeClient:
         code = e.code().name if e.code() else "UNKNOWN"
         details = e.details() or ""
         hint = next((h for start, h in (hints or {}).items() if details.startswith(start)), "")
+        if code == "UNAVAILABLE" and not hint:
+            hint = _unavailable_hint(details, self.address)
         return ExchangeError(f"{what} at {self.address}: {code}: {details}{hint}", code)
 
     def upload(self, tar_path: Path, *, site: str | None = None) -> dict:
@@ -286,3 +288,13 @@ class ExchangeClient:
         except grpc.RpcError as e:
             raise self._fail(e, "health") from None
         return {"status": reply.status, "n_bundles": reply.n_bundles, "n_sites": reply.n_sites, "version": reply.version}
+
+
+def _unavailable_hint(details: str, address: str) -> str:
+    """What an operator does about an exchange that cannot be reached: a TLS failure is most often
+    a name the server certificate does not cover; anything else, a coordinator down or a port shut."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if any(w in details.lower() for w in ("handshake", "certificate", "peer name", "ssl")):
+        return (f" (the TLS handshake failed: if the coordinator's certificate does not cover {host!r}, its operator adds it "
+                f"with `plan-server ca init --host {host}` and sends a new kit; `plan-node doctor` checks it)")
+    return " (is the coordinator up and its port open to this site? `plan-node doctor` checks it)"

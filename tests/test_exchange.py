@@ -247,7 +247,14 @@ def test_client_refuses_an_untrusted_server(tmp_path, ex):
 
     make_ca(tmp_path / "other-ca", "someone-else")
     with ExchangeClient(ex.address, tmp_path / "other-ca" / "ca.crt", timeout=5) as c:
-        with pytest.raises(ExchangeError, match="UNAVAILABLE"):
+        with pytest.raises(ExchangeError, match="UNAVAILABLE") as e:
+            c.health()
+    assert "the TLS handshake failed" in str(e.value) and "plan-node doctor" in str(e.value), e.value
+    # nobody listening: the other hint
+    from tests.helpers_exchange import free_port
+
+    with ExchangeClient(f"127.0.0.1:{free_port()}", ex.ca_cert, timeout=5) as c:
+        with pytest.raises(ExchangeError, match=r"UNAVAILABLE.*is the coordinator up"):
             c.health()
 
 
