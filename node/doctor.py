@@ -10,15 +10,17 @@ import datetime as dt
 import shutil
 import socket
 import ssl
-import stat
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from common import errors
 from common.config import ConfigError
+from common.keyfile import KeyFileError, read_private_file
 from common.tls import address_host
 from node.data import DataError, load_dataset
+from node.exchange_client import ExchangeError, read_client_cert
+from node.ingest import check_schema
 from node.workspace import Workspace
 
 MIN_FREE_BYTES = 2 * 1024**3  # a site's models, candidates and bundles take a few hundred MB
@@ -78,11 +80,12 @@ def _data(cfg) -> list[Check]:
     except DataError as e:
         return [_fail("data", str(e), errors.DATA)]
     out = [_ok("data", f"{d.path or 'phantom'}: {len(data)} images, labels {sorted(set(data.labels.tolist()))}")]
-    if d.n_classes is not None and (data.labels >= d.n_classes).any():
-        bad = int(data.labels[data.labels >= d.n_classes][0])
-        out.append(_fail("schema", f"label {bad} is outside the federation's {d.n_classes} classes (0..{d.n_classes - 1})", errors.DATA))
-    elif d.n_classes is not None:
-        out.append(_ok("schema", f"labels within the federation's {d.n_classes} classes"))
+    if d.n_classes is not None:
+        try:
+            check_schema(data.labels, d)
+            out.append(_ok("schema", f"labels within the federation's {d.n_classes} classes"))
+        except DataError as e:
+            out.append(_fail("schema", str(e), errors.DATA))
     if len(np.unique(data.patient_ids)) == len(data):
         out.append(_warn("patients", "every image has its own patient id, so splits are by image: if patients have several "
                                      "images, give their ids (npz `patient_ids`, a CSV manifest's third column), or a "
@@ -93,23 +96,22 @@ def _data(cfg) -> list[Check]:
 def _keys(ws: Workspace) -> list[Check]:
     out = []
     for path in (ws.signing_key, ws.node_key):
-        if not path.exists():
-            out.append(_fail("keys", f"{path}: missing (run `plan-node init`)", errors.CONFIG))
-        elif stat.S_IMODE(path.stat().st_mode) & 0o077:
-            out.append(_fail("keys", f"{path}: mode {stat.S_IMODE(path.stat().st_mode):o}, expected 600 (chmod 600 {path})", errors.CONFIG))
+        try:
+            read_private_file(path)
+        except KeyFileError as e:
+            out.append(_fail("keys", str(e), errors.CONFIG))
     return out or [_ok("keys", f"{ws.signing_key.name}, {ws.node_key.name}: present, mode 600")]
 
 
 def _certificate(path) -> Check:
+    """The client certificate as the exchange client reads it, and a warning before it expires."""
     from cryptography import x509
 
     try:
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError) as e:
-        return _fail("certificate", f"{path}: not a PEM certificate ({e})", errors.CONFIG)
+        cert = x509.load_pem_x509_certificate(read_client_cert(path))
+    except ExchangeError as e:
+        return _fail("certificate", str(e), errors.CONFIG)
     left = cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)
-    if left.total_seconds() <= 0:
-        return _fail("certificate", f"{path}: expired on {cert.not_valid_after_utc:%Y-%m-%d}; ask the coordinator for a new kit", errors.CONFIG)
     if left.days < CERT_WARN_DAYS:
         return _warn("certificate", f"{path}: expires in {left.days} days ({cert.not_valid_after_utc:%Y-%m-%d}); ask for a new kit")
     return _ok("certificate", f"{path}: valid until {cert.not_valid_after_utc:%Y-%m-%d}")

@@ -35,7 +35,7 @@ class ExchangeError(RuntimeError):
         self.code = code
 
 
-def _read_client_cert(path: Path) -> bytes:
+def read_client_cert(path: Path) -> bytes:
     """The PEM client certificate at `path`, refused here with a clear message if it is unreadable or
     outside its validity period (the server would only say that the TLS handshake failed)."""
     try:
@@ -113,7 +113,7 @@ class ExchangeClient:
             ca = Path(ca_cert_path).read_bytes()
         except OSError as e:
             raise ExchangeError(f"{ca_cert_path}: cannot read the federation CA certificate ({e.strerror})") from None
-        cert = _read_client_cert(Path(client_cert)) if client_cert else None
+        cert = read_client_cert(Path(client_cert)) if client_cert else None
         key = read_private_file(Path(client_key)) if client_key else None
         creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
         self.address = address

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 
+from common.config import DataConfig
 from common.fileio import atomic_write_bytes, atomic_write_json
 from node.data import DataError, ImageSet, load_dataset, n_classes_of
 from node.splits import split_by_patient
@@ -31,14 +32,8 @@ def ingest(ws: Workspace) -> None:
                 f"{cfg.path or 'phantom'}: the {name} split is empty ({len(np.unique(data.patient_ids))} patients, "
                 f"fractions train {sp.train}, holdout {sp.holdout}); more patients are needed"
             )
+    check_schema(data.labels, cfg)
     if cfg.n_classes is not None:  # the federation's schema, from the site kit
-        bad = np.flatnonzero(data.labels >= cfg.n_classes)
-        if bad.size:
-            raise DataError(
-                f"{cfg.path or 'phantom'}: {bad.size} image(s) have labels outside this federation's {cfg.n_classes} classes "
-                f"(0..{cfg.n_classes - 1}{_names(cfg.class_names)}), the first at image {int(bad[0])} with label "
-                f"{int(data.labels[bad[0]])}; relabel them or ask the coordinator whether data.n_classes is right"
-            )
         n_classes = cfg.n_classes
     else:
         n_classes = max(n_classes_of(data), cfg.phantom.n_classes if cfg.source == "phantom" else 0)
@@ -49,6 +44,20 @@ def ingest(ws: Workspace) -> None:
         ws.data / "splits.json",
         {"seed": sp.seed, "n_classes": n_classes, **{k: splits[k].tolist() for k in SPLITS}},
     )
+
+
+def check_schema(labels: np.ndarray, cfg: DataConfig) -> None:
+    """DataError unless every label [N] lies within the federation's classes (cfg.n_classes, from
+    the site kit; None: nothing to check)."""
+    if cfg.n_classes is None:
+        return
+    bad = np.flatnonzero(labels >= cfg.n_classes)
+    if bad.size:
+        raise DataError(
+            f"{cfg.path or 'phantom'}: {bad.size} image(s) have labels outside this federation's {cfg.n_classes} classes "
+            f"(0..{cfg.n_classes - 1}{_names(cfg.class_names)}), the first at image {int(bad[0])} with label "
+            f"{int(labels[bad[0]])}; relabel them or ask the coordinator whether data.n_classes is right"
+        )
 
 
 def _names(class_names: list[str] | None) -> str:

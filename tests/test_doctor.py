@@ -47,7 +47,7 @@ def test_open_keys_bad_labels_and_single_image_patients_are_named(tmp_path):
     ws.signing_key.chmod(0o644)
     checks = _by_name(check_site(ws, network=False))
     assert checks["keys"].status == "fail" and "chmod 600" in checks["keys"].detail and checks["keys"].exit_code == errors.CONFIG
-    assert checks["schema"].status == "fail" and "label 5 is outside the federation's 3 classes" in checks["schema"].detail
+    assert checks["schema"].status == "fail" and "labels outside this federation's 3 classes (0..2), the first at image 3 with label 5" in checks["schema"].detail
     assert checks["patients"].status == "warn" and "splits are by image" in checks["patients"].detail
     assert exit_code(list(checks.values())) in (errors.CONFIG, errors.DATA)
 
