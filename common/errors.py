@@ -59,7 +59,7 @@ def run_cli(main: Callable[..., object], *, prog: str, argv: list[str] | None = 
     setup_logging(log_file=Path(log_file) if log_file else None, debug=debug)
     try:
         main(args=args, prog_name=prog, standalone_mode=True)
-    except Exception as e:  # noqa: BLE001: sorted into domain errors and bugs right here
+    except Exception as e:  # noqa: BLE001 (sorted into domain errors and bugs right here)
         code = exit_code_of(e)
         if code is None:
             raise
