@@ -27,7 +27,7 @@ from node.baseline import local_only
 from node.device import pick_device
 from node.pull import load_pool_data, pull
 from node.records import split_records
-from node.task import evaluate_classifier, train_classifier
+from node.task import evaluate_classifier, site_round_seed, train_classifier
 from node.workspace import Workspace
 
 app = ClientApp()
@@ -147,7 +147,7 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(cfg["lr"]),
         batch_size=int(cfg["batch-size"]),
         device=pick_device(ws.config().device),
-        seed=int(cfg["server-round"]),
+        seed=site_round_seed(ws.config().name, int(cfg["server-round"])),
         proximal_mu=float(cfg.get("proximal-mu", 0.0)),
         global_params=global_params,
         augment="light" if route == "plan" else "none",

@@ -6,6 +6,7 @@ the local-only baseline, and the node's phi_id / phi_class.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -79,6 +80,13 @@ def _as_tensors(global_params, model: nn.Module, device) -> list[torch.Tensor]:
         if len(vals) != len(names):
             raise ValueError(f"global_params has {len(vals)} arrays; the model has {len(names)} parameters")
     return [torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v, dtype=torch.float32).to(device) for v in vals]
+
+
+def site_round_seed(site: str, server_round: int) -> int:
+    """The training seed for one site in one round. Each site draws its own order and augmentations:
+    with one seed for all, sites holding the same pool would send identical updates and FedAvg would
+    be centralised training under another name."""
+    return zlib.crc32(f"{site}/round-{server_round}".encode())
 
 
 def train_classifier(

@@ -3,7 +3,7 @@ import torch
 
 from common.models import DownstreamCNN
 from node.classifiers import SmallCNN
-from node.task import evaluate_classifier, train_classifier
+from node.task import evaluate_classifier, site_round_seed, train_classifier
 
 
 def _data():
@@ -66,3 +66,21 @@ def test_unknown_augmentation_is_refused():
         assert "heavy" in str(e) and "strong" in str(e)
     else:
         raise AssertionError("augment='heavy' was accepted")
+
+
+def test_sites_holding_the_same_pool_send_different_updates():
+    """One seed per site and round: two sites training the same global model on the same data
+    must not send the same update (else FedAvg is centralised training), and a rerun repeats."""
+    assert site_round_seed("site-a", 1) == site_round_seed("site-a", 1)
+    assert len({site_round_seed(s, r) for s in ("site-a", "site-b", "site-c") for r in (1, 2, 3)}) == 9
+    x, y = _data()
+    torch.manual_seed(0)
+    start = DownstreamCNN(2, width=4, image_size=16).state_dict()
+    updates = {}
+    for site in ("site-a", "site-b", "site-a"):
+        m = DownstreamCNN(2, width=4, image_size=16)
+        m.load_state_dict(start)
+        train_classifier(m, x, y, epochs=1, lr=3e-3, batch_size=16, device="cpu", seed=site_round_seed(site, 1))
+        updates.setdefault(site, []).append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    assert torch.equal(updates["site-a"][0], updates["site-a"][1])
+    assert not torch.allclose(updates["site-a"][0], updates["site-b"][0])
