@@ -70,20 +70,30 @@ def anchor_pairs(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "c
     unordered pair once before any repeats (node.synthesize.choose_pairs)."""
     cfg = ws.config()
     sc = cfg.synth
-    G, phi_id, phi_class, phi_attack = (load_model(ws, n, device) for n in ("G_ema", "phi_id", "phi_class", "phi_attack"))
+    G, phi_id, phi_class, phi_attack = (
+        load_model(ws, n, device) for n in ("G_ema", "phi_id", "phi_class", "phi_attack")
+    )
     train = load_split(ws, "train")
     target = to_tensor(train.images)
     t0 = time.time()
     # inversion is the slow part of the set-up: cache it per G_ema weights and inversion settings
-    key = f"{read_sidecar(ws.models / 'G_ema.safetensors')['weights_sha256'][:16]}-{sc.invert_steps}-{sc.invert_lr}-{sc.invert_perceptual}-{sc.seed}"
+    weights_sha = read_sidecar(ws.models / "G_ema.safetensors")["weights_sha256"][:16]
+    key = f"{weights_sha}-{sc.invert_steps}-{sc.invert_lr}-{sc.invert_perceptual}-{sc.seed}"
     cache = ws.root / f"bench_w_{key}.npy"
     if cache.exists():
         w = torch.from_numpy(np.load(cache))
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sc.seed)
-            w = project(G, target, num_steps=sc.invert_steps, lr=sc.invert_lr, features=phi_class.features,
-                        perceptual_weight=sc.invert_perceptual, device=device)
+            w = project(
+                G,
+                target,
+                num_steps=sc.invert_steps,
+                lr=sc.invert_lr,
+                features=phi_class.features,
+                perceptual_weight=sc.invert_perceptual,
+                device=device,
+            )
         np.save(cache, w.numpy())
     t_inv = time.time() - t0
     mse = float(reconstruction_mse(G, w, target, device=device).mean())
@@ -101,8 +111,20 @@ def anchor_pairs(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "c
             starts.append(a[pairs[:, 0]])
             ends.append(a[pairs[:, 1]])
             labels.append(torch.full((len(pairs),), int(c), dtype=torch.long))
-    return Anchors(G, phi_id, phi_class, phi_attack, train, torch.cat(starts), torch.cat(ends), torch.cat(labels),
-                   torch.cat(all_a), torch.cat(all_y), mse, round(t_inv, 1))
+    return Anchors(
+        G,
+        phi_id,
+        phi_class,
+        phi_attack,
+        train,
+        torch.cat(starts),
+        torch.cat(ends),
+        torch.cat(labels),
+        torch.cat(all_a),
+        torch.cat(all_y),
+        mse,
+        round(t_inv, 1),
+    )
 
 
 def mean_std(xs) -> dict:
@@ -121,8 +143,10 @@ def machine() -> str:
     import os
     import platform
 
-    return f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads" + (
-        f", CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU")
+    return (
+        f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        + (f", CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU")
+    )
 
 
 def npz_site(dataset: str, *, max_images: int | None) -> tuple[Workspace, dict]:
@@ -158,8 +182,21 @@ def walk_both(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "cpu"
         with np.load(cache, allow_pickle=False) as z:
             return Walked(a, z["plan"], z["linear"], z["anchor_images"], json.loads(str(z["walk"])))
     t0 = time.time()
-    res = plan_paths(a.G, a.phi_id, a.phi_class, a.start, a.end, a.labels, points=wc.points, iters=wc.iters, lr=wc.lr,
-                     weight_identity=wc.weight_identity, weight_smooth=wc.weight_smooth, weight_class=wc.weight_class, device=device)
+    res = plan_paths(
+        a.G,
+        a.phi_id,
+        a.phi_class,
+        a.start,
+        a.end,
+        a.labels,
+        points=wc.points,
+        iters=wc.iters,
+        lr=wc.lr,
+        weight_identity=wc.weight_identity,
+        weight_smooth=wc.weight_smooth,
+        weight_class=wc.weight_class,
+        device=device,
+    )
     t_walk = time.time() - t0
     line = linear_paths(a.start, a.end, points=wc.points)
 
@@ -171,9 +208,16 @@ def walk_both(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "cpu"
     P, T = len(a.start), wc.points
     plan = render(res.paths[:, 1:-1]).reshape(P, T - 2, *a.train.images.shape[1:])
     lin = render(line[:, 1:-1]).reshape(P, T - 2, *a.train.images.shape[1:])
-    info = {"iters_run": res.iters, "iters_max": wc.iters, "mean_initial_loss": float(res.initial_loss.mean()),
-            "mean_final_loss": float(res.loss.mean()), "mean_terms": {k: float(v.mean()) for k, v in res.terms.items()},
-            "seconds_walk": round(t_walk, 1), "seconds_invert": a.seconds_invert, "invert_mse": a.invert_mse}
+    info = {
+        "iters_run": res.iters,
+        "iters_max": wc.iters,
+        "mean_initial_loss": float(res.initial_loss.mean()),
+        "mean_final_loss": float(res.loss.mean()),
+        "mean_terms": {k: float(v.mean()) for k, v in res.terms.items()},
+        "seconds_walk": round(t_walk, 1),
+        "seconds_invert": a.seconds_invert,
+        "invert_mse": a.invert_mse,
+    }
     out = Walked(a, plan, lin, render(a.anchor_codes), info)
     np.savez(cache, plan=plan, linear=lin, anchor_images=out.anchor_images, walk=json.dumps(info))
     return out

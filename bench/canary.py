@@ -80,7 +80,9 @@ def edit(img: np.ndarray, ops: list[tuple[str, float]], rng: np.random.Generator
             if op == "blur":
                 im = im.filter(ImageFilter.GaussianBlur(radius=s))
             elif op == "rotate":
-                im = im.rotate(float(s) * rng.choice([-1, 1]), resample=Image.BILINEAR, fillcolor=int(np.median(np.asarray(im))))
+                im = im.rotate(
+                    float(s) * rng.choice([-1, 1]), resample=Image.BILINEAR, fillcolor=int(np.median(np.asarray(im)))
+                )
             else:  # zoom in by s and crop the centre back to H x W
                 big = im.resize((round(W * s), round(H * s)), Image.BILINEAR)
                 left, top = (big.width - W) // 2, (big.height - H) // 2
@@ -104,14 +106,32 @@ def plant(train_images: np.ndarray, train_labels: np.ndarray, *, per_kind: int, 
 
 
 def _summary(report: dict) -> dict:
-    keys = ("passed", "n_candidates", "n_distinct", "n_accepted", "n_paths", "mia_auc", "mia_auc_upper", "mia_auc_two_sided_upper",
-            "tpr_at_low_fpr_upper", "reid_rate_upper", "closer_to_train_upper", "dropped")
-    by_space = {k: {"closer_to_train": v["closer_to_train"], "closer_to_train_ci": v.get("closer_to_train_ci")}
-                for k, v in (report.get("nearest_record") or {}).items()}
+    keys = (
+        "passed",
+        "n_candidates",
+        "n_distinct",
+        "n_accepted",
+        "n_paths",
+        "mia_auc",
+        "mia_auc_upper",
+        "mia_auc_two_sided_upper",
+        "tpr_at_low_fpr_upper",
+        "reid_rate_upper",
+        "closer_to_train_upper",
+        "dropped",
+    )
+    by_space = {
+        k: {"closer_to_train": v["closer_to_train"], "closer_to_train_ci": v.get("closer_to_train_ci")}
+        for k, v in (report.get("nearest_record") or {}).items()
+    }
     aucs = {f"black_box/{k}": [m["auc"], m.get("auc_ci")] for k, m in (report.get("membership") or {}).items()}
     aucs.update({k: [a["auc"], a.get("auc_ci")] for k, a in (report.get("attacks") or {}).items()})
-    return {**{k: report.get(k) for k in keys}, "failed": [c["message"] for c in report["checks"] if not c["passed"]],
-            "nearest_record": by_space, "aucs": aucs}
+    return {
+        **{k: report.get(k) for k in keys},
+        "failed": [c["message"] for c in report["checks"] if not c["passed"]],
+        "nearest_record": by_space,
+        "aucs": aucs,
+    }
 
 
 def run_dataset(dataset: str, *, max_images: int, per_kind: int, seed: int) -> dict:
@@ -131,17 +151,32 @@ def run_dataset(dataset: str, *, max_images: int, per_kind: int, seed: int) -> d
     p_img, p_y, p_kind = plant(train.images, train.labels, per_kind=n_plant, seed=seed)
     nets = {k: load_model(ws, n, "cpu") for k, n in (("phi_id", "phi_id"), ("attacker", "phi_attack"))}
     D = load_model(ws, "D", "cpu")
-    kw = dict(policy=cfg.policy, device="cpu", seed=cfg.synth.seed, train_ids=train.patient_ids, holdout_ids=holdout.patient_ids,
-              train_labels=train.labels, holdout_labels=holdout.labels, discriminator=D, lpips_reason="not in the benchmark", **nets)
+    kw = dict(
+        policy=cfg.policy,
+        device="cpu",
+        seed=cfg.synth.seed,
+        train_ids=train.patient_ids,
+        holdout_ids=holdout.patient_ids,
+        train_labels=train.labels,
+        holdout_labels=holdout.labels,
+        discriminator=D,
+        lpips_reason="not in the benchmark",
+        **nets,
+    )
 
     def audit(images, labels, paths):
         t0 = time.time()
-        report, accepted = audit_images(images, train.images, holdout.images, candidate_labels=labels, paths=paths, **kw)
+        report, accepted = audit_images(
+            images, train.images, holdout.images, candidate_labels=labels, paths=paths, **kw
+        )
         return report, accepted, round(time.time() - t0, 1)
 
     S = len(cand)
-    planted, acc, secs = audit(np.concatenate([cand, p_img]), np.concatenate([cand_y, p_y]),
-                               np.concatenate([cand_path, cand_path.max() + 1 + np.arange(len(p_img))]))
+    planted, acc, secs = audit(
+        np.concatenate([cand, p_img]),
+        np.concatenate([cand_y, p_y]),
+        np.concatenate([cand_path, cand_path.max() + 1 + np.arange(len(p_img))]),
+    )
     kinds = {k: {"planted": int((p_kind == k).sum()), "published": int(acc[S:][p_kind == k].sum())} for k in KINDS}
     clean, acc_clean, secs_clean = audit(cand, cand_y, cand_path)
     fresh, acc_fresh, secs_fresh = audit(test.images, test.labels, None)
@@ -154,8 +189,16 @@ def run_dataset(dataset: str, *, max_images: int, per_kind: int, seed: int) -> d
         "without_plants": {**_summary(clean), "synthetic_kept_share": float(acc_clean.mean())},
         "fresh_nonmembers": {**_summary(fresh), "kept_share": float(acc_fresh.mean()), "n": int(len(test))},
         "calibration": planted["calibration"],
-        "setup": {"max_images": max_images, "n_train": len(train), "n_holdout": len(holdout), "n_test": len(test),
-                  "n_candidates": S, "per_kind": n_plant, "seconds_audit": [secs, secs_clean, secs_fresh], "train_times": times},
+        "setup": {
+            "max_images": max_images,
+            "n_train": len(train),
+            "n_holdout": len(holdout),
+            "n_test": len(test),
+            "n_candidates": S,
+            "per_kind": n_plant,
+            "seconds_audit": [secs, secs_clean, secs_fresh],
+            "train_times": times,
+        },
     }
 
 
@@ -169,15 +212,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "canary.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = {ds: run_dataset(ds, max_images=args.max_images, per_kind=args.per_kind, seed=args.seed) for ds in args.datasets}
-    out["_meta"] = {"command": command("bench.canary", argv), "machine": machine(), "load_average_at_end": list(os.getloadavg())}
+    out = {
+        ds: run_dataset(ds, max_images=args.max_images, per_kind=args.per_kind, seed=args.seed) for ds in args.datasets
+    }
+    out["_meta"] = {
+        "command": command("bench.canary", argv),
+        "machine": machine(),
+        "load_average_at_end": list(os.getloadavg()),
+    }
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     for ds in args.datasets:
         r = out[ds]
-        print(f"\n{ds}: genuine candidates kept {r['synthetic_kept_share']:.2f}, set with plants passed: {r['set_passed']}, "
-              f"without plants: {r['without_plants']['passed']} {r['without_plants']['failed']}, "
-              f"fresh non-members kept {r['fresh_nonmembers']['kept_share']:.2f} passed: {r['fresh_nonmembers']['passed']} {r['fresh_nonmembers']['failed']}")
+        print(
+            f"\n{ds}: genuine candidates kept {r['synthetic_kept_share']:.2f}, "
+            f"set with plants passed: {r['set_passed']}, "
+            f"without plants: {r['without_plants']['passed']} {r['without_plants']['failed']}, "
+            f"fresh non-members kept {r['fresh_nonmembers']['kept_share']:.2f} "
+            f"passed: {r['fresh_nonmembers']['passed']} {r['fresh_nonmembers']['failed']}"
+        )
         print(f"{'kind':34s} planted published")
         for k, v in r["kinds"].items():
             print(f"{k:34s} {v['planted']:7d} {v['published']:9d}")

@@ -57,8 +57,15 @@ class Probe:
         z, yt = (xt - self.mean) / self.std, torch.from_numpy(y)
         torch.manual_seed(seed)
         self.head = EmbeddingHead(x.shape[1], n_classes, hidden=0)
-        opt = torch.optim.LBFGS(self.head.parameters(), lr=1, max_iter=500, tolerance_grad=1e-6,
-                                tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            self.head.parameters(),
+            lr=1,
+            max_iter=500,
+            tolerance_grad=1e-6,
+            tolerance_change=1e-9,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+        )
 
         def closure():
             opt.zero_grad()
@@ -109,8 +116,12 @@ def run_dataset(name: str, extractor, *, seeds: int, cvae_cfg: CvaeConfig) -> di
 
     real = [Probe(x, y, n_classes=n_classes, seed=s) for s in range(seeds)]
     real_auc = [p.auroc(x_test, y_test) for p in real]
-    out: dict = {"n_train": int(len(y)), "n_test": int(len(y_test)), "train_class_counts": np.bincount(y).tolist(),
-                 "embedding_dim": int(x.shape[1])}
+    out: dict = {
+        "n_train": int(len(y)),
+        "n_test": int(len(y_test)),
+        "train_class_counts": np.bincount(y).tolist(),
+        "embedding_dim": int(x.shape[1]),
+    }
     m, s_ = _stats(real_auc)
     out["real"] = {"auroc_mean": m, "auroc_std": s_, "test_to_train_avg_min_dist": avg_min_dist(std(x_test), real_std)}
 
@@ -127,11 +138,23 @@ def run_dataset(name: str, extractor, *, seeds: int, cvae_cfg: CvaeConfig) -> di
             eps.append(res.epsilon)
             epochs.append(res.epochs_trained)
         m, s_ = _stats(aucs)
-        d = {"auroc_mean": m, "auroc_std": s_, "avg_min_dist": float(np.mean(dists)), "n": int(len(y)),
-             "epochs_trained": epochs, "seconds_train_sample": round(float(np.mean(secs)), 1)}
+        d = {
+            "auroc_mean": m,
+            "auroc_std": s_,
+            "avg_min_dist": float(np.mean(dists)),
+            "n": int(len(y)),
+            "epochs_trained": epochs,
+            "seconds_train_sample": round(float(np.mean(secs)), 1),
+        }
         if cfg.dp:
-            d.update({"epsilon_spent": float(np.max(eps)), "epsilon_spent_per_seed": eps, "delta": float(res.delta),
-                      "noise_multiplier": res.info["noise_multiplier"]})
+            d.update(
+                {
+                    "epsilon_spent": float(np.max(eps)),
+                    "epsilon_spent_per_seed": eps,
+                    "delta": float(res.delta),
+                    "noise_multiplier": res.info["noise_multiplier"],
+                }
+            )
         return d
 
     out["cvae"] = synthetic(cvae_cfg)
@@ -140,7 +163,12 @@ def run_dataset(name: str, extractor, *, seeds: int, cvae_cfg: CvaeConfig) -> di
         xa, ya = ksame_embeddings(x, y, k=k)
         aucs = [Probe(xa, ya, n_classes=n_classes, seed=s).auroc(x_test, y_test) for s in range(seeds)]
         m, s_ = _stats(aucs)
-        out["ksame"][str(k)] = {"auroc_mean": m, "auroc_std": s_, "avg_min_dist": avg_min_dist(std(xa), real_std), "n": int(len(ya))}
+        out["ksame"][str(k)] = {
+            "auroc_mean": m,
+            "auroc_std": s_,
+            "avg_min_dist": avg_min_dist(std(xa), real_std),
+            "n": int(len(ya)),
+        }
     out["dp"] = {str(e): synthetic(cvae_cfg.model_copy(update={"dp": True, "dp_epsilon": float(e)})) for e in EPSILONS}
     out["noise"] = {}
     real_mean = out["real"]["auroc_mean"]
@@ -175,10 +203,16 @@ def main(argv: list[str] | None = None) -> dict:
     extractor = build_extractor(ext_cfg, store_dir=ROOT / "bench" / "work" / "modelstore")
     cvae_cfg = CvaeConfig()
     res: dict = {n: run_dataset(n, extractor, seeds=args.seeds, cvae_cfg=cvae_cfg) for n in args.datasets}
-    res["extractor"] = {**ext_cfg.model_dump(mode="json"), "digest": extractor_digest(ext_cfg), "dim": extractor.dim,
-                        "note": ("the tiny deterministic extractor (node.embedder.TinyExtractor: a seeded random-init "
-                                 "CNN), not a foundation model: no pretrained DINOv2 or ResNet weights exist on this "
-                                 "machine, so absolute AUROCs are below what the BMVC paper reports with DINOv2")}
+    res["extractor"] = {
+        **ext_cfg.model_dump(mode="json"),
+        "digest": extractor_digest(ext_cfg),
+        "dim": extractor.dim,
+        "note": (
+            "the tiny deterministic extractor (node.embedder.TinyExtractor: a seeded random-init "
+            "CNN), not a foundation model: no pretrained DINOv2 or ResNet weights exist on this "
+            "machine, so absolute AUROCs are below what the BMVC paper reports with DINOv2"
+        ),
+    }
     res["cvae_config"] = cvae_cfg.model_dump(mode="json")
     res["probe"] = f"EmbeddingHead(hidden=0), own-set standardisation, full-batch L-BFGS, L2 {L2}"
     res["command"] = command("bench.cvae", argv)
@@ -196,14 +230,19 @@ def main(argv: list[str] | None = None) -> dict:
         for label, v, count in rows:
             dist = v.get("avg_min_dist")
             eps = v.get("epsilon_spent")
-            print(f"{n:<16}{label:<14}{count:>6}{v['auroc_mean']:>9.3f} ± {v['auroc_std']:.3f}"
-                  f"{'' if dist is None else f'{dist:.3f}':>14}{'' if eps is None else f'{eps:.2f}':>9}")
+            print(
+                f"{n:<16}{label:<14}{count:>6}{v['auroc_mean']:>9.3f} ± {v['auroc_std']:.3f}"
+                f"{'' if dist is None else f'{dist:.3f}':>14}{'' if eps is None else f'{eps:.2f}':>9}"
+            )
         print(f"{n:<16}{'(real test)':<14}{r['n_test']:>6}{'':>16}{r['real']['test_to_train_avg_min_dist']:>14.3f}")
         for sigma, v in r["noise"].items():
             print(f"{n:<16}{f'noise s={sigma}':<14}{'':>6}{v['auroc_mean']:>9.3f} (drop {v['auroc_drop']:.3f})")
         t = r["targets"]
-        print(f"{n:<16}targets: CVAE AUROC within 0.05 of real: {'met' if t['cvae_auroc_within_0.05_of_real'] else 'NOT met'}; "
-              f"CVAE avg min dist above k-same k=2: {'met' if t['cvae_avg_min_dist_above_ksame_k2'] else 'NOT met'}")
+        print(
+            f"{n:<16}targets: "
+            f"CVAE AUROC within 0.05 of real: {'met' if t['cvae_auroc_within_0.05_of_real'] else 'NOT met'}; "
+            f"CVAE avg min dist above k-same k=2: {'met' if t['cvae_avg_min_dist_above_ksame_k2'] else 'NOT met'}"
+        )
     return res
 
 

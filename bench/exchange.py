@@ -61,12 +61,15 @@ def _raw_handlers(payload: bytes) -> grpc.GenericRpcHandler:
     def down(request, context):
         view = memoryview(payload)
         for i in range(0, len(view), CHUNK_BYTES):
-            yield bytes(view[i:i + CHUNK_BYTES])
+            yield bytes(view[i : i + CHUNK_BYTES])
 
-    return grpc.method_handlers_generic_handler(RAW, {
-        "Up": grpc.stream_unary_rpc_method_handler(up),
-        "Down": grpc.unary_stream_rpc_method_handler(down),
-    })
+    return grpc.method_handlers_generic_handler(
+        RAW,
+        {
+            "Up": grpc.stream_unary_rpc_method_handler(up),
+            "Down": grpc.unary_stream_rpc_method_handler(down),
+        },
+    )
 
 
 def _bundle(root: Path, mb: int) -> tuple[Path, str]:
@@ -76,8 +79,17 @@ def _bundle(root: Path, mb: int) -> tuple[Path, str]:
     images = rng.integers(0, 256, (n, 512, 512), dtype=np.uint8)
     labels = rng.integers(0, 2, n).astype(np.int64)
     generate_signing_key(root / "site.key", root / "site.pub")
-    bid = build_bundle(root / "out", images=images, labels=labels, audit={"passed": True}, datacard={},
-                       site="bench", sequence=1, signing_key=load_private_key(root / "site.key"), config_digest="0" * 64)
+    bid = build_bundle(
+        root / "out",
+        images=images,
+        labels=labels,
+        audit={"passed": True},
+        datacard={},
+        site="bench",
+        sequence=1,
+        signing_key=load_private_key(root / "site.key"),
+        config_digest="0" * 64,
+    )
     return pack_bundle(root / "out" / bid), (root / "site.pub").read_text()
 
 
@@ -87,7 +99,7 @@ def _write_and_fsync(data: bytes, path: Path) -> float:
     t0 = time.perf_counter()
     with open(path, "wb", buffering=0) as f:
         for i in range(0, len(data), CHUNK_BYTES):
-            f.write(data[i:i + CHUNK_BYTES])
+            f.write(data[i : i + CHUNK_BYTES])
         os.fsync(f.fileno())
     seconds = time.perf_counter() - t0
     path.unlink()
@@ -115,11 +127,14 @@ def run(mb: int, out: Path) -> dict:
         crt, key = issue_client_cert(cd.ca_dir, root / "client", "bench")
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=grpc_options())
         add_exchange_to_server(
-            ExchangeServicer(store=store, trust=trust, max_bundle_bytes=1 << 30, mutual_tls=True), server)
+            ExchangeServicer(store=store, trust=trust, max_bundle_bytes=1 << 30, mutual_tls=True), server
+        )
         server.add_generic_rpc_handlers((_raw_handlers(payload),))
         creds = grpc.ssl_server_credentials(
             [(read_private_file(cd.tls_dir / "server.key"), (cd.tls_dir / "server.crt").read_bytes())],
-            root_certificates=cd.ca_cert.read_bytes(), require_client_auth=True)
+            root_certificates=cd.ca_cert.read_bytes(),
+            require_client_auth=True,
+        )
         port = server.add_secure_port("127.0.0.1:0", creds)
         server.start()
         address = f"127.0.0.1:{port}"
@@ -195,12 +210,20 @@ def main() -> None:
     print(f"bundle: {mb:.1f} MB, {r['n_images']} PNGs, chunk {r['chunk_bytes']} B; {r['machine']}")
     print(f"{'':<22}{'MB/s':>8}{'vs raw':>9}")
     print(f"{'raw gRPC upload':<22}{r['raw_upload_MBps']:>8.1f}")
-    print(f"{'exchange upload':<22}{r['exchange_upload_MBps']:>8.1f}{r['upload_vs_raw']:>9.0%}   (incl. fsync + full verification)")
+    print(
+        f"{'exchange upload':<22}{r['exchange_upload_MBps']:>8.1f}{r['upload_vs_raw']:>9.0%}"
+        "   (incl. fsync + full verification)"
+    )
     print(f"{'raw gRPC download':<22}{r['raw_download_MBps']:>8.1f}")
-    print(f"{'exchange download':<22}{r['exchange_download_MBps']:>8.1f}{r['download_vs_raw']:>9.0%}   (incl. sha256 + fsync)")
+    print(
+        f"{'exchange download':<22}{r['exchange_download_MBps']:>8.1f}{r['download_vs_raw']:>9.0%}"
+        "   (incl. sha256 + fsync)"
+    )
     print(f"{'write + fsync a file':<22}{r['disk_write_MBps']:>8.1f}   (what storing the upload costs at least)")
-    print(f"verification: {r['verify_s']:.2f} s for {mb:.0f} MB = {r['verify_s_per_GB']:.2f} s/GB; "
-          f"without extracting (the store's): {r['verify_stream_s']:.2f} s")
+    print(
+        f"verification: {r['verify_s']:.2f} s for {mb:.0f} MB = {r['verify_s_per_GB']:.2f} s/GB; "
+        f"without extracting (the store's): {r['verify_stream_s']:.2f} s"
+    )
     print(f"load average before {r['loadavg_before']}, after {r['loadavg_after']}")
     print(f"wrote {args.out}")
 

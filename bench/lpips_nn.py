@@ -68,15 +68,22 @@ def main() -> None:
 
     est = per_pair * a.n_query * a.n_ref
     res = {
-        "n_query": a.n_query, "n_ref": a.n_ref, "image_size": 64, "backbone": "alex (random init)",
+        "n_query": a.n_query,
+        "n_ref": a.n_ref,
+        "image_size": 64,
+        "backbone": "alex (random init)",
         "seconds_matrix": round(seconds_matrix, 2),
         "seconds_pairwise_estimated": round(est, 1),
-        "seconds_per_pair": per_pair, "pairs_timed": a.pairs,
+        "seconds_per_pair": per_pair,
+        "pairs_timed": a.pairs,
         "speedup": round(est / seconds_matrix, 1),
         "max_abs_err": max_abs_err,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "torch_threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, {platform.python_version()}, torch {torch.__version__}",
+        "machine": (
+            f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, "
+            f"{platform.python_version()}, torch {torch.__version__}"
+        ),
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")

@@ -55,9 +55,14 @@ def path_minima(per_image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def summarise(d_plan: np.ndarray, d_lin: np.ndarray) -> dict:
-    return {"pairs": int(len(d_plan)), "plan_safer_share": float((d_plan > d_lin).mean()),
-            "min_dist_plan_mean": float(d_plan.mean()), "min_dist_linear_mean": float(d_lin.mean()),
-            "min_dist_plan_median": float(np.median(d_plan)), "min_dist_linear_median": float(np.median(d_lin))}
+    return {
+        "pairs": int(len(d_plan)),
+        "plan_safer_share": float((d_plan > d_lin).mean()),
+        "min_dist_plan_mean": float(d_plan.mean()),
+        "min_dist_linear_mean": float(d_lin.mean()),
+        "min_dist_plan_median": float(np.median(d_plan)),
+        "min_dist_linear_median": float(np.median(d_lin)),
+    }
 
 
 def run_dataset(name: str, *, pairs: int, max_images: int) -> dict:
@@ -69,18 +74,29 @@ def run_dataset(name: str, *, pairs: int, max_images: int) -> dict:
     plan_imgs, lin_imgs = wk.plan.reshape(P * S, *wk.plan.shape[2:]), wk.linear.reshape(P * S, *wk.linear.shape[2:])
     train = a.train.images
     out: dict = {}
-    out["pixel_mse"] = summarise(path_minima(min_pixel_mse(plan_imgs, train), (P, S)), path_minima(min_pixel_mse(lin_imgs, train), (P, S)))
+    out["pixel_mse"] = summarise(
+        path_minima(min_pixel_mse(plan_imgs, train), (P, S)), path_minima(min_pixel_mse(lin_imgs, train), (P, S))
+    )
     for space, model in (("phi_id", a.phi_id), ("attacker", a.phi_attack)):
         e_train = embed(model, train, device="cpu")
-        d = {k: min_sq_dist(embed(model, imgs, device="cpu"), e_train)[0].sqrt().numpy() for k, imgs in (("plan", plan_imgs), ("linear", lin_imgs))}
+        d = {
+            k: min_sq_dist(embed(model, imgs, device="cpu"), e_train)[0].sqrt().numpy()
+            for k, imgs in (("plan", plan_imgs), ("linear", lin_imgs))
+        }
         out[f"{space}_l2"] = summarise(path_minima(d["plan"], (P, S)), path_minima(d["linear"], (P, S)))
     lp, why_not = lpips_distance(default_store_dir(ws.root))
     if lp is not None:
         out["lpips"] = summarise(path_minima(lp(plan_imgs, train), (P, S)), path_minima(lp(lin_imgs, train), (P, S)))
     else:
         out["lpips_skipped"] = why_not
-    out["setup"] = {"max_images": max_images, "n_train": int(len(train)), "images_per_path": int(S),
-                    "walk": wk.walk, "train_seconds": t_stages, "seconds_total": round(time.time() - t0, 1)}
+    out["setup"] = {
+        "max_images": max_images,
+        "n_train": int(len(train)),
+        "images_per_path": int(S),
+        "walk": wk.walk,
+        "train_seconds": t_stages,
+        "seconds_total": round(time.time() - t0, 1),
+    }
     return out
 
 
@@ -99,8 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     # results of data sets run separately (--datasets X) are merged into one file
     res = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-    run = {"command": command("bench.path_safety", argv), "machine": machine(),
-           "config": "default SiteConfig except data.source npz, data.max_images"}
+    run = {
+        "command": command("bench.path_safety", argv),
+        "machine": machine(),
+        "config": "default SiteConfig except data.source npz, data.max_images",
+    }
     for name in args.datasets:
         res[name] = run_dataset(name, pairs=args.pairs, max_images=args.max_images)
         res[name]["setup"]["run"] = {**run, "load_average_at_end": list(os.getloadavg())}
@@ -110,7 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.datasets:
         for dist, v in res[name].items():
             if isinstance(v, dict) and "pairs" in v:
-                print(f"{name:<16}{dist:<12}{v['pairs']:>6}{v['plan_safer_share']:>12.2%}{v['min_dist_plan_mean']:>12.5f}{v['min_dist_linear_mean']:>12.5f}")
+                print(
+                    f"{name:<16}{dist:<12}{v['pairs']:>6}{v['plan_safer_share']:>12.2%}{v['min_dist_plan_mean']:>12.5f}{v['min_dist_linear_mean']:>12.5f}"
+                )
         if "lpips_skipped" in res[name]:
             print(f"{name:<16}lpips       skipped: {res[name]['lpips_skipped']}")
     return res

@@ -47,7 +47,11 @@ def fit_and_score(images, labels, test, *, n_classes: int, steps: int, batch: in
     logits = predict_logits(model, test.images, device="cpu")
     p1 = torch.softmax(logits, 1)[:, 1].numpy()
     y = test.labels
-    return {"accuracy": float((logits.argmax(1).numpy() == y).mean()), "auroc": roc_auc(p1[y == 1], p1[y == 0]), "epochs": epochs}
+    return {
+        "accuracy": float((logits.argmax(1).numpy() == y).mean()),
+        "auroc": roc_auc(p1[y == 1], p1[y == 0]),
+        "epochs": epochs,
+    }
 
 
 def run_dataset(name: str, *, pairs: int, max_images: int, steps: int, seeds: int, batch: int) -> dict:
@@ -67,12 +71,26 @@ def run_dataset(name: str, *, pairs: int, max_images: int, steps: int, seeds: in
     n_classes = int(max(test.labels.max(), a.train.labels.max()) + 1)
     out = {}
     for s, (x, y) in sets.items():
-        runs = [fit_and_score(x, y, test, n_classes=n_classes, steps=steps, batch=batch, seed=seed) for seed in range(seeds)]
-        out[s] = {"n_train_images": int(len(x)), "class_counts": np.bincount(y, minlength=n_classes).tolist(),
-                  "accuracy": mean_std(r["accuracy"] for r in runs), "auroc": mean_std(r["auroc"] for r in runs),
-                  "epochs": runs[0]["epochs"]}
-    out["setup"] = {"max_images": max_images, "n_test": int(len(test)), "test_class_counts": np.bincount(test.labels, minlength=n_classes).tolist(),
-                    "pairs": pairs, "steps": steps, "batch": batch, "seeds": seeds, "seconds_total": round(time.time() - t0, 1)}
+        runs = [
+            fit_and_score(x, y, test, n_classes=n_classes, steps=steps, batch=batch, seed=seed) for seed in range(seeds)
+        ]
+        out[s] = {
+            "n_train_images": int(len(x)),
+            "class_counts": np.bincount(y, minlength=n_classes).tolist(),
+            "accuracy": mean_std(r["accuracy"] for r in runs),
+            "auroc": mean_std(r["auroc"] for r in runs),
+            "epochs": runs[0]["epochs"],
+        }
+    out["setup"] = {
+        "max_images": max_images,
+        "n_test": int(len(test)),
+        "test_class_counts": np.bincount(test.labels, minlength=n_classes).tolist(),
+        "pairs": pairs,
+        "steps": steps,
+        "batch": batch,
+        "seeds": seeds,
+        "seconds_total": round(time.time() - t0, 1),
+    }
     return out
 
 
@@ -92,17 +110,26 @@ def main(argv: list[str] | None = None) -> dict:
         args.pairs, args.max_images, args.steps, args.seeds = 16, 400, 150, 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = {n: run_dataset(n, pairs=args.pairs, max_images=args.max_images, steps=args.steps, seeds=args.seeds, batch=args.batch)
-           for n in args.datasets}
-    res["_meta"] = {"command": command("bench.utility", argv), "machine": machine(),
-                    "load_average_at_end": list(os.getloadavg())}
+    res = {
+        n: run_dataset(
+            n, pairs=args.pairs, max_images=args.max_images, steps=args.steps, seeds=args.seeds, batch=args.batch
+        )
+        for n in args.datasets
+    }
+    res["_meta"] = {
+        "command": command("bench.utility", argv),
+        "machine": machine(),
+        "load_average_at_end": list(os.getloadavg()),
+    }
     atomic_write_json(args.out, res)
     print(f"{'data set':<16}{'train set':<10}{'images':>8}{'accuracy':>18}{'AUROC':>18}")
     for n in args.datasets:
         for s in SETS:
             v = res[n][s]
-            print(f"{n:<16}{s:<10}{v['n_train_images']:>8}{v['accuracy']['mean']:>11.3f} ± {v['accuracy']['std']:.3f}"
-                  f"{v['auroc']['mean']:>11.3f} ± {v['auroc']['std']:.3f}")
+            print(
+                f"{n:<16}{s:<10}{v['n_train_images']:>8}{v['accuracy']['mean']:>11.3f} ± {v['accuracy']['std']:.3f}"
+                f"{v['auroc']['mean']:>11.3f} ± {v['auroc']['std']:.3f}"
+            )
     return res
 
 

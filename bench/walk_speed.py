@@ -44,8 +44,14 @@ def main(argv: list[str] | None = None) -> dict:
     ws, _ = site("phantom100", cfg)
     a = anchor_pairs(ws, n_pairs=args.paths, seed=0)
     wc = cfg.synth.walk
-    kw = dict(points=args.points, iters=args.iters, lr=wc.lr, weight_identity=wc.weight_identity,
-              weight_smooth=wc.weight_smooth, weight_class=wc.weight_class)
+    kw = dict(
+        points=args.points,
+        iters=args.iters,
+        lr=wc.lr,
+        weight_identity=wc.weight_identity,
+        weight_smooth=wc.weight_smooth,
+        weight_class=wc.weight_class,
+    )
     models = (a.G, a.phi_id, a.phi_class)
 
     def reference(layout: torch.memory_format) -> tuple[float, torch.Tensor]:
@@ -70,29 +76,40 @@ def main(argv: list[str] | None = None) -> dict:
     loss_bat = res.loss
 
     out = {
-        "paths": int(len(a.start)), "steps": args.points, "iters": args.iters,
+        "paths": int(len(a.start)),
+        "steps": args.points,
+        "iters": args.iters,
         "reference_chunk": REFERENCE_CHUNK,
-        "seconds_reference": round(min(t_ref), 3), "seconds_batched": round(min(t_bat), 3),
+        "seconds_reference": round(min(t_ref), 3),
+        "seconds_batched": round(min(t_bat), 3),
         "speedup": round(min(t_ref) / min(t_bat), 2),
         "seconds_reference_channels_last": round(min(t_ref_cl), 3),
         "speedup_from_batching_alone": round(min(t_ref_cl) / min(t_bat), 2),
-        "final_loss_reference": float(loss_ref.mean()), "final_loss_batched": float(loss_bat.mean()),
+        "final_loss_reference": float(loss_ref.mean()),
+        "final_loss_batched": float(loss_bat.mean()),
         "initial_loss": float(res.initial_loss.mean()),
         "batched_vs_reference_loss_pct": round(100 * (float(loss_bat.mean()) / float(loss_ref.mean()) - 1), 3),
         "max_abs_per_path_loss_diff": float((loss_bat - loss_ref).abs().max()),
-        "all_seconds_reference": [round(t, 3) for t in t_ref], "all_seconds_reference_channels_last": [round(t, 3) for t in t_ref_cl],
+        "all_seconds_reference": [round(t, 3) for t in t_ref],
+        "all_seconds_reference_channels_last": [round(t, 3) for t in t_ref_cl],
         "all_seconds_batched": [round(t, 3) for t in t_bat],
         "site": "default SiteConfig, phantom seed 100 (G_ema, phi_id, phi_class trained by the node's train stage)",
         "command": command("bench.walk_speed", argv),
-        "machine": machine(), "load_average_at_end": list(os.getloadavg()),
+        "machine": machine(),
+        "load_average_at_end": list(os.getloadavg()),
     }
     atomic_write_json(args.out, out)
     print(f"{'method':<34}{'seconds':>10}{'mean final loss':>18}")
-    print(f"{'reference (sequential, chunks of 4)':<34}{out['seconds_reference']:>10.2f}{out['final_loss_reference']:>18.5f}")
+    print(
+        f"{'reference (sequential, chunks of 4)':<34}"
+        f"{out['seconds_reference']:>10.2f}{out['final_loss_reference']:>18.5f}"
+    )
     print(f"{'reference, channels_last':<34}{out['seconds_reference_channels_last']:>10.2f}{'':>18}")
     print(f"{'batched [P,T,D]':<34}{out['seconds_batched']:>10.2f}{out['final_loss_batched']:>18.5f}")
-    print(f"paths {out['paths']}, points {args.points}, iters {args.iters}: speedup {out['speedup']}x, "
-          f"loss difference {out['batched_vs_reference_loss_pct']:+.3f}% (initial {out['initial_loss']:.5f})")
+    print(
+        f"paths {out['paths']}, points {args.points}, iters {args.iters}: speedup {out['speedup']}x, "
+        f"loss difference {out['batched_vs_reference_loss_pct']:+.3f}% (initial {out['initial_loss']:.5f})"
+    )
     return out
 
 

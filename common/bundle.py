@@ -101,6 +101,7 @@ class BundleError(ValueError):
     `reason` is one of "invalid", "unsafe", "untrusted", "too_large", "policy" so a server can
     map it to a status code; the message names the file, field or value at fault.
     """
+
     exit_code = errors.VERIFY
 
     def __init__(self, message: str, reason: str = "invalid"):
@@ -163,8 +164,10 @@ def bundle_id_for(site: str, data: np.ndarray, labels: np.ndarray) -> str:
         h.update(json.dumps({"dtype": "<f4", "shape": list(data.shape)}, sort_keys=True).encode() + b"\0")
         h.update(np.ascontiguousarray(data, dtype="<f4").tobytes())
     else:
-        raise BundleError(f"bundle_id_for: expected uint8 images [N,H,W] or float32 embeddings [N,D], got "
-                          f"{getattr(data, 'dtype', type(data))} shape {getattr(data, 'shape', None)}")
+        raise BundleError(
+            f"bundle_id_for: expected uint8 images [N,H,W] or float32 embeddings [N,D], got "
+            f"{getattr(data, 'dtype', type(data))} shape {getattr(data, 'shape', None)}"
+        )
     h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
     return h.hexdigest()[:32]
 
@@ -172,8 +175,10 @@ def bundle_id_for(site: str, data: np.ndarray, labels: np.ndarray) -> str:
 def _check_labels(labels: np.ndarray, n: int, what: str) -> None:
     """labels: int [n] class indices 0..99, one per sample of the `n` `what` (at least one)."""
     if not isinstance(labels, np.ndarray) or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise BundleError(f"labels must be int64 [N], got {getattr(labels, 'dtype', type(labels))} "
-                          f"shape {getattr(labels, 'shape', None)}")
+        raise BundleError(
+            f"labels must be int64 [N], got {getattr(labels, 'dtype', type(labels))} "
+            f"shape {getattr(labels, 'shape', None)}"
+        )
     if n != len(labels) or n == 0:
         raise BundleError(f"need as many labels as {what}, at least one: {n} {what}, {len(labels)} labels")
     if labels.min() < 0 or labels.max() > 99:
@@ -182,8 +187,10 @@ def _check_labels(labels: np.ndarray, n: int, what: str) -> None:
 
 def _check_arrays(images: np.ndarray, labels: np.ndarray) -> None:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 3:
-        raise BundleError(f"images must be uint8 [N,H,W], got {getattr(images, 'dtype', type(images))} "
-                          f"shape {getattr(images, 'shape', None)}")
+        raise BundleError(
+            f"images must be uint8 [N,H,W], got {getattr(images, 'dtype', type(images))} "
+            f"shape {getattr(images, 'shape', None)}"
+        )
     _check_labels(labels, len(images), "images")
     if max(images.shape[1:]) > MAX_IMAGE_SIDE:
         raise BundleError(f"images larger than {MAX_IMAGE_SIDE} pixels a side: {images.shape[1:]}")
@@ -198,14 +205,17 @@ def _check_embeddings(embeddings: np.ndarray, labels: np.ndarray) -> None:
         or embeddings.ndim != 2
         or embeddings.shape[1] == 0
     ):
-        raise BundleError(f"embeddings must be float32 [N,D] with D >= 1, got "
-                          f"{getattr(embeddings, 'dtype', type(embeddings))} shape {getattr(embeddings, 'shape', None)}")
+        raise BundleError(
+            f"embeddings must be float32 [N,D] with D >= 1, got "
+            f"{getattr(embeddings, 'dtype', type(embeddings))} shape {getattr(embeddings, 'shape', None)}"
+        )
     _check_labels(labels, len(embeddings), "embeddings")
     finite = np.isfinite(embeddings)
     if not finite.all():
         r, c = (int(i) for i in np.argwhere(~finite)[0])
-        raise BundleError(f"embeddings must be finite: [{r},{c}] is {embeddings[r, c]} "
-                          f"({int((~finite).sum())} non-finite values)")
+        raise BundleError(
+            f"embeddings must be finite: [{r},{c}] is {embeddings[r, c]} ({int((~finite).sum())} non-finite values)"
+        )
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -290,8 +300,10 @@ def build_bundle(
     Refuses if it already exists.
     """
     if (images is None) == (embeddings is None):
-        raise BundleError("give exactly one payload: images (PLAN route) or embeddings (CVAE route), got "
-                          + ("both" if images is not None else "neither"))
+        raise BundleError(
+            "give exactly one payload: images (PLAN route) or embeddings (CVAE route), got "
+            + ("both" if images is not None else "neither")
+        )
     if images is not None:
         _check_arrays(images, labels)
         route, data = "plan", images
@@ -301,8 +313,10 @@ def build_bundle(
     if not isinstance(datacard, Mapping):
         raise BundleError(f"datacard must be a mapping, got {type(datacard).__name__}")
     if datacard.get("route") is not None and datacard["route"] != route:
-        raise BundleError(f"datacard route {datacard['route']!r} contradicts the payload: "
-                          f"{'images' if route == 'plan' else 'embeddings'} are the {route!r} route's")
+        raise BundleError(
+            f"datacard route {datacard['route']!r} contradicts the payload: "
+            f"{'images' if route == 'plan' else 'embeddings'} are the {route!r} route's"
+        )
     if not isinstance(sequence, int) or sequence < 1:
         raise BundleError(f"sequence must be a positive integer, got {sequence!r}")
     labels = labels.astype(np.int64)
@@ -455,8 +469,15 @@ def _tar_name(tar: Path | BinaryIO) -> str:
     return Path(tar).name if isinstance(tar, (str, Path)) else Path(getattr(tar, "name", "bundle.tar")).name
 
 
-def _read_members(tar: Path | BinaryIO, members: "_Members", *, max_bytes: int, max_members: int,
-                  dest: Path | None, trusted_keys: Mapping[str, Sequence] | None) -> None:
+def _read_members(
+    tar: Path | BinaryIO,
+    members: "_Members",
+    *,
+    max_bytes: int,
+    max_members: int,
+    dest: Path | None,
+    trusted_keys: Mapping[str, Sequence] | None,
+) -> None:
     """Walk the tar's members once, front to back, under the safety rules of safe_extract, and
     gather into `members` what the checks need (each file's sha256, see _Members); with a `dest`
     (new or empty), also extract them there. Without one nothing is written but `members`' spill
@@ -513,8 +534,11 @@ def _read_members(tar: Path | BinaryIO, members: "_Members", *, max_bytes: int, 
 def _check_first_member(rel: str, m: TarEntry, tar: Path | BinaryIO) -> None:
     """The signed statement comes first, small, so it is verified before the payload is parsed."""
     if rel != ATTESTATION or not m.isreg():
-        raise BundleError(f"{_tar_name(tar)}: the first archive member is {short(rel)!r}, not {ATTESTATION} "
-                          f"(the signed statement comes first and is checked before anything else)", "unsafe")
+        raise BundleError(
+            f"{_tar_name(tar)}: the first archive member is {short(rel)!r}, not {ATTESTATION} "
+            f"(the signed statement comes first and is checked before anything else)",
+            "unsafe",
+        )
     if m.size > MAX_ATTESTATION_BYTES:
         raise BundleError(f"{ATTESTATION}: {m.size} bytes, over the limit of {MAX_ATTESTATION_BYTES}", "too_large")
 
@@ -683,7 +707,7 @@ class _Members:
         elif rel == f"{_DATA}{EMBEDDINGS}":
             self.embeddings = _EmbeddingScan.of(member, f"data/{EMBEDDINGS}")
         elif rel.startswith(_DATA):
-            self.heads[rel[len(_DATA):]] = member.read(_PNG_HEAD)
+            self.heads[rel[len(_DATA) :]] = member.read(_PNG_HEAD)
         self.digests[rel] = member.finish()
         self.sizes[rel] = member.size
 
@@ -754,7 +778,7 @@ def _check_layout(files: list[str]) -> None:
             continue
         if rel.startswith(_DATA):
             continue
-        if rel.startswith(f"{BAG}/") and rel[len(BAG) + 1:] in TAG_FILES:
+        if rel.startswith(f"{BAG}/") and rel[len(BAG) + 1 :] in TAG_FILES:
             continue
         raise BundleError(f"{rel}: unexpected file in bundle")
     for required in [ATTESTATION] + [f"{BAG}/{t}" for t in TAG_FILES]:
@@ -774,7 +798,9 @@ def _key_entries(site: str, entries: Sequence) -> list[tuple[str, object, int, i
         if isinstance(e, Mapping):
             pem, after, until = e.get("pem"), e.get("valid_after", 0), e.get("valid_until")
             if not isinstance(after, int) or not (until is None or isinstance(until, int)):
-                raise BundleError(f"registered key of site {site!r}: bad validity window {after!r}..{until!r}", "untrusted")
+                raise BundleError(
+                    f"registered key of site {site!r}: bad validity window {after!r}..{until!r}", "untrusted"
+                )
         try:
             # str keys are PEM text: encode so a key is never mistaken for a file name to read.
             k = load_public_key(pem.encode() if isinstance(pem, str) else pem)
@@ -795,7 +821,9 @@ def _open_statement(env: dict, trusted_keys: Mapping[str, Sequence]) -> tuple[di
         raise BundleError(f"{ATTESTATION}: not a DSSE envelope")
     signatures = env.get("signatures")
     if isinstance(signatures, list) and len(signatures) > MAX_SIGNATURES:
-        raise BundleError(f"{ATTESTATION}: {len(signatures)} signatures; a bundle carries at most {MAX_SIGNATURES}", "unsafe")
+        raise BundleError(
+            f"{ATTESTATION}: {len(signatures)} signatures; a bundle carries at most {MAX_SIGNATURES}", "unsafe"
+        )
     # Read the claimed site and sequence from the (not yet trusted) payload only to pick keys.
     try:
         claimed = json.loads(base64.b64decode(env["payload"], validate=True))
@@ -809,7 +837,9 @@ def _open_statement(env: dict, trusted_keys: Mapping[str, Sequence]) -> tuple[di
         raise BundleError(f"{ATTESTATION}: predicate.sequence {sequence!r} is not an integer")
     entries = _key_entries(site, trusted_keys[site])
     usable = {kid: k for kid, k, after, until in entries if after < sequence and (until is None or sequence <= until)}
-    windows = ", ".join(f"{kid[:12]}: {after + 1}..{'' if until is None else until}" for kid, _, after, until in entries)
+    windows = ", ".join(
+        f"{kid[:12]}: {after + 1}..{'' if until is None else until}" for kid, _, after, until in entries
+    )
     for kid, k in usable.items():
         try:
             payload = verify_envelope(env, {kid: k}, payload_type=PAYLOAD_TYPE)
@@ -845,7 +875,7 @@ _MAX_PROBLEMS = 10  # bag problems named in one error; the rest are counted
 def _check_bag(members: _Members) -> None:
     """The bag is well formed and complete, and every file its manifests list has the listed sha256."""
     _check_bagit_txt(members)
-    payload = {rel[len(BAG) + 1:]: size for rel, size in members.sizes.items() if rel.startswith(_DATA)}
+    payload = {rel[len(BAG) + 1 :]: size for rel, size in members.sizes.items() if rel.startswith(_DATA)}
     if not payload:
         raise BundleError(f"{BAG}: no payload (data/ holds no file)")
     _check_oxum(_read_tags(members, f"{BAG}/bag-info.txt"), payload)
@@ -857,7 +887,7 @@ def _check_bag(members: _Members) -> None:
     for path in tagmanifest:
         if path not in TAG_FILES or path == TAGMANIFEST:
             raise BundleError(f"{TAGMANIFEST}: lists {path}, which is not one of the tag files {sorted(TAG_FILES)}")
-    digests = {rel[len(BAG) + 1:]: d for rel, d in members.digests.items() if rel.startswith(f"{BAG}/")}
+    digests = {rel[len(BAG) + 1 :]: d for rel, d in members.digests.items() if rel.startswith(f"{BAG}/")}
     problems = _manifest_problems(manifest, digests, payload) + _manifest_problems(tagmanifest, digests, ())
     if problems:
         more = len(problems) - _MAX_PROBLEMS
@@ -936,8 +966,10 @@ def _check_oxum(info: Mapping[str, list[str]], payload: Mapping[str, int]) -> No
         raise BundleError(f"{BAG}/bag-info.txt: malformed Payload-Oxum {oxum!r}, expected <bytes>.<files>")
     found = (sum(payload.values()), len(payload))
     if (int(nbytes), int(nfiles)) != found:
-        raise BundleError(f"{BAG}/bag-info.txt: Payload-Oxum validation failed: it declares {nbytes} bytes in "
-                          f"{nfiles} files, the payload holds {found[0]} bytes in {found[1]} files")
+        raise BundleError(
+            f"{BAG}/bag-info.txt: Payload-Oxum validation failed: it declares {nbytes} bytes in "
+            f"{nfiles} files, the payload holds {found[0]} bytes in {found[1]} files"
+        )
 
 
 def _read_manifest(members: _Members, name: str) -> dict[str, str]:
@@ -1034,8 +1066,9 @@ def _parse_safetensors_header(f: BinaryIO, size: int, what: str) -> tuple[int, i
         raise BundleError(f"{what}: {size} bytes, too short for a safetensors file (an 8-byte header length first)")
     (hlen,) = struct.unpack("<Q", head)
     if hlen > MAX_SAFETENSORS_HEADER:
-        raise BundleError(f"{what}: declares a {hlen}-byte header, over the limit of {MAX_SAFETENSORS_HEADER} bytes",
-                          "too_large")
+        raise BundleError(
+            f"{what}: declares a {hlen}-byte header, over the limit of {MAX_SAFETENSORS_HEADER} bytes", "too_large"
+        )
     if hlen < 2 or 8 + hlen > size:
         raise BundleError(f"{what}: declares a {hlen}-byte header but the file has {size} bytes")
     raw = f.read(hlen)
@@ -1052,8 +1085,10 @@ def _parse_safetensors_header(f: BinaryIO, size: int, what: str) -> tuple[int, i
         raise BundleError(f"{what}: must hold exactly one tensor {EMBEDDINGS_TENSOR!r}, holds {sorted(header)}")
     t = header[EMBEDDINGS_TENSOR]
     if not isinstance(t, dict) or set(t) != {"dtype", "shape", "data_offsets"}:
-        raise BundleError(f"{what}: tensor {EMBEDDINGS_TENSOR!r} must have exactly dtype, shape and data_offsets, "
-                          f"has {sorted(t) if isinstance(t, dict) else type(t).__name__}")
+        raise BundleError(
+            f"{what}: tensor {EMBEDDINGS_TENSOR!r} must have exactly dtype, shape and data_offsets, "
+            f"has {sorted(t) if isinstance(t, dict) else type(t).__name__}"
+        )
     if t["dtype"] != "F32":
         raise BundleError(f"{what}: tensor {EMBEDDINGS_TENSOR!r} has dtype {t['dtype']!r}, expected 'F32'")
     shape = t["shape"]
@@ -1062,13 +1097,19 @@ def _parse_safetensors_header(f: BinaryIO, size: int, what: str) -> tuple[int, i
     n, d = shape
     nbytes = 4 * n * d
     offsets = t["data_offsets"]
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(v) for v in offsets)
-            and offsets == [0, nbytes]):
-        raise BundleError(f"{what}: tensor {EMBEDDINGS_TENSOR!r} has data_offsets {offsets!r}, expected "
-                          f"[0, {nbytes}] for F32 {shape}")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_count(v) for v in offsets)
+        and offsets == [0, nbytes]
+    ):
+        raise BundleError(
+            f"{what}: tensor {EMBEDDINGS_TENSOR!r} has data_offsets {offsets!r}, expected [0, {nbytes}] for F32 {shape}"
+        )
     if 8 + hlen + nbytes != size:
-        raise BundleError(f"{what}: {size} bytes, but its {hlen}-byte header and F32 {shape} data make "
-                          f"{8 + hlen + nbytes}")
+        raise BundleError(
+            f"{what}: {size} bytes, but its {hlen}-byte header and F32 {shape} data make {8 + hlen + nbytes}"
+        )
     return n, d, 8 + hlen
 
 
@@ -1111,8 +1152,10 @@ def _parse_index_labels(f: TextIO, n: int, what: str = "data/labels.csv") -> np.
             if len(row) != 2 or not _LABEL.fullmatch(row[1]):
                 raise BundleError(f"{what} line {line}: bad row {row!r}, expected 'index,label' with a label 0..99")
             if row[0] != str(count):
-                raise BundleError(f"{what} line {line}: index {row[0]!r}, expected {count} "
-                                  f"(one row per embedding, indices 0..N-1 in order)")
+                raise BundleError(
+                    f"{what} line {line}: index {row[0]!r}, expected {count} "
+                    f"(one row per embedding, indices 0..N-1 in order)"
+                )
             labels[count] = int(row[1])
             count += 1
     except (UnicodeDecodeError, csv.Error) as e:
@@ -1161,8 +1204,10 @@ def _check_embedding_payload(members: _Members, payload: set[str]) -> tuple[int,
     if payload != expected:
         extra = sorted(payload - expected)
         if extra:
-            raise BundleError(f"data/{extra[0]}: unexpected in an embedding bundle (its payload is exactly "
-                              f"data/labels.csv and data/{EMBEDDINGS})")
+            raise BundleError(
+                f"data/{extra[0]}: unexpected in an embedding bundle (its payload is exactly "
+                f"data/labels.csv and data/{EMBEDDINGS})"
+            )
         raise BundleError(f"data/{sorted(expected - payload)[0]}: missing from the embedding bundle")
     n, d = members.embeddings.result()
     with members.open_text(f"{_DATA}labels.csv") as f:
@@ -1178,16 +1223,21 @@ def _check_route(route: str, pred: dict, card: dict, dim: int | None) -> None:
     """
     kind = "images" if route == "plan" else "embeddings"
     if pred.get("route") != route and not (route == "plan" and "route" not in pred):
-        raise BundleError(f"{ATTESTATION}: predicate.route is {pred.get('route')!r} but the payload holds {kind} "
-                          f"(route {route!r})")
+        raise BundleError(
+            f"{ATTESTATION}: predicate.route is {pred.get('route')!r} but the payload holds {kind} (route {route!r})"
+        )
     if card.get("route") != route and not (route == "plan" and "route" not in card):
-        raise BundleError(f"datacard.json: route is {card.get('route')!r} but the payload holds {kind} (route {route!r})")
+        raise BundleError(
+            f"datacard.json: route is {card.get('route')!r} but the payload holds {kind} (route {route!r})"
+        )
     fmt = card.get("data_format")
     if fmt != DATA_FORMATS[route] and not (route == "plan" and "data_format" not in card):
         raise BundleError(f"datacard.json: data_format is {fmt!r}, expected {DATA_FORMATS[route]!r} for {kind}")
     if route == "cvae" and (type(card.get("embedding_dim")) is not int or card["embedding_dim"] != dim):
-        raise BundleError(f"datacard.json: embedding_dim is {card.get('embedding_dim')!r} but {EMBEDDINGS} holds "
-                          f"{dim}-dimensional embeddings")
+        raise BundleError(
+            f"datacard.json: embedding_dim is {card.get('embedding_dim')!r} but {EMBEDDINGS} holds "
+            f"{dim}-dimensional embeddings"
+        )
 
 
 def _check_members(members: _Members, trusted_keys: Mapping[str, Sequence]) -> VerifiedBundle:
@@ -1208,9 +1258,7 @@ def _check_members(members: _Members, trusted_keys: Mapping[str, Sequence]) -> V
     signed_digest = (subject[0].get("digest") or {}).get("sha256")
     actual = members.digests[f"{BAG}/{TAGMANIFEST}"]
     if signed_digest != actual:
-        raise BundleError(
-            f"{TAGMANIFEST}: sha256 {actual} does not match the signed subject digest {signed_digest}"
-        )
+        raise BundleError(f"{TAGMANIFEST}: sha256 {actual} does not match the signed subject digest {signed_digest}")
 
     pred = statement.get("predicate")
     if not isinstance(pred, dict):
@@ -1229,7 +1277,7 @@ def _check_members(members: _Members, trusted_keys: Mapping[str, Sequence]) -> V
     if not isinstance(card, dict) or card.get("site") != site or card.get("bundle_id") != bundle_id:
         raise BundleError("datacard.json: site or bundle_id differs from the signed predicate")
 
-    payload = {rel[len(_DATA):] for rel in members.digests if rel.startswith(_DATA)}
+    payload = {rel[len(_DATA) :] for rel in members.digests if rel.startswith(_DATA)}
     # The layout is told by what the payload holds, never by a (signed but) claimed route;
     # the claims are then checked against it.
     if EMBEDDINGS in payload:
@@ -1246,8 +1294,15 @@ def _check_members(members: _Members, trusted_keys: Mapping[str, Sequence]) -> V
     if audit.get("passed") is not True:
         raise BundleError(f"audit did not pass (predicate.audit.passed is {audit.get('passed')!r})", "policy")
     return VerifiedBundle(
-        dir=None, site=site, bundle_id=bundle_id, sequence=sequence, statement=statement, n_samples=n,
-        key_id=signer, route=route, datacard=card,
+        dir=None,
+        site=site,
+        bundle_id=bundle_id,
+        sequence=sequence,
+        statement=statement,
+        n_samples=n,
+        key_id=signer,
+        route=route,
+        datacard=card,
     )
 
 
@@ -1286,7 +1341,9 @@ def verify_bundle(
     out = Path(tempfile.mkdtemp(prefix="plan-bundle-")) if dest is None else Path(dest)
     try:
         with _Members(spill_dir=None) as members:
-            _read_members(tar, members, max_bytes=max_bytes, max_members=MAX_MEMBERS, dest=out, trusted_keys=trusted_keys)
+            _read_members(
+                tar, members, max_bytes=max_bytes, max_members=MAX_MEMBERS, dest=out, trusted_keys=trusted_keys
+            )
             return dataclasses.replace(_check_members(members, trusted_keys), dir=out)
     except BaseException:
         if created:
@@ -1328,7 +1385,7 @@ def _data_dir(dir: Path) -> Path:
 
 
 def bundle_route(dir: Path) -> str:
-    """"cvae" if the bundle (folder or bag) holds embeddings, else "plan": the layout decides."""
+    """ "cvae" if the bundle (folder or bag) holds embeddings, else "plan": the layout decides."""
     return "cvae" if os.path.lexists(_data_dir(dir) / EMBEDDINGS) else "plan"
 
 
@@ -1340,8 +1397,10 @@ def load_bundle_images(dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """
     data_dir = _data_dir(dir)
     if bundle_route(dir) != "plan":
-        raise BundleError(f"{data_dir / EMBEDDINGS}: the bundle holds embeddings (CVAE route), not images; "
-                          f"use load_bundle_embeddings or load_bundle_data")
+        raise BundleError(
+            f"{data_dir / EMBEDDINGS}: the bundle holds embeddings (CVAE route), not images; "
+            f"use load_bundle_embeddings or load_bundle_data"
+        )
     rows = _read_labels(data_dir)
     images, labels, shape = [], [], None
     for rel, y in rows:
@@ -1384,8 +1443,9 @@ def load_bundle_embeddings(dir: Path) -> tuple[np.ndarray, np.ndarray]:
     except SafetensorError as e:
         raise BundleError(f"{path}: the safetensors library cannot read it ({e})") from None
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.shape != (n, d):
-        raise BundleError(f"{path}: loaded {getattr(x, 'dtype', type(x))} {getattr(x, 'shape', None)}, "
-                          f"expected float32 [{n},{d}]")
+        raise BundleError(
+            f"{path}: loaded {getattr(x, 'dtype', type(x))} {getattr(x, 'shape', None)}, expected float32 [{n},{d}]"
+        )
     if not np.isfinite(x).all():
         raise BundleError(f"{path}: holds non-finite values")
     return np.require(x, np.float32, ["C", "W"]), labels
@@ -1393,8 +1453,10 @@ def load_bundle_embeddings(dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def key_vouches(trusted_keys: Mapping[str, Sequence], site: str, kid: str, sequence: int) -> bool:
     """Whether key `kid` of `site` is among `trusted_keys` with a window holding `sequence`."""
-    return any(k == kid and after < sequence and (until is None or sequence <= until)
-               for k, _, after, until in _key_entries(site, trusted_keys.get(site, [])))
+    return any(
+        k == kid and after < sequence and (until is None or sequence <= until)
+        for k, _, after, until in _key_entries(site, trusted_keys.get(site, []))
+    )
 
 
 def recheck_signer(bundle_dir: Path, trusted_keys: Mapping[str, Sequence]) -> str:

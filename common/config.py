@@ -19,6 +19,7 @@ _M = TypeVar("_M", bound=BaseModel)
 
 class ConfigError(ValueError):
     """A configuration file is missing, unreadable or invalid; the message says where and why."""
+
     exit_code = errors.CONFIG
 
 
@@ -60,10 +61,17 @@ class DataConfig(_Strict):
     path: Path | None = Field(None, description="the .npz file, image folder or CSV manifest; relative to site.yaml")
     image_size: int = Field(32, ge=8, le=256, description="every image is resized to image_size x image_size, grey")
     max_images: int | None = Field(None, ge=1, description="cap for quick runs; taken deterministically")
-    n_classes: int | None = Field(None, ge=2, description=(
-        "the federation's class count (set by its site kit): ingest refuses a label outside 0..n_classes-1, "
-        "and the site's models have this many classes even when its own data lacks some. None: the data's own"))
-    class_names: list[str] | None = Field(None, description="the federation's class names, label 0 first (set by its site kit)")
+    n_classes: int | None = Field(
+        None,
+        ge=2,
+        description=(
+            "the federation's class count (set by its site kit): ingest refuses a label outside 0..n_classes-1, "
+            "and the site's models have this many classes even when its own data lacks some. None: the data's own"
+        ),
+    )
+    class_names: list[str] | None = Field(
+        None, description="the federation's class names, label 0 first (set by its site kit)"
+    )
     phantom: PhantomConfig = PhantomConfig()
     split: SplitConfig = SplitConfig()
 
@@ -99,15 +107,24 @@ class ClassifierConfig(_Strict):
     width: int = Field(8, ge=4, description="phi_id and phi_class")
     attacker_width: int = Field(12, ge=4, description="the attacker: another width and seed than phi_id")
     epochs: int = Field(30, ge=1, description="phi_class")
-    id_epochs: int = Field(100, ge=1, description=(
-        "phi_id and the attacker: under strong augmentation a 400-identity phi_id reached 69% train "
-        "accuracy in 100 epochs and 22% in 30 (pneumoniamnist, 32x32, ~10 s on 2 CPU cores)"))
+    id_epochs: int = Field(
+        100,
+        ge=1,
+        description=(
+            "phi_id and the attacker: under strong augmentation a 400-identity phi_id reached 69% train "
+            "accuracy in 100 epochs and 22% in 30 (pneumoniamnist, 32x32, ~10 s on 2 CPU cores)"
+        ),
+    )
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
-    id_augment: Literal["light", "strong"] = Field("strong", description=(
-        "augmentation of the two re-identification networks (phi_id, the attacker): strong teaches them "
-        "a patient under larger shifts, rotations, contrast changes, noise and occlusion; phi_class "
-        "always trains with light"))
+    id_augment: Literal["light", "strong"] = Field(
+        "strong",
+        description=(
+            "augmentation of the two re-identification networks (phi_id, the attacker): strong teaches them "
+            "a patient under larger shifts, rotations, contrast changes, noise and occlusion; phi_class "
+            "always trains with light"
+        ),
+    )
 
 
 class ModelsConfig(_Strict):
@@ -123,9 +140,14 @@ class WalkConfig(_Strict):
     points: int = Field(14, ge=3, description="codes per path, endpoints included; the interior ones are rendered")
     iters: int = Field(60, ge=1)
     lr: float = Field(0.1, gt=0)
-    weight_identity: float = Field(10.0, ge=0, description=(
-        "DESIGN.md's 0.1 is the paper's weight for StyleGAN2's 512-dim W; on this 64-dim W it left the "
-        "independent attacker no further from the train set than the straight line (bench/path_safety.py)"))
+    weight_identity: float = Field(
+        10.0,
+        ge=0,
+        description=(
+            "DESIGN.md's 0.1 is the paper's weight for StyleGAN2's 512-dim W; on this 64-dim W it left the "
+            "independent attacker no further from the train set than the straight line (bench/path_safety.py)"
+        ),
+    )
     weight_smooth: float = Field(1.0, ge=0)
     weight_class: float = Field(1.0, ge=0)
 
@@ -137,53 +159,103 @@ class CvaeConfig(_Strict):
     hidden: int = Field(256, ge=1, description="width of the encoder's and the decoder's one hidden layer")
     beta: float = Field(0.1, ge=0, description="weight of the KL term against the summed squared error")
     lr: float = Field(1e-3, gt=0, description="Adam")
-    batch_size: int | None = Field(None, ge=1, description=(
-        "None: the paper's 512, at most an eighth of the train records (at least 16), so that an epoch takes ~8 "
-        "optimiser steps or more; 512 on a few hundred records is one step per epoch and the CVAE underfits. "
-        "With dp: the expected size of a Poisson-sampled batch"))
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "None: the paper's 512, at most an eighth of the train records (at least 16), so that an epoch takes ~8 "
+            "optimiser steps or more; 512 on a few hundred records is one step per epoch and the CVAE underfits. "
+            "With dp: the expected size of a Poisson-sampled batch"
+        ),
+    )
     max_epochs: int = Field(200, ge=1, description="with dp: also the number of epochs the noise is calibrated for")
-    patience: int = Field(20, ge=1, description="early stopping: epochs without a lower validation loss before stopping")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train (stratified by class) held out for early stopping")
+    patience: int = Field(
+        20, ge=1, description="early stopping: epochs without a lower validation loss before stopping"
+    )
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share of train (stratified by class) held out for early stopping"
+    )
     dp: bool = Field(False, description="train with DP-SGD (Opacus): per-sample clipping and Gaussian noise")
-    dp_epsilon: float = Field(10, gt=0, description=(
-        "with dp: the total epsilon per patient (all of a patient's records), over max_epochs: the DP scaler, the "
-        "DP noise scale and DP-SGD together (basic composition; node.cvae_dp)"))
-    dp_delta: float | None = Field(None, gt=0, lt=1, description=(
-        "with dp: the total delta per patient; None: 1 / (10 N), N the distinct patients among the records trained "
-        "on. A value above 1 / (10 N) is refused: a delta near 1/N allows a mechanism that releases one patient's "
-        "records outright"))
-    dp_bounds: list[float] | None = Field(None, description=(
-        "with dp: public bounds [lo, hi] of every embedding dimension, in embedding units, chosen without looking at "
-        "the site's data; records are clipped into them before training and samples stay inside them. None: "
-        "per-dimension bounds are estimated with DP from the train records (a DP centre +- 4 DP standard deviations "
-        "and twice the centre's noise; dp_scaler_share of the budget), never the exact train minimum and maximum. "
-        "Few patients, or embeddings with a large common offset, make DP bounds wide (models/cvae.json, "
-        "info.scaler.centre_noise_over_spread); public bounds cost no budget"))
-    dp_scaler_share: float = Field(0.1, gt=0, lt=0.5, description=(
-        "with dp and no dp_bounds: the share of dp_epsilon and dp_delta spent on the DP scaler bounds"))
-    dp_noise_share: float = Field(0.05, gt=0, lt=0.5, description=(
-        "with dp: the share of dp_epsilon and dp_delta spent on the decoder's DP noise scale (the per-dimension RMS "
-        "reconstruction error, from clipped per-patient means with Gaussian noise); DP-SGD gets the rest"))
+    dp_epsilon: float = Field(
+        10,
+        gt=0,
+        description=(
+            "with dp: the total epsilon per patient (all of a patient's records), over max_epochs: the DP scaler, the "
+            "DP noise scale and DP-SGD together (basic composition; node.cvae_dp)"
+        ),
+    )
+    dp_delta: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description=(
+            "with dp: the total delta per patient; None: 1 / (10 N), N the distinct patients among the records trained "
+            "on. A value above 1 / (10 N) is refused: a delta near 1/N allows a mechanism that releases one patient's "
+            "records outright"
+        ),
+    )
+    dp_bounds: list[float] | None = Field(
+        None,
+        description=(
+            "with dp: public bounds [lo, hi] of every embedding dimension, in embedding units, chosen without "
+            "looking at the site's data; records are clipped into them before training and samples stay inside "
+            "them. None: per-dimension bounds are estimated with DP from the train records (a DP centre +- "
+            "4 DP standard deviations and twice the centre's noise; dp_scaler_share of the budget), never the "
+            "exact train minimum and maximum. Few patients, or embeddings with a large common offset, make DP "
+            "bounds wide (models/cvae.json, info.scaler.centre_noise_over_spread); public bounds cost no budget"
+        ),
+    )
+    dp_scaler_share: float = Field(
+        0.1,
+        gt=0,
+        lt=0.5,
+        description=("with dp and no dp_bounds: the share of dp_epsilon and dp_delta spent on the DP scaler bounds"),
+    )
+    dp_noise_share: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description=(
+            "with dp: the share of dp_epsilon and dp_delta spent on the decoder's DP noise scale (the per-dimension "
+            "RMS reconstruction error, from clipped per-patient means with Gaussian noise); DP-SGD gets the rest"
+        ),
+    )
     dp_max_grad_norm: float = Field(1.0, gt=0, description="with dp: per-sample gradient clipping norm")
-    dp_early_stopping: bool = Field(False, description=(
-        "with dp: stop early on a validation split as without dp. Off by default: the stopping epoch and the "
-        "restored best weights depend on the validation records outside the DP accounting, so with it off dp "
-        "trains on every train record for exactly max_epochs and epsilon covers all of them"))
-    sample: Literal["replicate", "target"] = Field("replicate", description=(
-        "how many synthetic embeddings of each class: replicate the train class counts, or synth.target_size "
-        "in the train class proportions"))
-    sample_noise: bool = Field(True, description=(
-        "sample from the decoder's likelihood: decoded z plus Gaussian noise of the per-dimension RMS "
-        "reconstruction error on train (node.cvae.residual_rms; with dp a DP estimate), clipped to the scaler's "
-        "range (the train range; with dp the DP or public bounds). Off: the decoded means "
-        "alone, which vary only along the few latent dimensions that stay active and underrepresent the "
-        "within-class spread"))
-    federated: bool = Field(False, description=(
-        "train the CVAE across the federation (FedAvg of the decoders only; the site kit sets it from the "
-        "federation's cvae_federated): the local CVAE is the starting point, and synthesize samples from the "
-        "federation's decoder (models/cvae_global). With dp, the federated rounds are the whole DP plan: the local "
-        "CVAE is not pre-trained, the noise is calibrated for every round's epochs, and the epsilon spent over all "
-        "rounds is reported"))
+    dp_early_stopping: bool = Field(
+        False,
+        description=(
+            "with dp: stop early on a validation split as without dp. Off by default: the stopping epoch and the "
+            "restored best weights depend on the validation records outside the DP accounting, so with it off dp "
+            "trains on every train record for exactly max_epochs and epsilon covers all of them"
+        ),
+    )
+    sample: Literal["replicate", "target"] = Field(
+        "replicate",
+        description=(
+            "how many synthetic embeddings of each class: replicate the train class counts, or synth.target_size "
+            "in the train class proportions"
+        ),
+    )
+    sample_noise: bool = Field(
+        True,
+        description=(
+            "sample from the decoder's likelihood: decoded z plus Gaussian noise of the per-dimension RMS "
+            "reconstruction error on train (node.cvae.residual_rms; with dp a DP estimate), clipped to the scaler's "
+            "range (the train range; with dp the DP or public bounds). Off: the decoded means "
+            "alone, which vary only along the few latent dimensions that stay active and underrepresent the "
+            "within-class spread"
+        ),
+    )
+    federated: bool = Field(
+        False,
+        description=(
+            "train the CVAE across the federation (FedAvg of the decoders only; the site kit sets it from the "
+            "federation's cvae_federated): the local CVAE is the starting point, and synthesize samples from the "
+            "federation's decoder (models/cvae_global). With dp, the federated rounds are the whole DP plan: the local "
+            "CVAE is not pre-trained, the noise is calibrated for every round's epochs, and the epsilon spent over all "
+            "rounds is reported"
+        ),
+    )
 
     @model_validator(mode="after")
     def _dp_bounds_are_an_interval(self) -> "CvaeConfig":
@@ -202,10 +274,16 @@ class ExtractorConfig(_Strict):
     """The CVAE route's frozen feature extractor. Pinned federation-wide: embeddings from different
     networks live in different spaces, so every site must embed with the same weights."""
 
-    arch: Literal["tiny", "dinov2_vits14", "dinov2_vitb14", "resnet18", "resnet50"] = Field("tiny", description=(
-        "tiny: a small seeded random-init CNN, no weight file (tests, demo); the others are pretrained "
-        "backbones read from the local model store"))
-    weights: str | None = Field(None, description="weight file name in the local model store; required for every arch but tiny")
+    arch: Literal["tiny", "dinov2_vits14", "dinov2_vitb14", "resnet18", "resnet50"] = Field(
+        "tiny",
+        description=(
+            "tiny: a small seeded random-init CNN, no weight file (tests, demo); the others are pretrained "
+            "backbones read from the local model store"
+        ),
+    )
+    weights: str | None = Field(
+        None, description="weight file name in the local model store; required for every arch but tiny"
+    )
     sha256: str | None = Field(None, description="the weight file's sha256, all 64 hex digits; required with weights")
     seed: int = Field(0, description="tiny only: the seed its weights are drawn from")
 
@@ -218,12 +296,23 @@ class ExtractorConfig(_Strict):
     def _weights_pinned(self) -> "ExtractorConfig":
         if self.arch == "tiny":
             if self.weights is not None or self.sha256 is not None:
-                raise ValueError("extractor.weights and extractor.sha256 must be unset for arch 'tiny' (it has no weight file)")
+                raise ValueError(
+                    "extractor.weights and extractor.sha256 must be unset for arch 'tiny' (it has no weight file)"
+                )
             return self
         if not self.weights:
-            raise ValueError(f"extractor.weights is required for arch {self.arch!r}: the file name in the local model store")
-        if self.sha256 is None or len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower()):
-            raise ValueError(f"extractor.sha256 must be the weight file's full sha256 (64 hex digits) for arch {self.arch!r}, got {self.sha256!r}")
+            raise ValueError(
+                f"extractor.weights is required for arch {self.arch!r}: the file name in the local model store"
+            )
+        if (
+            self.sha256 is None
+            or len(self.sha256) != 64
+            or any(c not in "0123456789abcdef" for c in self.sha256.lower())
+        ):
+            raise ValueError(
+                f"extractor.sha256 must be the weight file's full sha256 (64 hex digits) for arch {self.arch!r}, "
+                f"got {self.sha256!r}"
+            )
         return self
 
 
@@ -233,13 +322,23 @@ class SynthConfig(_Strict):
     target_size: int = Field(240, ge=1, description="synthetic images to generate before the audit")
     invert_steps: int = Field(80, ge=1)
     invert_lr: float = Field(0.1, gt=0)
-    invert_perceptual: float = Field(0.05, ge=0, description=(
-        "weight of the phi_class feature term in inversion; pixels alone kept the class of only ~76% of "
-        "pneumoniamnist reconstructions, 0.05 kept all at +17% pixel error"))
+    invert_perceptual: float = Field(
+        0.05,
+        ge=0,
+        description=(
+            "weight of the phi_class feature term in inversion; pixels alone kept the class of only ~76% of "
+            "pneumoniamnist reconstructions, 0.05 kept all at +17% pixel error"
+        ),
+    )
     walk: WalkConfig = WalkConfig()
     cvae: CvaeConfig = CvaeConfig()
-    extractor: ExtractorConfig = Field(ExtractorConfig(), description=(
-        "CVAE route: the federation's pinned feature extractor (a site kit sets it); embeddings of another network are refused"))
+    extractor: ExtractorConfig = Field(
+        ExtractorConfig(),
+        description=(
+            "CVAE route: the federation's pinned feature extractor (a site kit sets it); "
+            "embeddings of another network are refused"
+        ),
+    )
     seed: int = 0
 
 
@@ -268,11 +367,21 @@ class PolicyConfig(_Strict):
     # two-sided figure (0.5 + the largest |AUC - 0.5| an outsider could use).
     max_mia_auc: float = Field(0.65, ge=0, le=1)
     # The same sets' attacker re-identification rate: 0.05 expected, upper bounds up to 0.12.
-    max_reid_rate: float = Field(0.15, ge=0, le=1, description=(
-        "share of accepted samples the independent attacker re-identifies (above the 95th percentile of its "
-        "scores on real non-members, so 0.05 is what a set unrelated to the train patients scores)"))
-    max_closer_to_train: float = Field(0.75, ge=0, le=1, description=(
-        "share of samples nearer train than holdout, in the spaces an outsider could use (not phi_id's)"))
+    max_reid_rate: float = Field(
+        0.15,
+        ge=0,
+        le=1,
+        description=(
+            "share of accepted samples the independent attacker re-identifies (above the 95th percentile of its "
+            "scores on real non-members, so 0.05 is what a set unrelated to the train patients scores)"
+        ),
+    )
+    max_closer_to_train: float = Field(
+        0.75,
+        ge=0,
+        le=1,
+        description=("share of samples nearer train than holdout, in the spaces an outsider could use (not phi_id's)"),
+    )
     min_accepted: int = Field(20, ge=1, description="publish nothing smaller (distinct images)")
     # Black-box attack's true-positive rate at 1% false positives, worst space: the share of
     # members an attacker singles out almost without error.
@@ -312,14 +421,24 @@ class CoordinatorAddress(_Strict):
     exchange: str = Field("127.0.0.1:50051", description="host:port of the bundle exchange (gRPC, TLS)")
     superlink: str = Field("127.0.0.1:9092", description="host:port SuperNodes connect to (Fleet API)")
     ca_cert: Path = Field(Path("keys/ca.crt"), description="the federation CA; relative to the site directory")
-    client_cert: Path = Field(Path("keys/client.crt"), description="this site's certificate for mutual TLS (from the site kit)")
+    client_cert: Path = Field(
+        Path("keys/client.crt"), description="this site's certificate for mutual TLS (from the site kit)"
+    )
     client_key: Path = Field(Path("keys/client.key"), description="its private key, mode 0600 (from the site kit)")
-    coordinator_pub: Path = Field(Path("keys/coordinator.pub"), description="verifies the trust store the coordinator publishes")
-    federation: str | None = Field(None, description=(
-        "the federation this site joined (from the site kit); trust documents signed for another are refused"))
+    coordinator_pub: Path = Field(
+        Path("keys/coordinator.pub"), description="verifies the trust store the coordinator publishes"
+    )
+    federation: str | None = Field(
+        None,
+        description=(
+            "the federation this site joined (from the site kit); trust documents signed for another are refused"
+        ),
+    )
     supernode_port: int = Field(9094, ge=1, le=65535, description="local port this site's SuperNode binds")
     timeout_s: float = Field(60, gt=0, description="seconds per exchange call (upload, list, download)")
-    max_bundle_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="larger bundles are not downloaded or extracted")
+    max_bundle_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="larger bundles are not downloaded or extracted"
+    )
 
 
 class SiteConfig(_Strict):
@@ -342,8 +461,18 @@ PROFILES: dict[str, dict] = {
     "gpu": {
         "device": "cuda",
         "models": {
-            "gan": {"z_dim": 256, "w_dim": 256, "mapping_layers": 4, "channels": 256, "steps": 20000,
-                    "batch_size": 32, "lr": 2.5e-3, "r1_gamma": 0.1, "ema_beta": 0.999, "checkpoint_every": 1000},
+            "gan": {
+                "z_dim": 256,
+                "w_dim": 256,
+                "mapping_layers": 4,
+                "channels": 256,
+                "steps": 20000,
+                "batch_size": 32,
+                "lr": 2.5e-3,
+                "r1_gamma": 0.1,
+                "ema_beta": 0.999,
+                "checkpoint_every": 1000,
+            },
             "classifier": {"width": 32, "attacker_width": 48, "epochs": 100, "id_epochs": 300, "batch_size": 128},
         },
         "synth": {"invert_steps": 500, "target_size": 2000, "walk": {"iters": 500}},
@@ -379,19 +508,34 @@ class DownstreamConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="180 train images: 64 gave too few steps in 6 epochs to learn")
     strategy: Literal["fedavg", "fedprox"] = "fedavg"
     proximal_mu: float = Field(0.01, ge=0, description="FedProx only: weight of (mu/2)||w - w_global||^2")
-    head_hidden: int = Field(0, ge=0, description="CVAE route: the head on embeddings; 0 is a linear probe, more a one-hidden-layer MLP")
-    train_on: Literal["pool", "pool+real"] = Field("pool", description="what each site trains on: the verified pool, or the pool plus its own real train split")
-    baselines: bool = Field(True, description=(
-        "after the run, FedAvg on each site's real train data (classic federated learning) by the same "
-        "machinery; every site also reports its local-only model (its real data alone) with each evaluation"))
+    head_hidden: int = Field(
+        0, ge=0, description="CVAE route: the head on embeddings; 0 is a linear probe, more a one-hidden-layer MLP"
+    )
+    train_on: Literal["pool", "pool+real"] = Field(
+        "pool", description="what each site trains on: the verified pool, or the pool plus its own real train split"
+    )
+    baselines: bool = Field(
+        True,
+        description=(
+            "after the run, FedAvg on each site's real train data (classic federated learning) by the same "
+            "machinery; every site also reports its local-only model (its real data alone) with each evaluation"
+        ),
+    )
 
 
 class FederationConfig(_Strict):
     name: str = Field("federation", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
-    route: Literal["plan", "cvae"] = Field("plan", description=(
-        "what the sites share and the federation trains on: PLAN images (a CNN), or CVAE embeddings (a head on embeddings)"))
+    route: Literal["plan", "cvae"] = Field(
+        "plan",
+        description=(
+            "what the sites share and the federation trains on: "
+            "PLAN images (a CNN), or CVAE embeddings (a head on embeddings)"
+        ),
+    )
     image_size: int = Field(32, ge=8, le=256)
-    n_classes: int = Field(2, ge=2, description="the federation's classes: kits carry them, ingest and the exchange refuse labels outside")
+    n_classes: int = Field(
+        2, ge=2, description="the federation's classes: kits carry them, ingest and the exchange refuse labels outside"
+    )
     class_names: list[str] | None = Field(None, description="their names, label 0 first (for reports); None: unnamed")
     quorum: int = Field(2, ge=1, description="sites with a bundle in the pool before the run starts")
     # SuperNodes online before the run starts, and the fewest a round may train with; None: quorum.
@@ -401,7 +545,9 @@ class FederationConfig(_Strict):
     # Once the run started, the fewest SuperNodes a round proceeds with: a site that drops out
     # mid-run is left behind rather than stalling every later round. None: the quorum.
     min_round_nodes: int | None = Field(None, ge=1)
-    round_timeout_s: float = Field(600, gt=0, description="how long a round waits for a site's reply before going on without it")
+    round_timeout_s: float = Field(
+        600, gt=0, description="how long a round waits for a site's reply before going on without it"
+    )
 
     @property
     def nodes_needed(self) -> int:
@@ -410,36 +556,76 @@ class FederationConfig(_Strict):
     @property
     def round_nodes_needed(self) -> int:
         return self.min_round_nodes if self.min_round_nodes is not None else min(self.quorum, self.nodes_needed)
-    public_host: str | None = Field(None, description=(
-        "the name or IP sites dial (site kits' default addresses); the server certificate must cover it "
-        "(`plan-server init --host` or `plan-server ca init --host`). None: exchange_host"))
+
+    public_host: str | None = Field(
+        None,
+        description=(
+            "the name or IP sites dial (site kits' default addresses); the server certificate must cover it "
+            "(`plan-server init --host` or `plan-server ca init --host`). None: exchange_host"
+        ),
+    )
     exchange_host: str = Field("127.0.0.1", description="where the exchange listens (0.0.0.0: every interface)")
     exchange_port: int = Field(50051, ge=1, le=65535)
     superlink_host: str = Field("127.0.0.1", description="where the Fleet gateway listens: the address SuperNodes dial")
-    superlink_port: int = Field(9092, ge=1, le=65535, description=(
-        "the Fleet gateway's HTTPS port (server/fleet_gateway.py): it passes only registered SuperNodes' Fleet calls"))
-    superlink_internal_port: int = Field(9093, ge=1, le=65535, description=(
-        "the SuperLink itself, on 127.0.0.1 only: the operator's flwr CLI (Control API), the ServerApp and the gateway"))
-    fleet_max_body_bytes: int = Field(256 * 1024 ** 2, ge=1024, description="the largest Fleet request the gateway forwards")
+    superlink_port: int = Field(
+        9092,
+        ge=1,
+        le=65535,
+        description=(
+            "the Fleet gateway's HTTPS port (server/fleet_gateway.py): "
+            "it passes only registered SuperNodes' Fleet calls"
+        ),
+    )
+    superlink_internal_port: int = Field(
+        9093,
+        ge=1,
+        le=65535,
+        description=(
+            "the SuperLink itself, on 127.0.0.1 only: "
+            "the operator's flwr CLI (Control API), the ServerApp and the gateway"
+        ),
+    )
+    fleet_max_body_bytes: int = Field(
+        256 * 1024**2, ge=1024, description="the largest Fleet request the gateway forwards"
+    )
     run_timeout_s: float = Field(1800, gt=0, description="a Flower run that takes longer is reported as failed")
-    trust_document_ttl_s: float = Field(86400, ge=60, description=(
-        "how long a signed trust document is valid; the exchange signs a fresh one on every request, "
-        "so this bounds how long a captured old one can be replayed to a site that has not seen a newer one"))
+    trust_document_ttl_s: float = Field(
+        86400,
+        ge=60,
+        description=(
+            "how long a signed trust document is valid; the exchange signs a fresh one on every request, "
+            "so this bounds how long a captured old one can be replayed to a site that has not seen a newer one"
+        ),
+    )
     max_bundle_bytes: int = Field(512 * 1024 * 1024, ge=1024)
-    site_quota_bytes: int = Field(4 * 1024 ** 3, ge=1024, description="bytes of bundles the pool keeps per site; an upload beyond is refused")
-    exchange_call_timeout_s: float = Field(600, gt=0, description=(
-        "the exchange cancels an upload or download still running after this many seconds, whatever the client asked"))
-    exchange_idle_timeout_s: float = Field(60, gt=0, description=(
-        "the exchange cancels an upload or download that moved no data for this many seconds"))
-    exchange_calls_per_site: int = Field(4, ge=1, description=(
-        "calls one site may have in progress at the exchange at once, of them one upload"))
+    site_quota_bytes: int = Field(
+        4 * 1024**3, ge=1024, description="bytes of bundles the pool keeps per site; an upload beyond is refused"
+    )
+    exchange_call_timeout_s: float = Field(
+        600,
+        gt=0,
+        description=(
+            "the exchange cancels an upload or download still running after this many seconds, "
+            "whatever the client asked"
+        ),
+    )
+    exchange_idle_timeout_s: float = Field(
+        60, gt=0, description=("the exchange cancels an upload or download that moved no data for this many seconds")
+    )
+    exchange_calls_per_site: int = Field(
+        4, ge=1, description=("calls one site may have in progress at the exchange at once, of them one upload")
+    )
     policy: PolicyConfig = PolicyConfig()  # the floor every site's gate must meet
     downstream: DownstreamConfig = DownstreamConfig()
     extractor: ExtractorConfig = ExtractorConfig()  # the CVAE route's; every site must embed with the same network
-    cvae_federated: bool = Field(False, description=(
-        "CVAE route: train the sites' CVAEs together first (Di Salvo et al., MICCAI 2025): a Flower run of FedAvg "
-        "over the decoders only, each site's encoder stays local; every site then samples from the federation's "
-        "decoder, audits and publishes, and the downstream run follows as usual"))
+    cvae_federated: bool = Field(
+        False,
+        description=(
+            "CVAE route: train the sites' CVAEs together first (Di Salvo et al., MICCAI 2025): a Flower run of FedAvg "
+            "over the decoders only, each site's encoder stays local; every site then samples from the federation's "
+            "decoder, audits and publishes, and the downstream run follows as usual"
+        ),
+    )
     cvae_rounds: int = Field(5, ge=1, description="cvae_federated: FedAvg rounds of the CVAE run")
     cvae_local_epochs: int = Field(20, ge=1, description="cvae_federated: epochs each site trains its CVAE per round")
 
@@ -520,7 +706,9 @@ def commented_yaml(model: BaseModel, *, title: str) -> str:
                 lines.append(f"{pad}{name}:")
                 emit(value, indent + 1)
             else:
-                dumped = yaml.safe_dump({name: value if not isinstance(value, Path) else str(value)}, default_flow_style=True, width=10_000)
+                dumped = yaml.safe_dump(
+                    {name: value if not isinstance(value, Path) else str(value)}, default_flow_style=True, width=10_000
+                )
                 lines.append(f"{pad}{dumped.strip()[1:-1]}")
 
     emit(model, 0)

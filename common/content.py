@@ -37,7 +37,9 @@ def check_bundle_content(tar: Path, spec: ContentSpec, *, route: str, embedding_
     as grey image_size x image_size PNGs, or whose labels or embedding length are not the
     federation's. route and embedding_dim: as verification found them (VerifiedBundle)."""
     if route == "cvae" and spec.embedding_dim is not None and embedding_dim != spec.embedding_dim:
-        raise BundleError(f"embeddings are {embedding_dim}-dimensional; this federation's are {spec.embedding_dim}", "content")
+        raise BundleError(
+            f"embeddings are {embedding_dim}-dimensional; this federation's are {spec.embedding_dim}", "content"
+        )
     with open(tar, "rb") as f:
         for entry, body in iter_tar(f):
             name = entry.name.removeprefix("./")
@@ -53,21 +55,31 @@ def check_labels(labels: np.ndarray, spec: ContentSpec, *, where: str) -> None:
     """Every label in 0..n_classes-1; BundleError("content") naming the first that is not."""
     bad = labels[(labels < 0) | (labels >= spec.n_classes)]
     if bad.size:
-        raise BundleError(f"{where}: label {int(bad[0])} is outside this federation's {spec.n_classes} classes "
-                          f"(0..{spec.n_classes - 1}); is federation.yaml's n_classes right?", "content")
+        raise BundleError(
+            f"{where}: label {int(bad[0])} is outside this federation's {spec.n_classes} classes "
+            f"(0..{spec.n_classes - 1}); is federation.yaml's n_classes right?",
+            "content",
+        )
 
 
-def check_arrays(route: str, data: np.ndarray, labels: np.ndarray, spec: ContentSpec, *, route_expected: str,
-                 where: str) -> None:
+def check_arrays(
+    route: str, data: np.ndarray, labels: np.ndarray, spec: ContentSpec, *, route_expected: str, where: str
+) -> None:
     """A loaded bundle's records (images uint8 [N,H,W] or embeddings float32 [N,D]) and labels [N]
     against the federation's; BundleError("content") naming `where` otherwise."""
     if route != route_expected:
-        raise BundleError(f"{where}: holds {route!r}-route data; this federation trains on {route_expected!r}", "content")
+        raise BundleError(
+            f"{where}: holds {route!r}-route data; this federation trains on {route_expected!r}", "content"
+        )
     if route == "plan" and spec.image_size is not None and data.shape[1:] != (spec.image_size, spec.image_size):
-        raise BundleError(f"{where}: images are {tuple(data.shape[1:])}, this federation's "
-                          f"{(spec.image_size, spec.image_size)}", "content")
+        raise BundleError(
+            f"{where}: images are {tuple(data.shape[1:])}, this federation's {(spec.image_size, spec.image_size)}",
+            "content",
+        )
     if route == "cvae" and spec.embedding_dim is not None and data.shape[1:] != (spec.embedding_dim,):
-        raise BundleError(f"{where}: embeddings are {tuple(data.shape[1:])}, this federation's ({spec.embedding_dim},)", "content")
+        raise BundleError(
+            f"{where}: embeddings are {tuple(data.shape[1:])}, this federation's ({spec.embedding_dim},)", "content"
+        )
     check_labels(labels, spec, where=where)
 
 
@@ -87,5 +99,8 @@ def _check_png(raw: bytes, size: int, name: str) -> None:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BundleError(f"{short(name)}: does not decode as an image ({type(e).__name__}: {e})", "content") from None
     if kind != ("PNG", "L", (size, size)):
-        raise BundleError(f"{short(name)}: a {kind[0]} {kind[1]} image of {kind[2][0]}x{kind[2][1]} pixels; this "
-                          f"federation's are grey 8-bit PNGs (mode L) of {size}x{size}", "content")
+        raise BundleError(
+            f"{short(name)}: a {kind[0]} {kind[1]} image of {kind[2][0]}x{kind[2][1]} pixels; this "
+            f"federation's are grey 8-bit PNGs (mode L) of {size}x{size}",
+            "content",
+        )

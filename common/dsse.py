@@ -18,6 +18,7 @@ from common.signing import sign, verify
 
 class EnvelopeError(ValueError):
     """An envelope is malformed or no signature verifies; the message says which."""
+
     exit_code = errors.VERIFY
 
 
@@ -46,9 +47,7 @@ def _b64(value: object, field: str) -> bytes:
         raise EnvelopeError(f"envelope field {field!r} is not valid base64") from None
 
 
-def verify_envelope(
-    env: dict, keys: Mapping[str, Ed25519PublicKey], *, payload_type: str | None = None
-) -> bytes:
+def verify_envelope(env: dict, keys: Mapping[str, Ed25519PublicKey], *, payload_type: str | None = None) -> bytes:
     """The payload of `env` if at least one signature verifies against one of `keys` (keyid -> key).
 
     A signature's keyid is only a hint (keyids are not authenticated): every key is tried.

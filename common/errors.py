@@ -29,9 +29,15 @@ NETWORK = 5  # the coordinator, the exchange or the SuperLink could not be reach
 VERIFY = 6  # a bundle, signature, listing or trust document did not verify
 RUN_FAILED = 7  # the federation run started but did not complete (the coordinator's results say why)
 
-EXIT_CODES = {CRASH: "unexpected error (a bug: the traceback says where)", CONFIG: "configuration", DATA: "data",
-              GATE: "release gate refused", NETWORK: "coordinator unreachable or refused", VERIFY: "verification failed",
-              RUN_FAILED: "federation run failed"}
+EXIT_CODES = {
+    CRASH: "unexpected error (a bug: the traceback says where)",
+    CONFIG: "configuration",
+    DATA: "data",
+    GATE: "release gate refused",
+    NETWORK: "coordinator unreachable or refused",
+    VERIFY: "verification failed",
+    RUN_FAILED: "federation run failed",
+}
 
 
 def exit_code_of(exc: BaseException) -> int | None:

@@ -13,6 +13,7 @@ from common import errors
 
 class FlowerError(RuntimeError):
     """A Flower command failed; the message carries what it printed."""
+
     exit_code = errors.NETWORK
 
 

@@ -16,6 +16,7 @@ from common import errors
 
 class KeyFileError(ValueError):
     """A private key file is missing, too open, or would be overwritten; the message names it."""
+
     exit_code = errors.CONFIG
 
 

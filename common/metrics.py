@@ -28,7 +28,9 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_classes: int
     AUROC and per-class recall (`recall-<c>`; nan for a class absent from `labels`)."""
     labels = np.asarray(labels)
     pred = probs.argmax(1)
-    recalls = [float((pred[labels == c] == c).mean()) if (labels == c).any() else float("nan") for c in range(n_classes)]
+    recalls = [
+        float((pred[labels == c] == c).mean()) if (labels == c).any() else float("nan") for c in range(n_classes)
+    ]
     aucs = [roc_auc(probs[labels == c, c], probs[labels != c, c]) for c in range(n_classes)]
     present = [r for r in recalls if not np.isnan(r)]
     valid_aucs = [a for a in aucs if not np.isnan(a)]

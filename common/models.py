@@ -18,8 +18,12 @@ from torch import nn
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(math.gcd(8, c_out), c_out), nn.ReLU(),
-        nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(math.gcd(8, c_out), c_out), nn.ReLU(),
+        nn.Conv2d(c_in, c_out, 3, padding=1),
+        nn.GroupNorm(math.gcd(8, c_out), c_out),
+        nn.ReLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1),
+        nn.GroupNorm(math.gcd(8, c_out), c_out),
+        nn.ReLU(),
         nn.MaxPool2d(2),
     )
 
@@ -84,8 +88,11 @@ class EmbeddingHead(nn.Module):
         self.d_in, self.n_classes, self.hidden = d_in, n_classes, hidden
         self.register_buffer("mean", torch.zeros(d_in))
         self.register_buffer("std", torch.ones(d_in))
-        self.net = nn.Linear(d_in, n_classes) if hidden == 0 else nn.Sequential(
-            nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+        self.net = (
+            nn.Linear(d_in, n_classes)
+            if hidden == 0
+            else nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+        )
 
     @torch.no_grad()
     def fit_scaler(self, x: torch.Tensor) -> "EmbeddingHead":
@@ -99,7 +106,9 @@ class EmbeddingHead(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-def downstream_model(n_classes: int, *, route: str, width: int, image_size: int, embedding_dim: int, head_hidden: int) -> nn.Module:
+def downstream_model(
+    n_classes: int, *, route: str, width: int, image_size: int, embedding_dim: int, head_hidden: int
+) -> nn.Module:
     """The federation's downstream classifier for `route`: DownstreamCNN on images [B,1,H,W]
     ("plan"), EmbeddingHead on embeddings [B,embedding_dim] ("cvae"). Built alike by the
     coordinator, to aggregate, and by every site, to train."""
@@ -108,7 +117,6 @@ def downstream_model(n_classes: int, *, route: str, width: int, image_size: int,
     if route == "plan":
         return DownstreamCNN(n_classes, width=width, image_size=image_size)
     raise ValueError(f"unknown route {route!r}; expected 'plan' or 'cvae'")
-
 
 
 class CVAE(nn.Module):
@@ -123,7 +131,9 @@ class CVAE(nn.Module):
         super().__init__()
         self.d_in, self.n_classes, self.hidden, self.latent = d_in, n_classes, hidden, latent
         self.encoder = nn.Sequential(nn.Linear(d_in + n_classes, hidden), nn.ReLU(), nn.Linear(hidden, 2 * latent))
-        self.decoder = nn.Sequential(nn.Linear(latent + n_classes, hidden), nn.ReLU(), nn.Linear(hidden, d_in), nn.Sigmoid())
+        self.decoder = nn.Sequential(
+            nn.Linear(latent + n_classes, hidden), nn.ReLU(), nn.Linear(hidden, d_in), nn.Sigmoid()
+        )
 
     def encode(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B,D] scaled, c [B,C] one-hot -> mu [B,latent], logvar [B,latent]."""
@@ -134,7 +144,9 @@ class CVAE(nn.Module):
         """z [B,latent], c [B,C] one-hot -> scaled embeddings [B,D] in (0,1)."""
         return self.decoder(torch.cat([z, c], 1))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, eps: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reconstruction [B,D], mu, logvar; `eps` [B,latent] fixes the reparameterisation noise."""
         mu, logvar = self.encode(x, c)
         if eps is None:
@@ -144,7 +156,9 @@ class CVAE(nn.Module):
     def decoder_state(self) -> dict[str, torch.Tensor]:
         """The decoder's weights only (keys `decoder.*`, CPU copies): what the federated CVAE shares.
         The encoder, which has seen every train record directly, never leaves the site."""
-        return {k: v.detach().cpu().clone().contiguous() for k, v in self.state_dict().items() if k.startswith("decoder.")}
+        return {
+            k: v.detach().cpu().clone().contiguous() for k, v in self.state_dict().items() if k.startswith("decoder.")
+        }
 
     def load_decoder_state(self, state: dict[str, torch.Tensor]) -> "CVAE":
         """Put `state` (decoder_state()'s keys exactly) into the decoder; the encoder is untouched. Returns self."""

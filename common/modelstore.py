@@ -19,6 +19,7 @@ STORE_ENV = "PLAN_MODEL_STORE"
 
 class ModelStoreError(FileNotFoundError):
     """A pinned weight file is absent from the store or does not match its sha256."""
+
     exit_code = errors.DATA
 
 
@@ -43,10 +44,13 @@ def resolve(sha256: str, *, store_dir: Path, name: str, source: str | None = Non
     where = f" (published at {source})" if source else ""
     if not path.is_file():
         raise ModelStoreError(
-            f"model weight {name!r} (sha256 {sha256}{'...' if len(sha256) < 64 else ''}) is not in the local model store: "
+            f"model weight {name!r} (sha256 {sha256}{'...' if len(sha256) < 64 else ''}) "
+            "is not in the local model store: "
             f"copy the file{where} to {path} (set {STORE_ENV} to use another store folder); nothing is downloaded"
         )
     got = sha256_file(path)
     if not got.startswith(sha256):
-        raise ModelStoreError(f"{path}: sha256 is {got}, expected {sha256}{'...' if len(sha256) < 64 else ''}; replace the file{where}")
+        raise ModelStoreError(
+            f"{path}: sha256 is {got}, expected {sha256}{'...' if len(sha256) < 64 else ''}; replace the file{where}"
+        )
     return path

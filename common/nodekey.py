@@ -20,7 +20,9 @@ def generate_node_key(key_path: Path, pub_path: Path) -> str:
     key = ec.generate_private_key(ec.SECP384R1())
     write_private_file(
         Path(key_path),
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
     )
     pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     atomic_write_bytes(Path(pub_path), pub + b"\n")

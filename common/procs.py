@@ -11,7 +11,9 @@ def spawn(cmd: list[str], *, log: Path, env: dict[str, str] | None = None, cwd: 
     """Start `cmd` in its own process group with stdout and stderr appended to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True)
+        return subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True
+        )
 
 
 def stop(proc: subprocess.Popen, *, grace: float = 10.0) -> int | None:

@@ -20,6 +20,7 @@ from common.keyfile import KeyFileError, read_private_file, write_private_file
 
 class SigningKeyError(ValueError):
     """A key is missing, unreadable, too open, or not Ed25519; the message names the file."""
+
     exit_code = errors.CONFIG
 
 

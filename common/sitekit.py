@@ -31,6 +31,7 @@ _FIELDS = {"format": str, "site": str, "federation": str, "exchange": str, "supe
 
 class KitError(ValueError):
     """A site kit is malformed, unsafe, or not for this site; the message names the kit and the cause."""
+
     exit_code = errors.CONFIG
 
 
@@ -91,7 +92,9 @@ def read_kit(path: Path) -> tuple[dict, dict[str, bytes]]:
         raise KitError(f"{path}: kit.json must be an object")
     for field, typ in _FIELDS.items():
         if not isinstance(meta.get(field), typ) or not meta[field]:
-            raise KitError(f"{path}: kit.json field {field!r} is missing or not a {typ.__name__} (got {meta.get(field)!r})")
+            raise KitError(
+                f"{path}: kit.json field {field!r} is missing or not a {typ.__name__} (got {meta.get(field)!r})"
+            )
     if meta["format"] != KIT_FORMAT:
         raise KitError(f"{path}: kit.json format {meta['format']!r}, expected {KIT_FORMAT!r}")
     return meta, files

@@ -30,6 +30,7 @@ _IGNORED_PAX_KEYS = frozenset({"mtime", "atime", "ctime", "uid", "gid", "uname",
 
 class TarFormatError(ValueError):
     """The archive is not in the accepted dialect; `unsafe` marks refusals of hostile constructs."""
+
     exit_code = errors.VERIFY
 
     def __init__(self, message: str, *, unsafe: bool = False):
@@ -122,10 +123,10 @@ def _parse_pax(data: bytes) -> dict[str, str]:
         if space < 0 or not data[pos:space].isdigit():
             raise TarFormatError("PAX header: a record does not start with its length")
         length = int(data[pos:space])
-        record = data[pos:pos + length]
+        record = data[pos : pos + length]
         if length <= space - pos + 1 or len(record) != length or not record.endswith(b"\n") or b"=" not in record:
             raise TarFormatError("PAX header: malformed record")
-        key, _, value = record[space - pos + 1:-1].partition(b"=")
+        key, _, value = record[space - pos + 1 : -1].partition(b"=")
         try:
             key_text, value_text = key.decode("utf-8"), value.decode("utf-8")
         except UnicodeDecodeError:
@@ -191,8 +192,11 @@ def iter_tar(src: BinaryIO) -> Iterator[tuple[TarEntry, _Body]]:
             raise TarFormatError(f"archive member {short(name)!r}: {refusal}", unsafe=True)
         if kind not in (b"0", b"\0", b"5"):
             raise TarFormatError(f"archive member {short(name)!r}: type {kind!r} is not allowed", unsafe=True)
-        entry = TarEntry(name=name.rstrip("/") if kind == b"5" else name, size=size if kind != b"5" else 0,
-                         kind="dir" if kind == b"5" else "file")
+        entry = TarEntry(
+            name=name.rstrip("/") if kind == b"5" else name,
+            size=size if kind != b"5" else 0,
+            kind="dir" if kind == b"5" else "file",
+        )
         body = _Body(src, entry.size)
         yield entry, body
         body.skip()

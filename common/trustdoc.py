@@ -34,18 +34,32 @@ MAX_CLOCK_SKEW_S = 300  # between the coordinator's and a site's clock
 
 class TrustDocumentError(ValueError):
     """The published trust store is malformed or not signed by the coordinator; the message says which."""
+
     exit_code = errors.VERIFY
 
 
-def sign_trust_document(windows: dict[str, list[dict]], coordinator_key: Ed25519PrivateKey, *, federation: str,
-                        version: int, ttl_s: float, now: dt.datetime | None = None) -> bytes:
+def sign_trust_document(
+    windows: dict[str, list[dict]],
+    coordinator_key: Ed25519PrivateKey,
+    *,
+    federation: str,
+    version: int,
+    ttl_s: float,
+    now: dt.datetime | None = None,
+) -> bytes:
     """The DSSE envelope (JSON bytes) of `windows` (server.trust.TrustStore.snapshot()) at `version`,
     signed by the coordinator, valid for `ttl_s` seconds from `now`."""
     now = now or dt.datetime.now(dt.timezone.utc)
     payload = json.dumps(
-        {"federation": federation, "version": version, "issued_at": now.isoformat(),
-         "expires": (now + dt.timedelta(seconds=ttl_s)).isoformat(), "sites": windows},
-        sort_keys=True, separators=(",", ":"),
+        {
+            "federation": federation,
+            "version": version,
+            "issued_at": now.isoformat(),
+            "expires": (now + dt.timedelta(seconds=ttl_s)).isoformat(),
+            "sites": windows,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
     ).encode()
     env = sign_envelope(payload, TRUST_PAYLOAD_TYPE, coordinator_key, key_id(coordinator_key.public_key()))
     return json.dumps(env, sort_keys=True).encode()
@@ -56,8 +70,9 @@ def sites_digest(doc: dict) -> str:
     return hashlib.sha256(json.dumps(doc["sites"], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def open_trust_document(envelope: bytes, coordinator_pub: Ed25519PublicKey, *, federation: str | None,
-                        now: dt.datetime | None = None) -> dict:
+def open_trust_document(
+    envelope: bytes, coordinator_pub: Ed25519PublicKey, *, federation: str | None, now: dt.datetime | None = None
+) -> dict:
     """The verified payload of a published trust store; TrustDocumentError otherwise.
 
     federation: the name this receiver joined (None: not checked, for a receiver that has none yet).
@@ -75,27 +90,40 @@ def open_trust_document(envelope: bytes, coordinator_pub: Ed25519PublicKey, *, f
     doc = json.loads(payload)
     sites = doc.get("sites") if isinstance(doc, dict) else None
     if not isinstance(sites, dict) or not all(
-        isinstance(s, str) and isinstance(ws, list) and all(isinstance(w, dict) and isinstance(w.get("pem"), str) for w in ws)
+        isinstance(s, str)
+        and isinstance(ws, list)
+        and all(isinstance(w, dict) and isinstance(w.get("pem"), str) for w in ws)
         for s, ws in sites.items()
     ):
-        raise TrustDocumentError("trust document: 'sites' must map site names to lists of {pem, valid_after, valid_until}")
+        raise TrustDocumentError(
+            "trust document: 'sites' must map site names to lists of {pem, valid_after, valid_until}"
+        )
     version = doc.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise TrustDocumentError(f"trust document: 'version' must be a positive integer, got {str(version)[:40]!r} "
-                                 f"(a coordinator older than this site's plan-node?)")
+        raise TrustDocumentError(
+            f"trust document: 'version' must be a positive integer, got {str(version)[:40]!r} "
+            f"(a coordinator older than this site's plan-node?)"
+        )
     if federation is not None and doc.get("federation") != federation:
-        raise TrustDocumentError(f"trust document is for federation {str(doc.get('federation'))[:64]!r}, "
-                                 f"this site joined {federation!r}")
+        raise TrustDocumentError(
+            f"trust document is for federation {str(doc.get('federation'))[:64]!r}, this site joined {federation!r}"
+        )
     now = now or dt.datetime.now(dt.timezone.utc)
     try:
         issued, expires = (dt.datetime.fromisoformat(doc[k]) for k in ("issued_at", "expires"))
         late = (now - expires).total_seconds()
         early = (issued - now).total_seconds()
     except (KeyError, TypeError, ValueError):
-        raise TrustDocumentError("trust document: 'issued_at' and 'expires' must be ISO-8601 times with a zone") from None
+        raise TrustDocumentError(
+            "trust document: 'issued_at' and 'expires' must be ISO-8601 times with a zone"
+        ) from None
     if late > 0:
-        raise TrustDocumentError(f"trust document version {version} expired {late:.0f} s ago ({doc['expires']}); "
-                                 f"a replayed old document, or check this machine's clock")
+        raise TrustDocumentError(
+            f"trust document version {version} expired {late:.0f} s ago ({doc['expires']}); "
+            f"a replayed old document, or check this machine's clock"
+        )
     if early > MAX_CLOCK_SKEW_S:
-        raise TrustDocumentError(f"trust document version {version} is issued {early:.0f} s in the future; check the clocks")
+        raise TrustDocumentError(
+            f"trust document version {version} is issued {early:.0f} s in the future; check the clocks"
+        )
     return doc

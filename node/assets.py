@@ -18,8 +18,9 @@ from common.modelstore import ModelStoreError, default_store_dir, resolve
 from node.exchange_client import ExchangeClient, site_client
 
 
-def fetch_extractor_weights(ws, cfg: ExtractorConfig, *, client: ExchangeClient | None = None,
-                            say: Callable[[str], None] | None = None) -> Path | None:
+def fetch_extractor_weights(
+    ws, cfg: ExtractorConfig, *, client: ExchangeClient | None = None, say: Callable[[str], None] | None = None
+) -> Path | None:
     """The path of extractor `cfg`'s weights in the site's model store, fetched from the coordinator
     if they are not there yet. None for arch "tiny" (no weight file; nothing is fetched).
 
@@ -40,8 +41,9 @@ def fetch_extractor_weights(ws, cfg: ExtractorConfig, *, client: ExchangeClient 
         try:
             return resolve(pin, store_dir=store, name=name)
         except ModelStoreError as e:
-            raise ModelStoreError(f"{e}; or remove it and run `plan-node fetch-assets` to get the "
-                                  f"federation's copy from the coordinator") from None
+            raise ModelStoreError(
+                f"{e}; or remove it and run `plan-node fetch-assets` to get the federation's copy from the coordinator"
+            ) from None
     own = client is None
     if own:
         client = site_client(ws)

@@ -22,7 +22,6 @@ import torch
 
 from node.pixels import to_tensor
 
-
 # ---------------------------------------------------------------- ROC and bootstrap
 
 
@@ -56,8 +55,14 @@ def cluster_resamples(groups: np.ndarray, *, n: int, rng: np.random.Generator) -
     return out
 
 
-def bootstrap_ci(stat: Callable[..., float], arrays_groups: list[tuple[np.ndarray, np.ndarray]], *,
-                 n: int = 200, seed: int = 0, level: float = 0.95) -> list[float | None]:
+def bootstrap_ci(
+    stat: Callable[..., float],
+    arrays_groups: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    n: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+) -> list[float | None]:
     """Percentile interval [lo, hi] of stat(*arrays) over `n` resamples, each array resampled
     independently by its groups (pass np.arange(len(a)) to resample records). None where
     undefined (an empty array)."""
@@ -85,8 +90,9 @@ def _log_kde(x: np.ndarray, ref: np.ndarray, h: float) -> np.ndarray:
     return m[:, 0] + np.log(np.exp(logk - m).sum(1)) - np.log(len(ref))
 
 
-def density_ratio_scores(s: np.ndarray, t: np.ndarray, h: np.ndarray, *, reference: np.ndarray,
-                         dims: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def density_ratio_scores(
+    s: np.ndarray, t: np.ndarray, h: np.ndarray, *, reference: np.ndarray, dims: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
     """DOMIAS scores log p_S(x) - log p_R(x) for x in t [N,D] (members) and h [M,D] (non-members),
     from embeddings of S [K,D] and of a reference set R [L,D] of other non-members (patients in
     neither t nor h, so no record sits on its own kernel). PCA to `dims` whitened dimensions
@@ -101,7 +107,10 @@ def density_ratio_scores(s: np.ndarray, t: np.ndarray, h: np.ndarray, *, referen
         return np.zeros(len(t)), np.zeros(len(h))
     proj = vt[:k].T / (sv[:k] / np.sqrt(max(len(fit) - 1, 1)))
     zs, zt, zh, zr = ((a - mu) @ proj for a in (s, t, h, r))
-    bw = lambda n: float(n ** (-1.0 / (k + 4)))  # Scott's rule on unit-variance dimensions
+
+    def bw(n: int) -> float:  # Scott's rule on unit-variance dimensions
+        return float(n ** (-1.0 / (k + 4)))
+
     pos = _log_kde(zt, zs, bw(len(zs))) - _log_kde(zt, zr, bw(len(zr)))
     neg = _log_kde(zh, zs, bw(len(zs))) - _log_kde(zh, zr, bw(len(zr)))
     return pos, neg
@@ -111,8 +120,9 @@ def density_ratio_scores(s: np.ndarray, t: np.ndarray, h: np.ndarray, *, referen
 
 
 @torch.no_grad()
-def discriminator_scores(D, images: np.ndarray, context: np.ndarray, *, device: torch.device | str = "cpu",
-                         batch_size: int = 256) -> np.ndarray:
+def discriminator_scores(
+    D, images: np.ndarray, context: np.ndarray, *, device: torch.device | str = "cpu", batch_size: int = 256
+) -> np.ndarray:
     """D's logit for each image uint8 [N,H,W]. D's minibatch-stddev layer mixes a group of 4
     samples, so each image is scored in a group with the same 3 `context` images (uint8 [3,H,W],
     synthetic ones: neither member nor non-member), which makes its score independent of the
@@ -136,9 +146,18 @@ def discriminator_scores(D, images: np.ndarray, context: np.ndarray, *, device: 
 # ---------------------------------------------------------------- downstream model
 
 
-def downstream_scores(s_data: np.ndarray, s_labels: np.ndarray, t: tuple[np.ndarray, np.ndarray],
-                      h: tuple[np.ndarray, np.ndarray], *, make_model: Callable[[int, np.ndarray], torch.nn.Module], augment: str,
-                      epochs: int, seed: int, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, dict]:
+def downstream_scores(
+    s_data: np.ndarray,
+    s_labels: np.ndarray,
+    t: tuple[np.ndarray, np.ndarray],
+    h: tuple[np.ndarray, np.ndarray],
+    *,
+    make_model: Callable[[int, np.ndarray], torch.nn.Module],
+    augment: str,
+    epochs: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Train a fresh classifier `make_model(n_classes, s_data)` on the synthetic set (images uint8
     [K,H,W] or embeddings float [K,D], labels [K]) and score the train and holdout records (data, labels)
     by -cross-entropy. Returns (pos [N], neg [M], info with the classifier's accuracy on T and H)."""
@@ -150,12 +169,16 @@ def downstream_scores(s_data: np.ndarray, s_labels: np.ndarray, t: tuple[np.ndar
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = make_model(n_classes, s_data)
-    train_classifier(model, s_data, s_labels, epochs=epochs, lr=3e-3, batch_size=32, device=device, seed=seed, augment=augment)
+    train_classifier(
+        model, s_data, s_labels, epochs=epochs, lr=3e-3, batch_size=32, device=device, seed=seed, augment=augment
+    )
 
     def score(x, y):
         logits = predict_logits(model, x, device=device)
         yt = torch.as_tensor(np.asarray(y), dtype=torch.long)
-        return -F.cross_entropy(logits, yt, reduction="none").double().numpy(), float((logits.argmax(1) == yt).double().mean())
+        return -F.cross_entropy(logits, yt, reduction="none").double().numpy(), float(
+            (logits.argmax(1) == yt).double().mean()
+        )
 
     pos, acc_t = score(*t)
     neg, acc_h = score(*h)

@@ -22,6 +22,7 @@ STAGE = "audit_attempt"
 
 class AttemptRefused(Exception):
     """Raised before an audit that the attempt limit refuses; the message says what to do."""
+
     exit_code = errors.GATE
 
 
@@ -61,14 +62,27 @@ def next_attempt(ws: Workspace, *, seed: int, max_attempts: int, note: str | Non
         if missing:
             raise AttemptRefused(
                 f"{failed} audit attempts on this training data failed (policy.max_attempts {max_attempts}); "
-                f"another attempt needs {' and '.join(missing)}")
-    return {"number": len(prior) + 1, "failed_before": failed, "seed": seed, "note": (note or "").strip() or None,
-            "max_attempts": max_attempts}
+                f"another attempt needs {' and '.join(missing)}"
+            )
+    return {
+        "number": len(prior) + 1,
+        "failed_before": failed,
+        "seed": seed,
+        "note": (note or "").strip() or None,
+        "max_attempts": max_attempts,
+    }
 
 
 def record_attempt(ws: Workspace, attempt: dict, *, run_id: str, passed: bool) -> None:
     """Append the finished attempt to the ledger (one line, written with a single write call)."""
-    entry = {"stage": STAGE, "data": data_digest(ws), "run_id": run_id, "passed": bool(passed), "time": time.time(), **attempt}
+    entry = {
+        "stage": STAGE,
+        "data": data_digest(ws),
+        "run_id": run_id,
+        "passed": bool(passed),
+        "time": time.time(),
+        **attempt,
+    }
     ws.ledger.parent.mkdir(parents=True, exist_ok=True)
     with open(ws.ledger, "a") as f:
         f.write(json.dumps(entry, sort_keys=True) + "\n")

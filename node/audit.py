@@ -34,9 +34,8 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
-
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,9 +49,9 @@ from node.attacks import bootstrap_ci, density_ratio_scores, discriminator_score
 from node.classifiers import SmallCNN
 from node.copies import PIXEL_VIEW_SIZE, calibrate, copy_distances, embed_warp_family, warp_family
 from node.device import pick_device
-from node.lpips_matrix import lpips_features, lpips_nearest, prepare
 from node.distances import embed, min_sq_dist, nearest_sq, pixels01
 from node.ingest import load_split
+from node.lpips_matrix import lpips_features, lpips_nearest, prepare
 from node.release_filter import distinct, holdout_halves
 from node.synthesize import latest_run
 from node.task import predict_logits
@@ -95,7 +94,12 @@ def nearest_record(d_train: np.ndarray, d_holdout: np.ndarray) -> dict:
     """From per-sample nearest distances to train [S] and to holdout [S] (a holdout-sized
     train sample, so 0.5 is ideal): share closer to train, mean and minimum distance."""
     if len(d_train) == 0:
-        return {"closer_to_train": float("nan"), "mean_min_train": float("nan"), "min_train": float("nan"), "mean_min_holdout": float("nan")}
+        return {
+            "closer_to_train": float("nan"),
+            "mean_min_train": float("nan"),
+            "min_train": float("nan"),
+            "mean_min_holdout": float("nan"),
+        }
     return {
         "closer_to_train": float((d_train < d_holdout).mean() + 0.5 * (d_train == d_holdout).mean()),
         "mean_min_train": float(np.mean(d_train)),
@@ -110,7 +114,11 @@ def membership_attack(s: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> dict
     if len(s) == 0:
         return {"auc": float("nan"), "tpr_at_1pct_fpr": float("nan"), "tpr_at_0.1pct_fpr": float("nan")}
     pos, neg = -min_sq_dist(t, s)[0].numpy(), -min_sq_dist(h, s)[0].numpy()
-    return {"auc": roc_auc(pos, neg), "tpr_at_1pct_fpr": tpr_at_fpr(pos, neg, 0.01), "tpr_at_0.1pct_fpr": tpr_at_fpr(pos, neg, 0.001)}
+    return {
+        "auc": roc_auc(pos, neg),
+        "tpr_at_1pct_fpr": tpr_at_fpr(pos, neg, 0.01),
+        "tpr_at_0.1pct_fpr": tpr_at_fpr(pos, neg, 0.001),
+    }
 
 
 def balanced_sample(train_ids: np.ndarray | None, holdout_ids: np.ndarray | None, *, seed: int) -> np.ndarray:
@@ -159,7 +167,16 @@ def _lpips_fn(model, images: tuple[np.ndarray, np.ndarray, np.ndarray], *, max_c
     return nn
 
 
-def _auc_block(pos: np.ndarray, neg: np.ndarray, pos_groups: np.ndarray, neg_groups: np.ndarray, *, n_boot: int, seed: int, roc: bool = True) -> dict:
+def _auc_block(
+    pos: np.ndarray,
+    neg: np.ndarray,
+    pos_groups: np.ndarray,
+    neg_groups: np.ndarray,
+    *,
+    n_boot: int,
+    seed: int,
+    roc: bool = True,
+) -> dict:
     """AUC, TPR at 1% and 0.1% FPR with patient-level bootstrap intervals, and ROC points."""
     pg, ng = (pos, pos_groups), (neg, neg_groups)
     out = {
@@ -180,9 +197,19 @@ def _auc_block(pos: np.ndarray, neg: np.ndarray, pos_groups: np.ndarray, neg_gro
     return out
 
 
-def set_figures(spaces: dict, t_balanced: np.ndarray, s_idx: np.ndarray, *, n_t: int, n_h: int,
-                train_ids: np.ndarray, holdout_ids: np.ndarray, n_boot: int = 200, seed: int = 0,
-                details: dict | None = None) -> dict:
+def set_figures(
+    spaces: dict,
+    t_balanced: np.ndarray,
+    s_idx: np.ndarray,
+    *,
+    n_t: int,
+    n_h: int,
+    train_ids: np.ndarray,
+    holdout_ids: np.ndarray,
+    n_boot: int = 200,
+    seed: int = 0,
+    details: dict | None = None,
+) -> dict:
     """Per space (name -> nn function, see _space_fn): nearest-record and black-box membership
     figures of the synthetic records `s_idx`, with bootstrap intervals. `t_balanced` indexes a
     holdout-shaped sample of T (balanced_sample) for the closer-to-train share. Distances and
@@ -192,22 +219,36 @@ def set_figures(spaces: dict, t_balanced: np.ndarray, s_idx: np.ndarray, *, n_t:
     for name, nn in spaces.items():
         if len(s_idx) == 0:
             nan = float("nan")
-            out[name] = {"nearest_record": nearest_record(np.zeros(0), np.zeros(0)),
-                         "membership": {"auc": nan, "tpr_at_1pct_fpr": nan, "tpr_at_0.1pct_fpr": nan}}
+            out[name] = {
+                "nearest_record": nearest_record(np.zeros(0), np.zeros(0)),
+                "membership": {"auc": nan, "tpr_at_1pct_fpr": nan, "tpr_at_0.1pct_fpr": nan},
+            }
             continue
         d_t, j_t = nn("s", "t", s_idx, t_balanced)
         d_h, _ = nn("s", "h", s_idx, all_h)
         nr = nearest_record(d_t, d_h)
         recs = np.arange(len(s_idx))
         nr["closer_to_train_ci"] = bootstrap_ci(
-            lambda i: float((d_t[i] < d_h[i]).mean() + 0.5 * (d_t[i] == d_h[i]).mean()), [(recs, recs)], n=n_boot, seed=seed)
+            lambda i, d_t=d_t, d_h=d_h: float((d_t[i] < d_h[i]).mean() + 0.5 * (d_t[i] == d_h[i]).mean()),
+            [(recs, recs)],
+            n=n_boot,
+            seed=seed,
+        )
         nr["mean_min_train_ci"] = bootstrap_ci(np.mean, [(d_t, recs)], n=n_boot, seed=seed)
         pos, neg = -nn("t", "s", all_t, s_idx)[0], -nn("h", "s", all_h, s_idx)[0]
-        out[name] = {"nearest_record": nr, "membership": _auc_block(pos, neg, train_ids, holdout_ids, n_boot=n_boot, seed=seed)}
+        out[name] = {
+            "nearest_record": nr,
+            "membership": _auc_block(pos, neg, train_ids, holdout_ids, n_boot=n_boot, seed=seed),
+        }
         if details is not None:
             order = np.argsort(d_t)[:8]
-            details[name] = {"d_s_train": d_t, "d_s_holdout": d_h, "member_scores": pos, "nonmember_scores": neg,
-                             "closest": [(int(s_idx[i]), int(t_balanced[j_t[i]]), float(d_t[i])) for i in order]}
+            details[name] = {
+                "d_s_train": d_t,
+                "d_s_holdout": d_h,
+                "member_scores": pos,
+                "nonmember_scores": neg,
+                "closest": [(int(s_idx[i]), int(t_balanced[j_t[i]]), float(d_t[i])) for i in order],
+            }
     return out
 
 
@@ -236,7 +277,12 @@ def _reid_block(s_scores: np.ndarray, h_scores: np.ndarray, holdout_ids: np.ndar
     """Re-id rate of synthetic scores against the 95th percentile of holdout scores, with an
     interval resampling both the synthetic records and the holdout patients (the threshold moves too)."""
     rate = reid_rate(s_scores, reid_threshold(h_scores)) if len(h_scores) else float("nan")
-    ci = bootstrap_ci(lambda s, h: reid_rate(s, reid_threshold(h)), [(s_scores, np.arange(len(s_scores))), (h_scores, holdout_ids)], n=n_boot, seed=seed)
+    ci = bootstrap_ci(
+        lambda s, h: reid_rate(s, reid_threshold(h)),
+        [(s_scores, np.arange(len(s_scores))), (h_scores, holdout_ids)],
+        n=n_boot,
+        seed=seed,
+    )
     return {"rate": rate, "rate_ci": ci, "threshold": reid_threshold(h_scores), "quantile": REID_QUANTILE}
 
 
@@ -246,7 +292,9 @@ class Evidence:
     calibration half (`*_cal`: thresholds) and the evaluation half (`*_eval`: set-level figures)."""
 
     spaces: dict  # name -> nearest-neighbour function over (S, T, H_eval) (see _space_fn)
-    attack_features: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # S, T, H_cal, H_eval in the space DOMIAS attacks
+    attack_features: tuple[
+        np.ndarray, np.ndarray, np.ndarray, np.ndarray
+    ]  # S, T, H_cal, H_eval in the space DOMIAS attacks
     closeness: np.ndarray  # float [S]: per sample, the figure the policy's per-sample minimum applies to
     closeness_key: str  # the report key of its minimum over the released set
     too_close: np.ndarray  # bool [S]: below the policy's per-sample minimum
@@ -271,10 +319,28 @@ def _upper(ci, point: float) -> float:
 
 
 def _judge(
-    ev: Evidence, *, candidates: np.ndarray, train: np.ndarray, holdout_eval: np.ndarray, policy: PolicyConfig,
-    train_ids: np.ndarray, eval_ids: np.ndarray, candidate_labels, train_labels, eval_labels, paths,
-    make_classifier, augment: str, discriminator, dp_epsilon, device, seed: int, n_boot: int, downstream_epochs: int,
-    details: dict | None, extra: dict,
+    ev: Evidence,
+    *,
+    candidates: np.ndarray,
+    train: np.ndarray,
+    holdout_eval: np.ndarray,
+    policy: PolicyConfig,
+    train_ids: np.ndarray,
+    eval_ids: np.ndarray,
+    candidate_labels,
+    train_labels,
+    eval_labels,
+    paths,
+    make_classifier,
+    augment: str,
+    discriminator,
+    dp_epsilon,
+    device,
+    seed: int,
+    n_boot: int,
+    downstream_epochs: int,
+    details: dict | None,
+    extra: dict,
 ) -> tuple[dict, np.ndarray]:
     """The per-sample filter, every set-level figure on the accepted set and the gate: the part of
     the audit both routes share. Returns (report, accepted mask [S])."""
@@ -288,7 +354,14 @@ def _judge(
     accepted = ev.distinct & ~ev.too_close & ~copy_any & ~reid_id & ~reid_att
     acc_idx, all_idx = np.flatnonzero(accepted), np.flatnonzero(ev.distinct)
     t_bal = balanced_sample(train_ids, eval_ids, seed=seed)
-    kw = {"n_t": len(train), "n_h": len(holdout_eval), "train_ids": train_ids, "holdout_ids": eval_ids, "n_boot": n_boot, "seed": seed}
+    kw = {
+        "n_t": len(train),
+        "n_h": len(holdout_eval),
+        "train_ids": train_ids,
+        "holdout_ids": eval_ids,
+        "n_boot": n_boot,
+        "seed": seed,
+    }
     figs_acc = set_figures(ev.spaces, t_bal, acc_idx, details=details, **kw)
     figs_all = set_figures(ev.spaces, t_bal, all_idx, **{**kw, "n_boot": 0}) if S else figs_acc
     n_acc = int(accepted.sum())
@@ -299,17 +372,41 @@ def _judge(
     if n_acc >= 2:
         s_e, t_e, hc_e, he_e = ev.attack_features
         pos, neg = density_ratio_scores(s_e[acc_idx], t_e, he_e, reference=hc_e)
-        attacks["density_ratio"] = {"space": extra.get("attack_space", "attacker"), **_auc_block(pos, neg, train_ids, eval_ids, n_boot=n_boot, seed=seed)}
-    if n_acc >= 2 and candidate_labels is not None and train_labels is not None and eval_labels is not None and downstream_epochs > 0:
-        pos, neg, info = downstream_scores(candidates[acc_idx], np.asarray(candidate_labels)[acc_idx], (train, train_labels), (holdout_eval, eval_labels),
-                                           make_model=make_classifier, augment=augment, epochs=downstream_epochs, seed=seed, device=device)
+        attacks["density_ratio"] = {
+            "space": extra.get("attack_space", "attacker"),
+            **_auc_block(pos, neg, train_ids, eval_ids, n_boot=n_boot, seed=seed),
+        }
+    if (
+        n_acc >= 2
+        and candidate_labels is not None
+        and train_labels is not None
+        and eval_labels is not None
+        and downstream_epochs > 0
+    ):
+        pos, neg, info = downstream_scores(
+            candidates[acc_idx],
+            np.asarray(candidate_labels)[acc_idx],
+            (train, train_labels),
+            (holdout_eval, eval_labels),
+            make_model=make_classifier,
+            augment=augment,
+            epochs=downstream_epochs,
+            seed=seed,
+            device=device,
+        )
         attacks["downstream_loss"] = {**info, **_auc_block(pos, neg, train_ids, eval_ids, n_boot=n_boot, seed=seed)}
     # LOGAN attacks the GAN, not the released set: reported, not gated (D is never released, and
     # k-same, the walk and the filter stand between G and what is published)
     if discriminator is not None and S >= 3:
         ctx = candidates[:3]
-        pos, neg = discriminator_scores(discriminator, train, ctx, device=device), discriminator_scores(discriminator, holdout_eval, ctx, device=device)
-        attacks["discriminator"] = {"gated": False, **_auc_block(pos, neg, train_ids, eval_ids, n_boot=n_boot, seed=seed)}
+        pos, neg = (
+            discriminator_scores(discriminator, train, ctx, device=device),
+            discriminator_scores(discriminator, holdout_eval, ctx, device=device),
+        )
+        attacks["discriminator"] = {
+            "gated": False,
+            **_auc_block(pos, neg, train_ids, eval_ids, n_boot=n_boot, seed=seed),
+        }
     gated_blocks = {f"black_box/{k}": f["membership"] for k, f in figs_acc.items()}
     gated_blocks.update({k: a for k, a in attacks.items() if k != "discriminator"})
     gated = [b["auc"] for b in gated_blocks.values()]
@@ -339,16 +436,27 @@ def _judge(
         "mia_auc_two_sided": _max_or_nan([0.5 + abs(b["auc"] - 0.5) for b in outsider.values()]),
         "mia_auc_two_sided_upper": _max_or_nan([0.5 + far_end(b) for b in outsider.values()]),
         "tpr_at_low_fpr": _worst(figs_acc, "membership", "tpr_at_1pct_fpr"),
-        "tpr_at_low_fpr_upper": _max_or_nan([_upper(f["membership"].get("tpr_at_1pct_fpr_ci"), f["membership"]["tpr_at_1pct_fpr"])
-                                             for f in figs_acc.values()]),
+        "tpr_at_low_fpr_upper": _max_or_nan(
+            [
+                _upper(f["membership"].get("tpr_at_1pct_fpr_ci"), f["membership"]["tpr_at_1pct_fpr"])
+                for f in figs_acc.values()
+            ]
+        ),
         "reid_rate": reid["attacker"]["rate"],
         "reid_rate_ci": reid["attacker"]["rate_ci"],
         "reid_rate_upper": _upper(reid["attacker"]["rate_ci"], reid["attacker"]["rate"]),
         # gated in the spaces an outsider could use, for the reason the two-sided AUC is: phi_id's
         # space is the one the walk optimised in, and it never leaves the site
-        "closer_to_train": _worst({k: f for k, f in figs_acc.items() if k != "phi_id"}, "nearest_record", "closer_to_train"),
-        "closer_to_train_upper": _max_or_nan([_upper(f["nearest_record"].get("closer_to_train_ci"), f["nearest_record"]["closer_to_train"])
-                                              for k, f in figs_acc.items() if k != "phi_id"]),
+        "closer_to_train": _worst(
+            {k: f for k, f in figs_acc.items() if k != "phi_id"}, "nearest_record", "closer_to_train"
+        ),
+        "closer_to_train_upper": _max_or_nan(
+            [
+                _upper(f["nearest_record"].get("closer_to_train_ci"), f["nearest_record"]["closer_to_train"])
+                for k, f in figs_acc.items()
+                if k != "phi_id"
+            ]
+        ),
         "n_degenerate": len(degenerate),
         "degenerate": degenerate,
         ev.closeness_key: float(ev.closeness[accepted].min()) if n_acc else float("nan"),
@@ -369,8 +477,12 @@ def _judge(
             "reidentified_attacker": int((reid_att & ev.distinct).sum()),
             "either": int((~accepted).sum()),
         },
-        "calibration": {**ev.calibration, "reid_threshold_phi_id": thr_id, "reid_threshold_attacker": thr_att,
-                        "reid_quantile_attacker": 1 - policy.copy_fpr},
+        "calibration": {
+            **ev.calibration,
+            "reid_threshold_phi_id": thr_id,
+            "reid_threshold_attacker": thr_att,
+            "reid_quantile_attacker": 1 - policy.copy_fpr,
+        },
         "policy": policy.model_dump(mode="json"),
         "nearest_record": {k: v["nearest_record"] for k, v in figs_acc.items()},
         "membership": {k: v["membership"] for k, v in figs_acc.items()},
@@ -378,13 +490,20 @@ def _judge(
         "reid": reid,
         "candidates": {
             "nearest_record": {k: v["nearest_record"] for k, v in figs_all.items()},
-            "membership": {k: {m: v["membership"].get(m) for m in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")} for k, v in figs_all.items()},
+            "membership": {
+                k: {m: v["membership"].get(m) for m in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")}
+                for k, v in figs_all.items()
+            },
             "reid_rate_phi_id": reid_rate(ev.id_score[ev.distinct], thr_id),
             "reid_rate_attacker": reid_rate(ev.att_score[ev.distinct], reid_threshold(ev.att_eval)),
             ev.closeness_key: float(ev.closeness[ev.distinct].min()) if S else None,
         },
-        "bootstrap": {"resamples": n_boot, "level": 0.95, "unit": "patient for T and H, record for S",
-                      "gated_at": "the unfavourable end of each interval (*_upper)"},
+        "bootstrap": {
+            "resamples": n_boot,
+            "level": 0.95,
+            "unit": "patient for T and H, record for S",
+            "gated_at": "the unfavourable end of each interval (*_upper)",
+        },
         "n_train": len(train),
         "n_holdout_evaluation": len(holdout_eval),
     }
@@ -398,13 +517,19 @@ def _judge(
 
 def _ids(train_ids, holdout_ids, n_train: int, n_holdout: int) -> tuple[np.ndarray, np.ndarray]:
     """Patient ids, or one patient per record where none are given."""
-    return (np.arange(n_train).astype(str) if train_ids is None else np.asarray(train_ids),
-            np.array([f"h{i}" for i in range(n_holdout)]) if holdout_ids is None else np.asarray(holdout_ids))
+    return (
+        np.arange(n_train).astype(str) if train_ids is None else np.asarray(train_ids),
+        np.array([f"h{i}" for i in range(n_holdout)]) if holdout_ids is None else np.asarray(holdout_ids),
+    )
 
 
 def _halves_info(holdout_ids: np.ndarray, cal: np.ndarray, evl: np.ndarray) -> dict:
-    return {"n_calibration": int(len(cal)), "n_evaluation": int(len(evl)),
-            "patients_calibration": int(len(np.unique(holdout_ids[cal]))), "patients_evaluation": int(len(np.unique(holdout_ids[evl])))}
+    return {
+        "n_calibration": int(len(cal)),
+        "n_evaluation": int(len(evl)),
+        "patients_calibration": int(len(np.unique(holdout_ids[cal]))),
+        "patients_evaluation": int(len(np.unique(holdout_ids[evl]))),
+    }
 
 
 def _features_fn(model, device, *, batch_size: int = 1024):
@@ -413,7 +538,9 @@ def _features_fn(model, device, *, batch_size: int = 1024):
 
     @torch.no_grad()
     def f(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([model.features(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+        return torch.cat(
+            [model.features(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+        )
 
     return f
 
@@ -433,12 +560,28 @@ def _lpips_embedder(model):
 
 
 def audit_images(
-    candidates: np.ndarray, train: np.ndarray, holdout: np.ndarray, *,
-    phi_id, attacker, policy: PolicyConfig, device: torch.device | str, seed: int = 0,
-    train_ids: np.ndarray | None = None, holdout_ids: np.ndarray | None = None,
-    candidate_labels: np.ndarray | None = None, train_labels: np.ndarray | None = None, holdout_labels: np.ndarray | None = None,
-    paths: np.ndarray | None = None, discriminator=None, lpips_model=None, lpips_reason: str | None = None,
-    dp_epsilon: float | None = None, n_boot: int = 200, downstream_epochs: int = 20, details: dict | None = None,
+    candidates: np.ndarray,
+    train: np.ndarray,
+    holdout: np.ndarray,
+    *,
+    phi_id,
+    attacker,
+    policy: PolicyConfig,
+    device: torch.device | str,
+    seed: int = 0,
+    train_ids: np.ndarray | None = None,
+    holdout_ids: np.ndarray | None = None,
+    candidate_labels: np.ndarray | None = None,
+    train_labels: np.ndarray | None = None,
+    holdout_labels: np.ndarray | None = None,
+    paths: np.ndarray | None = None,
+    discriminator=None,
+    lpips_model=None,
+    lpips_reason: str | None = None,
+    dp_epsilon: float | None = None,
+    n_boot: int = 200,
+    downstream_epochs: int = 20,
+    details: dict | None = None,
 ) -> tuple[dict, np.ndarray]:
     """Audit candidate images uint8 [S,H,W] (the PLAN route) against train and holdout images
     (with their patient ids; without, every image is its own patient).
@@ -455,7 +598,9 @@ def audit_images(
     cal, evl = holdout_halves(holdout_ids, seed=HALVES_SEED)
 
     # the copy detector: each space's threshold from the calibration half's own copy distances
-    log.info("audit: copy detector, %d calibration and %d candidate images against %d train images", len(cal), S, len(train))
+    log.info(
+        "audit: copy detector, %d calibration and %d candidate images against %d train images", len(cal), S, len(train)
+    )
     embedders = {"attacker": _features_fn(attacker, device)}
     if lpips_model is not None:
         embedders["lpips"] = _lpips_embedder(lpips_model)
@@ -465,41 +610,89 @@ def audit_images(
     d_cal = copy_distances(holdout[cal], train, embedders=embedders, family=family, chunk=chunk) if on else {}
     thresholds = {k: calibrate(d, fpr=policy.copy_fpr) for k, (d, _) in d_cal.items()}
 
-    d_cand = copy_distances(candidates, train, embedders=embedders, family=family, chunk=chunk) if thresholds and S else {}
+    d_cand = (
+        copy_distances(candidates, train, embedders=embedders, family=family, chunk=chunk) if thresholds and S else {}
+    )
     copies = {k: (d_cand[k][0] < t if S else np.zeros(0, dtype=bool)) for k, t in thresholds.items()}
     calibration = {
-        **_halves_info(holdout_ids, cal, evl), "copy_fpr": policy.copy_fpr, "copy_family": len(family) if on else 0,
+        **_halves_info(holdout_ids, cal, evl),
+        "copy_fpr": policy.copy_fpr,
+        "copy_family": len(family) if on else 0,
         "copy_family_embeddings": len(embed_warp_family()) if on else 0,
         "copy_thresholds": thresholds,
-        # real non-members the detector would flag: more than copy_fpr of them means near-duplicates across patients in the data
+        # real non-members the detector would flag: more than copy_fpr of them means near-duplicates across
+        # patients in the data
         "copy_calibration_flagged": {k: int((d_cal[k][0] < t).sum()) for k, t in thresholds.items()},
     }
     h_cal, h_eval = holdout[cal], holdout[evl]
     pix_s, pix_t, pix_e = pixels01(candidates), pixels01(train), pixels01(h_eval)
     d_pix_train = (min_sq_dist(pix_s, pix_t)[0] / pix_s.shape[1]).numpy() if S else np.zeros(0)
     empty = torch.zeros(0, 1)
-    emb = {name: (embed(m, candidates, device=device) if S else empty, embed(m, train, device=device), embed(m, h_eval, device=device))
-           for name, m in (("phi_id", phi_id), ("attacker", attacker))}
+    emb = {
+        name: (
+            embed(m, candidates, device=device) if S else empty,
+            embed(m, train, device=device),
+            embed(m, h_eval, device=device),
+        )
+        for name, m in (("phi_id", phi_id), ("attacker", attacker))
+    }
     spaces = {"pixel": _space_fn((pix_s, pix_t, pix_e), scale=pix_s.shape[1])}
     spaces.update({k: _space_fn(v) for k, v in emb.items()})
     if lpips_model is not None:
         spaces["lpips"] = _lpips_fn(lpips_model, (candidates, train, h_eval))
     ev = Evidence(
         spaces=spaces,
-        attack_features=(emb["attacker"][0].numpy(), emb["attacker"][1].numpy(), embed(attacker, h_cal, device=device).numpy(), emb["attacker"][2].numpy()),
-        closeness=d_pix_train, closeness_key="min_pixel_mse_to_train", too_close=d_pix_train < policy.min_pixel_distance,
-        copies=copies, calibration=calibration, distinct=distinct(candidates),
-        id_score=_top_prob(phi_id, candidates, device), id_cal=_top_prob(phi_id, h_cal, device), id_eval=_top_prob(phi_id, h_eval, device),
-        att_score=_top_prob(attacker, candidates, device), att_cal=_top_prob(attacker, h_cal, device), att_eval=_top_prob(attacker, h_eval, device),
+        attack_features=(
+            emb["attacker"][0].numpy(),
+            emb["attacker"][1].numpy(),
+            embed(attacker, h_cal, device=device).numpy(),
+            emb["attacker"][2].numpy(),
+        ),
+        closeness=d_pix_train,
+        closeness_key="min_pixel_mse_to_train",
+        too_close=d_pix_train < policy.min_pixel_distance,
+        copies=copies,
+        calibration=calibration,
+        distinct=distinct(candidates),
+        id_score=_top_prob(phi_id, candidates, device),
+        id_cal=_top_prob(phi_id, h_cal, device),
+        id_eval=_top_prob(phi_id, h_eval, device),
+        att_score=_top_prob(attacker, candidates, device),
+        att_cal=_top_prob(attacker, h_cal, device),
+        att_eval=_top_prob(attacker, h_eval, device),
     )
     report, accepted = _judge(
-        ev, candidates=candidates, train=train, holdout_eval=h_eval, policy=policy, train_ids=train_ids, eval_ids=holdout_ids[evl],
-        candidate_labels=candidate_labels, train_labels=train_labels, eval_labels=None if holdout_labels is None else np.asarray(holdout_labels)[evl],
-        paths=paths, make_classifier=lambda n, _: SmallCNN(n, width=8, image_size=candidates.shape[-1]), augment="light",
-        discriminator=discriminator, dp_epsilon=dp_epsilon, device=device, seed=seed, n_boot=n_boot,
-        downstream_epochs=downstream_epochs, details=details,
-        extra={"route": "plan", "lpips": {"available": lpips_model is not None, **(
-            {"reason": lpips_reason} if lpips_model is None else {"net": getattr(lpips_model, "pnet_type", None)})}},
+        ev,
+        candidates=candidates,
+        train=train,
+        holdout_eval=h_eval,
+        policy=policy,
+        train_ids=train_ids,
+        eval_ids=holdout_ids[evl],
+        candidate_labels=candidate_labels,
+        train_labels=train_labels,
+        eval_labels=None if holdout_labels is None else np.asarray(holdout_labels)[evl],
+        paths=paths,
+        make_classifier=lambda n, _: SmallCNN(n, width=8, image_size=candidates.shape[-1]),
+        augment="light",
+        discriminator=discriminator,
+        dp_epsilon=dp_epsilon,
+        device=device,
+        seed=seed,
+        n_boot=n_boot,
+        downstream_epochs=downstream_epochs,
+        details=details,
+        extra={
+            "route": "plan",
+            "lpips": {
+                "available": lpips_model is not None,
+                **(
+                    {"reason": lpips_reason}
+                    if lpips_model is None
+                    else {"net": getattr(lpips_model, "pnet_type", None)}
+                ),
+            },
+        },
     )
     return report, accepted
 
@@ -513,11 +706,24 @@ def standardise(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
 
 
 def audit_embeddings(
-    candidates: np.ndarray, train: np.ndarray, holdout: np.ndarray, *,
-    phi_id, attacker, policy: PolicyConfig, device: torch.device | str, seed: int = 0,
-    train_ids: np.ndarray | None = None, holdout_ids: np.ndarray | None = None,
-    candidate_labels: np.ndarray | None = None, train_labels: np.ndarray | None = None, holdout_labels: np.ndarray | None = None,
-    dp_epsilon: float | None = None, n_boot: int = 200, downstream_epochs: int = 20, details: dict | None = None,
+    candidates: np.ndarray,
+    train: np.ndarray,
+    holdout: np.ndarray,
+    *,
+    phi_id,
+    attacker,
+    policy: PolicyConfig,
+    device: torch.device | str,
+    seed: int = 0,
+    train_ids: np.ndarray | None = None,
+    holdout_ids: np.ndarray | None = None,
+    candidate_labels: np.ndarray | None = None,
+    train_labels: np.ndarray | None = None,
+    holdout_labels: np.ndarray | None = None,
+    dp_epsilon: float | None = None,
+    n_boot: int = 200,
+    downstream_epochs: int = 20,
+    details: dict | None = None,
 ) -> tuple[dict, np.ndarray]:
     """Audit candidate embeddings float [S,D] (the CVAE route) against the train and holdout
     records' embeddings [N,D], [M,D] from the same extractor. phi_id and the attacker are
@@ -531,26 +737,51 @@ def audit_embeddings(
     S = len(candidates)
     train_ids, holdout_ids = _ids(train_ids, holdout_ids, len(train), len(holdout))
     cal, evl = holdout_halves(holdout_ids, seed=HALVES_SEED)
-    t, s, hc, he = standardise(train, candidates if S else np.zeros((0, train.shape[1]), np.float32), holdout[cal], holdout[evl])
+    t, s, hc, he = standardise(
+        train, candidates if S else np.zeros((0, train.shape[1]), np.float32), holdout[cal], holdout[evl]
+    )
     # Euclidean, not squared, so the ratio reads as "this far, relative to a real non-member"
     d_s = min_sq_dist(s, t)[0].sqrt().numpy() if S else np.zeros(0)
     typical = float(min_sq_dist(hc, t)[0].sqrt().median())
     ratio = d_s / max(typical, 1e-12)
     ev = Evidence(
-        spaces={"embedding": _space_fn((s, t, he))}, attack_features=(s.numpy(), t.numpy(), hc.numpy(), he.numpy()),
-        closeness=ratio, closeness_key="min_embedding_distance_ratio", too_close=ratio < policy.min_embedding_distance_ratio,
-        copies={}, calibration={**_halves_info(holdout_ids, cal, evl), "median_holdout_distance": typical},
+        spaces={"embedding": _space_fn((s, t, he))},
+        attack_features=(s.numpy(), t.numpy(), hc.numpy(), he.numpy()),
+        closeness=ratio,
+        closeness_key="min_embedding_distance_ratio",
+        too_close=ratio < policy.min_embedding_distance_ratio,
+        copies={},
+        calibration={**_halves_info(holdout_ids, cal, evl), "median_holdout_distance": typical},
         distinct=distinct(np.asarray(candidates), near_mse=None),
-        id_score=_top_prob(phi_id, candidates, device), id_cal=_top_prob(phi_id, holdout[cal], device), id_eval=_top_prob(phi_id, holdout[evl], device),
-        att_score=_top_prob(attacker, candidates, device), att_cal=_top_prob(attacker, holdout[cal], device), att_eval=_top_prob(attacker, holdout[evl], device),
+        id_score=_top_prob(phi_id, candidates, device),
+        id_cal=_top_prob(phi_id, holdout[cal], device),
+        id_eval=_top_prob(phi_id, holdout[evl], device),
+        att_score=_top_prob(attacker, candidates, device),
+        att_cal=_top_prob(attacker, holdout[cal], device),
+        att_eval=_top_prob(attacker, holdout[evl], device),
     )
     d = train.shape[1]
     report, accepted = _judge(
-        ev, candidates=candidates, train=train, holdout_eval=holdout[evl], policy=policy, train_ids=train_ids, eval_ids=holdout_ids[evl],
-        candidate_labels=candidate_labels, train_labels=train_labels, eval_labels=None if holdout_labels is None else np.asarray(holdout_labels)[evl],
-        paths=None, make_classifier=lambda n, s_data: EmbeddingHead(d, n).fit_scaler(torch.from_numpy(s_data)), augment="none",
-        discriminator=None, dp_epsilon=dp_epsilon,
-        device=device, seed=seed, n_boot=n_boot, downstream_epochs=downstream_epochs, details=details,
+        ev,
+        candidates=candidates,
+        train=train,
+        holdout_eval=holdout[evl],
+        policy=policy,
+        train_ids=train_ids,
+        eval_ids=holdout_ids[evl],
+        candidate_labels=candidate_labels,
+        train_labels=train_labels,
+        eval_labels=None if holdout_labels is None else np.asarray(holdout_labels)[evl],
+        paths=None,
+        make_classifier=lambda n, s_data: EmbeddingHead(d, n).fit_scaler(torch.from_numpy(s_data)),
+        augment="none",
+        discriminator=None,
+        dp_epsilon=dp_epsilon,
+        device=device,
+        seed=seed,
+        n_boot=n_boot,
+        downstream_epochs=downstream_epochs,
+        details=details,
         extra={"route": "cvae", "attack_space": "embedding", "median_holdout_distance": typical},
     )
     return report, accepted
@@ -600,25 +831,51 @@ def audit(ws: Workspace, *, policy: PolicyConfig | None = None, note: str | None
     synth_info = json.loads((run_dir / "synth.json").read_text()) if (run_dir / "synth.json").exists() else {}
     train, holdout = load_split(ws, "train"), load_split(ws, "holdout")
     details: dict = {}
-    common = dict(policy=policy, device=device, seed=cfg.synth.seed, train_ids=train.patient_ids, holdout_ids=holdout.patient_ids,
-                  candidate_labels=cand["labels"], dp_epsilon=synth_info.get("dp_epsilon"), details=details)
+    common = dict(
+        policy=policy,
+        device=device,
+        seed=cfg.synth.seed,
+        train_ids=train.patient_ids,
+        holdout_ids=holdout.patient_ids,
+        candidate_labels=cand["labels"],
+        dp_epsilon=synth_info.get("dp_epsilon"),
+        details=details,
+    )
     if "embeddings" in cand:
         from node.cvae_stages import load_reid
         from node.embeddings import split_embeddings
 
-        (t_emb, t_y), (h_emb, h_y) = (split_embeddings(ws, cfg.synth.extractor, s, device=device) for s in ("train", "holdout"))
+        (t_emb, t_y), (h_emb, h_y) = (
+            split_embeddings(ws, cfg.synth.extractor, s, device=device) for s in ("train", "holdout")
+        )
         report, accepted = audit_embeddings(
-            cand["embeddings"], t_emb, h_emb, phi_id=load_reid(ws, "phi_id", device), attacker=load_reid(ws, "phi_attack", device),
-            train_labels=t_y, holdout_labels=h_y, **common)
+            cand["embeddings"],
+            t_emb,
+            h_emb,
+            phi_id=load_reid(ws, "phi_id", device),
+            attacker=load_reid(ws, "phi_attack", device),
+            train_labels=t_y,
+            holdout_labels=h_y,
+            **common,
+        )
         shown = None  # nothing to show as pictures: the report has the figures and histograms
     else:
         lpips_model, lpips_reason = _load_lpips(ws)
         D = load_model(ws, "D", device) if (ws.models / "D.safetensors").exists() else None
         report, accepted = audit_images(
-            cand["images"], train.images, holdout.images,
-            phi_id=load_model(ws, "phi_id", device), attacker=load_model(ws, "phi_attack", device),
-            train_labels=train.labels, holdout_labels=holdout.labels,
-            paths=cand.get("path"), discriminator=D, lpips_model=lpips_model, lpips_reason=lpips_reason, **common)
+            cand["images"],
+            train.images,
+            holdout.images,
+            phi_id=load_model(ws, "phi_id", device),
+            attacker=load_model(ws, "phi_attack", device),
+            train_labels=train.labels,
+            holdout_labels=holdout.labels,
+            paths=cand.get("path"),
+            discriminator=D,
+            lpips_model=lpips_model,
+            lpips_reason=lpips_reason,
+            **common,
+        )
         shown = (cand["images"], train.images)
     # the synthesis's differential-privacy claim and its caveats (CVAE route) go into the signed audit
     report = _nan_to_none({"run_id": run_id, "attempt": attempt, **report, "dp": synth_info.get("dp")})

@@ -38,11 +38,14 @@ def svg_roc(curves: dict[str, dict], *, size: int = 300) -> str:
     """ROC curves {label: {"fpr": [...], "tpr": [...]}} on one square plot, with the chance diagonal."""
     m = 35
     w = size - m - 10
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size + 150}" height="{size}" font-size="11">',
-             f'<rect x="{m}" y="10" width="{w}" height="{w}" fill="none" stroke="#444"/>',
-             f'<line x1="{m}" y1="{10 + w}" x2="{m + w}" y2="10" stroke="#aaa" stroke-dasharray="4"/>',
-             f'<text x="{m + w / 2}" y="{size - 5}" text-anchor="middle">false-positive rate</text>',
-             f'<text x="10" y="{10 + w / 2}" transform="rotate(-90 10 {10 + w / 2})" text-anchor="middle">true-positive rate</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{size + 150}" height="{size}" font-size="11">',
+        f'<rect x="{m}" y="10" width="{w}" height="{w}" fill="none" stroke="#444"/>',
+        f'<line x1="{m}" y1="{10 + w}" x2="{m + w}" y2="10" stroke="#aaa" stroke-dasharray="4"/>',
+        f'<text x="{m + w / 2}" y="{size - 5}" text-anchor="middle">false-positive rate</text>',
+        f'<text x="10" y="{10 + w / 2}" transform="rotate(-90 10 {10 + w / 2})" text-anchor="middle">'
+        "true-positive rate</text>",
+    ]
     for i, (label, c) in enumerate(curves.items()):
         if not c.get("fpr"):
             continue
@@ -65,17 +68,25 @@ def svg_hist(series: dict[str, np.ndarray], *, title: str, bins: int = 30, width
     hists = {k: np.histogram(v, edges, density=True)[0] for k, v in series.items() if len(v)}
     top = max(h.max() for h in hists.values()) or 1.0
     m, pw, ph = 30, width - 40, height - 40
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11">',
-             f'<text x="{m}" y="12">{html.escape(title)}</text>',
-             f'<line x1="{m}" y1="{20 + ph}" x2="{m + pw}" y2="{20 + ph}" stroke="#444"/>',
-             f'<text x="{m}" y="{height - 5}">{lo:.3g}</text><text x="{m + pw}" y="{height - 5}" text-anchor="end">{hi:.3g}</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11">',
+        f'<text x="{m}" y="12">{html.escape(title)}</text>',
+        f'<line x1="{m}" y1="{20 + ph}" x2="{m + pw}" y2="{20 + ph}" stroke="#444"/>',
+        f'<text x="{m}" y="{height - 5}">{lo:.3g}</text>'
+        f'<text x="{m + pw}" y="{height - 5}" text-anchor="end">{hi:.3g}</text>',
+    ]
     bw = pw / bins
     for i, (label, h) in enumerate(hists.items()):
         col = _COLOURS[i % len(_COLOURS)]
         for j, v in enumerate(h):
             bh = v / top * ph
-            parts.append(f'<rect x="{m + j * bw:.1f}" y="{20 + ph - bh:.1f}" width="{bw:.1f}" height="{bh:.1f}" fill="{col}" fill-opacity="0.45"/>')
-        parts.append(f'<text x="{m + pw}" y="{14 + 13 * (i + 1)}" text-anchor="end" fill="{col}">{html.escape(label)}</text>')
+            parts.append(
+                f'<rect x="{m + j * bw:.1f}" y="{20 + ph - bh:.1f}" width="{bw:.1f}" height="{bh:.1f}" '
+                f'fill="{col}" fill-opacity="0.45"/>'
+            )
+        parts.append(
+            f'<text x="{m + pw}" y="{14 + 13 * (i + 1)}" text-anchor="end" fill="{col}">{html.escape(label)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -96,89 +107,148 @@ def render(report: dict, details: dict, *, images: tuple[np.ndarray, np.ndarray]
     rows = []
     for c in report.get("checks", []):
         ok = c["passed"]
-        rows.append(f"<tr class={'ok' if ok else 'bad'}><td>{html.escape(c['name'])}</td><td>{_fmt(c['value'], 4)}</td>"
-                    f"<td>{c['kind']} {_fmt(c['threshold'], 4)}</td><td>{'pass' if ok else 'FAIL'}</td>"
-                    f"<td>{html.escape(c.get('message') or '')}</td></tr>")
+        rows.append(
+            f"<tr class={'ok' if ok else 'bad'}><td>{html.escape(c['name'])}</td><td>{_fmt(c['value'], 4)}</td>"
+            f"<td>{c['kind']} {_fmt(c['threshold'], 4)}</td><td>{'pass' if ok else 'FAIL'}</td>"
+            f"<td>{html.escape(c.get('message') or '')}</td></tr>"
+        )
     att_rows = []
     for space, m in (report.get("membership") or {}).items():
         att_rows.append((f"black-box nearest neighbour ({space})", m))
     for name, a in (report.get("attacks") or {}).items():
-        label = {"density_ratio": "density ratio, DOMIAS (attacker embedding)", "downstream_loss": "downstream classifier, loss threshold",
-                 "discriminator": "GAN discriminator, LOGAN (white-box, not gated)"}.get(name, name)
+        label = {
+            "density_ratio": "density ratio, DOMIAS (attacker embedding)",
+            "downstream_loss": "downstream classifier, loss threshold",
+            "discriminator": "GAN discriminator, LOGAN (white-box, not gated)",
+        }.get(name, name)
         att_rows.append((label, a))
     att_html = "".join(
-        f"<tr><td>{html.escape(lbl)}</td><td>{_fmt(m.get('auc'))}{_ci(m.get('auc_ci'))}{' (degenerate: all scores equal)' if m.get('degenerate') else ''}</td>"
+        f"<tr><td>{html.escape(lbl)}</td><td>{_fmt(m.get('auc'))}{_ci(m.get('auc_ci'))}"
+        f"{' (degenerate: all scores equal)' if m.get('degenerate') else ''}</td>"
         f"<td>{_fmt(m.get('tpr_at_1pct_fpr'))}{_ci(m.get('tpr_at_1pct_fpr_ci'))}</td>"
-        f"<td>{_fmt(m.get('tpr_at_0.1pct_fpr'))}{_ci(m.get('tpr_at_0.1pct_fpr_ci'))}</td></tr>" for lbl, m in att_rows)
+        f"<td>{_fmt(m.get('tpr_at_0.1pct_fpr'))}{_ci(m.get('tpr_at_0.1pct_fpr_ci'))}</td></tr>"
+        for lbl, m in att_rows
+    )
     nr_html = "".join(
         f"<tr><td>{html.escape(space)}</td><td>{_fmt(n.get('closer_to_train'))}{_ci(n.get('closer_to_train_ci'))}</td>"
         f"<td>{_fmt(n.get('mean_min_train'))}{_ci(n.get('mean_min_train_ci'))}</td><td>{_fmt(n.get('min_train'))}</td>"
-        f"<td>{_fmt(n.get('mean_min_holdout'))}</td></tr>" for space, n in (report.get("nearest_record") or {}).items())
+        f"<td>{_fmt(n.get('mean_min_holdout'))}</td></tr>"
+        for space, n in (report.get("nearest_record") or {}).items()
+    )
     reid_html = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{_fmt(r.get('rate'))}{_ci(r.get('rate_ci'))}</td><td>{_fmt(r.get('threshold'))}</td></tr>"
-        for k, r in (report.get("reid") or {}).items())
+        f"<tr><td>{html.escape(k)}</td><td>{_fmt(r.get('rate'))}{_ci(r.get('rate_ci'))}</td>"
+        f"<td>{_fmt(r.get('threshold'))}</td></tr>"
+        for k, r in (report.get("reid") or {}).items()
+    )
     curves = {f"bb {k}": m.get("roc", {}) for k, m in (report.get("membership") or {}).items()}
     curves.update({k: a.get("roc", {}) for k, a in (report.get("attacks") or {}).items()})
     hists, grids = [], []
     for space, d in details.items():
         if not isinstance(d, dict) or "d_s_train" not in d:
             continue
-        hists.append(svg_hist({"synthetic -> nearest train": d["d_s_train"], "synthetic -> nearest holdout": d["d_s_holdout"]},
-                              title=f"{space}: distance of each released sample to its nearest record"))
-        hists.append(svg_hist({"train (members)": -d["member_scores"], "holdout (non-members)": -d["nonmember_scores"]},
-                              title=f"{space}: distance of each real record to its nearest released sample"))
+        hists.append(
+            svg_hist(
+                {"synthetic -> nearest train": d["d_s_train"], "synthetic -> nearest holdout": d["d_s_holdout"]},
+                title=f"{space}: distance of each released sample to its nearest record",
+            )
+        )
+        hists.append(
+            svg_hist(
+                {"train (members)": -d["member_scores"], "holdout (non-members)": -d["nonmember_scores"]},
+                title=f"{space}: distance of each real record to its nearest released sample",
+            )
+        )
         if images is not None:
             candidates, train = images
             cells = "".join(
-                f"<figure><img src='{png_data_uri(candidates[s])}'><img src='{png_data_uri(train[t])}'><figcaption>d={dist:.3g}</figcaption></figure>"
-                for s, t, dist in d["closest"])
+                f"<figure><img src='{png_data_uri(candidates[s])}'><img src='{png_data_uri(train[t])}'>"
+                f"<figcaption>d={dist:.3g}</figcaption></figure>"
+                for s, t, dist in d["closest"]
+            )
             grids.append(f"<h3>{html.escape(space)}</h3><div class=grid>{cells}</div>")
-    closest = ("<h2>Closest released / train pairs</h2><p>Each pair: released sample (left), its nearest train image (right).</p>"
-               + "".join(grids)) if grids else ""
+    closest = (
+        (
+            "<h2>Closest released / train pairs</h2>"
+            "<p>Each pair: released sample (left), its nearest train image (right).</p>" + "".join(grids)
+        )
+        if grids
+        else ""
+    )
     att = report.get("attempt") or {}
-    attempt_html = (f"<p>Attempt {att.get('number')} on this training data; {att.get('failed_before')} earlier attempt(s) failed "
-                    f"(policy allows {att.get('max_attempts')} before a new seed and a note are needed); synthesis seed {att.get('seed')}"
-                    + (f"; note: {html.escape(str(att['note']))}" if att.get("note") else "") + ".</p>") if att else ""
+    attempt_html = (
+        (
+            f"<p>Attempt {att.get('number')} on this training data; {att.get('failed_before')} earlier attempt(s) "
+            f"failed (policy allows {att.get('max_attempts')} before a new seed and a note are needed); "
+            f"synthesis seed {att.get('seed')}"
+            + (f"; note: {html.escape(str(att['note']))}" if att.get("note") else "")
+            + ".</p>"
+        )
+        if att
+        else ""
+    )
     cal = report.get("calibration") or {}
     drop = report.get("dropped") or {}
     filt_rows = "".join(
         f"<tr><td>copy ({html.escape(k)})</td><td>{n}</td><td>{_fmt((cal.get('copy_thresholds') or {}).get(k), 4)}</td>"
         f"<td>{(cal.get('copy_calibration_flagged') or {}).get(k)} of {cal.get('n_calibration')}</td></tr>"
-        for k, n in (drop.get("copy") or {}).items())
-    filter_html = f"""<h2>Per-sample filter</h2><p>{report.get('n_distinct')} distinct of {report.get('n_candidates')} candidates
-({drop.get('duplicate')} duplicates removed); {report.get('n_accepted')} accepted from {report.get('n_paths')} paths. Thresholds come
-from the holdout's calibration half ({cal.get('n_calibration')} images, {cal.get('patients_calibration')} patients); the set-level figures
-below are measured on its evaluation half ({cal.get('n_evaluation')} images). Copy distances are minimised over
-{cal.get('copy_family')} shifts, flips, rotations and zooms; a calibration image flagged is a real non-member as close to a train
+        for k, n in (drop.get("copy") or {}).items()
+    )
+    # a backslash at the end of a line inside these templates joins it to the next: no newline in the HTML
+    filter_html = f"""<h2>Per-sample filter</h2><p>{report.get("n_distinct")} distinct of \
+{report.get("n_candidates")} candidates
+({drop.get("duplicate")} duplicates removed); \
+{report.get("n_accepted")} accepted from {report.get("n_paths")} paths. Thresholds come
+from the holdout's calibration half ({cal.get("n_calibration")} images, \
+{cal.get("patients_calibration")} patients); the set-level figures
+below are measured on its evaluation half ({cal.get("n_evaluation")} images). Copy distances are minimised over
+{cal.get("copy_family")} shifts, flips, rotations and zooms; \
+a calibration image flagged is a real non-member as close to a train
 image as a copy (near-duplicates across patients in the data).</p>
 <table><tr><th>reason</th><th>dropped</th><th>threshold</th><th>calibration images flagged</th></tr>{filt_rows}
-<tr><td>pixel MSE below policy.min_pixel_distance</td><td>{drop.get('too_close')}</td><td></td><td></td></tr>
-<tr><td>re-identified by phi_id</td><td>{drop.get('reidentified')}</td><td>{_fmt(cal.get('reid_threshold_phi_id'), 4)}</td><td></td></tr>
-<tr><td>re-identified by the attacker</td><td>{drop.get('reidentified_attacker')}</td><td>{_fmt(cal.get('reid_threshold_attacker'), 4)}</td><td></td></tr>
+<tr><td>pixel MSE below policy.min_pixel_distance</td><td>{drop.get("too_close")}</td><td></td><td></td></tr>
+<tr><td>re-identified by phi_id</td><td>{drop.get("reidentified")}</td>\
+<td>{_fmt(cal.get("reid_threshold_phi_id"), 4)}</td><td></td></tr>
+<tr><td>re-identified by the attacker</td><td>{drop.get("reidentified_attacker")}</td>\
+<td>{_fmt(cal.get("reid_threshold_attacker"), 4)}</td><td></td></tr>
 </table>"""
     lp = report.get("lpips") or {}
-    lp_note = "" if lp.get("available", True) else f"<p class=warn>LPIPS not computed: {html.escape(str(lp.get('reason')))}</p>"
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Privacy audit {html.escape(str(report.get('run_id')))}</title>
+    lp_note = (
+        ""
+        if lp.get("available", True)
+        else f"<p class=warn>LPIPS not computed: {html.escape(str(lp.get('reason')))}</p>"
+    )
+    return f"""<!doctype html><html><head><meta charset="utf-8">\
+<title>Privacy audit {html.escape(str(report.get("run_id")))}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}} tr.ok td:nth-child(4){{color:#080}} tr.bad td{{background:#fdd}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}} tr.ok td:nth-child(4){{color:#080}} \
+tr.bad td{{background:#fdd}}
 .ci{{color:#666;font-size:90%}} .grid{{display:flex;flex-wrap:wrap;gap:10px}} figure{{margin:0;text-align:center}}
-figure img{{display:inline-block;margin:1px}} .verdict{{font-size:140%;font-weight:bold;color:{'#080' if passed else '#b00'}}} .warn{{color:#a60}}</style></head><body>
-<h1>Privacy audit of synthetic run {html.escape(str(report.get('run_id')))}</h1>
-<p class=verdict>{'PASSED: the accepted set may be published' if passed else 'FAILED: nothing is published'}</p>
-<p>{report.get('n_accepted')} of {report.get('n_candidates')} candidates accepted (dropped: {html.escape(str(report.get('dropped')))});
-train {report.get('n_train')} records, holdout evaluation half {report.get('n_holdout_evaluation')} records. 95% bootstrap intervals in
-brackets ({html.escape(str((report.get('bootstrap') or {}).get('unit')))}); the gate judges each estimate at its unfavourable end.
+figure img{{display:inline-block;margin:1px}} \
+.verdict{{font-size:140%;font-weight:bold;color:{"#080" if passed else "#b00"}}} \
+.warn{{color:#a60}}</style></head><body>
+<h1>Privacy audit of synthetic run {html.escape(str(report.get("run_id")))}</h1>
+<p class=verdict>{"PASSED: the accepted set may be published" if passed else "FAILED: nothing is published"}</p>
+<p>{report.get("n_accepted")} of {report.get("n_candidates")} candidates accepted \
+(dropped: {html.escape(str(report.get("dropped")))});
+train {report.get("n_train")} records, holdout evaluation half {report.get("n_holdout_evaluation")} records. \
+95% bootstrap intervals in
+brackets ({html.escape(str((report.get("bootstrap") or {}).get("unit")))}); \
+the gate judges each estimate at its unfavourable end.
 This report shows real patient images: it must stay at the site.</p>
 {attempt_html}{lp_note}
-<h2>Release gate</h2><table><tr><th>check</th><th>value</th><th>policy</th><th></th><th>by how much</th></tr>{''.join(rows)}</table>
+<h2>Release gate</h2><table><tr><th>check</th><th>value</th><th>policy</th><th></th><th>by how much</th></tr>\
+{"".join(rows)}</table>
 {filter_html}
 <h2>Membership attacks on the released set</h2><p>AUC 0.5 is ideal (the attacker guesses).</p>
 <table><tr><th>attack</th><th>AUC</th><th>TPR at 1% FPR</th><th>TPR at 0.1% FPR</th></tr>{att_html}</table>
 {svg_roc(curves)}
-<h2>Nearest records</h2><p>Share of released samples nearer a train than a holdout record (0.5 is ideal), mean and smallest distance to train.</p>
-<table><tr><th>space</th><th>closer to train</th><th>mean min to train</th><th>min to train</th><th>mean min to holdout</th></tr>{nr_html}</table>
-{''.join(hists)}
-<h2>Re-identification</h2><p>Share of released samples whose top identity probability exceeds the 95th percentile on holdout images (0.05 is what unrelated images score).</p>
+<h2>Nearest records</h2><p>Share of released samples nearer a train than a holdout record (0.5 is ideal), \
+mean and smallest distance to train.</p>
+<table><tr><th>space</th><th>closer to train</th><th>mean min to train</th><th>min to train</th>\
+<th>mean min to holdout</th></tr>{nr_html}</table>
+{"".join(hists)}
+<h2>Re-identification</h2><p>Share of released samples whose top identity probability exceeds the 95th percentile \
+on holdout images (0.05 is what unrelated images score).</p>
 <table><tr><th>network</th><th>re-id rate</th><th>threshold</th></tr>{reid_html}</table>
 {closest}
 </body></html>"""

@@ -29,27 +29,52 @@ def local_only(ws: Workspace, *, downstream: DownstreamConfig | None = None) -> 
     ds = downstream or DownstreamConfig()
     done = read_json(ws.reports / "local_only.json")
     route = cfg.synth.route
-    if done and done.get("downstream") == ds.model_dump(mode="json") and done.get("route", "plan") == route and "test" in done:
+    if (
+        done
+        and done.get("downstream") == ds.model_dump(mode="json")
+        and done.get("route", "plan") == route
+        and "test" in done
+    ):
         return done  # trained with these hyperparameters already (the stage, or an earlier evaluation)
     device = pick_device(cfg.device)
     (x_train, y_train), (x_test, y_test) = (split_records(ws, s, route=route, device=device) for s in ("train", "test"))
     n_classes = read_splits(ws)["n_classes"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.models.seed)
-        model = downstream_model(n_classes, route=route, width=ds.width, image_size=cfg.data.image_size,
-                                 embedding_dim=cfg.synth.extractor.dim, head_hidden=ds.head_hidden)
+        model = downstream_model(
+            n_classes,
+            route=route,
+            width=ds.width,
+            image_size=cfg.data.image_size,
+            embedding_dim=cfg.synth.extractor.dim,
+            head_hidden=ds.head_hidden,
+        )
         if route == "cvae":
             model.fit_scaler(torch.from_numpy(x_train))
     t0 = time.time()
     loss = train_classifier(
-        model, x_train, y_train, epochs=ds.rounds * ds.local_epochs, lr=ds.lr,
-        batch_size=ds.batch_size, device=device, seed=cfg.models.seed, augment="light" if route == "plan" else "none",
+        model,
+        x_train,
+        y_train,
+        epochs=ds.rounds * ds.local_epochs,
+        lr=ds.lr,
+        batch_size=ds.batch_size,
+        device=device,
+        seed=cfg.models.seed,
+        augment="light" if route == "plan" else "none",
     )
     ev = evaluate_classifier(model, x_test, y_test, device=device)
     report = {
-        "test_accuracy": ev["accuracy"], "test_loss": ev["loss"], "n_train": len(y_train), "n_test": ev["n"], "test": ev,
-        "final_train_loss": loss, "epochs": ds.rounds * ds.local_epochs, "downstream": ds.model_dump(mode="json"),
-        "route": route, "seconds": round(time.time() - t0, 2),
+        "test_accuracy": ev["accuracy"],
+        "test_loss": ev["loss"],
+        "n_train": len(y_train),
+        "n_test": ev["n"],
+        "test": ev,
+        "final_train_loss": loss,
+        "epochs": ds.rounds * ds.local_epochs,
+        "downstream": ds.model_dump(mode="json"),
+        "route": route,
+        "seconds": round(time.time() - t0, 2),
     }
     atomic_write_json(ws.reports / "local_only.json", report)
     return report

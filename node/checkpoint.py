@@ -58,7 +58,9 @@ def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str, groups: dict) -> None:
+def load_optimizer_tensors(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str, groups: dict
+) -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, val in tensors.items():
         if name.startswith(prefix + "."):
@@ -69,7 +71,9 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
 
 def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """A training state: tensors plus JSON metadata, in one safetensors file (atomic)."""
-    atomic_write_bytes(path, st_save({k: v.contiguous() for k, v in tensors.items()}, metadata={"json": json.dumps(meta)}))
+    atomic_write_bytes(
+        path, st_save({k: v.contiguous() for k, v in tensors.items()}, metadata={"json": json.dumps(meta)})
+    )
 
 
 def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -15,4 +15,3 @@ from common.models import ConvNet
 class SmallCNN(ConvNet):
     def __init__(self, n_out: int, *, width: int, image_size: int):
         super().__init__(n_out, width=width, image_size=image_size)
-

@@ -11,8 +11,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from common.config import ConfigError, commented_yaml, profile_site_config
 from common import errors
+from common.config import ConfigError, commented_yaml, profile_site_config
 from common.errors import run_cli
 from common.fileio import atomic_write_text
 from common.nodekey import generate_node_key
@@ -61,8 +61,12 @@ def init(
     superlink: str = typer.Option("127.0.0.1:9092", help="The coordinator's Flower SuperLink, host:port."),
     supernode_port: int = typer.Option(9094, help="Local port this site's SuperNode binds."),
     ca_cert: Path = typer.Option(None, help="The federation CA certificate (copied to keys/ca.crt)."),
-    kit: Path = typer.Option(None, "--kit", help="Install the site kit from the coordinator into this (initialised) workspace."),
-    profile: str = typer.Option("cpu", help="Model sizes: cpu (tiny, trains in minutes on 2 cores) or gpu (a CUDA site)."),
+    kit: Path = typer.Option(
+        None, "--kit", help="Install the site kit from the coordinator into this (initialised) workspace."
+    ),
+    profile: str = typer.Option(
+        "cpu", help="Model sizes: cpu (tiny, trains in minutes on 2 cores) or gpu (a CUDA site)."
+    ),
 ) -> None:
     """Create a site workspace: a commented site.yaml and the site's Ed25519 signing key.
 
@@ -78,7 +82,11 @@ def init(
         cfg = profile_site_config(
             profile,
             name=name,
-            data={"source": source, "path": data_path.resolve() if data_path else None, "phantom": {"seed": phantom_seed}},
+            data={
+                "source": source,
+                "path": data_path.resolve() if data_path else None,
+                "phantom": {"seed": phantom_seed},
+            },
             coordinator={"exchange": exchange, "superlink": superlink, "supernode_port": supernode_port},
         )
     except ValueError as e:
@@ -90,7 +98,9 @@ def init(
     generate_signing_key(ws.signing_key, ws.signing_pub)
     generate_node_key(ws.node_key, ws.node_pub)
     atomic_write_text(ws.config_path, commented_yaml(cfg, title=f"plan-node site config for {name!r}"))
-    console.print(f"site {name!r} initialised in {ws.root}; register {ws.signing_pub} and {ws.node_pub} at the coordinator")
+    console.print(
+        f"site {name!r} initialised in {ws.root}; register {ws.signing_pub} and {ws.node_pub} at the coordinator"
+    )
 
 
 def _install_kit(ws: Workspace, kit: Path) -> None:
@@ -98,14 +108,19 @@ def _install_kit(ws: Workspace, kit: Path) -> None:
     from node.kit import install_kit
 
     if not ws.config_path.exists():
-        _fail(f"{ws.config_path} not found: run `plan-node init --site-dir {ws.root} --name NAME` first, send "
-              f"keys/signing.pub to the coordinator, then install the kit it returns", errors.CONFIG)
+        _fail(
+            f"{ws.config_path} not found: run `plan-node init --site-dir {ws.root} --name NAME` first, send "
+            f"keys/signing.pub to the coordinator, then install the kit it returns",
+            errors.CONFIG,
+        )
     try:
         meta = install_kit(_workspace(ws.root), kit)
     except (KitError, ConfigError) as e:
         _fail(e, errors.CONFIG)
-    console.print(f"site kit of federation {meta['federation']!r} installed in {ws.keys}; exchange {meta['exchange']}, "
-                  f"SuperLink {meta['superlink']}")
+    console.print(
+        f"site kit of federation {meta['federation']!r} installed in {ws.keys}; exchange {meta['exchange']}, "
+        f"SuperLink {meta['superlink']}"
+    )
 
 
 def _pipeline(site_dir: Path, upto: str, force: bool, note: str | None = None) -> Workspace:
@@ -153,7 +168,9 @@ def _set_route(ws: Workspace, route: str) -> None:
 def audit(
     site_dir: Path = SiteDir,
     force: bool = typer.Option(False, help="Run even if up to date."),
-    note: str = typer.Option(None, help="Why this attempt: required, with a new synth.seed, after policy.max_attempts failed audits."),
+    note: str = typer.Option(
+        None, help="Why this attempt: required, with a new synth.seed, after policy.max_attempts failed audits."
+    ),
 ) -> None:
     """Membership and re-identification audit of the candidates; the release gate."""
     ws = _pipeline(site_dir, "audit", force, note)

@@ -39,8 +39,14 @@ def _workspace(context: Context) -> Workspace:
 
 def _model_from(msg: Message) -> tuple[torch.nn.Module, ConfigRecord]:
     cfg = msg.content["config"]
-    model = downstream_model(int(cfg["n-classes"]), route=_route(cfg), width=int(cfg["width"]), image_size=int(cfg["image-size"]),
-                             embedding_dim=int(cfg.get("embedding-dim", 0)), head_hidden=int(cfg.get("head-hidden", 0)))
+    model = downstream_model(
+        int(cfg["n-classes"]),
+        route=_route(cfg),
+        width=int(cfg["width"]),
+        image_size=int(cfg["image-size"]),
+        embedding_dim=int(cfg.get("embedding-dim", 0)),
+        head_hidden=int(cfg.get("head-hidden", 0)),
+    )
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model, cfg
 
@@ -60,14 +66,22 @@ def _reply(msg: Message, ws: Workspace, records: dict) -> Message:
     records["site"] = ConfigRecord({"name": ws.config().name})
     # what `plan-node status` shows as this site's part in the current run
     metrics = records.get("metrics")
-    atomic_write_json(ws.reports / "federation.json", {
-        "run_id": int(msg.metadata.run_id), "round": int(msg.content["config"].get("server-round", 0)),
-        "phase": msg.metadata.message_type, "metrics": dict(metrics) if metrics is not None else None, "at": time.time(),
-    })
+    atomic_write_json(
+        ws.reports / "federation.json",
+        {
+            "run_id": int(msg.metadata.run_id),
+            "round": int(msg.content["config"].get("server-round", 0)),
+            "phase": msg.metadata.message_type,
+            "metrics": dict(metrics) if metrics is not None else None,
+            "at": time.time(),
+        },
+    )
     return Message(RecordDict(records), reply_to=msg)
 
 
-def _training_data(ws: Workspace, train_on: str, route: str = "plan", spec: ContentSpec | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _training_data(
+    ws: Workspace, train_on: str, route: str = "plan", spec: ContentSpec | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Records (images uint8 [N,H,W], or embeddings float32 [N,D] on the CVAE route) and labels
     [N]: the verified pool, the site's real train split, or both. Pooled bundles that do not fit
     the federation's `spec` are quarantined, not trained on (node/pull.py)."""
@@ -80,7 +94,9 @@ def _training_data(ws: Workspace, train_on: str, route: str = "plan", spec: Cont
         if len(labels) == 0:
             raise RuntimeError(f"{ws.root}: the verified pool is empty; nothing to train on")
         if pool_route != route:
-            raise RuntimeError(f"{ws.root}: the pool holds {pool_route!r}-route bundles, the federation trains on route {route!r}")
+            raise RuntimeError(
+                f"{ws.root}: the pool holds {pool_route!r}-route bundles, the federation trains on route {route!r}"
+            )
         parts.append((data, labels))
     if train_on in ("real", "pool+real"):
         parts.append(split_records(ws, "train", route=route, device=pick_device(ws.config().device)))
@@ -90,8 +106,14 @@ def _training_data(ws: Workspace, train_on: str, route: str = "plan", spec: Cont
 
 
 def _downstream(cfg: ConfigRecord) -> DownstreamConfig:
-    return DownstreamConfig(width=int(cfg["width"]), rounds=int(cfg["rounds"]), local_epochs=int(cfg["local-epochs"]),
-                            lr=float(cfg["lr"]), batch_size=int(cfg["batch-size"]), head_hidden=int(cfg.get("head-hidden", 0)))
+    return DownstreamConfig(
+        width=int(cfg["width"]),
+        rounds=int(cfg["rounds"]),
+        local_epochs=int(cfg["local-epochs"]),
+        lr=float(cfg["lr"]),
+        batch_size=int(cfg["batch-size"]),
+        head_hidden=int(cfg.get("head-hidden", 0)),
+    )
 
 
 def _is_cvae_task(msg: Message) -> bool:
@@ -107,8 +129,13 @@ def _train_cvae(msg: Message, context: Context) -> Message:
     ws = _workspace(context)
     cfg = msg.content["config"]
     decoder, n, train_loss, val_loss = cvae_federated.local_update(
-        ws, msg.content["arrays"].to_torch_state_dict(), server_round=int(cfg["server-round"]),
-        epochs=int(cfg["local-epochs"]), rounds=int(cfg["rounds"]), arch=_cvae_arch(cfg))
+        ws,
+        msg.content["arrays"].to_torch_state_dict(),
+        server_round=int(cfg["server-round"]),
+        epochs=int(cfg["local-epochs"]),
+        rounds=int(cfg["rounds"]),
+        arch=_cvae_arch(cfg),
+    )
     metrics = MetricRecord({"num-examples": n, "train-loss": train_loss, "val-loss": val_loss})
     return _reply(msg, ws, {"arrays": ArrayRecord(decoder), "metrics": metrics})
 
@@ -119,8 +146,14 @@ def _evaluate_cvae(msg: Message, context: Context) -> Message:
     ws = _workspace(context)
     cfg = msg.content["config"]
     server_round, rounds = int(cfg["server-round"]), int(cfg["rounds"])
-    got = cvae_federated.receive_global(ws, msg.content["arrays"].to_torch_state_dict(), server_round=server_round,
-                                        rounds=rounds, flower_run_id=int(msg.metadata.run_id), arch=_cvae_arch(cfg))
+    got = cvae_federated.receive_global(
+        ws,
+        msg.content["arrays"].to_torch_state_dict(),
+        server_round=server_round,
+        rounds=rounds,
+        flower_run_id=int(msg.metadata.run_id),
+        arch=_cvae_arch(cfg),
+    )
     metrics = {"num-examples": max(1, got["n_val"]), "val-loss": float(got["val_loss"])}
     if server_round >= rounds:
         # every site sends the same keys in a round (Flower aggregates only agreeing MetricRecords)
@@ -170,9 +203,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     local = local_only(ws, downstream=_downstream(cfg))["test"]
     # Every site sends the same keys (the model's classes fix the recall-<c> set): Flower
     # aggregates only replies whose MetricRecords agree.
-    metrics = MetricRecord({
-        "num-examples": int(result.pop("n")),
-        **{k: float(v) for k, v in result.items()},
-        **{f"local-only-{k}": float(local[k]) for k in ("accuracy", "balanced-accuracy", "auroc")},
-    })
+    metrics = MetricRecord(
+        {
+            "num-examples": int(result.pop("n")),
+            **{k: float(v) for k, v in result.items()},
+            **{f"local-only-{k}": float(local[k]) for k in ("accuracy", "balanced-accuracy", "auroc")},
+        }
+    )
     return _reply(msg, ws, {"metrics": metrics})

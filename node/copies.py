@@ -59,9 +59,14 @@ class Warp:
     flip_v: bool = False
 
 
-def warp_family(*, size: int = PIXEL_VIEW_SIZE, max_shift: int | None = None, fine_shift: int | None = None,
-                angles: tuple[float, ...] = (-16.0, -12.0, -8.0, -4.0, 4.0, 8.0, 12.0, 16.0),
-                scales: tuple[float, ...] = (0.85, 0.9, 0.95, 1 / 0.95, 1 / 0.9, 1 / 0.85)) -> list[Warp]:
+def warp_family(
+    *,
+    size: int = PIXEL_VIEW_SIZE,
+    max_shift: int | None = None,
+    fine_shift: int | None = None,
+    angles: tuple[float, ...] = (-16.0, -12.0, -8.0, -4.0, 4.0, 8.0, 12.0, 16.0),
+    scales: tuple[float, ...] = (0.85, 0.9, 0.95, 1 / 0.95, 1 / 0.9, 1 / 0.85),
+) -> list[Warp]:
     """The default family for images of side `size` (pixels of the working size): every whole-pixel
     shift up to `max_shift` (default 3/16 of the side: 6 px at 32, the largest shift whose centre
     crop still holds most of the image) with and without each flip; every rotation and every
@@ -73,7 +78,7 @@ def warp_family(*, size: int = PIXEL_VIEW_SIZE, max_shift: int | None = None, fi
     shifts = range(-max_shift, max_shift + 1)
     fine = range(-fine_shift, fine_shift + 1)
     out = [Warp(dx=dx, dy=dy) for dy in shifts for dx in shifts]
-    out.sort(key=lambda w: (w.dx != 0 or w.dy != 0))  # identity first
+    out.sort(key=lambda w: w.dx != 0 or w.dy != 0)  # identity first
     out += [Warp(dx=dx, dy=dy, flip_h=True) for dy in shifts for dx in shifts]
     out += [Warp(dx=dx, dy=dy, flip_v=True) for dy in shifts for dx in shifts]
     out += [Warp(angle=a, dx=dx, dy=dy) for a in angles for dy in fine for dx in fine]
@@ -97,8 +102,10 @@ def warp(x: torch.Tensor, family: list[Warp]) -> torch.Tensor:
         # affine_grid maps output coordinates to input ones, so this is the inverse edit
         a = math.radians(w.angle)
         cos, sin = math.cos(a) / w.scale, math.sin(a) / w.scale
-        theta[k] = torch.tensor([[cos * (-1 if w.flip_h else 1), -sin, -2 * w.dx / W],
-                                 [sin, cos * (-1 if w.flip_v else 1), -2 * w.dy / H]], dtype=x.dtype)
+        theta[k] = torch.tensor(
+            [[cos * (-1 if w.flip_h else 1), -sin, -2 * w.dx / W], [sin, cos * (-1 if w.flip_v else 1), -2 * w.dy / H]],
+            dtype=x.dtype,
+        )
     theta = theta.repeat(N, 1, 1)  # [N*T,2,3], edit k of image n at n*T+k
     grid = F.affine_grid(theta, [N * T, C, H, W], align_corners=False)
     src = x.repeat_interleave(T, 0)
@@ -108,7 +115,7 @@ def warp(x: torch.Tensor, family: list[Warp]) -> torch.Tensor:
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of x [B,1,H,W] (reflect padding, radius 3 sigma)."""
     r = max(1, int(math.ceil(3 * sigma)))
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype) ** 2 / (2 * sigma * sigma))
+    k = torch.exp(-(torch.arange(-r, r + 1, dtype=x.dtype) ** 2) / (2 * sigma * sigma))
     k = k / k.sum()
     x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
@@ -145,9 +152,15 @@ def crop_margin(family: list[Warp], size: int) -> int:
 Embedder = Callable[[torch.Tensor], torch.Tensor]  # float [B,1,H,W] in [-1,1] -> [B,F]
 
 
-def copy_distances(query: np.ndarray, train: np.ndarray, *, embedders: dict[str, Embedder] | None = None,
-                   family: list[Warp] | None = None, embed_family: list[Warp] | None = None,
-                   chunk: int = 32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def copy_distances(
+    query: np.ndarray,
+    train: np.ndarray,
+    *,
+    embedders: dict[str, Embedder] | None = None,
+    family: list[Warp] | None = None,
+    embed_family: list[Warp] | None = None,
+    chunk: int = 32,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Copy distance of each query image (uint8 [N,H,W]) to the train images (uint8 [M,H,W]) in
     the pixel views (PIXEL_VIEWS) and in each embedding space of `embedders`:
     {space: (distance float64 [N], index of the nearest train image int64 [N])}.

@@ -80,7 +80,9 @@ def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
 
 
-def cvae_loss(recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, *, beta: float) -> torch.Tensor:
+def cvae_loss(
+    recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, *, beta: float
+) -> torch.Tensor:
     """Per-sample loss [B]: squared error summed over the D scaled dimensions + beta * KL.
 
     Per sample rather than reduced so that DP-SGD can clip it sample by sample.
@@ -185,8 +187,9 @@ def residual_rms(model: CVAE, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return squared_residuals(model, x, c).mean(0).sqrt()
 
 
-def dp_residual_rms(model: CVAE, x: torch.Tensor, c: torch.Tensor, groups: np.ndarray, plan: cvae_dp.DpPlan, *,
-                    seed: int) -> tuple[torch.Tensor, dict]:
+def dp_residual_rms(
+    model: CVAE, x: torch.Tensor, c: torch.Tensor, groups: np.ndarray, plan: cvae_dp.DpPlan, *, seed: int
+) -> tuple[torch.Tensor, dict]:
     """`residual_rms` with DP per patient (ids groups [N]) at the plan's noise_scale budget
     (node.cvae_dp.dp_noise_scale): sd [D] on x's device, and the mechanism's details. x must lie in
     [0,1] (scaled and clipped). Seeded, so that recomputing it (every federated round) redraws the
@@ -197,8 +200,9 @@ def dp_residual_rms(model: CVAE, x: torch.Tensor, c: torch.Tensor, groups: np.nd
     return sd.to(x.device), info
 
 
-def fit_scaler(x: torch.Tensor, groups: np.ndarray, cfg: CvaeConfig, plan: cvae_dp.DpPlan | None, *,
-               seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def fit_scaler(
+    x: torch.Tensor, groups: np.ndarray, cfg: CvaeConfig, plan: cvae_dp.DpPlan | None, *, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The scaler's bounds lo [D], hi [D] for embeddings x [N,D] (patient ids groups [N]) and how
     they were made. Without dp: the train minimum and maximum (`fit_minmax`). With dp: the public
     cfg.dp_bounds for every dimension, or DP estimates at the plan's scaler budget
@@ -222,22 +226,41 @@ def dp_block(result: "CvaeResult") -> dict:
         return dp
     if result.epsilon is None:
         return {"enabled": False}
-    return {"enabled": True, "epsilon": result.epsilon, "delta": result.delta, "unit": "record",
-            "caveats": list(result.info.get("dp_caveats", [])) + [
-                "trained before per-patient accounting: epsilon is per image, not per patient, and the scaler and "
-                "the noise scale are not DP; retrain (`plan-node train --force`)"]}
+    return {
+        "enabled": True,
+        "epsilon": result.epsilon,
+        "delta": result.delta,
+        "unit": "record",
+        "caveats": list(result.info.get("dp_caveats", []))
+        + [
+            "trained before per-patient accounting: epsilon is per image, not per patient, and the scaler and "
+            "the noise scale are not DP; retrain (`plan-node train --force`)"
+        ],
+    }
 
 
-def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig, seed: int,
-               device: torch.device | str, init: CVAE | None = None, epochs: int | None = None,
-               dp_plan_epochs: int | None = None, dp_history: list | None = None, groups: np.ndarray | None = None,
-               scaler: "CvaeResult | None" = None) -> CvaeResult:
+def train_cvae(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    n_classes: int,
+    cfg: CvaeConfig,
+    seed: int,
+    device: torch.device | str,
+    init: CVAE | None = None,
+    epochs: int | None = None,
+    dp_plan_epochs: int | None = None,
+    dp_history: list | None = None,
+    groups: np.ndarray | None = None,
+    scaler: "CvaeResult | None" = None,
+) -> CvaeResult:
     """Fit a CVAE to embeddings x float [N,D] with labels y int [N] in [0, n_classes), of the
     patients groups [N] (ids; None: every record its own patient).
 
-    Adam (cfg.lr), batches of cfg.batch_size (None: 512, at most len(train) // 8, at least 16), up to cfg.max_epochs epochs. Without dp: early
-    stopping when the loss on a stratified validation split (cfg.val_fraction of x, seeded) has
-    not improved for cfg.patience epochs, and the best epoch's weights are restored.
+    Adam (cfg.lr), batches of cfg.batch_size (None: 512, at most len(train) // 8, at least 16), up to
+    cfg.max_epochs epochs. Without dp: early stopping when the loss on a stratified validation split
+    (cfg.val_fraction of x, seeded) has not improved for cfg.patience epochs, and the best epoch's
+    weights are restored.
 
     With dp, per patient (node.cvae_dp): the scaler's bounds are public (cfg.dp_bounds) or DP
     estimates, and the records are clipped into them; DP-SGD (Opacus, Poisson sampling of records,
@@ -316,21 +339,35 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
         torch.manual_seed(seed)
         if init is not None:
             if (init.d_in, init.n_classes) != (x.shape[1], n_classes):
-                raise ValueError(f"init CVAE is for D={init.d_in}, {init.n_classes} classes; the data has D={x.shape[1]}, {n_classes} classes")
+                raise ValueError(
+                    f"init CVAE is for D={init.d_in}, {init.n_classes} classes; "
+                    f"the data has D={x.shape[1]}, {n_classes} classes"
+                )
             model = copy.deepcopy(init).to(device).train()  # Opacus wraps only a model in training mode
         else:
             model = CVAE(x.shape[1], n_classes, hidden=cfg.hidden, latent=cfg.latent_dim).to(device)
         latent = model.latent
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         batch_size = cfg.batch_size or min(512, max(16, len(tr) // 8))
-        loader = DataLoader(_Rows(xs[tr], cs[tr]), batch_size=batch_size, shuffle=True, collate_fn=_batch,
-                            generator=torch.Generator().manual_seed(seed))
+        loader = DataLoader(
+            _Rows(xs[tr], cs[tr]),
+            batch_size=batch_size,
+            shuffle=True,
+            collate_fn=_batch,
+            generator=torch.Generator().manual_seed(seed),
+        )
         # fixed reparameterisation noise for validation: epoch-to-epoch changes are the weights' alone
         x_val, c_val = xs[va].to(device), cs[va].to(device)
         eps_val = torch.randn(len(va), latent, generator=torch.Generator().manual_seed(seed + 1)).to(device)
 
-        info: dict = {"n_train": int(len(tr)), "n_val": int(len(va)), "early_stopping": use_val and epochs is None,
-                      "dp": {"enabled": False}, "batch_size": batch_size, "scaler": scaler_info}
+        info: dict = {
+            "n_train": int(len(tr)),
+            "n_val": int(len(va)),
+            "early_stopping": use_val and epochs is None,
+            "dp": {"enabled": False},
+            "batch_size": batch_size,
+            "scaler": scaler_info,
+        }
         engine = None
         train_model: nn.Module = model
         criterion: nn.Module = _Criterion(cfg.beta, "mean")
@@ -352,23 +389,44 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
             # reference federated code does, spends more than the epsilon it claims.
             plan_epochs = dp_plan_epochs or (epochs if epochs is not None else cfg.max_epochs)
             spent = [(float(sig), float(q), int(n)) for sig, q, n in dp_history or []]
-            sigma = spent[-1][0] if spent else get_noise_multiplier(
-                target_epsilon=rec_eps, target_delta=rec_delta, sample_rate=1.0 / len(loader), epochs=plan_epochs,
-                accountant="prv")
+            sigma = (
+                spent[-1][0]
+                if spent
+                else get_noise_multiplier(
+                    target_epsilon=rec_eps,
+                    target_delta=rec_delta,
+                    sample_rate=1.0 / len(loader),
+                    epochs=plan_epochs,
+                    accountant="prv",
+                )
+            )
             # Ghost clipping: per-sample gradient norms of a Linear layer from its inputs' and
             # output gradients' norms, then a second, reweighted backward pass, instead of
             # materialising a [B, out, in] gradient per layer (which made a step ~20x slower on CPU).
             # "sum" reduction: a Poisson-sampled batch may be empty, and the mean of nothing is nan;
             # Adam is indifferent to the constant factor between the two.
             train_model, opt, criterion, loader = engine.make_private(
-                module=model, optimizer=opt, data_loader=loader, criterion=_Criterion(cfg.beta, "sum"),
-                noise_multiplier=sigma, max_grad_norm=cfg.dp_max_grad_norm, poisson_sampling=True,
-                grad_sample_mode="ghost", loss_reduction="sum",
+                module=model,
+                optimizer=opt,
+                data_loader=loader,
+                criterion=_Criterion(cfg.beta, "sum"),
+                noise_multiplier=sigma,
+                max_grad_norm=cfg.dp_max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode="ghost",
+                loss_reduction="sum",
             )
             engine.accountant.history = list(spent)  # the PRV accountant composes over its whole history
-            info.update({"accountant": "prv", "noise_multiplier": float(opt.noise_multiplier),
-                         "sample_rate": 1.0 / len(loader), "max_grad_norm": cfg.dp_max_grad_norm,
-                         "target_epsilon": cfg.dp_epsilon, "calibrated_epochs": plan_epochs})
+            info.update(
+                {
+                    "accountant": "prv",
+                    "noise_multiplier": float(opt.noise_multiplier),
+                    "sample_rate": 1.0 / len(loader),
+                    "max_grad_norm": cfg.dp_max_grad_norm,
+                    "target_epsilon": cfg.dp_epsilon,
+                    "calibrated_epochs": plan_epochs,
+                }
+            )
 
         history: list[dict] = []
         best_val, best_epoch, best_state, stale, steps = float("inf"), 0, None, 0, 0
@@ -414,19 +472,38 @@ def train_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig,
     epsilon = delta = None
     if cfg.dp:
         noise_sd, noise_info = dp_residual_rms(model, xs[tr].to(device), cs[tr].to(device), groups[tr], plan, seed=seed)
-        info["dp"] = cvae_dp.report(plan, cfg, sgd_record_epsilon=rec_spent, noise_multiplier=info["noise_multiplier"],
-                                    sample_rate=info["sample_rate"], steps=sum(h[2] for h in info["dp_history"]),
-                                    n_val=len(va) if use_val else 0, scaler=scaler_info, noise_scale=noise_info)
+        info["dp"] = cvae_dp.report(
+            plan,
+            cfg,
+            sgd_record_epsilon=rec_spent,
+            noise_multiplier=info["noise_multiplier"],
+            sample_rate=info["sample_rate"],
+            steps=sum(h[2] for h in info["dp_history"]),
+            n_val=len(va) if use_val else 0,
+            scaler=scaler_info,
+            noise_scale=noise_info,
+        )
         epsilon, delta = info["dp"]["epsilon"], info["dp"]["delta"]
     else:
         noise_sd = residual_rms(model, xs[tr].to(device), cs[tr].to(device))
-    return CvaeResult(model=model, lo=lo.to(device), hi=hi.to(device), epochs_trained=epoch, best_epoch=best_epoch,
-                      best_val_loss=(best_val if epochs is None else history[-1]["val_loss"]) if use_val else None,
-                      history=history, epsilon=epsilon, delta=delta, info=info, noise_sd=noise_sd)
+    return CvaeResult(
+        model=model,
+        lo=lo.to(device),
+        hi=hi.to(device),
+        epochs_trained=epoch,
+        best_epoch=best_epoch,
+        best_val_loss=(best_val if epochs is None else history[-1]["val_loss"]) if use_val else None,
+        history=history,
+        epsilon=epsilon,
+        delta=delta,
+        info=info,
+        noise_sd=noise_sd,
+    )
 
 
-def initial_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig, seed: int,
-                 groups: np.ndarray | None = None) -> CvaeResult:
+def initial_cvae(
+    x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig, seed: int, groups: np.ndarray | None = None
+) -> CvaeResult:
     """An untrained CVAE (seeded init) with the scaler fitted on x [N,D] (`fit_scaler`, patient ids
     groups [N], None: one record each; with dp the DP or public bounds, as `train_cvae` would fit
     them): the start of a federated DP plan, which must not spend budget on local pre-training
@@ -434,24 +511,39 @@ def initial_cvae(x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfi
     their epsilon covers them. Its noise_sd is zero: it is never sampled from."""
     xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
     groups = np.arange(len(xt)) if groups is None else np.asarray(groups)
-    tr = np.arange(len(xt)) if cfg.dp and not cfg.dp_early_stopping else stratified_split(
-        np.asarray(y).astype(np.int64), cfg.val_fraction, seed=seed)[0]
+    tr = (
+        np.arange(len(xt))
+        if cfg.dp and not cfg.dp_early_stopping
+        else stratified_split(np.asarray(y).astype(np.int64), cfg.val_fraction, seed=seed)[0]
+    )
     plan = cvae_dp.plan_budget(cfg, groups[tr]) if cfg.dp else None
     lo, hi, scaler_info = fit_scaler(xt, groups, cfg, plan, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CVAE(xt.shape[1], n_classes, hidden=cfg.hidden, latent=cfg.latent_dim).eval()
-    return CvaeResult(model=model, lo=lo, hi=hi, epochs_trained=0, best_epoch=0, best_val_loss=None,
-                      info={"untrained": "the start of a federated DP plan: the federation's rounds train it",
-                            "dp": {"enabled": False}, "scaler": scaler_info},
-                      noise_sd=torch.zeros(xt.shape[1]))
+    return CvaeResult(
+        model=model,
+        lo=lo,
+        hi=hi,
+        epochs_trained=0,
+        best_epoch=0,
+        best_val_loss=None,
+        info={
+            "untrained": "the start of a federated DP plan: the federation's rounds train it",
+            "dp": {"enabled": False},
+            "scaler": scaler_info,
+        },
+        noise_sd=torch.zeros(xt.shape[1]),
+    )
 
 
 # ---------------------------------------------------------------- sampling
 
 
 @torch.no_grad()
-def sample_cvae(result: CvaeResult, labels: np.ndarray, *, seed: int, noise: bool = True, batch_size: int = 4096) -> np.ndarray:
+def sample_cvae(
+    result: CvaeResult, labels: np.ndarray, *, seed: int, noise: bool = True, batch_size: int = 4096
+) -> np.ndarray:
     """Synthetic embeddings float32 [M,D] for labels int [M]: z ~ N(0,I), decoded, plus (noise)
     N(0, result.noise_sd^2) per dimension, clipped to [0,1], unscaled. noise=False: the decoded
     means alone."""
@@ -514,9 +606,19 @@ def save_cvae(path: Path, result: CvaeResult, *, sidecar: dict | None = None) ->
     if result.noise_sd is None:
         raise ValueError(f"{path}: refusing to save a CVAE without its noise_sd (node.cvae.residual_rms)")
     meta = {
-        "kind": "cvae", "noise_sd": True, "d_in": m.d_in, "n_classes": m.n_classes, "hidden": m.hidden, "latent": m.latent,
-        "epochs_trained": result.epochs_trained, "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
-        "epsilon": result.epsilon, "delta": result.delta, "history": result.history, "info": result.info,
+        "kind": "cvae",
+        "noise_sd": True,
+        "d_in": m.d_in,
+        "n_classes": m.n_classes,
+        "hidden": m.hidden,
+        "latent": m.latent,
+        "epochs_trained": result.epochs_trained,
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss,
+        "epsilon": result.epsilon,
+        "delta": result.delta,
+        "history": result.history,
+        "info": result.info,
     }
     save_model(Path(path), _Packed(m, result.lo, result.hi, result.noise_sd), sidecar={**meta, **(sidecar or {})})
 
@@ -527,12 +629,24 @@ def load_cvae(path: Path, *, device: torch.device | str = "cpu") -> CvaeResult:
     if side.get("kind") != "cvae":
         raise ValueError(f"{path}: not a CVAE checkpoint (sidecar kind {side.get('kind')!r})")
     if not side.get("noise_sd"):
-        raise ValueError(f"{path}: a CVAE checkpoint from before the decoder's noise scale was stored; "
-                         "run `plan-node train --force` to retrain it")
+        raise ValueError(
+            f"{path}: a CVAE checkpoint from before the decoder's noise scale was stored; "
+            "run `plan-node train --force` to retrain it"
+        )
     model = CVAE(side["d_in"], side["n_classes"], hidden=side["hidden"], latent=side["latent"])
     zeros = torch.zeros(side["d_in"])
     packed = load_weights(Path(path), _Packed(model, zeros, zeros, zeros), device=device)
     model.eval()
-    return CvaeResult(model=model, lo=packed.lo, hi=packed.hi, epochs_trained=side["epochs_trained"],
-                      best_epoch=side["best_epoch"], best_val_loss=side["best_val_loss"], history=side["history"],
-                      epsilon=side["epsilon"], delta=side["delta"], info=side["info"], noise_sd=packed.noise_sd)
+    return CvaeResult(
+        model=model,
+        lo=packed.lo,
+        hi=packed.hi,
+        epochs_trained=side["epochs_trained"],
+        best_epoch=side["best_epoch"],
+        best_val_loss=side["best_val_loss"],
+        history=side["history"],
+        epsilon=side["epsilon"],
+        delta=side["delta"],
+        info=side["info"],
+        noise_sd=packed.noise_sd,
+    )

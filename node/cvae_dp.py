@@ -47,7 +47,9 @@ LOG2_RANGE = (-20.0, 20.0)  # the radius search range, 1e-6 .. 1e6: public, wide
 # for heavier tails and a noisy spread, and the second term keeps a noisy centre's data inside.
 BOUNDS_SDS = 4.0
 CENTRE_SDS = 2.0
-CENTRE_SHARE = 0.6  # of the scaler's budget spent on the centre (its noise widens every bound); the spread gets the rest
+CENTRE_SHARE = (
+    0.6  # of the scaler's budget spent on the centre (its noise widens every bound); the spread gets the rest
+)
 SEED_OFFSET = {"scaler": 7919, "noise_scale": 7927}  # generators of the DP noise, apart from Opacus' and the CVAE's
 
 
@@ -88,17 +90,27 @@ def plan_budget(cfg: CvaeConfig, groups: np.ndarray) -> DpPlan:
         raise ValueError("plan_budget: no records to train on")
     bound = 1.0 / (10 * n_patients)
     if cfg.dp_delta is not None and cfg.dp_delta > bound:
-        raise ValueError(f"synth.cvae.dp_delta = {cfg.dp_delta:g} is above 1 / (10 N) = {bound:g} for the N = "
-                         f"{n_patients} patients trained on; set dp_delta to at most {bound:g}, or leave it null "
-                         "(the default, 1 / (10 N))")
+        raise ValueError(
+            f"synth.cvae.dp_delta = {cfg.dp_delta:g} is above 1 / (10 N) = {bound:g} for the N = "
+            f"{n_patients} patients trained on; set dp_delta to at most {bound:g}, or leave it null "
+            "(the default, 1 / (10 N))"
+        )
     eps, delta = cfg.dp_epsilon, cfg.dp_delta if cfg.dp_delta is not None else bound
     s_scaler = 0.0 if cfg.dp_bounds is not None else cfg.dp_scaler_share
     s_sgd = 1.0 - s_scaler - cfg.dp_noise_share
     eps_rec = s_sgd * eps / k
     delta_rec = s_sgd * delta / (k * math.exp((k - 1) * eps_rec))
-    return DpPlan(epsilon=eps, delta=delta, n_patients=n_patients, n_records=int(len(groups)), k=k,
-                  scaler=(s_scaler * eps, s_scaler * delta), noise_scale=(cfg.dp_noise_share * eps, cfg.dp_noise_share * delta),
-                  sgd=(s_sgd * eps, s_sgd * delta), sgd_record=(eps_rec, delta_rec))
+    return DpPlan(
+        epsilon=eps,
+        delta=delta,
+        n_patients=n_patients,
+        n_records=int(len(groups)),
+        k=k,
+        scaler=(s_scaler * eps, s_scaler * delta),
+        noise_scale=(cfg.dp_noise_share * eps, cfg.dp_noise_share * delta),
+        sgd=(s_sgd * eps, s_sgd * delta),
+        sgd_record=(eps_rec, delta_rec),
+    )
 
 
 # ---------------------------------------------------------------- mechanisms
@@ -108,6 +120,7 @@ def gaussian_sigma(epsilon: float, delta: float) -> float:
     """The smallest noise standard deviation, per unit of L2 sensitivity, at which the Gaussian
     mechanism is (epsilon, delta)-DP: the analytic Gaussian mechanism (Balle & Wang 2018, Theorem
     8), delta(s) = Phi(1/(2s) - eps s) - e^eps Phi(-1/(2s) - eps s), by bisection on log s."""
+
     def delta_of(s: float) -> float:
         return math.exp(log_ndtr(0.5 / s - epsilon * s)) - math.exp(epsilon + log_ndtr(-0.5 / s - epsilon * s))
 
@@ -130,13 +143,19 @@ def patient_means(v: torch.Tensor, groups: np.ndarray) -> torch.Tensor:
     return sums / torch.bincount(idx, minlength=n).double()[:, None]
 
 
-def dp_quantile(values: torch.Tensor, q: float, epsilon: float, gen: torch.Generator, *,
-                log2_range: tuple[float, float] = LOG2_RANGE) -> float:
+def dp_quantile(
+    values: torch.Tensor,
+    q: float,
+    epsilon: float,
+    gen: torch.Generator,
+    *,
+    log2_range: tuple[float, float] = LOG2_RANGE,
+) -> float:
     """An epsilon-DP estimate of the q-quantile of positive values [P] (one per patient): the
     exponential mechanism over [2^lo, 2^hi] on a log scale (Smith 2011): a point t is drawn with
     density proportional to exp(epsilon/2 * -|#{values < t} - q P|), sensitivity 1 (P public)."""
     a, b = log2_range
-    t = torch.sort(values.double().clamp(min=2.0 ** a, max=2.0 ** b).log2()).values
+    t = torch.sort(values.double().clamp(min=2.0**a, max=2.0**b).log2()).values
     edges = torch.cat([torch.tensor([a], dtype=torch.float64), t, torch.tensor([b], dtype=torch.float64)])
     length = edges[1:] - edges[:-1]  # interval i holds the points with i values below them
     utility = -(torch.arange(len(length), dtype=torch.float64) - q * len(values)).abs()
@@ -147,15 +166,22 @@ def dp_quantile(values: torch.Tensor, q: float, epsilon: float, gen: torch.Gener
     return float(2.0 ** (edges[i] + frac * length[i]))
 
 
-def dp_mean(rows: torch.Tensor, epsilon: float, delta: float, gen: torch.Generator, *,
-            log2_range: tuple[float, float] = LOG2_RANGE) -> tuple[torch.Tensor, dict]:
+def dp_mean(
+    rows: torch.Tensor,
+    epsilon: float,
+    delta: float,
+    gen: torch.Generator,
+    *,
+    log2_range: tuple[float, float] = LOG2_RANGE,
+) -> tuple[torch.Tensor, dict]:
     """An (epsilon, delta)-DP mean [D] of rows [P,D], one per patient: a clip radius R by
     `dp_quantile` of the row norms (RADIUS_SHARE of epsilon), the rows clipped to L2 norm R, summed,
     Gaussian noise of sd sigma R added (the rest of epsilon, all of delta), divided by P (public).
     Also returns {"radius", "noise_sd"}: noise_sd is the noise's sd on each entry of the mean."""
     n = len(rows)
-    radius = RADIUS_FACTOR * dp_quantile(rows.norm(dim=1), RADIUS_QUANTILE, RADIUS_SHARE * epsilon, gen,
-                                         log2_range=log2_range)
+    radius = RADIUS_FACTOR * dp_quantile(
+        rows.norm(dim=1), RADIUS_QUANTILE, RADIUS_SHARE * epsilon, gen, log2_range=log2_range
+    )
     clipped = rows.double() * (radius / rows.double().norm(dim=1).clamp(min=1e-300)).clamp(max=1.0)[:, None]
     sd = gaussian_sigma((1 - RADIUS_SHARE) * epsilon, delta) * radius
     noisy = clipped.sum(0) + sd * torch.randn(rows.shape[1], generator=gen, dtype=torch.float64)
@@ -169,12 +195,17 @@ def shrunk_variance(v: torch.Tensor, noise_sd: float) -> torch.Tensor:
     sd of that mean (a smaller variance cannot be told from zero, and a noisy one may be negative)."""
     m = v.mean()
     spread2 = float(((v - m) ** 2).mean())
-    keep = max(0.0, 1.0 - noise_sd ** 2 / spread2) if spread2 > 0 else 0.0
+    keep = max(0.0, 1.0 - noise_sd**2 / spread2) if spread2 > 0 else 0.0
     return (m + keep * (v - m)).clamp(min=max(noise_sd / math.sqrt(len(v)), 1e-24))
 
 
-def dp_bounds(x: torch.Tensor, groups: np.ndarray, epsilon: float, delta: float, gen: torch.Generator,
-              ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def dp_bounds(
+    x: torch.Tensor,
+    groups: np.ndarray,
+    epsilon: float,
+    delta: float,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Per-dimension scaler bounds lo [D], hi [D] of embeddings x [N,D] (patient ids [N]),
     (epsilon, delta)-DP per patient: centre = `dp_mean` of the patients' mean records (CENTRE_SHARE of
     the budget), spread = sqrt of the `shrunk_variance` of `dp_mean` of their mean squared deviations
@@ -186,29 +217,46 @@ def dp_bounds(x: torch.Tensor, groups: np.ndarray, epsilon: float, delta: float,
     patients are few, it dwarfs the spread and the bounds are wide; the info returned says by how
     much (`centre_noise_over_spread`), and public cfg.dp_bounds avoid it."""
     centre, c_info = dp_mean(patient_means(x, groups), CENTRE_SHARE * epsilon, CENTRE_SHARE * delta, gen)
-    var, v_info = dp_mean(patient_means((x.double() - centre).pow(2), groups), (1 - CENTRE_SHARE) * epsilon,
-                          (1 - CENTRE_SHARE) * delta, gen)
+    var, v_info = dp_mean(
+        patient_means((x.double() - centre).pow(2), groups),
+        (1 - CENTRE_SHARE) * epsilon,
+        (1 - CENTRE_SHARE) * delta,
+        gen,
+    )
     sd = shrunk_variance(var, v_info["noise_sd"]).sqrt()
     half = BOUNDS_SDS * sd + CENTRE_SDS * c_info["noise_sd"]
     lo, hi = (centre - half).float(), (centre + half).float()
-    return lo, hi, {"mechanism": (f"per dimension: DP centre +- ({BOUNDS_SDS:g} DP standard deviations + {CENTRE_SDS:g} "
-                                  "sds of the centre's noise) (node.cvae_dp.dp_bounds)"),
-                    "centre_radius": c_info["radius"], "spread_radius": v_info["radius"],
-                    "centre_noise_over_spread": float(c_info["noise_sd"] / sd.median())}
+    return (
+        lo,
+        hi,
+        {
+            "mechanism": (
+                f"per dimension: DP centre +- ({BOUNDS_SDS:g} DP standard deviations + {CENTRE_SDS:g} "
+                "sds of the centre's noise) (node.cvae_dp.dp_bounds)"
+            ),
+            "centre_radius": c_info["radius"],
+            "spread_radius": v_info["radius"],
+            "centre_noise_over_spread": float(c_info["noise_sd"] / sd.median()),
+        },
+    )
 
 
-def dp_noise_scale(sq_residuals: torch.Tensor, groups: np.ndarray, epsilon: float, delta: float,
-                   gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+def dp_noise_scale(
+    sq_residuals: torch.Tensor, groups: np.ndarray, epsilon: float, delta: float, gen: torch.Generator
+) -> tuple[torch.Tensor, dict]:
     """The decoder's per-dimension noise sd [D] in the scaled space, (epsilon, delta)-DP per patient:
     the root of `dp_mean` of the patients' mean squared residuals (sq_residuals [N,D], each in [0,1]:
     scaled records and decoder outputs both lie in [0,1], so a row norm is at most sqrt(D), a public
     cap on the radius search), capped at 1."""
     d = sq_residuals.shape[1]
-    ms, info = dp_mean(patient_means(sq_residuals, groups), epsilon, delta, gen,
-                       log2_range=(LOG2_RANGE[0], 0.5 * math.log2(max(d, 1))))
+    ms, info = dp_mean(
+        patient_means(sq_residuals, groups), epsilon, delta, gen, log2_range=(LOG2_RANGE[0], 0.5 * math.log2(max(d, 1)))
+    )
     sd = shrunk_variance(ms, info["noise_sd"]).sqrt().clamp(max=1.0).float()
-    return sd, {"mechanism": "root of a DP mean of the patients' mean squared residuals (node.cvae_dp.dp_noise_scale)",
-                "radius": info["radius"]}
+    return sd, {
+        "mechanism": "root of a DP mean of the patients' mean squared residuals (node.cvae_dp.dp_noise_scale)",
+        "radius": info["radius"],
+    }
 
 
 # ---------------------------------------------------------------- report
@@ -228,16 +276,30 @@ def caveats(cfg: CvaeConfig, *, n_val: int) -> list[str]:
         "delta, the DP means' normalisation, and the class counts of the sampled labels)",
     ]
     if cfg.dp_bounds is not None:
-        out.append(f"the scaler bounds synth.cvae.dp_bounds {list(cfg.dp_bounds)} are assumed public (chosen without "
-                   "looking at the site's data)")
+        out.append(
+            f"the scaler bounds synth.cvae.dp_bounds {list(cfg.dp_bounds)} are assumed public (chosen without "
+            "looking at the site's data)"
+        )
     if n_val:
-        out.append(f"early stopping: the stopping epoch and the restored weights depend on the {n_val} validation "
-                   "records, which DP-SGD never sees and epsilon does not cover")
+        out.append(
+            f"early stopping: the stopping epoch and the restored weights depend on the {n_val} validation "
+            "records, which DP-SGD never sees and epsilon does not cover"
+        )
     return out
 
 
-def report(plan: DpPlan, cfg: CvaeConfig, *, sgd_record_epsilon: float, noise_multiplier: float, sample_rate: float,
-           steps: int, n_val: int, scaler: dict, noise_scale: dict) -> dict:
+def report(
+    plan: DpPlan,
+    cfg: CvaeConfig,
+    *,
+    sgd_record_epsilon: float,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    n_val: int,
+    scaler: dict,
+    noise_scale: dict,
+) -> dict:
     """The "dp" block of a DP CVAE (model sidecar info["dp"], synth.json "dp"): what was spent, per
     patient, by which parts, and what it does not cover. Returns it with the totals under
     "epsilon" and "delta"."""
@@ -245,21 +307,35 @@ def report(plan: DpPlan, cfg: CvaeConfig, *, sgd_record_epsilon: float, noise_mu
     epsilon = plan.scaler[0] + plan.noise_scale[0] + eps_sgd
     delta = plan.scaler[1] + plan.noise_scale[1] + delta_sgd
     return {
-        "enabled": True, "epsilon": epsilon, "delta": delta, "unit": "patient",
+        "enabled": True,
+        "epsilon": epsilon,
+        "delta": delta,
+        "unit": "patient",
         "target": {"epsilon": plan.epsilon, "delta": plan.delta},
-        "n_patients": plan.n_patients, "n_records": plan.n_records, "group_size_k": plan.k,
+        "n_patients": plan.n_patients,
+        "n_records": plan.n_records,
+        "group_size_k": plan.k,
         "adjacency": "add or remove one patient with all their records",
-        "per_patient": ("group privacy: DP-SGD's record-level (eps, delta) from the accountant becomes (k eps, "
-                        "k exp((k-1) eps) delta) per patient, k the most records of one patient; the scaler and the "
-                        "noise scale clip per-patient means, patient-level as they stand"),
+        "per_patient": (
+            "group privacy: DP-SGD's record-level (eps, delta) from the accountant becomes (k eps, "
+            "k exp((k-1) eps) delta) per patient, k the most records of one patient; the scaler and the "
+            "noise scale clip per-patient means, patient-level as they stand"
+        ),
         "accountant": "prv",
         "composition": "basic: the epsilons and the deltas of scaler, noise_scale and sgd are summed",
         "budget": {
             "scaler": {"epsilon": plan.scaler[0], "delta": plan.scaler[1], **scaler},
             "noise_scale": {"epsilon": plan.noise_scale[0], "delta": plan.noise_scale[1], **noise_scale},
-            "sgd": {"epsilon": eps_sgd, "delta": delta_sgd, "epsilon_per_record": sgd_record_epsilon,
-                    "delta_per_record": plan.sgd_record[1], "noise_multiplier": noise_multiplier,
-                    "sample_rate": sample_rate, "max_grad_norm": cfg.dp_max_grad_norm, "steps": steps},
+            "sgd": {
+                "epsilon": eps_sgd,
+                "delta": delta_sgd,
+                "epsilon_per_record": sgd_record_epsilon,
+                "delta_per_record": plan.sgd_record[1],
+                "noise_multiplier": noise_multiplier,
+                "sample_rate": sample_rate,
+                "max_grad_norm": cfg.dp_max_grad_norm,
+                "steps": steps,
+            },
         },
         "caveats": caveats(cfg, n_val=n_val),
     }

@@ -31,8 +31,18 @@ from common.fileio import atomic_write_json
 from common.models import CVAE, state_sha256
 from node import cvae_dp
 from node.checkpoint import read_sidecar
-from node.cvae import (CvaeResult, dp_residual_rms, eval_loss, load_cvae, one_hot, residual_rms, save_cvae, scale,
-                       stratified_split, train_cvae)
+from node.cvae import (
+    CvaeResult,
+    dp_residual_rms,
+    eval_loss,
+    load_cvae,
+    one_hot,
+    residual_rms,
+    save_cvae,
+    scale,
+    stratified_split,
+    train_cvae,
+)
 from node.cvae_stages import GLOBAL_NAME
 from node.device import pick_device
 from node.embeddings import split_embeddings
@@ -46,20 +56,25 @@ FED_NAME = "cvae_fed"  # the site's CVAE after its latest local update in a fede
 
 class FederatedCvaeError(RuntimeError):
     """The site cannot take part in the federated CVAE (not set up for it, or another architecture)."""
+
     exit_code = errors.CONFIG
 
 
 def _check(ws: Workspace, model: CVAE, arch: dict | None) -> None:
     cfg = ws.config()
     if cfg.synth.route != "cvae" or not cfg.synth.cvae.federated:
-        raise FederatedCvaeError(f"{ws.config_path}: the federation trains the CVAE across sites, but this site has "
-                                 f"synth.route {cfg.synth.route!r}, synth.cvae.federated {cfg.synth.cvae.federated} "
-                                 "(install the federation's site kit again)")
+        raise FederatedCvaeError(
+            f"{ws.config_path}: the federation trains the CVAE across sites, but this site has "
+            f"synth.route {cfg.synth.route!r}, synth.cvae.federated {cfg.synth.cvae.federated} "
+            "(install the federation's site kit again)"
+        )
     if arch:
         mine = {"d-in": model.d_in, "n-classes": model.n_classes, "hidden": model.hidden, "latent": model.latent}
         if any(int(arch[k]) != v for k, v in mine.items() if k in arch):
-            raise FederatedCvaeError(f"{ws.models / 'cvae'}.safetensors: this site's CVAE is {mine}, the federation's "
-                                     f"decoder is {dict(arch)}; set synth.cvae.hidden and latent_dim to the federation's")
+            raise FederatedCvaeError(
+                f"{ws.models / 'cvae'}.safetensors: this site's CVAE is {mine}, the federation's "
+                f"decoder is {dict(arch)}; set synth.cvae.hidden and latent_dim to the federation's"
+            )
 
 
 def _base(ws: Workspace) -> str:
@@ -89,14 +104,23 @@ def _dp_history(ws: Workspace, start: CvaeResult, server_round: int) -> list:
     history = start.info.get("dp_history")
     if not history:
         raise FederatedCvaeError(
-            f"{ws.models / FED_NAME}.safetensors: round {server_round} of a federated CVAE with dp, but this site holds "
-            "no record of what its earlier rounds spent (it did not train them, or its models were replaced): "
-            "refusing to train without the privacy accounting; start a new federated run")
+            f"{ws.models / FED_NAME}.safetensors: round {server_round} of a federated CVAE with dp, "
+            "but this site holds no record of what its earlier rounds spent "
+            "(it did not train them, or its models were replaced): "
+            "refusing to train without the privacy accounting; start a new federated run"
+        )
     return history
 
 
-def local_update(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_round: int, epochs: int, rounds: int,
-                 arch: dict | None = None) -> tuple[dict[str, torch.Tensor], int, float, float]:
+def local_update(
+    ws: Workspace,
+    decoder: dict[str, torch.Tensor],
+    *,
+    server_round: int,
+    epochs: int,
+    rounds: int,
+    arch: dict | None = None,
+) -> tuple[dict[str, torch.Tensor], int, float, float]:
     """One round's local training. Returns (the decoder's state, records trained on, last epoch's
     mean train loss, its validation loss (nan without a validation split)).
 
@@ -110,18 +134,38 @@ def local_update(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_roun
     if server_round > 1:
         start.model.load_decoder_state(decoder)
     # with dp every round keeps the scaler of the plan's start (models/cvae, `initial_cvae`), paid for once
-    dp = {"dp_plan_epochs": rounds * epochs, "dp_history": _dp_history(ws, start, server_round),
-          "scaler": start} if cc.dp else {}
+    dp = (
+        {"dp_plan_epochs": rounds * epochs, "dp_history": _dp_history(ws, start, server_round), "scaler": start}
+        if cc.dp
+        else {}
+    )
     x, y, n_classes, groups = _train_data(ws)
     # the same seed as the site's own training: the same validation split, never trained on
-    result = train_cvae(x, y, n_classes=n_classes, cfg=cc, seed=cfg.models.seed,
-                        device=pick_device(cfg.device), init=start.model, epochs=epochs, groups=groups, **dp)
-    save_cvae(ws.models / f"{FED_NAME}.safetensors", result,
-              sidecar={"federated_round": server_round, "base_weights_sha256": _base(ws)})
+    result = train_cvae(
+        x,
+        y,
+        n_classes=n_classes,
+        cfg=cc,
+        seed=cfg.models.seed,
+        device=pick_device(cfg.device),
+        init=start.model,
+        epochs=epochs,
+        groups=groups,
+        **dp,
+    )
+    save_cvae(
+        ws.models / f"{FED_NAME}.safetensors",
+        result,
+        sidecar={"federated_round": server_round, "base_weights_sha256": _base(ws)},
+    )
     last = result.history[-1]
     val = last["val_loss"]
-    return result.model.cpu().decoder_state(), int(result.info["n_train"]), float(last["train_loss"]), \
-        float("nan") if val is None else float(val)
+    return (
+        result.model.cpu().decoder_state(),
+        int(result.info["n_train"]),
+        float(last["train_loss"]),
+        float("nan") if val is None else float(val),
+    )
 
 
 def _fit_figures(ws: Workspace, result: CvaeResult) -> tuple[float, int, torch.Tensor, dict | None]:
@@ -153,8 +197,15 @@ def _fit_figures(ws: Workspace, result: CvaeResult) -> tuple[float, int, torch.T
     return eval_loss(model, xs[va], c[va], eps, cc.beta), int(len(va)), noise_sd, noise_info
 
 
-def receive_global(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_round: int, rounds: int,
-                   flower_run_id: int | None = None, arch: dict | None = None) -> dict:
+def receive_global(
+    ws: Workspace,
+    decoder: dict[str, torch.Tensor],
+    *,
+    server_round: int,
+    rounds: int,
+    flower_run_id: int | None = None,
+    arch: dict | None = None,
+) -> dict:
     """Save the federation's decoder of `server_round` as models/cvae_global; returns
     {"val_loss", "n_val", "global_decoder_sha256"}."""
     current = _current(ws)
@@ -169,16 +220,35 @@ def receive_global(ws: Workspace, decoder: dict[str, torch.Tensor], *, server_ro
         # is never sampled from): the epsilon stays the local update's
         dp = copy.deepcopy(info["dp"])
         dp["budget"]["noise_scale"].update(noise_info or {}, computed_through="the federation's decoder")
-        dp["caveats"].append("each round's validation loss, reported to the coordinator, is computed on this site's "
-                             "records without DP")
+        dp["caveats"].append(
+            "each round's validation loss, reported to the coordinator, is computed on this site's records without DP"
+        )
         info["dp"] = dp
-    result = CvaeResult(model=current.model, lo=current.lo, hi=current.hi, epochs_trained=current.epochs_trained,
-                        best_epoch=current.epochs_trained, best_val_loss=None if math.isnan(val) else val, history=[],
-                        epsilon=current.epsilon, delta=current.delta, noise_sd=noise_sd, info=info)
-    save_cvae(ws.models / f"{GLOBAL_NAME}.safetensors", result, sidecar={
-        "global_decoder_sha256": sha, "flower_run_id": flower_run_id, "server_round": server_round, "rounds": rounds,
-        "final": server_round >= rounds, "base_weights_sha256": _base(ws),
-    })
+    result = CvaeResult(
+        model=current.model,
+        lo=current.lo,
+        hi=current.hi,
+        epochs_trained=current.epochs_trained,
+        best_epoch=current.epochs_trained,
+        best_val_loss=None if math.isnan(val) else val,
+        history=[],
+        epsilon=current.epsilon,
+        delta=current.delta,
+        noise_sd=noise_sd,
+        info=info,
+    )
+    save_cvae(
+        ws.models / f"{GLOBAL_NAME}.safetensors",
+        result,
+        sidecar={
+            "global_decoder_sha256": sha,
+            "flower_run_id": flower_run_id,
+            "server_round": server_round,
+            "rounds": rounds,
+            "final": server_round >= rounds,
+            "base_weights_sha256": _base(ws),
+        },
+    )
     return {"val_loss": val, "n_val": n_val, "global_decoder_sha256": sha}
 
 
@@ -195,7 +265,10 @@ def release(ws: Workspace) -> dict:
             run_one(ws, stage)
         bundle_id = publish(ws)
         out.update(released=1.0 if bundle_id else 0.0, bundle_id=bundle_id)
-        log.info("federated CVAE: %s", f"published bundle {bundle_id}" if bundle_id else "nothing published (see the audit report)")
+        log.info(
+            "federated CVAE: %s",
+            f"published bundle {bundle_id}" if bundle_id else "nothing published (see the audit report)",
+        )
     except Exception as e:  # noqa: BLE001 - reported to the coordinator and in reports/, not fatal
         out["error"] = f"{type(e).__name__}: {e}"
         log.error("federated CVAE: synthesize/audit/publish failed: %s\n%s", out["error"], traceback.format_exc())

@@ -47,8 +47,12 @@ def _key(ws: Workspace) -> tuple[dict, str]:
     # The sampling options are left out (synthesize reads them), and so is `federated` without dp: the
     # local CVAE is the same model either way (it is the federated run's start). With dp it is not.
     cc = cfg.synth.cvae
-    section = {"cvae": cc.model_dump(mode="json", exclude={"sample", "sample_noise"} | (set() if cc.dp else {"federated"})), "extractor": cfg.synth.extractor.model_dump(mode="json"),
-               "classifier": cfg.models.classifier.model_dump(mode="json"), "seed": cfg.models.seed}
+    section = {
+        "cvae": cc.model_dump(mode="json", exclude={"sample", "sample_noise"} | (set() if cc.dp else {"federated"})),
+        "extractor": cfg.synth.extractor.model_dump(mode="json"),
+        "classifier": cfg.models.classifier.model_dump(mode="json"),
+        "seed": cfg.models.seed,
+    }
     data_sha = sha256_file(ws.data / "dataset.npz")[:16] + sha256_file(ws.data / "splits.json")[:16]
     return section, config_digest(section) + ":" + data_sha
 
@@ -56,13 +60,20 @@ def _key(ws: Workspace) -> tuple[dict, str]:
 def train(ws: Workspace) -> None:
     cfg = ws.config()
     section, key = _key(ws)
-    if all((ws.models / f"{n}.json").exists() and read_sidecar(ws.models / f"{n}.safetensors").get("key") == key for n in MODEL_NAMES):
+    if all(
+        (ws.models / f"{n}.json").exists() and read_sidecar(ws.models / f"{n}.safetensors").get("key") == key
+        for n in MODEL_NAMES
+    ):
         return  # same config, same data: the models on disk are these models
     device = pick_device(cfg.device)
     x, y = split_embeddings(ws, cfg.synth.extractor, "train", device=device)
     n_classes = read_splits(ws)["n_classes"]
-    common = {"config": section, "config_sha256": config_digest(section), "key": key,
-              "extractor_digest": extractor_digest(cfg.synth.extractor)}
+    common = {
+        "config": section,
+        "config_sha256": config_digest(section),
+        "key": key,
+        "extractor_digest": extractor_digest(cfg.synth.extractor),
+    }
 
     # Re-identification on embeddings: which train patient is this record? Trained on the train
     # records themselves, as phi_id is in the PLAN route; the audit's threshold comes from holdout.
@@ -73,14 +84,30 @@ def train(ws: Workspace) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.models.seed + 2 + 2 * i)
             model = EmbeddingHead(x.shape[1], len(identities), hidden=hidden).fit_scaler(torch.from_numpy(x))
-        loss = train_classifier(model, x, id_labels, epochs=cc.id_epochs, lr=cc.lr, batch_size=cc.batch_size,
-                                device=device, seed=cfg.models.seed + 2 + 2 * i, augment="none")
+        loss = train_classifier(
+            model,
+            x,
+            id_labels,
+            epochs=cc.id_epochs,
+            lr=cc.lr,
+            batch_size=cc.batch_size,
+            device=device,
+            seed=cfg.models.seed + 2 + 2 * i,
+            augment="none",
+        )
         acc = evaluate_classifier(model, x, id_labels, device=device)["accuracy"]
-        save_model(ws.models / f"{name}.safetensors", model, sidecar={
-            **common, "class": "EmbeddingHead", "kwargs": {"d_in": int(x.shape[1]), "n_classes": len(identities), "hidden": hidden},
-            "steps": cc.id_epochs, "identities": identities.tolist(),
-            "metrics": {"final_loss": loss, "train_accuracy": acc, "n_train": len(x)},
-        })
+        save_model(
+            ws.models / f"{name}.safetensors",
+            model,
+            sidecar={
+                **common,
+                "class": "EmbeddingHead",
+                "kwargs": {"d_in": int(x.shape[1]), "n_classes": len(identities), "hidden": hidden},
+                "steps": cc.id_epochs,
+                "identities": identities.tolist(),
+                "metrics": {"final_loss": loss, "train_accuracy": acc, "n_train": len(x)},
+            },
+        )
 
     t0 = time.time()
     # patient ids: with dp the unit of privacy is the patient (node.cvae_dp), not the image
@@ -88,16 +115,20 @@ def train(ws: Workspace) -> None:
         # the federated rounds are the whole DP plan: local pre-training would spend budget outside it
         result = initial_cvae(x, y, n_classes=n_classes, cfg=cfg.synth.cvae, seed=cfg.models.seed, groups=patients)
     else:
-        result = train_cvae(x, y, n_classes=n_classes, cfg=cfg.synth.cvae, seed=cfg.models.seed, device=device,
-                            groups=patients)
+        result = train_cvae(
+            x, y, n_classes=n_classes, cfg=cfg.synth.cvae, seed=cfg.models.seed, device=device, groups=patients
+        )
     save_cvae(ws.models / "cvae.safetensors", result, sidecar={**common, "seconds": round(time.time() - t0, 2)})
 
 
 def load_reid(ws: Workspace, name: str, device: torch.device | str = "cpu") -> EmbeddingHead:
     """phi_id or phi_attack of the CVAE route, in eval mode, frozen."""
     side = read_sidecar(ws.models / f"{name}.safetensors")
-    model = load_weights(ws.models / f"{name}.safetensors", EmbeddingHead(side["kwargs"]["d_in"], side["kwargs"]["n_classes"],
-                                                                        hidden=side["kwargs"]["hidden"]), device=device)
+    model = load_weights(
+        ws.models / f"{name}.safetensors",
+        EmbeddingHead(side["kwargs"]["d_in"], side["kwargs"]["n_classes"], hidden=side["kwargs"]["hidden"]),
+        device=device,
+    )
     return model.eval().requires_grad_(False)
 
 
@@ -111,14 +142,16 @@ def synth_model(ws: Workspace) -> str:
         return "cvae"
     if not (ws.models / f"{GLOBAL_NAME}.json").exists():
         raise FileNotFoundError(
-            f"{ws.models / GLOBAL_NAME}.safetensors: missing: the federated CVAE has not finished (synth.cvae.federated "
-            "is on, so this site samples from the federation's decoder, which the coordinator's CVAE run delivers "
-            "to the SuperNode in its last round)")
+            f"{ws.models / GLOBAL_NAME}.safetensors: missing: the federated CVAE has not finished "
+            "(synth.cvae.federated is on, so this site samples from the federation's decoder, "
+            "which the coordinator's CVAE run delivers to the SuperNode in its last round)"
+        )
     side = read_sidecar(ws.models / f"{GLOBAL_NAME}.safetensors")
     if not side.get("final", False):
         raise FileNotFoundError(
-            f"{ws.models / GLOBAL_NAME}.safetensors holds the federation's decoder of round {side.get('server_round')} of "
-            f"{side.get('rounds')}: the federated CVAE has not finished")
+            f"{ws.models / GLOBAL_NAME}.safetensors holds the federation's decoder "
+            f"of round {side.get('server_round')} of {side.get('rounds')}: the federated CVAE has not finished"
+        )
     return GLOBAL_NAME
 
 
@@ -145,26 +178,47 @@ def synthesize(ws: Workspace) -> str:
         atomic_write_bytes(out_dir / "candidates.npz", buf.getvalue())
         side = read_sidecar(ws.models / f"{name}.safetensors")
         # federated: whose decoder this is (the federation's, by the digest every site received)
-        federated = {"decoder": {"source": "federation", "global_decoder_sha256": side["global_decoder_sha256"],
-                                 "flower_run_id": side.get("flower_run_id"), "server_round": side.get("server_round"),
-                                 "rounds": side.get("rounds")}} if name == GLOBAL_NAME else {}
-        atomic_write_json(out_dir / "synth.json", {
-            "run_id": run_id,
-            "route": "cvae",
-            "config": sc.model_dump(mode="json"),
-            "config_sha256": config_digest(sc),
-            "cvae_sha256": side["weights_sha256"],
-            "extractor_digest": extractor_digest(sc.extractor),
-            "counts": {"n_train": len(train_labels), "n_candidates": len(labels), "embedding_dim": int(emb.shape[1]),
-                       "per_class": {int(c): int((labels == c).sum()) for c in np.unique(labels)}},
-            "cvae": {"epochs_trained": result.epochs_trained, "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss},
-            # The (epsilon, delta) per patient actually spent: DP scaler, DP noise scale and the
-            # DP-SGD steps trained, composed (None without DP); "dp" has the parts and the caveats.
-            "dp_epsilon": result.epsilon,
-            "dp_delta": result.delta,
-            "dp": dp_block(result),
-            "seconds": {"total": round(time.time() - t0, 2)},
-            **federated,
-        })
+        federated = (
+            {
+                "decoder": {
+                    "source": "federation",
+                    "global_decoder_sha256": side["global_decoder_sha256"],
+                    "flower_run_id": side.get("flower_run_id"),
+                    "server_round": side.get("server_round"),
+                    "rounds": side.get("rounds"),
+                }
+            }
+            if name == GLOBAL_NAME
+            else {}
+        )
+        atomic_write_json(
+            out_dir / "synth.json",
+            {
+                "run_id": run_id,
+                "route": "cvae",
+                "config": sc.model_dump(mode="json"),
+                "config_sha256": config_digest(sc),
+                "cvae_sha256": side["weights_sha256"],
+                "extractor_digest": extractor_digest(sc.extractor),
+                "counts": {
+                    "n_train": len(train_labels),
+                    "n_candidates": len(labels),
+                    "embedding_dim": int(emb.shape[1]),
+                    "per_class": {int(c): int((labels == c).sum()) for c in np.unique(labels)},
+                },
+                "cvae": {
+                    "epochs_trained": result.epochs_trained,
+                    "best_epoch": result.best_epoch,
+                    "best_val_loss": result.best_val_loss,
+                },
+                # The (epsilon, delta) per patient actually spent: DP scaler, DP noise scale and the
+                # DP-SGD steps trained, composed (None without DP); "dp" has the parts and the caveats.
+                "dp_epsilon": result.epsilon,
+                "dp_delta": result.delta,
+                "dp": dp_block(result),
+                "seconds": {"total": round(time.time() - t0, 2)},
+                **federated,
+            },
+        )
     atomic_write_json(ws.synth / "latest.json", {"run_id": run_id})
     return run_id

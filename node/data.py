@@ -23,6 +23,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".gi
 
 class DataError(ValueError):
     """The site's data cannot be read as configured; the message names the file and what was expected."""
+
     exit_code = errors.DATA
 
 
@@ -83,7 +84,9 @@ def _load_npz(path: Path, size: int) -> ImageSet:
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     if head != b"PK\x03\x04":  # an .npz is a zip of .npy arrays; NumPy would talk of pickles here
-        raise DataError(f"{path}: not a NumPy .npz archive (expected a zip of .npy arrays, the file starts with {head!r})")
+        raise DataError(
+            f"{path}: not a NumPy .npz archive (expected a zip of .npy arrays, the file starts with {head!r})"
+        )
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -177,10 +180,15 @@ def load_dataset(cfg: DataConfig) -> ImageSet:
     size = cfg.image_size
     if cfg.source == "phantom":
         ph = cfg.phantom
-        data = ImageSet(*make_phantom(
-            n_patients=ph.n_patients, images_per_patient=ph.images_per_patient,
-            n_classes=ph.n_classes, size=size, seed=ph.seed,
-        ))
+        data = ImageSet(
+            *make_phantom(
+                n_patients=ph.n_patients,
+                images_per_patient=ph.images_per_patient,
+                n_classes=ph.n_classes,
+                size=size,
+                seed=ph.seed,
+            )
+        )
     else:
         path = Path(cfg.path)
         data = {"npz": _load_npz, "folder": _load_folder, "csv": _load_csv}[cfg.source](path, size)

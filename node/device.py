@@ -6,7 +6,7 @@ import torch
 
 
 def pick_device(name: str) -> torch.device:
-    """"auto" -> cuda when present, else cpu; "cpu" / "cuda" / "cuda:1" as given.
+    """ "auto" -> cuda when present, else cpu; "cpu" / "cuda" / "cuda:1" as given.
 
     Asking for CUDA on a machine without it is an error, not a silent fall-back to CPU,
     so a misconfigured site is noticed instead of running 50x slower.

@@ -59,8 +59,13 @@ def check_site(ws: Workspace, *, network: bool = True, timeout_s: float = 5.0) -
     checks += _keys(ws)
     kit = ws.resolve(cfg.coordinator.client_cert).exists()
     if not kit:
-        checks.append(_warn("kit", f"no site kit installed ({ws.resolve(cfg.coordinator.client_cert)} absent): the site can "
-                                   f"train and audit, not publish or join; run `plan-node init --site-dir {ws.root} --kit KIT`"))
+        checks.append(
+            _warn(
+                "kit",
+                f"no site kit installed ({ws.resolve(cfg.coordinator.client_cert)} absent): the site can "
+                f"train and audit, not publish or join; run `plan-node init --site-dir {ws.root} --kit KIT`",
+            )
+        )
     else:
         checks.append(_certificate(ws.resolve(cfg.coordinator.client_cert)))
         if network:
@@ -87,9 +92,14 @@ def _data(cfg) -> list[Check]:
         except DataError as e:
             out.append(_fail("schema", str(e), errors.DATA))
     if len(np.unique(data.patient_ids)) == len(data):
-        out.append(_warn("patients", "every image has its own patient id, so splits are by image: if patients have several "
-                                     "images, give their ids (npz `patient_ids`, a CSV manifest's third column), or a "
-                                     "patient's images may sit in both train and holdout and the audit cannot see a leak"))
+        out.append(
+            _warn(
+                "patients",
+                "every image has its own patient id, so splits are by image: if patients have several "
+                "images, give their ids (npz `patient_ids`, a CSV manifest's third column), or a "
+                "patient's images may sit in both train and holdout and the audit cannot see a leak",
+            )
+        )
     return out
 
 
@@ -113,7 +123,10 @@ def _certificate(path) -> Check:
         return _fail("certificate", str(e), errors.CONFIG)
     left = cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)
     if left.days < CERT_WARN_DAYS:
-        return _warn("certificate", f"{path}: expires in {left.days} days ({cert.not_valid_after_utc:%Y-%m-%d}); ask for a new kit")
+        return _warn(
+            "certificate",
+            f"{path}: expires in {left.days} days ({cert.not_valid_after_utc:%Y-%m-%d}); ask for a new kit",
+        )
     return _ok("certificate", f"{path}: valid until {cert.not_valid_after_utc:%Y-%m-%d}")
 
 
@@ -127,13 +140,24 @@ def _reach(name: str, address: str, tls: tuple, *, timeout_s: float, client_cert
         if client_cert:
             ctx.load_cert_chain(str(crt), str(key))
         ctx.set_alpn_protocols(["h2"])
-        with socket.create_connection((host, port), timeout=timeout_s) as sock, ctx.wrap_socket(sock, server_hostname=host):
+        with (
+            socket.create_connection((host, port), timeout=timeout_s) as sock,
+            ctx.wrap_socket(sock, server_hostname=host),
+        ):
             pass
     except ssl.SSLCertVerificationError as e:
-        return _fail(name, f"{address}: the server certificate does not fit ({e.verify_message}); if the name is the "
-                           f"problem the operator adds it with `plan-server ca init --host {host}` and sends a new kit", errors.CONFIG)
+        return _fail(
+            name,
+            f"{address}: the server certificate does not fit ({e.verify_message}); if the name is the "
+            f"problem the operator adds it with `plan-server ca init --host {host}` and sends a new kit",
+            errors.CONFIG,
+        )
     except (OSError, ssl.SSLError) as e:
-        return _fail(name, f"{address}: not reachable ({e}); is the coordinator up, and the port open to this site?", errors.NETWORK)
+        return _fail(
+            name,
+            f"{address}: not reachable ({e}); is the coordinator up, and the port open to this site?",
+            errors.NETWORK,
+        )
     return _ok(name, f"{address}: reachable, TLS certificate valid for {host}")
 
 

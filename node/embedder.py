@@ -62,13 +62,17 @@ class TinyExtractor(nn.Module):
 
     def __init__(self, seed: int):
         super().__init__()
-        self.convs = nn.ModuleList([nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1)])
+        self.convs = nn.ModuleList(
+            [nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1)]
+        )
         g = torch.Generator().manual_seed(int(seed))
         with torch.no_grad():
             for conv in self.convs:
                 fan_in = conv.in_channels * 9
                 # always from a CPU generator, whatever device the extractor later runs on
-                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=torch.float64) * (2.0 / fan_in) ** 0.5)
+                conv.weight.copy_(
+                    torch.randn(conv.weight.shape, generator=g, dtype=torch.float64) * (2.0 / fan_in) ** 0.5
+                )
                 conv.bias.zero_()
         self.requires_grad_(False)
 
@@ -91,11 +95,27 @@ class Extractor(nn.Module):
     channels and normalises with the backbone's mean and std.
     """
 
-    def __init__(self, backbone: nn.Module, *, arch: str, dim: int, input_size: int, in_chans: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], interpolation: str):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        arch: str,
+        dim: int,
+        input_size: int,
+        in_chans: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        interpolation: str,
+    ):
         super().__init__()
         self.backbone = backbone
-        self.arch, self.dim, self.input_size, self.in_chans, self.interpolation = arch, dim, input_size, in_chans, interpolation
+        self.arch, self.dim, self.input_size, self.in_chans, self.interpolation = (
+            arch,
+            dim,
+            input_size,
+            in_chans,
+            interpolation,
+        )
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.requires_grad_(False)
@@ -139,13 +159,24 @@ def _build_timm(cfg: ExtractorConfig, store_dir: Path) -> Extractor:
     # img_size 224 (the checkpoints are 518): timm's checkpoint filter resamples the position
     # embeddings, and 224 is what the BMVC paper embeds at, at a fifth of the cost.
     model = timm.create_model(
-        _TIMM_NAMES[cfg.arch], pretrained=True, img_size=224, num_classes=0,
+        _TIMM_NAMES[cfg.arch],
+        pretrained=True,
+        img_size=224,
+        num_classes=0,
         pretrained_cfg_overlay=dict(file=str(path), url=None, hf_hub_id=None),
     )
     # the model's pretrained_cfg still says 518: ask for the size the model was built at
     data = resolve_data_config({"input_size": (3, 224, 224)}, model=model)
-    return Extractor(model, arch=cfg.arch, dim=int(model.num_features), input_size=224, in_chans=3,
-                     mean=tuple(data["mean"]), std=tuple(data["std"]), interpolation=str(data["interpolation"]))
+    return Extractor(
+        model,
+        arch=cfg.arch,
+        dim=int(model.num_features),
+        input_size=224,
+        in_chans=3,
+        mean=tuple(data["mean"]),
+        std=tuple(data["std"]),
+        interpolation=str(data["interpolation"]),
+    )
 
 
 def _build_resnet(cfg: ExtractorConfig, store_dir: Path) -> Extractor:
@@ -156,8 +187,16 @@ def _build_resnet(cfg: ExtractorConfig, store_dir: Path) -> Extractor:
     model.load_state_dict(_load_state_dict(path))
     dim = model.fc.in_features
     model.fc = nn.Identity()
-    return Extractor(model, arch=cfg.arch, dim=dim, input_size=224, in_chans=3,
-                     mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear")
+    return Extractor(
+        model,
+        arch=cfg.arch,
+        dim=dim,
+        input_size=224,
+        in_chans=3,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        interpolation="bilinear",
+    )
 
 
 def build_extractor(cfg: ExtractorConfig, *, store_dir: Path) -> Extractor:
@@ -170,8 +209,16 @@ def build_extractor(cfg: ExtractorConfig, *, store_dir: Path) -> Extractor:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if cfg.arch == "tiny":
-            return Extractor(TinyExtractor(cfg.seed), arch="tiny", dim=TinyExtractor.dim, input_size=32, in_chans=1,
-                             mean=(0.5,), std=(0.25,), interpolation="bilinear")
+            return Extractor(
+                TinyExtractor(cfg.seed),
+                arch="tiny",
+                dim=TinyExtractor.dim,
+                input_size=32,
+                in_chans=1,
+                mean=(0.5,),
+                std=(0.25,),
+                interpolation="bilinear",
+            )
         if cfg.arch in _TIMM_NAMES:
             return _build_timm(cfg, Path(store_dir))
         if cfg.arch in ("resnet18", "resnet50"):
@@ -180,7 +227,9 @@ def build_extractor(cfg: ExtractorConfig, *, store_dir: Path) -> Extractor:
 
 
 @torch.no_grad()
-def embed_images(extractor: Extractor, images: np.ndarray, *, device: torch.device | str, batch_size: int = 256) -> np.ndarray:
+def embed_images(
+    extractor: Extractor, images: np.ndarray, *, device: torch.device | str, batch_size: int = 256
+) -> np.ndarray:
     """Embed grey images uint8 [N,H,W] -> float32 [N,D], in batches, eval mode, no gradients."""
     images = np.asarray(images)
     if images.ndim != 3 or images.dtype != np.uint8:
@@ -197,6 +246,9 @@ def extractor_digest(cfg: ExtractorConfig) -> str:
     """16 hex digits identifying the embedding space: arch and weights' sha256, or the tiny
     network's version and seed. Keys the embedding caches; two configs with the same digest
     embed identically."""
-    ident = {"arch": cfg.arch, "sha256": cfg.sha256.lower()} if cfg.arch != "tiny" else {
-        "arch": "tiny", "version": _TINY_VERSION, "seed": cfg.seed}
+    ident = (
+        {"arch": cfg.arch, "sha256": cfg.sha256.lower()}
+        if cfg.arch != "tiny"
+        else {"arch": "tiny", "version": _TINY_VERSION, "seed": cfg.seed}
+    )
     return sha256_bytes(json.dumps(ident, sort_keys=True).encode())[:16]

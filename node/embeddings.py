@@ -67,7 +67,9 @@ def _build(ws: Workspace, cfg: ExtractorConfig, key: dict[str, str], path: Path,
     atomic_write_bytes(path, st_save(tensors, metadata={"json": json.dumps(meta, sort_keys=True)}))
 
 
-def split_embeddings(ws: Workspace, cfg: ExtractorConfig, split: str, *, device: torch.device | str) -> tuple[np.ndarray, np.ndarray]:
+def split_embeddings(
+    ws: Workspace, cfg: ExtractorConfig, split: str, *, device: torch.device | str
+) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings float32 [N,D] and labels int64 [N] of one ingested split ("train", "holdout",
     "test"), in splits.json order. The first call embeds every split and caches them; later calls
     read the cache while dataset.npz, splits.json and the extractor are unchanged."""

@@ -28,6 +28,7 @@ from common.wire import CHUNK_BYTES, encode_data, grpc_options, serialize
 
 class ExchangeError(RuntimeError):
     """A call to the exchange failed. `code` is the gRPC status code name (e.g. "PERMISSION_DENIED")."""
+
     exit_code = errors.NETWORK
 
     def __init__(self, message: str, code: str = "UNKNOWN"):
@@ -42,14 +43,19 @@ def read_client_cert(path: Path) -> bytes:
         pem = path.read_bytes()
         cert = x509.load_pem_x509_certificate(pem)
     except OSError as e:
-        raise ExchangeError(f"{path}: cannot read the site's client certificate ({e.strerror}); "
-                            f"install the site kit with `plan-node init --kit`") from None
+        raise ExchangeError(
+            f"{path}: cannot read the site's client certificate ({e.strerror}); "
+            f"install the site kit with `plan-node init --kit`"
+        ) from None
     except ValueError as e:
         raise ExchangeError(f"{path}: not a PEM certificate ({e})") from None
     now = dt.datetime.now(dt.timezone.utc)
     if now > cert.not_valid_after_utc:
-        raise ExchangeError(f"{path}: client certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}; "
-                            f"ask the coordinator's operator for a new site kit", "CERTIFICATE_EXPIRED")
+        raise ExchangeError(
+            f"{path}: client certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}; "
+            f"ask the coordinator's operator for a new site kit",
+            "CERTIFICATE_EXPIRED",
+        )
     if now < cert.not_valid_before_utc:
         raise ExchangeError(f"{path}: client certificate is not valid before {cert.not_valid_before_utc.isoformat()}")
     return pem
@@ -59,8 +65,11 @@ def site_client(ws) -> "ExchangeClient":
     """The exchange client of site workspace `ws`: its CA, client certificate and key from site.yaml."""
     c = ws.config().coordinator
     return ExchangeClient(
-        c.exchange, ws.resolve(c.ca_cert), timeout=c.timeout_s,
-        client_cert=ws.resolve(c.client_cert), client_key=ws.resolve(c.client_key),
+        c.exchange,
+        ws.resolve(c.ca_cert),
+        timeout=c.timeout_s,
+        client_cert=ws.resolve(c.client_cert),
+        client_key=ws.resolve(c.client_key),
     )
 
 
@@ -89,8 +98,13 @@ def _upload_messages(tar_path: Path, site: str) -> Iterator[pb.UploadChunk | byt
 
 def _record(info: pb.BundleInfo) -> dict:
     return {
-        "bundle_id": info.bundle_id, "site": info.site, "sequence": info.sequence, "sha256": info.sha256,
-        "size": info.size, "n_samples": info.n_samples, "stored_at": info.stored_at,
+        "bundle_id": info.bundle_id,
+        "site": info.site,
+        "sequence": info.sequence,
+        "sha256": info.sha256,
+        "size": info.size,
+        "n_samples": info.n_samples,
+        "stored_at": info.stored_at,
     }
 
 
@@ -126,7 +140,8 @@ class ExchangeClient:
         self._stub = pb_grpc.ExchangeStub(self._channel)
         # The stub's Upload, but taking data messages already encoded (common.wire.encode_data).
         self._upload = self._channel.stream_unary(
-            f"/{pb.DESCRIPTOR.services_by_name['Exchange'].full_name}/Upload", request_serializer=serialize,
+            f"/{pb.DESCRIPTOR.services_by_name['Exchange'].full_name}/Upload",
+            request_serializer=serialize,
             response_deserializer=pb.UploadReply.FromString,
         )
 
@@ -168,7 +183,9 @@ class ExchangeClient:
         exchange states it (unsigned: for display; receivers use `signed_list`)."""
         return [_record(b) for reply in self._pages(site) for b in reply.bundles]
 
-    def signed_list(self, coordinator_pub, *, federation: str, trust_version: int, site: str | None = None) -> list[dict]:
+    def signed_list(
+        self, coordinator_pub, *, federation: str, trust_version: int, site: str | None = None
+    ) -> list[dict]:
         """Every bundle in the pool as the coordinator signed it, page by page (common/listing.py):
         each page verified against `coordinator_pub`, this federation, the trust document version
         the caller holds and the page token asked for. Raises ListingError (TrustVersionChanged
@@ -176,9 +193,17 @@ class ExchangeClient:
         out, token = [], ""
         for reply in self._pages(site):
             if not reply.signed_page:
-                raise ListingError(f"the exchange at {self.address} sent an unsigned pool listing (an older coordinator?)")
-            bundles, next_token = open_listing(reply.signed_page, coordinator_pub, federation=federation,
-                                               trust_version=trust_version, site=site or "", page_token=token)
+                raise ListingError(
+                    f"the exchange at {self.address} sent an unsigned pool listing (an older coordinator?)"
+                )
+            bundles, next_token = open_listing(
+                reply.signed_page,
+                coordinator_pub,
+                federation=federation,
+                trust_version=trust_version,
+                site=site or "",
+                page_token=token,
+            )
             if next_token != reply.next_page_token:
                 raise ListingError("pool listing: the signed next page token differs from the reply's")
             out += bundles
@@ -218,7 +243,9 @@ class ExchangeClient:
                                 raise ExchangeError(f"{what}: server sent data before the info")
                             info = msg.info
                             if want_sha256 is not None and info.sha256 != want_sha256:
-                                raise ExchangeError(f"{what}: server announced another file, sha256 {info.sha256}", "DATA_LOSS")
+                                raise ExchangeError(
+                                    f"{what}: server announced another file, sha256 {info.sha256}", "DATA_LOSS"
+                                )
                             continue
                         data = msg.data  # each access of a bytes field builds a new bytes object
                         size += len(data)
@@ -235,9 +262,11 @@ class ExchangeClient:
             got = h.hexdigest()
             if size != info.size or got != info.sha256 or (want_sha256 is not None and got != want_sha256):
                 raise ExchangeError(
-                    f"{what}: refused the file the coordinator at {self.address} sent for {dest}: {size} bytes with sha256 {got}, "
+                    f"{what}: refused the file the coordinator at {self.address} sent for {dest}: "
+                    f"{size} bytes with sha256 {got}, "
                     f"announced {info.size} bytes with sha256 {info.sha256}"
-                    + (f", pinned sha256 {want_sha256}" if want_sha256 is not None else "") + "; nothing was kept",
+                    + (f", pinned sha256 {want_sha256}" if want_sha256 is not None else "")
+                    + "; nothing was kept",
                     "DATA_LOSS",
                 )
             os.replace(tmp, dest)
@@ -248,8 +277,11 @@ class ExchangeClient:
 
     def download(self, bundle_id: str, dest_path: Path) -> dict:
         """Download a bundle tar to `dest_path` (atomically, size and sha256 checked); returns its record."""
-        info = self._stream_to(lambda: self._stub.Download(pb.DownloadRequest(bundle_id=bundle_id), timeout=self.timeout),
-                               Path(dest_path), f"download of {bundle_id}")
+        info = self._stream_to(
+            lambda: self._stub.Download(pb.DownloadRequest(bundle_id=bundle_id), timeout=self.timeout),
+            Path(dest_path),
+            f"download of {bundle_id}",
+        )
         return _record(info)
 
     def fetch_asset(self, sha256: str, dest: Path, *, timeout: float | None = None) -> dict:
@@ -259,8 +291,13 @@ class ExchangeClient:
         DATA_LOSS) names the file and the digests. Returns {"sha256", "size"}.
         timeout: seconds for the whole download (default: the client's per-call timeout)."""
         dest, want = Path(dest), sha256.lower()
-        info = self._stream_to(lambda: self._stub.DownloadAsset(pb.AssetRequest(sha256=want), timeout=timeout or self.timeout),
-                               dest, f"download of asset {want} for {dest.name}", want_sha256=want, mode=0o644)
+        info = self._stream_to(
+            lambda: self._stub.DownloadAsset(pb.AssetRequest(sha256=want), timeout=timeout or self.timeout),
+            dest,
+            f"download of asset {want} for {dest.name}",
+            want_sha256=want,
+            mode=0o644,
+        )
         return {"sha256": info.sha256, "size": int(info.size)}
 
     def trusted_keys(self) -> dict[str, list[str]]:
@@ -287,7 +324,12 @@ class ExchangeClient:
             reply = self._stub.Health(pb.Empty(), timeout=self.timeout)
         except grpc.RpcError as e:
             raise self._fail(e, "health") from None
-        return {"status": reply.status, "n_bundles": reply.n_bundles, "n_sites": reply.n_sites, "version": reply.version}
+        return {
+            "status": reply.status,
+            "n_bundles": reply.n_bundles,
+            "n_sites": reply.n_sites,
+            "version": reply.version,
+        }
 
 
 def _unavailable_hint(details: str, address: str) -> str:
@@ -295,6 +337,9 @@ def _unavailable_hint(details: str, address: str) -> str:
     a name the server certificate does not cover; anything else, a coordinator down or a port shut."""
     host = address.rsplit(":", 1)[0].strip("[]")
     if any(w in details.lower() for w in ("handshake", "certificate", "peer name", "ssl")):
-        return (f" (the TLS handshake failed: if the coordinator's certificate does not cover {host!r}, its operator adds it "
-                f"with `plan-server ca init --host {host}` and sends a new kit; `plan-node doctor` checks it)")
+        return (
+            f" (the TLS handshake failed: if the coordinator's certificate does not cover {host!r}, "
+            f"its operator adds it with `plan-server ca init --host {host}` and sends a new kit; "
+            "`plan-node doctor` checks it)"
+        )
     return " (is the coordinator up and its port open to this site? `plan-node doctor` checks it)"

@@ -69,7 +69,9 @@ class MappingNetwork(nn.Module):
     def __init__(self, *, z_dim: int, w_dim: int, layers: int):
         super().__init__()
         dims = [z_dim] + [w_dim] * layers
-        self.net = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (EqualLinear(a, b, lr_mul=0.01), nn.LeakyReLU(0.2))])
+        self.net = nn.Sequential(
+            *[m for a, b in zip(dims, dims[1:]) for m in (EqualLinear(a, b, lr_mul=0.01), nn.LeakyReLU(0.2))]
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         z = z * torch.rsqrt(z.square().mean(1, keepdim=True) + 1e-8)
@@ -82,7 +84,9 @@ class ModulatedConv2d(nn.Module):
     x [B,C_in,H,W], w [B,w_dim] -> [B,C_out,H',W'] (H' = 2H when `up`).
     """
 
-    def __init__(self, c_in: int, c_out: int, *, w_dim: int, kernel: int = 3, demodulate: bool = True, up: bool = False):
+    def __init__(
+        self, c_in: int, c_out: int, *, w_dim: int, kernel: int = 3, demodulate: bool = True, up: bool = False
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(c_out, c_in, kernel, kernel))
         self.bias = nn.Parameter(torch.zeros(c_out))
@@ -120,7 +124,9 @@ class SynthesisNetwork(nn.Module):
         self.to_grey = nn.ModuleList()
         for level in range(1, levels + 1):
             a, b = _channels(channels, level - 1), _channels(channels, level)
-            self.blocks.append(nn.ModuleList([ModulatedConv2d(a, b, w_dim=w_dim, up=True), ModulatedConv2d(b, b, w_dim=w_dim)]))
+            self.blocks.append(
+                nn.ModuleList([ModulatedConv2d(a, b, w_dim=w_dim, up=True), ModulatedConv2d(b, b, w_dim=w_dim)])
+            )
             self.to_grey.append(ModulatedConv2d(b, 1, w_dim=w_dim, kernel=1, demodulate=False))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -185,7 +191,9 @@ class Discriminator(nn.Module):
         super().__init__()
         levels = _res_levels(image_size)
         self.from_grey = EqualConv2d(1, _channels(channels, levels), 1)
-        self.blocks = nn.Sequential(*[_DBlock(_channels(channels, l), _channels(channels, l - 1)) for l in range(levels, 0, -1)])
+        self.blocks = nn.Sequential(
+            *[_DBlock(_channels(channels, lv), _channels(channels, lv - 1)) for lv in range(levels, 0, -1)]
+        )
         c0 = _channels(channels, 0)
         self.conv = EqualConv2d(c0 + 1, c0, 3)
         self.fc = EqualLinear(c0 * 16, c0)

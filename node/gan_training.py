@@ -31,7 +31,10 @@ def diff_augment(x: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor
     cx = torch.randint(0, W - cw + 1, (B,), generator=generator).to(x.device)
     yy = torch.arange(H, device=x.device)[None, :, None]
     xx = torch.arange(W, device=x.device)[None, None, :]
-    keep = ~(((yy >= cy[:, None, None]) & (yy < cy[:, None, None] + ch)) & ((xx >= cx[:, None, None]) & (xx < cx[:, None, None] + cw)))
+    keep = ~(
+        ((yy >= cy[:, None, None]) & (yy < cy[:, None, None] + ch))
+        & ((xx >= cx[:, None, None]) & (xx < cx[:, None, None] + cw))
+    )
     return torch.where(keep[:, None], x, torch.full_like(x, -1.0))
 
 
@@ -98,7 +101,11 @@ def train_gan(
             tensors.update({f"{name}.{k}": v.detach().cpu() for k, v in mod.state_dict().items()})
         tg, mg = optimizer_tensors(opt_G, "opt_G")
         td, md = optimizer_tensors(opt_D, "opt_D")
-        save_state(state_path, {**tensors, **tg, **td}, {"key": state_key, "step": step, "opt_G": mg, "opt_D": md, "hist": hist})
+        save_state(
+            state_path,
+            {**tensors, **tg, **td},
+            {"key": state_key, "step": step, "opt_G": mg, "opt_D": md, "hist": hist},
+        )
 
     with progress("train GAN", total=steps, completed=start) as update:
         for step in range(start, steps):
@@ -118,7 +125,10 @@ def train_gan(
             x_real = real[idx]
             with torch.no_grad():
                 fake = G(z)
-            loss_D = F.softplus(D(diff_augment(fake, generator=g))).mean() + F.softplus(-D(diff_augment(x_real, generator=g))).mean()
+            loss_D = (
+                F.softplus(D(diff_augment(fake, generator=g))).mean()
+                + F.softplus(-D(diff_augment(x_real, generator=g))).mean()
+            )
             r1 = torch.zeros((), device=device)
             if r1_gamma > 0 and step % R1_EVERY == 0:
                 x_r1 = x_real.detach().requires_grad_(True)

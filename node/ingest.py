@@ -54,7 +54,8 @@ def check_schema(labels: np.ndarray, cfg: DataConfig) -> None:
     bad = np.flatnonzero(labels >= cfg.n_classes)
     if bad.size:
         raise DataError(
-            f"{cfg.path or 'phantom'}: {bad.size} image(s) have labels outside this federation's {cfg.n_classes} classes "
+            f"{cfg.path or 'phantom'}: {bad.size} image(s) have labels "
+            f"outside this federation's {cfg.n_classes} classes "
             f"(0..{cfg.n_classes - 1}{_names(cfg.class_names)}), the first at image {int(bad[0])} with label "
             f"{int(labels[bad[0]])}; relabel them or ask the coordinator whether data.n_classes is right"
         )

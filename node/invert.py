@@ -58,7 +58,9 @@ def project(
 
 
 @torch.no_grad()
-def reconstruction_mse(G: Generator, w: torch.Tensor, target: torch.Tensor, *, device: torch.device | str) -> torch.Tensor:
+def reconstruction_mse(
+    G: Generator, w: torch.Tensor, target: torch.Tensor, *, device: torch.device | str
+) -> torch.Tensor:
     """Per-image MSE [N] between G.synthesis(w) (clamped to [-1,1]) and target, both mapped to [0,1]."""
     G = G.to(device).eval()
     rec = G.synthesis(w.to(device)).clamp(-1, 1)

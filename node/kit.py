@@ -44,8 +44,10 @@ def _check_certificate(path: Path, files: dict[str, bytes], site: str) -> None:
         raise KitError(f"{path}: client.crt is for {cns!r}, not site {site!r}")
     now = dt.datetime.now(dt.timezone.utc)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise KitError(f"{path}: client.crt is valid {cert.not_valid_before_utc:%Y-%m-%d} to "
-                       f"{cert.not_valid_after_utc:%Y-%m-%d}, not now")
+        raise KitError(
+            f"{path}: client.crt is valid {cert.not_valid_before_utc:%Y-%m-%d} to "
+            f"{cert.not_valid_after_utc:%Y-%m-%d}, not now"
+        )
 
 
 def _replace_private(path: Path, data: bytes) -> None:
@@ -70,8 +72,10 @@ def install_kit(ws: Workspace, kit_path: Path) -> dict:
     except SigningKeyError as e:
         raise KitError(f"{e} (run `plan-node init` first: the kit registers this site's signing key)") from None
     if meta["signing_key_id"] != own:
-        raise KitError(f"{kit_path}: kit registers signing key {meta['signing_key_id'][:16]}, but "
-                       f"{ws.signing_pub} is key {own[:16]}; ask for a kit made with this key")
+        raise KitError(
+            f"{kit_path}: kit registers signing key {meta['signing_key_id'][:16]}, but "
+            f"{ws.signing_pub} is key {own[:16]}; ask for a kit made with this key"
+        )
     try:
         load_public_key(files["coordinator.pub"])
     except SigningKeyError as e:
@@ -80,9 +84,11 @@ def install_kit(ws: Workspace, kit_path: Path) -> dict:
     for field in ("exchange", "superlink"):  # kits made before server_names was recorded are not checked
         host = address_host(meta[field])
         if "server_names" in meta and host not in meta["server_names"]:
-            raise KitError(f"{kit_path}: the {field} address {meta[field]} is not covered by the coordinator's server "
-                           f"certificate ({', '.join(meta['server_names'])}); ask the operator for a kit made after "
-                           f"`plan-server ca init --host {host}`")
+            raise KitError(
+                f"{kit_path}: the {field} address {meta[field]} is not covered by the coordinator's server "
+                f"certificate ({', '.join(meta['server_names'])}); ask the operator for a kit made after "
+                f"`plan-server ca init --host {host}`"
+            )
     try:
         floor = PolicyConfig(**meta["policy_floor"]) if "policy_floor" in meta else None
     except ValueError as e:
@@ -93,15 +99,23 @@ def install_kit(ws: Workspace, kit_path: Path) -> dict:
             raise ValueError(f"route must be 'plan' or 'cvae', got {meta['route']!r}")
         federated = bool(meta.get("cvae_federated", False)) and meta.get("route") == "cvae"
         if federated and cfg.synth.cvae.dp:
-            raise ValueError("the federation trains the CVAE across sites (cvae_federated), which this version does "
-                             "not support with DP-SGD; set synth.cvae.dp to false in site.yaml first")
+            raise ValueError(
+                "the federation trains the CVAE across sites (cvae_federated), which this version does "
+                "not support with DP-SGD; set synth.cvae.dp to false in site.yaml first"
+            )
     except ValueError as e:
         raise KitError(f"{kit_path}: kit.json route or extractor: {e}") from None
     schema = meta.get("schema")  # kits made before the schema was recorded leave data.* as it is
     if schema is not None:
         try:
-            data = cfg.data.model_validate({**cfg.data.model_dump(), "n_classes": schema["n_classes"],
-                                            "class_names": schema["class_names"], "image_size": schema["image_size"]})
+            data = cfg.data.model_validate(
+                {
+                    **cfg.data.model_dump(),
+                    "n_classes": schema["n_classes"],
+                    "class_names": schema["class_names"],
+                    "image_size": schema["image_size"],
+                }
+            )
         except (ValueError, KeyError, TypeError) as e:
             raise KitError(f"{kit_path}: kit.json schema: {e}") from None
 

@@ -31,7 +31,11 @@ from node.distances import nearest_sq
 BACKBONES = {
     "alex": ("alexnet-owt-7be5be79.pth", "7be5be79", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
     "vgg": ("vgg16-397923af.pth", "397923af", "https://download.pytorch.org/models/vgg16-397923af.pth"),
-    "squeeze": ("squeezenet1_1-b8a52dc0.pth", "b8a52dc0", "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth"),
+    "squeeze": (
+        "squeezenet1_1-b8a52dc0.pth",
+        "b8a52dc0",
+        "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth",
+    ),
 }
 MIN_SIDE = 64  # smaller images are upsampled: AlexNet's 11x11 stride-4 stem leaves nothing of a 16x16 image
 
@@ -107,8 +111,9 @@ def lpips_features(model, x: torch.Tensor, *, batch_size: int = 128) -> torch.Te
 
 
 @torch.no_grad()
-def lpips_nearest(model, query: np.ndarray, ref: np.ndarray, *, ref_block: int = 4096, chunk: int = 512,
-                  batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def lpips_nearest(
+    model, query: np.ndarray, ref: np.ndarray, *, ref_block: int = 4096, chunk: int = 512, batch_size: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
     """Nearest LPIPS neighbour in `ref` (uint8 [M,H,W]) of each image of `query` (uint8 [N,H,W]):
     (distance float64 [N], index int64 [N]).
 

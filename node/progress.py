@@ -35,9 +35,14 @@ def progress(description: str, *, total: int, completed: int = 0, heartbeat_s: f
     """Yields `update(advance=1, **fields)`; e.g. `update(1, info="loss 0.3")`."""
     tty = sys.stderr.isatty()
     bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-        disable=not tty, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=not tty,
+        transient=False,
     )
     state = {"done": completed, "info": "", "last": time.monotonic()}
     start = state["last"]
@@ -55,4 +60,7 @@ def progress(description: str, *, total: int, completed: int = 0, heartbeat_s: f
 
         yield update
     if not tty and time.monotonic() - start >= heartbeat_s:  # short loops (a federated round's epochs) stay quiet
-        log.info(heartbeat_line(description, state["done"], total, time.monotonic() - start, completed, state["info"]) + " done")
+        log.info(
+            heartbeat_line(description, state["done"], total, time.monotonic() - start, completed, state["info"])
+            + " done"
+        )

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 class PublishError(RuntimeError):
     """The inputs of the publish stage are missing or invalid; the message names the file."""
+
     exit_code = errors.DATA
 
 
@@ -116,8 +117,7 @@ def _upload(ws: Workspace, cfg, client: ExchangeClient | None, tar: Path, entry:
             # A reply lost after the server stored it: the retry is refused as a replay. The
             # bundle is published if the pool holds exactly these bytes under this id.
             if e.code != "ALREADY_EXISTS" or not any(
-                r["bundle_id"] == entry["bundle_id"] and r["sha256"] == entry["sha256"]
-                for r in client.list(cfg.name)
+                r["bundle_id"] == entry["bundle_id"] and r["sha256"] == entry["sha256"] for r in client.list(cfg.name)
             ):
                 raise
             log.info("bundle %s was already stored by the coordinator", entry["bundle_id"])
@@ -160,8 +160,15 @@ def publish(ws: Workspace, *, client: ExchangeClient | None = None) -> str | Non
         stale.with_name(stale.name + ".tar").unlink(missing_ok=True)
         sequence = int(record["last_sequence"]) + 1
         images = data.dtype == np.uint8
-        card = {"route": "plan" if images else "cvae", "run_id": run_id, "code_version": code_version(),
-                "description": f"synthetic {'images' if images else 'embeddings'} released by site {cfg.name!r} after a passed privacy audit"}
+        card = {
+            "route": "plan" if images else "cvae",
+            "run_id": run_id,
+            "code_version": code_version(),
+            "description": (
+                f"synthetic {'images' if images else 'embeddings'} released by site {cfg.name!r} "
+                "after a passed privacy audit"
+            ),
+        }
         if not images:
             # the coordinator and every receiver check it against the federation's pin
             card["extractor"] = cfg.synth.extractor.model_dump(mode="json")

@@ -100,8 +100,11 @@ def _check_fits(vb, synth) -> None:
     if vb.route == "cvae":
         card = json.loads((vb.dir / "bag" / "datacard.json").read_text())
         if card.get("extractor") != synth.extractor.model_dump(mode="json"):
-            raise BundleError(f"embeddings made by extractor {card.get('extractor')!r}, not this federation's "
-                              f"{synth.extractor.model_dump(mode='json')!r}", "policy")
+            raise BundleError(
+                f"embeddings made by extractor {card.get('extractor')!r}, not this federation's "
+                f"{synth.extractor.model_dump(mode='json')!r}",
+                "policy",
+            )
 
 
 def _pull_one(ws: Workspace, client: ExchangeClient, rec: dict, keys: dict, max_bytes: int) -> dict:
@@ -165,7 +168,11 @@ def pull(ws: Workspace, *, client: ExchangeClient | None = None) -> list[str]:
                 index[bid] = _pull_one(ws, client, rec, keys, cfg.coordinator.max_bundle_bytes)
             except (BundleError, ExchangeError) as e:
                 log.warning("bundle %s of site %r rejected: %s", bid, rec["site"], e)
-                rejected[bid] = {"site": rec["site"], "reason": str(e), "at": dt.datetime.now(dt.timezone.utc).isoformat()}
+                rejected[bid] = {
+                    "site": rec["site"],
+                    "reason": str(e),
+                    "at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                }
                 atomic_write_json(rejected_path, rejected)
                 continue
             rejected.pop(bid, None)
@@ -212,8 +219,9 @@ def quarantine(ws: Workspace, bid: str, reason: str) -> None:
     log.warning("bundle %s of site %r quarantined: %s", bid, entry.get("site"), reason)
 
 
-def load_pool_data(ws: Workspace, *, spec: ContentSpec | None = None,
-                   route: str | None = None) -> tuple[str | None, np.ndarray, np.ndarray]:
+def load_pool_data(
+    ws: Workspace, *, spec: ContentSpec | None = None, route: str | None = None
+) -> tuple[str | None, np.ndarray, np.ndarray]:
     """(route, data, labels int64 [N]): every verified bundle in pool/index.json, own site
     included, in bundle-id order. route "plan": data is images uint8 [N,H,W]; "cvae": embeddings
     float32 [N,D]. (None, uint8 [0,0,0], int64 [0]) when the pool is empty.
@@ -243,12 +251,15 @@ def load_pool_data(ws: Workspace, *, spec: ContentSpec | None = None,
             route, first = r, bid
         elif r != route:
             raise BundleError(
-                f"{ws.pool / bid}: holds {'images' if r == 'plan' else 'embeddings'} (route {r!r}) but pooled bundle "
-                f"{first} holds {'images' if route == 'plan' else 'embeddings'} (route {route!r}); a pool holds one route"
+                f"{ws.pool / bid}: holds {'images' if r == 'plan' else 'embeddings'} (route {r!r}) "
+                f"but pooled bundle {first} holds {'images' if route == 'plan' else 'embeddings'} (route {route!r}); "
+                "a pool holds one route"
             )
         elif x.shape[1:] != parts[0].shape[1:]:
             if r == "plan":
-                raise BundleError(f"{ws.pool / bid}: images are {x.shape[1:]}, other pooled bundles {parts[0].shape[1:]}")
+                raise BundleError(
+                    f"{ws.pool / bid}: images are {x.shape[1:]}, other pooled bundles {parts[0].shape[1:]}"
+                )
             raise BundleError(
                 f"{ws.pool / bid}: embeddings are {x.shape[1]}-dimensional, pooled bundle {first}'s "
                 f"{parts[0].shape[1]}-dimensional (every site must embed with the same extractor)"

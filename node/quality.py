@@ -26,7 +26,9 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def generator_quality(G, phi_class, real: torch.Tensor, *, n: int, seed: int, device: torch.device | str, batch: int = 256) -> dict:
+def generator_quality(
+    G, phi_class, real: torch.Tensor, *, n: int, seed: int, device: torch.device | str, batch: int = 256
+) -> dict:
     """G (z -> image), phi_class (features, logits), real [N,1,H,W] in [-1,1] -> {"fd_phi_class",
     "class_balance" (share of the n generated images per phi_class label), "n_generated", "n_real"}.
     The generated images are clamped to [-1,1], as the released pixels would be."""
@@ -41,5 +43,9 @@ def generator_quality(G, phi_class, real: torch.Tensor, *, n: int, seed: int, de
         preds.append(phi_class.head(f).argmax(1).cpu())
     real_f = torch.cat([phi_class.features(real[i : i + batch].to(device)).cpu() for i in range(0, len(real), batch)])
     counts = np.bincount(torch.cat(preds).numpy(), minlength=phi_class.n_out)
-    return {"fd_phi_class": frechet_distance(real_f, torch.cat(feats)), "class_balance": (counts / counts.sum()).round(4).tolist(),
-            "n_generated": int(n), "n_real": int(len(real))}
+    return {
+        "fd_phi_class": frechet_distance(real_f, torch.cat(feats)),
+        "class_balance": (counts / counts.sum()).round(4).tolist(),
+        "n_generated": int(n),
+        "n_real": int(len(real)),
+    }

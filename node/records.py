@@ -11,7 +11,9 @@ from node.ingest import load_split
 from node.workspace import Workspace
 
 
-def split_records(ws: Workspace, split: str, *, route: str, device: torch.device | str) -> tuple[np.ndarray, np.ndarray]:
+def split_records(
+    ws: Workspace, split: str, *, route: str, device: torch.device | str
+) -> tuple[np.ndarray, np.ndarray]:
     """(data, labels int64 [N]) of split "train", "holdout" or "test": images uint8 [N,H,W] for
     route "plan", embeddings float32 [N,D] for route "cvae"."""
     if route == "cvae":

@@ -26,8 +26,10 @@ def holdout_halves(holdout_ids: np.ndarray, *, seed: int) -> tuple[np.ndarray, n
     ids = np.asarray(holdout_ids)
     patients = np.unique(ids)
     if len(patients) < 2:
-        raise ValueError(f"the holdout split has {len(patients)} patient(s); the audit needs at least 2 "
-                         "(one for calibration, one for evaluation): give the site more data or a larger split.holdout")
+        raise ValueError(
+            f"the holdout split has {len(patients)} patient(s); the audit needs at least 2 "
+            "(one for calibration, one for evaluation): give the site more data or a larger split.holdout"
+        )
     order = np.random.default_rng(seed).permutation(patients)
     cal = np.isin(ids, order[: (len(order) + 1) // 2])
     return np.flatnonzero(cal), np.flatnonzero(~cal)

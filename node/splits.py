@@ -31,4 +31,7 @@ def split_by_patient(
         q = (np.arange(len(members)) + 0.5) / len(members)
         which[members] = np.where(q < train, 0, np.where(q < train + holdout, 1, 2))
     split_of_image = which[inv]
-    return {name: np.flatnonzero(split_of_image == i).astype(np.int64) for i, name in enumerate(("train", "holdout", "test"))}
+    return {
+        name: np.flatnonzero(split_of_image == i).astype(np.int64)
+        for i, name in enumerate(("train", "holdout", "test"))
+    }

@@ -3,9 +3,11 @@ the ledger (node.workspace.run_stage) so an up-to-date stage is skipped.
 
 stage       inputs                                          outputs
 ingest      site.yaml (+ data.path when not phantom)        data/dataset.npz, data/splits.json
-train       site.yaml, data/                                models/ (G_ema, G, D, phi_id, phi_class, phi_attack + .json, gan_state)
+train       site.yaml, data/                                models/ (G_ema, G, D, phi_id, phi_class, phi_attack
+                                                            + .json, gan_state)
 synthesize  site.yaml, models/ weights + sidecars           synth/latest.json, synth/<run>/candidates.npz, synth.json
-audit       site.yaml, data/, models/phi_*, D, synth/<run>/candidates.npz   synth/<run>/audit.json, accepted.npz (+ reports/audit-<run>.html)
+audit       site.yaml, data/, models/phi_*, D,              synth/<run>/audit.json, accepted.npz
+            synth/<run>/candidates.npz                      (+ reports/audit-<run>.html)
 local_only  site.yaml, data/                                reports/local_only.json
 
 With synth.route "cvae" the same stages run the CVAE route (node.cvae_stages): train writes
@@ -23,7 +25,9 @@ from pathlib import Path
 from typing import Callable
 
 from common.config import PolicyConfig
-from node import cvae_stages, synthesize as plan_synthesize, train as plan_train
+from node import cvae_stages
+from node import synthesize as plan_synthesize
+from node import train as plan_train
 from node.audit import audit
 from node.baseline import local_only
 from node.ingest import ingest
@@ -39,7 +43,14 @@ def _route(ws: Workspace):
         c = cvae_stages
         return c.train, c.synthesize, c.run_id_for, c.MODEL_NAMES, ("cvae",), ("phi_id", "phi_attack")
     p = plan_synthesize
-    return plan_train.train, p.synthesize, p.run_id_for, plan_train.MODEL_NAMES, ("G_ema", "phi_id", "phi_class"), ("phi_id", "phi_attack", "D")
+    return (
+        plan_train.train,
+        p.synthesize,
+        p.run_id_for,
+        plan_train.MODEL_NAMES,
+        ("G_ema", "phi_id", "phi_class"),
+        ("phi_id", "phi_attack", "D"),
+    )
 
 
 def _model_files(ws: Workspace, names) -> list[Path]:
@@ -62,7 +73,8 @@ def stage_io(ws: Workspace, stage: str) -> tuple[list[Path], list[Path]]:
             synth_reads = (*synth_reads, cvae_stages.GLOBAL_NAME)  # a new federation decoder re-runs synthesis
         ins = [ws.config_path, *data, *_model_files(ws, synth_reads)]
         known = (ws.models / f"{synth_reads[0]}.json").exists() and (
-            not federated or (ws.models / f"{cvae_stages.GLOBAL_NAME}.json").exists())
+            not federated or (ws.models / f"{cvae_stages.GLOBAL_NAME}.json").exists()
+        )
         run = ws.synth / run_id_for(ws) if known else ws.synth / "unknown"
         return ins, [ws.synth / "latest.json", run / "candidates.npz", run / "synth.json"]
     if stage == "audit":
@@ -76,24 +88,33 @@ def stage_io(ws: Workspace, stage: str) -> tuple[list[Path], list[Path]]:
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
 
-def run_one(ws: Workspace, stage: str, *, force: bool = False, policy: PolicyConfig | None = None, note: str | None = None) -> bool:
+def run_one(
+    ws: Workspace, stage: str, *, force: bool = False, policy: PolicyConfig | None = None, note: str | None = None
+) -> bool:
     """Run one stage through the ledger; True if it ran, False if it was up to date.
 
     A `policy` other than the site's (e.g. tightened by a federation floor) always reruns audit;
     `note` goes into the audit attempt (node.attempts)."""
     train, synthesize = _route(ws)[:2]
     fns: dict[str, Callable[[], object]] = {
-        "ingest": lambda: ingest(ws), "train": lambda: train(ws), "synthesize": lambda: synthesize(ws),
-        "audit": lambda: audit(ws, policy=policy, note=note), "local_only": lambda: local_only(ws),
+        "ingest": lambda: ingest(ws),
+        "train": lambda: train(ws),
+        "synthesize": lambda: synthesize(ws),
+        "audit": lambda: audit(ws, policy=policy, note=note),
+        "local_only": lambda: local_only(ws),
     }
     if stage not in fns:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
     inputs, outputs = stage_io(ws, stage)
-    ran = run_stage(ws, stage, fns[stage], inputs=inputs, outputs=outputs, force=force or (stage == "audit" and policy is not None))
+    ran = run_stage(
+        ws, stage, fns[stage], inputs=inputs, outputs=outputs, force=force or (stage == "audit" and policy is not None)
+    )
     return ran
 
 
-def run_pipeline(ws: Workspace, *, upto: str | None = None, force: bool = False, note: str | None = None) -> dict[str, bool]:
+def run_pipeline(
+    ws: Workspace, *, upto: str | None = None, force: bool = False, note: str | None = None
+) -> dict[str, bool]:
     """Run ingest -> train -> synthesize -> audit -> local_only (up to and including `upto`);
     `note` for the audit attempt. Returns {stage: ran?}."""
     if upto is not None and upto not in STAGES:

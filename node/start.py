@@ -11,8 +11,10 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from common import errors
 from common.procs import stop
 from node.assets import fetch_extractor_weights
+from node.doctor import check_site, exit_code
 from node.publish import publish
 from node.pull import pull
 from node.stages import run_one, run_pipeline
@@ -21,9 +23,14 @@ from node.workspace import Workspace
 
 
 def start_node(ws: Workspace, *, say: Callable[[str], None] = print) -> int:
-    """Run the site until its SuperNode exits (or the process is interrupted); returns its exit code."""
+    """Run the site until its SuperNode exits (or the process is interrupted); returns its exit
+    code, or the code of the first failure `plan-node doctor` finds before any training."""
+    code = preflight(ws, say=say)
+    if code:
+        return code
     cfg = ws.config()
-    if cfg.synth.route == "cvae":  # the pinned extractor's weights, fetched from the coordinator if missing (tiny: none)
+    if cfg.synth.route == "cvae":
+        # the pinned extractor's weights, fetched from the coordinator if missing (tiny: none)
         fetch_extractor_weights(ws, cfg.synth.extractor, say=say)
     if cfg.synth.route == "cvae" and cfg.synth.cvae.federated and not _has_final_global(ws):
         run_pipeline(ws, upto="train")
@@ -32,11 +39,33 @@ def start_node(ws: Workspace, *, say: Callable[[str], None] = print) -> int:
     else:
         run_pipeline(ws)
         bundle_id = publish(ws)
-        say(f"{cfg.name}: published bundle {bundle_id}" if bundle_id else f"{cfg.name}: nothing published (see the audit report)")
+        say(
+            f"{cfg.name}: published bundle {bundle_id}"
+            if bundle_id
+            else f"{cfg.name}: nothing published (see the audit report)"
+        )
     pulled = pull(ws)
     say(f"{cfg.name}: pool: {len(pulled)} new verified bundle(s)")
     say(f"{cfg.name}: SuperNode connecting to {cfg.coordinator.superlink}")
     return _join(ws, say=say)
+
+
+def preflight(ws: Workspace, *, say: Callable[[str], None] = print) -> int:
+    """`plan-node doctor`'s checks, before any training: prints what is not ok and returns the
+    exit code of the first failure (0: go on). An unreachable coordinator is only reported: it may
+    start after the site, which trains for minutes before it needs it (publishing then fails with
+    its own error). A certificate that does not fit the coordinator's name is a failure."""
+    checks = check_site(ws, network=True)
+    failures = []
+    for c in checks:
+        if c.status == "ok":
+            continue
+        if c.status == "fail" and c.exit_code != errors.NETWORK:
+            failures.append(c)
+        say(f"doctor: {c.status} {c.name}: {c.detail}")
+    if failures:
+        say(f"{ws.root}: not started: fix the failures above (`plan-node doctor --site-dir {ws.root}` checks again)")
+    return exit_code(failures)
 
 
 def _has_final_global(ws: Workspace) -> bool:
@@ -48,7 +77,10 @@ def _has_final_global(ws: Workspace) -> bool:
     if not (path.with_suffix(".json").exists() and (ws.models / "cvae.json").exists()):
         return False
     side = read_sidecar(path)
-    return bool(side.get("final")) and side.get("base_weights_sha256") == read_sidecar(ws.models / "cvae.safetensors")["weights_sha256"]
+    return (
+        bool(side.get("final"))
+        and side.get("base_weights_sha256") == read_sidecar(ws.models / "cvae.safetensors")["weights_sha256"]
+    )
 
 
 # Flower's SuperLink counts a node online until two heartbeat intervals (2 x 30 s) after its last
@@ -74,9 +106,13 @@ def _join(ws: Workspace, *, say: Callable[[str], None]) -> int:
             refused = b"Failed to activate SuperNode" in f.read()
         if code == 0 or not refused or time.monotonic() > deadline:
             if refused:
-                say(f"the SuperLink refused to activate this SuperNode for {JOIN_RETRY_S} s: is {ws.node_pub} "
-                    "registered at the coordinator (plan-server kit or sites add)? See logs/supernode.log")
+                say(
+                    f"the SuperLink refused to activate this SuperNode for {JOIN_RETRY_S} s: is {ws.node_pub} "
+                    "registered at the coordinator (plan-server kit or sites add)? See logs/supernode.log"
+                )
             return code
-        say(f"the SuperLink refused to activate this SuperNode (a session of it from under a minute ago may "
-            f"still count as online); retrying in {JOIN_RETRY_EVERY_S} s")
+        say(
+            f"the SuperLink refused to activate this SuperNode (a session of it from under a minute ago may "
+            f"still count as online); retrying in {JOIN_RETRY_EVERY_S} s"
+        )
         time.sleep(JOIN_RETRY_EVERY_S)

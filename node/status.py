@@ -25,13 +25,20 @@ def site_status(ws: Workspace) -> dict:
             if line.strip():
                 entry = json.loads(line)
                 if "seconds" in entry:  # audit attempts (node.attempts) share the ledger
-                    stages[entry["stage"]] = {"seconds": entry["seconds"], "finished": entry["started"] + entry["seconds"]}
+                    stages[entry["stage"]] = {
+                        "seconds": entry["seconds"],
+                        "finished": entry["started"] + entry["seconds"],
+                    }
     audit = latest_audit(ws)
     return {
         "site": ws.config().name,
         "stages": stages,
-        "audit": {k: audit.get(k) for k in ("passed", "mia_auc", "mia_auc_upper", "reid_rate", "n_candidates", "n_accepted", "attempt")}
-        if audit else None,
+        "audit": {
+            k: audit.get(k)
+            for k in ("passed", "mia_auc", "mia_auc_upper", "reid_rate", "n_candidates", "n_accepted", "attempt")
+        }
+        if audit
+        else None,
         "published": read_json(ws.bundles / "published.json"),
         "pool": read_json(ws.pool / "index.json"),
         "local_only": read_json(ws.reports / "local_only.json"),

@@ -29,11 +29,17 @@ def start_supernode(ws: Workspace, *, log: Path) -> subprocess.Popen:
     cfg = ws.config()
     cmd = [
         flower_bin("flower-supernode"),
-        "--superlink", cfg.coordinator.superlink,
-        "--root-certificates", str(ws.resolve(cfg.coordinator.ca_cert)),
-        "--port", str(cfg.coordinator.supernode_port),
-        "--auth-supernode-private-key", str(ws.node_key),
-        "--trusted-entities", str(write_trusted_entities(ws)),
-        "--node-config", f'site-dir="{ws.root.resolve()}"',
+        "--superlink",
+        cfg.coordinator.superlink,
+        "--root-certificates",
+        str(ws.resolve(cfg.coordinator.ca_cert)),
+        "--port",
+        str(cfg.coordinator.supernode_port),
+        "--auth-supernode-private-key",
+        str(ws.node_key),
+        "--trusted-entities",
+        str(write_trusted_entities(ws)),
+        "--node-config",
+        f'site-dir="{ws.root.resolve()}"',
     ]
     return spawn(cmd, log=log, env=flower_env(ws.root / ".flwr"))

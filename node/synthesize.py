@@ -99,11 +99,23 @@ def synthesize(ws: Workspace) -> str:
     target = to_tensor(train_set.images)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(sc.seed)
-        w = project(G, target, num_steps=sc.invert_steps, lr=sc.invert_lr, features=phi_class.features,
-                        perceptual_weight=sc.invert_perceptual, device=device)
+        w = project(
+            G,
+            target,
+            num_steps=sc.invert_steps,
+            lr=sc.invert_lr,
+            features=phi_class.features,
+            perceptual_weight=sc.invert_perceptual,
+            device=device,
+        )
     rec_mse = reconstruction_mse(G, w, target, device=device)
     with torch.no_grad():
-        rec_class = torch.cat([phi_class(G.synthesis(w[i : i + 512].to(device)).clamp(-1, 1)).argmax(1).cpu() for i in range(0, len(w), 512)])
+        rec_class = torch.cat(
+            [
+                phi_class(G.synthesis(w[i : i + 512].to(device)).clamp(-1, 1)).argmax(1).cpu()
+                for i in range(0, len(w), 512)
+            ]
+        )
     class_kept = float((rec_class.numpy() == train_set.labels).mean()) if len(w) else float("nan")
     t_invert = time.time() - t0
 
@@ -126,19 +138,34 @@ def synthesize(ws: Workspace) -> str:
         ends.append(a[pairs[:, 1]])
         labels.append(torch.full((len(pairs),), int(c), dtype=torch.long))
     if not starts:
-        raise ValueError(f"no class has two k-same anchors (k={sc.k}); need at least {2 * sc.k} train patients of one class")
+        raise ValueError(
+            f"no class has two k-same anchors (k={sc.k}); need at least {2 * sc.k} train patients of one class"
+        )
     start, end, y = torch.cat(starts), torch.cat(ends), torch.cat(labels)
 
     t1 = time.time()
     walk_info: dict = {"method": wc.method}
     if wc.method == "plan":
         res = plan_paths(
-            G, phi_id, phi_class, start, end, y, points=wc.points, iters=wc.iters, lr=wc.lr,
-            weight_identity=wc.weight_identity, weight_smooth=wc.weight_smooth, weight_class=wc.weight_class, device=device,
+            G,
+            phi_id,
+            phi_class,
+            start,
+            end,
+            y,
+            points=wc.points,
+            iters=wc.iters,
+            lr=wc.lr,
+            weight_identity=wc.weight_identity,
+            weight_smooth=wc.weight_smooth,
+            weight_class=wc.weight_class,
+            device=device,
         )
         paths = res.paths
         walk_info.update(
-            iters_run=res.iters, mean_initial_loss=float(res.initial_loss.mean()), mean_final_loss=float(res.loss.mean()),
+            iters_run=res.iters,
+            mean_initial_loss=float(res.initial_loss.mean()),
+            mean_final_loss=float(res.loss.mean()),
             mean_terms={k: float(v.mean()) for k, v in res.terms.items()},
         )
     else:
@@ -148,27 +175,43 @@ def synthesize(ws: Workspace) -> str:
     codes = paths[:, 1:-1].reshape(-1, paths.shape[-1])
     with torch.no_grad():
         G.to(device)
-        images = np.concatenate([to_uint8(G.synthesis(codes[i : i + 512].to(device))) for i in range(0, len(codes), 512)])
+        images = np.concatenate(
+            [to_uint8(G.synthesis(codes[i : i + 512].to(device))) for i in range(0, len(codes), 512)]
+        )
     cand_labels = y.repeat_interleave(per_path).numpy().astype(np.int64)
     path_idx = np.repeat(np.arange(len(paths)), per_path).astype(np.int64)
 
     buf = io.BytesIO()
     np.savez(buf, images=images, labels=cand_labels, path=path_idx)
     atomic_write_bytes(out_dir / "candidates.npz", buf.getvalue())
-    atomic_write_json(out_dir / "synth.json", {
-        "run_id": run_id,
-        "config": sc.model_dump(mode="json"),
-        "config_sha256": config_digest(sc),
-        "g_ema_sha256": g_side["weights_sha256"],
-        "counts": {"n_train": len(train_set), "n_paths": len(paths), "points_per_path": wc.points,
-                   "images_per_path": per_path, "n_candidates": len(images),
-                   "per_class": {int(c): int((cand_labels == c).sum()) for c in classes},
-                   "anchors_per_class": n_anchors, "classes_skipped": skipped},
-        "anchors_rendered": False,
-        "inversion": {"steps": sc.invert_steps, "mean_mse": float(rec_mse.mean()), "max_mse": float(rec_mse.max()),
-                      "class_kept": class_kept, "perceptual_weight": sc.invert_perceptual},
-        "walk": walk_info,
-        "seconds": {"invert": round(t_invert, 2), "walk": round(t_walk, 2), "total": round(time.time() - t0, 2)},
-    })
+    atomic_write_json(
+        out_dir / "synth.json",
+        {
+            "run_id": run_id,
+            "config": sc.model_dump(mode="json"),
+            "config_sha256": config_digest(sc),
+            "g_ema_sha256": g_side["weights_sha256"],
+            "counts": {
+                "n_train": len(train_set),
+                "n_paths": len(paths),
+                "points_per_path": wc.points,
+                "images_per_path": per_path,
+                "n_candidates": len(images),
+                "per_class": {int(c): int((cand_labels == c).sum()) for c in classes},
+                "anchors_per_class": n_anchors,
+                "classes_skipped": skipped,
+            },
+            "anchors_rendered": False,
+            "inversion": {
+                "steps": sc.invert_steps,
+                "mean_mse": float(rec_mse.mean()),
+                "max_mse": float(rec_mse.max()),
+                "class_kept": class_kept,
+                "perceptual_weight": sc.invert_perceptual,
+            },
+            "walk": walk_info,
+            "seconds": {"invert": round(t_invert, 2), "walk": round(t_walk, 2), "total": round(time.time() - t0, 2)},
+        },
+    )
     atomic_write_json(ws.synth / "latest.json", {"run_id": run_id})
     return run_id

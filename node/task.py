@@ -34,7 +34,7 @@ def _augment_strong(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     brightness +-0.15, Gaussian noise (sigma up to 0.05) and, for half the images, a blacked-out square of
     up to a quarter of the side. x [B,1,H,W] in [-1,1] -> same shape."""
     B, _, H, W = x.shape
-    u = lambda *shape: (torch.rand(*shape, generator=g) * 2 - 1)  # noqa: E731 - uniform in [-1,1] on the CPU generator
+    u = lambda *shape: torch.rand(*shape, generator=g) * 2 - 1  # noqa: E731 - uniform in [-1,1] on the CPU generator
     # a quarter of the images keep their geometry: generated images, which phi_id judges in the
     # walk and the audit, have no black borders, and a network that only ever saw borders does worse on them
     moved = (torch.rand(B, generator=g) < 0.75).float()
@@ -53,8 +53,13 @@ def _augment_strong(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     left = (torch.rand(B, generator=g) * W).long()
     erase = torch.rand(B, generator=g) < 0.5
     rows, cols = torch.arange(H)[None, :, None], torch.arange(W)[None, None, :]
-    box = ((rows >= top[:, None, None]) & (rows < (top + side)[:, None, None])
-           & (cols >= left[:, None, None]) & (cols < (left + side)[:, None, None]) & erase[:, None, None])
+    box = (
+        (rows >= top[:, None, None])
+        & (rows < (top + side)[:, None, None])
+        & (cols >= left[:, None, None])
+        & (cols < (left + side)[:, None, None])
+        & erase[:, None, None]
+    )
     return torch.where(box[:, None].to(x.device), torch.full_like(x, -1.0), x)
 
 
@@ -79,7 +84,9 @@ def _as_tensors(global_params, model: nn.Module, device) -> list[torch.Tensor]:
         vals = list(global_params)
         if len(vals) != len(names):
             raise ValueError(f"global_params has {len(vals)} arrays; the model has {len(names)} parameters")
-    return [torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v, dtype=torch.float32).to(device) for v in vals]
+    return [
+        torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v, dtype=torch.float32).to(device) for v in vals
+    ]
 
 
 def site_round_seed(site: str, server_round: int) -> int:
@@ -122,11 +129,25 @@ def train_classifier(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     anchor = None
     if proximal_mu > 0:
-        anchor = _as_tensors(global_params, model, device) if global_params is not None else [p.detach().clone() for p in model.parameters()]
+        anchor = (
+            _as_tensors(global_params, model, device)
+            if global_params is not None
+            else [p.detach().clone() for p in model.parameters()]
+        )
     last = float("nan")
     with progress(f"train {type(model).__name__}", total=epochs) as update:
         for _ in range(epochs):
-            last = _epoch(model, opt, x_all, y_all, g, batch_size=batch_size, augment=augment, proximal_mu=proximal_mu, anchor=anchor)
+            last = _epoch(
+                model,
+                opt,
+                x_all,
+                y_all,
+                g,
+                batch_size=batch_size,
+                augment=augment,
+                proximal_mu=proximal_mu,
+                anchor=anchor,
+            )
             update(1, info=f"loss {last:.4f}")
     model.eval()
     return last
@@ -152,14 +173,22 @@ def _epoch(model, opt, x_all, y_all, g, *, batch_size: int, augment: str, proxim
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: np.ndarray, *, device: torch.device | str, batch_size: int = 512) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, images: np.ndarray, *, device: torch.device | str, batch_size: int = 512
+) -> torch.Tensor:
     """images uint8 [N,H,W] or embeddings float [N,D] -> logits [N,n_out] on the CPU."""
     model.to(device).eval()
     x = to_inputs(images, device)
-    return torch.cat([model(x[i : i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0, 0)
+    return (
+        torch.cat([model(x[i : i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)])
+        if len(x)
+        else torch.zeros(0, 0)
+    )
 
 
-def evaluate_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, device: torch.device | str) -> dict:
+def evaluate_classifier(
+    model: nn.Module, images: np.ndarray, labels: np.ndarray, *, device: torch.device | str
+) -> dict:
     """Metrics on images uint8 [N,H,W] (or embeddings float [N,D]), labels int [N]: {accuracy, balanced-accuracy, auroc,
     recall-<c> for every class the model has, loss (mean cross-entropy), n}."""
     n = len(labels)

@@ -32,13 +32,27 @@ def _seeded(seed: int, make):
         return make()
 
 
-def _train_classifier_model(n_out: int, images, labels, *, width: int, image_size: int, cc, epochs: int, augment: str, seed: int,
-                            device) -> tuple[SmallCNN, dict]:
+def _train_classifier_model(
+    n_out: int, images, labels, *, width: int, image_size: int, cc, epochs: int, augment: str, seed: int, device
+) -> tuple[SmallCNN, dict]:
     kwargs = {"n_out": n_out, "width": width, "image_size": image_size}
     model = _seeded(seed, lambda: SmallCNN(n_out, width=width, image_size=image_size))
-    loss = train_classifier(model, images, labels, epochs=epochs, lr=cc.lr, batch_size=cc.batch_size, device=device, seed=seed, augment=augment)
+    loss = train_classifier(
+        model,
+        images,
+        labels,
+        epochs=epochs,
+        lr=cc.lr,
+        batch_size=cc.batch_size,
+        device=device,
+        seed=seed,
+        augment=augment,
+    )
     ev = evaluate_classifier(model, images, labels, device=device)
-    return model, {"kwargs": kwargs, "metrics": {"final_loss": loss, "train_accuracy": ev["accuracy"], "n_train": ev["n"]}}
+    return model, {
+        "kwargs": kwargs,
+        "metrics": {"final_loss": loss, "train_accuracy": ev["accuracy"], "n_train": ev["n"]},
+    }
 
 
 def train(ws: Workspace) -> None:
@@ -48,7 +62,10 @@ def train(ws: Workspace) -> None:
     data_sha = sha256_file(ws.data / "dataset.npz")[:16] + sha256_file(ws.data / "splits.json")[:16]
     section = {"models": mc.model_dump(mode="json"), "image_size": image_size}
     key = config_digest(section) + ":" + data_sha
-    if all((ws.models / f"{n}.json").exists() and read_sidecar(ws.models / f"{n}.safetensors").get("key") == key for n in MODEL_NAMES):
+    if all(
+        (ws.models / f"{n}.json").exists() and read_sidecar(ws.models / f"{n}.safetensors").get("key") == key
+        for n in MODEL_NAMES
+    ):
         return  # same config, same data: the models on disk are these models
 
     train_set = load_split(ws, "train")
@@ -67,29 +84,69 @@ def train(ws: Workspace) -> None:
         ("phi_attack", len(identities), id_labels, cc.attacker_width, cc.id_epochs, cc.id_augment, mc.seed + 4),
     )
     for name, n_out, labels, width, epochs, augment, seed in jobs:
-        model, info = _train_classifier_model(n_out, train_set.images, labels, width=width, image_size=image_size, cc=cc,
-                                              epochs=epochs, augment=augment, seed=seed, device=device)
+        model, info = _train_classifier_model(
+            n_out,
+            train_set.images,
+            labels,
+            width=width,
+            image_size=image_size,
+            cc=cc,
+            epochs=epochs,
+            augment=augment,
+            seed=seed,
+            device=device,
+        )
         extra = {"identities": identities.tolist()} if name != "phi_class" else {}
-        save_model(ws.models / f"{name}.safetensors", model, sidecar={**common, "class": "SmallCNN", "steps": epochs, "augment": augment, **info, **extra})
+        save_model(
+            ws.models / f"{name}.safetensors",
+            model,
+            sidecar={**common, "class": "SmallCNN", "steps": epochs, "augment": augment, **info, **extra},
+        )
         if name == "phi_class":
             phi_class = model
 
     real = to_tensor(train_set.images)
     n_quality = max(256, len(train_set))
-    g_kwargs = {"z_dim": gc.z_dim, "w_dim": gc.w_dim, "mapping_layers": gc.mapping_layers, "image_size": image_size, "channels": gc.channels}
+    g_kwargs = {
+        "z_dim": gc.z_dim,
+        "w_dim": gc.w_dim,
+        "mapping_layers": gc.mapping_layers,
+        "image_size": image_size,
+        "channels": gc.channels,
+    }
     d_kwargs = {"image_size": image_size, "channels": gc.channels}
     G = _seeded(mc.seed, lambda: Generator(**g_kwargs))
     D = _seeded(mc.seed + 1, lambda: Discriminator(**d_kwargs))
     res = train_gan(
-        real, G=G, D=D, steps=gc.steps, batch_size=gc.batch_size, lr=gc.lr,
-        r1_gamma=gc.r1_gamma, ema_beta=gc.ema_beta, checkpoint_every=gc.checkpoint_every,
-        state_path=ws.models / "gan_state.safetensors", state_key=key, seed=mc.seed, device=device,
+        real,
+        G=G,
+        D=D,
+        steps=gc.steps,
+        batch_size=gc.batch_size,
+        lr=gc.lr,
+        r1_gamma=gc.r1_gamma,
+        ema_beta=gc.ema_beta,
+        checkpoint_every=gc.checkpoint_every,
+        state_path=ws.models / "gan_state.safetensors",
+        state_key=key,
+        seed=mc.seed,
+        device=device,
         on_checkpoint=lambda G_ema: generator_quality(G_ema, phi_class, real, n=n_quality, seed=mc.seed, device=device),
     )
-    gan_metrics = {"loss_G": res.loss_G, "loss_D": res.loss_D, "r1": res.r1, "n_train": len(train_set),
-                   "quality": res.quality[-1] if res.quality else None, "quality_per_checkpoint": res.quality}
+    gan_metrics = {
+        "loss_G": res.loss_G,
+        "loss_D": res.loss_D,
+        "r1": res.r1,
+        "n_train": len(train_set),
+        "quality": res.quality[-1] if res.quality else None,
+        "quality_per_checkpoint": res.quality,
+    }
     for name, mod, kw in (("G_ema", res.G_ema, g_kwargs), ("G", res.G, g_kwargs), ("D", res.D, d_kwargs)):
-        save_model(ws.models / f"{name}.safetensors", mod, sidecar={**common, "class": type(mod).__name__, "kwargs": kw, "steps": res.steps, "metrics": gan_metrics})
+        save_model(
+            ws.models / f"{name}.safetensors",
+            mod,
+            sidecar={**common, "class": type(mod).__name__, "kwargs": kw, "steps": res.steps, "metrics": gan_metrics},
+        )
 
 
 def load_model(ws: Workspace, name: str, device: torch.device | str = "cpu") -> torch.nn.Module:

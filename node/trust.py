@@ -31,14 +31,17 @@ def trust_state(ws: Workspace) -> dict:
     try:
         state = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TrustDocumentError(f"{path}: unreadable ({e}); delete it only if you trust the coordinator's next document") from None
+        raise TrustDocumentError(
+            f"{path}: unreadable ({e}); delete it only if you trust the coordinator's next document"
+        ) from None
     if not isinstance(state, dict) or not isinstance(state.get("version"), int):
         raise TrustDocumentError(f"{path}: expected a JSON object with an integer 'version'")
     return state
 
 
-def accept_trust_document(ws: Workspace, envelope: bytes, coordinator_pub: Ed25519PublicKey, *,
-                          now: dt.datetime | None = None) -> dict:
+def accept_trust_document(
+    ws: Workspace, envelope: bytes, coordinator_pub: Ed25519PublicKey, *, now: dt.datetime | None = None
+) -> dict:
     """The verified document if it is at least as new as the last one this site accepted; records it.
 
     Raises TrustDocumentError naming the cause: signature, federation, expiry, rollback, or two
@@ -49,11 +52,15 @@ def accept_trust_document(ws: Workspace, envelope: bytes, coordinator_pub: Ed255
     version, digest = doc["version"], sites_digest(doc)
     seen = state.get("version", 0)
     if version < seen:
-        raise TrustDocumentError(f"trust document version {version} is older than version {seen}, which this site "
-                                 f"accepted on {state.get('accepted_at')}: a rollback, refused")
+        raise TrustDocumentError(
+            f"trust document version {version} is older than version {seen}, which this site "
+            f"accepted on {state.get('accepted_at')}: a rollback, refused"
+        )
     if version == seen and digest != state.get("sites_sha256"):
-        raise TrustDocumentError(f"trust document version {version} lists other keys than the version {version} this "
-                                 f"site accepted: the coordinator's key signed two histories; tell the operator")
+        raise TrustDocumentError(
+            f"trust document version {version} lists other keys than the version {version} this "
+            f"site accepted: the coordinator's key signed two histories; tell the operator"
+        )
     if version > seen or "federation" not in state:
         ws.pool.mkdir(parents=True, exist_ok=True)
         atomic_write_json(ws.pool / "trust.json", {

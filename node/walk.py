@@ -29,8 +29,15 @@ class WalkResult:
 
 
 def path_loss(
-    G, phi_id, phi_class, paths: torch.Tensor, labels: torch.Tensor, *,
-    weight_identity: float, weight_smooth: float, weight_class: float,
+    G,
+    phi_id,
+    phi_class,
+    paths: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    weight_identity: float,
+    weight_smooth: float,
+    weight_class: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The PLAN objective per path; paths [P,T,D], labels [P] -> (loss [P], terms).
 
@@ -56,10 +63,22 @@ _WALK = WalkConfig.model_fields
 
 
 def plan_paths(
-    G, phi_id, phi_class, start: torch.Tensor, end: torch.Tensor, labels: torch.Tensor, *,
-    points: int, iters: int, lr: float = _WALK["lr"].default, weight_identity: float = _WALK["weight_identity"].default,
-    weight_smooth: float = _WALK["weight_smooth"].default, weight_class: float = _WALK["weight_class"].default,
-    patience: int | None = 20, min_improvement: float = 1e-4, keep_best: bool = True,
+    G,
+    phi_id,
+    phi_class,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    points: int,
+    iters: int,
+    lr: float = _WALK["lr"].default,
+    weight_identity: float = _WALK["weight_identity"].default,
+    weight_smooth: float = _WALK["weight_smooth"].default,
+    weight_class: float = _WALK["weight_class"].default,
+    patience: int | None = 20,
+    min_improvement: float = 1e-4,
+    keep_best: bool = True,
     device: torch.device | str,
 ) -> WalkResult:
     """Optimise all P paths at once as one tensor [P,points,D]: endpoints `start`/`end` [P,D]
@@ -98,7 +117,7 @@ def plan_paths(
         return bool(improved.any())
 
     with progress("walk", total=iters) as update:
-        for steps in range(1, iters + 1):
+        for steps in range(1, iters + 1):  # noqa: B007 (read after the loop: the steps taken)
             current = assemble()
             loss, _ = path_loss(G, phi_id, phi_class, current, labels, **weights)
             since_best = 0 if remember(current, loss.detach()) else since_best + 1

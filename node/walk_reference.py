@@ -23,9 +23,21 @@ REFERENCE_CHUNK = 4  # images per forward/backward pass in the authors' code
 
 
 def reference_path(
-    G, phi_id, phi_class, start: torch.Tensor, end: torch.Tensor, label: int, *,
-    points: int, iters: int, lr: float, weight_identity: float, weight_smooth: float, weight_class: float,
-    chunk: int = REFERENCE_CHUNK, device: torch.device | str = "cpu",
+    G,
+    phi_id,
+    phi_class,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    label: int,
+    *,
+    points: int,
+    iters: int,
+    lr: float,
+    weight_identity: float,
+    weight_smooth: float,
+    weight_class: float,
+    chunk: int = REFERENCE_CHUNK,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Optimise one path; start, end [D] -> path [points,D] (CPU), endpoints fixed."""
     start, end = start.to(device), end.to(device)
@@ -54,21 +66,56 @@ def reference_path(
 
 
 def reference_walk(
-    G, phi_id, phi_class, start: torch.Tensor, end: torch.Tensor, labels: torch.Tensor, *,
-    points: int, iters: int, lr: float = 0.1, weight_identity: float = 0.1, weight_smooth: float = 1.0,
-    weight_class: float = 1.0, chunk: int = REFERENCE_CHUNK, device: torch.device | str = "cpu",
+    G,
+    phi_id,
+    phi_class,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    points: int,
+    iters: int,
+    lr: float = 0.1,
+    weight_identity: float = 0.1,
+    weight_smooth: float = 1.0,
+    weight_class: float = 1.0,
+    chunk: int = REFERENCE_CHUNK,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All P paths, sequentially: start, end [P,D], labels [P] -> (paths [P,points,D], final
     per-path loss [P] by node.walk.path_loss)."""
     for m in (G, phi_id, phi_class):
         m.to(device).eval().requires_grad_(False)
-    paths = torch.stack([
-        reference_path(G, phi_id, phi_class, start[p], end[p], int(labels[p]), points=points, iters=iters, lr=lr,
-                       weight_identity=weight_identity, weight_smooth=weight_smooth, weight_class=weight_class,
-                       chunk=chunk, device=device)
-        for p in range(len(start))
-    ])
+    paths = torch.stack(
+        [
+            reference_path(
+                G,
+                phi_id,
+                phi_class,
+                start[p],
+                end[p],
+                int(labels[p]),
+                points=points,
+                iters=iters,
+                lr=lr,
+                weight_identity=weight_identity,
+                weight_smooth=weight_smooth,
+                weight_class=weight_class,
+                chunk=chunk,
+                device=device,
+            )
+            for p in range(len(start))
+        ]
+    )
     with torch.no_grad():
-        loss, _ = path_loss(G, phi_id, phi_class, paths.to(device), torch.as_tensor(labels, device=device),
-                            weight_identity=weight_identity, weight_smooth=weight_smooth, weight_class=weight_class)
+        loss, _ = path_loss(
+            G,
+            phi_id,
+            phi_class,
+            paths.to(device),
+            torch.as_tensor(labels, device=device),
+            weight_identity=weight_identity,
+            weight_smooth=weight_smooth,
+            weight_class=weight_class,
+        )
     return paths, loss.cpu()

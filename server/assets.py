@@ -23,12 +23,15 @@ from common.config import ExtractorConfig
 from common.fileio import sha256_file
 
 SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
-EXTRACTOR_ARCHS = tuple(a for a in get_args(ExtractorConfig.model_fields["arch"].annotation) if a != "tiny")  # with weights
+EXTRACTOR_ARCHS = tuple(
+    a for a in get_args(ExtractorConfig.model_fields["arch"].annotation) if a != "tiny"
+)  # with weights
 ASSETS_DIRNAME = "assets"  # beside store/ in the coordinator directory (CoordinatorDir.assets)
 
 
 class AssetError(ValueError):
     """An asset cannot be added or looked up (unreadable file, malformed digest)."""
+
     exit_code = errors.DATA
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from common.signing import generate_signing_key
 from common.tls import certificate_names, issue_server_cert, make_ca
 
-
 LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1"]
 
 

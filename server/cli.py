@@ -20,11 +20,18 @@ from server.cli_keys import register as _register_key_commands
 from server.coordinator import CoordinatorDir, init_coordinator, run_coordinator
 from server.store import BundleStore
 
-app = typer.Typer(help="plan-node coordinator: bundle exchange, trust store and Flower federation.", no_args_is_help=True,
-                  pretty_exceptions_show_locals=False)  # locals hold configs and key material
-sites = typer.Typer(help="Register and list the sites whose signed bundles the coordinator accepts.", no_args_is_help=True)
+app = typer.Typer(
+    help="plan-node coordinator: bundle exchange, trust store and Flower federation.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)  # locals hold configs and key material
+sites = typer.Typer(
+    help="Register and list the sites whose signed bundles the coordinator accepts.", no_args_is_help=True
+)
 app.add_typer(sites, name="sites")
-asset = typer.Typer(help="Federation assets the exchange serves to sites by sha256 (extractor weights).", no_args_is_help=True)
+asset = typer.Typer(
+    help="Federation assets the exchange serves to sites by sha256 (extractor weights).", no_args_is_help=True
+)
 app.add_typer(asset, name="asset")
 console = Console(stderr=True, soft_wrap=True)  # messages hold paths: never broken across lines
 
@@ -43,19 +50,36 @@ def init(
     quorum: int = typer.Option(2, help="Sites with a bundle in the pool before the run starts."),
     min_nodes: int = typer.Option(None, help="SuperNodes online before the run starts (default: the quorum)."),
     rounds: int = typer.Option(3, help="Federated rounds of the downstream classifier."),
-    host: list[str] = typer.Option(None, "--host", help=(
-        "A name or IP sites dial (repeat): the server certificate covers each; the first is the kits' default address.")),
-    bind: str = typer.Option("127.0.0.1", "--bind", help="Where the exchange and the Fleet gateway listen (0.0.0.0: every interface)."),
+    host: list[str] = typer.Option(
+        None,
+        "--host",
+        help=(
+            "A name or IP sites dial (repeat): the server certificate covers each; "
+            "the first is the kits' default address."
+        ),
+    ),
+    bind: str = typer.Option(
+        "127.0.0.1", "--bind", help="Where the exchange and the Fleet gateway listen (0.0.0.0: every interface)."
+    ),
 ) -> None:
     """Create a coordinator directory: federation.yaml, the federation CA and TLS certificate."""
     try:
-        cfg = FederationConfig(name=name, quorum=quorum, min_nodes=min_nodes, downstream={"rounds": rounds},
-                               public_host=host[0] if host else None, exchange_host=bind, superlink_host=bind)
+        cfg = FederationConfig(
+            name=name,
+            quorum=quorum,
+            min_nodes=min_nodes,
+            downstream={"rounds": rounds},
+            public_host=host[0] if host else None,
+            exchange_host=bind,
+            superlink_host=bind,
+        )
         cd = init_coordinator(dir, cfg, hosts=host or None)
     except (ValueError, FileExistsError) as e:
         _fail(str(e))
-    console.print(f"coordinator initialised in {cd.root}; listening on {bind}; the server certificate covers "
-                  f"{', '.join(certificate_names((cd.tls_dir / 'server.crt').read_bytes()))}")
+    console.print(
+        f"coordinator initialised in {cd.root}; listening on {bind}; the server certificate covers "
+        f"{', '.join(certificate_names((cd.tls_dir / 'server.crt').read_bytes()))}"
+    )
 
 
 @app.command()
@@ -69,7 +93,9 @@ def start(
     except ConfigError as e:
         _fail(str(e))
     if results is not None and not results.get("completed"):
-        console.print(f"the federation run failed: {results.get('failure', 'it did not complete')}", style="red", markup=False)
+        console.print(
+            f"the federation run failed: {results.get('failure', 'it did not complete')}", style="red", markup=False
+        )
         raise typer.Exit(errors.RUN_FAILED)
 
 
@@ -124,7 +150,10 @@ def _bundle_row(store: BundleStore, record) -> dict:
     """A pooled bundle with the audit figures its attestation carries (verified when it was stored)."""
     with store.open(record.bundle_id) as f:
         audit = read_predicate(f).get("audit") or {}
-    return {**record.as_dict(), "audit": {k: audit.get(k) for k in ("passed", "mia_auc", "reid_rate", "closer_to_train", "n_accepted")}}
+    return {
+        **record.as_dict(),
+        "audit": {k: audit.get(k) for k in ("passed", "mia_auc", "reid_rate", "closer_to_train", "n_accepted")},
+    }
 
 
 def run_status(cd: CoordinatorDir) -> dict | None:
@@ -164,20 +193,31 @@ def status(dir: Path = DirOption, as_json: bool = typer.Option(False, "--json"))
     table = Table("bundle", "site", "samples", "MIA AUC", "re-id rate", "stored")
     for b in info["bundles"]:
         a = b["audit"]
-        table.add_row(str(b["bundle_id"])[:12], str(b["site"]), str(b["n_samples"]), _num(a["mia_auc"]), _num(a["reid_rate"]),
-                      time.strftime("%Y-%m-%d %H:%M", time.gmtime(b["stored_at"])))
+        table.add_row(
+            str(b["bundle_id"])[:12],
+            str(b["site"]),
+            str(b["n_samples"]),
+            _num(a["mia_auc"]),
+            _num(a["reid_rate"]),
+            time.strftime("%Y-%m-%d %H:%M", time.gmtime(b["stored_at"])),
+        )
     out.print(table)
     run = info["run"]
     if run is None:
         out.print("run: none yet")
         return
     progress = run["progress"] or {}
-    out.print(f"run {run['run_id']} ({run.get('label', '')}): {run['status']}, round {progress.get('round', '-')} {progress.get('phase', '')}"
-              + (" [DEGRADED]" if run["degraded"] else ""))
+    out.print(
+        f"run {run['run_id']} ({run.get('label', '')}): {run['status']}, "
+        f"round {progress.get('round', '-')} {progress.get('phase', '')}" + (" [DEGRADED]" if run["degraded"] else "")
+    )
     if run.get("failure"):
         out.print(f"[red]FAILED[/red]: {run['failure']}")
     if run["last_metrics"]:
-        out.print("last round: " + ", ".join(f"{k} {_num(v)}" for k, v in sorted(run["last_metrics"].items()) if k != "num-examples"))
+        out.print(
+            "last round: "
+            + ", ".join(f"{k} {_num(v)}" for k, v in sorted(run["last_metrics"].items()) if k != "num-examples")
+        )
     for e in run["errors"] or []:
         out.print(f"  round {e['round']} {e['phase']}: {e['site']} failed: {e['error']}")
 

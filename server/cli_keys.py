@@ -53,14 +53,18 @@ def ca_init(
         from common.tls import certificate_names
 
         names = certificate_names((cd.tls_dir / "server.crt").read_bytes())
-        console.print(f"the server certificate covers {', '.join(names)}; restart a running `plan-server start` to use it")
+        console.print(
+            f"the server certificate covers {', '.join(names)}; restart a running `plan-server start` to use it"
+        )
     console.print("nothing to do: CA, server certificate and coordinator key exist" if not made else "done")
 
 
 def kit(
     name: str = typer.Argument(..., help="Site name, as in its site.yaml."),
     key: Path = typer.Option(..., "--key", help="The site's Ed25519 signing public key (keys/signing.pub)."),
-    node_key: Path = typer.Option(None, "--node-key", help="The site's Flower SuperNode public key (keys/flower_node.pub)."),
+    node_key: Path = typer.Option(
+        None, "--node-key", help="The site's Flower SuperNode public key (keys/flower_node.pub)."
+    ),
     out: Path = typer.Option(None, "--out", help="Where to write the kit (default: <dir>/kits/<name>.kit.tar)."),
     exchange: str = typer.Option(None, help="host:port sites dial for the exchange (default: federation.yaml)."),
     superlink: str = typer.Option(None, help="host:port sites dial for the SuperLink (default: federation.yaml)."),
@@ -78,7 +82,9 @@ def kit(
         meta = make_kit(cd, name, pem, out, node_key_line=line, exchange=exchange, superlink=superlink, days=days)
     except (ValueError, ConfigError) as e:  # KitError, TrustError, ConfigError are ValueErrors
         _fail(str(e))
-    console.print(f"site {name!r} registered (signing key {meta['signing_key_id'][:16]}); kit written to {out} (mode 0600)")
+    console.print(
+        f"site {name!r} registered (signing key {meta['signing_key_id'][:16]}); kit written to {out} (mode 0600)"
+    )
     console.print(f"send it to the site over a private channel; there: plan-node init --site-dir SITE --kit {out.name}")
 
 
@@ -105,7 +111,9 @@ def sites_rotate(
 
 def sites_revoke(
     name: str = typer.Argument(..., help="Site name."),
-    key_id: str = typer.Option(None, "--key-id", help="Revoke only this key (8+ hex digits of its id); default: every key."),
+    key_id: str = typer.Option(
+        None, "--key-id", help="Revoke only this key (8+ hex digits of its id); default: every key."
+    ),
     dir: Path = DirOption,
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (scripts)."),
 ) -> None:
@@ -117,10 +125,16 @@ def sites_revoke(
     from server.store import BundleStore
 
     cd = CoordinatorDir(dir)
-    what = f"key {key_id} of site {name!r}" if key_id else f"every key of site {name!r}, its client certificates and its SuperNode key"
+    what = (
+        f"key {key_id} of site {name!r}"
+        if key_id
+        else f"every key of site {name!r}, its client certificates and its SuperNode key"
+    )
     if not yes:
         try:
-            confirmed = typer.confirm(f"Revoke {what}? Every bundle signed with them leaves the pool; this cannot be undone.")
+            confirmed = typer.confirm(
+                f"Revoke {what}? Every bundle signed with them leaves the pool; this cannot be undone."
+            )
         except click.exceptions.Abort:  # no terminal to ask on
             confirmed = False
         if not confirmed:
@@ -130,8 +144,10 @@ def sites_revoke(
     except ValueError as e:
         _fail(str(e))
     gone = BundleStore(cd.store).remove_signed_by(name, revoked, reason="key revoked")
-    console.print(f"site {name!r}: revoked key(s) {', '.join(k[:16] for k in revoked)}; "
-                  f"{len(gone)} bundle(s) removed from the pool")
+    console.print(
+        f"site {name!r}: revoked key(s) {', '.join(k[:16] for k in revoked)}; "
+        f"{len(gone)} bundle(s) removed from the pool"
+    )
     if key_id is None:  # the whole site is out: its TLS certificates and Flower too
         from server.coordinator import revoke_node
         from server.revoked import revoke_certificates

@@ -35,8 +35,8 @@ from common.config import FederationConfig, dump_yaml, load_federation_config
 from common.content import ContentSpec
 from common.fileio import atomic_write_json, atomic_write_text
 from common.procs import stop
-from server.authority import init_authority
 from server import federation
+from server.authority import init_authority
 from server.exchange import serve
 from server.fleet_gateway import FleetGateway, GatewayServer, append_line, node_keys
 from server.report import write_curves
@@ -145,9 +145,16 @@ def init_coordinator(root: Path, config: FederationConfig, *, hosts: list[str] |
 def fed_store(cd: CoordinatorDir, fed: FederationConfig) -> BundleStore:
     """The serving coordinator's bundle store, refusing what the federation config rules out; it
     holds the store's serving lock, clears a crash's leftovers and finishes interrupted revocations."""
-    store = BundleStore(cd.store, max_bundle_bytes=fed.max_bundle_bytes, policy=fed.policy, route=fed.route,
-                        extractor=fed.extractor.model_dump(mode="json") if fed.route == "cvae" else None,
-                        site_quota_bytes=fed.site_quota_bytes, content=content_spec(fed), serving=True)
+    store = BundleStore(
+        cd.store,
+        max_bundle_bytes=fed.max_bundle_bytes,
+        policy=fed.policy,
+        route=fed.route,
+        extractor=fed.extractor.model_dump(mode="json") if fed.route == "cvae" else None,
+        site_quota_bytes=fed.site_quota_bytes,
+        content=content_spec(fed),
+        serving=True,
+    )
     purge_revoked(store, cd.trust())
     return store
 
@@ -163,7 +170,8 @@ def purge_revoked(store: BundleStore, trust: TrustStore) -> list[str]:
 
 
 def content_spec(fed: FederationConfig) -> ContentSpec:
-    """What every pooled bundle must hold (common/content.py): the federation's classes, image size or embedding length."""
+    """What every pooled bundle must hold (common/content.py): the federation's classes, image size or
+    embedding length."""
     if fed.route == "cvae":
         return ContentSpec(n_classes=fed.n_classes, embedding_dim=fed.extractor.dim)
     return ContentSpec(n_classes=fed.n_classes, image_size=fed.image_size)
@@ -220,10 +228,16 @@ def run_coordinator(
     gateway = None
     try:
         federation.wait_superlink(cd.flwr_home, superlink)
-        say(f"SuperLink listening on {federation.LOOPBACK}:{fed.superlink_internal_port} only (TLS, SuperNode authentication)")
+        say(
+            f"SuperLink listening on {federation.LOOPBACK}:{fed.superlink_internal_port} only "
+            "(TLS, SuperNode authentication)"
+        )
         _register_nodes(cd, say)
         gateway = start_gateway(cd, fed)
-        say(f"Fleet gateway listening on {fed.superlink_host}:{fed.superlink_port} (TLS; registered SuperNodes' Fleet calls only)")
+        say(
+            f"Fleet gateway listening on {fed.superlink_host}:{fed.superlink_port} "
+            "(TLS; registered SuperNodes' Fleet calls only)"
+        )
         out = cd.runs / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         cvae = None
         if fed.route == "cvae" and fed.cvae_federated:
@@ -249,7 +263,8 @@ def run_coordinator(
 
 
 def start_gateway(cd: CoordinatorDir, fed: FederationConfig) -> GatewayServer:
-    """The Fleet gateway in front of the loopback SuperLink (server/fleet_gateway.py); its refusals go to logs/gateway.log."""
+    """The Fleet gateway in front of the loopback SuperLink (server/fleet_gateway.py); its refusals go to
+    logs/gateway.log."""
     app = FleetGateway(
         upstream=f"https://{federation.LOOPBACK}:{fed.superlink_internal_port}",
         ca_cert=cd.ca_cert,
@@ -258,8 +273,13 @@ def start_gateway(cd: CoordinatorDir, fed: FederationConfig) -> GatewayServer:
         max_body_bytes=fed.fleet_max_body_bytes,
         log=append_line(cd.root / "logs" / "gateway.log"),
     )
-    return GatewayServer(app, host=fed.superlink_host, port=fed.superlink_port,
-                         cert=cd.tls_dir / "server.crt", key=cd.tls_dir / "server.key")
+    return GatewayServer(
+        app,
+        host=fed.superlink_host,
+        port=fed.superlink_port,
+        cert=cd.tls_dir / "server.crt",
+        key=cd.tls_dir / "server.key",
+    )
 
 
 def revoke_node(cd: CoordinatorDir, site: str) -> str | None:
@@ -280,7 +300,9 @@ def revoke_node(cd: CoordinatorDir, site: str) -> str | None:
         pending_path = cd.revoked_node_keys / "pending.json"
         known = json.loads(pending_path.read_text()) if pending_path.exists() else []
         atomic_write_json(pending_path, sorted(set(known) | set(pending)))
-        return f"SuperNode key revoked; node(s) {', '.join(pending)} leave the SuperLink at the coordinator's next start"
+        return (
+            f"SuperNode key revoked; node(s) {', '.join(pending)} leave the SuperLink at the coordinator's next start"
+        )
     return f"SuperNode key revoked; node(s) {', '.join(node_ids) or 'none'} unregistered"
 
 
@@ -308,7 +330,9 @@ def _register_nodes(cd: CoordinatorDir, say) -> None:
         pending = json.loads(pending_path.read_text())
         left = _unregister(cd, pending)
         if left:
-            raise federation.FlowerError(f"could not unregister the revoked SuperNode(s) {', '.join(left)}; see the SuperLink's log")
+            raise federation.FlowerError(
+                f"could not unregister the revoked SuperNode(s) {', '.join(left)}; see the SuperLink's log"
+            )
         say(f"revoked SuperNode(s) {', '.join(pending)} unregistered")
         names = {k: v for k, v in names.items() if k not in pending}
         atomic_write_json(names_path, names)
@@ -322,7 +346,9 @@ def _register_nodes(cd: CoordinatorDir, say) -> None:
         atomic_write_json(names_path, names)
 
 
-def _wait_for_quorum(cd: CoordinatorDir, store: BundleStore, quorum: int, nodes_needed: int, superlink, say, *, since: float) -> None:
+def _wait_for_quorum(
+    cd: CoordinatorDir, store: BundleStore, quorum: int, nodes_needed: int, superlink, say, *, since: float
+) -> None:
     last = None
     while True:
         if superlink.poll() is not None:
@@ -331,7 +357,10 @@ def _wait_for_quorum(cd: CoordinatorDir, store: BundleStore, quorum: int, nodes_
         online = federation.online_nodes(cd.flwr_home, since=since)
         state = (tuple(pooled), online)
         if state != last:
-            say(f"pool: {len(pooled)}/{quorum} sites ({', '.join(pooled) or 'none'}); SuperNodes online: {online}/{nodes_needed}")
+            say(
+                f"pool: {len(pooled)}/{quorum} sites ({', '.join(pooled) or 'none'}); "
+                f"SuperNodes online: {online}/{nodes_needed}"
+            )
             last = state
         if len(pooled) >= quorum and online >= nodes_needed:
             return
@@ -362,8 +391,16 @@ def _failures(cd: CoordinatorDir, per_site: dict) -> dict:
     return {"degraded": bool(errors or missed), "errors": errors, "missed": missed}
 
 
-def _submit_and_wait(cd: CoordinatorDir, fed: FederationConfig, out: Path, say, *, label: str, train_on: str | None = None,
-                     task: str | None = None) -> dict:
+def _submit_and_wait(
+    cd: CoordinatorDir,
+    fed: FederationConfig,
+    out: Path,
+    say,
+    *,
+    label: str,
+    train_on: str | None = None,
+    task: str | None = None,
+) -> dict:
     """One Flower run of the ServerApp writing to `out`; its results.json with run id, status and failures.
     task "cvae": the federated CVAE's run (fed.cvae_rounds rounds) instead of the downstream classifier's."""
     out.mkdir(parents=True, exist_ok=True)
@@ -373,9 +410,14 @@ def _submit_and_wait(cd: CoordinatorDir, fed: FederationConfig, out: Path, say, 
     if task is not None:
         run_config["task"] = task
     n_rounds = fed.cvae_rounds if task == "cvae" else fed.downstream.rounds
-    run_id = federation.submit_run(cd.flwr_home, run_config=run_config, key=cd.coordinator_key, signatures=cd.fab_signatures)
+    run_id = federation.submit_run(
+        cd.flwr_home, run_config=run_config, key=cd.coordinator_key, signatures=cd.fab_signatures
+    )
     say(f"submitted Flower run {run_id}: {label} ({n_rounds} rounds)")
-    atomic_write_json(cd.runs / "latest.json", {"run_dir": str(out.relative_to(cd.runs)), "run_id": run_id, "status": "running", "label": label})
+    atomic_write_json(
+        cd.runs / "latest.json",
+        {"run_dir": str(out.relative_to(cd.runs)), "run_id": run_id, "status": "running", "label": label},
+    )
     status = federation.wait_run(cd.flwr_home, run_id, timeout=fed.run_timeout_s)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"completed": False}
@@ -384,9 +426,11 @@ def _submit_and_wait(cd: CoordinatorDir, fed: FederationConfig, out: Path, say, 
     failure = run_failure(results, n_rounds)
     if failure:
         results["failure"] = failure
-    say(f"run {run_id} ({label}): {status}{' (DEGRADED)' if results['degraded'] else ''}; "
+    say(
+        f"run {run_id} ({label}): {status}{' (DEGRADED)' if results['degraded'] else ''}; "
         f"rounds completed {results.get('rounds_completed', 0)}/{n_rounds}"
-        + (f"; FAILED: {results['failure']}" if "failure" in results else ""))
+        + (f"; FAILED: {results['failure']}" if "failure" in results else "")
+    )
     for e in results["errors"]:
         say(f"  round {e['round']} {e['phase']}: {e['site']} failed: {e['error']}")
     for site, rounds in results["missed"].items():
@@ -401,8 +445,11 @@ def run_failure(results: dict, n_rounds: int) -> str | None:
     if results.get("completed"):
         return None
     first = results["errors"][0] if results.get("errors") else None
-    why = (f"first error, round {first['round']} {first['phase']} at {first['site']}: {first['error']}" if first
-           else f"Flower status {results.get('status')}")
+    why = (
+        f"first error, round {first['round']} {first['phase']} at {first['site']}: {first['error']}"
+        if first
+        else f"Flower status {results.get('status')}"
+    )
     return f"{results.get('rounds_completed', 0)} of {n_rounds} rounds completed; {why}"
 
 
@@ -433,25 +480,50 @@ def cvae_outcome(results: dict, out: Path) -> list[str]:
     if not results.get("completed"):
         raise federation.FlowerError(
             f"the federated CVAE run {results.get('run_id')} did not complete ({results.get('status')}, rounds "
-            f"{results.get('rounds_completed', 0)}/{results.get('rounds')}): no site has the federation's final decoder to "
-            f"sample from, so no bundle can follow; see {out / 'results.json'} and the sites' logs")
+            f"{results.get('rounds_completed', 0)}/{results.get('rounds')}): "
+            "no site has the federation's final decoder to sample from, so no bundle can follow; "
+            f"see {out / 'results.json'} and the sites' logs"
+        )
     per_site = results.get("per_site", {})
     final = per_site[max(per_site, key=int)].get("evaluate", {}) if per_site else {}
-    said = {1.0: "published its bundle", 0.0: "published nothing: its audit did not pass",
-            -1.0: "failed to synthesize, audit or publish (see its reports/cvae_federated.json)"}
+    said = {
+        1.0: "published its bundle",
+        0.0: "published nothing: its audit did not pass",
+        -1.0: "failed to synthesize, audit or publish (see its reports/cvae_federated.json)",
+    }
     return [f"  {site}: {said.get(m.get('released'), 'sent no release result')}" for site, m in sorted(final.items())]
 
 
 def _cvae_summary(results: dict, out: Path, runs: Path) -> dict:
     """The coordinator results' `cvae_federated` entry: the CVAE run in brief, its folder named."""
-    keep = ("run_id", "status", "completed", "rounds", "rounds_completed", "local_epochs", "global_decoder_sha256",
-            "degraded", "errors", "missed")
-    return {**{k: results[k] for k in keep if k in results}, "results": str((out / "results.json").relative_to(runs)),
-            "per_site": results.get("per_site", {})}
+    keep = (
+        "run_id",
+        "status",
+        "completed",
+        "rounds",
+        "rounds_completed",
+        "local_epochs",
+        "global_decoder_sha256",
+        "degraded",
+        "errors",
+        "missed",
+    )
+    return {
+        **{k: results[k] for k in keep if k in results},
+        "results": str((out / "results.json").relative_to(runs)),
+        "per_site": results.get("per_site", {}),
+    }
 
 
-def _run_once(cd: CoordinatorDir, fed: FederationConfig, store: BundleStore, say, *, out: Path | None = None,
-              cvae: dict | None = None) -> dict:
+def _run_once(
+    cd: CoordinatorDir,
+    fed: FederationConfig,
+    store: BundleStore,
+    say,
+    *,
+    out: Path | None = None,
+    cvae: dict | None = None,
+) -> dict:
     """The downstream run (and its baselines) into `out` (default runs/<stamp>); `cvae`: the results
     of the federated CVAE run before it (in out/cvae), summarised into these results."""
     out = out or cd.runs / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -461,11 +533,17 @@ def _run_once(cd: CoordinatorDir, fed: FederationConfig, store: BundleStore, say
         results["cvae_federated"] = _cvae_summary(cvae, out / "cvae", cd.runs)
     real = None
     if fed.downstream.baselines:
-        real = _submit_and_wait(cd, fed, out / "baseline-fedavg-real", say, label="baseline: FedAvg on real data", train_on="real")
+        real = _submit_and_wait(
+            cd, fed, out / "baseline-fedavg-real", say, label="baseline: FedAvg on real data", train_on="real"
+        )
         results["baselines"] = {
             "fedavg_real": {
-                "run_id": real["run_id"], "status": real["status"], "completed": bool(real.get("completed")),
-                "degraded": real["degraded"], "errors": real["errors"], "missed": real["missed"],
+                "run_id": real["run_id"],
+                "status": real["status"],
+                "completed": bool(real.get("completed")),
+                "degraded": real["degraded"],
+                "errors": real["errors"],
+                "missed": real["missed"],
                 "final": real.get("evaluate", {}).get(str(real.get("rounds_completed", 0)), {}),
                 "per_site": _final_per_site(real, METRICS),
             },

@@ -64,8 +64,13 @@ _CODES = {
 
 def _info(rec: BundleRecord) -> pb.BundleInfo:
     return pb.BundleInfo(
-        bundle_id=rec.bundle_id, site=rec.site, sequence=rec.sequence, sha256=rec.sha256,
-        size=rec.size, n_samples=rec.n_samples, stored_at=rec.stored_at,
+        bundle_id=rec.bundle_id,
+        site=rec.site,
+        sequence=rec.sequence,
+        sha256=rec.sha256,
+        size=rec.size,
+        n_samples=rec.n_samples,
+        stored_at=rec.stored_at,
     )
 
 
@@ -102,8 +107,11 @@ class _UploadBody:
                     raise StoreRefused("a message after the upload trailer; the trailer must end the upload", "invalid")
                 return
             if kind != "data":
-                raise StoreRefused(f"unexpected {kind or 'empty'} message after the upload header; expected data "
-                                   f"chunks, then the trailer", "invalid")
+                raise StoreRefused(
+                    f"unexpected {kind or 'empty'} message after the upload header; expected data "
+                    f"chunks, then the trailer",
+                    "invalid",
+                )
             data = msg.data
             if len(data) > CHUNK_BYTES:
                 raise StoreRefused(f"data chunk of {len(data)} bytes exceeds {CHUNK_BYTES}", "invalid")
@@ -131,10 +139,22 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
     certificate and for a site whose every key is revoked (_admit).
     assets_dir: the federation assets DownloadAsset serves, `<sha256>` files (None: serves none)."""
 
-    def __init__(self, *, store: BundleStore, trust: TrustStore, max_bundle_bytes: int,
-                 mutual_tls: bool = False, coordinator_key=None, federation: str = "federation",
-                 assets_dir: Path | None = None, call_timeout_s: float = 600, trust_ttl_s: float = 86400,
-                 revoked_serials=lambda: frozenset(), idle_timeout_s: float = 60, calls_per_site: int = 4):
+    def __init__(
+        self,
+        *,
+        store: BundleStore,
+        trust: TrustStore,
+        max_bundle_bytes: int,
+        mutual_tls: bool = False,
+        coordinator_key=None,
+        federation: str = "federation",
+        assets_dir: Path | None = None,
+        call_timeout_s: float = 600,
+        trust_ttl_s: float = 86400,
+        revoked_serials=lambda: frozenset(),
+        idle_timeout_s: float = 60,
+        calls_per_site: int = 4,
+    ):
         self.revoked_serials = revoked_serials
         self.idle_timeout_s = idle_timeout_s
         self.slots = SiteSlots(calls_per_site)
@@ -174,10 +194,12 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first upload chunk must carry the header")
         h = first.header
         if h.sha256:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"the upload header carries sha256 {h.sha256!r} (upload protocol 1); this exchange speaks "
-                          f"protocol 2: an empty header sha256, the tar's sha256 in a trailer after the data; "
-                          f"update plan-node on the site")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the upload header carries sha256 {h.sha256!r} (upload protocol 1); this exchange speaks "
+                f"protocol 2: an empty header sha256, the tar's sha256 in a trailer after the data; "
+                f"update plan-node on the site",
+            )
         if h.size == 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header size is 0")
         if h.size > self.max_bundle_bytes:
@@ -191,14 +213,22 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
                 f"client certificate is for site {peer_site(context)!r} but the upload claims site {h.site!r}",
             )
         if not self.trust.keys(h.site):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {h.site!r} is not registered (or its key was revoked)")
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"site {h.site!r} is not registered (or its key was revoked)"
+            )
         body = _UploadBody(request_iterator, declared=h.size, limit=self.max_bundle_bytes, progress=watchdog.touch)
         try:
             rec = self.store.put(body, verify=self.trust, site=h.site, size=h.size, sha256=body.sha256)
         except StoreRefused as e:
             log.warning("upload from site %r refused (%s): %s", h.site, e.reason, e)
             context.abort(_CODES.get(e.reason, grpc.StatusCode.INVALID_ARGUMENT), str(e))
-        log.info("stored bundle %s from site %r (sequence %d, %d samples)", rec.bundle_id, rec.site, rec.sequence, rec.n_samples)
+        log.info(
+            "stored bundle %s from site %r (sequence %d, %d samples)",
+            rec.bundle_id,
+            rec.site,
+            rec.sequence,
+            rec.n_samples,
+        )
         return pb.UploadReply(bundle=_info(rec))
 
     def List(self, request, context):
@@ -211,9 +241,15 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         next_token = records[-1].bundle_id if len(records) == size else ""
         signed = b""
         if self.coordinator_key is not None:
-            signed = sign_listing([r.as_dict() for r in records], self.coordinator_key,
-                                  federation=self.federation, trust_version=trust_version, site=request.site,
-                                  page_token=request.page_token, next_page_token=next_token)
+            signed = sign_listing(
+                [r.as_dict() for r in records],
+                self.coordinator_key,
+                federation=self.federation,
+                trust_version=trust_version,
+                site=request.site,
+                page_token=request.page_token,
+                next_page_token=next_token,
+            )
         return pb.ListReply(bundles=[_info(r) for r in records], next_page_token=next_token, signed_page=signed)
 
     def Download(self, request, context):
@@ -234,7 +270,9 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         # Content-addressed: only names of 64 lower-case hex digits are looked up, so a request can
         # never name a path. The bytes go out as they are; the site checks them against its pin.
         if not _SHA256.match(request.sha256):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"asset sha256 {request.sha256!r} is not 64 lower-case hex digits")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"asset sha256 {request.sha256!r} is not 64 lower-case hex digits"
+            )
         if self.assets_dir is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no asset {request.sha256}: this exchange serves no assets")
         try:
@@ -244,8 +282,11 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
             if fd is not None:
                 os.close(fd)
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no asset {request.sha256} at the coordinator "
-                          f"(the operator adds it with `plan-server asset add FILE`)")
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no asset {request.sha256} at the coordinator "
+                f"(the operator adds it with `plan-server asset add FILE`)",
+            )
         with os.fdopen(fd, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             log.info("serving asset %s (%d bytes) to %r", request.sha256, size, peer_site(context))
@@ -259,9 +300,12 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         signed = b""
         if self.coordinator_key is not None:
             version, windows = self.trust.snapshot()
-            signed = sign_trust_document(windows, self.coordinator_key, federation=self.federation,
-                                         version=version, ttl_s=self.trust_ttl_s)
-        return pb.KeysReply(sites={s: pb.PublicKeys(pem=keys) for s, keys in self.trust.all().items()}, signed_document=signed)
+            signed = sign_trust_document(
+                windows, self.coordinator_key, federation=self.federation, version=version, ttl_s=self.trust_ttl_s
+            )
+        return pb.KeysReply(
+            sites={s: pb.PublicKeys(pem=keys) for s, keys in self.trust.all().items()}, signed_document=signed
+        )
 
     def Health(self, request, context):
         self._admit(context)
@@ -334,17 +378,25 @@ def serve(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
     # Beyond 2x the workers, calls are refused at once (RESOURCE_EXHAUSTED) rather than queued without end.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=grpc_options(),
-                         maximum_concurrent_rpcs=2 * max_workers)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=grpc_options(),
+        maximum_concurrent_rpcs=2 * max_workers,
+    )
     add_exchange_to_server(
         ExchangeServicer(
-            store=store, trust=trust, max_bundle_bytes=max_bundle_bytes, mutual_tls=client_ca is not None,
+            store=store,
+            trust=trust,
+            max_bundle_bytes=max_bundle_bytes,
+            mutual_tls=client_ca is not None,
             coordinator_key=load_private_key(coordinator_key_path) if coordinator_key_path else None,
             federation=federation,
             assets_dir=assets_dir if assets_dir is not None else Path(store.root).parent / ASSETS_DIRNAME,
-            call_timeout_s=call_timeout_s, trust_ttl_s=trust_ttl_s,
+            call_timeout_s=call_timeout_s,
+            trust_ttl_s=trust_ttl_s,
             revoked_serials=revoked_serials(revoked_certs_path) if revoked_certs_path else (lambda: frozenset()),
-            idle_timeout_s=idle_timeout_s, calls_per_site=calls_per_site,
+            idle_timeout_s=idle_timeout_s,
+            calls_per_site=calls_per_site,
         ),
         server,
     )

@@ -1,4 +1,5 @@
-"""The coordinator's side of Flower: a TLS SuperLink process on loopback, signed run submission with `flwr run`, polling.
+"""The coordinator's side of Flower: a TLS SuperLink process on loopback, signed run submission with
+`flwr run`, polling.
 
 The SuperLink listens on 127.0.0.1 only; SuperNodes reach it through the Fleet gateway
 (server/fleet_gateway.py), the operator's `flwr` CLI and the ServerApp directly.
@@ -27,23 +28,31 @@ FLOWER_APP = Path(__file__).parent / "flower_app"
 LOOPBACK = "127.0.0.1"
 
 
-def start_superlink(*, flwr_home: Path, port: int, ca_cert: Path, cert: Path, key: Path, database: Path, log: Path) -> subprocess.Popen:
+def start_superlink(
+    *, flwr_home: Path, port: int, ca_cert: Path, cert: Path, key: Path, database: Path, log: Path
+) -> subprocess.Popen:
     """Start `flower-superlink` with TLS on 127.0.0.1:port. Its Control API has no account
     authentication in open-source flwr, so it must never listen beyond loopback: SuperNodes come
     in through the Fleet gateway."""
     write_connection(flwr_home, CONNECTION, f"{LOOPBACK}:{port}", ca_cert)
     cmd = [
         flower_bin("flower-superlink"),
-        "--ssl-ca-certfile", str(ca_cert),
-        "--ssl-certfile", str(cert),
-        "--ssl-keyfile", str(key),
-        "--database", str(database),
+        "--ssl-ca-certfile",
+        str(ca_cert),
+        "--ssl-certfile",
+        str(cert),
+        "--ssl-keyfile",
+        str(key),
+        "--database",
+        str(database),
         # Only SuperNodes whose public key the coordinator registered may join.
         "--enable-supernode-auth",
         # Offline sites: never `uv sync` an app's dependencies; they are installed with plan-node.
         "--disable-runtime-dependency-installation",
-        "--host", LOOPBACK,
-        "--port", str(port),
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
     ]
     return spawn(cmd, log=log, env=flower_env(flwr_home))
 
@@ -104,13 +113,17 @@ def sign_app(app_dir: Path, *, key: Path, signatures: Path) -> str:
 
 def fab_verifications(signatures: Path):
     """For the Fleet gateway: sha256 hex -> the stored verifications, or None when the coordinator never signed it."""
+
     def lookup(digest: str) -> dict[str, str] | None:
         path = Path(signatures) / f"{digest}.json"
         return json.loads(path.read_text()) if len(digest) == 64 and digest.isalnum() and path.is_file() else None
+
     return lookup
 
 
-def submit_run(flwr_home: Path, *, run_config: dict[str, str], key: Path, signatures: Path, app: Path = FLOWER_APP) -> str:
+def submit_run(
+    flwr_home: Path, *, run_config: dict[str, str], key: Path, signatures: Path, app: Path = FLOWER_APP
+) -> str:
     """Sign and submit a Flower App (by default plan-node's); returns the run id."""
     sign_app(app, key=key, signatures=signatures)
     overrides = " ".join(f'{k}="{v}"' for k, v in run_config.items())

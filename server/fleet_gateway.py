@@ -97,8 +97,12 @@ def authenticate(headers: dict[str, str], allowed: frozenset[bytes], *, now: flo
     if not isinstance(key, ec.EllipticCurvePublicKey) or node_key_der(key) not in allowed:
         # 412 with activation's error code, as the SuperLink answers an unknown key: the SuperNode
         # exits with this message (on a 401 it stops silently, as if asked to).
-        raise Refused(412, "not a registered SuperNode key of this federation (unknown or revoked); "
-                      "ask the coordinator for a site kit", code=ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED)
+        raise Refused(
+            412,
+            "not a registered SuperNode key of this federation (unknown or revoked); "
+            "ask the coordinator for a site kit",
+            code=ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED,
+        )
     try:
         signed_at = dt.datetime.fromisoformat(stamp).timestamp()
         key.verify(signature, stamp.encode("ascii"), ec.ECDSA(hashes.SHA256()))
@@ -125,9 +129,16 @@ def sign_fab_response(body: bytes, verifications: Callable[[str], dict[str, str]
 class FleetGateway:
     """The ASGI app: checks, forwards to `upstream` (https://127.0.0.1:PORT), relays the reply."""
 
-    def __init__(self, *, upstream: str, ca_cert: Path, allowed_keys: Callable[[], frozenset[bytes]],
-                 fab_verifications: Callable[[str], dict[str, str] | None], max_body_bytes: int,
-                 log: Callable[[str], None] = lambda _: None):
+    def __init__(
+        self,
+        *,
+        upstream: str,
+        ca_cert: Path,
+        allowed_keys: Callable[[], frozenset[bytes]],
+        fab_verifications: Callable[[str], dict[str, str] | None],
+        max_body_bytes: int,
+        log: Callable[[str], None] = lambda _: None,
+    ):
         self.upstream = upstream.rstrip("/")
         self.ca_cert = Path(ca_cert)
         self.allowed_keys = allowed_keys
@@ -145,8 +156,13 @@ class FleetGateway:
             except Refused as e:
                 self.log(f"refused {scope['method']} {scope['path'][:80]!r} from {scope.get('client')}: {e}")
                 status, headers, body = e.status, [(b"content-type", b"application/json")], e.body()
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [*headers, (b"content-length", str(len(body)).encode())],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
 
     async def _lifespan(self, receive, send) -> None:
@@ -164,7 +180,7 @@ class FleetGateway:
 
     async def _forward(self, scope, receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         path = scope["path"]
-        op = path[len(FLEET_PREFIX):] if path.startswith(FLEET_PREFIX) else None
+        op = path[len(FLEET_PREFIX) :] if path.startswith(FLEET_PREFIX) else None
         if scope["method"] != "POST" or op not in FLEET_OPS:
             raise Refused(403, "this port passes only SuperNodes' Fleet calls; the Control API is the operator's")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -182,7 +198,9 @@ class FleetGateway:
                 content = sign_fab_response(content, self.fab_verifications)
             except DecodeError:
                 raise Refused(502, "the SuperLink's GetFab reply is not a GetFabResponse") from None
-        out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items() if k.lower() not in HOP_BY_HOP]
+        out = [
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items() if k.lower() not in HOP_BY_HOP
+        ]
         return reply.status_code, out, content
 
 
@@ -209,8 +227,10 @@ def node_keys(folder: Path) -> Reloaded:
 
 
 def _read_node_keys(folder: Path) -> frozenset[bytes]:
-    return frozenset(node_key_der(serialization.load_ssh_public_key(pub.read_bytes().strip()))
-                     for pub in sorted(folder.glob("*.pub")))
+    return frozenset(
+        node_key_der(serialization.load_ssh_public_key(pub.read_bytes().strip()))
+        for pub in sorted(folder.glob("*.pub"))
+    )
 
 
 def append_line(path: Path) -> Callable[[str], None]:
@@ -221,6 +241,7 @@ def append_line(path: Path) -> Callable[[str], None]:
     def log(line: str) -> None:
         with path.open("a", encoding="utf-8") as f:
             f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {line}\n")
+
     return log
 
 
@@ -228,16 +249,27 @@ class GatewayServer:
     """A FleetGateway served by uvicorn (TLS) in a thread of the coordinator's process."""
 
     def __init__(self, app: FleetGateway, *, host: str, port: int, cert: Path, key: Path, timeout: float = 30):
-        config = uvicorn.Config(app, host=host, port=port, ssl_certfile=str(cert), ssl_keyfile=str(key),
-                                lifespan="on", log_level="warning", access_log=False,
-                                limit_concurrency=128, timeout_keep_alive=30)
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            ssl_certfile=str(cert),
+            ssl_keyfile=str(key),
+            lifespan="on",
+            log_level="warning",
+            access_log=False,
+            limit_concurrency=128,
+            timeout_keep_alive=30,
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"fleet-gateway:{port}", daemon=True)
         self._thread.start()
         deadline = time.time() + timeout
         while not self._server.started:
             if not self._thread.is_alive() or time.time() > deadline:
-                raise OSError(f"the Fleet gateway could not listen on {host}:{port} (port in use, or a TLS file unreadable)")
+                raise OSError(
+                    f"the Fleet gateway could not listen on {host}:{port} (port in use, or a TLS file unreadable)"
+                )
             time.sleep(0.05)
 
     def stop(self) -> None:

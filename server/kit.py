@@ -20,14 +20,16 @@ from common.fileio import atomic_write_bytes
 from common.signing import SigningKeyError, key_id, load_public_key
 from common.sitekit import KIT_FORMAT, KitError, write_kit
 from common.tls import address_host, certificate_names, issue_client_cert
-from server.revoked import certificate_serial
 from server.coordinator import CoordinatorDir
+from server.revoked import certificate_serial
 
 
 def _address(host: str, port: int, flag: str) -> str:
     if host in ("0.0.0.0", "::", ""):
-        raise KitError(f"federation.yaml listens on {host!r}, which sites cannot dial; set public_host there "
-                       f"(`plan-server init --host NAME`) or give {flag} host:port")
+        raise KitError(
+            f"federation.yaml listens on {host!r}, which sites cannot dial; set public_host there "
+            f"(`plan-server init --host NAME`) or give {flag} host:port"
+        )
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -35,8 +37,10 @@ def _check_covered(address: str, names: list[str], flag: str, cd: CoordinatorDir
     """Refuse a kit address whose host the server certificate does not cover: the site's TLS would refuse it."""
     host = address_host(address)
     if host not in names:
-        raise KitError(f"{flag} {address}: the server certificate covers {', '.join(names)}, not {host!r}; "
-                       f"run `plan-server ca init --dir {cd.root} --host {host}` first")
+        raise KitError(
+            f"{flag} {address}: the server certificate covers {', '.join(names)}, not {host!r}; "
+            f"run `plan-server ca init --dir {cd.root} --host {host}` first"
+        )
 
 
 def make_kit(
@@ -93,13 +97,16 @@ def make_kit(
         crt, key = issue_client_cert(cd.ca_dir, work, site, days=days)
         cert_pem = crt.read_bytes()
         meta["client_cert_not_after"] = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.isoformat()
-        write_kit(out, {
-            "kit.json": (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode(),
-            "ca.crt": cd.ca_cert.read_bytes(),
-            "client.crt": cert_pem,
-            "client.key": key.read_bytes(),
-            "coordinator.pub": cd.coordinator_pub.read_bytes(),
-        })
+        write_kit(
+            out,
+            {
+                "kit.json": (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode(),
+                "ca.crt": cd.ca_cert.read_bytes(),
+                "client.crt": cert_pem,
+                "client.key": key.read_bytes(),
+                "coordinator.pub": cd.coordinator_pub.read_bytes(),
+            },
+        )
         atomic_write_bytes(cd.root / "clients" / f"{site}.crt", cert_pem)
         # every certificate ever issued stays on record, so that revoking the site can list them all
         atomic_write_bytes(cd.root / "clients" / "issued" / f"{site}-{certificate_serial(cert_pem)}.crt", cert_pem)

@@ -45,6 +45,7 @@ class SiteSlots:
                 self._calls[site] -= 1
                 if upload:
                     self._uploading.discard(site)
+
         if not context.add_callback(release):  # the call has already ended
             release()
 

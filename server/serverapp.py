@@ -14,11 +14,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save
-
-import torch
 
 from common.config import CvaeConfig, FederationConfig, load_federation_config
 from common.fileio import atomic_write_bytes, atomic_write_json
@@ -32,17 +31,29 @@ def _node_limits(fed: FederationConfig, out: Path) -> dict:
     """The strategy's node minimums: every online node is sampled (fraction 1.0), a round needs at
     least fed.round_nodes_needed; and where it records each phase's progress."""
     n = fed.round_nodes_needed
-    return {"min_train_nodes": n, "min_evaluate_nodes": n, "min_available_nodes": n, "progress_path": out / "progress.json"}
+    return {
+        "min_train_nodes": n,
+        "min_evaluate_nodes": n,
+        "min_available_nodes": n,
+        "progress_path": out / "progress.json",
+    }
 
 
-def _run(grid: Grid, strategy, *, initial: dict, rounds: int, timeout: float, train_config: dict,
-         evaluate_config: dict) -> tuple[dict, dict]:
+def _run(
+    grid: Grid, strategy, *, initial: dict, rounds: int, timeout: float, train_config: dict, evaluate_config: dict
+) -> tuple[dict, dict]:
     """`rounds` rounds of `strategy` from the `initial` state dict. Returns the final state dict
     (contiguous tensors) and the run's record for results.json: rounds completed, seconds, the
     aggregated and the per-site metrics of every round."""
     t0 = time.time()
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=rounds, timeout=timeout,
-                            train_config=ConfigRecord(train_config), evaluate_config=ConfigRecord(evaluate_config))
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(initial),
+        num_rounds=rounds,
+        timeout=timeout,
+        train_config=ConfigRecord(train_config),
+        evaluate_config=ConfigRecord(evaluate_config),
+    )
     state = {k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}
     rounds_done = sorted(result.evaluate_metrics_clientapp)
     return state, {
@@ -64,23 +75,43 @@ def main(grid: Grid, context: Context) -> None:
         return cvae_main(grid, fed, out)
     ds = fed.downstream
     train_on = str(context.run_config.get("train-on") or ds.train_on)
-    model = downstream_model(fed.n_classes, route=fed.route, width=ds.width, image_size=fed.image_size,
-                             embedding_dim=fed.extractor.dim, head_hidden=ds.head_hidden)
+    model = downstream_model(
+        fed.n_classes,
+        route=fed.route,
+        width=ds.width,
+        image_size=fed.image_size,
+        embedding_dim=fed.extractor.dim,
+        head_hidden=ds.head_hidden,
+    )
     if ds.strategy == "fedprox":
         # FedProx sends `proximal-mu` in every train config; the ClientApp adds the proximal term.
         strategy = SiteRecordingFedProx(proximal_mu=ds.proximal_mu, **_node_limits(fed, out))
     else:
         strategy = SiteRecordingFedAvg(**_node_limits(fed, out))
     # The architecture travels with every message so that a ClientApp builds the same model.
-    model_config = {"n-classes": fed.n_classes, "width": ds.width, "image-size": fed.image_size, "route": fed.route,
-                    "embedding-dim": fed.extractor.dim, "head-hidden": ds.head_hidden}
+    model_config = {
+        "n-classes": fed.n_classes,
+        "width": ds.width,
+        "image-size": fed.image_size,
+        "route": fed.route,
+        "embedding-dim": fed.extractor.dim,
+        "head-hidden": ds.head_hidden,
+    }
     hyper = {"rounds": ds.rounds, "local-epochs": ds.local_epochs, "lr": ds.lr, "batch-size": ds.batch_size}
     # evaluation carries the hyperparameters too: each site trains its local-only yardstick with them
-    state, record = _run(grid, strategy, initial=model.state_dict(), rounds=ds.rounds, timeout=fed.round_timeout_s,
-                         train_config={**model_config, **hyper, "train-on": train_on},
-                         evaluate_config={**model_config, **hyper})
+    state, record = _run(
+        grid,
+        strategy,
+        initial=model.state_dict(),
+        rounds=ds.rounds,
+        timeout=fed.round_timeout_s,
+        train_config={**model_config, **hyper, "train-on": train_on},
+        evaluate_config={**model_config, **hyper},
+    )
     atomic_write_bytes(out / "model.safetensors", save(state))
-    atomic_write_json(out / "results.json", {"rounds": ds.rounds, "strategy": ds.strategy, "train_on": train_on, **record})
+    atomic_write_json(
+        out / "results.json", {"rounds": ds.rounds, "strategy": ds.strategy, "train_on": train_on, **record}
+    )
 
 
 def federated_cvae(fed: FederationConfig) -> CVAE:
@@ -97,13 +128,33 @@ def cvae_main(grid: Grid, fed: FederationConfig, out: Path) -> None:
     """The federated CVAE: FedAvg over the decoders, fed.cvae_rounds rounds; the sites keep their
     encoders (node.cvae_federated). Writes out/decoder.safetensors and out/results.json."""
     model = federated_cvae(fed)
-    config = {"task": "cvae", "rounds": fed.cvae_rounds, "local-epochs": fed.cvae_local_epochs,
-              "d-in": model.d_in, "n-classes": model.n_classes, "hidden": model.hidden, "latent": model.latent}
-    state, record = _run(grid, SiteRecordingFedAvg(**_node_limits(fed, out)), initial=model.decoder_state(),
-                         rounds=fed.cvae_rounds, timeout=fed.round_timeout_s, train_config=config, evaluate_config=config)
+    config = {
+        "task": "cvae",
+        "rounds": fed.cvae_rounds,
+        "local-epochs": fed.cvae_local_epochs,
+        "d-in": model.d_in,
+        "n-classes": model.n_classes,
+        "hidden": model.hidden,
+        "latent": model.latent,
+    }
+    state, record = _run(
+        grid,
+        SiteRecordingFedAvg(**_node_limits(fed, out)),
+        initial=model.decoder_state(),
+        rounds=fed.cvae_rounds,
+        timeout=fed.round_timeout_s,
+        train_config=config,
+        evaluate_config=config,
+    )
     atomic_write_bytes(out / "decoder.safetensors", save(state))
-    atomic_write_json(out / "results.json", {
-        "task": "cvae", "rounds": fed.cvae_rounds, "local_epochs": fed.cvae_local_epochs,
-        "architecture": {k: config[k] for k in ("d-in", "n-classes", "hidden", "latent")},
-        "global_decoder_sha256": state_sha256(state), **record,
-    })
+    atomic_write_json(
+        out / "results.json",
+        {
+            "task": "cvae",
+            "rounds": fed.cvae_rounds,
+            "local_epochs": fed.cvae_local_epochs,
+            "architecture": {k: config[k] for k in ("d-in", "n-classes", "hidden", "latent")},
+            "global_decoder_sha256": state_sha256(state),
+            **record,
+        },
+    )

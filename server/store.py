@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Mapping, Sequence
 
 from common.bundle import BundleError, key_vouches, verify_bundle_stream
-from common.content import ContentSpec, check_bundle_content
 from common.config import PolicyConfig
+from common.content import ContentSpec, check_bundle_content
 from common.policy import check_audit
 from server.trust import TrustStore
 
@@ -108,7 +108,7 @@ class _Writer:
                     self._hash.update(chunk)
                     view = memoryview(chunk)
                     while view:  # os.write may write less than asked
-                        view = view[os.write(self._fd, view):]
+                        view = view[os.write(self._fd, view) :]
             except OSError as e:
                 self._error = e
             finally:
@@ -206,7 +206,7 @@ class _Arriving:
             if at >= len(chunk):
                 at -= len(chunk)
                 continue
-            parts.append(chunk[at:at + need])
+            parts.append(chunk[at : at + need])
             need -= len(parts[-1])
             at = 0
             if not need:
@@ -262,9 +262,18 @@ class BundleStore:
     ExtractorConfig as a dict), embedding bundles whose signed data card names another; with a
     `site_quota_bytes`, a bundle that would take its site's stored bytes above the quota."""
 
-    def __init__(self, root: Path, *, max_bundle_bytes: int = 512 * 1024 * 1024, policy: PolicyConfig | None = None,
-                 route: str | None = None, extractor: dict | None = None, site_quota_bytes: int | None = None,
-                 content: ContentSpec | None = None, serving: bool = False):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_bundle_bytes: int = 512 * 1024 * 1024,
+        policy: PolicyConfig | None = None,
+        route: str | None = None,
+        extractor: dict | None = None,
+        site_quota_bytes: int | None = None,
+        content: ContentSpec | None = None,
+        serving: bool = False,
+    ):
         self.root = Path(root)
         self.max_bundle_bytes = max_bundle_bytes
         self.policy = policy
@@ -359,15 +368,18 @@ class BundleStore:
         """
         trusted = verify.windows() if isinstance(verify, TrustStore) else dict(verify)
         if size is not None and size > self.max_bundle_bytes:
-            raise StoreRefused(f"declared size {size} bytes exceeds the limit of {self.max_bundle_bytes} bytes", "too_large")
+            raise StoreRefused(
+                f"declared size {size} bytes exceeds the limit of {self.max_bundle_bytes} bytes", "too_large"
+            )
         fd, tmp_name = tempfile.mkstemp(dir=self.incoming, prefix="upload-", suffix=".tar")
         tmp = Path(tmp_name)
         work = Path(tempfile.mkdtemp(dir=self.incoming, prefix="verify-"))
         try:
             with contextlib.ExitStack() as stack:
                 stack.callback(os.close, fd)
-                arriving = _Arriving(self._chunks(source, stack), fd, name=tmp.name,
-                                     limit=self.max_bundle_bytes, declared=size)
+                arriving = _Arriving(
+                    self._chunks(source, stack), fd, name=tmp.name, limit=self.max_bundle_bytes, declared=size
+                )
                 stack.callback(arriving.close)  # before os.close(fd): the writer stops first
                 try:
                     vb = verify_bundle_stream(arriving, trusted, max_bytes=self.max_bundle_bytes, spill_dir=work)
@@ -382,15 +394,21 @@ class BundleStore:
                     f"bundle is signed for site {vb.site!r} but was uploaded as site {site!r}", "untrusted"
                 )
             if self.route is not None and vb.route != self.route:
-                raise StoreRefused(f"bundle holds {vb.route!r}-route data; this federation pools route {self.route!r}", "policy")
+                raise StoreRefused(
+                    f"bundle holds {vb.route!r}-route data; this federation pools route {self.route!r}", "policy"
+                )
             if self.extractor is not None and vb.route == "cvae":
                 # embeddings of another network live in another space: pooled, they would be noise
                 extractor = vb.datacard.get("extractor")
                 if extractor != self.extractor:
-                    raise StoreRefused(f"embeddings made by extractor {extractor!r}; this federation pins {self.extractor!r}", "policy")
+                    raise StoreRefused(
+                        f"embeddings made by extractor {extractor!r}; this federation pins {self.extractor!r}", "policy"
+                    )
             if self.content is not None:
                 try:
-                    check_bundle_content(tmp, self.content, route=vb.route, embedding_dim=vb.datacard.get("embedding_dim"))
+                    check_bundle_content(
+                        tmp, self.content, route=vb.route, embedding_dim=vb.datacard.get("embedding_dim")
+                    )
                 except BundleError as e:
                     raise StoreRefused(str(e), e.reason) from None
             if self.policy is not None:
@@ -408,22 +426,33 @@ class BundleStore:
                         raise StoreRefused(f"bundle {vb.bundle_id} is already stored (replay)", "replay")
                     if db.execute("SELECT 1 FROM bundles WHERE sha256 = ?", (got_sha,)).fetchone():
                         raise StoreRefused(f"a bundle with sha256 {got_sha} is already stored (replay)", "replay")
-                    if db.execute("SELECT 1 FROM removed WHERE bundle_id = ? OR sha256 = ?", (vb.bundle_id, got_sha)).fetchone():
+                    if db.execute(
+                        "SELECT 1 FROM removed WHERE bundle_id = ? OR sha256 = ?", (vb.bundle_id, got_sha)
+                    ).fetchone():
                         raise StoreRefused(f"bundle {vb.bundle_id} was removed from the pool (replay)", "replay")
                     if self.site_quota_bytes is not None:
                         # in the same write transaction as the insert: concurrent uploads of one
                         # site cannot each see room that only one of them has
-                        used = db.execute("SELECT COALESCE(SUM(size), 0) FROM bundles WHERE site = ?", (vb.site,)).fetchone()[0]
+                        used = db.execute(
+                            "SELECT COALESCE(SUM(size), 0) FROM bundles WHERE site = ?", (vb.site,)
+                        ).fetchone()[0]
                         if used + got_size > self.site_quota_bytes:
                             raise StoreRefused(
-                                f"site {vb.site!r} stores {used} bytes; this bundle's {got_size} would exceed its quota of "
-                                f"{self.site_quota_bytes} bytes", "too_large")
-                    if isinstance(verify, TrustStore) and not key_vouches(verify.windows(), vb.site, vb.key_id, vb.sequence):
+                                f"site {vb.site!r} stores {used} bytes; "
+                                f"this bundle's {got_size} would exceed its quota of {self.site_quota_bytes} bytes",
+                                "too_large",
+                            )
+                    if isinstance(verify, TrustStore) and not key_vouches(
+                        verify.windows(), vb.site, vb.key_id, vb.sequence
+                    ):
                         # re-read under the index's write lock: a revocation or rotation committed
                         # while the bundle was arriving refuses it here, and one committed after
                         # this point removes it (it waits for this transaction: server/cli_keys.py)
-                        raise StoreRefused(f"the key {vb.key_id[:16]} of site {vb.site!r} no longer vouches for sequence "
-                                           f"{vb.sequence}: revoked or rotated while the bundle was arriving", "untrusted")
+                        raise StoreRefused(
+                            f"the key {vb.key_id[:16]} of site {vb.site!r} no longer vouches for sequence "
+                            f"{vb.sequence}: revoked or rotated while the bundle was arriving",
+                            "untrusted",
+                        )
                     last = self._last_sequence(db, vb.site)
                     if last is not None and vb.sequence <= last:
                         raise StoreRefused(
@@ -438,7 +467,8 @@ class BundleStore:
                     os.replace(tmp, obj)
                     try:
                         db.execute(
-                            "INSERT INTO bundles (bundle_id, site, sequence, sha256, size, n_samples, stored_at, key_id) "
+                            "INSERT INTO bundles "
+                            "(bundle_id, site, sequence, sha256, size, n_samples, stored_at, key_id) "
                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             tuple(asdict(record).values()),
                         )
@@ -483,13 +513,18 @@ class BundleStore:
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                gone = [BundleRecord(*r) for r in db.execute(
-                    f"SELECT {_COLUMNS} FROM bundles WHERE site = ? AND key_id IN ({marks})", (site, *keys)
-                )]
+                gone = [
+                    BundleRecord(*r)
+                    for r in db.execute(
+                        f"SELECT {_COLUMNS} FROM bundles WHERE site = ? AND key_id IN ({marks})", (site, *keys)
+                    )
+                ]
                 now = time.time()
                 for r in gone:
-                    db.execute("INSERT OR REPLACE INTO removed VALUES (?, ?, ?, ?, ?, ?, ?)",
-                               (r.bundle_id, r.site, r.sequence, r.sha256, r.key_id, now, reason))
+                    db.execute(
+                        "INSERT OR REPLACE INTO removed VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (r.bundle_id, r.site, r.sequence, r.sha256, r.key_id, now, reason),
+                    )
                     db.execute("DELETE FROM bundles WHERE bundle_id = ?", (r.bundle_id,))
                 db.execute("COMMIT")
             finally:
@@ -501,7 +536,11 @@ class BundleStore:
 
     def list(self, site: str | None = None) -> list[BundleRecord]:
         """Stored bundles, oldest first; only `site`'s when given."""
-        q = f"SELECT {_COLUMNS} FROM bundles" + (" WHERE site = ?" if site else "") + " ORDER BY stored_at, site, sequence"
+        q = (
+            f"SELECT {_COLUMNS} FROM bundles"
+            + (" WHERE site = ?" if site else "")
+            + " ORDER BY stored_at, site, sequence"
+        )
         with self._db() as db:
             return [BundleRecord(*r) for r in db.execute(q, (site,) if site else ())]
 
@@ -509,8 +548,11 @@ class BundleStore:
         """At most `limit` stored bundles with a bundle id above `after` ("" from the start), in
         bundle-id order; only `site`'s when given. Stable while bundles come and go: a page token
         is the last id of the page before."""
-        q = (f"SELECT {_COLUMNS} FROM bundles WHERE bundle_id > ?" + (" AND site = ?" if site else "")
-             + " ORDER BY bundle_id LIMIT ?")
+        q = (
+            f"SELECT {_COLUMNS} FROM bundles WHERE bundle_id > ?"
+            + (" AND site = ?" if site else "")
+            + " ORDER BY bundle_id LIMIT ?"
+        )
         with self._db() as db:
             return [BundleRecord(*r) for r in db.execute(q, (after, site, limit) if site else (after, limit))]
 
@@ -539,6 +581,8 @@ def _serving_lock(root: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise OSError(f"{root}: another process serves this bundle store (a running `plan-server start` "
-                      f"or exchange); stop it first") from None
+        raise OSError(
+            f"{root}: another process serves this bundle store (a running `plan-server start` "
+            f"or exchange); stop it first"
+        ) from None
     return fd

@@ -28,12 +28,16 @@ class SiteRecording:
         self.progress_path = progress_path  # where `plan-server status` reads the current round
         self._sent: dict[tuple[int, str], set[int]] = {}  # (round, phase) -> node ids messaged
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent[(server_round, "train")] = {m.metadata.dst_node_id for m in messages}
         return messages
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self._sent[(server_round, "evaluate")] = {m.metadata.dst_node_id for m in messages}
         return messages
@@ -53,7 +57,9 @@ class SiteRecording:
                 metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
                 sites[_site_name(msg)] = {k: float(v) for k, v in metrics.items()}
         if self.progress_path is not None:
-            atomic_write_json(self.progress_path, {"round": server_round, "phase": phase, "sites": sites, "updated_at": time.time()})
+            atomic_write_json(
+                self.progress_path, {"round": server_round, "phase": phase, "sites": sites, "updated_at": time.time()}
+            )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

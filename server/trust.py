@@ -55,6 +55,7 @@ INSERT OR IGNORE INTO meta VALUES ('version', 1);
 
 class TrustError(ValueError):
     """A trust-store operation is refused or its file is invalid; the message says why."""
+
     exit_code = errors.VERIFY
 
 
@@ -77,7 +78,12 @@ class KeyEntry:
 
     def window(self) -> dict:
         """What receivers need (common.trustdoc / common.bundle): pem and the sequence window."""
-        return {"key_id": self.key_id, "pem": self.pem, "valid_after": self.valid_after, "valid_until": self.valid_until}
+        return {
+            "key_id": self.key_id,
+            "pem": self.pem,
+            "valid_after": self.valid_after,
+            "valid_until": self.valid_until,
+        }
 
     def as_dict(self) -> dict:
         return {**asdict(self), "status": self.status}
@@ -131,12 +137,18 @@ class TrustStore:
             return
         db.execute("BEGIN IMMEDIATE")
         for site, pem, added in db.execute("SELECT site, pem, added_at FROM sites").fetchall():
-            db.execute("INSERT OR IGNORE INTO keys VALUES (?, ?, ?, ?, 0, NULL, NULL, NULL)",
-                       (site, key_id(load_public_key(pem.encode())), pem, added))
+            db.execute(
+                "INSERT OR IGNORE INTO keys VALUES (?, ?, ?, ?, 0, NULL, NULL, NULL)",
+                (site, key_id(load_public_key(pem.encode())), pem, added),
+            )
         if "revoked" in tables:
-            for site, pem, added, revoked in db.execute("SELECT site, pem, added_at, revoked_at FROM revoked").fetchall():
-                db.execute("INSERT OR IGNORE INTO keys VALUES (?, ?, ?, ?, 0, NULL, NULL, ?)",
-                           (site, key_id(load_public_key(pem.encode())), pem, added, revoked))
+            for site, pem, added, revoked in db.execute(
+                "SELECT site, pem, added_at, revoked_at FROM revoked"
+            ).fetchall():
+                db.execute(
+                    "INSERT OR IGNORE INTO keys VALUES (?, ?, ?, ?, 0, NULL, NULL, ?)",
+                    (site, key_id(load_public_key(pem.encode())), pem, added, revoked),
+                )
             db.execute("DROP TABLE revoked")
         db.execute("DROP TABLE sites")
         db.execute("COMMIT")
@@ -184,7 +196,9 @@ class TrustStore:
 
     @staticmethod
     def _refuse_known(db: sqlite3.Connection, site: str, kid: str) -> None:
-        row = db.execute("SELECT revoked_at, valid_until FROM keys WHERE site = ? AND key_id = ?", (site, kid)).fetchone()
+        row = db.execute(
+            "SELECT revoked_at, valid_until FROM keys WHERE site = ? AND key_id = ?", (site, kid)
+        ).fetchone()
         if row is not None:
             what = "was revoked" if row[0] else "was retired by a rotation"
             raise TrustError(f"key {kid[:16]} of site {site!r} {what}; a site needs a new key")
@@ -212,7 +226,9 @@ class TrustStore:
                     "UPDATE keys SET valid_until = ?, retired_at = ? WHERE site = ? AND key_id = ?",
                     (last_sequence, _now(), site, current[0]),
                 )
-                db.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, NULL, NULL, NULL)", (site, kid, pem, _now(), last_sequence))
+                db.execute(
+                    "INSERT INTO keys VALUES (?, ?, ?, ?, ?, NULL, NULL, NULL)", (site, kid, pem, _now(), last_sequence)
+                )
                 self._bump(db)
                 db.execute("COMMIT")
             finally:
@@ -228,7 +244,9 @@ class TrustStore:
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                rows = [r[0] for r in db.execute("SELECT key_id FROM keys WHERE site = ? AND revoked_at IS NULL", (site,))]
+                rows = [
+                    r[0] for r in db.execute("SELECT key_id FROM keys WHERE site = ? AND revoked_at IS NULL", (site,))
+                ]
                 if not rows:
                     raise TrustError(f"site {site!r} is not registered (or every key of it is already revoked)")
                 if key_id_prefix is not None:
@@ -236,9 +254,13 @@ class TrustStore:
                         raise TrustError(f"key id {key_id_prefix!r}: give at least 8 hex digits")
                     rows = [k for k in rows if k.startswith(key_id_prefix)]
                     if len(rows) != 1:
-                        raise TrustError(f"key id {key_id_prefix!r} matches {len(rows)} unrevoked keys of site {site!r}")
+                        raise TrustError(
+                            f"key id {key_id_prefix!r} matches {len(rows)} unrevoked keys of site {site!r}"
+                        )
                 now = _now()
-                db.executemany("UPDATE keys SET revoked_at = ? WHERE site = ? AND key_id = ?", [(now, site, k) for k in rows])
+                db.executemany(
+                    "UPDATE keys SET revoked_at = ? WHERE site = ? AND key_id = ?", [(now, site, k) for k in rows]
+                )
                 self._bump(db)
                 db.execute("COMMIT")
             finally:
@@ -263,7 +285,9 @@ class TrustStore:
         with self._db() as db:
             db.execute("BEGIN")
             version = db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()[0]
-            rows = db.execute("SELECT * FROM keys WHERE revoked_at IS NULL ORDER BY site, valid_after, added_at").fetchall()
+            rows = db.execute(
+                "SELECT * FROM keys WHERE revoked_at IS NULL ORDER BY site, valid_after, added_at"
+            ).fetchall()
             db.execute("COMMIT")
         out: dict[str, list[dict]] = {}
         for e in (KeyEntry(*r) for r in rows):
@@ -278,8 +302,11 @@ class TrustStore:
 
     def all(self) -> dict[str, list[str]]:
         """site -> current PEM key, for every site that may upload."""
-        return {s: [w["pem"] for w in ws if w["valid_until"] is None] for s, ws in self.windows().items()
-                if any(w["valid_until"] is None for w in ws)}
+        return {
+            s: [w["pem"] for w in ws if w["valid_until"] is None]
+            for s, ws in self.windows().items()
+            if any(w["valid_until"] is None for w in ws)
+        }
 
     def sites(self) -> list[str]:
         """Sites with a current key."""

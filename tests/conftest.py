@@ -38,3 +38,11 @@ def tiny_workspace(tmp_path):
     root.mkdir()
     (root / "site.yaml").write_text(TINY_SITE_YAML)
     return Workspace(root)
+
+
+@pytest.fixture
+def key_a(tmp_path):
+    """Site a's signing key pair (private key, public PEM) under tmp_path/keys."""
+    from tests.helpers_exchange import site_key
+
+    return site_key(tmp_path / "keys", "a")

@@ -10,8 +10,9 @@ import pytest
 from deploy.local import launcher
 
 
-def run_federation(root: Path, *, n_sites: int, quorum: int, federation_overrides: dict,
-                   drop: tuple[str, int] | None = None) -> tuple[Path, list[Path], dict]:
+def run_federation(
+    root: Path, *, n_sites: int, quorum: int, federation_overrides: dict, drop: tuple[str, int] | None = None
+) -> tuple[Path, list[Path], dict]:
     """Set up a coordinator and `n_sites` phantom sites under `root`, run the federation to its
     end and return (coordinator dir, site dirs, the run's results). Skips the test when the
     command-line tools are not installed (run `make test`)."""

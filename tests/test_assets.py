@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from common import errors
 from common import exchange_pb2 as pb
 from common import exchange_pb2_grpc as pb_grpc
-from common import errors
 from common.config import ExtractorConfig, SiteConfig, commented_yaml, load_federation_config
 from common.fileio import sha256_bytes
 from common.modelstore import STORE_ENV, ModelStoreError, default_store_dir, resolve
@@ -48,8 +48,17 @@ def _site(tmp_path, ex, extractor: dict | None = None, route: str = "cvae") -> W
     """A site workspace with a client certificate of the federation CA and site.yaml pointing at `ex`."""
     root = tmp_path / "site"
     crt, key = issue_client_cert(ex.cd.ca_dir, root / "keys", "a")
-    cfg = SiteConfig(name="a", synth={"route": route, "extractor": extractor or {}}, coordinator={
-        "exchange": ex.address, "ca_cert": ex.ca_cert, "client_cert": crt, "client_key": key, "timeout_s": 20})
+    cfg = SiteConfig(
+        name="a",
+        synth={"route": route, "extractor": extractor or {}},
+        coordinator={
+            "exchange": ex.address,
+            "ca_cert": ex.ca_cert,
+            "client_cert": crt,
+            "client_key": key,
+            "timeout_s": 20,
+        },
+    )
     (root / "site.yaml").write_text(commented_yaml(cfg, title="test site"))
     return Workspace(root)
 
@@ -106,7 +115,9 @@ def test_served_asset_lands_in_the_model_store(tmp_path, ex):
 
     # present but not matching: refused and left for the operator, not overwritten by a fetch
     path.write_bytes(b"something else")
-    with pytest.raises(ModelStoreError, match=f"sha256 is {sha256_bytes(b'something else')}, expected {PIN}.*fetch-assets"):
+    with pytest.raises(
+        ModelStoreError, match=f"sha256 is {sha256_bytes(b'something else')}, expected {PIN}.*fetch-assets"
+    ):
         fetch_extractor_weights(ws, ExtractorConfig(**_pinned()), client=object())
     assert path.read_bytes() == b"something else"
 
@@ -238,6 +249,7 @@ def test_start_fetches_the_weights_on_the_cvae_route_only(tmp_path, ex, monkeypa
         raise Stop
 
     monkeypatch.setattr(node.start, "run_pipeline", stop_here)  # only what start does before the stages
+    monkeypatch.setattr(node.start, "preflight", lambda ws, say: 0)  # this site has no signing keys
     add_asset(ex.cd.assets, _weights_file(tmp_path))
     ws = _site(tmp_path, ex, _pinned(), route="plan")
     with pytest.raises(Stop):

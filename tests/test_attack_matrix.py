@@ -60,7 +60,9 @@ class Federation:
         self.sequence[site] += 1
         self.n += 1
         kw.setdefault("sequence", self.sequence[site])
-        return make_bundle(self.root / "bundles" / str(self.n), self.keys[signer or site][0], site=site, seed=1000 + self.n, **kw)
+        return make_bundle(
+            self.root / "bundles" / str(self.n), self.keys[signer or site][0], site=site, seed=1000 + self.n, **kw
+        )
 
     def snapshot(self):
         """Everything a refused upload must leave unchanged (incoming/ is emptied after each upload)."""
@@ -135,24 +137,41 @@ def test_changed_audit_result(fed):
     bag = tar.with_suffix("") / "bag"
     (bag / "audit.json").write_text((bag / "audit.json").read_text().replace('"passed": false', '"passed": true'))
     _write_tagmanifest(bag)
-    _refused(fed, "a", _repack(tar.with_suffix("")), "INVALID_ARGUMENT",
-             r"tagmanifest-sha256.txt: sha256 \w+ does not match the signed subject digest")
+    _refused(
+        fed,
+        "a",
+        _repack(tar.with_suffix("")),
+        "INVALID_ARGUMENT",
+        r"tagmanifest-sha256.txt: sha256 \w+ does not match the signed subject digest",
+    )
 
 
 def test_resigned_with_another_registered_sites_key(fed):
-    _refused(fed, "a", fed.bundle("a", signer="b"), "PERMISSION_DENIED",
-             r"signature does not verify against any registered key of site 'a'")
+    _refused(
+        fed,
+        "a",
+        fed.bundle("a", signer="b"),
+        "PERMISSION_DENIED",
+        r"signature does not verify against any registered key of site 'a'",
+    )
 
 
 def test_upload_as_another_site_than_the_client_certificate(fed):
     # b's own valid bundle, sent over a's connection: the certificate decides who is talking.
-    _refused(fed, "a", fed.bundle("b"), "PERMISSION_DENIED",
-             r"client certificate is for site 'a' but the upload claims site 'b'", as_site="b")
+    _refused(
+        fed,
+        "a",
+        fed.bundle("b"),
+        "PERMISSION_DENIED",
+        r"client certificate is for site 'a' but the upload claims site 'b'",
+        as_site="b",
+    )
 
 
 def test_failed_audit(fed):
-    _refused(fed, "a", fed.bundle("a", audit={**PASSED_AUDIT, "passed": False}), "PERMISSION_DENIED",
-             r"audit did not pass")
+    _refused(
+        fed, "a", fed.bundle("a", audit={**PASSED_AUDIT, "passed": False}), "PERMISSION_DENIED", r"audit did not pass"
+    )
 
 
 def test_replayed_bundle(fed):
@@ -220,14 +239,23 @@ def _info(name: str, size: int = 0, type=tarfile.REGTYPE, linkname: str = "") ->
     return info
 
 
-@pytest.mark.parametrize("member,match", [
-    ((_info("../escape.txt", 3), b"abc"), r"archive member '../escape.txt': '..' in path"),
-    ((_info("bag/data/../../../x", 3), b"abc"), r"'..' in path"),
-    ((_info("/etc/cron.d/x", 3), b"abc"), r"archive member '/etc/cron.d/x': absolute path"),
-    ((_info("bag/data/link", 0, tarfile.SYMTYPE, "/etc/passwd"), None), r"archive member 'bag/data/link': links are not allowed"),
-    ((_info("bag/data/hard", 0, tarfile.LNKTYPE, "attestation.dsse.json"), None), r"'bag/data/hard': links are not allowed"),
-    ((_info("bag/data/fifo", 0, tarfile.FIFOTYPE), None), r"only regular files and folders are allowed"),
-])
+@pytest.mark.parametrize(
+    "member,match",
+    [
+        ((_info("../escape.txt", 3), b"abc"), r"archive member '../escape.txt': '..' in path"),
+        ((_info("bag/data/../../../x", 3), b"abc"), r"'..' in path"),
+        ((_info("/etc/cron.d/x", 3), b"abc"), r"archive member '/etc/cron.d/x': absolute path"),
+        (
+            (_info("bag/data/link", 0, tarfile.SYMTYPE, "/etc/passwd"), None),
+            r"archive member 'bag/data/link': links are not allowed",
+        ),
+        (
+            (_info("bag/data/hard", 0, tarfile.LNKTYPE, "attestation.dsse.json"), None),
+            r"'bag/data/hard': links are not allowed",
+        ),
+        ((_info("bag/data/fifo", 0, tarfile.FIFOTYPE), None), r"only regular files and folders are allowed"),
+    ],
+)
 def test_unsafe_archive_members(fed, member, match):
     tar = _tar_with(fed.bundle("a"), fed.root / f"evil-{fed.n}.tar", [member])
     _refused(fed, "a", tar, "INVALID_ARGUMENT", match)
@@ -259,14 +287,20 @@ def _header(name: str, *, size: int = 0, type: bytes = tarfile.REGTYPE, fmt=tarf
 # a bundle never needs, are refused from their raw bytes; the statement comes first and is checked first.
 @pytest.mark.parametrize("where,extra,match", [
     # CVE-2024-6232: tarfile's PAX parser is quadratic in a header of many digits
-    ("after", _header("bag/data/x.png", size=1, pax={"comment": "9" * 40_000}) + _padded(b"x"), r"PAX header of \d+ bytes, over the limit"),
-    ("before", _header("attestation.dsse.json", pax={"comment": "9" * 40_000}), r"PAX header of \d+ bytes, over the limit"),
-    ("after", _header("bag/data/" + "x" * 20_000, size=1, fmt=tarfile.GNU_FORMAT) + _padded(b"x"), r"GNU long names are not allowed"),
-    ("after", _header("bag/data/sparse.png", size=1, type=tarfile.GNUTYPE_SPARSE, fmt=tarfile.GNU_FORMAT) + _padded(b"x"),
+    ("after", _header("bag/data/x.png", size=1, pax={"comment": "9" * 40_000}) + _padded(b"x"),
+     r"PAX header of \d+ bytes, over the limit"),
+    ("before", _header("attestation.dsse.json", pax={"comment": "9" * 40_000}),
+     r"PAX header of \d+ bytes, over the limit"),
+    ("after", _header("bag/data/" + "x" * 20_000, size=1, fmt=tarfile.GNU_FORMAT) + _padded(b"x"),
+     r"GNU long names are not allowed"),
+    ("after",
+     _header("bag/data/sparse.png", size=1, type=tarfile.GNUTYPE_SPARSE, fmt=tarfile.GNU_FORMAT) + _padded(b"x"),
      r"sparse archive members are not allowed"),
-    ("after", _header("bag/data/s.png", size=1, pax={"GNU.sparse.map": "0,1"}) + _padded(b"x"), r"sparse archive members are not allowed"),
+    ("after", _header("bag/data/s.png", size=1, pax={"GNU.sparse.map": "0,1"}) + _padded(b"x"),
+     r"sparse archive members are not allowed"),
     ("after", _header("pax_global_header", size=0, type=tarfile.XGLTYPE), r"global PAX headers are not allowed"),
-    ("before", _header("bag/data/early.png", size=1) + _padded(b"x"), r"first archive member is 'bag/data/early.png', not attestation"),
+    ("before", _header("bag/data/early.png", size=1) + _padded(b"x"),
+     r"first archive member is 'bag/data/early.png', not attestation"),
 ])  # fmt: skip
 def test_hostile_headers_are_refused_before_parsing(fed, where, extra, match):
     good = fed.bundle("a")
@@ -288,12 +322,15 @@ def test_an_attestation_with_many_signatures_is_refused_unverified(fed):
     _refused(fed, "a", _repack(d), "INVALID_ARGUMENT", r"5001 signatures; a bundle carries at most 4")
 
 
-@pytest.mark.parametrize("factor,match", [
-    # declared half its size: the member's real bytes run past its header's size
-    (0.5, r"Payload-Oxum validation failed|corrupt tar archive|sha256 mismatch"),
-    # declared far beyond the archive: reading it runs off the end
-    (1000, r"corrupt tar archive|truncated|more bytes than declared"),
-])
+@pytest.mark.parametrize(
+    "factor,match",
+    [
+        # declared half its size: the member's real bytes run past its header's size
+        (0.5, r"Payload-Oxum validation failed|corrupt tar archive|sha256 mismatch"),
+        # declared far beyond the archive: reading it runs off the end
+        (1000, r"corrupt tar archive|truncated|more bytes than declared"),
+    ],
+)
 def test_member_size_differs_from_declared(fed, factor, match):
     tar = fed.bundle("a")
     raw = bytearray(tar.read_bytes())
@@ -302,9 +339,9 @@ def test_member_size_differs_from_declared(fed, factor, match):
     # The member's own ustar header (after its PAX header): its name field starts with the name.
     pos = raw.find(m.name.encode().ljust(100, b"\0"))
     assert pos >= 0
-    raw[pos + 124:pos + 136] = b"%011o\0" % int(m.size * factor)
-    checksum = sum(raw[pos:pos + 148]) + 8 * 32 + sum(raw[pos + 156:pos + 512])
-    raw[pos + 148:pos + 156] = b"%06o\0 " % checksum
+    raw[pos + 124 : pos + 136] = b"%011o\0" % int(m.size * factor)
+    checksum = sum(raw[pos : pos + 148]) + 8 * 32 + sum(raw[pos + 156 : pos + 512])
+    raw[pos + 148 : pos + 156] = b"%06o\0 " % checksum
     evil = fed.root / f"resized-{factor}.tar"
     evil.write_bytes(bytes(raw))
     _refused(fed, "a", evil, "INVALID_ARGUMENT", match)
@@ -316,10 +353,15 @@ def test_stream_larger_than_declared(fed):
     data = tar.read_bytes()
     with grpc.secure_channel(fed.ex.address, _creds(fed, "a")) as ch:
         with pytest.raises(grpc.RpcError) as e:
-            pb_grpc.ExchangeStub(ch).Upload(iter([
-                pb.UploadChunk(header=pb.UploadHeader(site="a", size=len(data) - 100)),
-                pb.UploadChunk(data=data),
-            ]), timeout=10)
+            pb_grpc.ExchangeStub(ch).Upload(
+                iter(
+                    [
+                        pb.UploadChunk(header=pb.UploadHeader(site="a", size=len(data) - 100)),
+                        pb.UploadChunk(data=data),
+                    ]
+                ),
+                timeout=10,
+            )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"more than the declared {len(data) - 100} bytes" in e.value.details()
     fed.assert_unchanged(before)
@@ -328,8 +370,9 @@ def test_stream_larger_than_declared(fed):
 
 def _creds(fed, site: str) -> grpc.ChannelCredentials:
     crt, key = fed.certs[site]
-    return grpc.ssl_channel_credentials(fed.ex.ca_cert.read_bytes(), private_key=key.read_bytes(),
-                                        certificate_chain=crt.read_bytes())
+    return grpc.ssl_channel_credentials(
+        fed.ex.ca_cert.read_bytes(), private_key=key.read_bytes(), certificate_chain=crt.read_bytes()
+    )
 
 
 def test_bundle_over_the_size_limit(fed):
@@ -349,8 +392,9 @@ def test_bundle_over_the_size_limit(fed):
             yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=MAX))
             # a well-formed tar of a genuine signed statement, then 1 MiB members: the tar is
             # checked as it arrives, and zeros would be refused as no tar before they reached the limit
-            yield pb.UploadChunk(data=statement.tobuf(tarfile.PAX_FORMAT) + statement_data
-                                 + b"\0" * (-len(statement_data) % 512))
+            yield pb.UploadChunk(
+                data=statement.tobuf(tarfile.PAX_FORMAT) + statement_data + b"\0" * (-len(statement_data) % 512)
+            )
             for i in range(MAX // (1 << 20) + 2):
                 info = tarfile.TarInfo(f"bag/data/{i}.bin")
                 info.size = 1 << 20
@@ -397,10 +441,15 @@ def test_grpc_message_bomb(fed):
     opts = [("grpc.max_send_message_length", 128 << 20)]
     with grpc.secure_channel(fed.ex.address, _creds(fed, "a"), options=opts, compression=grpc.Compression.Gzip) as ch:
         with pytest.raises(grpc.RpcError) as e:
-            pb_grpc.ExchangeStub(ch).Upload(iter([
-                pb.UploadChunk(header=pb.UploadHeader(site="a", size=MAX)),
-                pb.UploadChunk(data=b"\0" * (64 << 20)),
-            ]), timeout=20)
+            pb_grpc.ExchangeStub(ch).Upload(
+                iter(
+                    [
+                        pb.UploadChunk(header=pb.UploadHeader(site="a", size=MAX)),
+                        pb.UploadChunk(data=b"\0" * (64 << 20)),
+                    ]
+                ),
+                timeout=20,
+            )
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
     assert "larger than max" in e.value.details() or "exceeds" in e.value.details()
     fed.assert_unchanged(before)
@@ -431,11 +480,14 @@ def test_upload_cut_off_mid_stream(fed):
     fed.assert_still_serving()
 
 
-@pytest.mark.parametrize("method,kind", [
-    ("/plannode.exchange.v1.Exchange/Upload", "stream_unary"),
-    ("/plannode.exchange.v1.Exchange/List", "unary_unary"),
-    ("/plannode.exchange.v1.Exchange/Download", "unary_stream"),
-])
+@pytest.mark.parametrize(
+    "method,kind",
+    [
+        ("/plannode.exchange.v1.Exchange/Upload", "stream_unary"),
+        ("/plannode.exchange.v1.Exchange/List", "unary_unary"),
+        ("/plannode.exchange.v1.Exchange/Download", "unary_stream"),
+    ],
+)
 def test_malformed_protobuf(fed, method, kind):
     before = fed.snapshot()
     garbage = b"\x0a\xff\xff\xff\xff\x0f" + os.urandom(32)  # a length-delimited field longer than the message
@@ -503,13 +555,15 @@ def test_kill_9_during_upload_then_restart(tmp_path):
         def slow():
             yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=len(data)))
             for i in range(0, len(data), 4096):
-                yield pb.UploadChunk(data=data[i:i + 4096])
+                yield pb.UploadChunk(data=data[i : i + 4096])
                 if i >= 8192:
                     sent.set()
                 time.sleep(0.05)
             yield pb.UploadChunk(trailer=pb.UploadTrailer(sha256=sha256_bytes(data)))
 
-        creds = grpc.ssl_channel_credentials(cd.ca_cert.read_bytes(), private_key=key.read_bytes(), certificate_chain=cert.read_bytes())
+        creds = grpc.ssl_channel_credentials(
+            cd.ca_cert.read_bytes(), private_key=key.read_bytes(), certificate_chain=cert.read_bytes()
+        )
         errors = []
 
         def upload():
@@ -550,8 +604,10 @@ def test_eight_sites_five_bundles_each_concurrently(tmp_path):
             priv, pub = site_key(tmp_path / "keys", s)
             ex.trust.add(s, pub)
             tls[s] = issue_client_cert(ex.cd.ca_dir, tmp_path / "tls", s)
-            tars[s] = [make_bundle(tmp_path / "b" / s / str(q), priv, site=s, sequence=q, seed=100 * i + q, n=6)
-                       for q in range(1, 6)]
+            tars[s] = [
+                make_bundle(tmp_path / "b" / s / str(q), priv, site=s, sequence=q, seed=100 * i + q, n=6)
+                for q in range(1, 6)
+            ]
         outcomes: dict[str, list] = {s: [] for s in sites}
         start = threading.Barrier(2 * len(sites))
 

@@ -53,12 +53,22 @@ def phantom_split():
     pid = np.unique(p, return_inverse=True)[1]
     train, hold, fresh = pid < 24, (pid >= 24) & (pid < 64), pid >= 64
     torch.manual_seed(0)
-    return x[train], p[train], x[hold], p[hold], SmallCNN(24, width=4, image_size=16), SmallCNN(24, width=4, image_size=16), x[fresh]
+    return (
+        x[train],
+        p[train],
+        x[hold],
+        p[hold],
+        SmallCNN(24, width=4, image_size=16),
+        SmallCNN(24, width=4, image_size=16),
+        x[fresh],
+    )
 
 
 def _audit(cand, split, policy):
     xt, pt, xh, ph, phi_id, att, _ = split
-    return audit_images(cand, xt, xh, phi_id=phi_id, attacker=att, policy=policy, device="cpu", train_ids=pt, holdout_ids=ph)
+    return audit_images(
+        cand, xt, xh, phi_id=phi_id, attacker=att, policy=policy, device="cpu", train_ids=pt, holdout_ids=ph
+    )
 
 
 def test_leaky_set_fails_the_default_gate(phantom_split):
@@ -84,7 +94,16 @@ def test_gate_drops_near_duplicates_only(phantom_split):
     # detector undoes, so it drops more fresh patients here than on real images (>= 90% kept there)
     assert accepted[:-3].mean() > 0.7
     assert report["n_candidates"] == 83 and report["dropped"]["too_close"] >= 3
-    assert set(report) >= {"passed", "checks", "mia_auc", "reid_rate", "n_candidates", "n_accepted", "policy", "nearest_record"}
+    assert set(report) >= {
+        "passed",
+        "checks",
+        "mia_auc",
+        "reid_rate",
+        "n_candidates",
+        "n_accepted",
+        "policy",
+        "nearest_record",
+    }
     assert all(set(c) >= {"name", "value", "threshold", "passed"} for c in report["checks"])
 
 
@@ -101,8 +120,18 @@ def test_a_degenerate_attack_space_fails_the_gate(phantom_split):
     with torch.no_grad():
         for prm in dead.parameters():
             prm.zero_()
-    report, _ = audit_images(fresh, xt, xh, phi_id=phi_id, attacker=dead, device="cpu", train_ids=pt, holdout_ids=ph,
-                             policy=PolicyConfig(min_accepted=1, max_mia_auc=1.0, max_tpr_at_low_fpr=1.0, max_reid_rate=1.0,
-                                                 max_closer_to_train=1.0))
+    report, _ = audit_images(
+        fresh,
+        xt,
+        xh,
+        phi_id=phi_id,
+        attacker=dead,
+        device="cpu",
+        train_ids=pt,
+        holdout_ids=ph,
+        policy=PolicyConfig(
+            min_accepted=1, max_mia_auc=1.0, max_tpr_at_low_fpr=1.0, max_reid_rate=1.0, max_closer_to_train=1.0
+        ),
+    )
     assert "black_box/attacker" in report["degenerate"] and not report["passed"]
     assert [c["name"] for c in report["checks"] if not c["passed"]] == ["n_degenerate"]

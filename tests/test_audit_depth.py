@@ -34,7 +34,9 @@ def lpips_random():
 def test_lpips_matrix_equals_pairwise_calls(lpips_random):
     x, _, _ = make_phantom(n_patients=6, images_per_patient=3, n_classes=2, size=32, seed=3)
     rng = np.random.default_rng(0)
-    q = np.concatenate([x[:8], np.clip(x[8:10].astype(int) + rng.integers(-3, 4, x[8:10].shape), 0, 255).astype(np.uint8)])
+    q = np.concatenate(
+        [x[:8], np.clip(x[8:10].astype(int) + rng.integers(-3, 4, x[8:10].shape), 0, 255).astype(np.uint8)]
+    )
     r = x[8:]  # includes the originals of the two near-copies
     # the package's own forward on every (q_i, r_j) pair (one pair per batch row)
     ii, jj = np.meshgrid(np.arange(len(q)), np.arange(len(r)), indexing="ij")
@@ -54,7 +56,12 @@ def test_model_store_names_file_digest_and_folder(tmp_path):
     with pytest.raises(ModelStoreError) as e:
         resolve("7be5be79", store_dir=tmp_path, name="alexnet-owt-7be5be79.pth", source="https://example/alex.pth")
     msg = str(e.value)
-    assert "alexnet-owt-7be5be79.pth" in msg and "7be5be79" in msg and str(tmp_path) in msg and "nothing is downloaded" in msg
+    assert (
+        "alexnet-owt-7be5be79.pth" in msg
+        and "7be5be79" in msg
+        and str(tmp_path) in msg
+        and "nothing is downloaded" in msg
+    )
     (tmp_path / "w.bin").write_bytes(b"weights")
     import hashlib
 
@@ -108,14 +115,34 @@ def clinic():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         phi_id, att = SmallCNN(60, width=4, image_size=16), SmallCNN(60, width=6, image_size=16)
-    return {"t": (x[tr], y[tr], p[tr]), "h": (x[ho], y[ho], p[ho]), "f": (x[fr], y[fr], p[fr]), "phi_id": phi_id, "att": att}
+    return {
+        "t": (x[tr], y[tr], p[tr]),
+        "h": (x[ho], y[ho], p[ho]),
+        "f": (x[fr], y[fr], p[fr]),
+        "phi_id": phi_id,
+        "att": att,
+    }
 
 
 def _audit(c, cand, labels, policy, **kw):
     (xt, yt, pt), (xh, yh, ph) = c["t"], c["h"]
-    return audit_images(cand, xt, xh, phi_id=c["phi_id"], attacker=c["att"], policy=policy, device="cpu",
-                        train_ids=pt, holdout_ids=ph, candidate_labels=labels, train_labels=yt, holdout_labels=yh,
-                        n_boot=50, downstream_epochs=1, **kw)
+    return audit_images(
+        cand,
+        xt,
+        xh,
+        phi_id=c["phi_id"],
+        attacker=c["att"],
+        policy=policy,
+        device="cpu",
+        train_ids=pt,
+        holdout_ids=ph,
+        candidate_labels=labels,
+        train_labels=yt,
+        holdout_labels=yh,
+        n_boot=50,
+        downstream_epochs=1,
+        **kw,
+    )
 
 
 def test_leaky_set_fails_with_high_auc(clinic):
@@ -148,14 +175,24 @@ def test_fresh_real_images_pass_with_chance_auc(clinic):
     assert set(report["reid"]) == {"phi_id", "attacker"} and report["reid"]["attacker"]["rate_ci"][0] is not None
     assert report["lpips"] == {"available": False, "reason": None}
     page = render(json.loads(json.dumps(report)), details, images=(xf, clinic["t"][0]))
-    assert "<svg" in page and "data:image/png;base64," in page and "PASSED" in page and "http" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert (
+        "<svg" in page
+        and "data:image/png;base64," in page
+        and "PASSED" in page
+        and "http" not in page.replace("http://www.w3.org/2000/svg", "")
+    )
 
 
 def test_lpips_space_in_the_audit(clinic, lpips_random):
     xt, yt, _ = clinic["t"]
     cand = np.concatenate([clinic["f"][0][:20], xt[:4]])
-    report, _ = _audit(clinic, cand, np.concatenate([clinic["f"][1][:20], yt[:4]]), PolicyConfig(min_pixel_distance=0.0, copy_fpr=0, min_accepted=1, min_mmL=1e-6),
-                       lpips_model=lpips_random)
+    report, _ = _audit(
+        clinic,
+        cand,
+        np.concatenate([clinic["f"][1][:20], yt[:4]]),
+        PolicyConfig(min_pixel_distance=0.0, copy_fpr=0, min_accepted=1, min_mmL=1e-6),
+        lpips_model=lpips_random,
+    )
     assert report["lpips"]["available"] and "lpips" in report["membership"]
     assert report["min_lpips_to_train"] == pytest.approx(0.0, abs=1e-5)  # exact copies are in the set
     assert report["mmL"] > 0 and {c["name"] for c in report["checks"]} >= {"mmL"}
@@ -204,30 +241,51 @@ def test_roc_points_and_bootstrap():
 
 
 def test_policy_checks_say_by_how_much_and_federation_floor():
-    audit = {"passed": True, "mia_auc_upper": 0.8, "mia_auc_two_sided_upper": 0.6, "tpr_at_low_fpr_upper": 0.05,
-             "reid_rate_upper": 0.02, "closer_to_train_upper": 0.5, "n_degenerate": 0, "n_accepted": 100,
-             "min_pixel_mse_to_train": 0.01, "mmL": None, "dp_epsilon": None, "policy": {"copy_fpr": 0.02}}
+    audit = {
+        "passed": True,
+        "mia_auc_upper": 0.8,
+        "mia_auc_two_sided_upper": 0.6,
+        "tpr_at_low_fpr_upper": 0.05,
+        "reid_rate_upper": 0.02,
+        "closer_to_train_upper": 0.5,
+        "n_degenerate": 0,
+        "n_accepted": 100,
+        "min_pixel_mse_to_train": 0.01,
+        "mmL": None,
+        "dp_epsilon": None,
+        "policy": {"copy_fpr": 0.02},
+    }
     fails = check_audit(audit, PolicyConfig(max_mia_auc=0.75))
     assert fails == ["mia_auc_upper 0.8 > max 0.75 (by 0.05)"]
     # members given away by being the ones nothing resembles (AUC 0.2, two-sided 0.8) fail too
-    assert check_audit({**audit, "mia_auc_upper": 0.3, "mia_auc_two_sided_upper": 0.8}, PolicyConfig(max_mia_auc=0.75)) == [
-        "mia_auc_two_sided_upper 0.8 > max 0.75 (by 0.05)"]
+    assert check_audit(
+        {**audit, "mia_auc_upper": 0.3, "mia_auc_two_sided_upper": 0.8}, PolicyConfig(max_mia_auc=0.75)
+    ) == ["mia_auc_two_sided_upper 0.8 > max 0.75 (by 0.05)"]
     ok = {**audit, "mia_auc_upper": 0.6}
     assert check_audit(ok, PolicyConfig()) == []
     # a degenerate attack space, or a copy detector run laxer than the floor, fails whatever the figures
     assert check_audit({**ok, "n_degenerate": 1}, PolicyConfig()) == ["n_degenerate 1 > max 0 (by 1)"]
-    assert check_audit({**ok, "policy": {"copy_fpr": 0.0}}, PolicyConfig()) == ["audit ran its copy detector at copy_fpr 0.0 below the floor's 0.02"]
+    assert check_audit({**ok, "policy": {"copy_fpr": 0.0}}, PolicyConfig()) == [
+        "audit ran its copy detector at copy_fpr 0.0 below the floor's 0.02"
+    ]
     assert any("mmL not evaluated" in f for f in check_audit(ok, PolicyConfig(min_mmL=0.1)))
     eps = check_audit({**ok, "dp_epsilon": 8.0}, PolicyConfig(max_dp_epsilon=4.0))
     assert eps == ["dp_epsilon 8 > max 4 (by 4)"]
     # point estimates alone (an audit from before upper bounds were gated) are refused
-    assert check_audit({"passed": True, "mia_auc": 0.5, "n_accepted": 100, "policy": {"copy_fpr": 0.02}}, PolicyConfig())
+    assert check_audit(
+        {"passed": True, "mia_auc": 0.5, "n_accepted": 100, "policy": {"copy_fpr": 0.02}}, PolicyConfig()
+    )
     site = PolicyConfig(max_mia_auc=0.9, max_tpr_at_low_fpr=0.1, copy_fpr=0.01, max_attempts=5)
     floor = PolicyConfig(max_mia_auc=0.7, max_dp_epsilon=3.0, copy_fpr=0.05, max_attempts=2)
     both = site.stricter(floor)
     assert both.max_mia_auc == 0.7 and both.max_tpr_at_low_fpr == 0.1 and both.max_dp_epsilon == 3.0
     assert both.copy_fpr == 0.05 and both.max_attempts == 2
-    assert {c["name"] for c in evaluate(audit, both)} >= {"mia_auc_upper", "tpr_at_low_fpr_upper", "n_degenerate", "min_pixel_mse_to_train"}
+    assert {c["name"] for c in evaluate(audit, both)} >= {
+        "mia_auc_upper",
+        "tpr_at_low_fpr_upper",
+        "n_degenerate",
+        "min_pixel_mse_to_train",
+    }
 
 
 def test_store_refuses_bundle_under_the_federation_floor(tmp_path):
@@ -235,8 +293,18 @@ def test_store_refuses_bundle_under_the_federation_floor(tmp_path):
     from tests.helpers_exchange import make_bundle, site_key
 
     priv, pub = site_key(tmp_path, "a")
-    good = {"passed": True, "mia_auc_upper": 0.6, "mia_auc_two_sided_upper": 0.6, "tpr_at_low_fpr_upper": 0.05, "reid_rate_upper": 0.02,
-            "closer_to_train_upper": 0.5, "n_degenerate": 0, "n_accepted": 12, "min_pixel_mse_to_train": 0.01, "policy": {"copy_fpr": 0.02}}
+    good = {
+        "passed": True,
+        "mia_auc_upper": 0.6,
+        "mia_auc_two_sided_upper": 0.6,
+        "tpr_at_low_fpr_upper": 0.05,
+        "reid_rate_upper": 0.02,
+        "closer_to_train_upper": 0.5,
+        "n_degenerate": 0,
+        "n_accepted": 12,
+        "min_pixel_mse_to_train": 0.01,
+        "policy": {"copy_fpr": 0.02},
+    }
     floor = PolicyConfig(min_accepted=10, max_mia_auc=0.65)
     store = BundleStore(tmp_path / "store", policy=floor)
     lax = make_bundle(tmp_path / "b1", priv, sequence=1, audit={**good, "mia_auc_upper": 0.7})
@@ -251,7 +319,9 @@ def test_store_refuses_bundle_under_the_federation_floor(tmp_path):
 BREAST = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "breastmnist.npz"
 
 
-@pytest.mark.skipif(not BREAST.exists(), reason=f"{BREAST} absent (the shared MedMNIST data is not part of a fresh clone)")
+@pytest.mark.skipif(
+    not BREAST.exists(), reason=f"{BREAST} absent (the shared MedMNIST data is not part of a fresh clone)"
+)
 def test_calibration_on_breastmnist():
     """Real ultrasound images (every image its own identity): unseen images of the same pool pass
     at chance AUC, noisy copies of train images fail."""
@@ -263,8 +333,17 @@ def test_calibration_on_breastmnist():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         phi_id, att = SmallCNN(200, width=4, image_size=28), SmallCNN(200, width=6, image_size=28)
-    kw = dict(phi_id=phi_id, attacker=att, device="cpu", train_ids=ids[ti], holdout_ids=ids[hi], train_labels=y[ti],
-              holdout_labels=y[hi], n_boot=50, downstream_epochs=1)
+    kw = dict(
+        phi_id=phi_id,
+        attacker=att,
+        device="cpu",
+        train_ids=ids[ti],
+        holdout_ids=ids[hi],
+        train_labels=y[ti],
+        holdout_labels=y[hi],
+        n_boot=50,
+        downstream_epochs=1,
+    )
     fresh, _ = audit_images(x[fi], x[ti], x[hi], policy=PolicyConfig(), candidate_labels=y[fi], **kw)
     assert fresh["passed"], [c["message"] for c in fresh["checks"] if not c["passed"]]
     # BUSI has several images per patient and MedMNIST splits by image, so some unseen images are
@@ -273,5 +352,7 @@ def test_calibration_on_breastmnist():
     assert all(0.35 <= m["auc"] <= 0.65 for m in fresh["membership"].values()), fresh["membership"]
     rng = np.random.default_rng(1)
     leaky = np.clip(x[ti].astype(int) + rng.integers(-4, 5, (200, 28, 28)), 0, 255).astype(np.uint8)
-    leak, _ = audit_images(leaky, x[ti], x[hi], policy=PolicyConfig(min_pixel_distance=0.0, copy_fpr=0), candidate_labels=y[ti], **kw)
+    leak, _ = audit_images(
+        leaky, x[ti], x[hi], policy=PolicyConfig(min_pixel_distance=0.0, copy_fpr=0), candidate_labels=y[ti], **kw
+    )
     assert not leak["passed"] and leak["membership"]["pixel"]["auc"] >= 0.9

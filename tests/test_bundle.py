@@ -12,8 +12,19 @@ import pytest
 from safetensors.numpy import save as safetensors_bytes
 
 from common.bundle import (
-    ATTESTATION, PAYLOAD_TYPE, BundleError, _write_tagmanifest, build_bundle, bundle_id_for, load_bundle_data,
-    load_bundle_embeddings, load_bundle_images, pack_bundle, read_bundle_site, safe_extract, verify_bundle,
+    ATTESTATION,
+    PAYLOAD_TYPE,
+    BundleError,
+    _write_tagmanifest,
+    build_bundle,
+    bundle_id_for,
+    load_bundle_data,
+    load_bundle_embeddings,
+    load_bundle_images,
+    pack_bundle,
+    read_bundle_site,
+    safe_extract,
+    verify_bundle,
 )
 from common.dsse import sign_envelope
 from common.fileio import atomic_write_json, sha256_file
@@ -22,11 +33,6 @@ from node.pull import load_pool, load_pool_data
 from tests.helpers_exchange import PASSED_AUDIT, make_bundle, sample_set, site_key
 
 MAX = 16 * 1024 * 1024
-
-
-@pytest.fixture
-def key_a(tmp_path):
-    return site_key(tmp_path / "keys", "a")
 
 
 def _repack(tar, edit):
@@ -229,11 +235,29 @@ def test_compressed_archive_refused(tmp_path):
 def test_build_refuses_bad_arrays(tmp_path, key_a):
     images, labels = sample_set()
     with pytest.raises(BundleError, match="images must be uint8"):
-        build_bundle(tmp_path, images=images.astype(np.float32), labels=labels, audit=PASSED_AUDIT, datacard={},
-                     site="a", sequence=1, signing_key=key_a[0], config_digest="0" * 64)
+        build_bundle(
+            tmp_path,
+            images=images.astype(np.float32),
+            labels=labels,
+            audit=PASSED_AUDIT,
+            datacard={},
+            site="a",
+            sequence=1,
+            signing_key=key_a[0],
+            config_digest="0" * 64,
+        )
     with pytest.raises(BundleError, match="need as many labels as images"):
-        build_bundle(tmp_path, images=images, labels=labels[:-1], audit=PASSED_AUDIT, datacard={},
-                     site="a", sequence=1, signing_key=key_a[0], config_digest="0" * 64)
+        build_bundle(
+            tmp_path,
+            images=images,
+            labels=labels[:-1],
+            audit=PASSED_AUDIT,
+            datacard={},
+            site="a",
+            sequence=1,
+            signing_key=key_a[0],
+            config_digest="0" * 64,
+        )
 
 
 def test_verify_never_touches_a_non_empty_destination(tmp_path, key_a):
@@ -256,8 +280,17 @@ def embedding_set(n: int = 12, d: int = 16, seed: int = 0) -> tuple[np.ndarray, 
 
 def make_embedding_bundle(out, priv, *, site="a", sequence=1, seed=0, n=12, d=16, datacard=None):
     x, y = embedding_set(n=n, d=d, seed=seed)
-    bid = build_bundle(out, embeddings=x, labels=y, audit=PASSED_AUDIT, datacard=datacard or {"route": "cvae"},
-                       site=site, sequence=sequence, signing_key=priv, config_digest="0" * 64)
+    bid = build_bundle(
+        out,
+        embeddings=x,
+        labels=y,
+        audit=PASSED_AUDIT,
+        datacard=datacard or {"route": "cvae"},
+        site=site,
+        sequence=sequence,
+        signing_key=priv,
+        config_digest="0" * 64,
+    )
     return pack_bundle(out / bid)
 
 
@@ -268,7 +301,8 @@ def _resign(d, priv, **predicate):
     bag = d / "bag"
     files = sorted(p for p in (bag / "data").rglob("*") if p.is_file())
     (bag / "manifest-sha256.txt").write_text(
-        "".join(f"{sha256_file(p)}  {p.relative_to(bag).as_posix()}\n" for p in files))
+        "".join(f"{sha256_file(p)}  {p.relative_to(bag).as_posix()}\n" for p in files)
+    )
     info = bag / "bag-info.txt"
     oxum = f"{sum(p.stat().st_size for p in files)}.{len(files)}"
     info.write_text(re.sub(r"(?m)^Payload-Oxum: .*$", f"Payload-Oxum: {oxum}", info.read_text()))
@@ -281,9 +315,11 @@ def _resign(d, priv, **predicate):
 
 def _resigned(tar, priv, edit, **predicate):
     """_repack with `edit` then _resign."""
+
     def both(d):
         edit(d)
         _resign(d, priv, **predicate)
+
     return _repack(tar, both)
 
 
@@ -316,7 +352,11 @@ def test_embedding_round_trip(tmp_path, key_a):
     np.testing.assert_array_equal(labels, y)
     card = json.loads((vb.dir / "bag" / "datacard.json").read_text())
     assert (card["route"], card["data_format"], card["embedding_dim"], card["n_samples"]) == (
-        "cvae", "safetensors-float32", 16, 12)
+        "cvae",
+        "safetensors-float32",
+        16,
+        12,
+    )
     assert "image_shape" not in card and "image_format" not in card
     with pytest.raises(BundleError, match="holds embeddings"):
         load_bundle_images(vb.dir)
@@ -329,7 +369,9 @@ def test_embedding_round_trip(tmp_path, key_a):
 def test_image_bundle_id_is_unchanged(tmp_path):
     """Existing image bundles keep their ids: the v1 formula, recomputed here."""
     images, labels = sample_set()
-    h = hashlib.sha256(b"plan-node-bundle-v1\0a\0" + b"[12, 8, 8]\0" + images.tobytes() + labels.astype("<i8").tobytes())
+    h = hashlib.sha256(
+        b"plan-node-bundle-v1\0a\0" + b"[12, 8, 8]\0" + images.tobytes() + labels.astype("<i8").tobytes()
+    )
     assert bundle_id_for("a", images, labels) == h.hexdigest()[:32]
 
 
@@ -359,6 +401,7 @@ def _set_card_route(route):
     def edit(d):
         p = d / "bag" / "datacard.json"
         p.write_text(json.dumps({**json.loads(p.read_text()), "route": route}, indent=2, sort_keys=True) + "\n")
+
     return edit
 
 
@@ -460,6 +503,7 @@ def test_bad_embeddings_file_is_refused_at_verify_time(tmp_path, key_a, edit, me
 def _rewrite_labels(rows):
     def edit(d):
         (d / "bag" / "data" / "labels.csv").write_text("index,label\n" + "".join(f"{r}\n" for r in rows))
+
     return edit
 
 
@@ -495,7 +539,10 @@ def test_build_refuses_bad_embeddings_and_leaves_nothing(tmp_path, key_a):
         (dict(embeddings=inf, labels=y), r"embeddings must be finite: \[0,0\] is inf"),
         (dict(embeddings=x.astype(np.float64), labels=y), "embeddings must be float32 .*float64"),
         (dict(embeddings=x.reshape(12, 4, 4), labels=y), r"embeddings must be float32 \[N,D\].*\(12, 4, 4\)"),
-        (dict(embeddings=x, labels=y[:-1]), "need as many labels as embeddings, at least one: 12 embeddings, 11 labels"),
+        (
+            dict(embeddings=x, labels=y[:-1]),
+            "need as many labels as embeddings, at least one: 12 embeddings, 11 labels",
+        ),
         (dict(embeddings=x, images=images, labels=y), "exactly one payload.*got both"),
         (dict(labels=y), "exactly one payload.*got neither"),
         (dict(embeddings=x, labels=y, datacard={"route": "plan"}), "datacard route 'plan' contradicts the payload"),
@@ -555,5 +602,7 @@ def test_load_pool_data_refuses_mixed_routes_and_dims(tmp_path, key_a):
     tars = [make_embedding_bundle(tmp_path / "c", priv, d=d, sequence=d) for d in (8, 16)]
     ws = _pool(tmp_path / "c", pem, tars)
     second = sorted(t.stem for t in tars)[1]
-    with pytest.raises(BundleError, match=rf"{second}: embeddings are \d+-dimensional, pooled bundle \w+'s \d+-dimensional"):
+    with pytest.raises(
+        BundleError, match=rf"{second}: embeddings are \d+-dimensional, pooled bundle \w+'s \d+-dimensional"
+    ):
         load_pool_data(ws)

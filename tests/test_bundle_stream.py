@@ -20,7 +20,7 @@ from common import bundle as bundle_mod
 from common.bundle import BundleError, _write_tagmanifest, verify_bundle, verify_bundle_stream
 from server.store import BundleStore, StoreRefused
 from tests.helpers_exchange import make_bundle
-from tests.test_bundle import _emb_file, _repack, _resigned, key_a, make_embedding_bundle  # noqa: F401 (fixture)
+from tests.test_bundle import _emb_file, _repack, _resigned, make_embedding_bundle
 
 MAX = 16 * 1024 * 1024
 
@@ -72,6 +72,7 @@ def _manifest_edit(edit):
         p = d / "bag" / "manifest-sha256.txt"
         p.write_text(edit(p.read_text()))
         _write_tagmanifest(d / "bag")
+
     return apply
 
 
@@ -79,6 +80,7 @@ def _bagit_txt(text):
     def apply(d):
         (d / "bag" / "bagit.txt").write_bytes(text)
         _write_tagmanifest(d / "bag")
+
     return apply
 
 
@@ -86,27 +88,68 @@ def _bagit_txt(text):
 CASES = {
     "tampered payload byte": ("images", _flip_png_byte, False, r"data/images/\d+/\d+\.png: sha256 mismatch"),
     "unlisted payload member": ("images", _unlisted_png, False, r"data/images/0/999\.png: not listed in the manifest"),
-    "listed but missing": ("images", _missing_png, False, r"data/images/\d+/\d+\.png: listed in the manifest but missing"),
+    "listed but missing": (
+        "images",
+        _missing_png,
+        False,
+        r"data/images/\d+/\d+\.png: listed in the manifest but missing",
+    ),
     "bad PNG header": ("images", _not_a_png, True, r"data/images/\d+/\d+\.png: not a PNG file"),
-    "non-finite embedding": ("embeddings", _nan_embedding, True,
-                             r"data/embeddings\.safetensors: embedding \[11,15\] is nan, expected a finite value"),
-    "manifest line without a path": ("images", _manifest_edit(lambda t: t + "abc\n"), False,
-                                     r"manifest-sha256\.txt line \d+: 'abc' is not '<sha256> <path>'"),
-    "manifest path twice": ("images", _manifest_edit(lambda t: t + t.splitlines()[0] + "\n"), False,
-                            r"manifest-sha256\.txt line \d+: data/.* is listed twice"),
-    "manifest path outside the bag": ("images", _manifest_edit(lambda t: t + "0" * 64 + "  ../x\n"), False,
-                                      r"manifest-sha256\.txt line \d+: path '\.\./x' is unsafe"),
-    "manifest lists a tag file": ("images", _manifest_edit(lambda t: t + "0" * 64 + "  bagit.txt\n"), False,
-                                  r"manifest-sha256\.txt: lists bagit\.txt, which is not a payload file"),
-    "bagit.txt byte-order mark": ("images", _bagit_txt(b"\xef\xbb\xbfBagIt-Version: 0.97\nTag-File-Character-Encoding: UTF-8\n"),
-                                  False, r"bag/bagit\.txt: must not start with a byte-order mark"),
-    "bagit.txt old version": ("images", _bagit_txt(b"BagIt-Version: 0.96\nTag-File-Character-Encoding: UTF-8\n"),
-                              False, r"bag/bagit\.txt: BagIt-Version 0\.96 is not supported"),
-    "bagit.txt other encoding": ("images", _bagit_txt(b"BagIt-Version: 1.0\nTag-File-Character-Encoding: latin-1\n"),
-                                 False, r"Tag-File-Character-Encoding is 'latin-1', expected 'UTF-8'"),
-    "Payload-Oxum": ("images", lambda d: (_first_png(d).unlink(), _write_tagmanifest(d / "bag")), False,
-                     r"bag/bag-info\.txt: Payload-Oxum validation failed: it declares \d+ bytes in 13 files, "
-                     r"the payload holds \d+ bytes in 12 files"),
+    "non-finite embedding": (
+        "embeddings",
+        _nan_embedding,
+        True,
+        r"data/embeddings\.safetensors: embedding \[11,15\] is nan, expected a finite value",
+    ),
+    "manifest line without a path": (
+        "images",
+        _manifest_edit(lambda t: t + "abc\n"),
+        False,
+        r"manifest-sha256\.txt line \d+: 'abc' is not '<sha256> <path>'",
+    ),
+    "manifest path twice": (
+        "images",
+        _manifest_edit(lambda t: t + t.splitlines()[0] + "\n"),
+        False,
+        r"manifest-sha256\.txt line \d+: data/.* is listed twice",
+    ),
+    "manifest path outside the bag": (
+        "images",
+        _manifest_edit(lambda t: t + "0" * 64 + "  ../x\n"),
+        False,
+        r"manifest-sha256\.txt line \d+: path '\.\./x' is unsafe",
+    ),
+    "manifest lists a tag file": (
+        "images",
+        _manifest_edit(lambda t: t + "0" * 64 + "  bagit.txt\n"),
+        False,
+        r"manifest-sha256\.txt: lists bagit\.txt, which is not a payload file",
+    ),
+    "bagit.txt byte-order mark": (
+        "images",
+        _bagit_txt(b"\xef\xbb\xbfBagIt-Version: 0.97\nTag-File-Character-Encoding: UTF-8\n"),
+        False,
+        r"bag/bagit\.txt: must not start with a byte-order mark",
+    ),
+    "bagit.txt old version": (
+        "images",
+        _bagit_txt(b"BagIt-Version: 0.96\nTag-File-Character-Encoding: UTF-8\n"),
+        False,
+        r"bag/bagit\.txt: BagIt-Version 0\.96 is not supported",
+    ),
+    "bagit.txt other encoding": (
+        "images",
+        _bagit_txt(b"BagIt-Version: 1.0\nTag-File-Character-Encoding: latin-1\n"),
+        False,
+        r"Tag-File-Character-Encoding is 'latin-1', expected 'UTF-8'",
+    ),
+    "Payload-Oxum": (
+        "images",
+        lambda d: (_first_png(d).unlink(), _write_tagmanifest(d / "bag")),
+        False,
+        r"bag/bag-info\.txt: Payload-Oxum validation failed: it declares \d+ bytes in 13 files, "
+        r"the payload holds \d+ bytes in 12 files",
+    ),
 }
 
 
@@ -128,8 +171,16 @@ def test_both_paths_refuse_the_same_naming_the_file(tmp_path, key_a, case):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("case", ["tampered payload byte", "unlisted payload member", "listed but missing",
-                                  "bad PNG header", "non-finite embedding"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "tampered payload byte",
+        "unlisted payload member",
+        "listed but missing",
+        "bad PNG header",
+        "non-finite embedding",
+    ],
+)
 def test_store_refuses_naming_the_file_and_keeps_nothing(tmp_path, key_a, case):
     priv, pem = key_a
     tar = _case_tar(tmp_path, priv, case)
@@ -164,8 +215,12 @@ def test_stream_path_extracts_nothing_and_returns_the_card(tmp_path, key_a, monk
     assert vb.datacard["route"] == "cvae" and vb.datacard["embedding_dim"] == 16
     assert list((tmp_path / "spill").iterdir()) == []
     with pytest.raises(BundleError, match=r"embedding \[11,15\] is nan"):
-        verify_bundle_stream(_resigned(make_embedding_bundle(tmp_path / "f", priv), priv, _nan_embedding),
-                             {"a": [pem]}, max_bytes=MAX, spill_dir=tmp_path / "spill")
+        verify_bundle_stream(
+            _resigned(make_embedding_bundle(tmp_path / "f", priv), priv, _nan_embedding),
+            {"a": [pem]},
+            max_bytes=MAX,
+            spill_dir=tmp_path / "spill",
+        )
     assert list((tmp_path / "spill").iterdir()) == []
 
 
@@ -181,15 +236,21 @@ def _tar(tmp_path, *members):
     return path
 
 
-@pytest.mark.parametrize("members, message", [
-    ([("a", tarfile.REGTYPE, b"1"), ("./a", tarfile.REGTYPE, b"2")], r"'a': appears twice"),
-    ([("a", tarfile.DIRTYPE, None), ("a", tarfile.REGTYPE, b"2")], r"'a': appears twice"),
-    ([("a", tarfile.REGTYPE, b"1"), ("a/b", tarfile.REGTYPE, b"2")], r"'a/b': its folder a is a file of the archive"),
-    ([("a", tarfile.REGTYPE, b"1"), ("a/b/c", tarfile.DIRTYPE, None)], r"'a/b/c': its folder a is a file"),
-    ([("a", tarfile.REGTYPE, b"1"), ("a", tarfile.DIRTYPE, None)], r"'a': its folder a is a file"),
-    ([("../x", tarfile.REGTYPE, b"1")], r"'\.\.' in path"),
-    ([("l", tarfile.SYMTYPE, None)], r"links are not allowed"),
-])
+@pytest.mark.parametrize(
+    "members, message",
+    [
+        ([("a", tarfile.REGTYPE, b"1"), ("./a", tarfile.REGTYPE, b"2")], r"'a': appears twice"),
+        ([("a", tarfile.DIRTYPE, None), ("a", tarfile.REGTYPE, b"2")], r"'a': appears twice"),
+        (
+            [("a", tarfile.REGTYPE, b"1"), ("a/b", tarfile.REGTYPE, b"2")],
+            r"'a/b': its folder a is a file of the archive",
+        ),
+        ([("a", tarfile.REGTYPE, b"1"), ("a/b/c", tarfile.DIRTYPE, None)], r"'a/b/c': its folder a is a file"),
+        ([("a", tarfile.REGTYPE, b"1"), ("a", tarfile.DIRTYPE, None)], r"'a': its folder a is a file"),
+        ([("../x", tarfile.REGTYPE, b"1")], r"'\.\.' in path"),
+        ([("l", tarfile.SYMTYPE, None)], r"links are not allowed"),
+    ],
+)
 def test_unsafe_members_refused_without_extracting(tmp_path, key_a, members, message):
     # After a genuine signed statement (it comes first and is verified first), the hostile members.
     priv, pem = key_a
@@ -203,10 +264,13 @@ def test_unsafe_members_refused_without_extracting(tmp_path, key_a, members, mes
         verify_bundle(_tar(tmp_path, *members), {"a": [pem]}, max_bytes=MAX, dest=tmp_path / "x")
 
 
-@pytest.mark.parametrize("members, message", [
-    ([("bag/bagit.txt", tarfile.REGTYPE, b"x")], r"first archive member is 'bag/bagit.txt', not attestation"),
-    ([], r"attestation.dsse.json: missing from bundle"),
-])
+@pytest.mark.parametrize(
+    "members, message",
+    [
+        ([("bag/bagit.txt", tarfile.REGTYPE, b"x")], r"first archive member is 'bag/bagit.txt', not attestation"),
+        ([], r"attestation.dsse.json: missing from bundle"),
+    ],
+)
 def test_the_signed_statement_comes_first(tmp_path, key_a, members, message):
     priv, pem = key_a
     tar = make_bundle(tmp_path / "b", priv)
@@ -227,8 +291,13 @@ def test_arriving_upload_reads_from_memory_and_back_from_the_file(tmp_path):
     path = tmp_path / "upload"
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     try:
-        a = _Arriving(iter([data[i:i + 1000] for i in range(0, len(data), 1000)]), fd, name="u", limit=1 << 20,
-                      declared=len(data))
+        a = _Arriving(
+            iter([data[i : i + 1000] for i in range(0, len(data), 1000)]),
+            fd,
+            name="u",
+            limit=1 << 20,
+            declared=len(data),
+        )
         assert a.read(10) == data[:10]
         assert a.read(2500) == data[10:2510]  # across chunks
         a.seek(5000)

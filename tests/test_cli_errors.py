@@ -12,7 +12,9 @@ import pytest
 from common import errors
 
 PLAN_NODE = Path(sys.executable).parent / "plan-node"
-pytestmark = pytest.mark.skipif(not PLAN_NODE.exists(), reason="plan-node is not installed in this environment; run `make test`")
+pytestmark = pytest.mark.skipif(
+    not PLAN_NODE.exists(), reason="plan-node is not installed in this environment; run `make test`"
+)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -81,7 +83,10 @@ def test_long_loops_log_a_heartbeat_with_rate_and_eta_without_a_terminal(caplog)
 
     from node.progress import heartbeat_line, progress
 
-    assert heartbeat_line("walk", 150, 600, 50.0, since=100, info="loss 0.3") == "walk: 150/600 (25%), 1/s, ETA 7m30s, loss 0.3"
+    assert (
+        heartbeat_line("walk", 150, 600, 50.0, since=100, info="loss 0.3")
+        == "walk: 150/600 (25%), 1/s, ETA 7m30s, loss 0.3"
+    )
     with caplog.at_level(logging.INFO, logger="node.progress"):
         with progress("train GAN", total=3, heartbeat_s=0.0) as update:
             for _ in range(3):

@@ -25,7 +25,7 @@ from common.procs import spawn, stop
 from common.signing import load_public_key
 from deploy.local.launcher import free_ports
 from server import federation
-from server.coordinator import init_coordinator, revoke_node, start_gateway, _register_nodes
+from server.coordinator import _register_nodes, init_coordinator, revoke_node, start_gateway
 
 pytestmark = pytest.mark.slow
 
@@ -126,8 +126,14 @@ def test_only_apps_signed_by_the_coordinator_run_at_a_site(plane):
     out = tmp / "unsigned.txt"
     run_id = flwr_json(["run", str(ECHO_APP), federation.CONNECTION, "--run-config", f'out="{out}"'],
                        flwr_home=cd.flwr_home)["run-id"]  # fmt: skip
-    _wait(lambda: "could not be verified" in plane["good_log"].read_text(), 120, "the SuperNode to refuse the unsigned app")
-    _wait(lambda: federation.run_status(cd.flwr_home, str(run_id)).startswith("finished"), 120, "the unsigned run to end")
+    _wait(
+        lambda: "could not be verified" in plane["good_log"].read_text(),
+        120,
+        "the SuperNode to refuse the unsigned app",
+    )
+    _wait(
+        lambda: federation.run_status(cd.flwr_home, str(run_id)).startswith("finished"), 120, "the unsigned run to end"
+    )
     assert out.read_text().split() == ["1", "0"]  # asked one node; no answer
     # Signed by the coordinator: the same app runs.
     out = tmp / "signed.txt"

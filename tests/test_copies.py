@@ -17,7 +17,7 @@ def textures(n: int, *, seed: int, size: int = 32) -> np.ndarray:
     phantom's bodies no two are a shift or a rotation of each other."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, size, size, generator=g)
-    k = torch.exp(-torch.arange(-4, 5, dtype=torch.float32) ** 2 / 4.5)
+    k = torch.exp(-(torch.arange(-4, 5, dtype=torch.float32) ** 2) / 4.5)
     k = (k[:, None] * k[None]) / (k.sum() ** 2)
     x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (4, 4, 4, 4), mode="circular"), k[None, None])
     x = (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True)
@@ -92,9 +92,23 @@ def test_warp_family_is_symmetric_and_starts_with_the_identity():
     keys = {(w.angle, round(w.scale, 6), w.dx, w.dy, w.flip_h, w.flip_v) for w in fam}
     for w in fam:
         if w.angle == 0 and w.scale == 1:  # shifts and flips: the exact inverse is in the family
-            assert (0.0, 1.0, -w.dx if not w.flip_h else w.dx, -w.dy if not w.flip_v else w.dy, w.flip_h, w.flip_v) in keys
+            assert (
+                0.0,
+                1.0,
+                -w.dx if not w.flip_h else w.dx,
+                -w.dy if not w.flip_v else w.dy,
+                w.flip_h,
+                w.flip_v,
+            ) in keys
         else:
-            assert (-w.angle, round(1 / w.scale, 6), 0, 0, False, False) in keys or (-w.angle, round(1 / w.scale, 6), 0.0, 0.0, False, False) in keys
+            assert (-w.angle, round(1 / w.scale, 6), 0, 0, False, False) in keys or (
+                -w.angle,
+                round(1 / w.scale, 6),
+                0.0,
+                0.0,
+                False,
+                False,
+            ) in keys
     x = torch.rand(2, 1, 8, 8)
     shifted = warp(x, [Warp(dx=1)])[:, 0]
     assert torch.allclose(shifted[..., 1:], x[..., :-1], atol=1e-6)  # whole-pixel shifts are exact
@@ -154,7 +168,9 @@ def test_attempts_are_counted_and_survive_a_restart(tmp_path):
     assert a == {"number": 4, "failed_before": 3, "seed": 7, "note": "new walk settings", "max_attempts": 3}
     record_attempt(ws, a, run_id="r1", passed=True)
     lines = [json.loads(x) for x in ws.ledger.read_text().splitlines()]
-    assert [e["passed"] for e in lines] == [False, False, False, True] and all(e["stage"] == "audit_attempt" for e in lines)
+    assert [e["passed"] for e in lines] == [False, False, False, True] and all(
+        e["stage"] == "audit_attempt" for e in lines
+    )
     # new training data starts a new count
     (ws.data / "dataset.npz").write_bytes(b"other data")
     assert next_attempt(ws, seed=0, max_attempts=3, note=None)["number"] == 1

@@ -51,10 +51,13 @@ def test_standard_kl_known_values():
     # KL(N(1,1) || N(0,1)) = 1/2 per dimension
     assert kl_standard_normal(torch.ones(1, 4), torch.zeros(1, 4)).item() == pytest.approx(2.0)
     # KL(N(0,2) || N(0,1)) = (2 - 1 - ln 2) / 2 per dimension
-    assert kl_standard_normal(torch.zeros(1, 3), torch.full((1, 3), math.log(2.0))).item() == pytest.approx(1.5 * (1 - math.log(2)))
+    assert kl_standard_normal(torch.zeros(1, 3), torch.full((1, 3), math.log(2.0))).item() == pytest.approx(
+        1.5 * (1 - math.log(2))
+    )
     mu, logvar = torch.randn(5, 6), torch.randn(5, 6)
-    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mu, (0.5 * logvar).exp()),
-                                            torch.distributions.Normal(0.0, 1.0)).sum(1)
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, (0.5 * logvar).exp()), torch.distributions.Normal(0.0, 1.0)
+    ).sum(1)
     assert torch.allclose(kl_standard_normal(mu, logvar), ref, atol=1e-5)
 
 
@@ -97,7 +100,9 @@ def test_early_stopping_stops():
 
 def test_samples_have_the_requested_classes_and_stay_in_the_train_range():
     x, y = _blobs()
-    r = train_cvae(x, y, n_classes=2, cfg=CvaeConfig(hidden=32, latent_dim=4, batch_size=64, max_epochs=40), seed=0, device="cpu")
+    r = train_cvae(
+        x, y, n_classes=2, cfg=CvaeConfig(hidden=32, latent_dim=4, batch_size=64, max_epochs=40), seed=0, device="cpu"
+    )
     labels = sample_labels(y, mode="replicate", target_size=0, seed=1)
     assert np.bincount(labels).tolist() == np.bincount(y).tolist()
     assert not np.array_equal(labels, np.sort(labels))  # shuffled
@@ -116,7 +121,9 @@ def test_sampling_noise_restores_the_within_class_spread():
     # are too narrow. The decoder's observation noise (the train RMS reconstruction error) puts the
     # spread back, and clipping keeps every sample inside the train range.
     x, y = _blobs(n=600, d=16)
-    r = train_cvae(x, y, n_classes=2, cfg=CvaeConfig(hidden=32, latent_dim=8, batch_size=64, max_epochs=60), seed=0, device="cpu")
+    r = train_cvae(
+        x, y, n_classes=2, cfg=CvaeConfig(hidden=32, latent_dim=8, batch_size=64, max_epochs=60), seed=0, device="cpu"
+    )
     xs = scale(torch.from_numpy(x), r.lo, r.hi)
     c = torch.nn.functional.one_hot(torch.from_numpy(y), 2).float()
     assert r.noise_sd.shape == (16,) and bool((r.noise_sd > 0).all())
@@ -147,8 +154,9 @@ def test_dp_reports_the_epsilon_spent_and_fewer_epochs_spend_less():
     assert 0 < full.epsilon <= 3.0 and math.isfinite(full.epsilon)
     assert full.epsilon > 2.5  # a full run spends (nearly) what it was calibrated to
     # early stopping (opt-in with dp) after 2 epochs: the same noise, fewer steps, less spent
-    short = train_cvae(x, y, n_classes=2, seed=0, device="cpu",
-                       cfg=CvaeConfig(**base, dp_early_stopping=True, patience=1, lr=1e-9))
+    short = train_cvae(
+        x, y, n_classes=2, seed=0, device="cpu", cfg=CvaeConfig(**base, dp_early_stopping=True, patience=1, lr=1e-9)
+    )
     assert short.epochs_trained == 2
     assert short.info["noise_multiplier"] > 0 and any("validation" in c for c in short.info["dp"]["caveats"])
     assert 0 < short.epsilon < full.epsilon
@@ -160,8 +168,17 @@ def test_a_dp_plan_split_over_calls_spends_what_one_call_would():
     whole = train_cvae(x, y, n_classes=2, cfg=CvaeConfig(**base), seed=0, device="cpu")
     first = train_cvae(x, y, n_classes=2, cfg=CvaeConfig(**base), seed=0, device="cpu", epochs=2, dp_plan_epochs=4)
     assert first.info["noise_multiplier"] == pytest.approx(whole.info["noise_multiplier"])
-    rest = train_cvae(x, y, n_classes=2, cfg=CvaeConfig(**base), seed=1, device="cpu", init=first.model, epochs=2,
-                      dp_history=first.info["dp_history"])
+    rest = train_cvae(
+        x,
+        y,
+        n_classes=2,
+        cfg=CvaeConfig(**base),
+        seed=1,
+        device="cpu",
+        init=first.model,
+        epochs=2,
+        dp_history=first.info["dp_history"],
+    )
     assert first.epsilon < rest.epsilon == pytest.approx(whole.epsilon, rel=1e-3)
     assert sum(h[2] for h in rest.info["dp_history"]) == whole.info["steps"]
 
@@ -187,7 +204,9 @@ def test_ksame_means_are_class_consistent_and_over_k_rows():
 
 def test_save_and_load_round_trip(tmp_path):
     x, y = _blobs(n=120)
-    r = train_cvae(x, y, n_classes=2, cfg=CvaeConfig(hidden=16, latent_dim=3, batch_size=32, max_epochs=3), seed=0, device="cpu")
+    r = train_cvae(
+        x, y, n_classes=2, cfg=CvaeConfig(hidden=16, latent_dim=3, batch_size=32, max_epochs=3), seed=0, device="cpu"
+    )
     save_cvae(tmp_path / "cvae.safetensors", r, sidecar={"route": "cvae"})
     back = load_cvae(tmp_path / "cvae.safetensors")
     labels = np.array([0, 1, 1, 0])
@@ -198,7 +217,9 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_a_checkpoint_without_the_noise_scale_is_refused_by_name(tmp_path):
     x, y = _blobs(n=120)
-    r = train_cvae(x, y, n_classes=2, cfg=CvaeConfig(hidden=16, latent_dim=3, batch_size=32, max_epochs=1), seed=0, device="cpu")
+    r = train_cvae(
+        x, y, n_classes=2, cfg=CvaeConfig(hidden=16, latent_dim=3, batch_size=32, max_epochs=1), seed=0, device="cpu"
+    )
     path = tmp_path / "cvae.safetensors"
     save_cvae(path, r)
     side = json.loads(path.with_suffix(".json").read_text())
@@ -222,6 +243,8 @@ def test_embedding_head_linear_and_mlp():
 
 def test_too_few_records_for_a_validation_split_trains_all_epochs():
     x, y = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32), np.array([0, 1, 2])
-    r = train_cvae(x, y, n_classes=3, cfg=CvaeConfig(hidden=8, latent_dim=2, max_epochs=4, patience=1), seed=0, device="cpu")
+    r = train_cvae(
+        x, y, n_classes=3, cfg=CvaeConfig(hidden=8, latent_dim=2, max_epochs=4, patience=1), seed=0, device="cpu"
+    )
     assert r.epochs_trained == 4 and r.best_val_loss is None and r.info["n_val"] == 0
     assert all(math.isfinite(h["train_loss"]) for h in r.history)

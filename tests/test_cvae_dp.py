@@ -28,7 +28,9 @@ def _blobs(n: int = 300, d: int = 12, seed: int = 0) -> tuple[np.ndarray, np.nda
 
 
 def _dp(**kw) -> CvaeConfig:
-    return CvaeConfig(**{"hidden": 16, "latent_dim": 4, "batch_size": 64, "max_epochs": 4, "dp": True, "dp_epsilon": 3.0, **kw})
+    return CvaeConfig(
+        **{"hidden": 16, "latent_dim": 4, "batch_size": 64, "max_epochs": 4, "dp": True, "dp_epsilon": 3.0, **kw}
+    )
 
 
 # ---------------------------------------------------------------- the plan
@@ -55,7 +57,9 @@ def test_default_delta_is_a_tenth_of_one_over_the_patients_and_a_larger_one_is_r
     groups = np.repeat(np.arange(25), 4)  # 25 patients, 100 records
     assert cvae_dp.plan_budget(CvaeConfig(dp=True), groups).delta == pytest.approx(1 / 250)  # not 1 / 100 records
     assert cvae_dp.plan_budget(CvaeConfig(dp=True, dp_delta=1e-4), groups).delta == 1e-4
-    with pytest.raises(ValueError, match=r"synth\.cvae\.dp_delta = 0\.01 is above 1 / \(10 N\) = 0\.004 .* N = 25 patients"):
+    with pytest.raises(
+        ValueError, match=r"synth\.cvae\.dp_delta = 0\.01 is above 1 / \(10 N\) = 0\.004 .* N = 25 patients"
+    ):
         cvae_dp.plan_budget(CvaeConfig(dp=True, dp_delta=0.01), groups)
     x, y = _blobs(n=100)
     with pytest.raises(ValueError, match="dp_delta"):  # train_cvae refuses before training
@@ -91,8 +95,9 @@ def test_dp_quantile_and_mean_are_close_with_a_large_budget_and_seeded():
 
 def test_patient_means_give_one_row_per_patient():
     v = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]])
-    assert torch.allclose(cvae_dp.patient_means(v, np.array(["b", "a", "b"])).float(),
-                          torch.tensor([[3.0, 2.0], [3.0, 2.5]]))
+    assert torch.allclose(
+        cvae_dp.patient_means(v, np.array(["b", "a", "b"])).float(), torch.tensor([[3.0, 2.0], [3.0, 2.5]])
+    )
 
 
 # ---------------------------------------------------------------- training
@@ -109,7 +114,9 @@ def test_per_patient_accounting_raises_the_noise_to_meet_the_same_patient_target
     for r, d in ((single, a), (grouped, b)):
         assert r.epsilon == d["epsilon"] and r.delta == d["delta"]
         assert 0.85 * 3.0 < r.epsilon <= 3.0 * 1.01  # each spends (nearly) the patient-level target
-        assert r.delta <= d["target"]["delta"] * 1.01 and d["target"]["delta"] == pytest.approx(1 / (10 * d["n_patients"]))
+        assert r.delta <= d["target"]["delta"] * 1.01 and d["target"]["delta"] == pytest.approx(
+            1 / (10 * d["n_patients"])
+        )
     # per record, the grouped run spends a third, so that k records of a patient spend the target
     assert b["budget"]["sgd"]["epsilon_per_record"] == pytest.approx(b["budget"]["sgd"]["epsilon"] / 3)
     assert b["budget"]["sgd"]["epsilon_per_record"] < a["budget"]["sgd"]["epsilon_per_record"]
@@ -127,7 +134,9 @@ def test_dp_bounds_and_samples_do_not_reveal_train_extremes():
     assert not np.isin(s, x.min(0)).any() and not np.isin(s, x.max(0)).any()
     assert (s >= lo - 1e-5).all() and (s <= hi + 1e-5).all()  # clipped into the DP bounds, not the train range
     # without dp nothing changes: the exact train range
-    plain = train_cvae(x, y, n_classes=2, cfg=CvaeConfig(hidden=16, latent_dim=4, batch_size=64, max_epochs=2), seed=0, device="cpu")
+    plain = train_cvae(
+        x, y, n_classes=2, cfg=CvaeConfig(hidden=16, latent_dim=4, batch_size=64, max_epochs=2), seed=0, device="cpu"
+    )
     assert np.array_equal(plain.lo.numpy(), x.min(0)) and plain.info["dp"] == {"enabled": False}
 
 
@@ -144,8 +153,17 @@ def test_public_bounds_clip_the_records_and_are_named_in_the_caveats():
 def test_dp_block_without_dp_and_for_a_model_from_before_per_patient_accounting():
     m = CvaeResult(model=None, lo=torch.zeros(1), hi=torch.ones(1), epochs_trained=1, best_epoch=1, best_val_loss=None)
     assert dp_block(m) == {"enabled": False}
-    old = CvaeResult(model=None, lo=torch.zeros(1), hi=torch.ones(1), epochs_trained=1, best_epoch=1, best_val_loss=None,
-                     epsilon=2.0, delta=1e-3, info={"dp": True, "dp_caveats": ["the scaler is not DP"]})
+    old = CvaeResult(
+        model=None,
+        lo=torch.zeros(1),
+        hi=torch.ones(1),
+        epochs_trained=1,
+        best_epoch=1,
+        best_val_loss=None,
+        epsilon=2.0,
+        delta=1e-3,
+        info={"dp": True, "dp_caveats": ["the scaler is not DP"]},
+    )
     block = dp_block(old)
     assert block["unit"] == "record" and block["epsilon"] == 2.0 and "the scaler is not DP" in block["caveats"]
 

@@ -39,7 +39,10 @@ def test_decoder_state_holds_the_decoder_only():
 
 def test_fedavg_of_two_sites_decoders_is_their_weighted_mean():
     a, b = _cvae(0).decoder_state(), _cvae(1).decoder_state()
-    replies = [RecordDict({"arrays": ArrayRecord(s), "metrics": MetricRecord({"num-examples": n})}) for s, n in ((a, 30), (b, 10))]
+    replies = [
+        RecordDict({"arrays": ArrayRecord(s), "metrics": MetricRecord({"num-examples": n})})
+        for s, n in ((a, 30), (b, 10))
+    ]
     avg = aggregate_arrayrecords(replies, "num-examples").to_torch_state_dict()  # what Flower's FedAvg aggregates with
     assert set(avg) == set(a)
     for k in a:
@@ -53,8 +56,12 @@ def test_server_decoder_matches_a_site_cvae_of_the_default_size():
     server = federated_cvae(fed)
     cc = CvaeConfig()
     site = CVAE(fed.extractor.dim, 3, hidden=cc.hidden, latent=cc.latent_dim)
-    assert {k: v.shape for k, v in server.decoder_state().items()} == {k: v.shape for k, v in site.decoder_state().items()}
-    assert state_sha256(server.decoder_state()) == state_sha256(federated_cvae(fed).decoder_state())  # seeded: the same every run
+    assert {k: v.shape for k, v in server.decoder_state().items()} == {
+        k: v.shape for k, v in site.decoder_state().items()
+    }
+    assert state_sha256(server.decoder_state()) == state_sha256(
+        federated_cvae(fed).decoder_state()
+    )  # seeded: the same every run
 
 
 def test_federated_and_dp_are_off_by_default_and_may_be_combined():
@@ -135,7 +142,9 @@ def test_a_site_keeps_its_encoder_and_samples_from_the_federations_decoder(feder
     assert run_one(ws, "synthesize")
     run = json.loads((ws.synth / "latest.json").read_text())["run_id"]
     synth = json.loads((ws.synth / run / "synth.json").read_text())
-    assert synth["decoder"]["source"] == "federation" and synth["decoder"]["global_decoder_sha256"] == state_sha256(dec2)
+    assert synth["decoder"]["source"] == "federation" and synth["decoder"]["global_decoder_sha256"] == state_sha256(
+        dec2
+    )
     assert synth["dp"] == {"enabled": False} and synth["dp_epsilon"] is None  # the block is there without dp too
     assert not run_one(ws, "synthesize")  # up to date
     # a new global decoder is a new input: synthesis runs again, into a new run
@@ -206,9 +215,16 @@ def test_the_coordinator_stops_when_the_cvae_run_did_not_complete_and_reports_ea
     failed = {"run_id": 42, "status": "finished:failed", "completed": False, "rounds": 3, "rounds_completed": 1}
     with pytest.raises(FlowerError, match=r"run 42 did not complete \(finished:failed, rounds 1/3\).*results.json"):
         cvae_outcome(failed, tmp_path / "cvae")
-    done = {"completed": True, "per_site": {
-        "1": {"evaluate": {"site-a": {"released": 0.0}}},
-        "2": {"evaluate": {"site-a": {"released": 1.0}, "site-b": {"released": 0.0}, "site-c": {"released": -1.0}}}}}
+    done = {
+        "completed": True,
+        "per_site": {
+            "1": {"evaluate": {"site-a": {"released": 0.0}}},
+            "2": {"evaluate": {"site-a": {"released": 1.0}, "site-b": {"released": 0.0}, "site-c": {"released": -1.0}}},
+        },
+    }
     lines = cvae_outcome(done, tmp_path / "cvae")
-    assert lines == ["  site-a: published its bundle", "  site-b: published nothing: its audit did not pass",
-                     "  site-c: failed to synthesize, audit or publish (see its reports/cvae_federated.json)"]
+    assert lines == [
+        "  site-a: published its bundle",
+        "  site-b: published nothing: its audit did not pass",
+        "  site-c: failed to synthesize, audit or publish (see its reports/cvae_federated.json)",
+    ]

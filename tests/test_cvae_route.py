@@ -13,9 +13,9 @@ import torch
 
 from common.bundle import build_bundle, pack_bundle
 from common.config import ExtractorConfig, PolicyConfig
+from common.models import EmbeddingHead
 from common.policy import evaluate
 from node.audit import audit_embeddings
-from common.models import EmbeddingHead
 from node.task import train_classifier
 from tests.helpers_exchange import PASSED_AUDIT, site_key
 
@@ -50,9 +50,22 @@ def clinic():
 
 def _audit(clinic, cand, labels, **policy):
     t, h = clinic["t"], clinic["h"]
-    return audit_embeddings(cand, t[0], h[0], phi_id=clinic["phi_id"], attacker=clinic["att"], policy=PolicyConfig(**policy),
-                            device="cpu", train_ids=t[2], holdout_ids=h[2], candidate_labels=labels, train_labels=t[1],
-                            holdout_labels=h[1], n_boot=20, downstream_epochs=5)
+    return audit_embeddings(
+        cand,
+        t[0],
+        h[0],
+        phi_id=clinic["phi_id"],
+        attacker=clinic["att"],
+        policy=PolicyConfig(**policy),
+        device="cpu",
+        train_ids=t[2],
+        holdout_ids=h[2],
+        candidate_labels=labels,
+        train_labels=t[1],
+        holdout_labels=h[1],
+        n_boot=20,
+        downstream_epochs=5,
+    )
 
 
 def test_leaky_embeddings_fail_and_fresh_records_pass(clinic):
@@ -85,9 +98,17 @@ def test_policy_checks_the_route_s_own_per_sample_distance():
 def _embedding_bundle(tmp_path, priv, *, sequence: int, extractor: ExtractorConfig):
     x = np.random.default_rng(sequence).normal(size=(20, D)).astype(np.float32)
     audit = {**PASSED_AUDIT, "route": "cvae", "min_embedding_distance_ratio": 0.9}
-    bid = build_bundle(tmp_path / f"b{sequence}", embeddings=x, labels=np.arange(20) % 2, audit=audit,
-                       datacard={"route": "cvae", "extractor": extractor.model_dump(mode="json")}, site="a",
-                       sequence=sequence, signing_key=priv, config_digest="0" * 64)
+    bid = build_bundle(
+        tmp_path / f"b{sequence}",
+        embeddings=x,
+        labels=np.arange(20) % 2,
+        audit=audit,
+        datacard={"route": "cvae", "extractor": extractor.model_dump(mode="json")},
+        site="a",
+        sequence=sequence,
+        signing_key=priv,
+        config_digest="0" * 64,
+    )
     return pack_bundle(tmp_path / f"b{sequence}" / bid)
 
 
@@ -139,7 +160,11 @@ def test_cvae_stages_on_a_phantom_site(tiny_workspace):
     atomic_write_text(ws.config_path, commented_yaml(cfg, title="cvae"))
     ran = run_pipeline(ws)
     assert all(ran.values())
-    assert sorted(p.name for p in ws.models.glob("*.safetensors")) == ["cvae.safetensors", "phi_attack.safetensors", "phi_id.safetensors"]
+    assert sorted(p.name for p in ws.models.glob("*.safetensors")) == [
+        "cvae.safetensors",
+        "phi_attack.safetensors",
+        "phi_id.safetensors",
+    ]
     run = json.loads((ws.synth / "latest.json").read_text())["run_id"]
     with np.load(ws.synth / run / "candidates.npz") as z:
         assert z["embeddings"].dtype == np.float32 and z["embeddings"].shape[1] == 128 and "images" not in z.files

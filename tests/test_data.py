@@ -68,7 +68,9 @@ def test_folder_corrupt_png_names_the_file(tmp_path):
 def test_csv_with_and_without_header(tmp_path):
     for i in range(4):
         _png(tmp_path / "img" / f"{i}.png", 40 * i)
-    (tmp_path / "with.csv").write_text("path,label,patient_id\nimg/0.png,0,p1\nimg/1.png,0,p1\nimg/2.png,1,p2\nimg/3.png,1,p3\n")
+    (tmp_path / "with.csv").write_text(
+        "path,label,patient_id\nimg/0.png,0,p1\nimg/1.png,0,p1\nimg/2.png,1,p2\nimg/3.png,1,p3\n"
+    )
     d = load_dataset(DataConfig(source="csv", path=tmp_path / "with.csv", image_size=8))
     assert list(d.labels) == [0, 0, 1, 1] and list(d.patient_ids) == ["p1", "p1", "p2", "p3"]
     (tmp_path / "without.csv").write_text("img/0.png,0\nimg/1.png,1\n")
@@ -78,7 +80,11 @@ def test_csv_with_and_without_header(tmp_path):
 
 @pytest.mark.parametrize(
     "row, message",
-    [("img/0.png,zero", r"row 3.*not an integer"), ("img/0.png", r"row 3.*expected 'path,label"), ("img/missing.png,1", r"missing\.png.*row 3.*not found")],
+    [
+        ("img/0.png,zero", r"row 3.*not an integer"),
+        ("img/0.png", r"row 3.*expected 'path,label"),
+        ("img/missing.png,1", r"missing\.png.*row 3.*not found"),
+    ],
 )
 def test_csv_bad_row_names_file_and_row(tmp_path, row, message):
     _png(tmp_path / "img" / "0.png", 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -39,29 +40,48 @@ def test_a_fresh_phantom_site_passes_with_a_warning_for_the_missing_kit(tmp_path
 
 def test_open_keys_bad_labels_and_single_image_patients_are_named(tmp_path):
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "scans.npz", images=rng.integers(0, 256, (40, 16, 16), dtype=np.uint8), labels=np.array([0, 1, 2, 5] * 10))
+    np.savez(
+        tmp_path / "scans.npz",
+        images=rng.integers(0, 256, (40, 16, 16), dtype=np.uint8),
+        labels=np.array([0, 1, 2, 5] * 10),
+    )
     ws = _init(tmp_path, "--source", "npz", "--data-path", tmp_path / "scans.npz")
     cfg = yaml.safe_load(ws.config_path.read_text())
     cfg["data"]["n_classes"] = 3
     ws.config_path.write_text(yaml.safe_dump(cfg))
     ws.signing_key.chmod(0o644)
     checks = _by_name(check_site(ws, network=False))
-    assert checks["keys"].status == "fail" and "chmod 600" in checks["keys"].detail and checks["keys"].exit_code == errors.CONFIG
-    assert checks["schema"].status == "fail" and "labels outside this federation's 3 classes (0..2), the first at image 3 with label 5" in checks["schema"].detail
+    assert (
+        checks["keys"].status == "fail"
+        and "chmod 600" in checks["keys"].detail
+        and checks["keys"].exit_code == errors.CONFIG
+    )
+    assert (
+        checks["schema"].status == "fail"
+        and "labels outside this federation's 3 classes (0..2), the first at image 3 with label 5"
+        in checks["schema"].detail
+    )
     assert checks["patients"].status == "warn" and "splits are by image" in checks["patients"].detail
     assert exit_code(list(checks.values())) in (errors.CONFIG, errors.DATA)
 
 
-def test_a_coordinator_that_is_down_is_a_network_failure(tmp_path):
+def _site_with_kit(tmp_path, exchange: int, superlink: int) -> Workspace:
+    """A phantom site with a kit that points at these loopback ports."""
     coord = tmp_path / "coord"
-    exchange, superlink = free_ports(2)  # nobody listens there
     assert runner.invoke(server_app, ["init", "--dir", str(coord)]).exit_code == 0
     ws = _init(tmp_path)
     kit = tmp_path / "kit.tar"
-    r = runner.invoke(server_app, ["kit", "st-marys", "--key", str(ws.signing_pub), "--dir", str(coord), "--out", str(kit),
-                                   "--exchange", f"127.0.0.1:{exchange}", "--superlink", f"127.0.0.1:{superlink}"])
+    args = ["kit", "st-marys", "--key", str(ws.signing_pub), "--dir", str(coord), "--out", str(kit)]
+    args += ["--exchange", f"127.0.0.1:{exchange}", "--superlink", f"127.0.0.1:{superlink}"]
+    r = runner.invoke(server_app, args)
     assert r.exit_code == 0, r.output
     assert runner.invoke(node_app, ["init", "--site-dir", str(ws.root), "--kit", str(kit)]).exit_code == 0
+    return ws
+
+
+def test_a_coordinator_that_is_down_is_a_network_failure(tmp_path):
+    exchange, superlink = free_ports(2)  # nobody listens there
+    ws = _site_with_kit(tmp_path, exchange, superlink)
     checks = _by_name(check_site(ws, timeout_s=2))
     assert checks["certificate"].status == "ok"
     for name, port in (("exchange", exchange), ("superlink", superlink)):
@@ -101,8 +121,35 @@ def test_a_live_exchange_is_reached_with_mutual_tls_and_a_certificate_for_anothe
 
     t = threading.Thread(target=serve_one, daemon=True)
     t.start()
-    wrong = _reach("superlink", f"127.0.0.1:{port}", (tmp_path / "ca" / "ca.crt", None, None), timeout_s=5, client_cert=False)
+    wrong = _reach(
+        "superlink", f"127.0.0.1:{port}", (tmp_path / "ca" / "ca.crt", None, None), timeout_s=5, client_cert=False
+    )
     t.join(5)
     listener.close()
     assert wrong.status == "fail" and wrong.exit_code == errors.CONFIG, wrong
     assert "plan-server ca init --host 127.0.0.1" in wrong.detail, wrong
+
+
+def test_start_runs_the_doctor_first(tmp_path, monkeypatch):
+    """A failure stops `plan-node start` before any training, with the failure's exit code; a
+    coordinator that does not answer yet is reported and the site goes on to train."""
+    import node.start
+
+    class Trained(Exception):
+        pass
+
+    def train_here(ws, **kw):
+        raise Trained
+
+    monkeypatch.setattr(node.start, "run_pipeline", train_here)
+    ws = _site_with_kit(tmp_path, *free_ports(2))  # nobody listens there
+    said = []
+    with pytest.raises(Trained):
+        node.start.start_node(ws, say=said.append)
+    assert any(m.startswith("doctor: fail exchange") and "not reachable" in m for m in said), said
+
+    ws.signing_key.chmod(0o644)
+    said.clear()
+    assert node.start.start_node(ws, say=said.append) == errors.CONFIG  # returned: run_pipeline never ran
+    assert any(m.startswith("doctor: fail keys") and "chmod 600" in m for m in said), said
+    assert "not started" in said[-1]

@@ -8,7 +8,10 @@ from common.signing import generate_signing_key, key_id, load_private_key
 
 
 def test_pae_matches_the_spec_example():
-    assert pae("http://example.com/HelloWorld", b"hello world") == b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+    assert (
+        pae("http://example.com/HelloWorld", b"hello world")
+        == b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+    )
 
 
 @pytest.fixture

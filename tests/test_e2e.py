@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from deploy.local import launcher
-from tests.helpers_federation import run_federation
 from deploy.local.demo import summarize
+from tests.helpers_federation import run_federation
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,11 @@ def _serve_pool(coord: Path):
 def _store_snapshot(coord: Path) -> tuple:
     from server.store import BundleStore
 
-    files = sorted((p.relative_to(coord / "store"), p.stat().st_size) for p in (coord / "store").rglob("*") if p.is_file() and "incoming" not in p.parts)
+    files = sorted(
+        (p.relative_to(coord / "store"), p.stat().st_size)
+        for p in (coord / "store").rglob("*")
+        if p.is_file() and "incoming" not in p.parts
+    )
     return files, BundleStore(coord / "store").list()
 
 
@@ -111,7 +115,12 @@ def test_tampered_and_unregistered_bundles_are_rejected(federation, tmp_path):
     server, store, address = _serve_pool(coord)
     try:
         # The site's own kit credentials: mutual TLS is required.
-        client = ExchangeClient(address, coord / "ca" / "ca.crt", client_cert=site / "keys" / "client.crt", client_key=site / "keys" / "client.key")
+        client = ExchangeClient(
+            address,
+            coord / "ca" / "ca.crt",
+            client_cert=site / "keys" / "client.crt",
+            client_key=site / "keys" / "client.key",
+        )
         before = _store_snapshot(coord)
 
         with pytest.raises(ExchangeError, match="sha256|digest|Payload-Oxum|mismatch"):
@@ -187,7 +196,11 @@ def test_status_commands_show_bundles_run_and_rounds(federation):
         r = CliRunner().invoke(node_app, ["status", "--site-dir", str(site), "--json"])
         assert r.exit_code == 0, r.output
         fed = json.loads(r.output)["federation"]  # the last message was the baseline run's last evaluation
-        assert fed["round"] == FEDERATION["downstream"]["rounds"] and fed["phase"] == "evaluate" and "accuracy" in fed["metrics"]
+        assert (
+            fed["round"] == FEDERATION["downstream"]["rounds"]
+            and fed["phase"] == "evaluate"
+            and "accuracy" in fed["metrics"]
+        )
 
 
 def _edit_federation(coord: Path, **downstream) -> None:
@@ -214,4 +227,3 @@ def test_a_restarted_coordinator_runs_again_and_restarted_sites_rejoin(federatio
     from server.store import BundleStore
 
     assert len(BundleStore(coord / "store").list()) == len(first["pool"])  # no bundle published twice
-

@@ -14,8 +14,8 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers_federation import run_federation
 from deploy.local.demo import summarize
+from tests.helpers_federation import run_federation
 
 pytestmark = pytest.mark.slow
 

@@ -21,13 +21,20 @@ from tests.helpers_federation import run_federation
 
 pytestmark = pytest.mark.slow
 
-FEDERATION = {"route": "cvae", "cvae_federated": True, "cvae_rounds": 2, "cvae_local_epochs": 5,
-              "downstream": {"rounds": 2, "local_epochs": 5}}
+FEDERATION = {
+    "route": "cvae",
+    "cvae_federated": True,
+    "cvae_rounds": 2,
+    "cvae_local_epochs": 5,
+    "downstream": {"rounds": 2, "local_epochs": 5},
+}
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    return run_federation(tmp_path_factory.mktemp("fed-cvae-federated"), n_sites=2, quorum=2, federation_overrides=FEDERATION)
+    return run_federation(
+        tmp_path_factory.mktemp("fed-cvae-federated"), n_sites=2, quorum=2, federation_overrides=FEDERATION
+    )
 
 
 def test_kits_switch_the_sites_to_the_federated_cvae(federation):
@@ -51,7 +58,8 @@ def test_cvae_run_completed_with_both_sites_in_every_round(federation):
             assert sorted(per_site) == names, (rnd, phase, per_site)
             assert all("error" not in m for m in per_site.values()), per_site
         assert all(m["train-loss"] > 0 for m in full["per_site"][str(rnd)]["train"].values())
-    # in the final round every site synthesized and audited: released (1) or refused by its gate (0), never an error (-1)
+    # in the final round every site synthesized and audited: released (1) or refused by its gate (0),
+    # never an error (-1)
     released = {s: m["released"] for s, m in full["per_site"][str(FEDERATION["cvae_rounds"])]["evaluate"].items()}
     assert released == {name: 1.0 for name in names}, released
 

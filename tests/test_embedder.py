@@ -42,7 +42,10 @@ def no_network(monkeypatch):
 def test_tiny_is_the_same_network_on_every_build_and_leaves_the_rng_alone(tmp_path):
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    a, b = build_extractor(ExtractorConfig(), store_dir=tmp_path), build_extractor(ExtractorConfig(), store_dir=tmp_path)
+    a, b = (
+        build_extractor(ExtractorConfig(), store_dir=tmp_path),
+        build_extractor(ExtractorConfig(), store_dir=tmp_path),
+    )
     assert torch.equal(torch.random.get_rng_state(), before)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     imgs = _images()
@@ -81,7 +84,9 @@ def test_config_requires_a_pinned_weight_file_for_pretrained_archs():
 
 def test_missing_or_wrong_weight_file_is_a_model_store_error_naming_it(tmp_path, no_network):
     cfg = ExtractorConfig(arch="dinov2_vits14", weights="vits14.safetensors", sha256="c" * 64)
-    with pytest.raises(ModelStoreError, match=r"'vits14.safetensors'.*not in the local model store.*nothing is downloaded"):
+    with pytest.raises(
+        ModelStoreError, match=r"'vits14.safetensors'.*not in the local model store.*nothing is downloaded"
+    ):
         build_extractor(cfg, store_dir=tmp_path)
     (tmp_path / "vits14.safetensors").write_bytes(b"not these weights")
     with pytest.raises(ModelStoreError, match=r"vits14.safetensors: sha256 is .*expected c{64}"):
@@ -116,7 +121,9 @@ def test_dinov2_loads_hub_shaped_weights_from_the_store_without_the_network(tmp_
     # the published checkpoint's geometry (518 px, a 37x37 position grid); the extractor runs at 224
     src = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518, num_classes=0)
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "vits14.safetensors")
-    cfg = ExtractorConfig(arch="dinov2_vits14", weights="vits14.safetensors", sha256=_sha(tmp_path / "vits14.safetensors"))
+    cfg = ExtractorConfig(
+        arch="dinov2_vits14", weights="vits14.safetensors", sha256=_sha(tmp_path / "vits14.safetensors")
+    )
     ex = build_extractor(cfg, store_dir=tmp_path)
     assert ex.dim == 384 == cfg.dim and ex.input_size == 224 and ex.interpolation == "bicubic"
     assert torch.equal(ex.backbone.blocks[3].attn.qkv.weight, src.blocks[3].attn.qkv.weight)  # the file's weights
@@ -125,7 +132,9 @@ def test_dinov2_loads_hub_shaped_weights_from_the_store_without_the_network(tmp_
     assert out.shape == (2, 384) and np.isfinite(out).all()
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "pneumoniamnist.npz").exists(), reason=f"{SHARED_DATA}/pneumoniamnist.npz not present")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "pneumoniamnist.npz").exists(), reason=f"{SHARED_DATA}/pneumoniamnist.npz not present"
+)
 def test_tiny_embeddings_separate_pneumoniamnist_classes(tmp_path):
     from common.metrics import roc_auc
 
@@ -140,7 +149,9 @@ def test_tiny_embeddings_separate_pneumoniamnist_classes(tmp_path):
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(lin((a - m) / s), torch.from_numpy(ytr)) + 1e-3 * lin.weight.pow(2).sum()
+        loss = (
+            torch.nn.functional.cross_entropy(lin((a - m) / s), torch.from_numpy(ytr)) + 1e-3 * lin.weight.pow(2).sum()
+        )
         loss.backward()
         return loss
 

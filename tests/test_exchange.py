@@ -3,10 +3,10 @@
 import hashlib
 import sqlite3
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
-from pathlib import Path
 
 from common import exchange_pb2 as pb
 from common import exchange_pb2_grpc as pb_grpc
@@ -110,7 +110,9 @@ def test_unregistered_key_and_site_refused(tmp_path, ex, keys):
     other, _ = site_key(tmp_path / "keys", "mallory")
     before = _snapshot(ex.store)
     with ExchangeClient(ex.address, ex.ca_cert, timeout=10) as c:
-        with pytest.raises(ExchangeError, match="PERMISSION_DENIED: signature does not verify against any registered key of site 'a'"):
+        with pytest.raises(
+            ExchangeError, match="PERMISSION_DENIED: signature does not verify against any registered key of site 'a'"
+        ):
             c.upload(make_bundle(tmp_path / "m1", other, site="a"))
         with pytest.raises(ExchangeError, match="PERMISSION_DENIED: site 'mallory' is not registered"):
             c.upload(make_bundle(tmp_path / "m2", other, site="mallory"))
@@ -146,7 +148,9 @@ def test_oversized_refused(tmp_path, keys):
         tar = make_bundle(tmp_path / "big", keys["a"][0], n=40)
         assert tar.stat().st_size > 20_000
         with ExchangeClient(ex.address, ex.ca_cert, timeout=10) as c:
-            with pytest.raises(ExchangeError, match="RESOURCE_EXHAUSTED: declared size .* exceeds the limit of 20000 bytes"):
+            with pytest.raises(
+                ExchangeError, match="RESOURCE_EXHAUSTED: declared size .* exceeds the limit of 20000 bytes"
+            ):
                 c.upload(tar)
         # a client that lies about the size is stopped while streaming, before more is written
         stub = pb_grpc.ExchangeStub(
@@ -160,7 +164,7 @@ def test_oversized_refused(tmp_path, keys):
         def lying():
             yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=1000))
             for i in range(30):
-                yield pb.UploadChunk(data=data[i * 1000:(i + 1) * 1000])
+                yield pb.UploadChunk(data=data[i * 1000 : (i + 1) * 1000])
 
         with pytest.raises(grpc.RpcError) as e:
             stub.Upload(lying(), timeout=10)
@@ -170,7 +174,7 @@ def test_oversized_refused(tmp_path, keys):
         def huge():
             yield pb.UploadChunk(header=pb.UploadHeader(site="a", size=19_000))
             for i in range(30):
-                yield pb.UploadChunk(data=data[i * 1000:(i + 1) * 1000])
+                yield pb.UploadChunk(data=data[i * 1000 : (i + 1) * 1000])
 
         with pytest.raises(grpc.RpcError) as e:
             stub.Upload(huge(), timeout=10)
@@ -180,7 +184,11 @@ def test_oversized_refused(tmp_path, keys):
 
 def _upload(stub, header: pb.UploadHeader, data: bytes, *after: pb.UploadChunk) -> str:
     """Send `header`, `data` in 1000-byte chunks, then `after`; the refusal's details (INVALID_ARGUMENT)."""
-    msgs = [pb.UploadChunk(header=header), *(pb.UploadChunk(data=data[i:i + 1000]) for i in range(0, len(data), 1000)), *after]
+    msgs = [
+        pb.UploadChunk(header=header),
+        *(pb.UploadChunk(data=data[i : i + 1000]) for i in range(0, len(data), 1000)),
+        *after,
+    ]
     with pytest.raises(grpc.RpcError) as e:
         stub.Upload(iter(msgs), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
@@ -201,9 +209,13 @@ def test_malformed_stream_refused(ex, tmp_path, keys):
     details = _upload(stub, header, data, pb.UploadChunk(trailer=pb.UploadTrailer(sha256="0" * 64)))
     assert f"sha256 of the received bytes is {digest}, declared {'0' * 64}" in details
     assert "without its trailer" in _upload(stub, header, data)
-    assert "is not 64 lower-case hex digits" in _upload(stub, header, data, pb.UploadChunk(trailer=pb.UploadTrailer(sha256="x")))
+    assert "is not 64 lower-case hex digits" in _upload(
+        stub, header, data, pb.UploadChunk(trailer=pb.UploadTrailer(sha256="x"))
+    )
     assert "after the upload trailer" in _upload(stub, header, data, trailer, pb.UploadChunk(data=b"x"))
-    assert "unexpected header message after the upload header" in _upload(stub, header, data, pb.UploadChunk(header=header))
+    assert "unexpected header message after the upload header" in _upload(
+        stub, header, data, pb.UploadChunk(header=header)
+    )
     # a client of upload protocol 1 (the digest in the header) is told what this exchange expects
     details = _upload(stub, pb.UploadHeader(site="a", size=len(data), sha256=digest), data)
     assert "(upload protocol 1); this exchange speaks protocol 2" in details and "trailer" in details
@@ -227,16 +239,30 @@ def test_client_explains_an_exchange_of_upload_protocol_1(tmp_path, keys):
 
     cd = coordinator_dir(tmp_path / "coord")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("plannode.exchange.v1.Exchange", {
-        "Upload": grpc.stream_unary_rpc_method_handler(upload, request_deserializer=pb.UploadChunk.FromString),
-    }),))
-    creds = grpc.ssl_server_credentials([(read_private_file(cd.tls_dir / "server.key"), (cd.tls_dir / "server.crt").read_bytes())])
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "plannode.exchange.v1.Exchange",
+                {
+                    "Upload": grpc.stream_unary_rpc_method_handler(
+                        upload, request_deserializer=pb.UploadChunk.FromString
+                    ),
+                },
+            ),
+        )
+    )
+    creds = grpc.ssl_server_credentials(
+        [(read_private_file(cd.tls_dir / "server.key"), (cd.tls_dir / "server.crt").read_bytes())]
+    )
     port = server.add_secure_port("127.0.0.1:0", creds)
     server.start()
     try:
         with ExchangeClient(f"127.0.0.1:{port}", cd.ca_cert, timeout=10) as c:
-            with pytest.raises(ExchangeError, match=r"INVALID_ARGUMENT: header sha256 '' .*speaks upload protocol 1.*"
-                                                    r"update plan-node on the coordinator"):
+            with pytest.raises(
+                ExchangeError,
+                match=r"INVALID_ARGUMENT: header sha256 '' .*speaks upload protocol 1.*"
+                r"update plan-node on the coordinator",
+            ):
                 c.upload(make_bundle(tmp_path / "b", keys["a"][0]))
     finally:
         server.stop(None)
@@ -295,7 +321,11 @@ def _other_process_serves(root):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", f"from server.store import BundleStore; BundleStore({str(root)!r}, serving=True)"],
-                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", f"from server.store import BundleStore; BundleStore({str(root)!r}, serving=True)"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
     if proc.returncode != 0:
         raise OSError(proc.stderr.strip().splitlines()[-1])

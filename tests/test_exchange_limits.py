@@ -1,4 +1,5 @@
-"""The exchange's per-site quota, its deadline and idle limit per call and its per-site call slots, over a real TLS exchange."""
+"""The exchange's per-site quota, its deadline and idle limit per call and its per-site call slots, over a real
+TLS exchange."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 
 from common import exchange_pb2 as pb
 from common import exchange_pb2_grpc as pb_grpc
-from node.exchange_client import ExchangeClient, ExchangeError
 from common.tls import issue_client_cert
+from node.exchange_client import ExchangeClient, ExchangeError
 from tests.helpers_exchange import live_exchange, make_bundle, site_key
 
 
@@ -40,7 +41,9 @@ def test_a_stalled_upload_is_cancelled_by_the_server_and_it_keeps_serving(tmp_pa
     data = tar.read_bytes()
     with live_exchange(tmp_path / "coord", call_timeout_s=1.0) as ex:
         ex.trust.add("a", keys["a"][1])
-        stub = pb_grpc.ExchangeStub(grpc.secure_channel(ex.address, grpc.ssl_channel_credentials(ex.ca_cert.read_bytes())))
+        stub = pb_grpc.ExchangeStub(
+            grpc.secure_channel(ex.address, grpc.ssl_channel_credentials(ex.ca_cert.read_bytes()))
+        )
 
         def stalling():
             import hashlib
@@ -83,8 +86,9 @@ def mtls(tmp_path, keys):
 
 
 def _channel(ex, cert):
-    creds = grpc.ssl_channel_credentials(ex.ca_cert.read_bytes(), private_key=cert[1].read_bytes(),
-                                         certificate_chain=cert[0].read_bytes())
+    creds = grpc.ssl_channel_credentials(
+        ex.ca_cert.read_bytes(), private_key=cert[1].read_bytes(), certificate_chain=cert[0].read_bytes()
+    )
     return grpc.secure_channel(ex.address, creds)
 
 
@@ -104,11 +108,15 @@ def test_a_site_busy_with_an_upload_gets_no_second_call_and_others_do(mtls, tmp_
     t.start()
     try:
         time.sleep(0.3)  # the stalled upload holds site a's one slot (but not past the 1 s idle limit)
-        with ExchangeClient(ex.address, ex.ca_cert, timeout=10, client_cert=certs["a"][0], client_key=certs["a"][1]) as c:
+        with ExchangeClient(
+            ex.address, ex.ca_cert, timeout=10, client_cert=certs["a"][0], client_key=certs["a"][1]
+        ) as c:
             with pytest.raises(ExchangeError, match="site 'a' already has (an upload|1 calls) in progress") as e:
                 c.list()
             assert e.value.code == "RESOURCE_EXHAUSTED"
-        with ExchangeClient(ex.address, ex.ca_cert, timeout=10, client_cert=certs["b"][0], client_key=certs["b"][1]) as c:
+        with ExchangeClient(
+            ex.address, ex.ca_cert, timeout=10, client_cert=certs["b"][0], client_key=certs["b"][1]
+        ) as c:
             assert c.upload(make_bundle(tmp_path / "b1", keys["b"][0], site="b", sequence=1), site="b")["site"] == "b"
         t.join(30)  # the stalled one is ended by the idle limit, well before its own 30 s deadline
     finally:

@@ -18,7 +18,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.proto.fab_pb2 import Fab as FabProto, GetFabResponse  # pylint: disable=no-name-in-module
+from flwr.proto.fab_pb2 import Fab as FabProto  # pylint: disable=no-name-in-module
+from flwr.proto.fab_pb2 import GetFabResponse
 from flwr.supercore.fab import Fab
 from flwr.supernode.start_client_internal import _verify_fab
 
@@ -67,14 +68,20 @@ def test_authenticate_refuses(case, node_key):
 
 def _gateway(allowed: frozenset[bytes], **kw) -> FleetGateway:
     # No upstream is ever reached in these tests: every request is refused before forwarding.
-    return FleetGateway(upstream="https://127.0.0.1:1", ca_cert=os.devnull, allowed_keys=lambda: allowed,
-                        fab_verifications=lambda _: None, max_body_bytes=kw.get("max_body_bytes", 1 << 20))
+    return FleetGateway(
+        upstream="https://127.0.0.1:1",
+        ca_cert=os.devnull,
+        allowed_keys=lambda: allowed,
+        fab_verifications=lambda _: None,
+        max_body_bytes=kw.get("max_body_bytes", 1 << 20),
+    )
 
 
 def _post(app, path: str, *, method: str = "POST", headers=None, content: bytes = b"") -> httpx.Response:
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://gateway") as c:
             return await c.request(method, path, headers=headers, content=content)
+
     return asyncio.run(go())
 
 
@@ -101,8 +108,12 @@ def test_gateway_refuses_unsigned_and_unregistered_fleet_calls(node_key):
 
 def test_gateway_caps_the_body(node_key):
     allowed = frozenset({node_key_der(node_key.public_key())})
-    reply = _post(_gateway(allowed, max_body_bytes=1024), "/v1/fleet/push-object",
-                  headers=_signed_headers(node_key), content=b"x" * 4096)
+    reply = _post(
+        _gateway(allowed, max_body_bytes=1024),
+        "/v1/fleet/push-object",
+        headers=_signed_headers(node_key),
+        content=b"x" * 4096,
+    )
     assert reply.status_code == 413
 
 
@@ -139,9 +150,13 @@ def test_get_fab_reply_carries_only_the_coordinators_signature():
     content = b"an app"
     signed = sign_fab(content, coordinator, signed_at=int(time.time()))
     store = {hashlib.sha256(content).hexdigest(): signed}
-    body = GetFabResponse(fab=FabProto(hash_str="x", content=content, verifications={"someone": "{}"})).SerializeToString()
+    body = GetFabResponse(
+        fab=FabProto(hash_str="x", content=content, verifications={"someone": "{}"})
+    ).SerializeToString()
     out = GetFabResponse.FromString(sign_fab_response(body, store.get))
     assert dict(out.fab.verifications) == signed
     # A FAB the coordinator never signed leaves with no verifications at all.
     other = GetFabResponse(fab=FabProto(hash_str="y", content=b"another app", verifications={"valid_license": "Valid"}))
-    assert dict(GetFabResponse.FromString(sign_fab_response(other.SerializeToString(), store.get)).fab.verifications) == {}
+    assert (
+        dict(GetFabResponse.FromString(sign_fab_response(other.SerializeToString(), store.get)).fab.verifications) == {}
+    )

@@ -31,9 +31,22 @@ def _train(steps, state_path, key="k", on_checkpoint=None):
     torch.manual_seed(0)
     G, D = Generator(**KW), Discriminator(image_size=16, channels=32)
     real = torch.rand(12, 1, 16, 16) * 2 - 1
-    return train_gan(real, G=G, D=D, steps=steps, batch_size=4, lr=2e-3, r1_gamma=0.1, ema_beta=0.9,
-                     checkpoint_every=2, state_path=state_path, state_key=key, seed=0, device=torch.device("cpu"),
-                     on_checkpoint=on_checkpoint)
+    return train_gan(
+        real,
+        G=G,
+        D=D,
+        steps=steps,
+        batch_size=4,
+        lr=2e-3,
+        r1_gamma=0.1,
+        ema_beta=0.9,
+        checkpoint_every=2,
+        state_path=state_path,
+        state_key=key,
+        seed=0,
+        device=torch.device("cpu"),
+        on_checkpoint=on_checkpoint,
+    )
 
 
 def test_training_steps_change_weights_and_track_w_avg(tmp_path):

@@ -20,7 +20,9 @@ PNEUMONIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumonia
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not PNEUMONIA.exists(), reason=f"{PNEUMONIA} absent (the shared MedMNIST data is not part of a fresh clone)"),
+    pytest.mark.skipif(
+        not PNEUMONIA.exists(), reason=f"{PNEUMONIA} absent (the shared MedMNIST data is not part of a fresh clone)"
+    ),
 ]
 
 
@@ -58,16 +60,37 @@ def real_split():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             m = SmallCNN(len(ti), width=width, image_size=28)
-        train_classifier(m, x[ti], np.arange(len(ti)), epochs=8, lr=3e-3, batch_size=32, device="cpu", seed=seed, augment="light")
+        train_classifier(
+            m, x[ti], np.arange(len(ti)), epochs=8, lr=3e-3, batch_size=32, device="cpu", seed=seed, augment="light"
+        )
         nets.append(m)
-    return {"t": (x[ti], y[ti], ids[ti]), "h": (x[hi], y[hi], ids[hi]), "f": (fresh, fresh_y), "phi_id": nets[0], "att": nets[1]}
+    return {
+        "t": (x[ti], y[ti], ids[ti]),
+        "h": (x[hi], y[hi], ids[hi]),
+        "f": (fresh, fresh_y),
+        "phi_id": nets[0],
+        "att": nets[1],
+    }
 
 
 def _audit(s, cand, labels):
     (xt, yt, it), (xh, yh, ih) = s["t"], s["h"]
-    return audit_images(cand, xt, xh, phi_id=s["phi_id"], attacker=s["att"], policy=PolicyConfig(), device="cpu",
-                        train_ids=it, holdout_ids=ih, candidate_labels=labels, train_labels=yt, holdout_labels=yh,
-                        n_boot=100, downstream_epochs=5)
+    return audit_images(
+        cand,
+        xt,
+        xh,
+        phi_id=s["phi_id"],
+        attacker=s["att"],
+        policy=PolicyConfig(),
+        device="cpu",
+        train_ids=it,
+        holdout_ids=ih,
+        candidate_labels=labels,
+        train_labels=yt,
+        holdout_labels=yh,
+        n_boot=100,
+        downstream_epochs=5,
+    )
 
 
 def test_planted_copies_are_dropped_and_the_verdict_is_right(real_split):
@@ -86,7 +109,17 @@ def test_planted_copies_are_dropped_and_the_verdict_is_right(real_split):
     # what is left is real images no model saw: the set passes
     assert report["passed"], [c["message"] for c in report["checks"] if not c["passed"]]
     # the same copies with the per-sample filter off: the set-level attacks see them
-    leak, _ = audit_images(plants, xt, real_split["h"][0], phi_id=real_split["phi_id"], attacker=real_split["att"],
-                           policy=PolicyConfig(min_pixel_distance=0.0, copy_fpr=0), device="cpu", train_ids=real_split["t"][2],
-                           holdout_ids=real_split["h"][2], n_boot=100, downstream_epochs=0)
+    leak, _ = audit_images(
+        plants,
+        xt,
+        real_split["h"][0],
+        phi_id=real_split["phi_id"],
+        attacker=real_split["att"],
+        policy=PolicyConfig(min_pixel_distance=0.0, copy_fpr=0),
+        device="cpu",
+        train_ids=real_split["t"][2],
+        holdout_ids=real_split["h"][2],
+        n_boot=100,
+        downstream_epochs=0,
+    )
     assert not leak["passed"]

@@ -43,7 +43,11 @@ def test_kit_through_the_clis(tmp_path):
     coord, site = tmp_path / "coord", tmp_path / "site"
     _ok(server_app, ["init", "--dir", coord, "--name", "fed", "--host", "coord.example", "--bind", "0.0.0.0"])
     cd = CoordinatorDir(coord)
-    assert (cd.config().exchange_host, cd.config().superlink_host, cd.config().public_host) == ("0.0.0.0", "0.0.0.0", "coord.example")
+    assert (cd.config().exchange_host, cd.config().superlink_host, cd.config().public_host) == (
+        "0.0.0.0",
+        "0.0.0.0",
+        "coord.example",
+    )
     assert _mode(cd.coordinator_key) == 0o600 and cd.coordinator_pub.exists()
     assert "nothing to do" in _ok(server_app, ["ca", "init", "--dir", coord])  # idempotent, never replaces
     _ok(node_app, ["init", "--site-dir", site, "--name", "st-marys"])
@@ -59,13 +63,18 @@ def test_kit_through_the_clis(tmp_path):
     kit = coord / "kits" / "st-marys.kit.tar"
     assert _mode(kit) == 0o600 and "BEGIN" not in out  # no key material printed
     meta, files = read_kit(kit)
-    assert meta["site"] == "st-marys" and meta["exchange"] == "coord.example:50051" and meta["flower_node_key_registered"]
+    assert (
+        meta["site"] == "st-marys" and meta["exchange"] == "coord.example:50051" and meta["flower_node_key_registered"]
+    )
     assert meta["superlink"] == "coord.example:9092" and "coord.example" in meta["server_names"]
     assert (coord / "flower_nodes" / "st-marys.pub").exists()  # issue 7's node key registration
     assert cd.trust().keys("st-marys") == [ws.signing_pub.read_text()]
     # a second kit for another key of the same site is refused: that is a rotation
     generate_signing_key(tmp_path / "other.key", tmp_path / "other.pub")
-    r = runner.invoke(server_app, ["kit", "st-marys", "--key", str(tmp_path / "other.pub"), "--out", str(tmp_path / "k2"), "--dir", str(coord)])
+    r = runner.invoke(
+        server_app,
+        ["kit", "st-marys", "--key", str(tmp_path / "other.pub"), "--out", str(tmp_path / "k2"), "--dir", str(coord)],
+    )
     assert r.exit_code == 2 and "sites rotate" in r.output
 
     out = _ok(node_app, ["init", "--site-dir", site, "--kit", kit])
@@ -140,7 +149,9 @@ def test_rotation_keeps_old_bundles_valid_and_revocation_purges(tmp_path):
     # receivers still accept the old key's bundles signed before the rotation...
     verify_bundle(store.objects / f"{b1.sha256}.tar", cd.trust().windows(), max_bytes=1 << 24)
     # ...but not a new bundle signed with the old key, even one the store never saw
-    with pytest.raises(BundleError, match=r"valid for sequence 3 \(keys and their sequence windows: .*: 1..2, .*: 3..\)"):
+    with pytest.raises(
+        BundleError, match=r"valid for sequence 3 \(keys and their sequence windows: .*: 1..2, .*: 3..\)"
+    ):
         verify_bundle(make_bundle(tmp_path / "3", old, sequence=3, seed=3), cd.trust().windows(), max_bytes=1 << 24)
     b3 = store.put(make_bundle(tmp_path / "4", new, sequence=3, seed=4), verify=cd.trust())
 
@@ -151,7 +162,9 @@ def test_rotation_keeps_old_bundles_valid_and_revocation_purges(tmp_path):
     for answer in ("n\n", ""):
         r = runner.invoke(server_app, ["sites", "revoke", "a", "--dir", str(coord)], input=answer)
         assert r.exit_code == 2 and "nothing revoked" in r.output and "--yes" in r.output, r.output
-    assert len(store.list()) == 3 and [e["status"] for e in json.loads(_ok(server_app, ["sites", "list", "--json", "--dir", coord]))] == ["retired", "current"]
+    assert len(store.list()) == 3 and [
+        e["status"] for e in json.loads(_ok(server_app, ["sites", "list", "--json", "--dir", coord]))
+    ] == ["retired", "current"]
     # revoke only the old key: its two bundles leave the pool, the new key's stays
     out = _ok(server_app, ["sites", "revoke", "a", "--key-id", b1.key_id[:12], "--dir", coord, "--yes"])
     assert "2 bundle(s) removed" in out
@@ -183,8 +196,9 @@ def test_pull_verifies_the_signed_trust_store(tmp_path):
         make_kit(ex.cd, "a", ws.signing_pub.read_text(), tmp_path / "a.kit", exchange=ex.address)
         install_kit(ws, tmp_path / "a.kit")
         with site_client(ws) as c:
-            doc = open_trust_document(c.trust_document(), load_private_key(ex.cd.coordinator_key).public_key(),
-                                      federation="test")
+            doc = open_trust_document(
+                c.trust_document(), load_private_key(ex.cd.coordinator_key).public_key(), federation="test"
+            )
         assert list(doc["sites"]) == ["a"] and doc["federation"] == "test" and doc["version"] >= 2
         # a document signed by anyone else is refused
         intruder, _ = site_key(tmp_path / "k", "intruder")
@@ -215,16 +229,44 @@ def test_kits_only_name_addresses_the_server_certificate_covers(tmp_path):
     cd = CoordinatorDir(coord)
     ca_before, key_before = cd.ca_cert.read_bytes(), cd.coordinator_key.read_bytes()
     generate_signing_key(tmp_path / "a.key", tmp_path / "a.pub")
-    r = runner.invoke(server_app, ["kit", "a", "--key", str(tmp_path / "a.pub"), "--exchange", "198.18.0.7:50051",
-                                   "--out", str(tmp_path / "a.kit"), "--dir", str(coord)])
+    r = runner.invoke(
+        server_app,
+        [
+            "kit",
+            "a",
+            "--key",
+            str(tmp_path / "a.pub"),
+            "--exchange",
+            "198.18.0.7:50051",
+            "--out",
+            str(tmp_path / "a.kit"),
+            "--dir",
+            str(coord),
+        ],
+    )
     said = " ".join(r.output.split())  # rich wraps long lines
     assert r.exit_code == 2 and "plan-server ca init" in said and "--host 198.18.0.7" in said
     assert not (tmp_path / "a.kit").exists() and cd.trust().keys("a") == []  # nothing registered
     out = _ok(server_app, ["ca", "init", "--dir", coord, "--host", "198.18.0.7"])
     assert "198.18.0.7" in out and "restart" in " ".join(out.split())
     assert cd.ca_cert.read_bytes() == ca_before and cd.coordinator_key.read_bytes() == key_before  # kept
-    _ok(server_app, ["kit", "a", "--key", tmp_path / "a.pub", "--exchange", "198.18.0.7:50051",
-                     "--superlink", "coord.example:9092", "--out", tmp_path / "a.kit", "--dir", coord])
+    _ok(
+        server_app,
+        [
+            "kit",
+            "a",
+            "--key",
+            tmp_path / "a.pub",
+            "--exchange",
+            "198.18.0.7:50051",
+            "--superlink",
+            "coord.example:9092",
+            "--out",
+            tmp_path / "a.kit",
+            "--dir",
+            coord,
+        ],
+    )
     # a kit whose addresses its own certificate list does not cover (edited) is refused by the site
     from common.sitekit import write_kit
 
@@ -256,7 +298,10 @@ def test_the_kit_carries_the_federations_schema_and_ingest_refuses_labels_outsid
     rng = np.random.default_rng(0)
     labels = np.array([0, 1] * 30)
     np.savez(tmp_path / "scans.npz", images=rng.integers(0, 256, (60, 20, 20), dtype=np.uint8), labels=labels)
-    _ok(node_app, ["init", "--site-dir", site, "--name", "st-marys", "--source", "npz", "--data-path", tmp_path / "scans.npz"])
+    _ok(
+        node_app,
+        ["init", "--site-dir", site, "--name", "st-marys", "--source", "npz", "--data-path", tmp_path / "scans.npz"],
+    )
     ws = Workspace(site)
     _ok(server_app, ["kit", "st-marys", "--key", ws.signing_pub, "--dir", coord])
     meta, _ = read_kit(coord / "kits" / "st-marys.kit.tar")
@@ -269,8 +314,11 @@ def test_the_kit_carries_the_federations_schema_and_ingest_refuses_labels_outsid
     assert read_splits(ws)["n_classes"] == 3
     labels[7] = 4
     np.savez(tmp_path / "scans.npz", images=rng.integers(0, 256, (60, 20, 20), dtype=np.uint8), labels=labels)
-    with pytest.raises(DataError, match=r"scans.npz: 1 image\(s\) have labels outside this federation's 3 classes "
-                                        r"\(0..2: 0 normal, 1 benign, 2 malignant\), the first at image 7 with label 4"):
+    with pytest.raises(
+        DataError,
+        match=r"scans.npz: 1 image\(s\) have labels outside this federation's 3 classes "
+        r"\(0..2: 0 normal, 1 benign, 2 malignant\), the first at image 7 with label 4",
+    ):
         ingest(ws)
     # a federation.yaml whose names do not match its count is refused where it is read
     fed_yaml["class_names"] = ["normal", "benign"]

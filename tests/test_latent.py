@@ -55,9 +55,20 @@ def test_plan_walk_keeps_endpoints_and_lowers_the_loss():
     phi_id, phi_class = SmallCNN(6, width=4, image_size=16), SmallCNN(2, width=4, image_size=16)
     start, end = torch.randn(3, 8), torch.randn(3, 8)
     labels = torch.tensor([0, 1, 0])
-    res = plan_paths(G, phi_id, phi_class, start, end, labels, points=6, iters=30, lr=0.05, weight_identity=1.0, device="cpu")
+    res = plan_paths(
+        G, phi_id, phi_class, start, end, labels, points=6, iters=30, lr=0.05, weight_identity=1.0, device="cpu"
+    )
     assert res.paths.shape == (3, 6, 8)
     assert torch.equal(res.paths[:, 0], start) and torch.equal(res.paths[:, -1], end)
     assert res.loss.sum() < res.initial_loss.sum()
-    line_loss, _ = path_loss(G, phi_id, phi_class, linear_paths(start, end, points=6), labels, weight_identity=1.0, weight_smooth=1.0, weight_class=1.0)
+    line_loss, _ = path_loss(
+        G,
+        phi_id,
+        phi_class,
+        linear_paths(start, end, points=6),
+        labels,
+        weight_identity=1.0,
+        weight_smooth=1.0,
+        weight_class=1.0,
+    )
     assert torch.allclose(line_loss, res.initial_loss)

@@ -26,8 +26,14 @@ def _page(key, **kw):
 
 
 def test_a_signed_page_opens(coordinator):
-    bundles, token = open_listing(_page(coordinator, next_page_token="f" * 32), coordinator.public_key(),
-                                  federation="fed", trust_version=3, site="", page_token="")
+    bundles, token = open_listing(
+        _page(coordinator, next_page_token="f" * 32),
+        coordinator.public_key(),
+        federation="fed",
+        trust_version=3,
+        site="",
+        page_token="",
+    )
     assert bundles == [BUNDLE] and token == "f" * 32
 
 
@@ -55,8 +61,10 @@ def test_list_pages_through_a_pool_larger_than_a_page(tmp_path, monkeypatch):
     priv, pem = site_key(tmp_path / "k", "a")
     with live_exchange(tmp_path / "coord") as ex:
         ex.trust.add("a", pem)
-        ids = sorted(ex.store.put(make_bundle(tmp_path / str(i), priv, sequence=i + 1, seed=i), verify=ex.trust).bundle_id
-                     for i in range(7))
+        ids = sorted(
+            ex.store.put(make_bundle(tmp_path / str(i), priv, sequence=i + 1, seed=i), verify=ex.trust).bundle_id
+            for i in range(7)
+        )
         with ExchangeClient(ex.address, ex.ca_cert, timeout=10) as c:
             replies = list(c._pages(None))
             assert [len(r.bundles) for r in replies] == [3, 3, 1] and replies[-1].next_page_token == ""

@@ -48,7 +48,9 @@ def test_tiny_pipeline_writes_outputs_and_skips_on_rerun(tiny_workspace):
 
     # a policy edit reruns the chain through the ledger, but the models are not retrained
     weights = (ws.models / "G_ema.safetensors").read_bytes()
-    ws.config_path.write_text(ws.config_path.read_text().replace("policy: {min_accepted: 1}", "policy: {min_accepted: 2}"))
+    ws.config_path.write_text(
+        ws.config_path.read_text().replace("policy: {min_accepted: 1}", "policy: {min_accepted: 2}")
+    )
     assert run_pipeline(ws, upto="audit")["audit"] is True
     assert (ws.models / "G_ema.safetensors").read_bytes() == weights
     assert json.loads((run / "audit.json").read_text())["policy"]["min_accepted"] == 2

@@ -16,7 +16,14 @@ def test_cpu_profile_is_the_defaults_sized_for_two_cores():
     assert cfg == SiteConfig(name="a")  # the cpu preset adds nothing: the defaults are the cpu sizes
     g = cfg.models.gan
     # what README and BENCHMARKS.md state for the cpu profile: a 32x32 generator, 64-d W, 600 steps
-    assert (cfg.data.image_size, g.w_dim, g.channels, g.steps, cfg.synth.walk.iters, cfg.device) == (32, 64, 64, 600, 60, "auto")
+    assert (cfg.data.image_size, g.w_dim, g.channels, g.steps, cfg.synth.walk.iters, cfg.device) == (
+        32,
+        64,
+        64,
+        600,
+        60,
+        "auto",
+    )
     assert profile_site_config("gpu", name="a") != cfg
 
 
@@ -25,8 +32,13 @@ def test_gpu_profile_overrides_sizes_and_keeps_explicit_fields():
     assert cfg.device == "cuda" and cfg.models.gan.w_dim == 256 and cfg.models.gan.channels == 256
     assert cfg.models.gan.steps == 7  # an explicit value wins over the preset
     assert cfg.models.gan.mapping_layers == 4 and cfg.models.classifier.width == 32  # the rest of the preset stays
-    G = Generator(z_dim=cfg.models.gan.z_dim, w_dim=cfg.models.gan.w_dim, mapping_layers=cfg.models.gan.mapping_layers,
-                  image_size=128, channels=cfg.models.gan.channels)
+    G = Generator(
+        z_dim=cfg.models.gan.z_dim,
+        w_dim=cfg.models.gan.w_dim,
+        mapping_layers=cfg.models.gan.mapping_layers,
+        image_size=128,
+        channels=cfg.models.gan.channels,
+    )
     assert G.synthesis(G.w_avg[None]).shape == (1, 1, 128, 128)
 
 

@@ -145,8 +145,12 @@ def test_clientapp_trains_on_pool_real_or_both(fed):
     publish(a), publish(b)
     real = np.full((6, 8, 8), 7, np.uint8)
     a.data.mkdir(parents=True, exist_ok=True)
-    np.savez(a.data / "dataset.npz", images=real, labels=np.array([0, 1, 0, 1, 1, 0]), patient_ids=np.array(list("pqrstu")))
-    atomic_write_json(a.data / "splits.json", {"seed": 0, "n_classes": 2, "train": [0, 1, 2, 3], "holdout": [4], "test": [5]})
+    np.savez(
+        a.data / "dataset.npz", images=real, labels=np.array([0, 1, 0, 1, 1, 0]), patient_ids=np.array(list("pqrstu"))
+    )
+    atomic_write_json(
+        a.data / "splits.json", {"seed": 0, "n_classes": 2, "train": [0, 1, 2, 3], "holdout": [4], "test": [5]}
+    )
 
     pool_x, pool_y = _training_data(a, "pool")  # pulls and verifies first
     assert len(pool_y) == 20

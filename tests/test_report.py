@@ -10,9 +10,17 @@ from server.report import _series, write_curves
 
 
 def _run(acc: list[float]) -> dict:
-    return {"per_site": {str(r + 1): {"evaluate": {
-        "a": {"accuracy": a, "auroc": a, "local-only-accuracy": 0.6, "local-only-auroc": 0.7},
-        "b": {"error": "ClientApp raised"}}} for r, a in enumerate(acc)}}
+    return {
+        "per_site": {
+            str(r + 1): {
+                "evaluate": {
+                    "a": {"accuracy": a, "auroc": a, "local-only-accuracy": 0.6, "local-only-auroc": 0.7},
+                    "b": {"error": "ClientApp raised"},
+                }
+            }
+            for r, a in enumerate(acc)
+        }
+    }
 
 
 def test_series_follow_rounds_and_skip_errors():

@@ -36,8 +36,9 @@ def test_every_call_of_a_revoked_site_is_refused(revoked, tmp_path, call):
                 "list": lambda: c.list(),
                 "download": lambda: c.download(bid_b, tmp_path / "x.tar"),
                 "trust_document": lambda: c.trust_document(),
-                "upload": lambda: c.upload(make_bundle(tmp_path / "n", load_private_key(a.signing_key), site="a",
-                                                       sequence=5), site="a"),
+                "upload": lambda: c.upload(
+                    make_bundle(tmp_path / "n", load_private_key(a.signing_key), site="a", sequence=5), site="a"
+                ),
                 "health": lambda: c.health(),
             }[call]()
     assert e.value.code == "PERMISSION_DENIED", e.value

@@ -4,7 +4,13 @@ import stat
 import pytest
 
 from common.signing import (
-    SigningKeyError, generate_signing_key, key_id, load_private_key, load_public_key, sign, verify,
+    SigningKeyError,
+    generate_signing_key,
+    key_id,
+    load_private_key,
+    load_public_key,
+    sign,
+    verify,
 )
 from common.tls import certificate_common_name, issue_client_cert, issue_server_cert, make_ca
 

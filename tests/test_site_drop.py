@@ -7,7 +7,6 @@ stopped (its SuperNode with it) once round 1 has trained. Rounds need two sites
 
 from __future__ import annotations
 
-
 import pytest
 
 from tests.helpers_federation import run_federation
@@ -18,8 +17,13 @@ ROUNDS = 3
 
 
 def test_a_site_that_drops_out_is_named_and_the_run_completes(tmp_path):
-    coord, sites, results = run_federation(tmp_path, n_sites=3, quorum=2, drop=("site-c", 1),
-                                           federation_overrides={"downstream": {"rounds": ROUNDS, "baselines": False}})
+    coord, sites, results = run_federation(
+        tmp_path,
+        n_sites=3,
+        quorum=2,
+        drop=("site-c", 1),
+        federation_overrides={"downstream": {"rounds": ROUNDS, "baselines": False}},
+    )
 
     assert results["completed"] and results["rounds_completed"] == ROUNDS, results
     assert results["degraded"] is True

@@ -9,7 +9,11 @@ def test_no_patient_in_two_splits_and_deterministic():
     s = split_by_patient(p, train=0.5, holdout=0.25, seed=3, labels=y)
     assert sorted(np.concatenate(list(s.values())).tolist()) == list(range(len(p)))
     sets = {k: set(p[v]) for k, v in s.items()}
-    assert not (sets["train"] & sets["holdout"]) and not (sets["train"] & sets["test"]) and not (sets["holdout"] & sets["test"])
+    assert (
+        not (sets["train"] & sets["holdout"])
+        and not (sets["train"] & sets["test"])
+        and not (sets["holdout"] & sets["test"])
+    )
     again = split_by_patient(p, train=0.5, holdout=0.25, seed=3, labels=y)
     assert all(np.array_equal(s[k], again[k]) for k in s)
     other = split_by_patient(p, train=0.5, holdout=0.25, seed=4, labels=y)

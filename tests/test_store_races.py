@@ -24,7 +24,7 @@ def _arriving(tar, during):
     data = tar.read_bytes()
     yield data[: len(data) // 2]
     during()
-    yield data[len(data) // 2:]
+    yield data[len(data) // 2 :]
 
 
 @pytest.mark.parametrize("change", ["revoke", "rotate"])
@@ -32,9 +32,12 @@ def test_a_key_change_while_a_bundle_arrives_refuses_it(setup, tmp_path, change)
     cd, priv = setup
     trust, store = cd.trust(), BundleStore(cd.store)
     _, new_pem = site_key(tmp_path / "k", "a-new")
-    during = {"revoke": lambda: trust.revoke("a"),
-              "rotate": lambda: trust.rotate("a", new_pem, last_sequence=0)}[change]
-    with pytest.raises(StoreRefused, match="no longer vouches for sequence 1: revoked or rotated while the bundle was arriving"):
+    during = {"revoke": lambda: trust.revoke("a"), "rotate": lambda: trust.rotate("a", new_pem, last_sequence=0)}[
+        change
+    ]
+    with pytest.raises(
+        StoreRefused, match="no longer vouches for sequence 1: revoked or rotated while the bundle was arriving"
+    ):
         store.put(_arriving(make_bundle(tmp_path / "b", priv), during), verify=trust)
     assert store.list() == []
 

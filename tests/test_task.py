@@ -38,7 +38,18 @@ def test_proximal_term_keeps_weights_near_global():
     for mu in (0.0, 10.0):
         m = DownstreamCNN(2, width=4, image_size=16)
         m.load_state_dict(start.state_dict())
-        train_classifier(m, x, y, epochs=3, lr=3e-3, batch_size=16, device="cpu", seed=0, proximal_mu=mu, global_params=[g.numpy() for g in glob])
+        train_classifier(
+            m,
+            x,
+            y,
+            epochs=3,
+            lr=3e-3,
+            batch_size=16,
+            device="cpu",
+            seed=0,
+            proximal_mu=mu,
+            global_params=[g.numpy() for g in glob],
+        )
         drift[mu] = sum((p.detach() - g).square().sum().item() for p, g in zip(m.parameters(), glob))
     assert drift[10.0] < drift[0.0]
 

@@ -1,6 +1,6 @@
 """The README's first command (`make demo`): three phantom-clinic sites, the whole path, one table.
 
-    python -m deploy.local.demo --out out/demo [--sites 3] [--route plan|cvae]
+python -m deploy.local.demo --out out/demo [--sites 3] [--route plan|cvae]
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def site_summary(site: Path, results: dict) -> dict:
     fedavg_real = baselines.get("fedavg_real", {}).get("per_site", {}).get(name, {})
     # as the site reported it to the federation; before a run, the site's own local-only stage
     local = baselines.get("local_only", {}).get("per_site", {}).get(name) or {
-        "accuracy": (read_json(site / "reports" / "local_only.json") or {}).get("test_accuracy")}
+        "accuracy": (read_json(site / "reports" / "local_only.json") or {}).get("test_accuracy")
+    }
     return {
         "name": name,
         "n_real_train": len(splits.get("train", [])),
@@ -59,7 +60,9 @@ def summarize(sites: list[Path], results: dict, *, seconds: float) -> dict:
             "completed": bool(results.get("completed")),
             "status": results.get("status"),
             "run_id": results.get("run_id"),
-            "baseline_fedavg_real": {k: results.get("baselines", {}).get("fedavg_real", {}).get(k) for k in ("status", "completed", "run_id")},
+            "baseline_fedavg_real": {
+                k: results.get("baselines", {}).get("fedavg_real", {}).get(k) for k in ("status", "completed", "run_id")
+            },
         },
         "wall_seconds": round(seconds, 1),
     }
@@ -71,24 +74,37 @@ def _fmt(x) -> str:
 
 def print_table(summary: dict) -> None:
     table = Table(title=f"plan-node local federation ({summary['wall_seconds']:.0f} s)")
-    for col in ("site", "real train", "published", "gate", "MIA AUC", "re-id rate",
-                "acc. federated\n(synthetic)", "acc. FedAvg\n(real data)", "acc. local\nonly"):
+    for col in (
+        "site",
+        "real train",
+        "published",
+        "gate",
+        "MIA AUC",
+        "re-id rate",
+        "acc. federated\n(synthetic)",
+        "acc. FedAvg\n(real data)",
+        "acc. local\nonly",
+    ):
         table.add_column(col, justify="right")
     for s in summary["sites"]:
         a = s["audit"]
         table.add_row(
             s["name"], str(s["n_real_train"]), str(s["n_published"]), "pass" if a["passed"] else "FAIL",
-            _fmt(a["mia_auc"]), _fmt(a["reid_rate"]), _fmt(s["test_accuracy_federated"]), _fmt(s["test_accuracy_fedavg_real"]),
-            _fmt(s["test_accuracy_local_only"]),
+            _fmt(a["mia_auc"]), _fmt(a["reid_rate"]), _fmt(s["test_accuracy_federated"]),
+            _fmt(s["test_accuracy_fedavg_real"]), _fmt(s["test_accuracy_local_only"]),
         )  # fmt: skip
     # A fixed width: under make or CI stdout is no terminal, and rich would squeeze the table to 80.
     out = Console(width=110)
     out.print(table)
     f = summary["federation"]
-    out.print(f"federation: {f['rounds_completed']}/{f['rounds']} rounds, status {f['status']}; "
-              f"baseline FedAvg on real data: status {f['baseline_fedavg_real']['status']}")
-    out.print("Each site evaluates on its own real test split. The federated model never saw a real image; "
-              "FedAvg on real data is what sharing no data but the model would give; local only is a site alone.")
+    out.print(
+        f"federation: {f['rounds_completed']}/{f['rounds']} rounds, status {f['status']}; "
+        f"baseline FedAvg on real data: status {f['baseline_fedavg_real']['status']}"
+    )
+    out.print(
+        "Each site evaluates on its own real test split. The federated model never saw a real image; "
+        "FedAvg on real data is what sharing no data but the model would give; local only is a site alone."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,15 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, default=3, help="number of sites")
     parser.add_argument("--quorum", type=int, default=2, help="sites that must pass their audit gate (all sites train)")
     parser.add_argument("--timeout", type=float, default=1500, help="seconds before the demo gives up")
-    parser.add_argument("--route", choices=("plan", "cvae"), default="plan",
-                        help="what the sites share: PLAN images, or CVAE embeddings of the federation's pinned extractor")
+    parser.add_argument(
+        "--route",
+        choices=("plan", "cvae"),
+        default="plan",
+        help="what the sites share: PLAN images, or CVAE embeddings of the federation's pinned extractor",
+    )
     args = parser.parse_args(argv)
 
     out = args.out.resolve()
     if out.exists():
         shutil.rmtree(out)
     t0 = time.time()
-    coord, sites = launcher.setup(out, n_sites=args.sites, quorum=args.quorum, federation_overrides={"route": args.route})
+    coord, sites = launcher.setup(
+        out, n_sites=args.sites, quorum=args.quorum, federation_overrides={"route": args.route}
+    )
     results = launcher.run(coord, sites, timeout=args.timeout, say=lambda m: Console(stderr=True).print(m))
     summary = summarize(sites, results, seconds=time.time() - t0)
     atomic_write_json(out / "results.json", summary)

@@ -49,7 +49,9 @@ def _cli(name: str) -> str:
 def _run(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise LaunchError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr.strip() or proc.stdout.strip()}")
+        raise LaunchError(
+            f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr.strip() or proc.stdout.strip()}"
+        )
 
 
 def _tail(path: Path, n: int = 40) -> str:
@@ -84,8 +86,15 @@ def setup(
     exchange_port, superlink_port, internal_port, *node_ports = free_ports(3 + n_sites)
     # Every site trains in the federation; `quorum` of them must have passed their gate.
     quorum = n_sites if quorum is None else quorum
-    fed = {"name": "local", "quorum": quorum, "min_nodes": n_sites, "exchange_port": exchange_port,
-           "superlink_port": superlink_port, "superlink_internal_port": internal_port, "policy": DEMO_POLICY}
+    fed = {
+        "name": "local",
+        "quorum": quorum,
+        "min_nodes": n_sites,
+        "exchange_port": exchange_port,
+        "superlink_port": superlink_port,
+        "superlink_internal_port": internal_port,
+        "policy": DEMO_POLICY,
+    }
     fed = deep_merge(fed, federation_overrides or {})
     _run([_cli("plan-server"), "init", "--dir", str(coord), "--quorum", str(quorum), "--min-nodes", str(n_sites)])
     fed_path = coord / "federation.yaml"
@@ -100,7 +109,9 @@ def setup(
         ])  # fmt: skip
         cfg_path = site / "site.yaml"
         overrides = deep_merge(DEMO_SITE, site_overrides or {})
-        atomic_write_text(cfg_path, yaml.safe_dump(deep_merge(yaml.safe_load(cfg_path.read_text()), overrides), sort_keys=False))
+        atomic_write_text(
+            cfg_path, yaml.safe_dump(deep_merge(yaml.safe_load(cfg_path.read_text()), overrides), sort_keys=False)
+        )
         # A site kit per site, as an operator would: registers its signing and SuperNode keys and
         # carries its client certificate for the exchange's mutual TLS (README, "Federation keys").
         kit = coord / "kits" / f"{name}.kit.tar"
@@ -162,10 +173,14 @@ def run(
     before = latest.stat().st_mtime_ns if latest.exists() else None
     try:
         procs["coordinator"] = spawn(
-            [_cli("plan-server"), "start", "--dir", str(coord), "--exit-after-run"], log=logs / "coordinator.log", env=env
+            [_cli("plan-server"), "start", "--dir", str(coord), "--exit-after-run"],
+            log=logs / "coordinator.log",
+            env=env,
         )
         for site in sites:
-            procs[site.name] = spawn([_cli("plan-node"), "start", "--site-dir", str(site)], log=logs / f"{site.name}.log", env=env)
+            procs[site.name] = spawn(
+                [_cli("plan-node"), "start", "--site-dir", str(site)], log=logs / f"{site.name}.log", env=env
+            )
         say(f"started coordinator and {len(sites)} sites; logs in {logs}")
         deadline = time.time() + timeout
         dropped: set[str] = set()
@@ -176,13 +191,21 @@ def run(
                 say(f"fault drill: stopped {drop[0]} in round {_run_round(coord)}")
             for name, p in procs.items():
                 if name != "coordinator" and name not in dropped and p.poll() is not None:
-                    raise LaunchError(f"{name} exited with code {p.returncode} before the run finished:\n{_tail(logs / f'{name}.log')}")
+                    raise LaunchError(
+                        f"{name} exited with code {p.returncode} before the run finished:\n"
+                        f"{_tail(logs / f'{name}.log')}"
+                    )
             _check_quorum_reachable(coord, sites)
             if time.time() > deadline:
-                raise LaunchError(f"the federation did not finish within {timeout:.0f} s:\n{_tail(logs / 'coordinator.log')}")
+                raise LaunchError(
+                    f"the federation did not finish within {timeout:.0f} s:\n{_tail(logs / 'coordinator.log')}"
+                )
             time.sleep(2)
         if not latest.exists() or latest.stat().st_mtime_ns == before:  # a run of an earlier start is no answer
-            raise LaunchError(f"the coordinator exited with code {procs['coordinator'].returncode} and no new run:\n{_tail(logs / 'coordinator.log')}")
+            raise LaunchError(
+                f"the coordinator exited with code {procs['coordinator'].returncode} and no new run:\n"
+                f"{_tail(logs / 'coordinator.log')}"
+            )
         run_dir = coord / "runs" / json.loads(latest.read_text())["run_dir"]
         return json.loads((run_dir / "results.json").read_text())
     finally:
