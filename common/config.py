@@ -401,20 +401,31 @@ class PolicyConfig(_Strict):
     max_attempts: int = Field(3, ge=1)
 
     def stricter(self, floor: "PolicyConfig") -> "PolicyConfig":
-        """This policy tightened so that it is at least as strict as `floor` (the federation's)."""
-        return PolicyConfig(
-            min_pixel_distance=max(self.min_pixel_distance, floor.min_pixel_distance),
-            max_mia_auc=min(self.max_mia_auc, floor.max_mia_auc),
-            max_reid_rate=min(self.max_reid_rate, floor.max_reid_rate),
-            max_closer_to_train=min(self.max_closer_to_train, floor.max_closer_to_train),
-            min_accepted=max(self.min_accepted, floor.min_accepted),
-            max_tpr_at_low_fpr=min(self.max_tpr_at_low_fpr, floor.max_tpr_at_low_fpr),
-            min_mmL=max(self.min_mmL, floor.min_mmL),
-            max_dp_epsilon=min((e for e in (self.max_dp_epsilon, floor.max_dp_epsilon) if e is not None), default=None),
-            min_embedding_distance_ratio=max(self.min_embedding_distance_ratio, floor.min_embedding_distance_ratio),
-            copy_fpr=max(self.copy_fpr, floor.copy_fpr),
-            max_attempts=min(self.max_attempts, floor.max_attempts),
-        )
+        """This policy tightened so that it is at least as strict as `floor` (the federation's):
+        per field, the stricter value by POLICY_BOUNDS' direction (None, no limit, never wins)."""
+        values = {}
+        for name, (kind, _) in POLICY_BOUNDS.items():
+            limits = [v for v in (getattr(self, name), getattr(floor, name)) if v is not None]
+            values[name] = (min if kind == "max" else max)(limits, default=None)
+        return PolicyConfig(**values)
+
+
+# Every PolicyConfig field once: "max" (a lower value is stricter) or "min" (a higher one is), and
+# the audit figures it bounds (common/policy.evaluate). copy_fpr and max_attempts bound how the
+# audit runs, not a figure it reports.
+POLICY_BOUNDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "max_mia_auc": ("max", ("mia_auc_upper", "mia_auc_two_sided_upper")),
+    "max_tpr_at_low_fpr": ("max", ("tpr_at_low_fpr_upper",)),
+    "max_reid_rate": ("max", ("reid_rate_upper",)),
+    "max_closer_to_train": ("max", ("closer_to_train_upper",)),
+    "min_accepted": ("min", ("n_accepted",)),
+    "min_pixel_distance": ("min", ("min_pixel_mse_to_train",)),  # images only
+    "min_embedding_distance_ratio": ("min", ("min_embedding_distance_ratio",)),  # embeddings only
+    "min_mmL": ("min", ("mmL",)),  # when above 0
+    "max_dp_epsilon": ("max", ("dp_epsilon",)),  # when set and the synthesis declares an epsilon
+    "copy_fpr": ("min", ()),
+    "max_attempts": ("max", ()),
+}
 
 
 class CoordinatorAddress(_Strict):

@@ -78,3 +78,19 @@ def test_site_policy_tightened_by_federation_floor():
     floor = PolicyConfig(max_mia_auc=0.6, max_reid_rate=0.2, min_accepted=30)
     p = site.stricter(floor)
     assert (p.max_mia_auc, p.max_reid_rate, p.min_accepted) == (0.6, 0.05, 30)
+
+
+def test_every_policy_field_has_one_direction_and_stricter_follows_it():
+    """POLICY_BOUNDS is the one statement of which way each policy field tightens: it covers every
+    field, and `stricter` takes, field by field, the value a stricter gate would use."""
+    from common.config import POLICY_BOUNDS, PolicyConfig
+
+    assert set(POLICY_BOUNDS) == set(PolicyConfig.model_fields)
+    loose = PolicyConfig(min_pixel_distance=0.001, max_mia_auc=0.9, max_reid_rate=0.5, max_closer_to_train=0.9,
+                         min_accepted=5, max_tpr_at_low_fpr=0.5, min_mmL=0.0, max_dp_epsilon=None,
+                         min_embedding_distance_ratio=0.1, copy_fpr=0.01, max_attempts=9)  # fmt: skip
+    tight = PolicyConfig(min_pixel_distance=0.01, max_mia_auc=0.6, max_reid_rate=0.1, max_closer_to_train=0.6,
+                         min_accepted=50, max_tpr_at_low_fpr=0.1, min_mmL=0.2, max_dp_epsilon=2.0,
+                         min_embedding_distance_ratio=0.8, copy_fpr=0.05, max_attempts=1)  # fmt: skip
+    assert loose.stricter(tight) == tight and tight.stricter(loose) == tight
+    assert PolicyConfig(max_dp_epsilon=3.0).stricter(PolicyConfig()).max_dp_epsilon == 3.0  # None is no limit
