@@ -1,4 +1,4 @@
-"""Signed synthetic-data bundles (DESIGN.md section 6): build, pack, extract safely, verify, load.
+"""Signed synthetic-data bundles (docs/DESIGN.md 3.6): build, pack, extract safely, verify, load.
 
 A bundle directory `<bundle_id>/` holds
 

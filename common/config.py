@@ -134,7 +134,7 @@ class ModelsConfig(_Strict):
 
 
 class WalkConfig(_Strict):
-    """The PLAN objective of DESIGN.md section 1 and its optimiser."""
+    """The PLAN objective (docs/DESIGN.md 3.3) and its optimiser."""
 
     method: Literal["plan", "linear"] = "plan"
     points: int = Field(14, ge=3, description="codes per path, endpoints included; the interior ones are rendered")
@@ -144,7 +144,7 @@ class WalkConfig(_Strict):
         10.0,
         ge=0,
         description=(
-            "DESIGN.md's 0.1 is the paper's weight for StyleGAN2's 512-dim W; on this 64-dim W it left the "
+            "0.1 (the first design's) is the paper's weight for StyleGAN2's 512-dim W; on this 64-dim W it left the "
             "independent attacker no further from the train set than the straight line (bench/path_safety.py)"
         ),
     )

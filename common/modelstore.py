@@ -1,4 +1,4 @@
-"""The local model store (DESIGN.md section 8): pretrained weights are files in a folder, each
+"""The local model store (docs/DESIGN.md 3.4): pretrained weights are files in a folder, each
 pinned by its sha256. Nothing here downloads; a missing or wrong file is a clear error that says
 which file, which digest and where to put it.
 

@@ -1,4 +1,4 @@
-"""The release policy as a pure function of an audit result (DESIGN.md section 5).
+"""The release policy as a pure function of an audit result (docs/DESIGN.md 3.5).
 
 The same function decides a site's gate (node/audit.py) and the coordinator's check of a
 received bundle's signed audit against the federation's floor (server/store.py): a site that

@@ -1,4 +1,4 @@
-"""Federation assets at a site (DESIGN.md sections 7-8): the CVAE route's pinned feature-extractor
+"""Federation assets at a site (docs/DESIGN.md 3.4): the CVAE route's pinned feature-extractor
 weights, fetched from the coordinator's exchange into the site's local model store, so a site
 without internet needs no model hub.
 

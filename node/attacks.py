@@ -1,5 +1,5 @@
 """Membership-inference attacks beyond the black-box nearest-neighbour one, ROC points and
-bootstrap confidence intervals (DESIGN.md section 5). Every attack returns member scores for the
+bootstrap confidence intervals (docs/DESIGN.md 3.5). Every attack returns member scores for the
 train records T and non-member scores for the holdout records H (higher = "member"); AUC 0.5 is
 ideal.
 

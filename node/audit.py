@@ -1,5 +1,5 @@
 """Stage `audit`: membership-inference and re-identification attacks on the latest synthetic
-run, the per-sample filter and the release gate (DESIGN.md section 5).
+run, the per-sample filter and the release gate (docs/DESIGN.md 3.5).
 
 Spaces: "pixel" (mean squared error on [0,1]), "phi_id" and "attacker" (squared Euclidean
 distance between penultimate-layer embeddings of phi_id and of the independently trained

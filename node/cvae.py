@@ -1,4 +1,4 @@
-"""The CVAE route's generator (Di Salvo et al., BMVC 2024; DESIGN.md section 1): a conditional
+"""The CVAE route's generator (Di Salvo et al., BMVC 2024; docs/DESIGN.md 3.4): a conditional
 VAE that learns the class-conditional distribution of a site's embeddings, and samples from it.
 
 Embeddings float32 [N,D] are min-max scaled per dimension to [0,1] with bounds fitted on the

@@ -1,4 +1,4 @@
-"""The CVAE route's train and synthesize stages (DESIGN.md section 1; Di Salvo et al., BMVC 2024).
+"""The CVAE route's train and synthesize stages (docs/DESIGN.md 3.4; Di Salvo et al., BMVC 2024).
 
 train:      the train split's embeddings by the federation's pinned extractor (node.embeddings,
             cached), a conditional VAE on them (node.cvae), and two re-identification heads on

@@ -1,4 +1,4 @@
-"""Loading a site's images (DESIGN.md section 4): phantom, MedMNIST-style .npz, class folders
+"""Loading a site's images (docs/DESIGN.md 3.2): phantom, MedMNIST-style .npz, class folders
 or a CSV manifest, all resized to one square grey size.
 
 Every problem with the input (an unreadable image, a bad manifest row, a missing array) raises

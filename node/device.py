@@ -1,4 +1,4 @@
-"""Which torch device a stage runs on: the same code on CPU and CUDA (DESIGN.md section 9)."""
+"""Which torch device a stage runs on: the same code on CPU and CUDA (docs/DESIGN.md 3.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Nearest-neighbour distances as chunked matrix products (DESIGN.md sections 5 and 9)."""
+"""Nearest-neighbour distances as chunked matrix products (docs/DESIGN.md 3.5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Frozen feature extractors of the CVAE route (DESIGN.md sections 1, 7, 8): grey images
+"""Frozen feature extractors of the CVAE route (docs/DESIGN.md 3.4): grey images
 uint8 [N,H,W] -> embeddings float32 [N,D].
 
 The extractor is pinned federation-wide (`FederationConfig.extractor`): embeddings from two

@@ -1,4 +1,4 @@
-"""The site's embedding cache (CVAE route; DESIGN.md section 9: feature extraction once per
+"""The site's embedding cache (CVAE route; docs/DESIGN.md 3.4: feature extraction once per
 image): every split's images embedded once by the federation's extractor, kept in
 `data/embeddings-<extractor digest>.safetensors` beside the data set they came from.
 

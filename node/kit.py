@@ -98,11 +98,6 @@ def install_kit(ws: Workspace, kit_path: Path) -> dict:
         if meta.get("route", "plan") not in ("plan", "cvae"):
             raise ValueError(f"route must be 'plan' or 'cvae', got {meta['route']!r}")
         federated = bool(meta.get("cvae_federated", False)) and meta.get("route") == "cvae"
-        if federated and cfg.synth.cvae.dp:
-            raise ValueError(
-                "the federation trains the CVAE across sites (cvae_federated), which this version does "
-                "not support with DP-SGD; set synth.cvae.dp to false in site.yaml first"
-            )
     except ValueError as e:
         raise KitError(f"{kit_path}: kit.json route or extractor: {e}") from None
     schema = meta.get("schema")  # kits made before the schema was recorded leave data.* as it is

@@ -1,4 +1,4 @@
-"""Exact LPIPS, all pairs, as matrix products (DESIGN.md sections 5 and 8).
+"""Exact LPIPS, all pairs, as matrix products (docs/DESIGN.md 3.5).
 
 LPIPS(x, y) = sum_l mean_{h,w} sum_c w_lc (f̂_lchw(x) - f̂_lchw(y))^2, with f̂ the backbone's
 layer-l activations unit-normalised over channels and w_l >= 0 the package's linear weights. So

@@ -1,4 +1,4 @@
-"""The procedural "phantom clinic" (DESIGN.md section 4): a labelled data set with several
+"""The procedural "phantom clinic" (docs/DESIGN.md 3.2): a labelled data set with several
 images per patient, so demos and tests run anywhere and re-identification has a ground truth.
 
 Each patient has a stable anatomy: an elliptical body with its own size, placement and tilt,

@@ -234,7 +234,7 @@ def load_pool_data(
     Raises BundleError naming the first bundle that does not fit the one before it: another
     route, another image size, or another embedding dimension (embeddings of different
     feature extractors are not comparable, even when their dimensions happen to agree; the
-    federation pins one, DESIGN.md section 7).
+    federation pins one, docs/DESIGN.md 3.7).
     """
     index = _read_index(ws.pool / "index.json")
     expected_route = route

@@ -1,4 +1,4 @@
-"""Patient-level train / holdout / test split (DESIGN.md section 4): no patient in two splits."""
+"""Patient-level train / holdout / test split (docs/DESIGN.md 3.2): no patient in two splits."""
 
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ def train(ws: Workspace) -> None:
     gc = mc.gan
 
     # The classifiers first: phi_class is the in-domain embedding the GAN's quality is measured in
-    # at every checkpoint. The attacker is the audit's honest judge (DESIGN.md section 5): the
+    # at every checkpoint. The attacker is the audit's honest judge (docs/DESIGN.md 3.5): the
     # walk is optimised against phi_id, so it gets another width and seed, and the walk never sees it.
     identities, id_labels = np.unique(train_set.patient_ids, return_inverse=True)
     cc = mc.classifier

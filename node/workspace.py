@@ -1,4 +1,4 @@
-"""The site workspace (DESIGN.md section 3): where every stage reads and writes, and its ledger.
+"""The site workspace (docs/DESIGN.md 3.1): where every stage reads and writes, and its ledger.
 
 A stage whose inputs' digests match its last ledger line is skipped; every output is written to
 a temporary name and renamed into place (common.fileio), so a crash leaves no half-written file.

@@ -1,4 +1,4 @@
-"""Federation assets on the coordinator (DESIGN.md section 7): files every site must share, such as
+"""Federation assets on the coordinator (docs/DESIGN.md 3.4): files every site must share, such as
 the CVAE route's pinned feature-extractor weights, served by the exchange to sites that have no
 internet (`DownloadAsset` in common/exchange.proto).
 
