@@ -17,7 +17,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from common.logs import setup_logging
 
@@ -38,6 +38,16 @@ EXIT_CODES = {
     VERIFY: "verification failed",
     RUN_FAILED: "federation run failed",
 }
+
+
+def fail(message: object, code: int = CONFIG) -> NoReturn:
+    """A command's own refusal: `error: MESSAGE` on stderr, plain text (messages hold paths and
+    [brackets], never read as markup), then exit with `code`."""
+    import typer
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"error: {message}", style="red", markup=False)
+    raise typer.Exit(code)
 
 
 def exit_code_of(exc: BaseException) -> int | None:

@@ -14,14 +14,14 @@ from node.device import pick_device
 from node.ingest import read_splits
 from node.records import split_records
 from node.status import read_json
-from node.task import evaluate_classifier, train_classifier
+from node.task import epochs_for, evaluate_classifier, train_classifier
 from node.workspace import Workspace
 
 
 def local_only(ws: Workspace, *, downstream: DownstreamConfig | None = None) -> dict:
     """Train the downstream model (common.models.downstream_model for the site's route: a CNN on
     images, a head on embeddings) with the federation's downstream hyperparameters (epochs =
-    rounds * local_epochs, so it sees the real data as often as a federated client does) and write
+    rounds times a client's epochs a round on data of this size, node.task.epochs_for) and write
     reports/local_only.json {"test_accuracy", "test_loss", "test" (every metric of
     node.task.evaluate_classifier), "n_train", "n_test", ...}. Reused when it exists for the same
     hyperparameters."""
@@ -51,12 +51,16 @@ def local_only(ws: Workspace, *, downstream: DownstreamConfig | None = None) -> 
         )
         if route == "cvae":
             model.fit_scaler(torch.from_numpy(x_train))
+    # as many epochs as a federated client trains in all its rounds on data of this size
+    epochs = ds.rounds * epochs_for(
+        len(y_train), epochs=ds.local_epochs, min_steps=ds.min_local_steps, batch_size=ds.batch_size
+    )
     t0 = time.time()
     loss = train_classifier(
         model,
         x_train,
         y_train,
-        epochs=ds.rounds * ds.local_epochs,
+        epochs=epochs,
         lr=ds.lr,
         batch_size=ds.batch_size,
         device=device,
@@ -71,7 +75,7 @@ def local_only(ws: Workspace, *, downstream: DownstreamConfig | None = None) -> 
         "n_test": ev["n"],
         "test": ev,
         "final_train_loss": loss,
-        "epochs": ds.rounds * ds.local_epochs,
+        "epochs": epochs,
         "downstream": ds.model_dump(mode="json"),
         "route": route,
         "seconds": round(time.time() - t0, 2),

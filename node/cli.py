@@ -30,18 +30,12 @@ console = Console(stderr=True, soft_wrap=True)  # messages hold paths: never bro
 SiteDir = typer.Option(Path("site"), "--site-dir", help="The site workspace (site.yaml, keys, data, models...).")
 
 
-def _fail(message: object, code: int) -> None:
-    """One line on stderr (never read as markup: messages hold paths and [brackets]) and exit `code`."""
-    console.print(f"error: {message}", style="red", markup=False)
-    raise typer.Exit(code)
-
-
 def _workspace(site_dir: Path) -> Workspace:
     ws = Workspace(site_dir)
     try:
         ws.config()
     except ConfigError as e:
-        _fail(e, errors.CONFIG)
+        errors.fail(e, errors.CONFIG)
     return ws
 
 
@@ -77,7 +71,7 @@ def init(
         _install_kit(ws, kit)
         return
     if ws.config_path.exists():
-        _fail(f"{ws.config_path} already exists; refusing to overwrite a site", errors.CONFIG)
+        errors.fail(f"{ws.config_path} already exists; refusing to overwrite a site", errors.CONFIG)
     try:
         cfg = profile_site_config(
             profile,
@@ -90,7 +84,7 @@ def init(
             coordinator={"exchange": exchange, "superlink": superlink, "supernode_port": supernode_port},
         )
     except ValueError as e:
-        _fail(e, errors.CONFIG)
+        errors.fail(e, errors.CONFIG)
     ws.keys.mkdir(parents=True, exist_ok=True)
     ws.keys.chmod(0o700)
     if ca_cert is not None:
@@ -108,7 +102,7 @@ def _install_kit(ws: Workspace, kit: Path) -> None:
     from node.kit import install_kit
 
     if not ws.config_path.exists():
-        _fail(
+        errors.fail(
             f"{ws.config_path} not found: run `plan-node init --site-dir {ws.root} --name NAME` first, send "
             f"keys/signing.pub to the coordinator, then install the kit it returns",
             errors.CONFIG,
@@ -116,7 +110,7 @@ def _install_kit(ws: Workspace, kit: Path) -> None:
     try:
         meta = install_kit(_workspace(ws.root), kit)
     except (KitError, ConfigError) as e:
-        _fail(e, errors.CONFIG)
+        errors.fail(e, errors.CONFIG)
     console.print(
         f"site kit of federation {meta['federation']!r} installed in {ws.keys}; exchange {meta['exchange']}, "
         f"SuperLink {meta['superlink']}"
@@ -131,7 +125,7 @@ def _pipeline(site_dir: Path, upto: str, force: bool, note: str | None = None) -
     try:
         run_pipeline(ws, upto=upto, force=force, note=note)
     except AttemptRefused as e:
-        _fail(f"refused: {e}", errors.GATE)
+        errors.fail(f"refused: {e}", errors.GATE)
     return ws
 
 
@@ -157,7 +151,7 @@ def synthesize(
 def _set_route(ws: Workspace, route: str) -> None:
     cfg = ws.config()
     if route not in ("plan", "cvae"):
-        _fail(f"--route must be plan or cvae, got {route!r}", errors.CONFIG)
+        errors.fail(f"--route must be plan or cvae, got {route!r}", errors.CONFIG)
     if cfg.synth.route != route:
         cfg.synth.route = route
         atomic_write_text(ws.config_path, commented_yaml(cfg, title=f"plan-node site config for {cfg.name!r}"))
@@ -198,7 +192,7 @@ def publish(site_dir: Path = SiteDir) -> None:
 
     bundle_id = publish_stage(_workspace(site_dir))
     if bundle_id is None:
-        _fail("nothing published: the audit gate did not pass (see `plan-node audit`)", errors.GATE)
+        errors.fail("nothing published: the audit gate did not pass (see `plan-node audit`)", errors.GATE)
     console.print(f"published bundle {bundle_id}")
 
 
@@ -223,7 +217,7 @@ def fetch_assets(site_dir: Path = SiteDir) -> None:
     try:
         path = fetch_extractor_weights(ws, ws.config().synth.extractor, say=console.print)
     except (ExchangeError, ModelStoreError, ValueError, OSError) as e:
-        _fail(e, errors.exit_code_of(e) or errors.DATA)
+        errors.fail(e, errors.exit_code_of(e) or errors.DATA)
     console.print("extractor tiny: no weight file to fetch" if path is None else f"extractor weights ready: {path}")
 
 

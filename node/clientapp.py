@@ -27,7 +27,7 @@ from node.baseline import local_only
 from node.device import pick_device
 from node.pull import load_pool_data, pull
 from node.records import split_records
-from node.task import evaluate_classifier, site_round_seed, train_classifier
+from node.task import epochs_for, evaluate_classifier, site_round_seed, train_classifier
 from node.workspace import Workspace
 
 app = ClientApp()
@@ -110,6 +110,7 @@ def _downstream(cfg: ConfigRecord) -> DownstreamConfig:
         width=int(cfg["width"]),
         rounds=int(cfg["rounds"]),
         local_epochs=int(cfg["local-epochs"]),
+        min_local_steps=int(cfg.get("min-local-steps", 0)),
         lr=float(cfg["lr"]),
         batch_size=int(cfg["batch-size"]),
         head_hidden=int(cfg.get("head-hidden", 0)),
@@ -176,7 +177,12 @@ def train(msg: Message, context: Context) -> Message:
         model,
         data,
         labels,
-        epochs=int(cfg["local-epochs"]),
+        epochs=epochs_for(
+            len(labels),
+            epochs=int(cfg["local-epochs"]),
+            min_steps=int(cfg.get("min-local-steps", 0)),
+            batch_size=int(cfg["batch-size"]),
+        ),
         lr=float(cfg["lr"]),
         batch_size=int(cfg["batch-size"]),
         device=pick_device(ws.config().device),

@@ -89,6 +89,14 @@ def _as_tensors(global_params, model: nn.Module, device) -> list[torch.Tensor]:
     ]
 
 
+def epochs_for(n: int, *, epochs: int, min_steps: int, batch_size: int) -> int:
+    """Epochs over `n` records that give at least `epochs` epochs and `min_steps` optimiser steps
+    of `batch_size` (the last batch of an epoch may be short). Sizing training by steps keeps a
+    small site from stopping before its model has learnt anything."""
+    steps_per_epoch = max(1, math.ceil(n / batch_size))
+    return max(epochs, math.ceil(min_steps / steps_per_epoch))
+
+
 def site_round_seed(site: str, server_round: int) -> int:
     """The training seed for one site in one round. Each site draws its own order and augmentations:
     with one seed for all, sites holding the same pool would send identical updates and FedAvg would

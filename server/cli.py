@@ -38,11 +38,6 @@ console = Console(stderr=True, soft_wrap=True)  # messages hold paths: never bro
 DirOption = typer.Option(Path("coord"), "--dir", help="The coordinator directory.")
 
 
-def _fail(message: str) -> None:
-    console.print(f"error: {message}", style="red", markup=False)  # messages hold paths and [brackets]
-    raise typer.Exit(errors.CONFIG)
-
-
 @app.command()
 def init(
     dir: Path = DirOption,
@@ -75,7 +70,7 @@ def init(
         )
         cd = init_coordinator(dir, cfg, hosts=host or None)
     except (ValueError, FileExistsError) as e:
-        _fail(str(e))
+        errors.fail(str(e))
     console.print(
         f"coordinator initialised in {cd.root}; listening on {bind}; the server certificate covers "
         f"{', '.join(certificate_names((cd.tls_dir / 'server.crt').read_bytes()))}"
@@ -91,7 +86,7 @@ def start(
     try:
         results = run_coordinator(CoordinatorDir(dir), exit_after_run=exit_after_run, say=console.print)
     except ConfigError as e:
-        _fail(str(e))
+        errors.fail(str(e))
     if results is not None and not results.get("completed"):
         console.print(
             f"the federation run failed: {results.get('failure', 'it did not complete')}", style="red", markup=False
@@ -111,16 +106,16 @@ def sites_add(
         pem = key.read_text()
         node_line = check_node_public_key(node_key.read_text(), source=str(node_key)) if node_key else None
     except OSError as e:
-        _fail(f"{e.filename}: cannot read public key ({e.strerror})")
+        errors.fail(f"{e.filename}: cannot read public key ({e.strerror})")
     except ValueError as e:
-        _fail(str(e))
+        errors.fail(str(e))
     cd = CoordinatorDir(dir)
     try:
         if node_line:
             cd.add_node_key(name, node_line)
         cd.trust().add(name, pem)
     except ValueError as e:
-        _fail(str(e))
+        errors.fail(str(e))
     console.print(f"site {name!r} registered")
 
 
@@ -134,12 +129,12 @@ def asset_add(
     from server.assets import EXTRACTOR_ARCHS, AssetError, add_asset, extractor_yaml
 
     if arch is not None and arch not in EXTRACTOR_ARCHS:
-        _fail(f"--arch {arch!r}: expected one of {', '.join(EXTRACTOR_ARCHS)}")
+        errors.fail(f"--arch {arch!r}: expected one of {', '.join(EXTRACTOR_ARCHS)}")
     try:
         digest, added = add_asset(CoordinatorDir(dir).assets, file)
         lines = extractor_yaml(digest, file.name, arch)
     except (AssetError, OSError, ValueError) as e:
-        _fail(str(e))
+        errors.fail(str(e))
     console.print(f"{file}: {'added as' if added else 'already present as'} {CoordinatorDir(dir).assets / digest}")
     console.print("pin it in federation.yaml (sites fetch it with `plan-node fetch-assets`):")
     print(f"# {file.name}: sha256 {digest}")

@@ -22,16 +22,11 @@ console = Console(stderr=True, soft_wrap=True)  # messages hold paths: never bro
 DirOption = typer.Option(Path("coord"), "--dir", help="The coordinator directory.")
 
 
-def _fail(message: str) -> None:
-    console.print(f"error: {message}", style="red", markup=False)  # messages hold paths and [brackets]
-    raise typer.Exit(errors.CONFIG)
-
-
 def _read(path: Path, what: str) -> str:
     try:
         return path.read_text()
     except OSError as e:
-        _fail(f"{path}: cannot read the {what} ({e.strerror})")
+        errors.fail(f"{path}: cannot read the {what} ({e.strerror})")
 
 
 def ca_init(
@@ -45,7 +40,7 @@ def ca_init(
     try:
         name = cd.config().name
     except ConfigError as e:
-        _fail(f"{e} (run `plan-server init` to create a coordinator directory)")
+        errors.fail(f"{e} (run `plan-server init` to create a coordinator directory)")
     made = init_authority(cd.root, name, hosts=host or None)
     for p in made:
         console.print(f"created {p}")
@@ -81,7 +76,7 @@ def kit(
         line = check_node_public_key(_read(node_key, "node public key"), source=str(node_key)) if node_key else None
         meta = make_kit(cd, name, pem, out, node_key_line=line, exchange=exchange, superlink=superlink, days=days)
     except (ValueError, ConfigError) as e:  # KitError, TrustError, ConfigError are ValueErrors
-        _fail(str(e))
+        errors.fail(str(e))
     console.print(
         f"site {name!r} registered (signing key {meta['signing_key_id'][:16]}); kit written to {out} (mode 0600)"
     )
@@ -105,7 +100,7 @@ def sites_rotate(
         try:
             kid = cd.trust().rotate(name, _read(key, "signing public key"), last_sequence=last)
         except ValueError as e:
-            _fail(str(e))
+            errors.fail(str(e))
     console.print(f"site {name!r}: new key {kid[:16]} signs sequences above {last}; the old key covers 1..{last}")
 
 
@@ -138,11 +133,11 @@ def sites_revoke(
         except click.exceptions.Abort:  # no terminal to ask on
             confirmed = False
         if not confirmed:
-            _fail(f"nothing revoked: confirm at the prompt, or add --yes to revoke {what}")
+            errors.fail(f"nothing revoked: confirm at the prompt, or add --yes to revoke {what}")
     try:
         revoked = cd.trust().revoke(name, key_id)
     except ValueError as e:
-        _fail(str(e))
+        errors.fail(str(e))
     gone = BundleStore(cd.store).remove_signed_by(name, revoked, reason="key revoked")
     console.print(
         f"site {name!r}: revoked key(s) {', '.join(k[:16] for k in revoked)}; "
@@ -177,7 +172,7 @@ def exchange(dir: Path = DirOption) -> None:
     try:
         serve_forever(dir, say=console.print)
     except ConfigError as e:
-        _fail(str(e))
+        errors.fail(str(e))
 
 
 def register(app: typer.Typer, sites: typer.Typer) -> None:

@@ -97,7 +97,13 @@ def main(grid: Grid, context: Context) -> None:
         "embedding-dim": fed.extractor.dim,
         "head-hidden": ds.head_hidden,
     }
-    hyper = {"rounds": ds.rounds, "local-epochs": ds.local_epochs, "lr": ds.lr, "batch-size": ds.batch_size}
+    hyper = {
+        "rounds": ds.rounds,
+        "local-epochs": ds.local_epochs,
+        "min-local-steps": ds.min_local_steps,
+        "lr": ds.lr,
+        "batch-size": ds.batch_size,
+    }
     # evaluation carries the hyperparameters too: each site trains its local-only yardstick with them
     state, record = _run(
         grid,

@@ -3,7 +3,7 @@ import torch
 
 from common.models import DownstreamCNN
 from node.classifiers import SmallCNN
-from node.task import evaluate_classifier, site_round_seed, train_classifier
+from node.task import epochs_for, evaluate_classifier, site_round_seed, train_classifier
 
 
 def _data():
@@ -95,3 +95,11 @@ def test_sites_holding_the_same_pool_send_different_updates():
         updates.setdefault(site, []).append(torch.cat([p.detach().flatten() for p in m.parameters()]))
     assert torch.equal(updates["site-a"][0], updates["site-a"][1])
     assert not torch.allclose(updates["site-a"][0], updates["site-b"][0])
+
+
+def test_small_data_trains_for_at_least_the_minimum_steps():
+    # 240 records at batch 16: 15 steps an epoch, so 100 steps need 7 epochs; large data keeps its epochs
+    assert epochs_for(240, epochs=2, min_steps=100, batch_size=16) == 7
+    assert epochs_for(5000, epochs=2, min_steps=100, batch_size=16) == 2
+    assert epochs_for(240, epochs=2, min_steps=0, batch_size=16) == 2
+    assert epochs_for(3, epochs=1, min_steps=10, batch_size=16) == 10  # one short batch an epoch
