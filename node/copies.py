@@ -112,13 +112,27 @@ def warp(x: torch.Tensor, family: list[Warp]) -> torch.Tensor:
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False).reshape(N, T, C, H, W)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of x [B,1,H,W] (reflect padding, radius 3 sigma)."""
-    r = max(1, int(math.ceil(3 * sigma)))
-    k = torch.exp(-(torch.arange(-r, r + 1, dtype=x.dtype) ** 2) / (2 * sigma * sigma))
+def _blur_matrix(n: int, sigma: float, dtype: torch.dtype) -> torch.Tensor:
+    """[n,n]: a 1-D Gaussian (radius 3 sigma, cut at n-1) with reflect padding, as a matrix:
+    row i holds the weights output pixel i takes from each input pixel."""
+    r = min(max(1, int(math.ceil(3 * sigma))), n - 1)
+    k = torch.exp(-(torch.arange(-r, r + 1, dtype=torch.float64) ** 2) / (2 * sigma * sigma))
     k = k / k.sum()
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    m = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for o in range(-r, r + 1):
+            j = abs(i + o)  # reflect at 0: -1 -> 1
+            j = 2 * (n - 1) - j if j > n - 1 else j  # and at n-1: n -> n-2
+            m[i, j] += k[o + r]
+    return m.to(dtype)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of x [B,1,H,W] (reflect padding, radius 3 sigma), as two matrix
+    products: on the tens of thousands of warped images of a chunk, about 20x faster on a CPU
+    than a one-channel convolution."""
+    H, W = x.shape[-2:]
+    return _blur_matrix(H, sigma, x.dtype) @ x @ _blur_matrix(W, sigma, x.dtype).T
 
 
 def pixel_view(x: torch.Tensor, *, margin: int, sigma: float = 0.0) -> torch.Tensor:

@@ -174,3 +174,25 @@ def test_attempts_are_counted_and_survive_a_restart(tmp_path):
     # new training data starts a new count
     (ws.data / "dataset.npz").write_bytes(b"other data")
     assert next_attempt(ws, seed=0, max_attempts=3, note=None)["number"] == 1
+
+
+def test_the_matrix_blur_is_the_reflect_padded_convolution():
+    """gaussian_blur as two matrix products equals the separable convolution with reflect padding."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from node.copies import gaussian_blur
+
+    def convolved(x, sigma):
+        r = max(1, int(math.ceil(3 * sigma)))
+        k = torch.exp(-(torch.arange(-r, r + 1, dtype=x.dtype) ** 2) / (2 * sigma * sigma))
+        k = k / k.sum()
+        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+        return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+
+    g = torch.Generator().manual_seed(0)
+    for shape, sigma in (((7, 1, 32, 32), 1.0), ((7, 1, 32, 32), 2.0), ((3, 1, 16, 24), 2.0)):
+        x = torch.randn(shape, generator=g)
+        assert torch.allclose(gaussian_blur(x, sigma), convolved(x, sigma), atol=1e-5)
