@@ -79,9 +79,15 @@ def setup(
     quorum: int | None = None,
     site_overrides: dict | None = None,
     federation_overrides: dict | None = None,
+    public_host: str | None = None,
+    bind: str = "127.0.0.1",
 ) -> tuple[Path, list[Path]]:
-    """Create the coordinator and site workspaces under `root`; each site joins through its site kit."""
+    """Create the coordinator and site workspaces under `root`; each site joins through its site kit.
+
+    public_host: the name sites dial (on the server certificate; default 127.0.0.1); bind: where
+    the coordinator's exchange and Fleet gateway listen. Set both for sites on other hosts."""
     root = Path(root).resolve()
+    host = public_host or "127.0.0.1"
     coord = root / "coordinator"
     exchange_port, superlink_port, internal_port, *node_ports = free_ports(3 + n_sites)
     # Every site trains in the federation; `quorum` of them must have passed their gate.
@@ -96,7 +102,8 @@ def setup(
         "policy": DEMO_POLICY,
     }
     fed = deep_merge(fed, federation_overrides or {})
-    _run([_cli("plan-server"), "init", "--dir", str(coord), "--quorum", str(quorum), "--min-nodes", str(n_sites)])
+    init = [_cli("plan-server"), "init", "--dir", str(coord), "--quorum", str(quorum), "--min-nodes", str(n_sites)]
+    _run(init + (["--host", public_host] if public_host else []) + ["--bind", bind])
     fed_path = coord / "federation.yaml"
     atomic_write_text(fed_path, yaml.safe_dump(deep_merge(yaml.safe_load(fed_path.read_text()), fed), sort_keys=False))
     sites = []
@@ -104,7 +111,7 @@ def setup(
         site = root / "sites" / name
         _run([
             _cli("plan-node"), "init", "--site-dir", str(site), "--name", name, "--phantom-seed", str(100 + i),
-            "--exchange", f"127.0.0.1:{exchange_port}", "--superlink", f"127.0.0.1:{superlink_port}",
+            "--exchange", f"{host}:{exchange_port}", "--superlink", f"{host}:{superlink_port}",
             "--supernode-port", str(node_ports[i]), "--ca-cert", str(coord / "ca" / "ca.crt"),
         ])  # fmt: skip
         cfg_path = site / "site.yaml"
@@ -158,12 +165,16 @@ def run(
     timeout: float = 1800,
     say: Callable[[str], None] = print,
     drop: tuple[str, int] | None = None,
+    prefix: dict[str, list[str]] | None = None,
 ) -> dict:
     """Start the coordinator and every site, wait for the federation run, stop everything.
 
     drop=(site, n): a fault drill: stop that site (its SuperNode and ClientApp) once the
-    federated run has reached round n. Returns the coordinator's results.json of the run.
+    federated run has reached round n. prefix: a command line to start a process under, by
+    process name ("coordinator" or a site's), e.g. ["ip", "netns", "exec", NS] to run it on
+    another host's network. Returns the coordinator's results.json of the run.
     """
+    prefix = prefix or {}
     logs = coord.parent / "logs"
     env = dict(os.environ)
     # Sites share this machine's cores: one thread each keeps them from fighting over them.
@@ -173,13 +184,15 @@ def run(
     before = latest.stat().st_mtime_ns if latest.exists() else None
     try:
         procs["coordinator"] = spawn(
-            [_cli("plan-server"), "start", "--dir", str(coord), "--exit-after-run"],
+            [*prefix.get("coordinator", []), _cli("plan-server"), "start", "--dir", str(coord), "--exit-after-run"],
             log=logs / "coordinator.log",
             env=env,
         )
         for site in sites:
             procs[site.name] = spawn(
-                [_cli("plan-node"), "start", "--site-dir", str(site)], log=logs / f"{site.name}.log", env=env
+                [*prefix.get(site.name, []), _cli("plan-node"), "start", "--site-dir", str(site)],
+                log=logs / f"{site.name}.log",
+                env=env,
             )
         say(f"started coordinator and {len(sites)} sites; logs in {logs}")
         deadline = time.time() + timeout
