@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -26,3 +27,9 @@ def stop(proc: subprocess.Popen, *, grace: float = 10.0) -> int | None:
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait(timeout=grace)
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM unwind through `finally` (exit code 143), so a daemon stops the child
+    processes it started (a SuperLink, a SuperNode) instead of leaving them orphaned."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

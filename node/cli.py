@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import sys
 from pathlib import Path
 
 import typer
@@ -16,6 +14,7 @@ from common.config import ConfigError, commented_yaml, profile_site_config
 from common.errors import run_cli
 from common.fileio import atomic_write_text
 from common.nodekey import generate_node_key
+from common.procs import exit_on_sigterm
 from common.signing import generate_signing_key
 from node.workspace import Workspace
 
@@ -37,11 +36,6 @@ def _workspace(site_dir: Path) -> Workspace:
     except ConfigError as e:
         errors.fail(e, errors.CONFIG)
     return ws
-
-
-def _stop_on_sigterm() -> None:
-    # SIGTERM must unwind through `finally`, so that child processes (the SuperNode) are stopped too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 @app.command()
@@ -226,7 +220,7 @@ def start(site_dir: Path = SiteDir) -> None:
     """Run every stage not yet done, publish, pull, then join the federation (flower-supernode)."""
     from node.start import start_node
 
-    _stop_on_sigterm()
+    exit_on_sigterm()
     raise typer.Exit(start_node(_workspace(site_dir), say=console.print))
 
 

@@ -15,6 +15,7 @@ from common.bundle import read_predicate
 from common.config import ConfigError, FederationConfig
 from common.errors import run_cli
 from common.nodekey import check_node_public_key
+from common.procs import exit_on_sigterm
 from common.tls import certificate_names
 from server.cli_keys import register as _register_key_commands
 from server.coordinator import CoordinatorDir, init_coordinator, run_coordinator
@@ -83,6 +84,7 @@ def start(
     exit_after_run: bool = typer.Option(False, "--exit-after-run", help="Stop after the first federation run."),
 ) -> None:
     """Serve the exchange and the Flower SuperLink; run the federation once the pool has a quorum."""
+    exit_on_sigterm()
     try:
         results = run_coordinator(CoordinatorDir(dir), exit_after_run=exit_after_run, say=console.print)
     except ConfigError as e:
