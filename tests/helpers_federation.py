@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from deploy.local import launcher
+
+
+def wait_until(predicate, timeout: float, what: str, *, every: float = 1.0) -> None:
+    """Poll `predicate` until it is true; fail the test naming `what` after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
 
 
 def require_cli() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import ssl
-import time
 from pathlib import Path
 
 import httpx
@@ -26,6 +25,7 @@ from common.signing import load_public_key
 from deploy.local.launcher import free_ports
 from server import federation
 from server.coordinator import _register_nodes, init_coordinator, revoke_node, start_gateway
+from tests.helpers_federation import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -45,15 +45,6 @@ def _supernode(cd, fed, tmp_path, name: str, *, port: int):
         "--max-retries", "2",
     ]  # fmt: skip
     return spawn(cmd, log=log, env=flower_env(tmp_path / name / ".flwr")), log
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +69,7 @@ def plane(tmp_path_factory):
         gateway = start_gateway(cd, fed)
         good, good_log = _supernode(cd, fed, tmp_path, "good", port=good_port)
         procs.append(good)
-        _wait(lambda: federation.online_nodes(cd.flwr_home) >= 1, 90, "the registered SuperNode to come online")
+        wait_until(lambda: federation.online_nodes(cd.flwr_home) >= 1, 90, "the registered SuperNode to come online")
         yield {"cd": cd, "fed": fed, "tmp": tmp_path, "good": good, "good_log": good_log,
                "ports": {"rogue": rogue_port, "gone": revoked_port}, "procs": procs}  # fmt: skip
     finally:
@@ -126,12 +117,12 @@ def test_only_apps_signed_by_the_coordinator_run_at_a_site(plane):
     out = tmp / "unsigned.txt"
     run_id = flwr_json(["run", str(ECHO_APP), federation.CONNECTION, "--run-config", f'out="{out}"'],
                        flwr_home=cd.flwr_home)["run-id"]  # fmt: skip
-    _wait(
+    wait_until(
         lambda: "could not be verified" in plane["good_log"].read_text(),
         120,
         "the SuperNode to refuse the unsigned app",
     )
-    _wait(
+    wait_until(
         lambda: federation.run_status(cd.flwr_home, str(run_id)).startswith("finished"), 120, "the unsigned run to end"
     )
     assert out.read_text().split() == ["1", "0"]  # asked one node; no answer

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import yaml
 
 from common.procs import spawn, stop
 from deploy.local.launcher import _cli, _run, free_ports
-from tests.helpers_federation import require_cli
+from tests.helpers_federation import require_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +27,6 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
-
 def test_sigterm_stops_the_coordinator_and_its_superlink(tmp_path):
     require_cli()
     coord = tmp_path / "coord"
@@ -48,11 +39,11 @@ def test_sigterm_stops_the_coordinator_and_its_superlink(tmp_path):
     log = tmp_path / "coordinator.log"
     proc = spawn([_cli("plan-server"), "start", "--dir", str(coord)], log=log)
     try:
-        _wait(lambda: "Fleet gateway listening" in log.read_text(), 120, "the coordinator to start")
+        wait_until(lambda: "Fleet gateway listening" in log.read_text(), 120, "the coordinator to start")
         superlink_db = str(coord / "superlink.db")
         assert _processes_mentioning(superlink_db), "the SuperLink is not running"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 143
-        _wait(lambda: not _processes_mentioning(superlink_db), 30, "the SuperLink to stop")
+        wait_until(lambda: not _processes_mentioning(superlink_db), 30, "the SuperLink to stop")
     finally:
         stop(proc)
