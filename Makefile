@@ -8,7 +8,7 @@ export GRPC_VERBOSITY := ERROR
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install demo test test-fast lint format proto clean
+.PHONY: install demo test test-fast lint format proto clean browser
 
 install: $(STAMP)
 
@@ -24,8 +24,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m deploy.local.demo --out out/demo
 
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest -q
+
+# The dashboard tests' headless Chromium (Debian's package). Installed when missing and this runs
+# as root with apt-get; otherwise those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium is not installed and could not be: the browser tests will skip"
 
 # ruff (pinned in pyproject.toml): lint, and a formatting check; `make format` rewrites.
 lint: $(STAMP)

@@ -56,6 +56,13 @@ KINDS: dict[str, list[tuple[str, float]]] = {
     "shift_2+flip+brighter": [("shift", 2), ("flip", 1), ("bright", 0.1)],
     "rotate_5+shift_1+noise_0.02": [("rotate", 5), ("shift", 1), ("noise", 0.02)],
     "zoom_1.05+blur_0.7+contrast_0.9": [("zoom", 1.05), ("blur", 0.7), ("contrast", 0.9)],
+    # held out: kinds added after the second attacker's augmentation was chosen, beyond or beside
+    # everything the detector and the attackers were built around
+    "noise_0.15": [("noise", 0.15)],
+    "rotate_30": [("rotate", 30)],
+    "gamma_0.6": [("gamma", 0.6)],
+    "cutout_quarter": [("cutout", 0.25)],
+    "shift_3+rotate_10+noise_0.08": [("shift", 3), ("rotate", 10), ("noise", 0.08)],
 }
 
 
@@ -75,6 +82,13 @@ def edit(img: np.ndarray, ops: list[tuple[str, float]], rng: np.random.Generator
             x = (x - x.mean()) * s + x.mean()
         elif op == "noise":
             x = x + rng.normal(0, s, x.shape)
+        elif op == "gamma":  # a monotone intensity curve no brightness/contrast change matches
+            x = np.clip(x, 0, 1) ** s
+        elif op == "cutout":  # a square of side s * side, at a random place, set to the image's median
+            k = max(1, round(s * H))
+            top, left = rng.integers(0, H - k + 1), rng.integers(0, W - k + 1)
+            x = x.copy()
+            x[top : top + k, left : left + k] = np.median(x)
         elif op in ("blur", "rotate", "zoom"):
             im = Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8))
             if op == "blur":
@@ -138,18 +152,20 @@ def run_dataset(dataset: str, *, max_images: int, per_kind: int, seed: int) -> d
     from node.audit import audit_images
     from node.ingest import load_split
     from node.stages import run_one
-    from node.synthesize import latest_run
     from node.train import load_model
 
     ws, times = npz_site(dataset, max_images=max_images)
     run_one(ws, "synthesize")
     cfg = ws.config()
-    with np.load(ws.synth / latest_run(ws) / "candidates.npz", allow_pickle=False) as z:
+    with np.load(ws.synth / ws.latest_run() / "candidates.npz", allow_pickle=False) as z:
         cand, cand_y, cand_path = z["images"], z["labels"], z["path"]
     train, holdout, test = (load_split(ws, s) for s in ("train", "holdout", "test"))
     n_plant = max(per_kind, math.ceil(0.01 * len(cand)))
     p_img, p_y, p_kind = plant(train.images, train.labels, per_kind=n_plant, seed=seed)
-    nets = {k: load_model(ws, n, "cpu") for k, n in (("phi_id", "phi_id"), ("attacker", "phi_attack"))}
+    nets = {
+        k: load_model(ws, n, "cpu")
+        for k, n in (("phi_id", "phi_id"), ("attacker", "phi_attack"), ("attacker_wide", "phi_attack_wide"))
+    }
     D = load_model(ws, "D", "cpu")
     kw = dict(
         policy=cfg.policy,

@@ -32,6 +32,20 @@ class ContentSpec:
     embedding_dim: int | None = None
 
 
+def check_admission(vb, *, route: str | None, extractor: dict | None) -> None:
+    """Refuse (BundleError, reason "policy") a verified bundle (common.bundle.VerifiedBundle) of
+    another route than the federation's, or embeddings made by another feature extractor than the
+    one it pins: embeddings of another network live in another space, and pooled they would be
+    noise. None admits any route / extractor. The coordinator's store and a site's pull both ask this."""
+    if route is not None and vb.route != route:
+        raise BundleError(f"bundle holds {vb.route!r}-route data; this federation pools route {route!r}", "policy")
+    if extractor is not None and vb.route == "cvae" and vb.datacard.get("extractor") != extractor:
+        raise BundleError(
+            f"embeddings made by extractor {vb.datacard.get('extractor')!r}; this federation pins {extractor!r}",
+            "policy",
+        )
+
+
 def check_bundle_content(tar: Path, spec: ContentSpec, *, route: str, embedding_dim: int | None = None) -> None:
     """Refuse (BundleError, reason "content") a verified bundle tar whose images do not all decode
     as grey image_size x image_size PNGs, or whose labels or embedding length are not the

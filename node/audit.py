@@ -20,8 +20,9 @@ figures are measured.
 Gate: (1) keep distinct candidates only (bitwise or near-identical renders count once); drop each
 candidate that is an edited copy of a train image (node.copies: the minimum distance over a family
 of shifts, flips, rotations and zooms, in normalised pixels, blurred normalised pixels, the
-attacker's embedding and LPIPS when present, each below the `policy.copy_fpr` point of real
-non-members' distances), whose plain pixel MSE to a train image is below
+attacker's embedding, the second attacker's (phi_attack_wide, trained under wider edits and
+stronger noise, so a noisy or far-moved copy stays near its source) and LPIPS when present, each
+below the `policy.copy_fpr` point of real non-members' distances), whose plain pixel MSE to a train image is below
 policy.min_pixel_distance, that phi_id re-identifies (top-class probability above the 95th
 percentile of calibration-half scores), or that the independent attacker re-identifies (above its
 1 - copy_fpr point); (2) on the accepted set, every set-level figure with a 95% bootstrap
@@ -53,7 +54,6 @@ from node.distances import embed, min_sq_dist, nearest_sq, pixels01
 from node.ingest import load_split
 from node.lpips_matrix import lpips_features, lpips_nearest, prepare
 from node.release_filter import distinct, holdout_halves
-from node.synthesize import latest_run
 from node.task import predict_logits
 from node.train import load_model
 from node.workspace import Workspace
@@ -568,6 +568,7 @@ def audit_images(
     attacker,
     policy: PolicyConfig,
     device: torch.device | str,
+    attacker_wide=None,
     seed: int = 0,
     train_ids: np.ndarray | None = None,
     holdout_ids: np.ndarray | None = None,
@@ -586,10 +587,12 @@ def audit_images(
     """Audit candidate images uint8 [S,H,W] (the PLAN route) against train and holdout images
     (with their patient ids; without, every image is its own patient).
 
-    Optional parts: labels of all three sets (the downstream-model attack), each candidate's path
-    (the report counts the distinct paths released), the GAN's `discriminator` (LOGAN), an
-    `lpips_model` (node.lpips_matrix.build_lpips; when None the report says why, from
-    `lpips_reason`), a declared DP epsilon. `details`, when a dict, is filled with distances,
+    Optional parts: the second attacker `attacker_wide` (trained under wider edits and stronger
+    noise; its features are one more copy-detection space), labels of all three sets (the
+    downstream-model attack), each candidate's path (the report counts the distinct paths
+    released), the GAN's `discriminator` (LOGAN), an `lpips_model` (node.lpips_matrix.build_lpips;
+    when None the report says why, from `lpips_reason`), a declared DP epsilon. `details`, when a
+    dict, is filled with distances,
     scores and closest pairs for the HTML report.
 
     Returns (report dict as written to audit.json, boolean mask [S] of accepted candidates)."""
@@ -602,6 +605,8 @@ def audit_images(
         "audit: copy detector, %d calibration and %d candidate images against %d train images", len(cal), S, len(train)
     )
     embedders = {"attacker": _features_fn(attacker, device)}
+    if attacker_wide is not None:
+        embedders["attacker_wide"] = _features_fn(attacker_wide, device)
     if lpips_model is not None:
         embedders["lpips"] = _lpips_embedder(lpips_model)
     family = warp_family(size=min(train.shape[-1], PIXEL_VIEW_SIZE))
@@ -824,7 +829,7 @@ def audit(ws: Workspace, *, policy: PolicyConfig | None = None, note: str | None
     policy = policy or cfg.policy
     attempt = next_attempt(ws, seed=cfg.synth.seed, max_attempts=policy.max_attempts, note=note)
     device = pick_device(cfg.device)
-    run_id = latest_run(ws)
+    run_id = ws.latest_run()
     run_dir = ws.synth / run_id
     with np.load(run_dir / "candidates.npz", allow_pickle=False) as z:
         cand = {k: z[k] for k in z.files}
@@ -868,6 +873,7 @@ def audit(ws: Workspace, *, policy: PolicyConfig | None = None, note: str | None
             holdout.images,
             phi_id=load_model(ws, "phi_id", device),
             attacker=load_model(ws, "phi_attack", device),
+            attacker_wide=load_model(ws, "phi_attack_wide", device),
             train_labels=train.labels,
             holdout_labels=holdout.labels,
             paths=cand.get("path"),

@@ -163,10 +163,9 @@ def audit(
     """Membership and re-identification audit of the candidates; the release gate."""
     ws = _pipeline(site_dir, "audit", force, note)
     from node.status import site_status
-    from node.synthesize import latest_run
 
     print(json.dumps(site_status(ws)["audit"], indent=2))
-    run = latest_run(ws)
+    run = ws.latest_run()
     full = json.loads((ws.synth / run / "audit.json").read_text())
     for c in full.get("checks", []):
         if not c.get("passed"):
@@ -242,6 +241,24 @@ def doctor(
         for c in checks:
             console.print(f"{c.status:4}  {c.name:12} {c.detail}", style=style[c.status], markup=False)
     raise typer.Exit(exit_code(checks))
+
+
+@app.command()
+def dashboard(
+    site_dir: Path = SiteDir,
+    port: int = typer.Option(8051, "--port", help="Port on 127.0.0.1 (0: any free port)."),
+) -> None:
+    """Serve the site's own page on loopback: stages, ledger, audits and reports, bundles, rounds."""
+    from common.procs import exit_on_sigterm
+    from node.dashboard import serve_site_dashboard
+
+    exit_on_sigterm()
+    page = serve_site_dashboard(_workspace(site_dir), port=port)
+    console.print(f"site dashboard: {page.url} (loopback only; Ctrl-C stops it)")
+    try:
+        page.wait()
+    finally:
+        page.stop()
 
 
 @app.command()

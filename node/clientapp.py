@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 
 from common.config import DownstreamConfig
 from common.content import ContentSpec
+from common.eventlog import append_event
 from common.fileio import atomic_write_json
 from common.models import downstream_model
 from node import cvae_federated
@@ -66,16 +67,15 @@ def _reply(msg: Message, ws: Workspace, records: dict) -> Message:
     records["site"] = ConfigRecord({"name": ws.config().name})
     # what `plan-node status` shows as this site's part in the current run
     metrics = records.get("metrics")
-    atomic_write_json(
-        ws.reports / "federation.json",
-        {
-            "run_id": int(msg.metadata.run_id),
-            "round": int(msg.content["config"].get("server-round", 0)),
-            "phase": msg.metadata.message_type,
-            "metrics": dict(metrics) if metrics is not None else None,
-            "at": time.time(),
-        },
-    )
+    part = {
+        "run_id": int(msg.metadata.run_id),
+        "round": int(msg.content["config"].get("server-round", 0)),
+        "phase": msg.metadata.message_type,
+        "metrics": dict(metrics) if metrics is not None else None,
+        "at": time.time(),
+    }
+    atomic_write_json(ws.reports / "federation.json", part)
+    append_event(ws.reports / "rounds.jsonl", "round", **part)  # every round, for the site's dashboard
     return Message(RecordDict(records), reply_to=msg)
 
 

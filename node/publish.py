@@ -32,6 +32,7 @@ from common import errors
 from common.bundle import build_bundle, bundle_id_for, code_version, pack_bundle
 from common.fileio import atomic_write_json, sha256_file
 from common.signing import load_private_key
+from node.checkpoint import config_digest
 from node.embedder import extractor_digest
 from node.exchange_client import ExchangeClient, ExchangeError, site_client
 from node.workspace import Workspace
@@ -85,11 +86,6 @@ def accepted_digest(data: np.ndarray, labels: np.ndarray) -> str:
     h.update(np.ascontiguousarray(data).tobytes())
     h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
     return h.hexdigest()
-
-
-def config_digest(cfg) -> str:
-    """sha256 of the site config as canonical JSON."""
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
 def _ledger_path(ws: Workspace) -> Path:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from common.bundle import BUNDLE_ID, BundleError, load_bundle_data, recheck_signer, verify_bundle
-from common.content import ContentSpec, check_arrays
+from common.content import ContentSpec, check_admission, check_arrays
 from common.fileio import atomic_write_json
 from common.listing import ListingError, TrustVersionChanged
 from common.signing import SigningKeyError, load_public_key
@@ -92,21 +92,6 @@ def _signed_state(ws: Workspace, client: ExchangeClient, *, attempts: int = 3) -
     raise AssertionError("unreachable")
 
 
-def _check_fits(vb, synth) -> None:
-    """A verified bundle this site can train on: its route, and for embeddings the extractor the
-    site (and, through its kit, the federation) pins. Raises BundleError otherwise."""
-    if vb.route != synth.route:
-        raise BundleError(f"bundle holds {vb.route!r}-route data; this site is on route {synth.route!r}", "policy")
-    if vb.route == "cvae":
-        card = json.loads((vb.dir / "bag" / "datacard.json").read_text())
-        if card.get("extractor") != synth.extractor.model_dump(mode="json"):
-            raise BundleError(
-                f"embeddings made by extractor {card.get('extractor')!r}, not this federation's "
-                f"{synth.extractor.model_dump(mode='json')!r}",
-                "policy",
-            )
-
-
 def _pull_one(ws: Workspace, client: ExchangeClient, rec: dict, keys: dict, max_bytes: int) -> dict:
     """Download, verify and place one bundle; return its index entry. Raises on failure, leaving nothing."""
     incoming = ws.pool / ".incoming"
@@ -124,7 +109,8 @@ def _pull_one(ws: Workspace, client: ExchangeClient, rec: dict, keys: dict, max_
                 f"{vb.bundle_id} of site {vb.site!r}",
                 "untrusted",
             )
-        _check_fits(vb, ws.config().synth)
+        synth = ws.config().synth
+        check_admission(vb, route=synth.route, extractor=synth.extractor.model_dump(mode="json"))
         final = ws.pool / vb.bundle_id
         if final.exists():  # a leftover not in the index (crash after rename): replace it
             shutil.rmtree(final)

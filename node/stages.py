@@ -3,8 +3,8 @@ the ledger (node.workspace.run_stage) so an up-to-date stage is skipped.
 
 stage       inputs                                          outputs
 ingest      site.yaml (+ data.path when not phantom)        data/dataset.npz, data/splits.json
-train       site.yaml, data/                                models/ (G_ema, G, D, phi_id, phi_class, phi_attack
-                                                            + .json, gan_state)
+train       site.yaml, data/                                models/ (G_ema, G, D, phi_id, phi_class, phi_attack,
+                                                            phi_attack_wide + .json, gan_state)
 synthesize  site.yaml, models/ weights + sidecars           synth/latest.json, synth/<run>/candidates.npz, synth.json
 audit       site.yaml, data/, models/phi_*, D,              synth/<run>/audit.json, accepted.npz
             synth/<run>/candidates.npz                      (+ reports/audit-<run>.html)
@@ -31,7 +31,6 @@ from node import train as plan_train
 from node.audit import audit
 from node.baseline import local_only
 from node.ingest import ingest
-from node.synthesize import latest_run
 from node.workspace import Workspace, run_stage
 
 STAGES = ("ingest", "train", "synthesize", "audit", "local_only")
@@ -49,7 +48,7 @@ def _route(ws: Workspace):
         p.run_id_for,
         plan_train.MODEL_NAMES,
         ("G_ema", "phi_id", "phi_class"),
-        ("phi_id", "phi_attack", "D"),
+        ("phi_id", "phi_attack", "phi_attack_wide", "D"),
     )
 
 
@@ -78,7 +77,7 @@ def stage_io(ws: Workspace, stage: str) -> tuple[list[Path], list[Path]]:
         run = ws.synth / run_id_for(ws) if known else ws.synth / "unknown"
         return ins, [ws.synth / "latest.json", run / "candidates.npz", run / "synth.json"]
     if stage == "audit":
-        run = ws.synth / latest_run(ws)
+        run = ws.synth / ws.latest_run()
         return (
             [ws.config_path, *data, *_model_files(ws, audit_reads), ws.synth / "latest.json", run / "candidates.npz"],
             [run / "audit.json", run / "accepted.npz"],

@@ -15,7 +15,6 @@ config and the G_ema weights, so a rerun with both unchanged reuses the run.
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 
@@ -74,10 +73,6 @@ def run_id_for(ws: Workspace) -> str:
     """The run id the current synth config and G_ema weights give: 12 hex digits of a sha256."""
     g_side = read_sidecar(ws.models / "G_ema.safetensors")
     return sha256_bytes((config_digest(ws.config().synth) + g_side["weights_sha256"]).encode())[:12]
-
-
-def latest_run(ws: Workspace) -> str:
-    return json.loads((ws.synth / "latest.json").read_text())["run_id"]
 
 
 def synthesize(ws: Workspace) -> str:

@@ -63,7 +63,30 @@ def _augment_strong(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(box[:, None].to(x.device), torch.full_like(x, -1.0), x)
 
 
-AUGMENTATIONS = {"none": lambda x, g: x, "light": _augment_light, "strong": _augment_strong}
+def _augment_wide(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """For the second attacker, which must know a patient's image under the edits the copy
+    detector's pixel views lose it to: for 3 in 4 images a rotation of up to 25 degrees, zoom
+    0.85-1.15 and a shift of up to a quarter of the side (edges repeated, as an export tool would
+    fill them), for 1 in 4 a horizontal flip; contrast +-30%, brightness +-0.2 and Gaussian noise of
+    sigma up to 0.25 (0.125 on a [0,1] scale). No occlusion: it is phi_id's and the first attacker's.
+    x [B,1,H,W] in [-1,1] -> same shape."""
+    B, _, H, W = x.shape
+    u = lambda *shape: torch.rand(*shape, generator=g) * 2 - 1  # noqa: E731 - uniform in [-1,1] on the CPU generator
+    moved = (torch.rand(B, generator=g) < 0.75).float()
+    angle, zoom, t = moved * u(B) * math.radians(25), 1 + moved * 0.15 * u(B), moved[:, None] * u(B, 2) * (2 / 4)
+    flip = torch.where(torch.rand(B, generator=g) < 0.25, -1.0, 1.0)
+    theta = torch.zeros(B, 2, 3)
+    # output -> input coordinates: rotate and zoom, then negate the input's x for a flip
+    theta[:, 0, 0], theta[:, 0, 1] = flip * torch.cos(angle) / zoom, -flip * torch.sin(angle) / zoom
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) / zoom, torch.cos(angle) / zoom
+    theta[:, :, 2] = t
+    grid = F.affine_grid(theta.to(x), [B, 1, H, W], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    x = x * (1 + 0.3 * u(B, 1, 1, 1)).to(x) + (0.2 * u(B, 1, 1, 1)).to(x)
+    return x + (0.25 * torch.rand(B, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)).to(x)
+
+
+AUGMENTATIONS = {"none": lambda x, g: x, "light": _augment_light, "strong": _augment_strong, "wide": _augment_wide}
 
 
 def to_inputs(data: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -123,8 +146,8 @@ def train_classifier(
 
     proximal_mu > 0 adds FedProx's mu/2 * ||theta - theta_global||^2, with theta_global from
     `global_params` (arrays in `model.named_parameters()` order, or a name -> array mapping;
-    default: the model's parameters when training starts). `augment` is "none", "light" or
-    "strong" (see AUGMENTATIONS). Returns the mean cross-entropy of the last epoch.
+    default: the model's parameters when training starts). `augment` is "none", "light",
+    "strong" or "wide" (see AUGMENTATIONS). Returns the mean cross-entropy of the last epoch.
     """
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)}, got {augment!r}")

@@ -1,8 +1,8 @@
 """Stage `train`: on the train split only, the GAN (G, its EMA G_ema, D), phi_id over the train
-patients, phi_class over the classes, and the audit's independent re-identification attacker.
+patients, phi_class over the classes, and the audit's two independent re-identification attackers.
 
 Outputs in models/: <name>.safetensors + <name>.json (config section and its sha256, constructor
-kwargs, metrics, steps) for G_ema, G, D, phi_id, phi_class, phi_attack; and the resumable GAN
+kwargs, metrics, steps) for G_ema, G, D, phi_id, phi_class, phi_attack, phi_attack_wide; and the resumable GAN
 training state gan_state.safetensors. Rerunning with the same config and data does nothing.
 """
 
@@ -23,7 +23,7 @@ from node.quality import generator_quality
 from node.task import evaluate_classifier, train_classifier
 from node.workspace import Workspace
 
-MODEL_NAMES = ("G_ema", "G", "D", "phi_id", "phi_class", "phi_attack")
+MODEL_NAMES = ("G_ema", "G", "D", "phi_id", "phi_class", "phi_attack", "phi_attack_wide")
 
 
 def _seeded(seed: int, make):
@@ -82,6 +82,9 @@ def train(ws: Workspace) -> None:
         ("phi_id", len(identities), id_labels, cc.width, cc.id_epochs, cc.id_augment, mc.seed + 2),
         ("phi_class", n_classes, train_set.labels, cc.width, cc.epochs, "light", mc.seed + 3),
         ("phi_attack", len(identities), id_labels, cc.attacker_width, cc.id_epochs, cc.id_augment, mc.seed + 4),
+        # the second attacker learns a patient under wider edits and stronger noise than the first
+        # (node.task "wide"): its features are one more copy-detection space (docs/DESIGN.md 3.5)
+        ("phi_attack_wide", len(identities), id_labels, cc.attacker_width, cc.id_epochs, "wide", mc.seed + 5),
     )
     for name, n_out, labels, width, epochs, augment, seed in jobs:
         model, info = _train_classifier_model(

@@ -73,6 +73,11 @@ class Workspace:
     def node_pub(self) -> Path:
         return self.keys / "flower_node.pub"
 
+    def latest_run(self) -> str:
+        """The synthesis run the later stages work on: synth/latest.json's run_id, as synthesize
+        wrote it (12 hex digits, a folder in synth/)."""
+        return json.loads((self.synth / "latest.json").read_text())["run_id"]
+
     def config(self) -> SiteConfig:
         return load_site_config(self.config_path)
 

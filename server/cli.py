@@ -14,11 +14,13 @@ from common import errors
 from common.bundle import read_predicate
 from common.config import ConfigError, FederationConfig
 from common.errors import run_cli
+from common.eventlog import append_event
 from common.nodekey import check_node_public_key
 from common.procs import exit_on_sigterm
 from common.tls import certificate_names
 from server.cli_keys import register as _register_key_commands
 from server.coordinator import CoordinatorDir, init_coordinator, run_coordinator
+from server.dashboard import serve_dashboard
 from server.store import BundleStore
 
 app = typer.Typer(
@@ -82,18 +84,50 @@ def init(
 def start(
     dir: Path = DirOption,
     exit_after_run: bool = typer.Option(False, "--exit-after-run", help="Stop after the first federation run."),
+    dashboard_port: int = typer.Option(
+        None, "--dashboard-port", help="Also serve the dashboard on 127.0.0.1 at this port (0: any free port)."
+    ),
 ) -> None:
     """Serve the exchange and the Flower SuperLink; run the federation once the pool has a quorum."""
     exit_on_sigterm()
+    cd = CoordinatorDir(dir)
+    page = None
     try:
-        results = run_coordinator(CoordinatorDir(dir), exit_after_run=exit_after_run, say=console.print)
+        if dashboard_port is not None:
+            page = serve_dashboard(cd, port=dashboard_port)
+            console.print(f"dashboard: {page.url}")
+        results = run_coordinator(cd, exit_after_run=exit_after_run, say=console.print)
     except ConfigError as e:
         errors.fail(str(e))
+    finally:
+        if page is not None:
+            page.stop()
     if results is not None and not results.get("completed"):
         console.print(
             f"the federation run failed: {results.get('failure', 'it did not complete')}", style="red", markup=False
         )
         raise typer.Exit(errors.RUN_FAILED)
+
+
+@app.command()
+def dashboard(
+    dir: Path = DirOption,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; off loopback needs TLS and a token."),
+    port: int = typer.Option(8050, "--port", help="Port (0: any free port)."),
+    tls_cert: Path = typer.Option(None, "--tls-cert", help="Server certificate (PEM), e.g. tls/server.crt."),
+    tls_key: Path = typer.Option(None, "--tls-key", help="Its private key (0600)."),
+    token_file: Path = typer.Option(None, "--token-file", help="The operator token (a 0600 file, 16+ characters)."),
+) -> None:
+    """Serve the read-only federation dashboard: sites, pool, runs and events, updating live."""
+    exit_on_sigterm()
+    page = serve_dashboard(
+        CoordinatorDir(dir), host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, token_file=token_file
+    )
+    console.print(f"dashboard: {page.url} (Ctrl-C stops it)")
+    try:
+        page.wait()
+    finally:
+        page.stop()
 
 
 @sites.command("add")
@@ -118,6 +152,7 @@ def sites_add(
         cd.trust().add(name, pem)
     except ValueError as e:
         errors.fail(str(e))
+    append_event(cd.events, "site_registered", site=name, supernode_key=node_line is not None)
     console.print(f"site {name!r} registered")
 
 

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from common import errors
 from common.config import ConfigError
+from common.eventlog import append_event
 from common.nodekey import check_node_public_key
 from server.coordinator import CoordinatorDir
 
@@ -101,6 +102,7 @@ def sites_rotate(
             kid = cd.trust().rotate(name, _read(key, "signing public key"), last_sequence=last)
         except ValueError as e:
             errors.fail(str(e))
+    append_event(cd.events, "key_rotated", site=name, key_id=kid, last_sequence=last)
     console.print(f"site {name!r}: new key {kid[:16]} signs sequences above {last}; the old key covers 1..{last}")
 
 
@@ -139,6 +141,14 @@ def sites_revoke(
     except ValueError as e:
         errors.fail(str(e))
     gone = BundleStore(cd.store).remove_signed_by(name, revoked, reason="key revoked")
+    append_event(
+        cd.events,
+        "key_revoked",
+        site=name,
+        key_ids=revoked,
+        whole_site=key_id is None,
+        bundles_removed=[b.bundle_id for b in gone],
+    )
     console.print(
         f"site {name!r}: revoked key(s) {', '.join(k[:16] for k in revoked)}; "
         f"{len(gone)} bundle(s) removed from the pool"

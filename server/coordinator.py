@@ -16,6 +16,8 @@ Layout of the coordinator directory (`--dir`):
     fab_signatures/     <sha256>.json: the coordinator's signature on each Flower App it submitted
     runs/<stamp>/       one folder per federation run: results.json, model.safetensors
                         (cvae/: the federated CVAE's run before it, when cvae_federated)
+    events.jsonl        uploads accepted and refused, key rotations and revocations, runs started
+                        and ended (common/eventlog.py): what the dashboard lists
     logs/               the SuperLink's log; gateway.log: the Fleet gateway's refusals
 
 Only the Fleet gateway (server/fleet_gateway.py) listens on `superlink_host:superlink_port`; the
@@ -33,6 +35,7 @@ from typing import Callable
 
 from common.config import FederationConfig, dump_yaml, load_federation_config
 from common.content import ContentSpec
+from common.eventlog import append_event
 from common.fileio import atomic_write_json, atomic_write_text
 from common.procs import stop
 from server import federation
@@ -110,6 +113,10 @@ class CoordinatorDir:
     @property
     def revoked_node_keys(self) -> Path:
         return self.node_keys / "revoked"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
 
     @property
     def fab_signatures(self) -> Path:
@@ -198,6 +205,7 @@ def start_exchange(cd: CoordinatorDir, store: BundleStore | None = None):
         revoked_certs_path=cd.revoked_certs,
         idle_timeout_s=fed.exchange_idle_timeout_s,
         calls_per_site=fed.exchange_calls_per_site,
+        events_path=cd.events,
     )
 
 
@@ -414,6 +422,7 @@ def _submit_and_wait(
         cd.flwr_home, run_config=run_config, key=cd.coordinator_key, signatures=cd.fab_signatures
     )
     say(f"submitted Flower run {run_id}: {label} ({n_rounds} rounds)")
+    append_event(cd.events, "run_started", run_id=run_id, label=label, run_dir=str(out.relative_to(cd.runs)))
     atomic_write_json(
         cd.runs / "latest.json",
         {"run_dir": str(out.relative_to(cd.runs)), "run_id": run_id, "status": "running", "label": label},
@@ -426,6 +435,17 @@ def _submit_and_wait(
     failure = run_failure(results, n_rounds)
     if failure:
         results["failure"] = failure
+    append_event(
+        cd.events,
+        "run_ended",
+        run_id=run_id,
+        label=label,
+        status=status,
+        rounds_completed=results.get("rounds_completed", 0),
+        rounds=n_rounds,
+        degraded=results["degraded"],
+        failure=results.get("failure"),
+    )
     say(
         f"run {run_id} ({label}): {status}{' (DEGRADED)' if results['degraded'] else ''}; "
         f"rounds completed {results.get('rounds_completed', 0)}/{n_rounds}"

@@ -34,6 +34,7 @@ import grpc
 from common import exchange_pb2 as pb
 from common import exchange_pb2_grpc as pb_grpc
 from common.bundle import BUNDLE_ID, code_version
+from common.eventlog import append_event
 from common.keyfile import read_private_file
 from common.listing import sign_listing
 from common.signing import load_private_key
@@ -154,7 +155,9 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         revoked_serials=lambda: frozenset(),
         idle_timeout_s: float = 60,
         calls_per_site: int = 4,
+        events_path: Path | None = None,
     ):
+        self.events_path = Path(events_path) if events_path is not None else None
         self.revoked_serials = revoked_serials
         self.idle_timeout_s = idle_timeout_s
         self.slots = SiteSlots(calls_per_site)
@@ -186,6 +189,10 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {site!r} was revoked: every key of it is")
         self.slots.take(context, site, upload=upload)
 
+    def _event(self, kind: str, **fields) -> None:
+        if self.events_path is not None:
+            append_event(self.events_path, kind, **fields)
+
     def Upload(self, request_iterator, context):
         self._admit(context, upload=True)
         watchdog = self._watch(context)
@@ -193,41 +200,54 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         if first is None or first.WhichOneof("kind") != "header":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first upload chunk must carry the header")
         h = first.header
+
+        def refuse(code: grpc.StatusCode, message: str, reason: str) -> None:
+            self._event("upload_refused", site=h.site, reason=reason, message=message)
+            context.abort(code, message)
+
         if h.sha256:
-            context.abort(
+            refuse(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"the upload header carries sha256 {h.sha256!r} (upload protocol 1); this exchange speaks "
                 f"protocol 2: an empty header sha256, the tar's sha256 in a trailer after the data; "
                 f"update plan-node on the site",
+                "invalid",
             )
         if h.size == 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header size is 0")
+            refuse(grpc.StatusCode.INVALID_ARGUMENT, "header size is 0", "invalid")
         if h.size > self.max_bundle_bytes:
-            context.abort(
+            refuse(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"declared size {h.size} bytes exceeds the limit of {self.max_bundle_bytes} bytes",
+                "too_large",
             )
         if self.mutual_tls and peer_site(context) != h.site:
-            context.abort(
+            refuse(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"client certificate is for site {peer_site(context)!r} but the upload claims site {h.site!r}",
+                "untrusted",
             )
         if not self.trust.keys(h.site):
-            context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, f"site {h.site!r} is not registered (or its key was revoked)"
+            refuse(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"site {h.site!r} is not registered (or its key was revoked)",
+                "untrusted",
             )
         body = _UploadBody(request_iterator, declared=h.size, limit=self.max_bundle_bytes, progress=watchdog.touch)
         try:
             rec = self.store.put(body, verify=self.trust, site=h.site, size=h.size, sha256=body.sha256)
         except StoreRefused as e:
             log.warning("upload from site %r refused (%s): %s", h.site, e.reason, e)
-            context.abort(_CODES.get(e.reason, grpc.StatusCode.INVALID_ARGUMENT), str(e))
+            refuse(_CODES.get(e.reason, grpc.StatusCode.INVALID_ARGUMENT), str(e), e.reason)
         log.info(
             "stored bundle %s from site %r (sequence %d, %d samples)",
             rec.bundle_id,
             rec.site,
             rec.sequence,
             rec.n_samples,
+        )
+        self._event(
+            "upload_accepted", site=rec.site, bundle_id=rec.bundle_id, sequence=rec.sequence, n_samples=rec.n_samples
         )
         return pb.UploadReply(bundle=_info(rec))
 
@@ -358,6 +378,7 @@ def serve(
     revoked_certs_path: Path | None = None,
     idle_timeout_s: float = 60,
     calls_per_site: int = 4,
+    events_path: Path | None = None,
 ) -> grpc.Server:
     """Start the exchange on host:port with TLS and return the running server (call .stop()).
 
@@ -369,7 +390,8 @@ def serve(
     call_timeout_s: an upload or download running longer is cancelled. trust_ttl_s: how long each
     signed trust document is valid. revoked_certs_path: the client certificates refused (server/revoked.py).
     idle_timeout_s: a call without progress for that long is cancelled; calls_per_site: the calls one
-    site may have in progress at once, of them one upload (server/limits.py).
+    site may have in progress at once, of them one upload (server/limits.py). events_path: where
+    uploads accepted and refused are recorded (common/eventlog.py; None: nowhere).
     """
     cert = Path(cert_path).read_bytes()
     key = read_private_file(Path(key_path))
@@ -397,6 +419,7 @@ def serve(
             revoked_serials=revoked_serials(revoked_certs_path) if revoked_certs_path else (lambda: frozenset()),
             idle_timeout_s=idle_timeout_s,
             calls_per_site=calls_per_site,
+            events_path=events_path,
         ),
         server,
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from common.eventlog import append_event
 from common.fileio import atomic_write_bytes
 from common.signing import SigningKeyError, key_id, load_public_key
 from common.sitekit import KIT_FORMAT, KitError, write_kit
@@ -110,6 +111,7 @@ def make_kit(
         atomic_write_bytes(cd.root / "clients" / f"{site}.crt", cert_pem)
         # every certificate ever issued stays on record, so that revoking the site can list them all
         atomic_write_bytes(cd.root / "clients" / "issued" / f"{site}-{certificate_serial(cert_pem)}.crt", cert_pem)
+        append_event(cd.events, "kit_issued", site=site, client_cert_not_after=meta["client_cert_not_after"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return meta

@@ -39,7 +39,7 @@ from typing import BinaryIO, Iterable, Iterator, Mapping, Sequence
 
 from common.bundle import BundleError, key_vouches, verify_bundle_stream
 from common.config import PolicyConfig
-from common.content import ContentSpec, check_bundle_content
+from common.content import ContentSpec, check_admission, check_bundle_content
 from common.policy import check_audit
 from server.trust import TrustStore
 
@@ -393,17 +393,10 @@ class BundleStore:
                 raise StoreRefused(
                     f"bundle is signed for site {vb.site!r} but was uploaded as site {site!r}", "untrusted"
                 )
-            if self.route is not None and vb.route != self.route:
-                raise StoreRefused(
-                    f"bundle holds {vb.route!r}-route data; this federation pools route {self.route!r}", "policy"
-                )
-            if self.extractor is not None and vb.route == "cvae":
-                # embeddings of another network live in another space: pooled, they would be noise
-                extractor = vb.datacard.get("extractor")
-                if extractor != self.extractor:
-                    raise StoreRefused(
-                        f"embeddings made by extractor {extractor!r}; this federation pins {self.extractor!r}", "policy"
-                    )
+            try:
+                check_admission(vb, route=self.route, extractor=self.extractor)
+            except BundleError as e:
+                raise StoreRefused(str(e), e.reason) from None
             if self.content is not None:
                 try:
                     check_bundle_content(

@@ -107,6 +107,27 @@ def test_gate_drops_near_duplicates_only(phantom_split):
     assert all(set(c) >= {"name", "value", "threshold", "passed"} for c in report["checks"])
 
 
+def test_the_second_attacker_is_one_more_copy_space(phantom_split):
+    xt, pt, xh, ph, phi_id, att, fresh = phantom_split
+    wide = SmallCNN(24, width=4, image_size=16)
+    report, accepted = audit_images(
+        np.concatenate([fresh, xt[:3]]),
+        xt,
+        xh,
+        phi_id=phi_id,
+        attacker=att,
+        attacker_wide=wide,
+        policy=PolicyConfig(min_accepted=1),
+        device="cpu",
+        train_ids=pt,
+        holdout_ids=ph,
+    )
+    spaces = {"pixel", "pixel_smooth", "pixel_coarse", "attacker", "attacker_wide"}
+    assert set(report["calibration"]["copy_thresholds"]) == spaces
+    assert set(report["dropped"]["copy"]) == spaces
+    assert not accepted[-3:].any()
+
+
 def test_empty_accepted_set_fails_cleanly(phantom_split):
     report, accepted = _audit(phantom_split[0][:2], phantom_split, PolicyConfig())
     assert report["n_accepted"] == 0 and not report["passed"] and report["mia_auc"] != report["mia_auc"]  # nan

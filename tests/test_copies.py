@@ -196,3 +196,28 @@ def test_the_matrix_blur_is_the_reflect_padded_convolution():
     for shape, sigma in (((7, 1, 32, 32), 1.0), ((7, 1, 32, 32), 2.0), ((3, 1, 16, 24), 2.0)):
         x = torch.randn(shape, generator=g)
         assert torch.allclose(gaussian_blur(x, sigma), convolved(x, sigma), atol=1e-5)
+
+
+def test_the_wide_attacker_keeps_a_heavily_noised_copy_near_its_source():
+    """A network trained to know each image under the `wide` augmentation (noise up to sd 0.125 on
+    [0,1]) puts a copy under noise of sd 0.12 nearest its source, closer than most real
+    non-members come to any train image, and flags no more fresh images than its threshold allows."""
+    from node.audit import _features_fn
+    from node.classifiers import SmallCNN
+    from node.task import train_classifier
+
+    train, nonmembers, fresh = (textures(n, seed=s, size=16) for n, s in ((48, 1), (40, 2), (30, 3)))
+    torch.manual_seed(0)
+    net = SmallCNN(len(train), width=8, image_size=16)
+    train_classifier(
+        net, train, np.arange(len(train)), epochs=60, lr=3e-3, batch_size=32, device="cpu", seed=0, augment="wide"
+    )
+    emb = {"attacker_wide": _features_fn(net, "cpu")}
+    d_nonmembers = copy_distances(nonmembers, train, embedders=emb)["attacker_wide"][0]
+    thr = calibrate(d_nonmembers, fpr=0.02)
+    rng = np.random.default_rng(0)
+    src = np.arange(0, 48, 4)
+    noisy = np.clip(train[src] + rng.normal(0, 30, train[src].shape), 0, 255).astype(np.uint8)
+    d, nearest = copy_distances(noisy, train, embedders=emb)["attacker_wide"]
+    assert (nearest == src).mean() >= 0.75 and (d < np.median(d_nonmembers)).mean() >= 0.75, (nearest, d, thr)
+    assert (copy_distances(fresh, train, embedders=emb)["attacker_wide"][0] >= thr).mean() >= 0.9

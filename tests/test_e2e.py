@@ -227,3 +227,52 @@ def test_a_restarted_coordinator_runs_again_and_restarted_sites_rejoin(federatio
     from server.store import BundleStore
 
     assert len(BundleStore(coord / "store").list()) == len(first["pool"])  # no bundle published twice
+
+
+def test_the_dashboards_show_the_finished_run_in_a_browser(federation, tmp_path):
+    """The coordinator's and a site's dashboards in headless Chromium, after the real run: the DOM
+    holds every site, every pooled bundle and each site's final figures; the screenshots (kept
+    under out/test-dashboard/) are not blank; the coordinator's state carries no site data."""
+    import urllib.request
+
+    from node.dashboard import serve_site_dashboard
+    from node.workspace import Workspace
+    from server.coordinator import CoordinatorDir
+    from server.dashboard import serve_dashboard
+    from server.store import BundleStore
+    from tests.helpers_browser import dom, not_blank, screenshot
+
+    coord, sites, _ = federation
+    # the newest run (the restart test, when it ran before, made a second one): the page shows it first
+    latest = json.loads((coord / "runs" / "latest.json").read_text())
+    results = json.loads((coord / "runs" / latest["run_dir"] / "results.json").read_text())
+    shots = Path(__file__).resolve().parent.parent / "out" / "test-dashboard"
+    page = serve_dashboard(CoordinatorDir(coord), port=0)
+    try:
+        html = dom(page.url, tmp_path)
+        for site in sites:
+            assert f'data-site="{site.name}"' in html, site.name
+        for b in BundleStore(coord / "store").list():
+            assert f'data-bundle="{b.bundle_id}"' in html, b.bundle_id
+        for site, m in results["per_site_final"].items():
+            assert f'data-metric="accuracy" data-site="{site}">{m["accuracy"]:.3f}<' in html, site
+        assert 'data-kind="upload_accepted"' in html and 'data-kind="run_ended"' in html
+        assert not_blank(screenshot(page.url, shots / "coordinator.png", tmp_path))
+        # signed figures and the coordinator's own records only: no picture, no array of numbers
+        state = urllib.request.urlopen(page.url + "api/state", timeout=10).read()
+        assert b"data:image" not in state and b"images/" not in state and len(state) < 200_000
+    finally:
+        page.stop()
+
+    site = sites[0]
+    page = serve_site_dashboard(Workspace(site), port=0)
+    try:
+        html = dom(page.url, tmp_path)
+        run_id = json.loads((site / "synth" / "latest.json").read_text())["run_id"]
+        assert f'data-run="{run_id}"' in html
+        for bid in json.loads((site / "pool" / "index.json").read_text()):
+            assert f'data-bundle="{bid}"' in html
+        assert "round" in html and 'class="chart"' in html
+        assert not_blank(screenshot(page.url, shots / f"{site.name}.png", tmp_path))
+    finally:
+        page.stop()

@@ -5,7 +5,6 @@ import json
 import numpy as np
 
 from node.stages import STAGES, run_pipeline
-from node.synthesize import latest_run
 from node.train import load_models
 
 
@@ -18,12 +17,12 @@ def test_tiny_pipeline_writes_outputs_and_skips_on_rerun(tiny_workspace):
         assert z["images"].shape == (48, 16, 16) and z["patient_ids"].dtype.kind == "U"
     splits = json.loads((ws.data / "splits.json").read_text())
     assert splits["n_classes"] == 2 and set(splits) >= {"seed", "train", "holdout", "test"}
-    for name in ("G_ema", "G", "D", "phi_id", "phi_class", "phi_attack"):
+    for name in ("G_ema", "G", "D", "phi_id", "phi_class", "phi_attack", "phi_attack_wide"):
         side = json.loads((ws.models / f"{name}.json").read_text())
         assert (ws.models / f"{name}.safetensors").exists() and side["config_sha256"] and "metrics" in side
     assert json.loads((ws.models / "G_ema.json").read_text())["steps"] == 6
 
-    run = ws.synth / latest_run(ws)
+    run = ws.synth / ws.latest_run()
     with np.load(run / "candidates.npz", allow_pickle=False) as z:
         assert z["images"].dtype == np.uint8 and len(z["images"]) >= 24
         assert len(z["labels"]) == len(z["images"]) == len(z["path"])

@@ -68,6 +68,27 @@ def test_strong_augmentation_is_seeded_and_changes_more_than_light():
     assert 0.2 < blacked < 1.0
 
 
+def test_wide_augmentation_is_seeded_moves_further_and_adds_noise():
+    from node.task import AUGMENTATIONS
+
+    x = torch.nn.functional.interpolate(torch.rand(64, 1, 4, 4) * 2 - 1, size=16, mode="bilinear", align_corners=False)
+    wide = lambda seed: AUGMENTATIONS["wide"](x, torch.Generator().manual_seed(seed))  # noqa: E731
+    strong = AUGMENTATIONS["strong"](x, torch.Generator().manual_seed(0))
+    assert wide(0).shape == x.shape and torch.equal(wide(0), wide(0)) and not torch.equal(wide(0), wide(1))
+    assert (wide(0) - x).abs().mean() > (strong - x).abs().mean()
+    # no occlusion and border-repeating warps: no image gets a patch of pure black
+    assert not ((wide(0) == -1).flatten(1).sum(1) > 4).any()
+    # on a flat grey image only the noise varies: its typical size (median absolute deviation, which
+    # the strong augmentation's occluding squares do not move) is several times the strong one's
+    flat = torch.zeros(64, 1, 16, 16)
+
+    def spread(t):
+        return (t - t.flatten(1).median(1).values[:, None, None, None]).abs().flatten(1).median(1).values.mean()
+
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert spread(AUGMENTATIONS["wide"](flat, g())) > 3 * spread(AUGMENTATIONS["strong"](flat, g()))
+
+
 def test_unknown_augmentation_is_refused():
     x, y = _data()
     m = DownstreamCNN(2, width=4, image_size=16)

@@ -119,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         default="plan",
         help="what the sites share: PLAN images, or CVAE embeddings of the federation's pinned extractor",
     )
+    parser.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=8050,
+        help="serve the coordinator's dashboard on 127.0.0.1 at this port once the run ended (0: any free "
+        "port; -1: do not); only when run from a terminal",
+    )
     args = parser.parse_args(argv)
 
     out = args.out.resolve()
@@ -133,7 +140,22 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(out / "results.json", summary)
     print_table(summary)
     print(f"results: {out / 'results.json'}")
-    return 0 if summary["federation"]["completed"] else 1
+    ok = summary["federation"]["completed"]
+    if args.dashboard_port < 0 or not sys.stdin.isatty():  # a script waits for no one: say how to look
+        print(f"dashboard: plan-server dashboard --dir {coord} (then open http://127.0.0.1:8050/)")
+        return 0 if ok else 1
+    from server.coordinator import CoordinatorDir
+    from server.dashboard import serve_dashboard
+
+    page = serve_dashboard(CoordinatorDir(coord), port=args.dashboard_port)
+    print(f"dashboard: {page.url} (the finished run; Ctrl-C stops it)")
+    try:
+        page.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        page.stop()
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
