@@ -148,7 +148,7 @@ def _summary(report: dict) -> dict:
     }
 
 
-def run_dataset(dataset: str, *, max_images: int, per_kind: int, seed: int) -> dict:
+def run_dataset(dataset: str, *, max_images: int, per_kind: int, seed: int, second_attacker: bool = True) -> dict:
     from node.audit import audit_images
     from node.ingest import load_split
     from node.stages import run_one
@@ -165,6 +165,7 @@ def run_dataset(dataset: str, *, max_images: int, per_kind: int, seed: int) -> d
     nets = {
         k: load_model(ws, n, "cpu")
         for k, n in (("phi_id", "phi_id"), ("attacker", "phi_attack"), ("attacker_wide", "phi_attack_wide"))
+        if second_attacker or k != "attacker_wide"
     }
     D = load_model(ws, "D", "cpu")
     kw = dict(
@@ -225,12 +226,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--per-kind", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--no-second-attacker", action="store_true", help="ablation: audit without phi_attack_wide's copy space"
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "canary.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = {
-        ds: run_dataset(ds, max_images=args.max_images, per_kind=args.per_kind, seed=args.seed) for ds in args.datasets
-    }
+    kw = dict(max_images=args.max_images, per_kind=args.per_kind, seed=args.seed)
+    out = {ds: run_dataset(ds, **kw, second_attacker=not args.no_second_attacker) for ds in args.datasets}
     out["_meta"] = {
         "command": command("bench.canary", argv),
         "machine": machine(),

@@ -50,7 +50,7 @@ const PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b
 // -> an <svg>. Every point has a <title> (hover shows its value); clicking a legend entry hides
 // or shows its line.
 function lineChart(spec) {
-  const W = 420, H = 240, L = 44, R = 120, T = 24, B = 30;
+  const W = 480, H = 240, L = 44, R = 140, T = 24, B = 30;
   const all = spec.series.flatMap((s) => s.points).filter((p) => p[1] !== null);
   const xs = all.map((p) => p[0]);
   const xMin = Math.min(...xs, 1), xMax = Math.max(...xs, 2);

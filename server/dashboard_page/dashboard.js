@@ -102,11 +102,11 @@ function renderRuns(runs) {
     title: `${m} per round (${shown.run_dir})`,
     series: [
       ...sites.map((s) => ({ name: s, points: shown.per_site[s][m] })),
-      { name: "mean (aggregate)", points: shown.aggregate[m], dashed: true, color: "#111" },
+      { name: "mean", points: shown.aggregate[m], dashed: true, color: "#111" },
     ],
     marks: [
-      { name: "FedAvg on real (mean)", y: mean(Object.values(shown.baselines.fedavg_real).map((v) => v[m])), color: "#b45309" },
-      { name: "local-only (mean)", y: mean(Object.values(shown.baselines.local_only).map((v) => v[m])), color: "#6b7280" },
+      { name: "FedAvg real", y: mean(Object.values(shown.baselines.fedavg_real).map((v) => v[m])), color: "#b45309" },
+      { name: "local-only", y: mean(Object.values(shown.baselines.local_only).map((v) => v[m])), color: "#6b7280" },
     ].filter((x) => x.y !== null),
   }));
   const finals = el("table", { id: "finals" },
