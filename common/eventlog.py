@@ -21,8 +21,11 @@ READ_LIMIT = 500
 def append_event(path: Path, kind: str, **fields) -> None:
     """Append {"time": unix seconds, "kind": kind, **fields} as one line to `path`."""
     line = json.dumps({"time": round(time.time(), 3), "kind": kind, **fields}, default=str, sort_keys=True) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a line cut short by a crash: do not glue onto it
+            line = "\n" + line
         os.write(fd, line.encode())
     finally:
         os.close(fd)

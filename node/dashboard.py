@@ -55,7 +55,8 @@ def site_state(ws: Workspace) -> dict:
         ],
         "audits": audits,
         "reports": sorted(p.name for p in ws.reports.glob("audit-*.html") if REPORT_NAME.fullmatch(p.name)),
-        "rounds": read_events(ws.reports / "rounds.jsonl")[::-1],
+        # run ids are 64-bit: as JSON numbers a browser would round them
+        "rounds": [{**r, "run_id": str(r.get("run_id"))} for r in read_events(ws.reports / "rounds.jsonl")[::-1]],
     }
 
 

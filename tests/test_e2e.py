@@ -258,9 +258,10 @@ def test_the_dashboards_show_the_finished_run_in_a_browser(federation, tmp_path)
             assert f'data-metric="accuracy" data-site="{site}">{m["accuracy"]:.3f}<' in html, site
         assert 'data-kind="upload_accepted"' in html and 'data-kind="run_ended"' in html
         assert not_blank(screenshot(page.url, shots / "coordinator.png", tmp_path))
-        # signed figures and the coordinator's own records only: no picture, no array of numbers
+        # signed figures and the coordinator's own records only: no picture (inline or base64 PNG),
+        # no array of pixels or embeddings (a refusal may name a payload file, never hold one)
         state = urllib.request.urlopen(page.url + "api/state", timeout=10).read()
-        assert b"data:image" not in state and b"images/" not in state and len(state) < 200_000
+        assert b"data:image" not in state and b"iVBORw0KGgo" not in state and len(state) < 200_000
     finally:
         page.stop()
 

@@ -25,7 +25,8 @@ function renderStages(st) {
     el("td", {}, name), el("td", {}, fmt(s.seconds, 1)), el("td", {}, when(s.finished))));
   const lo = st.local_only;
   body("stages").replaceChildren(table(["stage", "seconds", "finished"], stages),
-    lo ? el("p", {}, `local-only baseline on this site's real data: accuracy ${fmt(lo.accuracy ?? (lo.metrics || {}).accuracy)}`) : "");
+    lo ? el("p", { "data-field": "local-only" }, `local-only baseline on this site's real data (test split): ` +
+      `accuracy ${fmt((lo.test || {}).accuracy)}, balanced accuracy ${fmt((lo.test || {})["balanced-accuracy"])}, AUROC ${fmt((lo.test || {}).auroc)}`) : "");
 }
 
 function renderAudits(state) {

@@ -41,12 +41,13 @@ function renderSites(sites, now) {
     const node = s.supernode || {};
     const nodeText = node.state === "online" ? pill("online", "good") : node.admitted === false ? pill("revoked", "bad")
       : pill(node.state || "unknown", "neutral");
+    const seen = node.state !== "online" && node.last_seen ? `last seen ${ago(node.last_seen, now)}` : "";
     const keyKind = s.key_status === "current" ? "good" : s.key_status === "revoked" ? "bad" : "neutral";
     const quota = s.quota_bytes ? `${(100 * s.bytes_used / s.quota_bytes).toFixed(2)}% of ${(s.quota_bytes / 2 ** 30).toFixed(1)} GiB` : "no quota";
     return el("tr", { "data-site": s.site },
       el("td", {}, s.site),
       el("td", {}, pill(s.key_status, keyKind), " ", el("span", { class: "muted" }, s.keys.map((k) => `${k.key_id.slice(0, 8)} ${k.status}`).join(", "))),
-      el("td", {}, nodeText, " ", el("span", { class: "muted" }, node.last_seen ? `last seen ${ago(node.last_seen, now)}` : "")),
+      el("td", { "data-field": "supernode" }, nodeText, " ", el("span", { class: "muted" }, seen)),
       el("td", {}, s.certificate_not_after ? s.certificate_not_after.slice(0, 10) : "–"),
       el("td", { "data-sort": s.bundles }, s.bundles),
       el("td", { "data-sort": s.bytes_used }, quota));
