@@ -168,21 +168,12 @@ class Walked:
     walk: dict  # iters run, mean initial / final loss, seconds
 
 
-def walk_both(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "cpu") -> Walked:
-    """PLAN paths (node.walk.plan_paths with the site's walk config and stopping rule) and linear
-    paths between the same anchor pairs, rendered (interior points only, like node.synthesize)."""
-    from node.pixels import to_uint8
-    from node.walk import linear_paths, plan_paths
+def walk_pairs(a: Anchors, wc, *, weight_identity: float | None = None, device: str = "cpu"):
+    """node.walk.plan_paths between `a`'s anchor pairs with walk config `wc` (its stopping rule),
+    optionally another identity weight. Returns the WalkResult."""
+    from node.walk import plan_paths
 
-    a = anchor_pairs(ws, n_pairs=n_pairs, seed=seed, device=device)
-    wc = ws.config().synth.walk
-    g_sha = read_sidecar(ws.models / "G_ema.safetensors")["weights_sha256"][:16]
-    cache = ws.root / f"bench_walk_{g_sha}_{config_digest(ws.config().synth)[:12]}_{n_pairs}_{seed}.npz"
-    if cache.exists():  # the walk is deterministic given these; path_safety and utility share it
-        with np.load(cache, allow_pickle=False) as z:
-            return Walked(a, z["plan"], z["linear"], z["anchor_images"], json.loads(str(z["walk"])))
-    t0 = time.time()
-    res = plan_paths(
+    return plan_paths(
         a.G,
         a.phi_id,
         a.phi_class,
@@ -192,11 +183,28 @@ def walk_both(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "cpu"
         points=wc.points,
         iters=wc.iters,
         lr=wc.lr,
-        weight_identity=wc.weight_identity,
+        weight_identity=wc.weight_identity if weight_identity is None else weight_identity,
         weight_smooth=wc.weight_smooth,
         weight_class=wc.weight_class,
         device=device,
     )
+
+
+def walk_both(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "cpu") -> Walked:
+    """PLAN paths (node.walk.plan_paths with the site's walk config and stopping rule) and linear
+    paths between the same anchor pairs, rendered (interior points only, like node.synthesize)."""
+    from node.pixels import to_uint8
+    from node.walk import linear_paths
+
+    a = anchor_pairs(ws, n_pairs=n_pairs, seed=seed, device=device)
+    wc = ws.config().synth.walk
+    g_sha = read_sidecar(ws.models / "G_ema.safetensors")["weights_sha256"][:16]
+    cache = ws.root / f"bench_walk_{g_sha}_{config_digest(ws.config().synth)[:12]}_{n_pairs}_{seed}.npz"
+    if cache.exists():  # the walk is deterministic given these; path_safety and utility share it
+        with np.load(cache, allow_pickle=False) as z:
+            return Walked(a, z["plan"], z["linear"], z["anchor_images"], json.loads(str(z["walk"])))
+    t0 = time.time()
+    res = walk_pairs(a, wc, device=device)
     t_walk = time.time() - t0
     line = linear_paths(a.start, a.end, points=wc.points)
 

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from bench._site import ROOT, anchor_pairs, command, machine, mean_std, npz_site
+from bench._site import ROOT, anchor_pairs, command, machine, mean_std, npz_site, walk_pairs
 from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
 from common.models import DownstreamCNN
@@ -38,7 +38,7 @@ from node.ingest import load_split
 from node.pixels import to_uint8
 from node.task import evaluate_classifier, train_classifier
 from node.train import load_model
-from node.walk import linear_paths, plan_paths
+from node.walk import linear_paths
 
 GATED = ("mia_auc_upper", "closer_to_train_upper", "reid_rate_upper", "tpr_at_low_fpr_upper")
 
@@ -122,21 +122,7 @@ def run_dataset(name: str, *, weights, pairs: int, max_images: int, steps: int, 
     }
     for w in weights:
         t_walk = time.time()
-        res = plan_paths(
-            a.G,
-            a.phi_id,
-            a.phi_class,
-            a.start,
-            a.end,
-            a.labels,
-            points=T,
-            iters=wc.iters,
-            lr=wc.lr,
-            weight_identity=w,
-            weight_smooth=wc.weight_smooth,
-            weight_class=wc.weight_class,
-            device="cpu",
-        )
+        res = walk_pairs(a, wc, weight_identity=w)
         out[f"plan_w{w:g}"] = row(
             render(res.paths), weight_identity=w, seconds_walk=round(time.time() - t_walk, 1), iters_run=res.iters
         )

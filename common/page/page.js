@@ -135,6 +135,18 @@ function sortable(table) {
   return table;
 }
 
+// changed(name, data): true the first time and whenever `data` differs from the last call's for
+// `name`. A section is redrawn only then, so a chosen sort order or a hidden chart line stays put
+// between polls.
+const shownJson = {};
+
+function changed(name, data) {
+  const json = JSON.stringify(data);
+  if (shownJson[name] === json) return false;
+  shownJson[name] = json;
+  return true;
+}
+
 // poll(render): call render(state) with /api/state now and every `ms`; show errors in #status
 function poll(render, ms = 2000) {
   const status = document.getElementById("status");

@@ -1,15 +1,6 @@
 // The site's dashboard: renders /api/state (node/dashboard.py) every 2 s.
 "use strict";
 
-const shown = {};
-
-function changed(name, data) {
-  const json = JSON.stringify(data);
-  if (shown[name] === json) return false;
-  shown[name] = json;
-  return true;
-}
-
 function body(id) {
   return document.querySelector(`#${id} .body`);
 }

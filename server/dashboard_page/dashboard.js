@@ -3,15 +3,6 @@
 
 const METRICS = ["accuracy", "balanced-accuracy", "auroc"];
 let selectedRun = null;  // run_dir the charts show; null: the newest
-const shownJson = {};  // section -> the JSON it was last drawn from: redrawn only on a change, so a
-// chosen sort order or a hidden chart line stays put between polls
-
-function changed(name, data) {
-  const json = JSON.stringify(data);
-  if (shownJson[name] === json) return false;
-  shownJson[name] = json;
-  return true;
-}
 
 function section(id) {
   return document.querySelector(`#${id} .body`);
