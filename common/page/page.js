@@ -88,7 +88,8 @@ function lineChart(spec) {
   (spec.marks || []).forEach((m, i) => {
     const g = svg("g", { "data-series": m.name });
     const color = m.color || "#777";
-    g.append(svg("line", { x1: X(xMax) - 10, x2: X(xMax) + 10, y1: Y(m.y), y2: Y(m.y), stroke: color, "stroke-width": 3 },
+    // a baseline is a short bar just right of the last round, clear of the lines and the legend
+    g.append(svg("line", { x1: X(xMax) + 4, x2: X(xMax) + 18, y1: Y(m.y), y2: Y(m.y), stroke: color, "stroke-width": 3 },
       svg("title", {}, `${m.name}: ${fmt(m.y)}`)));
     groups[m.name] = g;
     root.append(g);
@@ -97,7 +98,7 @@ function lineChart(spec) {
     ...(spec.marks || []).map((m) => [m.name, m.color || "#777", false])];
   legend.forEach(([name, color, dashed], i) => {
     const y = T + 4 + i * 16;
-    const item = svg("g", { class: "legend", transform: `translate(${W - R + 10},${y})` },
+    const item = svg("g", { class: "legend", transform: `translate(${W - R + 26},${y})` },
       svg("line", { x1: 0, x2: 16, y1: 0, y2: 0, stroke: color, "stroke-width": 3, "stroke-dasharray": dashed ? "4 3" : null }),
       svg("text", { x: 20, y: 4 }, name));
     item.addEventListener("click", () => {
