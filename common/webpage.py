@@ -193,7 +193,7 @@ class PageServer:
         deadline = time.time() + timeout
         while not self._server.started:
             if not self._thread.is_alive() or time.time() > deadline:
-                raise OSError(f"the dashboard could not listen on {host}:{port} (port in use, or TLS files unreadable)")
+                raise ConfigError(f"the dashboard cannot listen on {host}:{port} (port in use? TLS files unreadable?)")
             time.sleep(0.05)
         scheme = "https" if tls_cert else "http"
         shown = f"[{host}]" if ":" in host else host

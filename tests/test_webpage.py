@@ -112,3 +112,12 @@ def test_the_token_file_must_be_private_and_long_enough(tmp_path):
     os.chmod(short, 0o600)
     with pytest.raises(ConfigError, match="at least 16"):
         read_token(short)
+
+
+def test_a_port_in_use_is_a_clear_error(page_files):
+    first = PageServer(PageApp(files=page_files, state=dict), host="127.0.0.1", port=0)
+    try:
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{first.port}"):
+            PageServer(PageApp(files=page_files, state=dict), host="127.0.0.1", port=first.port, timeout=5)
+    finally:
+        first.stop()
