@@ -139,6 +139,13 @@ def command(module: str, argv: list[str] | None) -> str:
     return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
 
 
+def run_meta(module: str, argv: list[str] | None) -> dict:
+    """A result file's "_meta": the command that ran, the machine, the load average at the end."""
+    import os
+
+    return {"command": command(module, argv), "machine": machine(), "load_average_at_end": list(os.getloadavg())}
+
+
 def machine() -> str:
     import os
     import platform

@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from bench._site import ROOT, command, machine, npz_site
+from bench._site import ROOT, npz_site, run_meta
 
 # name -> list of edits, applied in order; each edit is (op, strength)
 KINDS: dict[str, list[tuple[str, float]]] = {
@@ -234,11 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     kw = dict(max_images=args.max_images, per_kind=args.per_kind, seed=args.seed)
     out = {ds: run_dataset(ds, **kw, second_attacker=not args.no_second_attacker) for ds in args.datasets}
-    out["_meta"] = {
-        "command": command("bench.canary", argv),
-        "machine": machine(),
-        "load_average_at_end": list(os.getloadavg()),
-    }
+    out["_meta"] = run_meta("bench.canary", argv)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     for ds in args.datasets:

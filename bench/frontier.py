@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 
 import numpy as np
 import torch
 
-from bench._site import ROOT, anchor_pairs, command, machine, mean_std, npz_site, walk_pairs
+from bench._site import ROOT, anchor_pairs, mean_std, npz_site, run_meta, walk_pairs
 from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
 from common.models import DownstreamCNN
@@ -155,11 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     kw = dict(pairs=args.pairs, max_images=args.max_images, steps=args.steps, batch=args.batch, seeds=args.seeds)
     res = {n: run_dataset(n, weights=args.weights, **kw) for n in args.datasets}
     res["_chosen"] = choose(res, args.datasets, args.weights)
-    res["_meta"] = {
-        "command": command("bench.frontier", argv),
-        "machine": machine(),
-        "load_average_at_end": list(os.getloadavg()),
-    }
+    res["_meta"] = run_meta("bench.frontier", argv)
     atomic_write_json(args.out, res)
     print(f"{'data set':<16}{'set':<12}{'bal. acc (val)':>16}{'AUROC (val)':>13}{'kept':>7}{'MIA up':>8}"
           f"{'closer up':>10}{'verdict':>9}")  # fmt: skip

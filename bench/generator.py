@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 
 import numpy as np
 import torch
 
-from bench._site import ROOT, command, machine, npz_site, walk_both
+from bench._site import ROOT, npz_site, run_meta, walk_both
 from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
 from common.models import DownstreamCNN
@@ -113,11 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     kw = dict(max_images=args.max_images, pairs=args.pairs, steps=args.steps, seed=args.seed)
     res = {n: run_dataset(n, **kw) for n in args.datasets}
-    res["_meta"] = {
-        "command": command("bench.generator", argv),
-        "machine": machine(),
-        "load_average_at_end": list(os.getloadavg()),
-    }
+    res["_meta"] = run_meta("bench.generator", argv)
     atomic_write_json(args.out, res)
     print(f"{'data set':<16}{'set':<14}{'n':>6}{'FD':>10}{'precision':>11}{'recall':>8}")
     for n in args.datasets:

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 
 import numpy as np
 import torch
 
-from bench._site import ROOT, command, machine, mean_std, npz_site, walk_both
+from bench._site import ROOT, mean_std, npz_site, run_meta, walk_both
 from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
 from common.models import DownstreamCNN
@@ -116,11 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         for n in args.datasets
     }
-    res["_meta"] = {
-        "command": command("bench.utility", argv),
-        "machine": machine(),
-        "load_average_at_end": list(os.getloadavg()),
-    }
+    res["_meta"] = run_meta("bench.utility", argv)
     atomic_write_json(args.out, res)
     print(f"{'data set':<16}{'train set':<10}{'images':>8}{'accuracy':>18}{'AUROC':>18}")
     for n in args.datasets:
