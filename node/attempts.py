@@ -15,7 +15,7 @@ import time
 
 from common import errors
 from common.fileio import sha256_file
-from node.workspace import Workspace
+from node.workspace import Workspace, ledger_lines
 
 STAGE = "audit_attempt"
 
@@ -33,17 +33,7 @@ def data_digest(ws: Workspace) -> str:
 
 def earlier_attempts(ws: Workspace, digest: str) -> list[dict]:
     """The ledger's attempt lines for this training data, oldest first."""
-    if not ws.ledger.exists():
-        return []
-    out = []
-    for line in ws.ledger.read_text().splitlines():
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash says nothing
-        if isinstance(e, dict) and e.get("stage") == STAGE and e.get("data") == digest:
-            out.append(e)
-    return out
+    return [e for e in ledger_lines(ws) if e.get("stage") == STAGE and e.get("data") == digest]
 
 
 def next_attempt(ws: Workspace, *, seed: int, max_attempts: int, note: str | None) -> dict:

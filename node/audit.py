@@ -592,8 +592,7 @@ def audit_images(
     downstream-model attack), each candidate's path (the report counts the distinct paths
     released), the GAN's `discriminator` (LOGAN), an `lpips_model` (node.lpips_matrix.build_lpips;
     when None the report says why, from `lpips_reason`), a declared DP epsilon. `details`, when a
-    dict, is filled with distances,
-    scores and closest pairs for the HTML report.
+    dict, is filled with distances, scores and closest pairs for the HTML report.
 
     Returns (report dict as written to audit.json, boolean mask [S] of accepted candidates)."""
     S = len(candidates)

@@ -8,14 +8,13 @@ reports hold image grids) because it never leaves the site: it binds to loopback
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from common.eventlog import read_events
 from common.webpage import PageApp, PageServer, text_reply
 from node.status import read_json, site_status
-from node.workspace import Workspace
+from node.workspace import Workspace, ledger_lines
 
 PAGE = Path(__file__).resolve().parent / "dashboard_page"
 SHARED = Path(__file__).resolve().parent.parent / "common" / "page"
@@ -24,16 +23,14 @@ REPORT_NAME = re.compile(r"audit-[0-9a-f]{12}\.html")
 REPORT_CSP = b"default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'"
 
 
+def stored_reports(ws: Workspace) -> dict[str, Path]:
+    """name -> path of every stored audit report in reports/ (names of the audit's own form only)."""
+    return {p.name: p for p in ws.reports.glob("audit-*.html") if REPORT_NAME.fullmatch(p.name)}
+
+
 def site_state(ws: Workspace) -> dict:
     """{"status": node.status.site_status, "ledger": its lines newest first, "audits": every
     synthesis run's audit figures, "reports": stored report names, "rounds": rounds.jsonl}."""
-    ledger = []
-    if ws.ledger.exists():
-        for line in ws.ledger.read_text().splitlines():
-            try:
-                ledger.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
     audits = []
     for run in sorted(p for p in ws.synth.glob("*") if p.is_dir()):
         a = read_json(run / "audit.json")
@@ -51,10 +48,10 @@ def site_state(ws: Workspace) -> dict:
         "status": site_status(ws),
         "ledger": [
             {k: e.get(k) for k in ("stage", "started", "seconds", "time", "run_id", "passed", "number")}
-            for e in ledger[::-1]
+            for e in ledger_lines(ws)[::-1]
         ],
         "audits": audits,
-        "reports": sorted(p.name for p in ws.reports.glob("audit-*.html") if REPORT_NAME.fullmatch(p.name)),
+        "reports": sorted(stored_reports(ws)),
         # run ids are 64-bit: as JSON numbers a browser would round them
         "rounds": [{**r, "run_id": str(r.get("run_id"))} for r in read_events(ws.reports / "rounds.jsonl")[::-1]],
     }
@@ -64,13 +61,13 @@ def site_app(ws: Workspace) -> PageApp:
     def report(query: dict):
         # the name must be one of the stored reports, matched against the folder's own listing
         name = (query.get("name") or [""])[0]
-        stored = {p.name: p for p in ws.reports.glob("audit-*.html") if REPORT_NAME.fullmatch(p.name)}
+        stored = stored_reports(ws)
         if name not in stored:
             return text_reply(404, f"no stored audit report named {name[:80]!r}")
         return (
             200,
             [(b"content-type", b"text/html; charset=utf-8"), (b"content-security-policy", REPORT_CSP)],
-            (stored[name].read_bytes()),
+            stored[name].read_bytes(),
         )
 
     files = {

@@ -100,6 +100,22 @@ def _digests(paths: list[Path]) -> dict[str, str]:
     return out
 
 
+def ledger_lines(ws: Workspace) -> list[dict]:
+    """Every line of the ledger that parses as an object, oldest first; a line cut short by a crash
+    says nothing and is skipped."""
+    if not ws.ledger.exists():
+        return []
+    out = []
+    for line in ws.ledger.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
+
+
 def last_ledger_entry(ws: Workspace, stage: str) -> dict | None:
     if not ws.ledger.exists():
         return None
