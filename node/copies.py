@@ -7,12 +7,17 @@ training image y under a family of geometric edits t of the candidate, and its c
 
     d(x) = min over t, y of || v(t(x)) - v(y) ||^2
 
-in a view v:
+in a view v (for the pixel views, d = 2 - 2 cos' with the corrected cosine below, at least 0):
 - "pixel": the centre crop (the border a warp fills in is left out) normalised per image to zero
   mean and unit norm, so brightness and contrast changes vanish exactly; d = 2 - 2 cos in [0, 4];
 - "pixel_smooth", "pixel_coarse": the same after a Gaussian blur of both sides (sigma 1 and 2
   pixels), so blur and most of the noise vanish (sigma 1 keeps fine anatomy for copies that are
   also rotated or zoomed; sigma 2 removes more noise);
+  in every pixel view the candidate's norm is corrected for its own estimated noise (Spearman's
+  correction for attenuation): for x = y + n the plain cosine to y is |y| / sqrt(|y|^2 + |n|^2),
+  below 1 by the noise alone, so a noisy copy would look as far from its source as a different
+  image; dividing by sqrt(|x|^2 - E|n|^2) instead gives it a cosine near 1, and a clean image
+  (estimated noise near 0) is unchanged;
 - an embedding space (the independent attacker's features, LPIPS features when the backbone is
   present): squared Euclidean distance between features of the warped candidate and of y.
 
@@ -135,15 +140,48 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return _blur_matrix(H, sigma, x.dtype) @ x @ _blur_matrix(W, sigma, x.dtype).T
 
 
-def pixel_view(x: torch.Tensor, *, margin: int, sigma: float = 0.0) -> torch.Tensor:
-    """x float [B,1,H,W] -> [B,(H-2m)(W-2m)]: (optionally blurred) centre crop, zero mean, unit norm.
+# The Laplacian-of-differences mask: zero on constant and linear ramps, so on smooth anatomy its
+# response is mostly the noise; for white noise of variance s^2 it has variance 36 s^2.
+_NOISE_MASK = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
+# The noise correction removes at most this share of an image's energy (its cosine at most doubles):
+# an image that is mostly noise is not a copy of anything the estimate can vouch for.
+MAX_NOISE_SHARE = 0.75
+
+
+def noise_variance(x: torch.Tensor) -> torch.Tensor:
+    """Per-image variance of additive white noise, x float [B,1,H,W] -> [B] (units of x squared):
+    the median absolute response to _NOISE_MASK / (0.6745 * 6), squared. The median, not the
+    mean, so edges (a minority of pixels) do not count as noise; on anatomy with no noise added
+    it reads near the quantisation and acquisition noise, a few 1e-5 on [-1, 1]."""
+    r = F.conv2d(x, _NOISE_MASK.to(x)[None, None]).flatten(1).abs()
+    return (r.median(1).values / (0.6745 * 6)).square()
+
+
+def view_noise_gain(side: int, *, margin: int, sigma: float) -> float:
+    """Expected energy of unit-variance white noise in pixel_view's vector before normalisation:
+    the blur's squared weights summed over the centre crop, less the crop mean's share."""
+    B = torch.eye(side, dtype=torch.float64) if sigma == 0 else _blur_matrix(side, sigma, torch.float64)
+    B = B[margin : side - margin]  # the crop's rows of the (row or column) blur
+    P = len(B) ** 2
+    return float(B.square().sum() ** 2 - B.sum(0).square().sum() ** 2 / P)
+
+
+def pixel_view(
+    x: torch.Tensor, *, margin: int, sigma: float = 0.0, noise_energy: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x float [B,1,H,W] -> [B,(H-2m)(W-2m)]: (optionally blurred) centre crop, zero mean, divided
+    by its norm; with `noise_energy` [B] (noise_variance x view_noise_gain), by the norm its noise-free
+    part would have (at least (1 - MAX_NOISE_SHARE) of the energy kept), so the row's norm may exceed 1.
     A constant crop stays all zeros (distance 0 to another constant crop, 1 to anything else)."""
     if sigma > 0:
         x = gaussian_blur(x, sigma)
     H, W = x.shape[-2:]
     v = x[..., margin : H - margin, margin : W - margin].flatten(1)
     v = v - v.mean(1, keepdim=True)
-    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    energy = v.square().sum(1)
+    if noise_energy is not None:
+        energy = torch.maximum(energy - noise_energy, (1 - MAX_NOISE_SHARE) * energy)
+    return v / energy.sqrt().clamp_min(1e-8)[:, None]
 
 
 def working_size(x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +218,8 @@ def copy_distances(
     {space: (distance float64 [N], index of the nearest train image int64 [N])}.
 
     The pixel views see both sides at PIXEL_VIEW_SIZE (area-averaged when larger); the embedders
-    see the images as given. Train images are taken as they are; only the query is warped (the family is symmetric). The
+    see the images as given. Train images are taken as they are; only the query is warped (the family is
+    symmetric) and only its noise corrected (an edit adds noise to the copy, not to its source). The
     embedding spaces use `embed_family` (default: no shifts, only flips, rotations and zooms): a
     network pass per warp costs ~100x a pixel view, and a CNN's pooled features already give
     little weight to a shift of a few pixels. Memory: `chunk` query images x len(family) warps."""
@@ -193,22 +232,33 @@ def copy_distances(
     best: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def keep(k: str, i: int, v: torch.Tensor, ref: torch.Tensor, T: int) -> None:
-        d, j = nearest_sq(v, ref, chunk=4096) if k.startswith("pixel") else min_sq_dist(v, ref)
-        d = d.double()
+        if k in PIXEL_VIEWS:  # 2 - 2 cos': the unit-norm reference against the noise-corrected query
+            d, j = nearest_sq(v, ref, chunk=4096)
+            d = (d.double() - v.square().sum(1).double() + 1).clamp_min(0)
+        else:
+            d, j = min_sq_dist(v, ref)
+            d = d.double()
         n = len(v) // T
         d, t_best = d.reshape(n, T).min(1)
         j = j.reshape(n, T).gather(1, t_best[:, None])[:, 0]
         best[k][0][i : i + n], best[k][1][i : i + n] = d.numpy(), j.numpy()
 
     with torch.no_grad():
+        side = t_small.shape[-1]
+        gains = {k: view_noise_gain(side, margin=margin, sigma=sigma) for k, sigma in PIXEL_VIEWS.items()}
         refs = {k: pixel_view(t_small, margin=margin, sigma=sigma) for k, sigma in PIXEL_VIEWS.items()}
         refs.update({k: f(t).float() for k, f in embedders.items()})
         best.update({k: (np.full(len(query), np.inf), np.zeros(len(query), dtype=np.int64)) for k in refs})
         for i in range(0, len(query), chunk):
             x = to_tensor(query[i : i + chunk])
-            q = warp(working_size(x), family).flatten(0, 1)  # [n*T,1,h,w], warp k of image n at n*T+k
+            small = working_size(x)
+            q = warp(small, family).flatten(0, 1)  # [n*T,1,h,w], warp k of image n at n*T+k
+            # estimated once per image and used for every warp: interpolating warps average the noise
+            # down, so this over-corrects them, which can only flag more
+            noise = noise_variance(small).repeat_interleave(len(family))
             for k, sigma in PIXEL_VIEWS.items():
-                keep(k, i, pixel_view(q, margin=margin, sigma=sigma), refs[k], len(family))
+                v = pixel_view(q, margin=margin, sigma=sigma, noise_energy=noise * gains[k])
+                keep(k, i, v, refs[k], len(family))
             if embedders:
                 qe = warp(x, embed_family).flatten(0, 1)
                 for k, f in embedders.items():

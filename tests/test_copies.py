@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from node.copies import PIXEL_VIEWS, Warp, calibrate, copy_distances, warp, warp_family
+from node.copies import PIXEL_VIEWS, Warp, calibrate, copy_distances, noise_variance, warp, warp_family
 from node.release_filter import distinct, holdout_halves
 
 
@@ -41,6 +41,9 @@ EDITS = {
     "blur": lambda x, r: _pil(x, lambda im: im.filter(ImageFilter.GaussianBlur(0.8))),
     "noise": lambda x, r: np.clip(x + r.normal(0, 5, x.shape), 0, 255).astype(np.uint8),
     "strong_noise": lambda x, r: np.clip(x + r.normal(0, 15, x.shape), 0, 255).astype(np.uint8),
+    # sd 0.12 of the range, the texture's own sd 0.16: caught only through the noise correction
+    "heavy_noise": lambda x, r: np.clip(x + r.normal(0, 30, x.shape), 0, 255).astype(np.uint8),
+    "shift_and_noise": lambda x, r: np.clip(_shift(x, 1, 3) + r.normal(0, 20, x.shape), 0, 255).astype(np.uint8),
     "rotation": lambda x, r: _pil(x, lambda im: im.rotate(6, resample=Image.BILINEAR, fillcolor=128)),
     "rescale_crop": lambda x, r: _pil(x, lambda im: im.resize((35, 35), Image.BILINEAR).crop((1, 2, 33, 34))),
 }
@@ -67,6 +70,36 @@ def test_an_edited_copy_is_flagged_and_a_fresh_image_is_not(textured, kind):
     d_fresh = copy_distances(fresh, train)
     kept = np.all([d_fresh[k][0] >= thr[k] for k in PIXEL_VIEWS], axis=0)
     assert kept.mean() >= 0.9
+
+
+def look_alikes(n: int, *, seed: int) -> np.ndarray:
+    """n images uint8 [n,32,32] that share 85% of their structure, as chest X-rays share anatomy:
+    real non-members are close to the train images, so the copy threshold is tight."""
+    shared = textures(1, seed=99)[0].astype(float) - 128
+    own = textures(n, seed=seed).astype(float) - 128
+    return np.clip(128 + 0.85 * shared + 0.15 * own, 0, 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("sd", [15, 25])
+def test_a_noisy_copy_of_a_look_alike_is_flagged_through_the_noise_correction(sd):
+    """Without the correction for the candidate's own noise none of these copies is flagged: the
+    noise alone lowers their cosine to the source below that of the nearest real non-member."""
+    train, nonmembers, fresh = look_alikes(120, seed=1), look_alikes(60, seed=2), look_alikes(40, seed=3)
+    thr = {k: calibrate(d, fpr=0.02) for k, (d, _) in copy_distances(nonmembers, train).items()}
+    rng = np.random.default_rng(0)
+    copies = np.stack([np.clip(train[i] + rng.normal(0, sd, (32, 32)), 0, 255).astype(np.uint8) for i in (3, 40, 77)])
+    d = copy_distances(copies, train)
+    assert np.any([d[k][0] < thr[k] for k in PIXEL_VIEWS], axis=0).all(), ({k: d[k][0] for k in PIXEL_VIEWS}, thr)
+    d_fresh = copy_distances(fresh, train)
+    assert np.all([d_fresh[k][0] >= thr[k] for k in PIXEL_VIEWS], axis=0).mean() >= 0.9
+
+
+def test_the_noise_estimate_reads_the_added_noise_not_the_anatomy():
+    x = torch.from_numpy(textures(8, seed=4).astype(np.float64) / 255)[:, None]
+    clean = noise_variance(x).sqrt()
+    noisy = noise_variance(x + torch.from_numpy(np.random.default_rng(0).normal(0, 0.08, x.shape))).sqrt()
+    assert (clean < 0.02).all(), clean
+    assert ((noisy - 0.08).abs() < 0.015).all(), noisy
 
 
 def test_plain_pixel_mse_misses_what_the_family_catches(textured):
