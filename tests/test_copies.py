@@ -45,20 +45,30 @@ EDITS = {
     "heavy_noise": lambda x, r: np.clip(x + r.normal(0, 30, x.shape), 0, 255).astype(np.uint8),
     "shift_and_noise": lambda x, r: np.clip(_shift(x, 1, 3) + r.normal(0, 20, x.shape), 0, 255).astype(np.uint8),
     "rotation": lambda x, r: _pil(x, lambda im: im.rotate(6, resample=Image.BILINEAR, fillcolor=128)),
+    "large_rotation": lambda x, r: _pil(x, lambda im: im.rotate(-27, resample=Image.BILINEAR, fillcolor=128)),
     "rescale_crop": lambda x, r: _pil(x, lambda im: im.resize((35, 35), Image.BILINEAR).crop((1, 2, 33, 34))),
 }
 
 
 @pytest.fixture(scope="module")
 def textured():
-    train, nonmembers, fresh = textures(120, seed=1), textures(60, seed=2), textures(40, seed=3)
+    train, nonmembers, fresh = textures(120, seed=1), textures(60, seed=2), textures(200, seed=3)
     d_cal = copy_distances(nonmembers, train)
     return train, fresh, {k: calibrate(d, fpr=0.02) for k, (d, _) in d_cal.items()}
 
 
-@pytest.mark.parametrize("kind", sorted(EDITS))
-def test_an_edited_copy_is_flagged_and_a_fresh_image_is_not(textured, kind):
+def test_fresh_images_are_kept(textured):
+    """Three views at 2% each flag at most ~6% of fresh images; 200 of them keep the estimate within
+    about 2 points."""
     train, fresh, thr = textured
+    d_fresh = copy_distances(fresh, train)
+    kept = np.all([d_fresh[k][0] >= thr[k] for k in PIXEL_VIEWS], axis=0)
+    assert kept.mean() >= 0.9
+
+
+@pytest.mark.parametrize("kind", sorted(EDITS))
+def test_an_edited_copy_is_flagged(textured, kind):
+    train, _, thr = textured
     rng = np.random.default_rng(0)
     src = [3, 40, 77, 101]
     copies = np.stack([EDITS[kind](train[i], rng) for i in src])
@@ -67,9 +77,6 @@ def test_an_edited_copy_is_flagged_and_a_fresh_image_is_not(textured, kind):
     assert any((d[space][1] == src).all() for space in PIXEL_VIEWS), (kind, {k: d[k][1] for k in PIXEL_VIEWS})
     flagged = np.any([d[k][0] < thr[k] for k in PIXEL_VIEWS], axis=0)
     assert flagged.all(), (kind, {k: d[k][0] for k in PIXEL_VIEWS}, thr)
-    d_fresh = copy_distances(fresh, train)
-    kept = np.all([d_fresh[k][0] >= thr[k] for k in PIXEL_VIEWS], axis=0)
-    assert kept.mean() >= 0.9
 
 
 def look_alikes(n: int, *, seed: int) -> np.ndarray:
