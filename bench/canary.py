@@ -50,7 +50,7 @@ KINDS: dict[str, list[tuple[str, float]]] = {
     "blur_1.2": [("blur", 1.2)],
     "rotate_5": [("rotate", 5)],
     "rotate_15": [("rotate", 15)],
-    "rotate_20": [("rotate", 20)],  # beyond the family's 16 degrees
+    "rotate_20": [("rotate", 20)],
     "zoom_1.1": [("zoom", 1.1)],
     "shift_2+flip+brighter": [("shift", 2), ("flip", 1), ("bright", 0.1)],
     "rotate_5+shift_1+noise_0.02": [("rotate", 5), ("shift", 1), ("noise", 0.02)],
