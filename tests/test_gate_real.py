@@ -41,8 +41,10 @@ EDITS = {
     "brighter": lambda x, r: np.clip(x.astype(int) + 25, 0, 255).astype(np.uint8),
     "contrast": lambda x, r: np.clip((x.astype(float) - x.mean()) * 0.8 + x.mean(), 0, 255).astype(np.uint8),
     "noise_0.02": lambda x, r: np.clip(x + r.normal(0, 5, x.shape), 0, 255).astype(np.uint8),
+    "noise_0.08": lambda x, r: np.clip(x + r.normal(0, 20, x.shape), 0, 255).astype(np.uint8),
     "blur": lambda x, r: _pil(x, lambda im: im.filter(ImageFilter.GaussianBlur(0.7))),
     "rotate_5": lambda x, r: _pil(x, lambda im: im.rotate(5, resample=Image.BILINEAR, fillcolor=int(np.median(x)))),
+    "rotate_25": lambda x, r: _pil(x, lambda im: im.rotate(-25, resample=Image.BILINEAR, fillcolor=int(np.median(x)))),
     "shift+flip+brighter": lambda x, r: np.clip(_shift(x, 1)[:, ::-1].astype(int) + 25, 0, 255).astype(np.uint8),
 }
 
