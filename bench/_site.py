@@ -33,10 +33,10 @@ WORK = ROOT / "bench" / "work"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
-def site(name: str, cfg: SiteConfig) -> tuple[Workspace, dict]:
-    """Workspace bench/work/<name> with site.yaml from `cfg`, ingested and trained.
-    Returns (workspace, {"ingest": seconds or None when up to date, "train": ...})."""
-    ws = Workspace(WORK / name)
+def site(name: str, cfg: SiteConfig, *, root: Path = WORK) -> tuple[Workspace, dict]:
+    """Workspace <root>/<name> (default bench/work/<name>) with site.yaml from `cfg`, ingested and
+    trained. Returns (workspace, {"ingest": seconds or None when up to date, "train": ...})."""
+    ws = Workspace(root / name)
     ws.root.mkdir(parents=True, exist_ok=True)
     text = commented_yaml(cfg, title=f"benchmark site {name}")
     if not ws.config_path.exists() or ws.config_path.read_text() != text:

@@ -1,0 +1,427 @@
+"""The paper's table for any data set (issue 14, item 5): what each kind of shared data teaches a
+federation of three sites, and what it gives away.
+
+Per data set (the MedMNIST files in ../shared/data, or any .npz given with --npz: MedMNIST
+train_/val_/test_ arrays or plain images/labels[/patient_ids]) and per partition (iid, or label
+skew with class shares per site drawn from Dirichlet(0.5)):
+- three sites, each a default-config node workspace on its part (bench/work/eval-.../site<k>,
+  reused when its data and config are unchanged): ingest (its own 50/25/25 patient split), train
+  (G, phi_id, phi_class, the two attackers), synthesize (PLAN candidates);
+- per site three synthetic sets: the PLAN candidates, the straight lines between the same
+  number of k-same anchor pairs, and the anchors alone, each through the site's full audit
+  (node.audit.audit_images with its own networks and default policy): the accepted images are
+  what the site could publish, so they are what the federation trains on;
+- the downstream rows, each trained for --rounds rounds of FedAvg (each site its own seed and order, as
+  node.task.site_round_seed gives the ClientApp; local epochs sized by node.task.epochs_for; the
+  mean of the sites' weights by record count, as Flower's FedAvg takes it) and evaluated at every
+  site on its own real test split:
+    real_local      each site alone on its real train split, for as many epochs as all rounds
+    fedavg_real     FedAvg on the sites' real train splits (classic federated learning)
+    central_real    one model on the union of the real train splits (the yardstick)
+    linear, plan, anchors   FedAvg, every site on the pool of all sites' published sets of that kind
+    plan_pool_real  FedAvg, every site on the PLAN pool plus its own real train split
+- columns: accuracy, balanced accuracy, macro one-vs-rest AUROC (the mean over sites; mean and
+  sd over --seeds downstream seeds), the synthetic sets' audit figures (the worst attack's MIA
+  AUC upper bound, the attacker's re-identification rate upper bound; mean over sites), FD,
+  precision and recall in the features of a judge network trained on each site's real train
+  split (bench.generator; mean over sites), and the distinct images published.
+
+The generative models are trained once per site and partition; the seeds vary the downstream
+training only. The CVAE route's rows are not in this table yet. Writes
+bench/results/evaluation.json ({DATASET: {PARTITION: {ROW: {...}}}}) and evaluation.png.
+
+    python -m bench.evaluation --threads 2
+    python -m bench.evaluation --quick          # one data set, label skew only, 1 seed: < 15 min
+    python -m bench.evaluation --npz my.npz --site-yaml tiny.yaml --partitions iid --seeds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from bench._site import ROOT, SHARED_DATA, WORK, run_meta, site, walk_both
+from bench.generator import K, features, judge, precision_recall
+from common.config import DataConfig, DownstreamConfig, SiteConfig
+from common.fileio import atomic_write_bytes, atomic_write_json
+from common.models import DownstreamCNN
+from node.audit import audit_images
+from node.data import ImageSet, load_dataset
+from node.ingest import load_split
+from node.quality import frechet_distance
+from node.stages import run_one
+from node.task import epochs_for, evaluate_classifier, site_round_seed, train_classifier
+from node.train import load_model
+from node.workspace import Workspace
+
+ROWS = ("real_local", "fedavg_real", "central_real", "linear", "plan", "anchors", "plan_pool_real")
+SYNTHETIC = ("linear", "plan", "anchors")
+PARTITIONS = {"iid": None, "dirichlet0.5": 0.5}
+METRICS = {"accuracy": "accuracy", "balanced_accuracy": "balanced-accuracy", "auroc": "auroc"}
+
+
+def partition(labels: np.ndarray, *, n_sites: int, alpha: float | None, seed: int) -> list[np.ndarray]:
+    """Indices [n_k] of each site's records. alpha None: a random equal split; else each class's
+    records are dealt to the sites in shares drawn from Dirichlet(alpha), redrawn until every site
+    holds at least half its equal share of the records (a site with a handful cannot train a GAN)."""
+    rng = np.random.default_rng(seed)
+    if alpha is None:
+        return [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), n_sites)]
+    for _ in range(1000):
+        parts: list[list[int]] = [[] for _ in range(n_sites)]
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * n_sites))[:-1] * len(idx)).astype(int)
+            for k, chunk in enumerate(np.split(idx, cuts)):
+                parts[k] += chunk.tolist()
+        if min(len(p) for p in parts) >= len(labels) / n_sites / 2:
+            return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+    raise ValueError(f"no Dirichlet({alpha}) split of {len(labels)} records gives every one of {n_sites} sites enough")
+
+
+def build_sites(data: ImageSet, parts: list[np.ndarray], *, work: Path, overrides: dict) -> list[Workspace]:
+    """One node workspace per part, ingested, trained and synthesized (node stages, reused when
+    up to date). Each site's records are written as its own .npz beside its workspace."""
+    out = []
+    for k, idx in enumerate(parts):
+        name = f"site{k}"
+        npz = work / f"{name}.npz"
+        buf = io.BytesIO()
+        np.savez(buf, images=data.images[idx], labels=data.labels[idx], patient_ids=data.patient_ids[idx])
+        if not npz.exists() or npz.read_bytes() != buf.getvalue():
+            npz.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(npz, buf.getvalue())
+        raw = _merge({"name": name, "data": {"source": "npz", "path": str(npz)}}, overrides)
+        ws, _ = site(name, SiteConfig.model_validate(raw), root=work)
+        run_one(ws, "synthesize")
+        out.append(ws)
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def published_sets(ws: Workspace) -> dict[str, dict]:
+    """{set: {"images", "labels", "report"}} for the PLAN candidates, the straight lines and the
+    k-same anchors of this site, each through the site's full audit; images and labels are the
+    accepted (publishable) ones."""
+    cfg = ws.config()
+    with np.load(ws.synth / ws.latest_run() / "candidates.npz", allow_pickle=False) as z:
+        plan = (z["images"], z["labels"], z["path"])
+    per_path = cfg.synth.walk.points - 2
+    wk = walk_both(ws, n_pairs=max(1, int(np.ceil(len(plan[0]) / per_path))))
+    line_y = wk.anchors.labels.numpy().repeat(per_path)
+    sets = {
+        "plan": plan,
+        "linear": (wk.linear.reshape(-1, *wk.linear.shape[2:]), line_y, np.arange(len(line_y)) // per_path),
+        "anchors": (wk.anchor_images, wk.anchors.anchor_labels.numpy(), None),
+    }
+    train, holdout = load_split(ws, "train"), load_split(ws, "holdout")
+    nets = {k: load_model(ws, n, "cpu") for k, n in (("phi_id", "phi_id"), ("attacker", "phi_attack"))}
+    nets["attacker_wide"] = load_model(ws, "phi_attack_wide", "cpu")
+    out = {}
+    for name, (images, labels, paths) in sets.items():
+        report, accepted = audit_images(
+            images,
+            train.images,
+            holdout.images,
+            policy=cfg.policy,
+            device="cpu",
+            seed=cfg.synth.seed,
+            train_ids=train.patient_ids,
+            holdout_ids=holdout.patient_ids,
+            candidate_labels=labels,
+            train_labels=train.labels,
+            holdout_labels=holdout.labels,
+            paths=paths,
+            lpips_reason="not in the benchmark",
+            **nets,
+        )
+        out[name] = {"images": images[accepted], "labels": labels[accepted], "report": report}
+    return out
+
+
+def round_epochs(n: int, ds: DownstreamConfig) -> int:
+    """A site's epochs in one round on n records, as the ClientApp sizes them."""
+    return epochs_for(n, epochs=ds.local_epochs, min_steps=ds.min_local_steps, batch_size=ds.batch_size)
+
+
+def fedavg(
+    train_sets: list[tuple[np.ndarray, np.ndarray]],
+    tests: list[ImageSet],
+    *,
+    n_classes: int,
+    ds: DownstreamConfig,
+    seed: int,
+) -> dict:
+    """FedAvg over the sites' (images uint8 [N_k,H,W], labels [N_k]); the global model after the
+    last round evaluated on each site's test split: {"sites": [metrics per site], "rounds": completed}."""
+    torch.manual_seed(seed)
+    model = DownstreamCNN(n_classes, width=ds.width, image_size=tests[0].images.shape[-1])
+    completed = 0
+    for r in range(1, ds.rounds + 1):
+        states, weights = [], []
+        for k, (x, y) in enumerate(train_sets):
+            local = copy.deepcopy(model)
+            train_classifier(
+                local,
+                x,
+                y,
+                epochs=round_epochs(len(y), ds),
+                lr=ds.lr,
+                batch_size=ds.batch_size,
+                device="cpu",
+                seed=site_round_seed(f"site{k}", r) + seed,
+            )
+            states.append(local.state_dict())
+            weights.append(len(y))
+        w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+        model.load_state_dict(
+            {
+                n: (sum(wi * s[n].double() for wi, s in zip(w, states)).to(t.dtype) if t.is_floating_point() else t)
+                for n, t in states[0].items()
+            }
+        )
+        completed = r
+    return {"sites": [evaluate_classifier(model, t.images, t.labels, device="cpu") for t in tests], "rounds": completed}
+
+
+def alone(
+    x: np.ndarray, y: np.ndarray, test: ImageSet, *, n_classes: int, ds: DownstreamConfig, seed: int
+) -> DownstreamCNN:
+    """One model trained for as many epochs as a federated site trains in all its rounds."""
+    torch.manual_seed(seed)
+    model = DownstreamCNN(n_classes, width=ds.width, image_size=test.images.shape[-1])
+    epochs = ds.rounds * round_epochs(len(y), ds)
+    train_classifier(model, x, y, epochs=epochs, lr=ds.lr, batch_size=ds.batch_size, device="cpu", seed=seed)
+    return model
+
+
+def downstream_rows(
+    sites: list[Workspace], sets: list[dict], *, n_classes: int, ds: DownstreamConfig, seed: int
+) -> dict:
+    """{row: {"sites": [metrics per site], "rounds": n}} for every row of ROWS, one downstream seed."""
+    real = [load_split(ws, "train") for ws in sites]
+    tests = [load_split(ws, "test") for ws in sites]
+    real_xy = [(r.images, r.labels) for r in real]
+    kw = dict(n_classes=n_classes, ds=ds, seed=seed)
+
+    def pool(kind: str) -> tuple[np.ndarray, np.ndarray]:
+        return np.concatenate([s[kind]["images"] for s in sets]), np.concatenate([s[kind]["labels"] for s in sets])
+
+    out = {
+        "real_local": {
+            "sites": [
+                evaluate_classifier(alone(x, y, t, **kw), t.images, t.labels, device="cpu")
+                for (x, y), t in zip(real_xy, tests)
+            ],
+            "rounds": 0,
+        },
+        "fedavg_real": fedavg(real_xy, tests, **kw),
+    }
+    ux, uy = np.concatenate([r.images for r in real]), np.concatenate([r.labels for r in real])
+    central = alone(ux, uy, tests[0], **kw)
+    out["central_real"] = {
+        "sites": [evaluate_classifier(central, t.images, t.labels, device="cpu") for t in tests],
+        "rounds": 0,
+    }
+    for kind in SYNTHETIC:
+        x, y = pool(kind)
+        out[kind] = fedavg([(x, y)] * len(sites), tests, **kw) if len(y) else {"skipped": "no image passed the audit"}
+    px, py = pool("plan")
+    out["plan_pool_real"] = fedavg(
+        [(np.concatenate([px, x]), np.concatenate([py, y])) for x, y in real_xy], tests, **kw
+    )
+    return out
+
+
+def mean_sd(xs) -> dict:
+    xs = np.asarray(list(xs), dtype=float)
+    return {"mean": float(xs.mean()), "sd": float(xs.std(ddof=1)) if len(xs) > 1 else 0.0, "n": int(len(xs))}
+
+
+def quality(sites: list[Workspace], sets: list[dict], *, n_classes: int, steps: int, seed: int) -> dict:
+    """{set: {"fd", "precision", "recall"}}, each the mean over sites, in the features of a judge
+    trained on that site's real train split (bench.generator.judge), against that split."""
+    per: dict[str, list] = {k: [] for k in SYNTHETIC}
+    for ws, s in zip(sites, sets):
+        train = load_split(ws, "train")
+        net = judge(train, n_classes=n_classes, steps=steps, seed=seed)
+        ref = features(net, train.images)
+        for kind in SYNTHETIC:
+            images = s[kind]["images"]
+            if len(images) <= K:  # too few published images for k-NN balls or a covariance
+                per[kind].append((float("nan"),) * 3)
+                continue
+            f = features(net, images)
+            per[kind].append((frechet_distance(ref, f), *precision_recall(ref, f)))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a set no site published stays nan
+        means = {k: np.nanmean(np.array(v), 0).tolist() for k, v in per.items()}
+    return {k: dict(zip(("fd", "precision", "recall"), m)) for k, m in means.items()}
+
+
+def run_partition(
+    data: ImageSet,
+    alpha: float | None,
+    *,
+    work: Path,
+    overrides: dict,
+    seeds: int,
+    ds: DownstreamConfig,
+    judge_steps: int,
+) -> dict:
+    seconds = {}
+    t0 = time.time()
+    parts = partition(data.labels, n_sites=3, alpha=alpha, seed=0)
+    sites = build_sites(data, parts, work=work, overrides=overrides)
+    n_classes = int(data.labels.max()) + 1
+    seconds["sites"], t0 = round(time.time() - t0, 1), time.time()
+    sets = [published_sets(ws) for ws in sites]
+    seconds["audits"], t0 = round(time.time() - t0, 1), time.time()
+    q = quality(sites, sets, n_classes=n_classes, steps=judge_steps, seed=7)
+    seconds["quality"], t0 = round(time.time() - t0, 1), time.time()
+    runs = [downstream_rows(sites, sets, n_classes=n_classes, ds=ds, seed=s) for s in range(seeds)]
+    seconds["downstream"] = round(time.time() - t0, 1)
+    out = {}
+    for row in ROWS:
+        if "skipped" in runs[0][row]:
+            out[row] = {"skipped": runs[0][row]["skipped"]}
+            continue
+        # nanmean: a site whose test split lacks classes has no AUROC (label skew can leave it one class)
+        r = {col: mean_sd(np.nanmean([m[k] for m in run[row]["sites"]]) for run in runs) for col, k in METRICS.items()}
+        r["per_site_accuracy"] = [float(np.mean([run[row]["sites"][k]["accuracy"] for run in runs])) for k in range(3)]
+        r["rounds_completed"] = [run[row]["rounds"] for run in runs]
+        kind = "plan" if row == "plan_pool_real" else row
+        if kind in SYNTHETIC:
+            reports = [s[kind]["report"] for s in sets]
+            r |= {
+                "mia_auc_upper": _site_mean(rep.get("mia_auc_upper") for rep in reports),
+                "reid_rate": _site_mean(rep.get("reid_rate_upper") for rep in reports),
+                "passed": [bool(rep["passed"]) for rep in reports],
+                "distinct_images": int(sum(len(s[kind]["images"]) for s in sets)),
+                **q[kind],
+            }
+        out[row] = r
+    out["setup"] = {
+        "site_sizes": [int(len(p)) for p in parts],
+        "site_class_counts": [np.bincount(data.labels[p], minlength=n_classes).tolist() for p in parts],
+        "n_test": [int(len(load_split(ws, "test"))) for ws in sites],
+        "seeds": seeds,
+        "downstream": ds.model_dump(mode="json"),
+        "seconds": seconds,
+    }
+    return out
+
+
+def _site_mean(values) -> float:
+    """The mean over sites of a figure a site's audit may not have (None or nan: too few images)."""
+    v = np.array([np.nan if x is None else x for x in values], dtype=float)
+    return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+
+
+def _nan_to_none(x):
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return None if isinstance(x, float) and np.isnan(x) else x
+
+
+def plot(res: dict, path: Path) -> None:
+    """Accuracy (mean and sd over seeds) per row, one panel per data set and partition."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(d, p) for d, v in res.items() if not d.startswith("_") for p in v]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, (d, p) in zip(axes[0], panels):
+        rows = [r for r in ROWS if "accuracy" in res[d][p][r]]
+        acc = [res[d][p][r]["accuracy"] for r in rows]
+        ax.bar(range(len(rows)), [a["mean"] for a in acc], yerr=[a["sd"] for a in acc], color="#4a7ab5")
+        ax.set_xticks(range(len(rows)), rows, rotation=45, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{d}, {p}", fontsize=9)
+        ax.set_ylabel("accuracy (mean over sites)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "breastmnist"], help="names in ../shared/data")
+    ap.add_argument("--npz", nargs="+", type=Path, default=[], help="any MedMNIST-style .npz instead of --datasets")
+    ap.add_argument("--partitions", nargs="+", default=list(PARTITIONS), choices=list(PARTITIONS))
+    ap.add_argument("--max-images", type=int, default=1200, help="cap per data set before partitioning")
+    ap.add_argument("--seeds", type=int, default=3, help="downstream seeds")
+    ap.add_argument("--rounds", type=int, default=DownstreamConfig().rounds)
+    ap.add_argument(
+        "--min-local-steps", type=int, default=DownstreamConfig().min_local_steps, help="per site per round"
+    )
+    ap.add_argument("--judge-steps", type=int, default=300)
+    ap.add_argument("--site-yaml", type=Path, help="YAML merged into every site's config (e.g. smaller models)")
+    ap.add_argument("--work", type=Path, default=WORK, help="where the site workspaces live")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="the first data set, label skew only, 600 images, 1 seed")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "evaluation.json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.datasets, args.partitions, args.max_images, args.seeds = args.datasets[:1], ["dirichlet0.5"], 600, 1
+    torch.set_num_threads(args.threads)
+    overrides = yaml.safe_load(args.site_yaml.read_text()) if args.site_yaml else {}
+    sources = {p.stem: p for p in args.npz} or {d: SHARED_DATA / f"{d}.npz" for d in args.datasets}
+    res: dict = {}
+    for name, path in sources.items():
+        if not path.exists():
+            raise SystemExit(f"{path}: not found (the MedMNIST benchmarks need ../shared/data; see its README)")
+        data = load_dataset(
+            DataConfig(source="npz", path=path, max_images=args.max_images, **overrides.get("data", {}))
+        )
+        res[name] = {
+            part: run_partition(
+                data,
+                PARTITIONS[part],
+                work=args.work / f"eval-{name}-{part}-{args.max_images}",
+                overrides=overrides,
+                seeds=args.seeds,
+                ds=DownstreamConfig(rounds=args.rounds, min_local_steps=args.min_local_steps),
+                judge_steps=args.judge_steps,
+            )
+            for part in args.partitions
+        }
+    res["_meta"] = run_meta("bench.evaluation", argv)
+    atomic_write_json(args.out, _nan_to_none(res))
+    plot(res, args.out.with_suffix(".png"))
+    head = f"{'accuracy':>15}{'bal. acc.':>15}{'AUROC':>15}{'MIA up':>8}{'images':>8}"
+    print(f"{'data set':<16}{'partition':<14}{'row':<16}{head}")
+    for name in sources:
+        for part in args.partitions:
+            for row in ROWS:
+                v = res[name][part][row]
+                if "skipped" in v:
+                    print(f"{name:<16}{part:<14}{row:<16}skipped: {v['skipped']}")
+                    continue
+                cells = "".join(f"{v[c]['mean']:>8.3f} ±{v[c]['sd']:.3f}" for c in METRICS)
+                extra = f"{v['mia_auc_upper']:>8.3f}{v['distinct_images']:>8d}" if "mia_auc_upper" in v else ""
+                print(f"{name:<16}{part:<14}{row:<16}{cells}{extra}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
