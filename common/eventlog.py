@@ -20,11 +20,17 @@ READ_LIMIT = 500
 
 def append_event(path: Path, kind: str, **fields) -> None:
     """Append {"time": unix seconds, "kind": kind, **fields} as one line to `path`."""
-    line = json.dumps({"time": round(time.time(), 3), "kind": kind, **fields}, default=str, sort_keys=True) + "\n"
+    append_json_line(path, {"time": round(time.time(), 3), "kind": kind, **fields})
+
+
+def append_json_line(path: Path, record: dict) -> None:
+    """Append `record` as one JSON line to `path` in one write; after a line cut short by a crash,
+    on a line of its own (never glued onto the torn one, which readers skip)."""
+    line = json.dumps(record, default=str, sort_keys=True) + "\n"
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":  # a line cut short by a crash: do not glue onto it
+        if size and os.pread(fd, 1, size - 1) != b"\n":
             line = "\n" + line
         os.write(fd, line.encode())
     finally:

@@ -10,10 +10,10 @@ failed attempts, another one needs a synthesis seed no earlier attempt used and 
 
 from __future__ import annotations
 
-import json
 import time
 
 from common import errors
+from common.eventlog import append_json_line
 from common.fileio import sha256_file
 from node.workspace import Workspace, ledger_lines
 
@@ -64,7 +64,7 @@ def next_attempt(ws: Workspace, *, seed: int, max_attempts: int, note: str | Non
 
 
 def record_attempt(ws: Workspace, attempt: dict, *, run_id: str, passed: bool) -> None:
-    """Append the finished attempt to the ledger (one line, written with a single write call)."""
+    """Append the finished attempt to the ledger (one line, one write call)."""
     entry = {
         "stage": STAGE,
         "data": data_digest(ws),
@@ -74,5 +74,4 @@ def record_attempt(ws: Workspace, attempt: dict, *, run_id: str, passed: bool) -
         **attempt,
     }
     ws.ledger.parent.mkdir(parents=True, exist_ok=True)
-    with open(ws.ledger, "a") as f:
-        f.write(json.dumps(entry, sort_keys=True) + "\n")
+    append_json_line(ws.ledger, entry)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from node.workspace import Workspace
+from node.workspace import Workspace, ledger_lines
 
 
 def read_json(path) -> dict | list | None:
@@ -19,16 +19,11 @@ def latest_audit(ws: Workspace) -> dict | None:
 
 
 def site_status(ws: Workspace) -> dict:
-    stages = {}
-    if ws.ledger.exists():
-        for line in ws.ledger.read_text().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                if "seconds" in entry:  # audit attempts (node.attempts) share the ledger
-                    stages[entry["stage"]] = {
-                        "seconds": entry["seconds"],
-                        "finished": entry["started"] + entry["seconds"],
-                    }
+    stages = {
+        entry["stage"]: {"seconds": entry["seconds"], "finished": entry["started"] + entry["seconds"]}
+        for entry in ledger_lines(ws)
+        if "seconds" in entry  # audit attempts (node.attempts) share the ledger
+    }
     audit = latest_audit(ws)
     return {
         "site": ws.config().name,

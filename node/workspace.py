@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from common.config import SiteConfig, load_site_config
+from common.eventlog import append_json_line
 from common.fileio import sha256_file
 
 
@@ -117,15 +118,8 @@ def ledger_lines(ws: Workspace) -> list[dict]:
 
 
 def last_ledger_entry(ws: Workspace, stage: str) -> dict | None:
-    if not ws.ledger.exists():
-        return None
-    last = None
-    for line in ws.ledger.read_text().splitlines():
-        if line.strip():
-            entry = json.loads(line)
-            if entry.get("stage") == stage:
-                last = entry
-    return last
+    """The newest ledger line of `stage`, or None (a torn line is skipped: the stage reruns)."""
+    return next((e for e in reversed(ledger_lines(ws)) if e.get("stage") == stage), None)
 
 
 def run_stage(
@@ -155,6 +149,5 @@ def run_stage(
         "seconds": round(time.time() - t0, 3),
     }
     ws.ledger.parent.mkdir(parents=True, exist_ok=True)
-    with open(ws.ledger, "a") as f:
-        f.write(json.dumps(entry, sort_keys=True) + "\n")
+    append_json_line(ws.ledger, entry)
     return True

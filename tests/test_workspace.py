@@ -29,6 +29,28 @@ def test_stage_skips_when_inputs_and_outputs_unchanged(tmp_path):
     assert len(calls) == 3 and dst.read_text() == "bb"
 
 
+def test_a_torn_ledger_line_is_skipped_by_every_reader(tmp_path):
+    """A crash mid-append leaves half a line; the stage runner and the status page read past it."""
+    from node.status import site_status
+
+    ws = Workspace(tmp_path)
+    (tmp_path / "site.yaml").write_text("name: torn\n")
+    src, dst = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_text("a")
+
+    def stage():
+        atomic_write_bytes(dst, src.read_bytes())
+
+    assert run_stage(ws, "copy", stage, inputs=[src], outputs=[dst])
+    with open(ws.ledger, "a") as f:
+        f.write('{"stage": "copy", "inputs": {')  # torn: no closing brace, no newline
+    assert site_status(ws)["stages"]["copy"]["seconds"] >= 0
+    assert not run_stage(ws, "copy", stage, inputs=[src], outputs=[dst])  # the whole line before it still counts
+    src.write_text("b")
+    assert run_stage(ws, "copy", stage, inputs=[src], outputs=[dst])  # its line is not glued onto the torn one
+    assert not run_stage(ws, "copy", stage, inputs=[src], outputs=[dst])
+
+
 def test_failed_stage_records_nothing(tmp_path):
     ws = Workspace(tmp_path)
 
