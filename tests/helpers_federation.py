@@ -27,11 +27,11 @@ def require_cli() -> None:
 
 
 def run_federation(
-    root: Path, *, n_sites: int, quorum: int, federation_overrides: dict, drop: tuple[str, int] | None = None
+    root: Path, *, n_sites: int, quorum: int, federation_overrides: dict
 ) -> tuple[Path, list[Path], dict]:
     """Set up a coordinator and `n_sites` phantom sites under `root`, run the federation to its
     end and return (coordinator dir, site dirs, the run's results). Skips the test when the
     command-line tools are not installed (run `make test`)."""
     require_cli()
     coord, sites = launcher.setup(root, n_sites=n_sites, quorum=quorum, federation_overrides=federation_overrides)
-    return coord, sites, launcher.run(coord, sites, timeout=1500, drop=drop)
+    return coord, sites, launcher.run(coord, sites, timeout=1500)
