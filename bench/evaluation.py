@@ -9,8 +9,10 @@ skew with class shares per site drawn from Dirichlet(0.5)):
   (G, phi_id, phi_class, the two attackers), synthesize (PLAN candidates);
 - per site three synthetic sets: the PLAN candidates, the straight lines between the same
   number of k-same anchor pairs, and the anchors alone, each through the site's full audit
-  (node.audit.audit_images with its own networks and default policy): the accepted images are
-  what the site could publish, so they are what the federation trains on;
+  (node.audit.audit_images with its own networks and default policy): the images its per-sample
+  filter accepts are what the federation trains on, whether or not the set passed the gate (a
+  site whose set fails publishes nothing: `passed` per site and `published_images` say so, and
+  with every set refused a row would have nothing to measure);
 - the downstream rows, each trained for --rounds rounds of FedAvg (each site its own seed and order, as
   node.task.site_round_seed gives the ClientApp; local epochs sized by node.task.epochs_for; the
   mean of the sites' weights by record count, as Flower's FedAvg takes it) and evaluated at every
@@ -312,6 +314,8 @@ def run_partition(
                 "reid_rate": _site_mean(rep.get("reid_rate_upper") for rep in reports),
                 "passed": [bool(rep["passed"]) for rep in reports],
                 "distinct_images": int(sum(len(s[kind]["images"]) for s in sets)),
+                # what a site really publishes: nothing when its set fails the gate
+                "published_images": int(sum(len(s[kind]["images"]) for s in sets if s[kind]["report"]["passed"])),
                 **q[kind],
             }
         out[row] = r

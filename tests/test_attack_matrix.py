@@ -25,10 +25,10 @@ import grpc
 import pytest
 from PIL import Image
 
-from common import bundle as bundle_mod
 from common import exchange_pb2 as pb
 from common import exchange_pb2_grpc as pb_grpc
-from common.bundle import _write_tagmanifest, pack_bundle
+from common.bundle import ATTESTATION, pack_bundle, write_tagmanifest
+from common.bundle import build as bundle_build
 from common.fileio import sha256_bytes, sha256_file
 from common.tls import issue_client_cert, make_ca
 from node.exchange_client import ExchangeClient, ExchangeError
@@ -136,7 +136,7 @@ def test_changed_audit_result(fed):
     tar = fed.bundle("a", audit={**PASSED_AUDIT, "passed": False, "mia_auc": 0.93})
     bag = tar.with_suffix("") / "bag"
     (bag / "audit.json").write_text((bag / "audit.json").read_text().replace('"passed": false', '"passed": true'))
-    _write_tagmanifest(bag)
+    write_tagmanifest(bag)
     _refused(
         fed,
         "a",
@@ -316,9 +316,9 @@ def test_hostile_headers_are_refused_before_parsing(fed, where, extra, match):
 def test_an_attestation_with_many_signatures_is_refused_unverified(fed):
     tar = fed.bundle("a")
     d = tar.with_suffix("")
-    env = json.loads((d / bundle_mod.ATTESTATION).read_text())
+    env = json.loads((d / ATTESTATION).read_text())
     env["signatures"] = env["signatures"] + [{"keyid": "x", "sig": env["signatures"][0]["sig"]}] * 5000
-    (d / bundle_mod.ATTESTATION).write_text(json.dumps(env))
+    (d / ATTESTATION).write_text(json.dumps(env))
     _refused(fed, "a", _repack(d), "INVALID_ARGUMENT", r"5001 signatures; a bundle carries at most 4")
 
 
@@ -385,7 +385,7 @@ def test_bundle_over_the_size_limit(fed):
         assert f"declared size {MAX + 1} bytes exceeds the limit of {MAX} bytes" in e.value.details()
 
         with tarfile.open(fed.bundle("a")) as tf:
-            statement = tf.getmember(bundle_mod.ATTESTATION)
+            statement = tf.getmember(ATTESTATION)
             statement_data = tf.extractfile(statement).read()
 
         def lying():  # a header within the limit, then more than the limit: stopped while streaming
@@ -422,15 +422,15 @@ def test_png_decompression_bomb(fed, monkeypatch):
     buf = io.BytesIO()
     Image.new("L", (6000, 6000)).save(buf, format="PNG", optimize=True)
     bomb, calls = buf.getvalue(), []
-    real = bundle_mod._png
+    real = bundle_build._png
 
     def png(img):
         calls.append(1)
         return bomb if len(calls) == 1 else real(img)
 
-    monkeypatch.setattr(bundle_mod, "_png", png)
+    monkeypatch.setattr(bundle_build, "_png", png)
     tar = fed.bundle("a")
-    monkeypatch.setattr(bundle_mod, "_png", real)
+    monkeypatch.setattr(bundle_build, "_png", real)
     assert tar.stat().st_size < MAX
     _refused(fed, "a", tar, "RESOURCE_EXHAUSTED", r"PNG declares 6000x6000 pixels, over the limit of 4096")
 

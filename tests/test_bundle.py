@@ -15,7 +15,6 @@ from common.bundle import (
     ATTESTATION,
     PAYLOAD_TYPE,
     BundleError,
-    _write_tagmanifest,
     build_bundle,
     bundle_id_for,
     load_bundle_data,
@@ -25,6 +24,7 @@ from common.bundle import (
     read_bundle_site,
     safe_extract,
     verify_bundle,
+    write_tagmanifest,
 )
 from common.dsse import sign_envelope
 from common.fileio import atomic_write_json, sha256_file
@@ -307,7 +307,7 @@ def _resign(d, priv, **predicate):
     oxum = f"{sum(p.stat().st_size for p in files)}.{len(files)}"
     info.write_text(re.sub(r"(?m)^Payload-Oxum: .*$", f"Payload-Oxum: {oxum}", info.read_text()))
     statement = json.loads(base64.b64decode(json.loads((d / ATTESTATION).read_text())["payload"]))
-    statement["subject"][0]["digest"]["sha256"] = _write_tagmanifest(bag)
+    statement["subject"][0]["digest"]["sha256"] = write_tagmanifest(bag)
     statement["predicate"].update(predicate)
     payload = json.dumps(statement, sort_keys=True, separators=(",", ":")).encode()
     (d / ATTESTATION).write_text(json.dumps(sign_envelope(payload, PAYLOAD_TYPE, priv, key_id(priv.public_key()))))

@@ -16,8 +16,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from common import bundle as bundle_mod
-from common.bundle import BundleError, _write_tagmanifest, verify_bundle, verify_bundle_stream
+from common.bundle import ATTESTATION, BundleError, verify_bundle, verify_bundle_stream, write_tagmanifest
+from common.bundle import members as bundle_members
 from server.store import BundleStore, StoreRefused
 from tests.helpers_exchange import make_bundle
 from tests.test_bundle import _emb_file, _repack, _resigned, make_embedding_bundle
@@ -37,7 +37,7 @@ def _set_oxum(d):
     info = bag / "bag-info.txt"
     oxum = f"{sum(p.stat().st_size for p in files)}.{len(files)}"
     info.write_text(re.sub(r"(?m)^Payload-Oxum: .*$", f"Payload-Oxum: {oxum}", info.read_text()))
-    _write_tagmanifest(bag)
+    write_tagmanifest(bag)
 
 
 def _flip_png_byte(d):
@@ -71,7 +71,7 @@ def _manifest_edit(edit):
     def apply(d):
         p = d / "bag" / "manifest-sha256.txt"
         p.write_text(edit(p.read_text()))
-        _write_tagmanifest(d / "bag")
+        write_tagmanifest(d / "bag")
 
     return apply
 
@@ -79,7 +79,7 @@ def _manifest_edit(edit):
 def _bagit_txt(text):
     def apply(d):
         (d / "bag" / "bagit.txt").write_bytes(text)
-        _write_tagmanifest(d / "bag")
+        write_tagmanifest(d / "bag")
 
     return apply
 
@@ -145,7 +145,7 @@ CASES = {
     ),
     "Payload-Oxum": (
         "images",
-        lambda d: (_first_png(d).unlink(), _write_tagmanifest(d / "bag")),
+        lambda d: (_first_png(d).unlink(), write_tagmanifest(d / "bag")),
         False,
         r"bag/bag-info\.txt: Payload-Oxum validation failed: it declares \d+ bytes in 13 files, "
         r"the payload holds \d+ bytes in 12 files",
@@ -208,7 +208,7 @@ def test_stream_path_extracts_nothing_and_returns_the_card(tmp_path, key_a, monk
     priv, pem = key_a
     tar = make_embedding_bundle(tmp_path / "e", priv)
     # every kept file past the in-memory bound: they go to spill files, removed afterwards
-    monkeypatch.setattr(bundle_mod, "_KEEP_IN_MEMORY", 10)
+    monkeypatch.setattr(bundle_members, "KEEP_IN_MEMORY", 10)
     (tmp_path / "spill").mkdir()
     vb = verify_bundle_stream(tar, {"a": [pem]}, max_bytes=MAX, spill_dir=tmp_path / "spill")
     assert vb.dir is None and (vb.route, vb.n_samples) == ("cvae", 12)
@@ -255,8 +255,8 @@ def test_unsafe_members_refused_without_extracting(tmp_path, key_a, members, mes
     # After a genuine signed statement (it comes first and is verified first), the hostile members.
     priv, pem = key_a
     with tarfile.open(make_bundle(tmp_path / "b", priv)) as tf:
-        statement = tf.extractfile(bundle_mod.ATTESTATION).read()
-    members = [(bundle_mod.ATTESTATION, tarfile.REGTYPE, statement), *members]
+        statement = tf.extractfile(ATTESTATION).read()
+    members = [(ATTESTATION, tarfile.REGTYPE, statement), *members]
     with pytest.raises(BundleError, match=message) as e:
         verify_bundle_stream(_tar(tmp_path, *members), {"a": [pem]}, max_bytes=MAX)
     assert e.value.reason == "unsafe"
