@@ -236,3 +236,35 @@ def walk_both(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "cpu"
     out = Walked(a, plan, lin, render(a.anchor_codes), info)
     np.savez(cache, plan=plan, linear=lin, anchor_images=out.anchor_images, walk=json.dumps(info))
     return out
+
+
+def site_audit(
+    ws: Workspace, images: np.ndarray, labels: np.ndarray, paths: np.ndarray | None = None, *, second_attacker=True
+) -> tuple[dict, np.ndarray]:
+    """The site's own full audit (node.audit.audit_images) of candidate images uint8 [S,H,W] with
+    their labels [S] and, if given, path ids [S]: its phi_id, both attackers (the second one
+    unless `second_attacker` is False, an ablation), its discriminator and its policy, against its
+    train and holdout splits. Returns (report, accepted mask [S])."""
+    from node.audit import audit_images
+
+    cfg = ws.config()
+    train, holdout = load_split(ws, "train"), load_split(ws, "holdout")
+    return audit_images(
+        images,
+        train.images,
+        holdout.images,
+        phi_id=load_model(ws, "phi_id", "cpu"),
+        attacker=load_model(ws, "phi_attack", "cpu"),
+        attacker_wide=load_model(ws, "phi_attack_wide", "cpu") if second_attacker else None,
+        discriminator=load_model(ws, "D", "cpu"),
+        policy=cfg.policy,
+        device="cpu",
+        seed=cfg.synth.seed,
+        train_ids=train.patient_ids,
+        holdout_ids=holdout.patient_ids,
+        candidate_labels=labels,
+        train_labels=train.labels,
+        holdout_labels=holdout.labels,
+        paths=paths,
+        lpips_reason="not in the benchmark",
+    )

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from bench._site import ROOT, npz_site, run_meta
+from bench._site import ROOT, npz_site, run_meta, site_audit
 
 # name -> list of edits, applied in order; each edit is (op, strength)
 KINDS: dict[str, list[tuple[str, float]]] = {
@@ -148,43 +148,20 @@ def _summary(report: dict) -> dict:
 
 
 def run_dataset(dataset: str, *, max_images: int, per_kind: int, seed: int, second_attacker: bool = True) -> dict:
-    from node.audit import audit_images
     from node.ingest import load_split
     from node.stages import run_one
-    from node.train import load_model
 
     ws, times = npz_site(dataset, max_images=max_images)
     run_one(ws, "synthesize")
-    cfg = ws.config()
     with np.load(ws.synth / ws.latest_run() / "candidates.npz", allow_pickle=False) as z:
         cand, cand_y, cand_path = z["images"], z["labels"], z["path"]
     train, holdout, test = (load_split(ws, s) for s in ("train", "holdout", "test"))
     n_plant = max(per_kind, math.ceil(0.01 * len(cand)))
     p_img, p_y, p_kind = plant(train.images, train.labels, per_kind=n_plant, seed=seed)
-    nets = {
-        k: load_model(ws, n, "cpu")
-        for k, n in (("phi_id", "phi_id"), ("attacker", "phi_attack"), ("attacker_wide", "phi_attack_wide"))
-        if second_attacker or k != "attacker_wide"
-    }
-    D = load_model(ws, "D", "cpu")
-    kw = dict(
-        policy=cfg.policy,
-        device="cpu",
-        seed=cfg.synth.seed,
-        train_ids=train.patient_ids,
-        holdout_ids=holdout.patient_ids,
-        train_labels=train.labels,
-        holdout_labels=holdout.labels,
-        discriminator=D,
-        lpips_reason="not in the benchmark",
-        **nets,
-    )
 
     def audit(images, labels, paths):
         t0 = time.time()
-        report, accepted = audit_images(
-            images, train.images, holdout.images, candidate_labels=labels, paths=paths, **kw
-        )
+        report, accepted = site_audit(ws, images, labels, paths, second_attacker=second_attacker)
         return report, accepted, round(time.time() - t0, 1)
 
     S = len(cand)

@@ -50,18 +50,16 @@ import numpy as np
 import torch
 import yaml
 
-from bench._site import ROOT, SHARED_DATA, WORK, run_meta, site, walk_both
+from bench._site import ROOT, SHARED_DATA, WORK, run_meta, site, site_audit, walk_both
 from bench.generator import K, features, judge, precision_recall
 from common.config import DataConfig, DownstreamConfig, SiteConfig
 from common.fileio import atomic_write_bytes, atomic_write_json
 from common.models import DownstreamCNN
-from node.audit import audit_images
 from node.data import ImageSet, load_dataset
 from node.ingest import load_split
 from node.quality import frechet_distance
 from node.stages import run_one
 from node.task import epochs_for, evaluate_classifier, site_round_seed, train_classifier
-from node.train import load_model
 from node.workspace import Workspace
 
 ROWS = ("real_local", "fedavg_real", "central_real", "linear", "plan", "anchors", "plan_pool_real")
@@ -130,27 +128,9 @@ def published_sets(ws: Workspace) -> dict[str, dict]:
         "linear": (wk.linear.reshape(-1, *wk.linear.shape[2:]), line_y, np.arange(len(line_y)) // per_path),
         "anchors": (wk.anchor_images, wk.anchors.anchor_labels.numpy(), None),
     }
-    train, holdout = load_split(ws, "train"), load_split(ws, "holdout")
-    nets = {k: load_model(ws, n, "cpu") for k, n in (("phi_id", "phi_id"), ("attacker", "phi_attack"))}
-    nets["attacker_wide"] = load_model(ws, "phi_attack_wide", "cpu")
     out = {}
     for name, (images, labels, paths) in sets.items():
-        report, accepted = audit_images(
-            images,
-            train.images,
-            holdout.images,
-            policy=cfg.policy,
-            device="cpu",
-            seed=cfg.synth.seed,
-            train_ids=train.patient_ids,
-            holdout_ids=holdout.patient_ids,
-            candidate_labels=labels,
-            train_labels=train.labels,
-            holdout_labels=holdout.labels,
-            paths=paths,
-            lpips_reason="not in the benchmark",
-            **nets,
-        )
+        report, accepted = site_audit(ws, images, labels, paths)
         out[name] = {"images": images[accepted], "labels": labels[accepted], "report": report}
     return out
 

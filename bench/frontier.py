@@ -29,14 +29,13 @@ import time
 import numpy as np
 import torch
 
-from bench._site import ROOT, anchor_pairs, mean_std, npz_site, run_meta, walk_pairs
+from bench._site import ROOT, anchor_pairs, mean_std, npz_site, run_meta, site_audit, walk_pairs
 from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
 from common.models import DownstreamCNN
 from node.ingest import load_split
 from node.pixels import to_uint8
 from node.task import evaluate_classifier, train_classifier
-from node.train import load_model
 from node.walk import linear_paths
 
 GATED = ("mia_auc_upper", "closer_to_train_upper", "reid_rate_upper", "tpr_at_low_fpr_upper")
@@ -55,29 +54,9 @@ def utility(images, labels, val, *, n_classes: int, steps: int, batch: int, seed
     return {k: mean_std(r[k] for r in runs) for k in ("accuracy", "balanced-accuracy", "auroc")}
 
 
-def privacy(images, labels, paths, ws, train, holdout) -> dict:
+def privacy(images, labels, paths, ws) -> dict:
     """The site's own audit of a candidate set: kept share, gated upper bounds, verdict."""
-    from node.audit import audit_images
-
-    report, accepted = audit_images(
-        images,
-        train.images,
-        holdout.images,
-        phi_id=load_model(ws, "phi_id"),
-        attacker=load_model(ws, "phi_attack"),
-        attacker_wide=load_model(ws, "phi_attack_wide"),
-        discriminator=load_model(ws, "D"),
-        policy=ws.config().policy,
-        device="cpu",
-        seed=ws.config().synth.seed,
-        train_ids=train.patient_ids,
-        holdout_ids=holdout.patient_ids,
-        candidate_labels=labels,
-        train_labels=train.labels,
-        holdout_labels=holdout.labels,
-        paths=paths,
-        lpips_reason="not in the benchmark",
-    )
+    report, accepted = site_audit(ws, images, labels, paths)
     return {
         "kept_share": float(accepted.mean()),
         "passed": bool(report["passed"]),
@@ -107,7 +86,7 @@ def run_dataset(name: str, *, weights, pairs: int, max_images: int, steps: int, 
             **extra,
             "n_images": int(len(images)),
             "utility": utility(images, path_y, val, n_classes=n_classes, steps=steps, batch=batch, seeds=seeds),
-            "privacy": privacy(images, path_y, path_id, ws, train, val),
+            "privacy": privacy(images, path_y, path_id, ws),
         }
 
     out = {
