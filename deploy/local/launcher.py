@@ -149,10 +149,14 @@ def _check_quorum_reachable(coord: Path, sites: list[Path]) -> None:
         )
 
 
-def _run_round(coord: Path) -> int:
-    """The round the coordinator's current run has reached (0 before any)."""
+def _run_round(coord: Path, *, before: int | None) -> int:
+    """The round the coordinator's current run has reached: 0 before any, and 0 while the latest
+    run is still the one whose runs/latest.json had mtime `before` (a run of an earlier start)."""
+    path = coord / "runs" / "latest.json"
     try:
-        latest = json.loads((coord / "runs" / "latest.json").read_text())
+        if path.stat().st_mtime_ns == before:
+            return 0
+        latest = json.loads(path.read_text())
         return int(json.loads((coord / "runs" / latest["run_dir"] / "progress.json").read_text())["round"])
     except (OSError, ValueError, KeyError):
         return 0
@@ -198,10 +202,10 @@ def run(
         deadline = time.time() + timeout
         dropped: set[str] = set()
         while procs["coordinator"].poll() is None:
-            if drop and drop[0] not in dropped and _run_round(coord) >= drop[1]:
+            if drop and drop[0] not in dropped and _run_round(coord, before=before) >= drop[1]:
                 stop(procs[drop[0]])
                 dropped.add(drop[0])
-                say(f"fault drill: stopped {drop[0]} in round {_run_round(coord)}")
+                say(f"fault drill: stopped {drop[0]} in round {_run_round(coord, before=before)}")
             for name, p in procs.items():
                 if name != "coordinator" and name not in dropped and p.poll() is not None:
                     raise LaunchError(
