@@ -55,6 +55,7 @@ from bench.generator import K, features, judge, precision_recall
 from common.config import DataConfig, DownstreamConfig, SiteConfig
 from common.fileio import atomic_write_bytes, atomic_write_json
 from common.models import DownstreamCNN
+from node.audit import nan_to_none
 from node.data import ImageSet, load_dataset
 from node.ingest import load_split
 from node.quality import frechet_distance
@@ -316,14 +317,6 @@ def _site_mean(values) -> float:
     return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
 
 
-def _nan_to_none(x):
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_nan_to_none(v) for v in x]
-    return None if isinstance(x, float) and np.isnan(x) else x
-
-
 def plot(res: dict, path: Path) -> None:
     """Accuracy (mean and sd over seeds) per row, one panel per data set and partition."""
     import matplotlib
@@ -390,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
             for part in args.partitions
         }
     res["_meta"] = run_meta("bench.evaluation", argv)
-    atomic_write_json(args.out, _nan_to_none(res))
+    atomic_write_json(args.out, nan_to_none(res))
     plot(res, args.out.with_suffix(".png"))
     head = f"{'accuracy':>15}{'bal. acc.':>15}{'AUROC':>15}{'MIA up':>8}{'images':>8}"
     print(f"{'data set':<16}{'partition':<14}{'row':<16}{head}")

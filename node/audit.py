@@ -260,7 +260,7 @@ def _worst(figs: dict, key: str, sub: str) -> float:
 def gate(report: dict, policy: PolicyConfig) -> tuple[bool, list[dict]]:
     """The set-level checks of the policy on the report's top-level figures (common.policy:
     the same function the coordinator applies to a received bundle); nan or missing figures fail."""
-    checks = evaluate(_nan_to_none(report), policy)
+    checks = evaluate(nan_to_none(report), policy)
     return all(c["passed"] for c in checks), checks
 
 
@@ -791,13 +791,14 @@ def audit_embeddings(
     return report, accepted
 
 
-def _nan_to_none(x):
+def nan_to_none(x):
+    """x with every float nan in its dicts and lists replaced by None (JSON has no nan)."""
     if isinstance(x, float) and np.isnan(x):
         return None
     if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
+        return {k: nan_to_none(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_nan_to_none(v) for v in x]
+        return [nan_to_none(v) for v in x]
     return x
 
 
@@ -883,7 +884,7 @@ def audit(ws: Workspace, *, policy: PolicyConfig | None = None, note: str | None
         )
         shown = (cand["images"], train.images)
     # the synthesis's differential-privacy claim and its caveats (CVAE route) go into the signed audit
-    report = _nan_to_none({"run_id": run_id, "attempt": attempt, **report, "dp": synth_info.get("dp")})
+    report = nan_to_none({"run_id": run_id, "attempt": attempt, **report, "dp": synth_info.get("dp")})
     buf = io.BytesIO()
     np.savez(buf, **{k: v[accepted] for k, v in cand.items()})
     atomic_write_bytes(run_dir / "accepted.npz", buf.getvalue())
