@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from bench.walk_reference import reference_objective, reference_walk
 from node.classifiers import SmallCNN
 from node.gan import Generator
 from node.quality import frechet_distance, generator_quality
-from node.walk import plan_paths
-from node.walk_reference import reference_walk
+from node.walk import linear_paths, path_loss, plan_paths
 
 
 @pytest.fixture(autouse=True)
@@ -25,16 +25,53 @@ def _models():
     return G, SmallCNN(6, width=4, image_size=8), SmallCNN(2, width=4, image_size=8)
 
 
-def test_batched_walk_follows_the_reference_trajectory_of_every_path():
+def _quiet(G):
+    # shrink the generator's output so its images stay inside [-1, 1], where the authors' clamp does nothing
+    with torch.no_grad():
+        for m in [G.synthesis.to_grey0, *G.synthesis.to_grey]:
+            m.weight.mul_(0.05)
+    return G
+
+
+def test_batched_walk_moves_every_path_as_it_would_alone():
     G, phi_id, phi_class = _models()
     start, end, labels = torch.randn(3, 8), torch.randn(3, 8), torch.tensor([0, 1, 1])
     kw = dict(points=7, iters=10, lr=0.05, weight_identity=1.0, weight_smooth=1.0, weight_class=1.0)
-    ref_paths, ref_loss = reference_walk(G, phi_id, phi_class, start, end, labels, chunk=2, **kw)
-    res = plan_paths(G, phi_id, phi_class, start, end, labels, patience=None, keep_best=False, device="cpu", **kw)
+    kw.update(patience=None, keep_best=False, device="cpu")
+    res = plan_paths(G, phi_id, phi_class, start, end, labels, **kw)
+    alone = [
+        plan_paths(G, phi_id, phi_class, start[p : p + 1], end[p : p + 1], labels[p : p + 1], **kw) for p in range(3)
+    ]
     assert res.iters == 10
+    assert torch.allclose(res.paths, torch.cat([a.paths for a in alone]), atol=1e-5)
+    assert not torch.allclose(res.paths, linear_paths(start, end, points=7))  # it moved
+
+
+def test_authors_walk_with_one_chunk_and_no_clamping_is_the_node_walk():
+    G, phi_id, phi_class = _models()
+    G = _quiet(G)
+    start, end, labels = torch.randn(3, 8), torch.randn(3, 8), torch.tensor([0, 1, 1])
+    kw = dict(points=7, iters=10, lr=0.05, weight_identity=1.0, weight_smooth=1.0, weight_class=1.0)
+    # the batched walk first: it moves the models to channels_last, and the reference then runs in the same
+    # layout (Adam turns the rounding of another layout into visible differences within 10 steps)
+    res = plan_paths(G, phi_id, phi_class, start, end, labels, patience=None, keep_best=False, device="cpu", **kw)
+    ref_paths, ref_loss = reference_walk(G, phi_id, phi_class, start, end, labels, chunk=5, **kw)
+    assert G.synthesis(ref_paths[:, 1:-1].reshape(-1, 8)).abs().max() < 1  # the clamp never acted
     assert torch.allclose(res.paths, ref_paths, atol=1e-4)
     assert torch.allclose(res.loss, ref_loss, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(res.paths, torch.stack([start, end], 1).repeat_interleave(4, 1)[:, :7])  # it moved
+
+
+def test_authors_objective_sums_the_chunk_means():
+    G, phi_id, phi_class = _models()
+    G = _quiet(G)
+    path = linear_paths(torch.randn(1, 8), torch.randn(1, 8), points=10)[0]  # 8 interior points
+    w = dict(weight_identity=1.0, weight_smooth=0.0, weight_class=1.0)
+    with torch.no_grad():
+        chunks = reference_objective(G, phi_id, phi_class, path, 1, chunk=4, **w)
+        halves = [reference_objective(G, phi_id, phi_class, path[i : i + 6], 1, chunk=4, **w) for i in (0, 4)]
+        node, _ = path_loss(G, phi_id, phi_class, path[None], torch.tensor([1]), **w)
+    assert torch.allclose(chunks, halves[0] + halves[1])  # each chunk of 4 adds its own mean
+    assert torch.allclose(chunks, 2 * node[0], rtol=1e-5)  # two chunks: twice the node's mean over 8 images
 
 
 def test_stopping_rule_and_best_iterate():
