@@ -11,6 +11,7 @@ bench/results/walk_speed.json.
 
     .venv/bin/python -m bench.walk_speed            # 32 paths x 14 points x 60 steps
     .venv/bin/python -m bench.walk_speed --quick    # 8 paths x 14 points x 20 steps
+    .venv/bin/python -m bench.walk_speed --quick --site-yaml tiny.yaml --work /tmp/w   # a smaller site
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 import torch
+import yaml
 
-from bench._site import ROOT, anchor_pairs, command, machine, site
+from bench._site import ROOT, WORK, anchor_pairs, command, machine, site
 from bench.walk_reference import AUTHORS_CHUNK, reference_walk
-from common.config import SiteConfig
+from common.config import SiteConfig, deep_merge
 from common.fileio import atomic_write_json
 from node.walk import path_loss, plan_paths
 
@@ -36,6 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=1, help="time each method this many times, keep the fastest")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     ap.add_argument("--quick", action="store_true", help="8 paths, 20 steps")
+    ap.add_argument("--site-yaml", type=Path, help="YAML merged into the phantom site's config (e.g. smaller models)")
+    ap.add_argument("--work", type=Path, default=WORK, help="where the site's workspace lives")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "walk_speed.json"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -43,8 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cfg = SiteConfig(name="phantom100", data={"source": "phantom", "phantom": {"seed": 100}})
-    ws, _ = site("phantom100", cfg)
+    overrides = yaml.safe_load(args.site_yaml.read_text()) if args.site_yaml else {}
+    base = {"name": "phantom100", "data": {"source": "phantom", "phantom": {"seed": 100}}}
+    cfg = SiteConfig(**deep_merge(base, overrides))
+    ws, _ = site("phantom100", cfg, root=args.work)
     a = anchor_pairs(ws, n_pairs=args.paths, seed=0)
     wc = cfg.synth.walk
     kw = dict(

@@ -533,20 +533,21 @@ def _halves_info(holdout_ids: np.ndarray, cal: np.ndarray, evl: np.ndarray) -> d
 
 
 def _features_fn(model, device, *, batch_size: int = 1024):
-    """An Embedder (node.copies) from a network's `features`: float [B,1,H,W] -> [B,F] on the CPU."""
+    """An Embedder (node.copies) from a network's `features`: float [B,1,H,W] -> [B,F], both on `device`."""
     model.to(device).eval()
 
     @torch.no_grad()
     def f(x: torch.Tensor) -> torch.Tensor:
         return torch.cat(
-            [model.features(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+            [model.features(x[i : i + batch_size].to(device)).float() for i in range(0, len(x), batch_size)]
         )
 
     return f
 
 
 def _lpips_embedder(model):
-    """An Embedder giving LPIPS features (node.lpips_matrix): grey [-1,1] images upsampled as `prepare` does."""
+    """An Embedder giving LPIPS features (node.lpips_matrix): grey [-1,1] images upsampled as
+    `prepare` does, computed on the model's device and returned on the input's."""
     import torch.nn.functional as F
 
     from node.lpips_matrix import MIN_SIDE
@@ -554,7 +555,7 @@ def _lpips_embedder(model):
     def f(x: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) < MIN_SIDE:
             x = F.interpolate(x, scale_factor=MIN_SIDE / min(x.shape[-2:]), mode="bilinear", align_corners=False)
-        return lpips_features(model, x.expand(-1, 3, -1, -1).contiguous())
+        return lpips_features(model, x.expand(-1, 3, -1, -1).contiguous()).to(x.device)
 
     return f
 
@@ -610,13 +611,14 @@ def audit_images(
         embedders["lpips"] = _lpips_embedder(lpips_model)
     family = warp_family(size=min(train.shape[-1], PIXEL_VIEW_SIZE))
     chunk = 4 if lpips_model is not None else 32  # LPIPS feature rows are ~100x wider
+    if torch.device(device).type == "cuda":
+        chunk *= 8  # a few hundred thousand warped images per product keep a GPU busy
+    copies_on = {"embedders": embedders, "family": family, "chunk": chunk, "device": device}
     on = policy.copy_fpr > 0
-    d_cal = copy_distances(holdout[cal], train, embedders=embedders, family=family, chunk=chunk) if on else {}
+    d_cal = copy_distances(holdout[cal], train, **copies_on) if on else {}
     thresholds = {k: calibrate(d, fpr=policy.copy_fpr) for k, (d, _) in d_cal.items()}
 
-    d_cand = (
-        copy_distances(candidates, train, embedders=embedders, family=family, chunk=chunk) if thresholds and S else {}
-    )
+    d_cand = copy_distances(candidates, train, **copies_on) if thresholds and S else {}
     copies = {k: (d_cand[k][0] < t if S else np.zeros(0, dtype=bool)) for k, t in thresholds.items()}
     calibration = {
         **_halves_info(holdout_ids, cal, evl),
@@ -866,6 +868,8 @@ def audit(ws: Workspace, *, policy: PolicyConfig | None = None, note: str | None
         shown = None  # nothing to show as pictures: the report has the figures and histograms
     else:
         lpips_model, lpips_reason = _load_lpips(ws)
+        if lpips_model is not None:
+            lpips_model.to(device)
         D = load_model(ws, "D", device) if (ws.models / "D.safetensors").exists() else None
         report, accepted = audit_images(
             cand["images"],

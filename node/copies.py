@@ -113,7 +113,7 @@ def warp(x: torch.Tensor, family: list[Warp]) -> torch.Tensor:
             [[cos * (-1 if w.flip_h else 1), -sin, -2 * w.dx / W], [sin, cos * (-1 if w.flip_v else 1), -2 * w.dy / H]],
             dtype=x.dtype,
         )
-    theta = theta.repeat(N, 1, 1)  # [N*T,2,3], edit k of image n at n*T+k
+    theta = theta.to(x.device).repeat(N, 1, 1)  # [N*T,2,3], edit k of image n at n*T+k
     grid = F.affine_grid(theta, [N * T, C, H, W], align_corners=False)
     src = x.repeat_interleave(T, 0)
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False).reshape(N, T, C, H, W)
@@ -139,7 +139,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     products: on the tens of thousands of warped images of a chunk, about 20x faster on a CPU
     than a one-channel convolution."""
     H, W = x.shape[-2:]
-    return _blur_matrix(H, sigma, x.dtype) @ x @ _blur_matrix(W, sigma, x.dtype).T
+    return _blur_matrix(H, sigma, x.dtype).to(x.device) @ x @ _blur_matrix(W, sigma, x.dtype).to(x.device).T
 
 
 # The Laplacian-of-differences mask: zero on constant and linear ramps, so on smooth anatomy its
@@ -214,6 +214,7 @@ def copy_distances(
     family: list[Warp] | None = None,
     embed_family: list[Warp] | None = None,
     chunk: int = 32,
+    device: torch.device | str = "cpu",
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Copy distance of each query image (uint8 [N,H,W]) to the train images (uint8 [M,H,W]) in
     the pixel views (PIXEL_VIEWS) and in each embedding space of `embedders`:
@@ -224,8 +225,10 @@ def copy_distances(
     symmetric) and only its noise corrected (an edit adds noise to the copy, not to its source). The
     embedding spaces use `embed_family` (default: no shifts, only flips, rotations and zooms): a
     network pass per warp costs ~100x a pixel view, and a CNN's pooled features already give
-    little weight to a shift of a few pixels. Memory: `chunk` query images x len(family) warps."""
-    t = to_tensor(train)
+    little weight to a shift of a few pixels. Memory: `chunk` query images x len(family) warps.
+    The warps and the pixel-view products run on `device` (the bulk of the work: on a GPU, give a
+    larger `chunk`); each embedder takes and returns tensors on `device`."""
+    t = to_tensor(train, device)
     t_small = working_size(t)
     family = family or warp_family(size=t_small.shape[-1])
     embed_family = embed_family or embed_warp_family()
@@ -243,7 +246,7 @@ def copy_distances(
         n = len(v) // T
         d, t_best = d.reshape(n, T).min(1)
         j = j.reshape(n, T).gather(1, t_best[:, None])[:, 0]
-        best[k][0][i : i + n], best[k][1][i : i + n] = d.numpy(), j.numpy()
+        best[k][0][i : i + n], best[k][1][i : i + n] = d.cpu().numpy(), j.cpu().numpy()
 
     with torch.no_grad():
         side = t_small.shape[-1]
@@ -252,7 +255,7 @@ def copy_distances(
         refs.update({k: f(t).float() for k, f in embedders.items()})
         best.update({k: (np.full(len(query), np.inf), np.zeros(len(query), dtype=np.int64)) for k in refs})
         for i in range(0, len(query), chunk):
-            x = to_tensor(query[i : i + chunk])
+            x = to_tensor(query[i : i + chunk], device)
             small = working_size(x)
             q = warp(small, family).flatten(0, 1)  # [n*T,1,h,w], warp k of image n at n*T+k
             # estimated once per image and used for every warp: interpolating warps average the noise

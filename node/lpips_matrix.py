@@ -95,18 +95,20 @@ def _layer_weights(model) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def lpips_features(model, x: torch.Tensor, *, batch_size: int = 128) -> torch.Tensor:
-    """phi(x) for images x float [N,3,H,W] in [-1,1] -> float32 [N,D]; ||phi(x)-phi(y)||^2 = LPIPS(x,y)."""
+    """phi(x) for images x float [N,3,H,W] in [-1,1] -> float32 [N,D] on the CPU; ||phi(x)-phi(y)||^2 =
+    LPIPS(x,y). The network runs on the model's device, one batch at a time."""
     import lpips
 
     sw = [w.sqrt() for w in _layer_weights(model)]
+    device = sw[0].device
     out = []
     for i in range(0, len(x), batch_size):
-        feats = model.net.forward(model.scaling_layer(x[i : i + batch_size]))
+        feats = model.net.forward(model.scaling_layer(x[i : i + batch_size].to(device)))
         parts = []
         for f, s in zip(feats, sw):
             f = lpips.normalize_tensor(f) * s[None, :, None, None] / float(f.shape[2] * f.shape[3]) ** 0.5
             parts.append(f.flatten(1))
-        out.append(torch.cat(parts, 1).float())
+        out.append(torch.cat(parts, 1).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 

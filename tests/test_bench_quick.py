@@ -1,0 +1,47 @@
+"""The quick variants of the speed benchmarks, run for correctness only (no timing is asserted):
+each writes its result file, and what it compares agrees where it must."""
+
+import json
+
+import pytest
+
+from bench import lpips_nn, walk_speed
+
+TINY_SITE = """\
+data: {image_size: 16, phantom: {n_patients: 40}}
+models:
+  gan: {z_dim: 16, w_dim: 16, channels: 32, steps: 6, batch_size: 8, checkpoint_every: 3}
+  classifier: {width: 4, attacker_width: 4, epochs: 2, id_epochs: 2}
+synth: {k: 2, invert_steps: 5}
+"""
+
+
+def test_lpips_benchmark_is_exact_and_reports_both_baselines_and_the_limit(tmp_path):
+    out = tmp_path / "lpips_nn.json"
+    res = lpips_nn.main(
+        ["--n-query", "12", "--n-ref", "20", "--pairs", "6", "--batched-pairs", "16", "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == res
+    assert res["max_abs_err"] < 1e-4  # the matrix form is the package's LPIPS
+    assert set(res["seconds_per_pair_batched"]) == {str(b) for b in lpips_nn.BATCHES}
+    assert res["seconds_per_pair_batched"][str(res["best_batch"])] == min(res["seconds_per_pair_batched"].values())
+    assert res["seconds_features_alone"] > 0 and res["ratio_to_limit"] > 0
+    assert res["speedup_vs_batched"] > 0
+
+
+@pytest.mark.slow
+def test_walk_benchmark_runs_both_methods_on_a_trained_site(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY_SITE)
+    out = tmp_path / "walk_speed.json"
+    args = ["--paths", "3", "--points", "6", "--iters", "4", "--threads", "1"]
+    args += ["--site-yaml", str(tmp_path / "tiny.yaml")]
+    res = walk_speed.main([*args, "--work", str(tmp_path), "--out", str(out)])
+    assert json.loads(out.read_text()) == res
+    assert res["paths"] == 3 and res["iters"] == 4
+    assert res["seconds_reference"] > 0 and res["seconds_batched"] > 0
+    assert res["speedup"] == round(res["seconds_reference"] / res["seconds_batched"], 2)
+    # 6 points: the 4 interior images are one chunk of the authors' 4, so (unclamped) both walks optimise the
+    # same objective from the same start and must end at the same loss
+    ref, node = res["final_loss_reference_node_objective"], res["final_loss_batched_own_objective"]
+    assert abs(ref - node) <= 0.02 * abs(node)
+    assert res["final_loss_reference_own_objective"] > 0
