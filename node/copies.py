@@ -101,22 +101,25 @@ def embed_warp_family() -> list[Warp]:
 
 def warp(x: torch.Tensor, family: list[Warp]) -> torch.Tensor:
     """Every edit of `family` applied to every image: x float [N,1,H,W] -> [N,T,1,H,W]
-    (bilinear, border pixels repeated outside; whole-pixel shifts are exact)."""
+    (bilinear, border pixels repeated outside; whole-pixel shifts are exact).
+
+    One sampling grid per edit, shared by all images: the images ride as channels of one input,
+    so the T grids are computed once, not N x T times."""
     N, C, H, W = x.shape
-    T = len(family)
-    theta = torch.zeros(T, 2, 3, dtype=x.dtype)
-    for k, w in enumerate(family):
+    rows = []
+    for w in family:
         # affine_grid maps output coordinates to input ones, so this is the inverse edit
         a = math.radians(w.angle)
         cos, sin = math.cos(a) / w.scale, math.sin(a) / w.scale
-        theta[k] = torch.tensor(
-            [[cos * (-1 if w.flip_h else 1), -sin, -2 * w.dx / W], [sin, cos * (-1 if w.flip_v else 1), -2 * w.dy / H]],
-            dtype=x.dtype,
+        rows.append(
+            [[cos * (-1 if w.flip_h else 1), -sin, -2 * w.dx / W], [sin, cos * (-1 if w.flip_v else 1), -2 * w.dy / H]]
         )
-    theta = theta.to(x.device).repeat(N, 1, 1)  # [N*T,2,3], edit k of image n at n*T+k
-    grid = F.affine_grid(theta, [N * T, C, H, W], align_corners=False)
-    src = x.repeat_interleave(T, 0)
-    return F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False).reshape(N, T, C, H, W)
+    theta = torch.tensor(rows, dtype=x.dtype, device=x.device)  # [T,2,3]
+    T = len(theta)
+    grid = F.affine_grid(theta, [T, N * C, H, W], align_corners=False)  # [T,H,W,2]
+    src = x.reshape(1, N * C, H, W).expand(T, -1, -1, -1)
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)  # [T,N*C,H,W]
+    return out.reshape(T, N, C, H, W).transpose(0, 1)
 
 
 def _blur_matrix(n: int, sigma: float, dtype: torch.dtype) -> torch.Tensor:
