@@ -454,7 +454,11 @@ class CoordinatorAddress(_Strict):
 
 class SiteConfig(_Strict):
     name: str = Field("site", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N (the N-th GPU)",
+    )
     data: DataConfig = DataConfig()
     models: ModelsConfig = ModelsConfig()
     synth: SynthConfig = SynthConfig()

@@ -172,10 +172,13 @@ def _disk(ws: Workspace) -> Check:
 def _gpu(device: str) -> Check:
     import torch
 
-    if torch.cuda.is_available():
-        return _ok("gpu", f"cuda: {torch.cuda.get_device_name(0)} (site.yaml device {device!r})")
-    if device == "cuda":
-        return _fail("gpu", "site.yaml asks for device 'cuda' but torch sees no CUDA device", errors.CONFIG)
+    wants = device.startswith("cuda")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if torch.cuda.is_available() and index < torch.cuda.device_count():
+        return _ok("gpu", f"cuda:{index}: {torch.cuda.get_device_name(index)} (site.yaml device {device!r})")
+    if wants:
+        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return _fail("gpu", f"site.yaml asks for device {device!r} but torch sees {seen} CUDA device(s)", errors.CONFIG)
     return _ok("gpu", "no GPU: training runs on the CPU (the cpu profile is sized for it)")
 
 

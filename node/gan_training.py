@@ -72,8 +72,10 @@ def train_gan(
     Every `checkpoint_every` steps the whole training state (G, G_ema, D and both Adam states)
     goes to `state_path`; a state with the same `state_key` (the config and data digest) found
     there is resumed from. The randomness of step t depends only on (seed, t), so a resumed run
-    makes the same models as an uninterrupted one. `on_checkpoint(G_ema)` (the node passes a
-    quality measure) is called at every checkpoint; its figures are kept with the step.
+    makes the same models as an uninterrupted one (on the CPU; on CUDA the backward of bilinear
+    upsampling adds in a nondeterministic order, so the two agree only to rounding).
+    `on_checkpoint(G_ema)` (the node passes a quality measure) is called at every checkpoint; its
+    figures are kept with the step.
     """
     real = real.to(device)
     G, D = G.to(device), D.to(device)

@@ -84,7 +84,8 @@ def plan_paths(
     """Optimise all P paths at once as one tensor [P,points,D]: endpoints `start`/`end` [P,D]
     fixed, interior initialised on the straight line, Adam with `lr` on the sum of the per-path
     losses (path_loss). Adam is elementwise and the paths share no parameters, so each path
-    follows exactly the trajectory it would follow alone; batching only changes the speed.
+    follows the trajectory it would follow alone, up to float rounding (to 1e-5 on the CPU in
+    tests/test_walk_depth.py; on CUDA, kernels differ with the batch shape); batching changes the speed.
 
     Stopping rule: after `iters` steps, or earlier when for `patience` steps no path has lowered
     its own loss by a relative `min_improvement` (patience None: always `iters` steps).

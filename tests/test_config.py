@@ -45,6 +45,12 @@ def test_out_of_range_value(tmp_path):
         load_site_config(_write(tmp_path, "policy: {max_mia_auc: 1.5}\n"))
 
 
+def test_device_names_a_gpu_by_index_and_refuses_anything_else(tmp_path):
+    assert load_site_config(_write(tmp_path, "device: cuda:1\n")).device == "cuda:1"
+    with pytest.raises(ConfigError, match=r"device: .*auto\|cpu\|cuda.*'gpu'"):
+        load_site_config(_write(tmp_path, "device: gpu\n"))
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: file not found"):
         load_site_config(tmp_path / "nope.yaml")

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -36,6 +37,14 @@ def test_a_fresh_phantom_site_passes_with_a_warning_for_the_missing_kit(tmp_path
     checks = {c["name"]: c for c in json.loads(r.output)}
     assert checks["kit"]["status"] == "warn" and "--kit" in checks["kit"]["detail"]
     assert {checks[k]["status"] for k in ("config", "data", "keys", "disk", "gpu")} == {"ok"}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 7, reason="this machine has a GPU of index 7")
+def test_a_gpu_index_the_machine_lacks_is_named(tmp_path):
+    ws = _init(tmp_path)
+    ws.config_path.write_text(ws.config_path.read_text().replace("device: auto", "device: cuda:7"))
+    gpu = _by_name(check_site(ws))["gpu"]
+    assert gpu.status == "fail" and "'cuda:7'" in gpu.detail and "CUDA device(s)" in gpu.detail
 
 
 def test_open_keys_bad_labels_and_single_image_patients_are_named(tmp_path):
