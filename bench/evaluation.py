@@ -19,17 +19,25 @@ skew with class shares per site drawn from Dirichlet(0.5)):
   site on its own real test split:
     real_local      each site alone on its real train split, for as many epochs as all rounds
     fedavg_real     FedAvg on the sites' real train splits (classic federated learning)
+    fedprox_real    the same with FedProx's proximal term (downstream.proximal_mu) in each site's training
     central_real    one model on the union of the real train splits (the yardstick)
     linear, plan, anchors   FedAvg, every site on the pool of all sites' published sets of that kind
     plan_pool_real  FedAvg, every site on the PLAN pool plus its own real train split
+    plan_pool_real_fedprox   the same with FedProx (the pool makes the sites' data differ least)
+    cvae_real       the CVAE route's yardstick: FedAvg of the embedding head on the sites' real
+                    train embeddings (the federation's pinned extractor, default "tiny")
+    cvae            FedAvg, every site on the pool of all sites' audited CVAE samples; both CVAE
+                    rows are tested on the same test splits, as embeddings
 - columns: accuracy, balanced accuracy, macro one-vs-rest AUROC (the mean over sites; mean and
   sd over --seeds downstream seeds), the synthetic sets' audit figures (the worst attack's MIA
   AUC upper bound, the attacker's re-identification rate upper bound; mean over sites), FD,
   precision and recall in the features of a judge network trained on each site's real train
   split (bench.generator; mean over sites), and the distinct images published.
 
+The CVAE route's sites are CVAE-route workspaces beside the PLAN ones, on the same records and
+the same patient split, trained, synthesized and audited by the node's stages (site<k>-cvae).
 The generative models are trained once per site and partition; the seeds vary the downstream
-training only. The CVAE route's rows are not in this table yet. Writes
+training only. Writes
 bench/results/evaluation.json ({DATASET: {PARTITION: {ROW: {...}}}}) and evaluation.png.
 
     python -m bench.evaluation --threads 2
@@ -42,6 +50,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import json
 import time
 import warnings
 from pathlib import Path
@@ -54,17 +63,31 @@ from bench._site import ROOT, SHARED_DATA, WORK, run_meta, site, site_audit, wal
 from bench.generator import K, features, judge, precision_recall
 from common.config import DataConfig, DownstreamConfig, SiteConfig
 from common.fileio import atomic_write_bytes, atomic_write_json
-from common.models import DownstreamCNN
+from common.models import DownstreamCNN, EmbeddingHead
 from node.audit import nan_to_none
 from node.data import ImageSet, load_dataset
 from node.ingest import load_split
+from node.publish import load_accepted
 from node.quality import frechet_distance
+from node.records import split_records
 from node.stages import run_one
 from node.task import epochs_for, evaluate_classifier, site_round_seed, train_classifier
 from node.workspace import Workspace
 
-ROWS = ("real_local", "fedavg_real", "central_real", "linear", "plan", "anchors", "plan_pool_real")
-SYNTHETIC = ("linear", "plan", "anchors")
+ROWS = (
+    "real_local",
+    "fedavg_real",
+    "fedprox_real",
+    "central_real",
+    "linear",
+    "plan",
+    "anchors",
+    "plan_pool_real",
+    "plan_pool_real_fedprox",
+    "cvae_real",
+    "cvae",
+)
+SYNTHETIC = ("linear", "plan", "anchors")  # the PLAN route's image sets
 PARTITIONS = {"iid": None, "dirichlet0.5": 0.5}
 METRICS = {"accuracy": "accuracy", "balanced_accuracy": "balanced-accuracy", "auroc": "auroc"}
 
@@ -107,6 +130,30 @@ def build_sites(data: ImageSet, parts: list[np.ndarray], *, work: Path, override
     return out
 
 
+def cvae_sites(n_sites: int, *, work: Path, overrides: dict) -> list[dict]:
+    """Beside each PLAN site, a CVAE-route workspace on the same .npz (so the same patient split):
+    trained (the pinned extractor's embeddings, the CVAE, the re-identification heads), synthesized
+    and audited by the node's own stages. Per site {"train", "test": (embeddings, labels), "cvae":
+    {"images": the accepted embeddings [M,D], "labels", "report": the audit}}."""
+    out = []
+    for k in range(n_sites):
+        name = f"site{k}-cvae"
+        raw = _merge({"name": name, "data": {"source": "npz", "path": str(work / f"site{k}.npz")}}, overrides)
+        ws, _ = site(name, SiteConfig.model_validate(_merge(raw, {"synth": {"route": "cvae"}})), root=work)
+        run_one(ws, "synthesize")
+        run_one(ws, "audit")
+        run = ws.synth / ws.latest_run()
+        emb, labels = load_accepted(run / "accepted.npz")
+        report = json.loads((run / "audit.json").read_text())
+        out.append(
+            {
+                **{s: split_records(ws, s, route="cvae", device="cpu") for s in ("train", "test")},
+                "cvae": {"images": emb, "labels": labels, "report": report},
+            }
+        )
+    return out
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -141,33 +188,48 @@ def round_epochs(n: int, ds: DownstreamConfig) -> int:
     return epochs_for(n, epochs=ds.local_epochs, min_steps=ds.min_local_steps, batch_size=ds.batch_size)
 
 
+def new_model(x: np.ndarray, n_classes: int, ds: DownstreamConfig) -> torch.nn.Module:
+    """The federation's downstream model for records x: DownstreamCNN on images uint8 [N,H,W],
+    EmbeddingHead on embeddings float [N,D] (the CVAE route's)."""
+    if x.ndim == 2:
+        return EmbeddingHead(x.shape[1], n_classes, hidden=ds.head_hidden)
+    return DownstreamCNN(n_classes, width=ds.width, image_size=x.shape[-1])
+
+
+def train_local(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, ds: DownstreamConfig, **kw):
+    """train_classifier as the ClientApp calls it: on embeddings the head's scaler is fitted on
+    the records first and nothing is augmented."""
+    if x.ndim == 2:
+        model.fit_scaler(torch.from_numpy(x))
+    augment = "none" if x.ndim == 2 else "light"
+    train_classifier(
+        model, x, y, epochs=epochs, lr=ds.lr, batch_size=ds.batch_size, device="cpu", augment=augment, **kw
+    )
+
+
 def fedavg(
     train_sets: list[tuple[np.ndarray, np.ndarray]],
-    tests: list[ImageSet],
+    tests: list[tuple[np.ndarray, np.ndarray]],
     *,
     n_classes: int,
     ds: DownstreamConfig,
     seed: int,
+    proximal_mu: float = 0.0,
 ) -> dict:
-    """FedAvg over the sites' (images uint8 [N_k,H,W], labels [N_k]); the global model after the
-    last round evaluated on each site's test split: {"sites": [metrics per site], "rounds": completed}."""
+    """FedAvg over the sites' (records, labels [N_k]), FedProx when `proximal_mu` > 0 (the same
+    aggregation; each site's loss adds mu/2 ||w - w_global||^2, as the ClientApp does); the global
+    model after the last round evaluated on each site's test (records, labels):
+    {"sites": [metrics per site], "rounds": completed}."""
     torch.manual_seed(seed)
-    model = DownstreamCNN(n_classes, width=ds.width, image_size=tests[0].images.shape[-1])
+    model = new_model(tests[0][0], n_classes, ds)
     completed = 0
     for r in range(1, ds.rounds + 1):
         states, weights = [], []
         for k, (x, y) in enumerate(train_sets):
             local = copy.deepcopy(model)
-            train_classifier(
-                local,
-                x,
-                y,
-                epochs=round_epochs(len(y), ds),
-                lr=ds.lr,
-                batch_size=ds.batch_size,
-                device="cpu",
-                seed=site_round_seed(f"site{k}", r) + seed,
-            )
+            seed_k = site_round_seed(f"site{k}", r) + seed
+            epochs = round_epochs(len(y), ds)
+            train_local(local, x, y, epochs=epochs, ds=ds, seed=seed_k, proximal_mu=proximal_mu)
             states.append(local.state_dict())
             weights.append(len(y))
         w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
@@ -178,55 +240,55 @@ def fedavg(
             }
         )
         completed = r
-    return {"sites": [evaluate_classifier(model, t.images, t.labels, device="cpu") for t in tests], "rounds": completed}
+    return {"sites": [evaluate_classifier(model, x, y, device="cpu") for x, y in tests], "rounds": completed}
 
 
-def alone(
-    x: np.ndarray, y: np.ndarray, test: ImageSet, *, n_classes: int, ds: DownstreamConfig, seed: int
-) -> DownstreamCNN:
+def alone(x: np.ndarray, y: np.ndarray, *, n_classes: int, ds: DownstreamConfig, seed: int) -> torch.nn.Module:
     """One model trained for as many epochs as a federated site trains in all its rounds."""
     torch.manual_seed(seed)
-    model = DownstreamCNN(n_classes, width=ds.width, image_size=test.images.shape[-1])
-    epochs = ds.rounds * round_epochs(len(y), ds)
-    train_classifier(model, x, y, epochs=epochs, lr=ds.lr, batch_size=ds.batch_size, device="cpu", seed=seed)
+    model = new_model(x, n_classes, ds)
+    train_local(model, x, y, epochs=ds.rounds * round_epochs(len(y), ds), ds=ds, seed=seed)
     return model
 
 
 def downstream_rows(
-    sites: list[Workspace], sets: list[dict], *, n_classes: int, ds: DownstreamConfig, seed: int
+    sites: list[Workspace], sets: list[dict], cvae: list[dict], *, n_classes: int, ds: DownstreamConfig, seed: int
 ) -> dict:
     """{row: {"sites": [metrics per site], "rounds": n}} for every row of ROWS, one downstream seed."""
-    real = [load_split(ws, "train") for ws in sites]
-    tests = [load_split(ws, "test") for ws in sites]
-    real_xy = [(r.images, r.labels) for r in real]
+    real_xy = [split_records(ws, "train", route="plan", device="cpu") for ws in sites]
+    tests = [split_records(ws, "test", route="plan", device="cpu") for ws in sites]
     kw = dict(n_classes=n_classes, ds=ds, seed=seed)
 
-    def pool(kind: str) -> tuple[np.ndarray, np.ndarray]:
-        return np.concatenate([s[kind]["images"] for s in sets]), np.concatenate([s[kind]["labels"] for s in sets])
+    def pool(kind: str, of: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        return np.concatenate([s[kind]["images"] for s in of]), np.concatenate([s[kind]["labels"] for s in of])
 
+    def evaluated(model: torch.nn.Module, on: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+        return {"sites": [evaluate_classifier(model, x, y, device="cpu") for x, y in on], "rounds": 0}
+
+    ux, uy = np.concatenate([x for x, _ in real_xy]), np.concatenate([y for _, y in real_xy])
     out = {
         "real_local": {
             "sites": [
-                evaluate_classifier(alone(x, y, t, **kw), t.images, t.labels, device="cpu")
-                for (x, y), t in zip(real_xy, tests)
+                evaluate_classifier(alone(x, y, **kw), tx, ty, device="cpu") for (x, y), (tx, ty) in zip(real_xy, tests)
             ],
             "rounds": 0,
         },
         "fedavg_real": fedavg(real_xy, tests, **kw),
-    }
-    ux, uy = np.concatenate([r.images for r in real]), np.concatenate([r.labels for r in real])
-    central = alone(ux, uy, tests[0], **kw)
-    out["central_real"] = {
-        "sites": [evaluate_classifier(central, t.images, t.labels, device="cpu") for t in tests],
-        "rounds": 0,
+        "fedprox_real": fedavg(real_xy, tests, **kw, proximal_mu=ds.proximal_mu),
+        "central_real": evaluated(alone(ux, uy, **kw), tests),
     }
     for kind in SYNTHETIC:
-        x, y = pool(kind)
+        x, y = pool(kind, sets)
         out[kind] = fedavg([(x, y)] * len(sites), tests, **kw) if len(y) else {"skipped": "no image passed the audit"}
-    px, py = pool("plan")
-    out["plan_pool_real"] = fedavg(
-        [(np.concatenate([px, x]), np.concatenate([py, y])) for x, y in real_xy], tests, **kw
-    )
+    px, py = pool("plan", sets)
+    pool_real = [(np.concatenate([px, x]), np.concatenate([py, y])) for x, y in real_xy]
+    out["plan_pool_real"] = fedavg(pool_real, tests, **kw)
+    out["plan_pool_real_fedprox"] = fedavg(pool_real, tests, **kw, proximal_mu=ds.proximal_mu)
+    # the CVAE route: the same sites' records as embeddings, tested on the same test splits
+    emb_tests = [c["test"] for c in cvae]
+    out["cvae_real"] = fedavg([c["train"] for c in cvae], emb_tests, **kw)
+    cx, cy = pool("cvae", cvae)
+    out["cvae"] = fedavg([(cx, cy)] * len(sites), emb_tests, **kw) if len(cy) else {"skipped": "nothing passed"}
     return out
 
 
@@ -274,9 +336,11 @@ def run_partition(
     seconds["sites"], t0 = round(time.time() - t0, 1), time.time()
     sets = [published_sets(ws) for ws in sites]
     seconds["audits"], t0 = round(time.time() - t0, 1), time.time()
+    cvae = cvae_sites(len(sites), work=work, overrides=overrides)
+    seconds["cvae_sites"], t0 = round(time.time() - t0, 1), time.time()
     q = quality(sites, sets, n_classes=n_classes, steps=judge_steps, seed=7)
     seconds["quality"], t0 = round(time.time() - t0, 1), time.time()
-    runs = [downstream_rows(sites, sets, n_classes=n_classes, ds=ds, seed=s) for s in range(seeds)]
+    runs = [downstream_rows(sites, sets, cvae, n_classes=n_classes, ds=ds, seed=s) for s in range(seeds)]
     seconds["downstream"] = round(time.time() - t0, 1)
     out = {}
     for row in ROWS:
@@ -287,17 +351,18 @@ def run_partition(
         r = {col: mean_sd(np.nanmean([m[k] for m in run[row]["sites"]]) for run in runs) for col, k in METRICS.items()}
         r["per_site_accuracy"] = [float(np.mean([run[row]["sites"][k]["accuracy"] for run in runs])) for k in range(3)]
         r["rounds_completed"] = [run[row]["rounds"] for run in runs]
-        kind = "plan" if row == "plan_pool_real" else row
-        if kind in SYNTHETIC:
-            reports = [s[kind]["report"] for s in sets]
+        kind = "plan" if row.startswith("plan_pool_real") else row
+        if kind in (*SYNTHETIC, "cvae"):
+            of = cvae if kind == "cvae" else sets
+            reports = [s[kind]["report"] for s in of]
             r |= {
                 "mia_auc_upper": _site_mean(rep.get("mia_auc_upper") for rep in reports),
                 "reid_rate": _site_mean(rep.get("reid_rate_upper") for rep in reports),
                 "passed": [bool(rep["passed"]) for rep in reports],
-                "distinct_images": int(sum(len(s[kind]["images"]) for s in sets)),
+                "distinct_images": int(sum(len(s[kind]["images"]) for s in of)),
                 # what a site really publishes: nothing when its set fails the gate
-                "published_images": int(sum(len(s[kind]["images"]) for s in sets if s[kind]["report"]["passed"])),
-                **q[kind],
+                "published_images": int(sum(len(s[kind]["images"]) for s in of if s[kind]["report"]["passed"])),
+                **q.get(kind, {}),  # FD, precision and recall are measured on images only
             }
         out[row] = r
     out["setup"] = {
@@ -386,17 +451,17 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_json(args.out, nan_to_none(res))
     plot(res, args.out.with_suffix(".png"))
     head = f"{'accuracy':>15}{'bal. acc.':>15}{'AUROC':>15}{'MIA up':>8}{'images':>8}"
-    print(f"{'data set':<16}{'partition':<14}{'row':<16}{head}")
+    print(f"{'data set':<16}{'partition':<14}{'row':<24}{head}")
     for name in sources:
         for part in args.partitions:
             for row in ROWS:
                 v = res[name][part][row]
                 if "skipped" in v:
-                    print(f"{name:<16}{part:<14}{row:<16}skipped: {v['skipped']}")
+                    print(f"{name:<16}{part:<14}{row:<24}skipped: {v['skipped']}")
                     continue
                 cells = "".join(f"{v[c]['mean']:>8.3f} ±{v[c]['sd']:.3f}" for c in METRICS)
                 extra = f"{v['mia_auc_upper']:>8.3f}{v['distinct_images']:>8d}" if "mia_auc_upper" in v else ""
-                print(f"{name:<16}{part:<14}{row:<16}{cells}{extra}")
+                print(f"{name:<16}{part:<14}{row:<24}{cells}{extra}")
     return res
 
 

@@ -26,7 +26,7 @@ matched exactly, up to the border and interpolation. Distances have no natural u
 is judged against the same distance for real non-members (holdout images the models never saw),
 and flagged when it is closer to a training image than a chosen small share of them
 (`calibrate`). Everything is batched: warps are one grid_sample per chunk, nearest neighbours one
-matrix product per chunk (node.distances.min_sq_dist).
+matrix product per chunk (node.distances.nearest_sq).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from node.distances import min_sq_dist, nearest_sq
+from node.distances import nearest_sq
 from node.pixels import to_tensor
 
 # view -> Gaussian blur sigma in pixels. A blur of sigma s keeps about 1 / (4 pi s^2) of the power of
@@ -243,8 +243,8 @@ def copy_distances(
         if k in PIXEL_VIEWS:  # 2 - 2 cos': the unit-norm reference against the noise-corrected query
             d, j = nearest_sq(v, ref, chunk=4096)
             d = (d.double() - v.square().sum(1).double() + 1).clamp_min(0)
-        else:
-            d, j = min_sq_dist(v, ref)
+        else:  # float32 expansion: its rounding (a few 1e-5 of the distances) is far under any threshold
+            d, j = nearest_sq(v, ref, chunk=512)
             d = d.double()
         n = len(v) // T
         d, t_best = d.reshape(n, T).min(1)

@@ -47,7 +47,7 @@ def test_the_quick_evaluation_runs_every_round_on_a_three_class_data_set(tmp_pat
         assert 0 <= v["accuracy"]["mean"] <= 1 and len(v["per_site_accuracy"]) == 3
         federated = row not in ("real_local", "central_real")
         assert v["rounds_completed"] == ([2] if federated else [0]), (row, v["rounds_completed"])
-    for row in ("linear", "plan", "anchors"):
+    for row in ("linear", "plan", "anchors", "cvae"):
         assert table[row]["distinct_images"] >= 1 and len(table[row]["passed"]) == 3
     # the site alone learns its own skewed classes: far above chance (1/3) at its own test split
     assert table["real_local"]["accuracy"]["mean"] > 0.5
