@@ -43,9 +43,8 @@ from bench._site import ROOT, command, machine
 from common.config import PhantomConfig, PolicyConfig, profile_site_config
 from common.fileio import atomic_write_json
 from node.classifiers import SmallCNN
-from node.gan import Discriminator
 from node.phantom import make_phantom
-from node.train import _seeded
+from node.train import _seeded, new_gan
 
 # node.audit's names of the parts timed apart -> label. Disjoint calls (none runs inside another),
 # so their sum is at most the audit's time; what is left ("other") is bootstrap intervals, ROC
@@ -98,7 +97,7 @@ def networks(n_ids: int, size: int, *, profile: str, device: str) -> dict:
         "phi_id": _seeded(mc.seed + 2, lambda: SmallCNN(n_ids, width=cc.width, image_size=size)),
         "attacker": _seeded(mc.seed + 4, lambda: SmallCNN(n_ids, width=cc.attacker_width, image_size=size)),
         "attacker_wide": _seeded(mc.seed + 5, lambda: SmallCNN(n_ids, width=cc.attacker_width, image_size=size)),
-        "discriminator": _seeded(mc.seed + 1, lambda: Discriminator(image_size=size, channels=mc.gan.channels)),
+        "discriminator": new_gan(mc.gan, image_size=size, seed=mc.seed)[1],
     }
     return {k: m.to(device).eval().requires_grad_(False) for k, m in made.items()}
 

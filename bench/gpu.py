@@ -63,6 +63,7 @@ from bench._site import ROOT, command, machine
 from bench.audit_scale import phantom
 from common.config import PROFILES, commented_yaml, deep_merge, profile_site_config
 from common.fileio import atomic_write_json, atomic_write_text
+from node.train import new_gan
 
 PARTS = ("gan", "invert", "walk", "audit", "site")
 # shares of the budget, renormalised over the parts asked for; what a part leaves unspent goes to the later ones
@@ -117,21 +118,6 @@ def _free(device: torch.device) -> None:
 # ---------------------------------------------------------------- inputs
 
 
-def _gan(gc_cfg, size: int, seed: int = 0):
-    from node.gan import Discriminator, Generator
-
-    torch.manual_seed(seed)
-    G = Generator(
-        z_dim=gc_cfg.z_dim,
-        w_dim=gc_cfg.w_dim,
-        mapping_layers=gc_cfg.mapping_layers,
-        image_size=size,
-        channels=gc_cfg.channels,
-    )
-    D = Discriminator(image_size=size, channels=gc_cfg.channels)
-    return G, D
-
-
 def _cnn(n_out: int, width: int, size: int, device, seed: int):
     from node.classifiers import SmallCNN
 
@@ -169,7 +155,7 @@ def part_gan(args, cfg, device, clock: Clock, budget: float, ctx: dict) -> dict:
         left = budget - (clock() - t_part)
         size_budget = left / (len(args.gan_sizes) - k)
         real = to_tensor(phantom(256, size, seed=1, tag="g")[0])
-        G, D = _gan(gcfg, size)
+        G, D = new_gan(gcfg, image_size=size, seed=0)
         clock.reset_peak()
         t0 = clock()
         res = train_gan(real, G=G, D=D, steps=args.gan_warmup, **kw)  # cudnn autotuning, allocator warm-up
@@ -209,7 +195,7 @@ def part_invert(args, cfg, device, clock: Clock, budget: float, ctx: dict) -> di
     from node.pixels import to_tensor
 
     sc, size = cfg.synth, args.size
-    G, _ = _gan(cfg.models.gan, size)
+    G, _ = new_gan(cfg.models.gan, image_size=size, seed=0)
     phi_class = _cnn(2, cfg.models.classifier.width, size, device, seed=3)
     target = to_tensor(phantom(args.invert_images, size, seed=2, tag="i")[0])
     kw = dict(lr=sc.invert_lr, device=device, features=phi_class.features, perceptual_weight=sc.invert_perceptual)
@@ -250,7 +236,7 @@ def part_walk(args, cfg, device, clock: Clock, budget: float, ctx: dict) -> dict
 
     sc, wc, size = cfg.synth, cfg.synth.walk, args.size
     P = args.walk_paths or math.ceil(sc.target_size / (wc.points - 2))
-    G, _ = _gan(cfg.models.gan, size)
+    G, _ = new_gan(cfg.models.gan, image_size=size, seed=0)
     G = G.eval().requires_grad_(False)
     phi_id = _cnn(args.walk_identities, cfg.models.classifier.width, size, device, seed=2)
     phi_class = _cnn(2, cfg.models.classifier.width, size, device, seed=3)

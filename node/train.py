@@ -32,6 +32,24 @@ def _seeded(seed: int, make):
         return make()
 
 
+def gan_kwargs(gc, *, image_size: int) -> tuple[dict, dict]:
+    """The constructor arguments of G and D for a site's GanConfig `gc` (kept in their sidecars)."""
+    g = {
+        "z_dim": gc.z_dim,
+        "w_dim": gc.w_dim,
+        "mapping_layers": gc.mapping_layers,
+        "image_size": image_size,
+        "channels": gc.channels,
+    }
+    return g, {"image_size": image_size, "channels": gc.channels}
+
+
+def new_gan(gc, *, image_size: int, seed: int) -> tuple[Generator, Discriminator]:
+    """An untrained G and D as the train stage builds them: G seeded with `seed`, D with `seed + 1`."""
+    g, d = gan_kwargs(gc, image_size=image_size)
+    return _seeded(seed, lambda: Generator(**g)), _seeded(seed + 1, lambda: Discriminator(**d))
+
+
 def _train_classifier_model(
     n_out: int, images, labels, *, width: int, image_size: int, cc, epochs: int, augment: str, seed: int, device
 ) -> tuple[SmallCNN, dict]:
@@ -110,16 +128,8 @@ def train(ws: Workspace) -> None:
 
     real = to_tensor(train_set.images)
     n_quality = max(256, len(train_set))
-    g_kwargs = {
-        "z_dim": gc.z_dim,
-        "w_dim": gc.w_dim,
-        "mapping_layers": gc.mapping_layers,
-        "image_size": image_size,
-        "channels": gc.channels,
-    }
-    d_kwargs = {"image_size": image_size, "channels": gc.channels}
-    G = _seeded(mc.seed, lambda: Generator(**g_kwargs))
-    D = _seeded(mc.seed + 1, lambda: Discriminator(**d_kwargs))
+    g_kwargs, d_kwargs = gan_kwargs(gc, image_size=image_size)
+    G, D = new_gan(gc, image_size=image_size, seed=mc.seed)
     res = train_gan(
         real,
         G=G,
