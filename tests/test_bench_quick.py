@@ -39,7 +39,6 @@ def test_walk_benchmark_runs_both_methods_on_a_trained_site(tmp_path):
     assert json.loads(out.read_text()) == res
     assert res["paths"] == 3 and res["iters"] == 4
     assert res["seconds_reference"] > 0 and res["seconds_batched"] > 0
-    assert res["speedup"] == round(res["seconds_reference"] / res["seconds_batched"], 2)
     # 6 points: the 4 interior images are one chunk of the authors' 4, so (unclamped) both walks optimise the
     # same objective from the same start and must end at the same loss
     ref, node = res["final_loss_reference_node_objective"], res["final_loss_batched_own_objective"]
