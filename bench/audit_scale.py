@@ -146,6 +146,12 @@ def _reset_peak() -> bool:
         return False
 
 
+def node_settings(args: argparse.Namespace) -> dict:
+    """The audit settings given on the command line; audit_images' own defaults for the rest."""
+    given = {"n_boot": args.n_boot, "downstream_epochs": args.downstream_epochs}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def one_run(n: int, size: int, args: argparse.Namespace) -> dict:
     """The audit of n candidates against n train and n // 2 holdout images of side `size`, in this process."""
     t0 = time.perf_counter()
@@ -183,8 +189,7 @@ def one_run(n: int, size: int, args: argparse.Namespace) -> dict:
             holdout_labels=yh,
             lpips_model=lpips_model,
             lpips_reason="--no-lpips",
-            n_boot=args.n_boot,
-            downstream_epochs=args.downstream_epochs,
+            **node_settings(args),
         )
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -231,7 +236,8 @@ def projected(done: list[tuple[int, float]], n: int) -> float | None:
 
 def child(n: int, size: int, args: argparse.Namespace) -> dict:
     """one_run in a fresh process under the wall-clock limit (the set-up counts towards it)."""
-    opts = ["--device", args.device, "--n-boot", str(args.n_boot), "--downstream-epochs", str(args.downstream_epochs)]
+    opts = ["--device", args.device]
+    opts += [f"--{k.replace('_', '-')}={v}" for k, v in node_settings(args).items()]
     opts += ["--profile", args.profile] + (["--threads", str(args.threads)] if args.threads else [])
     opts += ["--no-lpips"] if args.no_lpips else []
     with tempfile.TemporaryDirectory() as tmp:
@@ -302,8 +308,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--no-lpips", action="store_true", help="audit without the LPIPS space")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile", default="cpu", help="the site profile whose network widths are built (cpu, gpu)")
-    ap.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (the node's default)")
-    ap.add_argument("--downstream-epochs", type=int, default=20, help="the downstream attack's (the node's default)")
+    ap.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (default: audit_images')")
+    ap.add_argument("--downstream-epochs", type=int, default=None, help="downstream-attack epochs")
     ap.add_argument("--quick", action="store_true", help="N 60 and 120 at 32 px, 20 resamples, 2 downstream epochs")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--one", type=int, nargs=2, metavar=("N", "SIDE"), help=argparse.SUPPRESS)
@@ -344,8 +350,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             "networks": f"profile {args.profile}, random init: phi_id, attacker, attacker_wide, discriminator",
             "lpips": None if args.no_lpips else "alex, random backbone",
             "policy": "PolicyConfig() defaults",
-            "n_boot": args.n_boot,
-            "downstream_epochs": args.downstream_epochs,
+            "audit_settings": node_settings(args) or "audit_images' defaults",
             "max_seconds": args.max_seconds,
             "device": args.device,
         },

@@ -342,10 +342,8 @@ def _audit_once(n: int, size: int, args, device: torch.device) -> dict:
     """bench.audit_scale's run (the node's full audit, LPIPS included, n x n with n // 2 holdout) on `device`."""
     from bench.audit_scale import one_run
 
-    opts = argparse.Namespace(
-        device=str(device), profile=args.profile, no_lpips=False, n_boot=200, downstream_epochs=20
-    )
-    return one_run(n, size, opts)
+    defaults = {"n_boot": None, "downstream_epochs": None}  # None: audit_images' own
+    return one_run(n, size, argparse.Namespace(device=str(device), profile=args.profile, no_lpips=False, **defaults))
 
 
 def part_audit(args, cfg, device, clock: Clock, budget: float, ctx: dict) -> dict:
