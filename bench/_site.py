@@ -17,16 +17,16 @@ import torch
 
 from common.config import SiteConfig, commented_yaml
 from common.fileio import atomic_write_text
-from node.checkpoint import config_digest, read_sidecar
-from node.data import ImageSet
-from node.ingest import load_split
-from node.invert import project, reconstruction_mse
-from node.ksame import anchors, ksame_clusters
-from node.pixels import to_tensor
+from node.plan.invert import project, reconstruction_mse
+from node.plan.ksame import anchors, ksame_clusters
+from node.plan.synthesize import choose_pairs, paths_per_class, patient_codes
+from node.plan.train import load_model
+from node.site.checkpoint import config_digest, read_sidecar
+from node.site.data import ImageSet
+from node.site.ingest import load_split
+from node.site.pixels import to_tensor
+from node.site.workspace import Workspace
 from node.stages import run_one
-from node.synthesize import choose_pairs, paths_per_class, patient_codes
-from node.train import load_model
-from node.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work"
@@ -67,7 +67,7 @@ class Anchors:
 def anchor_pairs(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "cpu") -> Anchors:
     """Invert the train split (synth config's steps and lr), k-same per class over patients
     (synth.k), and `n_pairs` within-class anchor pairs split over classes by their size, every
-    unordered pair once before any repeats (node.synthesize.choose_pairs)."""
+    unordered pair once before any repeats (node.plan.synthesize.choose_pairs)."""
     cfg = ws.config()
     sc = cfg.synth
     G, phi_id, phi_class, phi_attack = (
@@ -176,9 +176,9 @@ class Walked:
 
 
 def walk_pairs(a: Anchors, wc, *, weight_identity: float | None = None, device: str = "cpu"):
-    """node.walk.plan_paths between `a`'s anchor pairs with walk config `wc` (its stopping rule),
+    """node.plan.walk.plan_paths between `a`'s anchor pairs with walk config `wc` (its stopping rule),
     optionally another identity weight. Returns the WalkResult."""
-    from node.walk import plan_paths
+    from node.plan.walk import plan_paths
 
     return plan_paths(
         a.G,
@@ -198,10 +198,10 @@ def walk_pairs(a: Anchors, wc, *, weight_identity: float | None = None, device: 
 
 
 def walk_both(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "cpu") -> Walked:
-    """PLAN paths (node.walk.plan_paths with the site's walk config and stopping rule) and linear
-    paths between the same anchor pairs, rendered (interior points only, like node.synthesize)."""
-    from node.pixels import to_uint8
-    from node.walk import linear_paths
+    """PLAN paths (node.plan.walk.plan_paths with the site's walk config and stopping rule) and linear
+    paths between the same anchor pairs, rendered (interior points only, like node.plan.synthesize)."""
+    from node.plan.walk import linear_paths
+    from node.site.pixels import to_uint8
 
     a = anchor_pairs(ws, n_pairs=n_pairs, seed=seed, device=device)
     wc = ws.config().synth.walk
@@ -241,11 +241,11 @@ def walk_both(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "cpu"
 def site_audit(
     ws: Workspace, images: np.ndarray, labels: np.ndarray, paths: np.ndarray | None = None, *, second_attacker=True
 ) -> tuple[dict, np.ndarray]:
-    """The site's own full audit (node.audit.audit_images) of candidate images uint8 [S,H,W] with
+    """The site's own full audit (node.audit.run.audit_images) of candidate images uint8 [S,H,W] with
     their labels [S] and, if given, path ids [S]: its phi_id, both attackers (the second one
     unless `second_attacker` is False, an ablation), its discriminator and its policy, against its
     train and holdout splits. Returns (report, accepted mask [S])."""
-    from node.audit import audit_images
+    from node.audit.run import audit_images
 
     cfg = ws.config()
     train, holdout = load_split(ws, "train"), load_split(ws, "holdout")

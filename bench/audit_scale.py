@@ -1,19 +1,19 @@
 """How the node's full image audit scales (issue 18 item 3): wall-clock time and peak memory of
-node.audit.audit_images on N candidates against N train images and a holdout of N/2 (the node's
+node.audit.run.audit_images on N candidates against N train images and a holdout of N/2 (the node's
 50/25/25 split), at each N of --sizes and each side of --image-sizes.
 
 Everything the node's audit stage passes is there: phi_id, the attacker, the wide attacker and
-the GAN's discriminator (the node's classes and widths, built as node/train.py builds them,
+the GAN's discriminator (the node's classes and widths, built as node/plan/train.py builds them,
 randomly initialised: the cost does not depend on the weights), LPIPS with a random AlexNet
-(node.lpips_matrix.build_lpips, as a site with the backbone weights runs it; --no-lpips leaves it
+(node.audit.lpips_matrix.build_lpips, as a site with the backbone weights runs it; --no-lpips leaves it
 out), the default policy, the node's bootstrap resamples and downstream epochs. Phantom images
-(node.phantom), disjoint patients in train, holdout and candidates.
+(node.site.phantom), disjoint patients in train, holdout and candidates.
 
 Each (N, side) runs in its own process, so its peak memory is its own, under a wall-clock limit
 (--max-seconds): a run that hits it is recorded as timed out, and a larger N at the same side is
 skipped when the growth measured so far projects it past the limit. The time is split into the
-copy detector (node.copies.copy_distances, calibration half and candidates) and the other parts
-of the audit, each timed by wrapping the function node.audit calls. Writes
+copy detector (node.audit.copies.copy_distances, calibration half and candidates) and the other parts
+of the audit, each timed by wrapping the function node.audit.run calls. Writes
 bench/results/audit_scale.json (--quick: audit_scale_quick.json).
 
     .venv/bin/python -m bench.audit_scale                 # N 1000 5000 20000 at 32 and 64 px
@@ -38,15 +38,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import node.audit
+import node.audit.run
 from bench._site import ROOT, command, machine
 from common.config import PhantomConfig, PolicyConfig, profile_site_config
 from common.fileio import atomic_write_json
-from node.classifiers import SmallCNN
-from node.phantom import make_phantom
-from node.train import _seeded, new_gan
+from node.plan.classifiers import SmallCNN
+from node.plan.train import _seeded, new_gan
+from node.site.phantom import make_phantom
 
-# node.audit's names of the parts timed apart -> label. Disjoint calls (none runs inside another),
+# node.audit.run's names of the parts timed apart -> label. Disjoint calls (none runs inside another),
 # so their sum is at most the audit's time; what is left ("other") is bootstrap intervals, ROC
 # points and the pixel closeness. Wrapped, not replaced: the real function does the work.
 PARTS = {
@@ -89,7 +89,7 @@ def phantom(n_images: int, size: int, *, seed: int, tag: str) -> tuple[np.ndarra
 
 
 def networks(n_ids: int, size: int, *, profile: str, device: str) -> dict:
-    """phi_id, the attacker, the wide attacker and D as node/train.py builds them (classes, widths,
+    """phi_id, the attacker, the wide attacker and D as node/plan/train.py builds them (classes, widths,
     seeds; train identities as outputs), untrained, frozen and in eval mode as load_model gives them."""
     mc = profile_site_config(profile).models
     cc = mc.classifier
@@ -104,10 +104,10 @@ def networks(n_ids: int, size: int, *, profile: str, device: str) -> dict:
 
 @contextmanager
 def instrument():
-    """Wrap each of PARTS in node.audit with a timer for the duration; yields the seconds spent in
+    """Wrap each of PARTS in node.audit.run with a timer for the duration; yields the seconds spent in
     each, filled as they run. The originals are put back on exit."""
     spent = dict.fromkeys(PARTS.values(), 0.0)
-    originals = {name: getattr(node.audit, name) for name in PARTS}
+    originals = {name: getattr(node.audit.run, name) for name in PARTS}
 
     def timer(real, label: str):
         def timed(*a, **kw):
@@ -120,12 +120,12 @@ def instrument():
         return timed
 
     for name, label in PARTS.items():
-        setattr(node.audit, name, timer(originals[name], label))
+        setattr(node.audit.run, name, timer(originals[name], label))
     try:
         yield spent
     finally:
         for name, real in originals.items():
-            setattr(node.audit, name, real)
+            setattr(node.audit.run, name, real)
 
 
 def _status_mb(field: str) -> float | None:
@@ -161,10 +161,10 @@ def one_run(n: int, size: int, args: argparse.Namespace) -> dict:
     nets = networks(len(np.unique(pt)), size, profile=args.profile, device=args.device)
     lpips_model = None
     if not args.no_lpips:
-        from node.lpips_matrix import build_lpips
+        from node.audit.lpips_matrix import build_lpips
 
         torch.manual_seed(0)
-        lpips_model = build_lpips("alex", random_backbone=True).to(args.device)  # as node.audit.audit places it
+        lpips_model = build_lpips("alex", random_backbone=True).to(args.device)  # as node.audit.run.audit places it
     seconds_setup = time.perf_counter() - t0
 
     rss_before = _status_mb("VmRSS")
@@ -175,7 +175,7 @@ def one_run(n: int, size: int, args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with instrument() as spent:
-        report, accepted = node.audit.audit_images(
+        report, accepted = node.audit.run.audit_images(
             xc,
             xt,
             xh,

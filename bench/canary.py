@@ -148,7 +148,7 @@ def _summary(report: dict) -> dict:
 
 
 def run_dataset(dataset: str, *, max_images: int, per_kind: int, seed: int, second_attacker: bool = True) -> dict:
-    from node.ingest import load_split
+    from node.site.ingest import load_split
     from node.stages import run_one
 
     ws, times = npz_site(dataset, max_images=max_images)

@@ -1,4 +1,4 @@
-"""The audit's copy detector (node.copies.copy_distances): the blur as matrix products against the
+"""The audit's copy detector (node.audit.copies.copy_distances): the blur as matrix products against the
 one-channel convolution it replaced, in one run, on a demo-sized site.
 
 A demo site's audit measures 120 calibration and 240 candidate images against 240 train images,
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import node.copies
+import node.audit.copies
 from bench._site import ROOT, command, machine
 from common.fileio import atomic_write_json
 
@@ -33,14 +33,14 @@ def convolution_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def timed(query: np.ndarray, train: np.ndarray, blur) -> tuple[float, dict]:
-    matrix_blur = node.copies.gaussian_blur
-    node.copies.gaussian_blur = blur  # pixel_view looks the blur up in its module
+    matrix_blur = node.audit.copies.gaussian_blur
+    node.audit.copies.gaussian_blur = blur  # pixel_view looks the blur up in its module
     try:
         t0 = time.perf_counter()
-        out = node.copies.copy_distances(query, train)
+        out = node.audit.copies.copy_distances(query, train)
         return time.perf_counter() - t0, out
     finally:
-        node.copies.gaussian_blur = matrix_blur
+        node.audit.copies.gaussian_blur = matrix_blur
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     query = rng.integers(0, 256, (args.queries, 32, 32), dtype=np.uint8)
     train = rng.integers(0, 256, (args.train, 32, 32), dtype=np.uint8)
     before_s, before = timed(query, train, convolution_blur)
-    after_s, after = timed(query, train, node.copies.gaussian_blur)
+    after_s, after = timed(query, train, node.audit.copies.gaussian_blur)
     same = all(np.array_equal(before[k][1], after[k][1]) for k in before)
     max_diff = max(float(np.abs(before[k][0] - after[k][0]).max()) for k in before)
     print(f"{'blur':22} {'seconds':>8}")
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             "machine": machine(),
             "queries": args.queries,
             "train": args.train,
-            "warps": len(node.copies.warp_family(size=32)),
+            "warps": len(node.audit.copies.warp_family(size=32)),
             "seconds": {"convolution": before_s, "matrix": after_s},
             "speedup": before_s / after_s,
             "same_nearest": same,

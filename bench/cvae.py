@@ -2,13 +2,13 @@
 
 For each MedMNIST data set (../shared/data/<name>.npz, the official train and test splits),
 embed every image with the federation's extractor (here the "tiny" seeded random CNN of
-node.embedder: no pretrained foundation-model weights exist on this machine), then train a
+node.cvae.embedder: no pretrained foundation-model weights exist on this machine), then train a
 linear probe (common.models.EmbeddingHead, hidden=0, full-batch L-BFGS with a fixed L2 penalty,
 on the training set's own standardised embeddings) on
   (a) real: the real train embeddings,
-  (b) cvae: as many CVAE samples as train records, in the train class counts (node.cvae with the
+  (b) cvae: as many CVAE samples as train records, in the train class counts (node.cvae.generator with the
       default CvaeConfig: early stopping on a validation split carved from train),
-  (c) ksame k=2,5,10: per-class k-same means (node.ksame_embed),
+  (c) ksame k=2,5,10: per-class k-same means (node.cvae.ksame),
   (d) dp eps=1,5,10: DP-CVAE samples (Opacus DP-SGD for the default max_epochs, delta 1/N),
 and report its test AUROC (class 1 against 0), mean and std over --seeds seeds (real and k-same
 are deterministic: their std is 0). Privacy proxy: the average over a synthetic set of each
@@ -35,9 +35,9 @@ from common.config import CvaeConfig, ExtractorConfig
 from common.fileio import atomic_write_json
 from common.metrics import roc_auc
 from common.models import EmbeddingHead
-from node.cvae import sample_cvae, sample_labels, train_cvae
-from node.embedder import build_extractor, embed_images, extractor_digest
-from node.ksame_embed import ksame_embeddings
+from node.cvae.embedder import build_extractor, embed_images, extractor_digest
+from node.cvae.generator import sample_cvae, sample_labels, train_cvae
+from node.cvae.ksame import ksame_embeddings
 
 DATASETS = ("pneumoniamnist", "breastmnist")
 KS = (2, 5, 10)
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         "digest": extractor_digest(ext_cfg),
         "dim": extractor.dim,
         "note": (
-            "the tiny deterministic extractor (node.embedder.TinyExtractor: a seeded random-init "
+            "the tiny deterministic extractor (node.cvae.embedder.TinyExtractor: a seeded random-init "
             "CNN), not a foundation model: no pretrained DINOv2 or ResNet weights exist on this "
             "machine, so absolute AUROCs are below what the BMVC paper reports with DINOv2"
         ),

@@ -3,7 +3,7 @@
 The federation's DownstreamCNN (common.models, DownstreamConfig's width, lr and batch) trained on
 one site's real train split alone and tested on its real test split, for:
   - "6 epochs": the schedule before min_local_steps (rounds * local_epochs = 3 * 2 epochs),
-  - "300 steps": the default now (3 rounds of at least min_local_steps = 100 steps, node.task.epochs_for),
+  - "300 steps": the default now (3 rounds of at least min_local_steps = 100 steps, node.federation.task.epochs_for),
   - "600 steps": twice that,
 on the three phantom demo sites (seeds 100-102, the demo's 40% train split) and a site-sized
 subset (270 train, 200 test images) of pneumoniamnist and breastmnist. Mean and std over --seeds.
@@ -24,9 +24,9 @@ from bench._site import ROOT, SHARED_DATA, command, machine, mean_std
 from common.config import DataConfig, DownstreamConfig
 from common.fileio import atomic_write_json
 from common.models import DownstreamCNN
-from node.data import load_dataset
-from node.splits import split_by_patient
-from node.task import epochs_for, evaluate_classifier, train_classifier
+from node.federation.task import epochs_for, evaluate_classifier, train_classifier
+from node.site.data import load_dataset
+from node.site.splits import split_by_patient
 
 SCHEDULES = {"6 epochs": None, "300 steps": 300, "600 steps": 600}
 

@@ -9,12 +9,12 @@ skew with class shares per site drawn from Dirichlet(0.5)):
   (G, phi_id, phi_class, the two attackers), synthesize (PLAN candidates);
 - per site three synthetic sets: the PLAN candidates, the straight lines between the same
   number of k-same anchor pairs, and the anchors alone, each through the site's full audit
-  (node.audit.audit_images with its own networks and default policy): the images its per-sample
+  (node.audit.run.audit_images with its own networks and default policy): the images its per-sample
   filter accepts are what the federation trains on, whether or not the set passed the gate (a
   site whose set fails publishes nothing: `passed` per site and `published_images` say so, and
   with every set refused a row would have nothing to measure);
 - the downstream rows, each trained for --rounds rounds of FedAvg (each site its own seed and order, as
-  node.task.site_round_seed gives the ClientApp; local epochs sized by node.task.epochs_for; the
+  node.federation.task.site_round_seed gives the ClientApp; local epochs sized by node.federation.task.epochs_for; the
   mean of the sites' weights by record count, as Flower's FedAvg takes it) and evaluated at every
   site on its own real test split:
     real_local      each site alone on its real train split, for as many epochs as all rounds
@@ -64,15 +64,15 @@ from bench.generator import K, features, judge, precision_recall
 from common.config import DataConfig, DownstreamConfig, SiteConfig
 from common.fileio import atomic_write_bytes, atomic_write_json
 from common.models import DownstreamCNN, EmbeddingHead
-from node.audit import nan_to_none
-from node.data import ImageSet, load_dataset
-from node.ingest import load_split
-from node.publish import load_accepted
-from node.quality import frechet_distance
-from node.records import split_records
+from node.audit.run import nan_to_none
+from node.federation.records import split_records
+from node.federation.task import epochs_for, evaluate_classifier, site_round_seed, train_classifier
+from node.plan.quality import frechet_distance
+from node.release.publish import load_accepted
+from node.site.data import ImageSet, load_dataset
+from node.site.ingest import load_split
+from node.site.workspace import Workspace
 from node.stages import run_one
-from node.task import epochs_for, evaluate_classifier, site_round_seed, train_classifier
-from node.workspace import Workspace
 
 ROWS = (
     "real_local",

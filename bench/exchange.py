@@ -41,7 +41,7 @@ from common.keyfile import read_private_file
 from common.signing import generate_signing_key, load_private_key
 from common.tls import issue_client_cert
 from common.wire import CHUNK_BYTES, grpc_options
-from node.exchange_client import ExchangeClient
+from node.release.exchange_client import ExchangeClient
 from server.coordinator import init_coordinator
 from server.exchange import ExchangeServicer, add_exchange_to_server
 from server.store import BundleStore

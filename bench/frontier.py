@@ -6,7 +6,7 @@ their interior images rendered as a release would; then
 - utility on the **validation** split (the site's holdout; never the test split): a fresh
   DownstreamCNN trained on the set for --steps steps (mean over --seeds seeds), its accuracy,
   balanced accuracy and AUROC;
-- privacy: the site's full audit of the set (node.audit.audit_images with its own phi_id, both
+- privacy: the site's full audit of the set (node.audit.run.audit_images with its own phi_id, both
   attackers and D, the default policy): the share of candidates it keeps, the gated upper
   bounds, the verdict.
 Rows "linear" (the straight lines between the same anchors) and "real" (the train split) frame
@@ -33,10 +33,10 @@ from bench._site import ROOT, anchor_pairs, mean_std, npz_site, run_meta, site_a
 from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
 from common.models import DownstreamCNN
-from node.ingest import load_split
-from node.pixels import to_uint8
-from node.task import evaluate_classifier, train_classifier
-from node.walk import linear_paths
+from node.federation.task import evaluate_classifier, train_classifier
+from node.plan.walk import linear_paths
+from node.site.ingest import load_split
+from node.site.pixels import to_uint8
 
 GATED = ("mia_auc_upper", "closer_to_train_upper", "reid_rate_upper", "tpr_at_low_fpr_upper")
 

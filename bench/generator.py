@@ -26,10 +26,10 @@ from bench._site import ROOT, npz_site, run_meta, walk_both
 from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
 from common.models import DownstreamCNN
-from node.ingest import load_split
-from node.pixels import to_tensor, to_uint8
-from node.quality import frechet_distance
-from node.task import train_classifier
+from node.federation.task import train_classifier
+from node.plan.quality import frechet_distance
+from node.site.ingest import load_split
+from node.site.pixels import to_tensor, to_uint8
 
 K = 3
 

@@ -5,18 +5,18 @@ allocated GPU memory. Writes bench/results/gpu.json (after every part, so a run 
 leaves what it measured).
 
 Parts (--parts, default all, in this order):
-  gan     node.gan_training.train_gan with the "gpu" profile's G and D (W 256, 256 channels at 4x4,
+  gan     node.plan.gan_training.train_gan with the "gpu" profile's G and D (W 256, 256 channels at 4x4,
           batch 32, lazy R1, EMA, DiffAugment) at each of --gan-sizes: a warm-up call, then a
           timed call of --gan-steps steps (a multiple of R1_EVERY, so R1 runs its usual share).
-  invert  node.invert.project, the synthesize stage's inversion (phi_class perceptual term, the
+  invert  node.plan.invert.project, the synthesize stage's inversion (phi_class perceptual term, the
           node's chunk of 512 images), on 512 phantom images: seconds per image at the profile's
           500 steps.
-  walk    node.walk.plan_paths (all paths as one tensor) against bench.walk_reference.reference_walk
+  walk    node.plan.walk.plan_paths (all paths as one tensor) against bench.walk_reference.reference_walk
           (the authors' method, one path at a time) on the same device, same anchors, steps and
           weights: the profile's 2000 candidates are 167 paths of 14 points; the reference runs
           on as many of those paths as its share of the time allows and is projected to all of
           them (it is sequential over paths: its time is linear in the paths).
-  audit   node.audit.audit_images, the full audit (copy detector, every attack, bootstrap
+  audit   node.audit.run.audit_images, the full audit (copy detector, every attack, bootstrap
           intervals, the downstream-model attack), on phantom images with randomly initialised
           models (the timing does not depend on the weights): --audit-n candidates x --audit-n
           train images, half as many holdout images. It climbs a ladder of sizes (the target
@@ -63,7 +63,7 @@ from bench._site import ROOT, command, machine
 from bench.audit_scale import phantom
 from common.config import PROFILES, commented_yaml, deep_merge, profile_site_config
 from common.fileio import atomic_write_json, atomic_write_text
-from node.train import new_gan
+from node.plan.train import new_gan
 
 PARTS = ("gan", "invert", "walk", "audit", "site")
 # shares of the budget, renormalised over the parts asked for; what a part leaves unspent goes to the later ones
@@ -119,7 +119,7 @@ def _free(device: torch.device) -> None:
 
 
 def _cnn(n_out: int, width: int, size: int, device, seed: int):
-    from node.classifiers import SmallCNN
+    from node.plan.classifiers import SmallCNN
 
     torch.manual_seed(seed)
     return SmallCNN(n_out, width=width, image_size=size).to(device).eval().requires_grad_(False)
@@ -129,8 +129,8 @@ def _cnn(n_out: int, width: int, size: int, device, seed: int):
 
 
 def part_gan(args, cfg, device, clock: Clock, budget: float, ctx: dict) -> dict:
-    from node.gan_training import R1_EVERY, train_gan
-    from node.pixels import to_tensor
+    from node.plan.gan_training import R1_EVERY, train_gan
+    from node.site.pixels import to_tensor
 
     gcfg = cfg.models.gan
     kw = dict(
@@ -145,7 +145,7 @@ def part_gan(args, cfg, device, clock: Clock, budget: float, ctx: dict) -> dict:
         device=device,
     )
     out: dict = {
-        "function": "node.gan_training.train_gan",
+        "function": "node.plan.gan_training.train_gan",
         "settings": {k: getattr(gcfg, k) for k in ("z_dim", "w_dim", "mapping_layers", "channels", "batch_size")},
         "r1_every": R1_EVERY,
         "sizes": {},
@@ -191,8 +191,8 @@ def part_gan(args, cfg, device, clock: Clock, budget: float, ctx: dict) -> dict:
 
 
 def part_invert(args, cfg, device, clock: Clock, budget: float, ctx: dict) -> dict:
-    from node.invert import project
-    from node.pixels import to_tensor
+    from node.plan.invert import project
+    from node.site.pixels import to_tensor
 
     sc, size = cfg.synth, args.size
     G, _ = new_gan(cfg.models.gan, image_size=size, seed=0)
@@ -214,7 +214,7 @@ def part_invert(args, cfg, device, clock: Clock, budget: float, ctx: dict) -> di
     per_image = t / n
     at_profile = per_image * sc.invert_steps / steps
     return {
-        "function": "node.invert.project",
+        "function": "node.plan.invert.project",
         "images": n,
         "image_size": size,
         "chunk": 512,
@@ -232,7 +232,7 @@ def part_invert(args, cfg, device, clock: Clock, budget: float, ctx: dict) -> di
 
 def part_walk(args, cfg, device, clock: Clock, budget: float, ctx: dict) -> dict:
     from bench.walk_reference import reference_objective, reference_walk
-    from node.walk import path_loss, plan_paths
+    from node.plan.walk import path_loss, plan_paths
 
     sc, wc, size = cfg.synth, cfg.synth.walk, args.size
     P = args.walk_paths or math.ceil(sc.target_size / (wc.points - 2))
@@ -301,7 +301,7 @@ def part_walk(args, cfg, device, clock: Clock, budget: float, ctx: dict) -> dict
     ref_all = t_ref / n_ref * P  # sequential over paths: linear in their number
     at_profile = wc.iters / iters
     return {
-        "batched": "node.walk.plan_paths",
+        "batched": "node.plan.walk.plan_paths",
         "reference": "bench.walk_reference.reference_walk",
         "stopping_rule": "none: patience None and the last iterate, for both",
         "paths": P,
@@ -383,7 +383,7 @@ def part_audit(args, cfg, device, clock: Clock, budget: float, ctx: dict) -> dic
         **({"measured_exponent": round(last["seconds"] * ratio**exponent, 0)} if exponent else {}),
     }
     out = {
-        "function": "node.audit.audit_images",
+        "function": "node.audit.run.audit_images",
         "target": {"n_candidates": target, "n_train": target, "n_holdout": h_target},
         "image_size": size,
         "models": "phi_id, attacker, attacker_wide (SmallCNN), D: randomly initialised, profile widths",
@@ -474,9 +474,9 @@ def part_site(args, cfg_unused, device, clock: Clock, budget: float, ctx: dict) 
     import json
 
     from common.signing import generate_signing_key
-    from node.publish import publish
+    from node.release.publish import publish
+    from node.site.workspace import Workspace
     from node.stages import run_one
-    from node.workspace import Workspace
 
     cfg, cuts, relaxed = _site_config(args, device, budget, ctx)
     tmp = None

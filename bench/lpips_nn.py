@@ -1,5 +1,5 @@
 """Benchmark: LPIPS nearest neighbours of N synthetic among M real 64x64 images by the matrix path
-(node.lpips_matrix: one network pass per image, one matrix product per chunk), against
+(node.audit.lpips_matrix: one network pass per image, one matrix product per chunk), against
 
 - the `lpips` package called pair by pair (batch 1), a sample of pairs timed and extrapolated to
   N x M;
@@ -26,8 +26,8 @@ import torch
 
 from bench._site import ROOT, command, machine
 from common.fileio import atomic_write_json
-from node.lpips_matrix import build_lpips, lpips_features, lpips_nearest, prepare
-from node.phantom import make_phantom
+from node.audit.lpips_matrix import build_lpips, lpips_features, lpips_nearest, prepare
+from node.site.phantom import make_phantom
 
 BATCHES = (8, 32, 128, 512)  # pairs per package call, for the batched baseline
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     for label, seconds, speedup in rows:
         print(f"{label:<44}{seconds:>12.1f}{speedup:>10}x")
-    print(f"{'matrix path (node.lpips_matrix)':<44}{res['seconds_matrix']:>12.2f}{1:>10}x")
+    print(f"{'matrix path (node.audit.lpips_matrix)':<44}{res['seconds_matrix']:>12.2f}{1:>10}x")
     print(f"{'limit: the N+M feature passes alone':<44}{res['seconds_features_alone']:>12.2f}")
     print(
         f"{args.n_query} x {args.n_ref}: matrix path {res['ratio_to_limit']}x the limit; max |error| {max_abs_err:.2e}"

@@ -31,7 +31,7 @@ import torch
 from bench._site import ROOT, command, machine, npz_site, walk_both
 from common.fileio import atomic_write_json
 from common.modelstore import default_store_dir
-from node.distances import embed, min_pixel_mse, min_sq_dist
+from node.audit.distances import embed, min_pixel_mse, min_sq_dist
 
 DATASETS = ("pneumoniamnist", "breastmnist")
 
@@ -40,7 +40,7 @@ def lpips_distance(store_dir: Path):
     """(fn(a uint8 [N,H,W], b uint8 [M,H,W]) -> [N] nearest LPIPS, None) when the AlexNet
     backbone is in the model store, else (None, the store's reason)."""
     from common.modelstore import ModelStoreError
-    from node.lpips_matrix import build_lpips, lpips_nearest
+    from node.audit.lpips_matrix import build_lpips, lpips_nearest
 
     try:
         model = build_lpips("alex", store_dir=store_dir)

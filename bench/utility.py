@@ -2,7 +2,7 @@
 
 For each data set (the same sites, anchors and paths as bench/path_safety.py, shared through the
 cache in bench/work/), train the federation's DownstreamCNN (common.models, width and lr from
-DownstreamConfig, node.task.train_classifier with its light augmentation) on
+DownstreamConfig, node.federation.task.train_classifier with its light augmentation) on
   (a) real: the real train split,
   (b) linear: the interior images of the straight lines between k-same anchor pairs,
   (c) plan: the interior images of the PLAN paths between the same pairs,
@@ -28,9 +28,9 @@ from bench._site import ROOT, mean_std, npz_site, run_meta, walk_both
 from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
 from common.models import DownstreamCNN
-from node.audit import roc_auc
-from node.ingest import load_split
-from node.task import predict_logits, train_classifier
+from node.audit.run import roc_auc
+from node.federation.task import predict_logits, train_classifier
+from node.site.ingest import load_split
 
 DATASETS = ("pneumoniamnist", "breastmnist")
 SETS = ("real", "linear", "plan", "anchors")

@@ -1,6 +1,6 @@
 """The authors' PLAN walk (Pennisi et al. 2023, perceivelab/PLAN `privacy_path.py`), rewritten
 in this project's terms for benchmarking only: the node never calls it; bench/walk_speed.py
-times node.walk.plan_paths against it.
+times node.plan.walk.plan_paths against it.
 
 What it keeps from the authors' `get_privacy_path`, in behaviour:
 - one path at a time; its interior starts on the straight line, its endpoints stay fixed;
@@ -17,7 +17,7 @@ What differs, and why it does not matter for timing: the authors' networks take 
 grey image is repeated); ours take 1. F.pairwise_distance adds eps=1e-6 to each difference;
 the squared steps here do not.
 
-Against node.walk.path_loss: with one chunk per path (chunk >= points - 2) and images inside
+Against node.plan.walk.path_loss: with one chunk per path (chunk >= points - 2) and images inside
 [-1, 1] the two objectives are equal; with chunks of 4 the privacy and class terms are about
 (points - 2) / 4 times the node's (the node averages over the interior points), so the same
 weights put more weight on the images.
@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from node.walk import linear_paths
+from node.plan.walk import linear_paths
 
 AUTHORS_CHUNK = 4  # images per classifier pass in the authors' code
 

@@ -1,4 +1,4 @@
-"""The batched PLAN walk (node.walk.plan_paths, all paths as one [P,T,D] tensor) against the
+"""The batched PLAN walk (node.plan.walk.plan_paths, all paths as one [P,T,D] tensor) against the
 authors' method (bench.walk_reference: one path at a time, one generator call per path and step,
 the classifiers in chunks of 4, the chunk losses summed, one backward pass).
 
@@ -28,7 +28,7 @@ from bench._site import ROOT, WORK, anchor_pairs, command, machine, site
 from bench.walk_reference import AUTHORS_CHUNK, reference_walk
 from common.config import SiteConfig, deep_merge
 from common.fileio import atomic_write_json
-from node.walk import path_loss, plan_paths
+from node.plan.walk import path_loss, plan_paths
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -181,7 +181,7 @@ class CvaeConfig(_Strict):
         gt=0,
         description=(
             "with dp: the total epsilon per patient (all of a patient's records), over max_epochs: the DP scaler, the "
-            "DP noise scale and DP-SGD together (basic composition; node.cvae_dp)"
+            "DP noise scale and DP-SGD together (basic composition; node.cvae.dp)"
         ),
     )
     dp_delta: float | None = Field(
@@ -240,8 +240,8 @@ class CvaeConfig(_Strict):
         True,
         description=(
             "sample from the decoder's likelihood: decoded z plus Gaussian noise of the per-dimension RMS "
-            "reconstruction error on train (node.cvae.residual_rms; with dp a DP estimate), clipped to the scaler's "
-            "range (the train range; with dp the DP or public bounds). Off: the decoded means "
+            "reconstruction error on train (node.cvae.generator.residual_rms; with dp a DP estimate), clipped to the "
+            "scaler's range (the train range; with dp the DP or public bounds). Off: the decoded means "
             "alone, which vary only along the few latent dimensions that stay active and underrepresent the "
             "within-class spread"
         ),
@@ -265,7 +265,7 @@ class CvaeConfig(_Strict):
         return self
 
 
-# embedding length per extractor architecture (node.embedder builds them; the coordinator only
+# embedding length per extractor architecture (node.cvae.embedder builds them; the coordinator only
 # needs the length, to build the downstream head it aggregates)
 EXTRACTOR_DIMS = {"tiny": 128, "dinov2_vits14": 384, "dinov2_vitb14": 768, "resnet18": 512, "resnet50": 2048}
 
@@ -349,7 +349,7 @@ class PolicyConfig(_Strict):
     # no real non-member image comes closer than 0.005 to a train image; a copy with sensor
     # noise is at ~1e-4.
     min_pixel_distance: float = Field(0.003, ge=0)
-    # Per sample, the copy detector (node.copies): in each of its spaces a candidate is dropped
+    # Per sample, the copy detector (node.audit.copies): in each of its spaces a candidate is dropped
     # when its distance to the nearest train image, minimised over shifts, flips, rotations and
     # zooms, is below the point that this share of real non-members (the holdout's calibration
     # half) fall below; the independent attacker's re-identification drop uses 1 - copy_fpr.
@@ -397,7 +397,7 @@ class PolicyConfig(_Strict):
     # records (non-members), in the train-standardised embedding space.
     min_embedding_distance_ratio: float = Field(0.5, ge=0)
     # Failed audits on the same training data before another needs a new synth.seed and a note
-    # (node.attempts): a gate retried until it passes is no gate.
+    # (node.site.attempts): a gate retried until it passes is no gate.
     max_attempts: int = Field(3, ge=1)
 
     def stricter(self, floor: "PolicyConfig") -> "PolicyConfig":

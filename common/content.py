@@ -2,7 +2,7 @@
 mode, its classes, its embedding length. A bundle can verify and still poison every site's round
 (PNGs of another size, labels outside the classes); the coordinator refuses such a bundle with
 reason "content" (server/store.py), and a site's loader quarantines one that slipped into its pool
-(node/pull.py). Both run after the signature and the digests were checked: this parses verified
+(node/release/pull.py). Both run after the signature and the digests were checked: this parses verified
 data only.
 """
 

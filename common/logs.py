@@ -1,8 +1,8 @@
 """Logging for every process: timestamped lines through the standard library.
 
 On a terminal, rich's handler (colours, aligned); otherwise (a service, a pipe, CI) plain lines
-`2026-12-02 18:00:00,123 INFO node.walk: ...` that a log collector can parse. `--log-file PATH`
-adds the same plain lines to a file. Long loops (node/progress.py) log a heartbeat with rate and
+`2026-12-02 18:00:00,123 INFO node.plan.walk: ...` that a log collector can parse. `--log-file PATH`
+adds the same plain lines to a file. Long loops (node/site/progress.py) log a heartbeat with rate and
 ETA when no terminal shows their progress bar.
 """
 

@@ -1,6 +1,6 @@
 """Models both sides of the federation build: the coordinator to aggregate, every site to train.
 
-`ConvNet` is also the node's phi_id / phi_class design (node.classifiers.SmallCNN); it lives here
+`ConvNet` is also the node's phi_id / phi_class design (node.plan.classifiers.SmallCNN); it lives here
 so the coordinator needs nothing from `node`.
 
 Inputs [B,1,H,W] with pixels in [-1,1]. GroupNorm rather than BatchNorm: FedAvg averages these
@@ -120,7 +120,7 @@ def downstream_model(
 
 
 class CVAE(nn.Module):
-    """The CVAE route's generator (node.cvae trains and samples it): a conditional VAE on embeddings.
+    """The CVAE route's generator (node.cvae.generator trains and samples it): a conditional VAE on embeddings.
 
     Encoder [x, onehot(y)] (D+C) -> hidden -> ReLU -> (mu, logvar) (2 x latent);
     decoder [z, onehot(y)] (latent+C) -> hidden -> ReLU -> D -> sigmoid (scaled embeddings in [0,1]).

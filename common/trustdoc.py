@@ -11,7 +11,7 @@ Revoked keys are absent; windows are bundle sequence numbers (see server.trust).
 style of TUF's timestamp role: `version` grows with every change of the key set (server.trust),
 the exchange signs a new document on every request, and it `expires` a short time later. A
 receiver refuses a document for another federation, an expired one, and, with the last version
-it saw (node/trust.py), one that is older or that differs from another document of the same
+it saw (node/release/trust.py), one that is older or that differs from another document of the same
 version. So a replayed document cannot bring back a revoked key.
 """
 
@@ -27,7 +27,7 @@ from common import errors
 from common.dsse import EnvelopeError, sign_envelope, verify_envelope
 from common.signing import key_id
 
-TRUST_PAYLOAD_TYPE = "application/vnd.plan-node.trust-store+json"
+TRUST_PAYLOAD_TYPE = "application/vnd.plan-node.release.trust-store+json"
 MAX_DOCUMENT_BYTES = 8 * 1024 * 1024
 MAX_CLOCK_SKEW_S = 300  # between the coordinator's and a site's clock
 

@@ -16,7 +16,7 @@ from common.fileio import atomic_write_text
 from common.nodekey import generate_node_key
 from common.procs import exit_on_sigterm
 from common.signing import generate_signing_key
-from node.workspace import Workspace
+from node.site.workspace import Workspace
 
 app = typer.Typer(
     help="plan-node: train a private generative model on a hospital's images, audit and publish "
@@ -58,7 +58,7 @@ def init(
 ) -> None:
     """Create a site workspace: a commented site.yaml and the site's Ed25519 signing key.
 
-    With --kit, install the coordinator's site kit into an existing workspace instead (node/kit.py).
+    With --kit, install the coordinator's site kit into an existing workspace instead (node/release/kit.py).
     """
     ws = Workspace(site_dir)
     if kit is not None:
@@ -93,7 +93,7 @@ def init(
 
 def _install_kit(ws: Workspace, kit: Path) -> None:
     from common.sitekit import KitError
-    from node.kit import install_kit
+    from node.release.kit import install_kit
 
     if not ws.config_path.exists():
         errors.fail(
@@ -112,7 +112,7 @@ def _install_kit(ws: Workspace, kit: Path) -> None:
 
 
 def _pipeline(site_dir: Path, upto: str, force: bool, note: str | None = None) -> Workspace:
-    from node.attempts import AttemptRefused
+    from node.site.attempts import AttemptRefused
     from node.stages import run_pipeline
 
     ws = _workspace(site_dir)
@@ -162,7 +162,7 @@ def audit(
 ) -> None:
     """Membership and re-identification audit of the candidates; the release gate."""
     ws = _pipeline(site_dir, "audit", force, note)
-    from node.status import site_status
+    from node.site.status import site_status
 
     print(json.dumps(site_status(ws)["audit"], indent=2))
     run = ws.latest_run()
@@ -181,7 +181,7 @@ def audit(
 @app.command()
 def publish(site_dir: Path = SiteDir) -> None:
     """Sign the accepted set as a bundle and upload it to the coordinator (only if the gate passed)."""
-    from node.publish import publish as publish_stage
+    from node.release.publish import publish as publish_stage
 
     bundle_id = publish_stage(_workspace(site_dir))
     if bundle_id is None:
@@ -192,7 +192,7 @@ def publish(site_dir: Path = SiteDir) -> None:
 @app.command()
 def pull(site_dir: Path = SiteDir) -> None:
     """Download and verify every bundle in the coordinator's pool."""
-    from node.pull import pull as pull_stage
+    from node.release.pull import pull as pull_stage
 
     new = pull_stage(_workspace(site_dir))
     console.print(f"{len(new)} new verified bundle(s) in the pool")
@@ -203,8 +203,8 @@ def fetch_assets(site_dir: Path = SiteDir) -> None:
     """Fetch the federation's pinned feature-extractor weights (synth.extractor) from the coordinator
     into the site's model store, checked against their sha256; nothing to do for arch tiny."""
     from common.modelstore import ModelStoreError
-    from node.assets import fetch_extractor_weights
-    from node.exchange_client import ExchangeError
+    from node.release.assets import fetch_extractor_weights
+    from node.release.exchange_client import ExchangeError
 
     ws = _workspace(site_dir)
     try:
@@ -264,7 +264,7 @@ def dashboard(
 @app.command()
 def status(site_dir: Path = SiteDir, as_json: bool = typer.Option(False, "--json")) -> None:
     """Stages done, the last audit, published bundles, the pool and the last federation round."""
-    from node.status import site_status
+    from node.site.status import site_status
 
     info = site_status(_workspace(site_dir))
     if as_json:

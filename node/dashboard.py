@@ -2,7 +2,7 @@
 
 Its stages and ledger, its audits (figures, attempts, and the stored HTML reports), what it
 published and what it pulled, and its metrics in every federated round. It reads the workspace
-(node.status and the ledger) and writes nothing. It may show the site's own data (the audit
+(node.site.status and the ledger) and writes nothing. It may show the site's own data (the audit
 reports hold image grids) because it never leaves the site: it binds to loopback, always.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 from common.eventlog import read_events
 from common.webpage import PageApp, PageServer, text_reply
-from node.status import read_json, site_status
-from node.workspace import Workspace, ledger_lines
+from node.site.status import read_json, site_status
+from node.site.workspace import Workspace, ledger_lines
 
 PAGE = Path(__file__).resolve().parent / "dashboard_page"
 SHARED = Path(__file__).resolve().parent.parent / "common" / "page"
@@ -29,7 +29,7 @@ def stored_reports(ws: Workspace) -> dict[str, Path]:
 
 
 def site_state(ws: Workspace) -> dict:
-    """{"status": node.status.site_status, "ledger": its lines newest first, "audits": every
+    """{"status": node.site.status.site_status, "ledger": its lines newest first, "audits": every
     synthesis run's audit figures, "reports": stored report names, "rounds": rounds.jsonl}."""
     audits = []
     for run in sorted(p for p in ws.synth.glob("*") if p.is_dir()):

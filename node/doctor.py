@@ -18,10 +18,10 @@ from common import errors
 from common.config import ConfigError
 from common.keyfile import KeyFileError, read_private_file
 from common.tls import address_host
-from node.data import DataError, load_dataset
-from node.exchange_client import ExchangeError, read_client_cert
-from node.ingest import check_schema
-from node.workspace import Workspace
+from node.release.exchange_client import ExchangeError, read_client_cert
+from node.site.data import DataError, load_dataset
+from node.site.ingest import check_schema
+from node.site.workspace import Workspace
 
 MIN_FREE_BYTES = 2 * 1024**3  # a site's models, candidates and bundles take a few hundred MB
 CERT_WARN_DAYS = 30

@@ -1,5 +1,5 @@
 """The node's ML stages, each a function from workspace files to workspace files, run through
-the ledger (node.workspace.run_stage) so an up-to-date stage is skipped.
+the ledger (node.site.workspace.run_stage) so an up-to-date stage is skipped.
 
 stage       inputs                                          outputs
 ingest      site.yaml (+ data.path when not phantom)        data/dataset.npz, data/splits.json
@@ -10,7 +10,7 @@ audit       site.yaml, data/, models/phi_*, D,              synth/<run>/audit.js
             synth/<run>/candidates.npz                      (+ reports/audit-<run>.html)
 local_only  site.yaml, data/                                reports/local_only.json
 
-With synth.route "cvae" the same stages run the CVAE route (node.cvae_stages): train writes
+With synth.route "cvae" the same stages run the CVAE route (node.cvae.stages): train writes
 models/cvae, phi_id, phi_attack (heads on embeddings) and caches data/embeddings-*.safetensors;
 candidates.npz holds embeddings instead of images.
 
@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Callable
 
 from common.config import PolicyConfig
-from node import cvae_stages
-from node import synthesize as plan_synthesize
-from node import train as plan_train
-from node.audit import audit
-from node.baseline import local_only
-from node.ingest import ingest
-from node.workspace import Workspace, run_stage
+from node.audit.run import audit
+from node.cvae import stages as cvae_stages
+from node.federation.baseline import local_only
+from node.plan import synthesize as plan_synthesize
+from node.plan import train as plan_train
+from node.site.ingest import ingest
+from node.site.workspace import Workspace, run_stage
 
 STAGES = ("ingest", "train", "synthesize", "audit", "local_only")
 
@@ -93,7 +93,7 @@ def run_one(
     """Run one stage through the ledger; True if it ran, False if it was up to date.
 
     A `policy` other than the site's (e.g. tightened by a federation floor) always reruns audit;
-    `note` goes into the audit attempt (node.attempts)."""
+    `note` goes into the audit attempt (node.site.attempts)."""
     train, synthesize = _route(ws)[:2]
     fns: dict[str, Callable[[], object]] = {
         "ingest": lambda: ingest(ws),

@@ -2,7 +2,7 @@
 
 With synth.cvae.federated (the federation trains the CVAE across sites) only ingest, train and
 local_only run before the SuperNode joins: the site synthesizes, audits and publishes once the
-federated CVAE's final decoder reaches it (node.cvae_federated, from the ClientApp). A site that
+federated CVAE's final decoder reaches it (node.cvae.federated, from the ClientApp). A site that
 already holds that decoder (restarted after the CVAE run) synthesizes and publishes first, as usual.
 """
 
@@ -13,13 +13,13 @@ from typing import Callable
 
 from common import errors
 from common.procs import stop
-from node.assets import fetch_extractor_weights
 from node.doctor import check_site, exit_code
-from node.publish import publish
-from node.pull import pull
+from node.federation.supernode import start_supernode
+from node.release.assets import fetch_extractor_weights
+from node.release.publish import publish
+from node.release.pull import pull
+from node.site.workspace import Workspace
 from node.stages import run_one, run_pipeline
-from node.supernode import start_supernode
-from node.workspace import Workspace
 
 
 def start_node(ws: Workspace, *, say: Callable[[str], None] = print) -> int:
@@ -73,8 +73,8 @@ def preflight(ws: Workspace, *, say: Callable[[str], None] = print) -> int:
 
 def _has_final_global(ws: Workspace) -> bool:
     """True if models/ holds the federated CVAE's final decoder, grown from this site's current CVAE."""
-    from node.checkpoint import read_sidecar
-    from node.cvae_stages import GLOBAL_NAME
+    from node.cvae.stages import GLOBAL_NAME
+    from node.site.checkpoint import read_sidecar
 
     path = ws.models / f"{GLOBAL_NAME}.safetensors"
     if not (path.with_suffix(".json").exists() and (ws.models / "cvae.json").exists()):

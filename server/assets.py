@@ -4,7 +4,7 @@ internet (`DownloadAsset` in common/exchange.proto).
 
 Layout: `<coordinator dir>/assets/<sha256>`, content-addressed: a file is named by the sha256 of
 its bytes, and only names of 64 lower-case hex digits are ever served. The exchange streams the
-file as it is; the site checks the bytes against the sha256 it pinned (node/assets.py), so a
+file as it is; the site checks the bytes against the sha256 it pinned (node/release/assets.py), so a
 file altered on the coordinator after it was added is refused there.
 """
 

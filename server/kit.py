@@ -85,7 +85,7 @@ def make_kit(
         # CVAE route: whether the CVAE is trained across the sites (decoders averaged) before synthesis
         "cvae_federated": fed.route == "cvae" and fed.cvae_federated,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        # what the server certificate covers: the site checks its addresses against it (node/kit.py)
+        # what the server certificate covers: the site checks its addresses against it (node/release/kit.py)
         "server_names": certificate_names((cd.tls_dir / "server.crt").read_bytes()),
     }
     _check_covered(meta["exchange"], meta["server_names"], "--exchange", cd)

@@ -132,7 +132,7 @@ def federated_cvae(fed: FederationConfig) -> CVAE:
 
 def cvae_main(grid: Grid, fed: FederationConfig, out: Path) -> None:
     """The federated CVAE: FedAvg over the decoders, fed.cvae_rounds rounds; the sites keep their
-    encoders (node.cvae_federated). Writes out/decoder.safetensors and out/results.json."""
+    encoders (node.cvae.federated). Writes out/decoder.safetensors and out/results.json."""
     model = federated_cvae(fed)
     config = {
         "task": "cvae",

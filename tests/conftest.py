@@ -32,7 +32,7 @@ def tiny_site_yaml() -> str:
 @pytest.fixture
 def tiny_workspace(tmp_path):
     """A fresh workspace with the tiny config (phantom data, a few GAN steps)."""
-    from node.workspace import Workspace
+    from node.site.workspace import Workspace
 
     root = tmp_path / "site"
     root.mkdir()

@@ -1,6 +1,6 @@
 """Federation assets end to end over real mutual-TLS gRPC on 127.0.0.1: `plan-server asset add` puts a
 weight file into the coordinator's assets/, the exchange serves it by sha256, and a site fetches it
-into its model store (node/assets.py), checked against the pin before it is kept.
+into its model store (node/release/assets.py), checked against the pin before it is kept.
 
 The "weights" are random bytes (no model is loaded): what is tested is the transport and the checks."""
 
@@ -20,10 +20,10 @@ from common.config import ExtractorConfig, SiteConfig, commented_yaml, load_fede
 from common.fileio import sha256_bytes
 from common.modelstore import STORE_ENV, ModelStoreError, default_store_dir, resolve
 from common.tls import issue_client_cert
-from node.assets import fetch_extractor_weights
 from node.cli import app as node_app
-from node.exchange_client import ExchangeClient, ExchangeError
-from node.workspace import Workspace
+from node.release.assets import fetch_extractor_weights
+from node.release.exchange_client import ExchangeClient, ExchangeError
+from node.site.workspace import Workspace
 from server.assets import add_asset
 from server.cli import app as server_app
 from tests.helpers_exchange import live_exchange

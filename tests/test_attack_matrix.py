@@ -31,7 +31,7 @@ from common.bundle import ATTESTATION, pack_bundle, write_tagmanifest
 from common.bundle import build as bundle_build
 from common.fileio import sha256_bytes, sha256_file
 from common.tls import issue_client_cert, make_ca
-from node.exchange_client import ExchangeClient, ExchangeError
+from node.release.exchange_client import ExchangeClient, ExchangeError
 from server.store import BundleStore
 from tests.helpers_exchange import PASSED_AUDIT, coordinator_dir, free_port, live_exchange, make_bundle, site_key
 

@@ -3,10 +3,18 @@ import pytest
 import torch
 
 from common.config import PolicyConfig
-from node.audit import audit_images, membership_attack, nearest_record, reid_rate, reid_threshold, roc_auc, tpr_at_fpr
-from node.classifiers import SmallCNN
-from node.distances import min_pixel_mse, min_sq_dist
-from node.phantom import make_phantom
+from node.audit.distances import min_pixel_mse, min_sq_dist
+from node.audit.run import (
+    audit_images,
+    membership_attack,
+    nearest_record,
+    reid_rate,
+    reid_threshold,
+    roc_auc,
+    tpr_at_fpr,
+)
+from node.plan.classifiers import SmallCNN
+from node.site.phantom import make_phantom
 
 
 def test_roc_auc_known_values():

@@ -16,12 +16,12 @@ import torch
 from common.config import PolicyConfig
 from common.modelstore import ModelStoreError, resolve
 from common.policy import check_audit, evaluate
-from node.attacks import bootstrap_ci, density_ratio_scores, discriminator_scores, roc_points
-from node.audit import audit_images, roc_auc
-from node.audit_report import render
-from node.classifiers import SmallCNN
-from node.lpips_matrix import build_lpips, lpips_features, lpips_nearest, lpips_pairwise, prepare
-from node.phantom import make_phantom
+from node.audit.attacks import bootstrap_ci, density_ratio_scores, discriminator_scores, roc_points
+from node.audit.lpips_matrix import build_lpips, lpips_features, lpips_nearest, lpips_pairwise, prepare
+from node.audit.report import render
+from node.audit.run import audit_images, roc_auc
+from node.plan.classifiers import SmallCNN
+from node.site.phantom import make_phantom
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_lpips_backbone_loads_from_store(tmp_path, lpips_random):
     real file cannot be fetched here, so the pin is pointed at a file written by the test."""
     import torchvision
 
-    from node import lpips_matrix
+    from node.audit import lpips_matrix
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
@@ -214,7 +214,7 @@ def test_density_ratio_detects_a_set_concentrated_on_members():
 
 
 def test_discriminator_scores_do_not_depend_on_batch_company():
-    from node.gan import Discriminator
+    from node.plan.gan import Discriminator
 
     torch.manual_seed(0)
     D = Discriminator(image_size=16, channels=32)

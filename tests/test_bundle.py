@@ -29,7 +29,7 @@ from common.bundle import (
 from common.dsse import sign_envelope
 from common.fileio import atomic_write_json, sha256_file
 from common.signing import key_id
-from node.pull import load_pool, load_pool_data
+from node.release.pull import load_pool, load_pool_data
 from tests.helpers_exchange import PASSED_AUDIT, make_bundle, sample_set, site_key
 
 MAX = 16 * 1024 * 1024

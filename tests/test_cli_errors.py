@@ -81,13 +81,13 @@ def test_log_file_gets_timestamped_lines_and_the_error(npz_site, tmp_path):
 def test_long_loops_log_a_heartbeat_with_rate_and_eta_without_a_terminal(caplog):
     import logging
 
-    from node.progress import heartbeat_line, progress
+    from node.site.progress import heartbeat_line, progress
 
     assert (
         heartbeat_line("walk", 150, 600, 50.0, since=100, info="loss 0.3")
         == "walk: 150/600 (25%), 1/s, ETA 7m30s, loss 0.3"
     )
-    with caplog.at_level(logging.INFO, logger="node.progress"):
+    with caplog.at_level(logging.INFO, logger="node.site.progress"):
         with progress("train GAN", total=3, heartbeat_s=0.0) as update:
             for _ in range(3):
                 update(1, info="G 0.1")

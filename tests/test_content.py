@@ -14,9 +14,9 @@ from PIL import Image
 from common.bundle import build_bundle, pack_bundle
 from common.content import ContentSpec
 from common.signing import load_private_key
-from node.exchange_client import ExchangeError, site_client
-from node.publish import publish
-from node.pull import load_pool_data, pull
+from node.release.exchange_client import ExchangeError, site_client
+from node.release.publish import publish
+from node.release.pull import load_pool_data, pull
 from tests.helpers_exchange import PASSED_AUDIT, live_exchange, make_bundle, sample_set
 from tests.test_bundle import _resigned
 from tests.test_publish_pull import _site

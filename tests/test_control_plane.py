@@ -33,7 +33,8 @@ ECHO_APP = Path(__file__).parent / "echo_app"
 
 
 def _supernode(cd, fed, tmp_path, name: str, *, port: int):
-    """A SuperNode as node/supernode.py starts one: through the gateway, trusting only the coordinator's key."""
+    """A SuperNode as node/federation/supernode.py starts one: through the gateway, trusting only the
+    coordinator's key."""
     trusted = tmp_path / name / "trusted_entities.yaml"
     trusted.parent.mkdir(parents=True, exist_ok=True)
     trusted.write_text(yaml.safe_dump(trusted_entities(load_public_key(cd.coordinator_pub))))

@@ -1,5 +1,5 @@
-"""The per-sample copy detector (node.copies), the holdout halves and distinct candidates
-(node.release_filter), and the audit-attempt counter (node.attempts)."""
+"""The per-sample copy detector (node.audit.copies), the holdout halves and distinct candidates
+(node.audit.release_filter), and the audit-attempt counter (node.site.attempts)."""
 
 import json
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from node.copies import PIXEL_VIEWS, Warp, calibrate, copy_distances, noise_variance, warp, warp_family
-from node.release_filter import distinct, holdout_halves
+from node.audit.copies import PIXEL_VIEWS, Warp, calibrate, copy_distances, noise_variance, warp, warp_family
+from node.audit.release_filter import distinct, holdout_halves
 
 
 def textures(n: int, *, seed: int, size: int = 32) -> np.ndarray:
@@ -186,8 +186,8 @@ def test_distinct_drops_bitwise_and_near_duplicates():
 
 
 def test_attempts_are_counted_and_survive_a_restart(tmp_path):
-    from node.attempts import AttemptRefused, next_attempt, record_attempt
-    from node.workspace import Workspace
+    from node.site.attempts import AttemptRefused, next_attempt, record_attempt
+    from node.site.workspace import Workspace
 
     ws = Workspace(tmp_path)
     ws.data.mkdir(parents=True)
@@ -223,7 +223,7 @@ def test_the_matrix_blur_is_the_reflect_padded_convolution():
     import torch
     import torch.nn.functional as F
 
-    from node.copies import gaussian_blur
+    from node.audit.copies import gaussian_blur
 
     def convolved(x, sigma):
         r = max(1, int(math.ceil(3 * sigma)))
@@ -242,9 +242,9 @@ def test_the_wide_attacker_keeps_a_heavily_noised_copy_near_its_source():
     """A network trained to know each image under the `wide` augmentation (noise up to sd 0.125 on
     [0,1]) puts a copy under noise of sd 0.12 nearest its source, closer than most real
     non-members come to any train image, and flags no more fresh images than its threshold allows."""
-    from node.audit import _features_fn
-    from node.classifiers import SmallCNN
-    from node.task import train_classifier
+    from node.audit.run import _features_fn
+    from node.federation.task import train_classifier
+    from node.plan.classifiers import SmallCNN
 
     train, nonmembers, fresh = (textures(n, seed=s, size=16) for n, s in ((48, 1), (40, 2), (30, 3)))
     torch.manual_seed(0)

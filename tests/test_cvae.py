@@ -1,4 +1,4 @@
-"""The CVAE route's generator (node.cvae) and its k-same baseline (node.ksame_embed)."""
+"""The CVAE route's generator (node.cvae.generator) and its k-same baseline (node.cvae.ksame)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from common.config import CvaeConfig
 from common.models import EmbeddingHead
-from node.cvae import (
+from node.cvae.generator import (
     CVAE,
     fit_minmax,
     kl_standard_normal,
@@ -25,7 +25,7 @@ from node.cvae import (
     train_cvae,
     unscale,
 )
-from node.ksame_embed import ksame_embeddings
+from node.cvae.ksame import ksame_embeddings
 
 
 def _blobs(n: int = 300, d: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""DP claims of the CVAE route that hold (node.cvae_dp, node.cvae with synth.cvae.dp): per-patient
+"""DP claims of the CVAE route that hold (node.cvae.dp, node.cvae.generator with synth.cvae.dp): per-patient
 accounting by group privacy, delta at most 1 / (10 N_patients), scaler bounds and a noise scale
 that are DP estimates rather than exact train statistics, and the "dp" block synth.json carries
 into the signed audit. Tiny data, few epochs."""
@@ -14,8 +14,8 @@ import torch
 from pydantic import ValidationError
 
 from common.config import CvaeConfig
-from node import cvae_dp
-from node.cvae import CvaeResult, dp_block, sample_cvae, sample_labels, train_cvae
+from node.cvae import dp as cvae_dp
+from node.cvae.generator import CvaeResult, dp_block, sample_cvae, sample_labels, train_cvae
 
 
 def _blobs(n: int = 300, d: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -70,7 +70,7 @@ def test_federated_and_dp_are_off_by_default_and_may_be_combined():
 
 
 def test_train_cvae_fixed_epochs_from_an_init():
-    from node.cvae import train_cvae
+    from node.cvae.generator import train_cvae
 
     rng = np.random.default_rng(0)
     y = np.arange(80) % 2
@@ -104,8 +104,8 @@ def federated_site(tiny_workspace):
 
 
 def test_a_site_keeps_its_encoder_and_samples_from_the_federations_decoder(federated_site):
-    from node import cvae_federated
-    from node.cvae import load_cvae
+    from node.cvae import federated as cvae_federated
+    from node.cvae.generator import load_cvae
     from node.stages import run_one
 
     ws = federated_site
@@ -154,7 +154,7 @@ def test_a_site_keeps_its_encoder_and_samples_from_the_federations_decoder(feder
 
 
 def test_release_reports_failures_instead_of_raising(federated_site):
-    from node import cvae_federated
+    from node.cvae import federated as cvae_federated
 
     ws = federated_site
     out = cvae_federated.release(ws)  # no global decoder yet: synthesize refuses
@@ -165,8 +165,8 @@ def test_release_reports_failures_instead_of_raising(federated_site):
 def test_dp_federated_rounds_are_one_plan_and_the_release_reports_its_epsilon(tiny_workspace):
     from common.config import commented_yaml, load_site_config
     from common.fileio import atomic_write_text
-    from node import cvae_federated
-    from node.cvae import load_cvae
+    from node.cvae import federated as cvae_federated
+    from node.cvae.generator import load_cvae
     from node.stages import run_one, run_pipeline
 
     ws = tiny_workspace

@@ -15,8 +15,8 @@ from common.bundle import build_bundle, pack_bundle
 from common.config import ExtractorConfig, PolicyConfig
 from common.models import EmbeddingHead
 from common.policy import evaluate
-from node.audit import audit_embeddings
-from node.task import train_classifier
+from node.audit.run import audit_embeddings
+from node.federation.task import train_classifier
 from tests.helpers_exchange import PASSED_AUDIT, site_key
 
 D = 16
@@ -131,7 +131,7 @@ def test_store_refuses_the_other_route_and_another_extractor(tmp_path):
 
 
 def test_publish_reads_an_accepted_embedding_set(tmp_path):
-    from node.publish import PublishError, accepted_digest, load_accepted
+    from node.release.publish import PublishError, accepted_digest, load_accepted
 
     x, y = np.ones((4, D), np.float32), np.array([0, 1, 0, 1])
     buf = io.BytesIO()

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from common.config import DataConfig
-from node.data import DataError, load_dataset
+from node.site.data import DataError, load_dataset
 
 SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
 

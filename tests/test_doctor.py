@@ -14,7 +14,7 @@ from common import errors
 from deploy.local.launcher import free_ports
 from node.cli import app as node_app
 from node.doctor import check_site, exit_code
-from node.workspace import Workspace
+from node.site.workspace import Workspace
 from server.cli import app as server_app
 
 runner = CliRunner()

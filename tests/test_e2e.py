@@ -105,7 +105,7 @@ def _tampered_copy(tar_path: Path, out: Path) -> Path:
 def test_tampered_and_unregistered_bundles_are_rejected(federation, tmp_path):
     from common.bundle import build_bundle, pack_bundle
     from common.signing import generate_signing_key, load_private_key
-    from node.exchange_client import ExchangeClient, ExchangeError
+    from node.release.exchange_client import ExchangeClient, ExchangeError
     from tests.helpers_exchange import PASSED_AUDIT
 
     coord, sites, _ = federation
@@ -236,7 +236,7 @@ def test_the_dashboards_show_the_finished_run_in_a_browser(federation, tmp_path)
     import urllib.request
 
     from node.dashboard import serve_site_dashboard
-    from node.workspace import Workspace
+    from node.site.workspace import Workspace
     from server.coordinator import CoordinatorDir
     from server.dashboard import serve_dashboard
     from server.store import BundleStore

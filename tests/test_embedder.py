@@ -1,5 +1,5 @@
-"""Feature extractors of the CVAE route (node.embedder) and the site's embedding cache
-(node.embeddings). Pretrained weights do not exist on a test machine: the timm and torchvision
+"""Feature extractors of the CVAE route (node.cvae.embedder) and the site's embedding cache
+(node.cvae.embeddings). Pretrained weights do not exist on a test machine: the timm and torchvision
 paths are exercised with randomly initialised networks saved into a temporary model store."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from common.config import ExtractorConfig, FederationConfig
 from common.modelstore import ModelStoreError
-from node.embedder import build_extractor, embed_images, extractor_digest
+from node.cvae.embedder import build_extractor, embed_images, extractor_digest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -161,8 +161,8 @@ def test_tiny_embeddings_separate_pneumoniamnist_classes(tmp_path):
 
 
 def test_embedding_cache_is_reused_and_rebuilt_for_a_new_data_set(tiny_workspace, monkeypatch):
-    import node.embeddings as E
-    from node.ingest import ingest, load_split
+    import node.cvae.embeddings as E
+    from node.site.ingest import ingest, load_split
 
     ws = tiny_workspace
     ingest(ws)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bench import evaluation
-from node.phantom import make_phantom
+from node.site.phantom import make_phantom
 
 pytestmark = pytest.mark.slow
 

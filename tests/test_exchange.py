@@ -15,7 +15,7 @@ from common.fileio import sha256_file
 from common.keyfile import read_private_file
 from common.tls import issue_client_cert
 from common.wire import encode_data
-from node.exchange_client import ExchangeClient, ExchangeError
+from node.release.exchange_client import ExchangeClient, ExchangeError
 from server.store import BundleStore, StoreRefused
 from server.trust import TrustError, TrustStore
 from tests.helpers_exchange import PASSED_AUDIT, coordinator_dir, live_exchange, make_bundle, sample_set, site_key

@@ -12,7 +12,7 @@ import pytest
 from common import exchange_pb2 as pb
 from common import exchange_pb2_grpc as pb_grpc
 from common.tls import issue_client_cert
-from node.exchange_client import ExchangeClient, ExchangeError
+from node.release.exchange_client import ExchangeClient, ExchangeError
 from tests.helpers_exchange import live_exchange, make_bundle, site_key
 
 

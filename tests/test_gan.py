@@ -1,7 +1,7 @@
 import torch
 
-from node.gan import Discriminator, Generator, minibatch_stddev
-from node.gan_training import train_gan
+from node.plan.gan import Discriminator, Generator, minibatch_stddev
+from node.plan.gan_training import train_gan
 
 KW = dict(z_dim=8, w_dim=8, mapping_layers=2, image_size=16, channels=32)
 

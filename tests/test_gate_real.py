@@ -12,9 +12,9 @@ import torch
 from PIL import Image, ImageFilter
 
 from common.config import PolicyConfig
-from node.audit import audit_images
-from node.classifiers import SmallCNN
-from node.task import train_classifier
+from node.audit.run import audit_images
+from node.federation.task import train_classifier
+from node.plan.classifiers import SmallCNN
 
 PNEUMONIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist.npz"
 

@@ -17,10 +17,10 @@ from common.sitekit import KitError, read_kit
 from common.tls import make_ca
 from common.trustdoc import TrustDocumentError, open_trust_document, sign_trust_document
 from node.cli import app as node_app
-from node.exchange_client import site_client
-from node.kit import install_kit
-from node.pull import pull
-from node.workspace import Workspace
+from node.release.exchange_client import site_client
+from node.release.kit import install_kit
+from node.release.pull import pull
+from node.site.workspace import Workspace
 from server.cli import app as server_app
 from server.coordinator import CoordinatorDir
 from server.store import BundleStore
@@ -207,7 +207,7 @@ def test_pull_verifies_the_signed_trust_store(tmp_path):
             open_trust_document(forged, load_private_key(ex.cd.coordinator_key).public_key(), federation="test")
         # a site whose coordinator.pub is not the coordinator's key pulls nothing
         ws.resolve(ws.config().coordinator.coordinator_pub).write_text((tmp_path / "k" / "intruder.pub").read_text())
-        from node.exchange_client import ExchangeError
+        from node.release.exchange_client import ExchangeError
 
         with pytest.raises(ExchangeError, match="not signed by the coordinator's key"):
             pull(ws)
@@ -215,7 +215,7 @@ def test_pull_verifies_the_signed_trust_store(tmp_path):
 
 def test_a_site_named_like_the_federation_connects(tmp_path):
     from common.tls import issue_client_cert
-    from node.exchange_client import ExchangeClient
+    from node.release.exchange_client import ExchangeClient
 
     with live_exchange(tmp_path / "coord", client_ca=True) as ex:  # federation "test"
         crt, key = issue_client_cert(ex.cd.ca_dir, tmp_path / "tls", "test")
@@ -285,8 +285,8 @@ def test_the_kit_carries_the_federations_schema_and_ingest_refuses_labels_outsid
     import numpy as np
 
     from common.config import ConfigError
-    from node.data import DataError
-    from node.ingest import ingest, read_splits
+    from node.site.data import DataError
+    from node.site.ingest import ingest, read_splits
 
     coord, site = tmp_path / "coord", tmp_path / "site"
     _ok(server_app, ["init", "--dir", coord])

@@ -3,11 +3,11 @@
 import numpy as np
 import torch
 
-from node.classifiers import SmallCNN
-from node.gan import Generator
-from node.invert import project, reconstruction_mse
-from node.ksame import anchors, ksame_clusters
-from node.walk import linear_paths, path_loss, plan_paths
+from node.plan.classifiers import SmallCNN
+from node.plan.gan import Generator
+from node.plan.invert import project, reconstruction_mse
+from node.plan.ksame import anchors, ksame_clusters
+from node.plan.walk import linear_paths, path_loss, plan_paths
 
 
 def _G():

@@ -8,7 +8,7 @@ import pytest
 from common import exchange_pb2 as pb
 from common.listing import ListingError, TrustVersionChanged, open_listing, sign_listing
 from common.signing import load_private_key
-from node.exchange_client import ExchangeClient
+from node.release.exchange_client import ExchangeClient
 from server import exchange as exchange_mod
 from tests.helpers_exchange import live_exchange, make_bundle, site_key
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from node.phantom import make_phantom
+from node.site.phantom import make_phantom
 
 
 def _make(seed=0, **kw):

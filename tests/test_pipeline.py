@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 
+from node.plan.train import load_models
 from node.stages import STAGES, run_pipeline
-from node.train import load_models
 
 
 def test_tiny_pipeline_writes_outputs_and_skips_on_rerun(tiny_workspace):

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from common.config import ConfigError, SiteConfig, load_site_config, profile_site_config
 from node.cli import app
-from node.gan import Generator
+from node.plan.gan import Generator
 
 
 def test_cpu_profile_is_the_defaults_sized_for_two_cores():

@@ -8,11 +8,11 @@ import yaml
 
 from common.fileio import atomic_write_json
 from common.signing import generate_signing_key
-from node.exchange_client import ExchangeError, site_client
-from node.kit import install_kit
-from node.publish import publish
-from node.pull import load_pool, pull
-from node.workspace import Workspace
+from node.release.exchange_client import ExchangeError, site_client
+from node.release.kit import install_kit
+from node.release.publish import publish
+from node.release.pull import load_pool, pull
+from node.site.workspace import Workspace
 from server.kit import make_kit
 from tests.helpers_exchange import PASSED_AUDIT, live_exchange, sample_set
 
@@ -139,7 +139,7 @@ def test_publish_with_a_given_client(fed):
 
 
 def test_clientapp_trains_on_pool_real_or_both(fed):
-    from node.clientapp import _training_data
+    from node.federation.clientapp import _training_data
 
     ex, a, b = fed
     publish(a), publish(b)

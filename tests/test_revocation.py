@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from common.signing import load_private_key
-from node.exchange_client import ExchangeError, site_client
-from node.publish import publish
-from node.pull import load_pool, pull
+from node.release.exchange_client import ExchangeError, site_client
+from node.release.publish import publish
+from node.release.pull import load_pool, pull
 from server.cli import app as server_app
 from tests.helpers_exchange import live_exchange, make_bundle, site_key
 from tests.test_kits_and_trust import _ok

@@ -1,7 +1,7 @@
 import numpy as np
 
-from node.phantom import make_phantom
-from node.splits import split_by_patient
+from node.site.phantom import make_phantom
+from node.site.splits import split_by_patient
 
 
 def test_no_patient_in_two_splits_and_deterministic():

@@ -2,8 +2,8 @@ import numpy as np
 import torch
 
 from common.models import DownstreamCNN
-from node.classifiers import SmallCNN
-from node.task import epochs_for, evaluate_classifier, site_round_seed, train_classifier
+from node.federation.task import epochs_for, evaluate_classifier, site_round_seed, train_classifier
+from node.plan.classifiers import SmallCNN
 
 
 def _data():
@@ -55,7 +55,7 @@ def test_proximal_term_keeps_weights_near_global():
 
 
 def test_strong_augmentation_is_seeded_and_changes_more_than_light():
-    from node.task import AUGMENTATIONS
+    from node.federation.task import AUGMENTATIONS
 
     # smooth images, like scans: on white noise any shift changes everything
     x = torch.nn.functional.interpolate(torch.rand(32, 1, 4, 4) * 2 - 1, size=16, mode="bilinear", align_corners=False)
@@ -69,7 +69,7 @@ def test_strong_augmentation_is_seeded_and_changes_more_than_light():
 
 
 def test_wide_augmentation_is_seeded_moves_further_and_adds_noise():
-    from node.task import AUGMENTATIONS
+    from node.federation.task import AUGMENTATIONS
 
     x = torch.nn.functional.interpolate(torch.rand(64, 1, 4, 4) * 2 - 1, size=16, mode="bilinear", align_corners=False)
     wide = lambda seed: AUGMENTATIONS["wide"](x, torch.Generator().manual_seed(seed))  # noqa: E731

@@ -11,11 +11,11 @@ import yaml
 
 from common.signing import generate_signing_key, load_private_key
 from common.trustdoc import TrustDocumentError, sign_trust_document
-from node.exchange_client import ExchangeError, site_client
-from node.kit import install_kit
-from node.pull import load_pool, pull
-from node.trust import accept_trust_document, trust_state
-from node.workspace import Workspace
+from node.release.exchange_client import ExchangeError, site_client
+from node.release.kit import install_kit
+from node.release.pull import load_pool, pull
+from node.release.trust import accept_trust_document, trust_state
+from node.site.workspace import Workspace
 from server.kit import make_kit
 from server.trust import TrustStore
 from tests.helpers_exchange import live_exchange, make_bundle, site_key
@@ -137,7 +137,7 @@ def test_a_replayed_old_document_cannot_bring_back_a_revoked_key(tmp_path):
 
 
 def test_bundles_of_a_revoked_key_leave_the_pool_at_the_next_pull(tmp_path):
-    from node.publish import publish
+    from node.release.publish import publish
 
     with live_exchange(tmp_path / "coord", client_ca=True) as ex:
         a = _site(tmp_path, "a", ex, seed=1)

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from bench.walk_reference import reference_objective, reference_walk
-from node.classifiers import SmallCNN
-from node.gan import Generator
-from node.quality import frechet_distance, generator_quality
-from node.walk import linear_paths, path_loss, plan_paths
+from node.plan.classifiers import SmallCNN
+from node.plan.gan import Generator
+from node.plan.quality import frechet_distance, generator_quality
+from node.plan.walk import linear_paths, path_loss, plan_paths
 
 
 @pytest.fixture(autouse=True)

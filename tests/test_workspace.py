@@ -7,7 +7,7 @@ import os
 import pytest
 
 from common.fileio import atomic_write_bytes
-from node.workspace import Workspace, run_stage
+from node.site.workspace import Workspace, run_stage
 
 
 def test_stage_skips_when_inputs_and_outputs_unchanged(tmp_path):
@@ -31,7 +31,7 @@ def test_stage_skips_when_inputs_and_outputs_unchanged(tmp_path):
 
 def test_a_torn_ledger_line_is_skipped_by_every_reader(tmp_path):
     """A crash mid-append leaves half a line; the stage runner and the status page read past it."""
-    from node.status import site_status
+    from node.site.status import site_status
 
     ws = Workspace(tmp_path)
     (tmp_path / "site.yaml").write_text("name: torn\n")

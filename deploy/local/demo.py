@@ -16,8 +16,8 @@ from rich.table import Table
 
 from common.fileio import atomic_write_json
 from deploy.local import launcher
-from node.status import latest_audit, read_json
-from node.workspace import Workspace
+from node.site.status import latest_audit, read_json
+from node.site.workspace import Workspace
 
 
 def site_summary(site: Path, results: dict) -> dict:

@@ -20,8 +20,8 @@ import yaml
 from common.config import deep_merge
 from common.fileio import atomic_write_text
 from common.procs import spawn, stop
-from node.status import latest_audit
-from node.workspace import Workspace
+from node.site.status import latest_audit
+from node.site.workspace import Workspace
 
 
 class LaunchError(RuntimeError):

@@ -1,0 +1,652 @@
+"""The CVAE route's generator (Di Salvo et al., BMVC 2024; docs/DESIGN.md 3.4): a conditional
+VAE that learns the class-conditional distribution of a site's embeddings, and samples from it.
+
+Embeddings float32 [N,D] are min-max scaled per dimension to [0,1] with bounds fitted on the
+train set; the decoder ends in a sigmoid and samples are clipped to [0,1], so every sample,
+unscaled, lies inside the train range. Optionally trained with DP-SGD (Opacus), per patient: the
+bounds are then DP estimates (or public ones) that no train record's value sets exactly, records
+are clipped into them, and the decoder's noise scale is a DP estimate too (node.cvae.dp).
+
+Sampling draws from the decoder's likelihood, not only its mean: decoded z plus Gaussian noise of
+the per-dimension RMS reconstruction error of the train records (`noise_sd`). The summed-MSE loss
+is a Gaussian likelihood of fixed variance 1/2, far wider than min-max scaled embeddings (a
+dimension's variance is ~0.01), so at the paper's beta the posterior collapses onto a few latent
+dimensions and decoded means vary only along those: a probe trained on them learns the class
+means' direction but not the within-class spread it must discount (pneumoniamnist, tiny
+extractor: test AUROC 0.84 from means, 0.94 with the noise, 0.95 on real embeddings).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from common.config import CvaeConfig
+from common.models import CVAE  # one definition, shared with the coordinator (the federated CVAE's decoder)
+from node.cvae import dp as cvae_dp
+from node.site.checkpoint import load_weights, read_sidecar, save_model
+from node.site.progress import progress
+
+# A validation loss counts as lower only if it beats the best by this share: float noise and
+# DP noise should not reset the patience.
+_MIN_REL_IMPROVEMENT = 1e-4
+
+
+def one_hot(y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """int [B] -> float32 [B,n_classes]."""
+    return F.one_hot(y.long(), n_classes).float()
+
+
+# ---------------------------------------------------------------- scaling
+
+
+def fit_minmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension minimum and maximum of x [N,D]: lo [D], hi [D]."""
+    return x.min(0).values, x.max(0).values
+
+
+def _span(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return torch.where(hi > lo, hi - lo, torch.ones_like(hi))  # a constant dimension scales to 0 and back to lo
+
+
+def scale(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """x [N,D] -> (x - lo) / (hi - lo): the fitted data in [0,1]; other data may fall outside."""
+    return (x - lo) / _span(lo, hi)
+
+
+def unscale(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The inverse of `scale`: s [N,D] in [0,1] -> embeddings in [lo, hi]."""
+    return lo + s * _span(lo, hi)
+
+
+# ---------------------------------------------------------------- loss
+
+
+def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) per sample, summed over the latent dimensions: [B].
+
+    The standard closed form -0.5 * sum(1 + logvar - mu^2 - exp(logvar)). The authors' published
+    code uses a non-standard variant of this term; we do not, so beta here means what it means in
+    the beta-VAE literature.
+    """
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+
+
+def cvae_loss(
+    recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, *, beta: float
+) -> torch.Tensor:
+    """Per-sample loss [B]: squared error summed over the D scaled dimensions + beta * KL.
+
+    Per sample rather than reduced so that DP-SGD can clip it sample by sample.
+    """
+    return (recon - x).pow(2).sum(1) + beta * kl_standard_normal(mu, logvar)
+
+
+class _Criterion(nn.Module):
+    """`cvae_loss` reduced over the batch by `reduction` ("mean", "sum" or "none"): the shape of
+    criterion Opacus' ghost clipping wraps (it switches `reduction` to "none" to get per-sample
+    losses)."""
+
+    def __init__(self, beta: float, reduction: str):
+        super().__init__()
+        self.beta, self.reduction = beta, reduction
+
+    def forward(self, recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        per_sample = cvae_loss(recon, x, mu, logvar, beta=self.beta)
+        return {"none": per_sample, "sum": per_sample.sum(), "mean": per_sample.mean()}[self.reduction]
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class CvaeResult:
+    """A trained CVAE with what is needed to sample from it and to report how it was made."""
+
+    model: CVAE
+    lo: torch.Tensor  # [D] per-dimension train minimum (the scaler); with dp a DP or public bound
+    hi: torch.Tensor  # [D] per-dimension train maximum; with dp a DP or public bound
+    epochs_trained: int  # epochs run, including those after the best one
+    best_epoch: int  # the epoch whose weights `model` holds
+    best_val_loss: float | None  # mean per-sample validation loss there; None when no validation split
+    history: list[dict] = field(default_factory=list)  # per epoch: epoch, train_loss, val_loss (None without)
+    epsilon: float | None = None  # DP: the (epsilon, delta) per patient actually spent: scaler, noise scale and
+    delta: float | None = None  # the DP-SGD steps trained, composed (info["dp"] has the parts)
+    info: dict = field(default_factory=dict)  # split sizes; "dp": the DP block (`dp_block`)
+    noise_sd: torch.Tensor | None = None  # [D] the decoder's observation noise in the scaled space (`residual_rms`)
+
+
+def stratified_split(y: np.ndarray, fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) with `fraction` of each class in val (rounded; at least one where a
+    class has two or more rows, none where it has one), both sorted."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_val = 0 if len(idx) < 2 else int(np.clip(round(fraction * len(idx)), 1, len(idx) - 1))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+class _Rows(Dataset):
+    """Aligned tensors' rows. A batch is fetched with one index operation (`__getitems__`, which
+    DataLoader prefers) rather than B item lookups and a stack, ten times faster at B = 512."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[i] for t in self.tensors)
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
+        rows = torch.as_tensor(idx, dtype=torch.long)  # may be empty under Poisson sampling
+        return tuple(t[rows] for t in self.tensors)
+
+
+def _batch(b: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return b  # `_Rows.__getitems__` already returns the batch
+
+
+@torch.no_grad()
+def eval_loss(model: CVAE, x: torch.Tensor, c: torch.Tensor, eps: torch.Tensor, beta: float) -> float:
+    """Mean per-record loss of scaled embeddings x [N,D] with one-hot labels c [N,C], at fixed
+    reparameterisation noise eps [N,latent] (so that two evaluations differ by the weights alone)."""
+    model.eval()
+    recon, mu, logvar = model(x, c, eps)
+    return float(cvae_loss(recon, x, mu, logvar, beta=beta).mean())
+
+
+@torch.no_grad()
+def squared_residuals(model: CVAE, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Squared errors [N,D] of reconstructing scaled embeddings x [N,D] (one-hot labels c [N,C])
+    through their posterior means."""
+    model.eval()
+    mu, _ = model.encode(x, c)
+    return (x - model.decode(mu, c)).pow(2)
+
+
+@torch.no_grad()
+def residual_rms(model: CVAE, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Per-dimension root-mean-square error [D] of reconstructing scaled embeddings x [N,D] (one-hot
+    labels c [N,C]) through their posterior means: the maximum-likelihood standard deviation of a
+    Gaussian decoder with this mean, the noise `sample_cvae` adds. Zeros for N = 0."""
+    if len(x) == 0:
+        return torch.zeros(x.shape[1], device=x.device)
+    return squared_residuals(model, x, c).mean(0).sqrt()
+
+
+def dp_residual_rms(
+    model: CVAE, x: torch.Tensor, c: torch.Tensor, groups: np.ndarray, plan: cvae_dp.DpPlan, *, seed: int
+) -> tuple[torch.Tensor, dict]:
+    """`residual_rms` with DP per patient (ids groups [N]) at the plan's noise_scale budget
+    (node.cvae.dp.dp_noise_scale): sd [D] on x's device, and the mechanism's details. x must lie in
+    [0,1] (scaled and clipped). Seeded, so that recomputing it (every federated round) redraws the
+    same noise rather than averaging fresh draws away."""
+    sq = squared_residuals(model, x, c).double().cpu()
+    gen = torch.Generator().manual_seed(seed + cvae_dp.SEED_OFFSET["noise_scale"])
+    sd, info = cvae_dp.dp_noise_scale(sq, groups, *plan.noise_scale, gen)
+    return sd.to(x.device), info
+
+
+def fit_scaler(
+    x: torch.Tensor, groups: np.ndarray, cfg: CvaeConfig, plan: cvae_dp.DpPlan | None, *, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The scaler's bounds lo [D], hi [D] for embeddings x [N,D] (patient ids groups [N]) and how
+    they were made. Without dp: the train minimum and maximum (`fit_minmax`). With dp: the public
+    cfg.dp_bounds for every dimension, or DP estimates at the plan's scaler budget
+    (node.cvae.dp.dp_bounds); the exact train extremes would put a record's value in every sample
+    clipped to them."""
+    if not cfg.dp:
+        lo, hi = fit_minmax(x)
+        return lo, hi, {"mechanism": "train minimum and maximum (no DP)"}
+    if cfg.dp_bounds is not None:
+        lo, hi = (torch.full((x.shape[1],), float(b)) for b in cfg.dp_bounds)
+        return lo, hi, {"mechanism": f"public bounds synth.cvae.dp_bounds {list(cfg.dp_bounds)}"}
+    gen = torch.Generator().manual_seed(seed + cvae_dp.SEED_OFFSET["scaler"])
+    return cvae_dp.dp_bounds(x, groups, *plan.scaler, gen)
+
+
+def dp_block(result: "CvaeResult") -> dict:
+    """The "dp" block synth.json carries into the audit: the model's info["dp"], {"enabled": False}
+    without dp. A model from before per-patient accounting says its unit is the record."""
+    dp = result.info.get("dp")
+    if isinstance(dp, dict):
+        return dp
+    if result.epsilon is None:
+        return {"enabled": False}
+    return {
+        "enabled": True,
+        "epsilon": result.epsilon,
+        "delta": result.delta,
+        "unit": "record",
+        "caveats": list(result.info.get("dp_caveats", []))
+        + [
+            "trained before per-patient accounting: epsilon is per image, not per patient, and the scaler and "
+            "the noise scale are not DP; retrain (`plan-node train --force`)"
+        ],
+    }
+
+
+def train_cvae(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    n_classes: int,
+    cfg: CvaeConfig,
+    seed: int,
+    device: torch.device | str,
+    init: CVAE | None = None,
+    epochs: int | None = None,
+    dp_plan_epochs: int | None = None,
+    dp_history: list | None = None,
+    groups: np.ndarray | None = None,
+    scaler: "CvaeResult | None" = None,
+) -> CvaeResult:
+    """Fit a CVAE to embeddings x float [N,D] with labels y int [N] in [0, n_classes), of the
+    patients groups [N] (ids; None: every record its own patient).
+
+    Adam (cfg.lr), batches of cfg.batch_size (None: 512, at most len(train) // 8, at least 16), up to
+    cfg.max_epochs epochs. Without dp: early stopping when the loss on a stratified validation split
+    (cfg.val_fraction of x, seeded) has not improved for cfg.patience epochs, and the best epoch's
+    weights are restored.
+
+    With dp, per patient (node.cvae.dp): the scaler's bounds are public (cfg.dp_bounds) or DP
+    estimates, and the records are clipped into them; DP-SGD (Opacus, Poisson sampling of records,
+    per-sample clipping at cfg.dp_max_grad_norm) is accounted per record and converted to per
+    patient by group privacy, its noise calibrated so that cfg.max_epochs epochs spend its share of
+    cfg.dp_epsilon per patient; the noise scale is a DP estimate. delta is cfg.dp_delta, at most
+    (and by default) 1 / (10 N_patients). The epsilon and delta reported are the sums of the parts,
+    DP-SGD's from the accountant over the steps actually taken; info["dp"] has the parts and the
+    caveats (node.cvae.dp.report). By default dp trains on every record for all max_epochs epochs,
+    without a validation split: a stopping rule looking at held-out records would leak about them
+    outside the accounting. cfg.dp_early_stopping turns the validation split and early stopping
+    back on; those records are then never trained on, but the stopping epoch and the restored
+    weights depend on them, which the caveats say.
+
+    init: start from a copy of this CVAE (its architecture, encoder and decoder) instead of a fresh
+    one; `init` itself is not modified. epochs: train exactly this many epochs without early
+    stopping (the validation loss is still recorded each epoch, and the last epoch's weights are
+    kept). The federated CVAE's local updates use both (node.cvae.federated).
+
+    A DP plan may span several calls (the federated CVAE's rounds): dp_plan_epochs is how many
+    epochs the noise is calibrated for (default: `epochs`, else max_epochs); dp_history is what
+    earlier calls of the same plan spent on the same records (their `info["dp_history"]`, a list of
+    [noise_multiplier, sample_rate, steps]). A call with a history keeps its noise multiplier and
+    composes its steps after it, so the epsilon reported covers every call so far, and the plan's
+    last call spends (at most) cfg.dp_epsilon. scaler: a CVAE whose scaler (lo, hi and
+    info["scaler"]) to use instead of fitting one: a DP plan's calls pass that of its start
+    (`initial_cvae`), which the plan's scaler share paid for; it must come from `fit_scaler` with
+    the same cfg, data and seed, or the reported epsilon does not cover it.
+
+    The result's noise_sd is `residual_rms` over the records trained on, with the final weights
+    (with dp: `dp_residual_rms`).
+
+    Reproducible for a given seed and device; the caller's global RNG state is left as it was.
+    """
+    if not cfg.dp and (dp_plan_epochs is not None or dp_history):
+        raise ValueError("train_cvae: dp_plan_epochs and dp_history are for training with dp")
+    x = np.asarray(x, dtype=np.float32)
+    y = np.asarray(y).astype(np.int64)
+    if x.ndim != 2 or y.shape != (len(x),):
+        raise ValueError(f"expected x [N,D] and y [N], got {x.shape} and {y.shape}")
+    if len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"labels must lie in [0, {n_classes}), got {y.min()}..{y.max()}")
+    groups = np.arange(len(x)) if groups is None else np.asarray(groups)
+    if groups.shape != (len(x),):
+        raise ValueError(f"expected one patient id per record, got groups {groups.shape} for x {x.shape}")
+    device = torch.device(device)
+    use_val = not cfg.dp or cfg.dp_early_stopping
+    n_epochs = cfg.max_epochs if epochs is None else int(epochs)
+    if n_epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    tr, va = stratified_split(y, cfg.val_fraction, seed=seed) if use_val else (np.arange(len(y)), np.arange(0))
+    if len(va) == 0:  # no class has two records: nothing to validate on, train for max_epochs
+        use_val = False
+    if len(tr) == 0:
+        raise ValueError("no training records left after the validation split")
+    plan = cvae_dp.plan_budget(cfg, groups[tr]) if cfg.dp else None  # refuses a too-large delta before any work
+    xt = torch.from_numpy(x)
+    # The scaler is fitted on every train record, validation split included, so that samples can
+    # cover the whole train range (with dp: DP or public bounds, which the plan's scaler share pays for).
+    if scaler is not None:
+        lo, hi = (t.detach().float().cpu() for t in (scaler.lo, scaler.hi))
+        scaler_info = dict(scaler.info.get("scaler", {"mechanism": "given"}))
+    else:
+        lo, hi, scaler_info = fit_scaler(xt, groups, cfg, plan, seed=seed)
+    xs = scale(xt, lo, hi)
+    if cfg.dp:
+        xs = xs.clamp(0, 1)  # records outside the DP or public bounds are clipped into them
+    cs = one_hot(torch.from_numpy(y), n_classes)
+
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), warnings.catch_warnings():
+        # Opacus' notices that are expected here: secure_mode is off (recorded in info), the
+        # accountant's alpha range note, and backward hooks on modules whose inputs need no grad
+        for msg in ("Secure RNG turned off", "Optimal order is the largest alpha", "Full backward hook is firing"):
+            warnings.filterwarnings("ignore", message=msg)
+        torch.manual_seed(seed)
+        if init is not None:
+            if (init.d_in, init.n_classes) != (x.shape[1], n_classes):
+                raise ValueError(
+                    f"init CVAE is for D={init.d_in}, {init.n_classes} classes; "
+                    f"the data has D={x.shape[1]}, {n_classes} classes"
+                )
+            model = copy.deepcopy(init).to(device).train()  # Opacus wraps only a model in training mode
+        else:
+            model = CVAE(x.shape[1], n_classes, hidden=cfg.hidden, latent=cfg.latent_dim).to(device)
+        latent = model.latent
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        batch_size = cfg.batch_size or min(512, max(16, len(tr) // 8))
+        loader = DataLoader(
+            _Rows(xs[tr], cs[tr]),
+            batch_size=batch_size,
+            shuffle=True,
+            collate_fn=_batch,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        # fixed reparameterisation noise for validation: epoch-to-epoch changes are the weights' alone
+        x_val, c_val = xs[va].to(device), cs[va].to(device)
+        eps_val = torch.randn(len(va), latent, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+
+        info: dict = {
+            "n_train": int(len(tr)),
+            "n_val": int(len(va)),
+            "early_stopping": use_val and epochs is None,
+            "dp": {"enabled": False},
+            "batch_size": batch_size,
+            "scaler": scaler_info,
+        }
+        engine = None
+        train_model: nn.Module = model
+        criterion: nn.Module = _Criterion(cfg.beta, "mean")
+        if cfg.dp:
+            from opacus import PrivacyEngine
+
+            # The accountant works per record: it is calibrated to the plan's per-record targets,
+            # which group privacy turns into the plan's per-patient DP-SGD share (node.cvae.dp).
+            rec_eps, rec_delta = plan.sgd_record
+            # PRV accountant (Opacus' default): a tighter bound than RDP, so less noise for the
+            # same budget (sigma 14.8 against 16.3 for epsilon 1 over 1,800 steps at rate 1/9). The
+            # calibration searches with the same get_epsilon that is reported, so a full run
+            # reports at most the target.
+            from opacus.accountants.utils import get_noise_multiplier
+
+            engine = PrivacyEngine(accountant="prv")
+            # Calibrated for every epoch the plan may train (max_epochs, or all the federated
+            # rounds' epochs), not fewer: calibrating for fewer epochs than are trained, as the
+            # reference federated code does, spends more than the epsilon it claims.
+            plan_epochs = dp_plan_epochs or (epochs if epochs is not None else cfg.max_epochs)
+            spent = [(float(sig), float(q), int(n)) for sig, q, n in dp_history or []]
+            sigma = (
+                spent[-1][0]
+                if spent
+                else get_noise_multiplier(
+                    target_epsilon=rec_eps,
+                    target_delta=rec_delta,
+                    sample_rate=1.0 / len(loader),
+                    epochs=plan_epochs,
+                    accountant="prv",
+                )
+            )
+            # Ghost clipping: per-sample gradient norms of a Linear layer from its inputs' and
+            # output gradients' norms, then a second, reweighted backward pass, instead of
+            # materialising a [B, out, in] gradient per layer (which made a step ~20x slower on CPU).
+            # "sum" reduction: a Poisson-sampled batch may be empty, and the mean of nothing is nan;
+            # Adam is indifferent to the constant factor between the two.
+            train_model, opt, criterion, loader = engine.make_private(
+                module=model,
+                optimizer=opt,
+                data_loader=loader,
+                criterion=_Criterion(cfg.beta, "sum"),
+                noise_multiplier=sigma,
+                max_grad_norm=cfg.dp_max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode="ghost",
+                loss_reduction="sum",
+            )
+            engine.accountant.history = list(spent)  # the PRV accountant composes over its whole history
+            info.update(
+                {
+                    "accountant": "prv",
+                    "noise_multiplier": float(opt.noise_multiplier),
+                    "sample_rate": 1.0 / len(loader),
+                    "max_grad_norm": cfg.dp_max_grad_norm,
+                    "target_epsilon": cfg.dp_epsilon,
+                    "calibrated_epochs": plan_epochs,
+                }
+            )
+
+        history: list[dict] = []
+        best_val, best_epoch, best_state, stale, steps = float("inf"), 0, None, 0, 0
+        epoch = 0
+        with progress("train CVAE", total=n_epochs) as update:
+            for epoch in range(1, n_epochs + 1):
+                train_model.train()
+                total, n = 0.0, 0
+                for xb, cb in loader:
+                    xb, cb = xb.to(device), cb.to(device)
+                    recon, mu, logvar = train_model(xb, cb)
+                    loss = criterion(recon, xb, mu, logvar)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+                    with torch.no_grad():
+                        total, n = total + float(cvae_loss(recon, xb, mu, logvar, beta=cfg.beta).sum()), n + len(xb)
+                val = eval_loss(model, x_val, c_val, eps_val, cfg.beta) if use_val else None
+                history.append({"epoch": epoch, "train_loss": total / max(1, n), "val_loss": val})
+                update(1, info=f"loss {history[-1]['train_loss']:.4f}")
+                if val is None or epochs is not None:  # no validation split, or a fixed number of epochs
+                    continue
+                if val < best_val - _MIN_REL_IMPROVEMENT * abs(best_val) or best_state is None:
+                    best_val, best_epoch, stale = val, epoch, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    stale += 1
+                    if stale >= cfg.patience:
+                        break
+
+        rec_spent = None
+        if cfg.dp:
+            rec_spent = float(engine.accountant.get_epsilon(rec_delta))
+            info["dp_history"] = [[float(sig), float(q), int(n)] for sig, q, n in engine.accountant.history]
+            train_model.remove_hooks()  # the bare `model` shares its parameters; drop Opacus' hooks
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        else:
+            best_epoch = epoch
+    info["steps"] = steps
+    model.eval()
+    epsilon = delta = None
+    if cfg.dp:
+        noise_sd, noise_info = dp_residual_rms(model, xs[tr].to(device), cs[tr].to(device), groups[tr], plan, seed=seed)
+        info["dp"] = cvae_dp.report(
+            plan,
+            cfg,
+            sgd_record_epsilon=rec_spent,
+            noise_multiplier=info["noise_multiplier"],
+            sample_rate=info["sample_rate"],
+            steps=sum(h[2] for h in info["dp_history"]),
+            n_val=len(va) if use_val else 0,
+            scaler=scaler_info,
+            noise_scale=noise_info,
+        )
+        epsilon, delta = info["dp"]["epsilon"], info["dp"]["delta"]
+    else:
+        noise_sd = residual_rms(model, xs[tr].to(device), cs[tr].to(device))
+    return CvaeResult(
+        model=model,
+        lo=lo.to(device),
+        hi=hi.to(device),
+        epochs_trained=epoch,
+        best_epoch=best_epoch,
+        best_val_loss=(best_val if epochs is None else history[-1]["val_loss"]) if use_val else None,
+        history=history,
+        epsilon=epsilon,
+        delta=delta,
+        info=info,
+        noise_sd=noise_sd,
+    )
+
+
+def initial_cvae(
+    x: np.ndarray, y: np.ndarray, *, n_classes: int, cfg: CvaeConfig, seed: int, groups: np.ndarray | None = None
+) -> CvaeResult:
+    """An untrained CVAE (seeded init) with the scaler fitted on x [N,D] (`fit_scaler`, patient ids
+    groups [N], None: one record each; with dp the DP or public bounds, as `train_cvae` would fit
+    them): the start of a federated DP plan, which must not spend budget on local pre-training
+    outside its accounting. The plan's rounds pass these bounds on (`train_cvae`'s scaler), and
+    their epsilon covers them. Its noise_sd is zero: it is never sampled from."""
+    xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    groups = np.arange(len(xt)) if groups is None else np.asarray(groups)
+    tr = (
+        np.arange(len(xt))
+        if cfg.dp and not cfg.dp_early_stopping
+        else stratified_split(np.asarray(y).astype(np.int64), cfg.val_fraction, seed=seed)[0]
+    )
+    plan = cvae_dp.plan_budget(cfg, groups[tr]) if cfg.dp else None
+    lo, hi, scaler_info = fit_scaler(xt, groups, cfg, plan, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CVAE(xt.shape[1], n_classes, hidden=cfg.hidden, latent=cfg.latent_dim).eval()
+    return CvaeResult(
+        model=model,
+        lo=lo,
+        hi=hi,
+        epochs_trained=0,
+        best_epoch=0,
+        best_val_loss=None,
+        info={
+            "untrained": "the start of a federated DP plan: the federation's rounds train it",
+            "dp": {"enabled": False},
+            "scaler": scaler_info,
+        },
+        noise_sd=torch.zeros(xt.shape[1]),
+    )
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def sample_cvae(
+    result: CvaeResult, labels: np.ndarray, *, seed: int, noise: bool = True, batch_size: int = 4096
+) -> np.ndarray:
+    """Synthetic embeddings float32 [M,D] for labels int [M]: z ~ N(0,I), decoded, plus (noise)
+    N(0, result.noise_sd^2) per dimension, clipped to [0,1], unscaled. noise=False: the decoded
+    means alone."""
+    model = result.model.eval()
+    labels = np.asarray(labels).astype(np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= model.n_classes):
+        raise ValueError(f"labels must lie in [0, {model.n_classes})")
+    if noise and result.noise_sd is None:
+        raise ValueError("sample_cvae: noise=True, but this CVAE has no noise_sd")
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(len(labels), model.latent, generator=gen)
+    e = torch.randn(len(labels), model.d_in, generator=gen) if noise else None
+    c = one_hot(torch.from_numpy(labels), model.n_classes)
+    out = np.empty((len(labels), model.d_in), dtype=np.float32)
+    for i in range(0, len(labels), batch_size):
+        s = model.decode(z[i : i + batch_size].to(device), c[i : i + batch_size].to(device))
+        if e is not None:
+            s = (s + result.noise_sd.to(device) * e[i : i + batch_size].to(device)).clamp(0, 1)
+        out[i : i + len(s)] = unscale(s, result.lo.to(device), result.hi.to(device)).float().cpu().numpy()
+    return out
+
+
+def sample_labels(train_labels: np.ndarray, *, mode: str, target_size: int, seed: int) -> np.ndarray:
+    """Labels int64 [M] to sample, shuffled (seeded). "replicate": the train class counts
+    (M = len(train_labels)); "target": M = target_size in the train class proportions, rounded
+    by largest remainder so that the counts sum to target_size exactly."""
+    classes, counts = np.unique(np.asarray(train_labels).astype(np.int64), return_counts=True)
+    if mode == "replicate":
+        n = counts
+    elif mode == "target":
+        exact = counts / counts.sum() * target_size
+        n = np.floor(exact).astype(np.int64)
+        # the largest fractional parts get the remainder; ties go to the smaller class index
+        order = np.argsort(-(exact - n), kind="stable")
+        n[order[: target_size - int(n.sum())]] += 1
+    else:
+        raise ValueError(f"unknown sampling mode {mode!r}; expected 'replicate' or 'target'")
+    return np.random.default_rng(seed).permutation(np.repeat(classes, n))
+
+
+# ---------------------------------------------------------------- persistence
+
+
+class _Packed(nn.Module):
+    """The CVAE, its scaler and its noise scale as one state dict (model.*, lo, hi, noise_sd) for
+    node.site.checkpoint."""
+
+    def __init__(self, model: CVAE, lo: torch.Tensor, hi: torch.Tensor, noise_sd: torch.Tensor):
+        super().__init__()
+        self.model = model
+        for name, t in (("lo", lo), ("hi", hi), ("noise_sd", noise_sd)):
+            self.register_buffer(name, t.detach().float().cpu().clone())
+
+
+def save_cvae(path: Path, result: CvaeResult, *, sidecar: dict | None = None) -> None:
+    """Weights and scaler to `path` (.safetensors), architecture and training record to the JSON
+    sidecar beside it (node.site.checkpoint.save_model: atomic, sidecar last). `sidecar` adds keys."""
+    m = result.model
+    if result.noise_sd is None:
+        raise ValueError(f"{path}: refusing to save a CVAE without its noise_sd (node.cvae.generator.residual_rms)")
+    meta = {
+        "kind": "cvae",
+        "noise_sd": True,
+        "d_in": m.d_in,
+        "n_classes": m.n_classes,
+        "hidden": m.hidden,
+        "latent": m.latent,
+        "epochs_trained": result.epochs_trained,
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss,
+        "epsilon": result.epsilon,
+        "delta": result.delta,
+        "history": result.history,
+        "info": result.info,
+    }
+    save_model(Path(path), _Packed(m, result.lo, result.hi, result.noise_sd), sidecar={**meta, **(sidecar or {})})
+
+
+def load_cvae(path: Path, *, device: torch.device | str = "cpu") -> CvaeResult:
+    """A CvaeResult from `save_cvae`'s files, weights checked against the sidecar's sha256."""
+    side = read_sidecar(Path(path))
+    if side.get("kind") != "cvae":
+        raise ValueError(f"{path}: not a CVAE checkpoint (sidecar kind {side.get('kind')!r})")
+    if not side.get("noise_sd"):
+        raise ValueError(
+            f"{path}: a CVAE checkpoint from before the decoder's noise scale was stored; "
+            "run `plan-node train --force` to retrain it"
+        )
+    model = CVAE(side["d_in"], side["n_classes"], hidden=side["hidden"], latent=side["latent"])
+    zeros = torch.zeros(side["d_in"])
+    packed = load_weights(Path(path), _Packed(model, zeros, zeros, zeros), device=device)
+    model.eval()
+    return CvaeResult(
+        model=model,
+        lo=packed.lo,
+        hi=packed.hi,
+        epochs_trained=side["epochs_trained"],
+        best_epoch=side["best_epoch"],
+        best_val_loss=side["best_val_loss"],
+        history=side["history"],
+        epsilon=side["epsilon"],
+        delta=side["delta"],
+        info=side["info"],
+        noise_sd=packed.noise_sd,
+    )

@@ -1,0 +1,1 @@
+"""What leaves and enters a site: publish, pull, the exchange client, site kits, assets, trust."""

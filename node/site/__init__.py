@@ -1,0 +1,1 @@
+"""A site's workspace and its data: ingest, splits, checkpoints, status."""
