@@ -175,9 +175,9 @@ class Walked:
     walk: dict  # iters run, mean initial / final loss, seconds
 
 
-def walk_pairs(a: Anchors, wc, *, weight_identity: float | None = None, device: str = "cpu"):
+def walk_pairs(a: Anchors, wc, *, weight_identity: float | None = None, points: int | None = None, device: str = "cpu"):
     """node.plan.walk.plan_paths between `a`'s anchor pairs with walk config `wc` (its stopping rule),
-    optionally another identity weight. Returns the WalkResult."""
+    optionally another identity weight or number of points per path. Returns the WalkResult."""
     from node.plan.walk import plan_paths
 
     return plan_paths(
@@ -187,7 +187,7 @@ def walk_pairs(a: Anchors, wc, *, weight_identity: float | None = None, device: 
         a.start,
         a.end,
         a.labels,
-        points=wc.points,
+        points=wc.points if points is None else points,
         iters=wc.iters,
         lr=wc.lr,
         weight_identity=wc.weight_identity if weight_identity is None else weight_identity,

@@ -1,21 +1,24 @@
-"""The walk's privacy-utility frontier (issue 14, item 2): the identity weight chosen on evidence.
+"""The walk's privacy-utility frontier (issue 14, item 2): identity weight and path shape on evidence.
 
-For each data set (bench._site's cached default-config workspaces) and each identity weight in
---weights: PLAN paths between the same k-same anchor pairs (the site's walk config otherwise),
-their interior images rendered as a release would; then
+For each data set (bench._site's cached default-config workspaces), each number of points per path
+in --points and each identity weight in --weights: PLAN paths between k-same anchor pairs (the
+site's walk config otherwise), their interior images rendered as a release would. Every set has
+the same number of images (--images): fewer points per path means more distinct anchor pairs
+(images / (points - 2) of them, split over classes by size). Then
 - utility on the **validation** split (the site's holdout; never the test split): a fresh
   DownstreamCNN trained on the set for --steps steps (mean over --seeds seeds), its accuracy,
   balanced accuracy and AUROC;
 - privacy: the site's full audit of the set (node.audit.run.audit_images with its own phi_id, both
   attackers and D, the default policy): the share of candidates it keeps, the gated upper
   bounds, the verdict.
-Rows "linear" (the straight lines between the same anchors) and "real" (the train split) frame
-them. Writes bench/results/frontier.json.
+Rows "linear_p<points>" (the straight lines between the same anchors) and "real" (the train
+split) frame them. Writes bench/results/frontier.json.
 
-The rule that picks the weight, fixed before the first run: among the weights whose sets pass
-the site's gate on every data set with at least 80% of the candidates kept, the one with the
-highest validation balanced accuracy averaged over the data sets; within 0.01 of it, the larger
-weight (the more private walk). Printed as "chosen" and stored under "_chosen".
+The rule that picks the walk, fixed before the first run: among the (points, weight) pairs whose
+sets pass the site's gate on every data set with at least 80% of the candidates kept, the one
+with the highest validation balanced accuracy averaged over the data sets; within 0.01 of it,
+the larger weight (the more private walk), then the more points (the fewer pairs: the walk as it
+was). Printed as "chosen" and stored under "_chosen".
 
     python -m bench.frontier --threads 2
 """
@@ -65,50 +68,50 @@ def privacy(images, labels, paths, ws) -> dict:
     }
 
 
-def run_dataset(name: str, *, weights, pairs: int, max_images: int, steps: int, batch: int, seeds: int) -> dict:
+def run_dataset(name: str, *, points, weights, images: int, max_images: int, steps: int, batch: int, seeds: int):
     t0 = time.time()
     ws, _ = npz_site(name, max_images=max_images)
-    a = anchor_pairs(ws, n_pairs=pairs)
     wc = ws.config().synth.walk
-    train, val = a.train, load_split(ws, "holdout")
+    train, val = load_split(ws, "train"), load_split(ws, "holdout")
     n_classes = int(max(val.labels.max(), train.labels.max()) + 1)
-    P, T = len(a.start), wc.points
-    path_y = a.labels.numpy().repeat(T - 2)
-    path_id = np.arange(P).repeat(T - 2)
+    u = utility(train.images, train.labels, val, n_classes=n_classes, steps=steps, batch=batch, seeds=seeds)
+    out: dict = {"real": {"n_images": int(len(train)), "utility": u}}
+    for T in points:
+        a = anchor_pairs(ws, n_pairs=images // (T - 2))
+        P = len(a.start)
+        path_y = a.labels.numpy().repeat(T - 2)
+        path_id = np.arange(P).repeat(T - 2)
 
-    @torch.no_grad()
-    def render(codes: torch.Tensor) -> np.ndarray:  # [P,T,D] -> uint8 [P*(T-2),H,W], interior points
-        flat = codes[:, 1:-1].reshape(-1, codes.shape[-1])
-        return np.concatenate([to_uint8(a.G.synthesis(flat[i : i + 512])) for i in range(0, len(flat), 512)])
+        @torch.no_grad()
+        def render(codes: torch.Tensor, a=a) -> np.ndarray:  # [P,T,D] -> uint8 [P*(T-2),H,W], interior points
+            flat = codes[:, 1:-1].reshape(-1, codes.shape[-1])
+            return np.concatenate([to_uint8(a.G.synthesis(flat[i : i + 512])) for i in range(0, len(flat), 512)])
 
-    def row(images: np.ndarray, **extra) -> dict:
-        return {
-            **extra,
-            "n_images": int(len(images)),
-            "utility": utility(images, path_y, val, n_classes=n_classes, steps=steps, batch=batch, seeds=seeds),
-            "privacy": privacy(images, path_y, path_id, ws),
-        }
+        def row(images: np.ndarray, path_y=path_y, path_id=path_id, **extra) -> dict:
+            return {
+                **extra,
+                "n_images": int(len(images)),
+                "utility": utility(images, path_y, val, n_classes=n_classes, steps=steps, batch=batch, seeds=seeds),
+                "privacy": privacy(images, path_y, path_id, ws),
+            }
 
-    out = {
-        "real": {
-            "n_images": int(len(train)),
-            "utility": utility(
-                train.images, train.labels, val, n_classes=n_classes, steps=steps, batch=batch, seeds=seeds
-            ),
-        },
-        "linear": row(render(linear_paths(a.start, a.end, points=T))),
-    }
-    for w in weights:
-        t_walk = time.time()
-        res = walk_pairs(a, wc, weight_identity=w)
-        out[f"plan_w{w:g}"] = row(
-            render(res.paths), weight_identity=w, seconds_walk=round(time.time() - t_walk, 1), iters_run=res.iters
-        )
-        print(f"{name} w={w:g}: {out[f'plan_w{w:g}']}", flush=True)
+        out[f"linear_p{T}"] = row(render(linear_paths(a.start, a.end, points=T)), points=T, pairs=P)
+        for w in weights:
+            t_walk = time.time()
+            res = walk_pairs(a, wc, weight_identity=w, points=T)
+            key = f"plan_p{T}_w{w:g}"
+            out[key] = row(
+                render(res.paths),
+                points=T,
+                pairs=P,
+                weight_identity=w,
+                seconds_walk=round(time.time() - t_walk, 1),
+                iters_run=res.iters,
+            )
+            print(f"{name} {key}: {out[key]}", flush=True)
     out["setup"] = {
-        "pairs": P,
-        "points": T,
-        "n_train": int(len(train)),
+        "images_per_set": images,
+        "n_train": out["real"]["n_images"],
         "n_validation": int(len(val)),
         "steps": steps,
         "seeds": seeds,
@@ -120,8 +123,9 @@ def run_dataset(name: str, *, weights, pairs: int, max_images: int, steps: int, 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "breastmnist"])
-    ap.add_argument("--weights", nargs="+", type=float, default=[0.0, 1.0, 3.0, 10.0, 30.0])
-    ap.add_argument("--pairs", type=int, default=32)
+    ap.add_argument("--points", nargs="+", type=int, default=[14, 8, 5])
+    ap.add_argument("--weights", nargs="+", type=float, default=[3.0, 10.0])
+    ap.add_argument("--images", type=int, default=384, help="images per set: 32 paths of 14 points")
     ap.add_argument("--max-images", type=int, default=800)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
@@ -129,41 +133,45 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "frontier.json"))
     args = ap.parse_args(argv)
+    if min(args.points) < 3:
+        raise SystemExit(f"--points {min(args.points)}: a path needs at least 3 points (one interior image)")
     torch.set_num_threads(args.threads)
-    kw = dict(pairs=args.pairs, max_images=args.max_images, steps=args.steps, batch=args.batch, seeds=args.seeds)
-    res = {n: run_dataset(n, weights=args.weights, **kw) for n in args.datasets}
-    res["_chosen"] = choose(res, args.datasets, args.weights)
+    kw = dict(images=args.images, max_images=args.max_images, steps=args.steps, batch=args.batch, seeds=args.seeds)
+    res = {n: run_dataset(n, points=args.points, weights=args.weights, **kw) for n in args.datasets}
+    res["_chosen"] = choose(res, args.datasets, args.points, args.weights)
     res["_meta"] = run_meta("bench.frontier", argv)
     atomic_write_json(args.out, res)
-    print(f"{'data set':<16}{'set':<12}{'bal. acc (val)':>16}{'AUROC (val)':>13}{'kept':>7}{'MIA up':>8}"
-          f"{'closer up':>10}{'verdict':>9}")  # fmt: skip
+    print(f"{'data set':<16}{'set':<14}{'pairs':>6}{'bal. acc (val)':>16}{'AUROC (val)':>13}{'kept':>7}"
+          f"{'MIA up':>8}{'closer up':>10}{'verdict':>9}")  # fmt: skip
     for n in args.datasets:
         for s, v in res[n].items():
             if s == "setup":
                 continue
             u, p = v["utility"], v.get("privacy", {})
             print(
-                f"{n:<16}{s:<12}{u['balanced-accuracy']['mean']:>16.3f}{u['auroc']['mean']:>13.3f}"
-                f"{p.get('kept_share', float('nan')):>7.2f}{p.get('mia_auc_upper') or float('nan'):>8.3f}"
+                f"{n:<16}{s:<14}{v.get('pairs', ''):>6}{u['balanced-accuracy']['mean']:>16.3f}"
+                f"{u['auroc']['mean']:>13.3f}{p.get('kept_share', float('nan')):>7.2f}"
+                f"{p.get('mia_auc_upper') or float('nan'):>8.3f}"
                 f"{p.get('closer_to_train_upper') or float('nan'):>10.3f}{str(p.get('passed', '-')):>9}"
             )
     print(f"chosen: {res['_chosen']}")
     return res
 
 
-def choose(res: dict, datasets, weights) -> dict:
-    """The module docstring's rule: {"weight_identity", "balanced_accuracy", "eligible"}."""
+def choose(res: dict, datasets, points, weights) -> dict:
+    """The module docstring's rule: {"points", "weight_identity", "balanced_accuracy", "eligible"}."""
     eligible = {}
-    for w in weights:
-        rows = [res[n][f"plan_w{w:g}"] for n in datasets]
-        if all(r["privacy"]["passed"] and r["privacy"]["kept_share"] >= 0.8 for r in rows):
-            eligible[w] = float(np.mean([r["utility"]["balanced-accuracy"]["mean"] for r in rows]))
+    for T in points:
+        for w in weights:
+            rows = [res[n][f"plan_p{T}_w{w:g}"] for n in datasets]
+            if all(r["privacy"]["passed"] and r["privacy"]["kept_share"] >= 0.8 for r in rows):
+                eligible[(T, w)] = float(np.mean([r["utility"]["balanced-accuracy"]["mean"] for r in rows]))
     if not eligible:
-        return {"weight_identity": None, "balanced_accuracy": None, "eligible": {}}
+        return {"points": None, "weight_identity": None, "balanced_accuracy": None, "eligible": {}}
     best = max(eligible.values())
-    w = max(w for w, v in eligible.items() if v >= best - 0.01)
-    shown = {f"{k:g}": v for k, v in eligible.items()}
-    return {"weight_identity": w, "balanced_accuracy": eligible[w], "eligible": shown}
+    T, w = max((k for k, v in eligible.items() if v >= best - 0.01), key=lambda k: (k[1], k[0]))
+    shown = {f"p{k[0]}_w{k[1]:g}": v for k, v in eligible.items()}
+    return {"points": T, "weight_identity": w, "balanced_accuracy": eligible[(T, w)], "eligible": shown}
 
 
 if __name__ == "__main__":
