@@ -17,9 +17,8 @@ import torch
 
 from common.config import SiteConfig, commented_yaml
 from common.fileio import atomic_write_text
+from node.plan.candidates import anchor_pairs as anchor_pairs_of
 from node.plan.invert import project, reconstruction_mse
-from node.plan.ksame import anchors, ksame_clusters
-from node.plan.synthesize import choose_pairs, paths_per_class, patient_codes
 from node.plan.train import load_model
 from node.site.checkpoint import config_digest, read_sidecar
 from node.site.data import ImageSet
@@ -67,7 +66,7 @@ class Anchors:
 def anchor_pairs(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "cpu") -> Anchors:
     """Invert the train split (synth config's steps and lr), k-same per class over patients
     (synth.k), and `n_pairs` within-class anchor pairs split over classes by their size, every
-    unordered pair once before any repeats (node.plan.synthesize.choose_pairs)."""
+    unordered pair once before any repeats (node.plan.candidates.anchor_pairs)."""
     cfg = ws.config()
     sc = cfg.synth
     G, phi_id, phi_class, phi_attack = (
@@ -97,31 +96,18 @@ def anchor_pairs(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "c
         np.save(cache, w.numpy())
     t_inv = time.time() - t0
     mse = float(reconstruction_mse(G, w, target, device=device).mean())
-    classes = np.unique(train.labels)
-    counts = np.array([(train.labels == c).sum() for c in classes])
-    rng = np.random.default_rng(seed)
-    starts, ends, labels, all_a, all_y = [], [], [], [], []
-    for c, n_c in zip(classes, paths_per_class(counts, n_pairs)):
-        pc = patient_codes(w.numpy(), train.patient_ids, train.labels == c)
-        a = torch.from_numpy(anchors(pc, ksame_clusters(pc, sc.k))).float()
-        all_a.append(a)
-        all_y.append(torch.full((len(a),), int(c)))
-        pairs = choose_pairs(len(a), int(n_c), rng=rng)
-        if len(pairs):
-            starts.append(a[pairs[:, 0]])
-            ends.append(a[pairs[:, 1]])
-            labels.append(torch.full((len(pairs),), int(c), dtype=torch.long))
+    p = anchor_pairs_of(w, train.labels, train.patient_ids, k=sc.k, n_paths=n_pairs, rng=np.random.default_rng(seed))
     return Anchors(
         G,
         phi_id,
         phi_class,
         phi_attack,
         train,
-        torch.cat(starts),
-        torch.cat(ends),
-        torch.cat(labels),
-        torch.cat(all_a),
-        torch.cat(all_y),
+        p.start,
+        p.end,
+        p.labels,
+        p.anchor_codes,
+        p.anchor_labels,
         mse,
         round(t_inv, 1),
     )
@@ -241,11 +227,11 @@ def walk_both(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "cpu"
 def site_audit(
     ws: Workspace, images: np.ndarray, labels: np.ndarray, paths: np.ndarray | None = None, *, second_attacker=True
 ) -> tuple[dict, np.ndarray]:
-    """The site's own full audit (node.audit.run.audit_images) of candidate images uint8 [S,H,W] with
+    """The site's own full audit (node.audit.images.audit_images) of candidate images uint8 [S,H,W] with
     their labels [S] and, if given, path ids [S]: its phi_id, both attackers (the second one
     unless `second_attacker` is False, an ablation), its discriminator and its policy, against its
     train and holdout splits. Returns (report, accepted mask [S])."""
-    from node.audit.run import audit_images
+    from node.audit.images import audit_images
 
     cfg = ws.config()
     train, holdout = load_split(ws, "train"), load_split(ws, "holdout")

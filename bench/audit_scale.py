@@ -1,5 +1,5 @@
 """How the node's full image audit scales (issue 18 item 3): wall-clock time and peak memory of
-node.audit.run.audit_images on N candidates against N train images and a holdout of N/2 (the node's
+node.audit.images.audit_images on N candidates against N train images and a holdout of N/2 (the node's
 50/25/25 split), at each N of --sizes and each side of --image-sizes.
 
 Everything the node's audit stage passes is there: phi_id, the attacker, the wide attacker and
@@ -13,7 +13,7 @@ Each (N, side) runs in its own process, so its peak memory is its own, under a w
 (--max-seconds): a run that hits it is recorded as timed out, and a larger N at the same side is
 skipped when the growth measured so far projects it past the limit. The time is split into the
 copy detector (node.audit.copies.copy_distances, calibration half and candidates) and the other parts
-of the audit, each timed by wrapping the function node.audit.run calls. Writes
+of the audit, each timed by wrapping the function where the audit looks it up. Writes
 bench/results/audit_scale.json (--quick: audit_scale_quick.json).
 
     .venv/bin/python -m bench.audit_scale                 # N 1000 5000 20000 at 32 and 64 px
@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import node.audit.run
+import node.audit.images
+import node.audit.judge
 from bench._site import ROOT, command, machine
 from common.config import PhantomConfig, PolicyConfig, profile_site_config
 from common.fileio import atomic_write_json
@@ -46,22 +47,22 @@ from node.plan.classifiers import SmallCNN
 from node.plan.train import _seeded, new_gan
 from node.site.phantom import make_phantom
 
-# node.audit.run's names of the parts timed apart -> label. Disjoint calls (none runs inside another),
-# so their sum is at most the audit's time; what is left ("other") is bootstrap intervals, ROC
-# points and the pixel closeness. Wrapped, not replaced: the real function does the work.
+# The parts timed apart: (module that calls it, name there) -> label. Disjoint calls (none runs
+# inside another), so their sum is at most the audit's time; what is left ("other") is bootstrap
+# intervals, ROC points and the pixel closeness. Wrapped, not replaced: the real function does the work.
 PARTS = {
-    "copy_distances": "copy_detector",
-    "distinct": "distinct",
-    "embed": "embeddings",
-    "_top_prob": "reid_scores",
+    (node.audit.images, "copy_distances"): "copy_detector",
+    (node.audit.images, "distinct"): "distinct",
+    (node.audit.images, "embed"): "embeddings",
+    (node.audit.images, "top_prob"): "reid_scores",
     # LPIPS features of S, T and H computed once; past 8192 images in all, none here: every
     # nearest-neighbour query then recomputes them inside set_figures
-    "_lpips_fn": "lpips_features",
-    "set_figures": "nearest_record_and_membership",
-    "density_ratio_scores": "density_ratio",
-    "downstream_scores": "downstream_attack",
-    "discriminator_scores": "discriminator",
-    "_reid_block": "reid_intervals",
+    (node.audit.images, "lpips_space"): "lpips_features",
+    (node.audit.judge, "set_figures"): "nearest_record_and_membership",
+    (node.audit.judge, "density_ratio_scores"): "density_ratio",
+    (node.audit.judge, "downstream_scores"): "downstream_attack",
+    (node.audit.judge, "discriminator_scores"): "discriminator",
+    (node.audit.judge, "reid_block"): "reid_intervals",
 }
 # make_phantom holds a few float64 [images,4,H,W] arrays: made this many patients at a time
 PHANTOM_CHUNK = 500
@@ -104,10 +105,10 @@ def networks(n_ids: int, size: int, *, profile: str, device: str) -> dict:
 
 @contextmanager
 def instrument():
-    """Wrap each of PARTS in node.audit.run with a timer for the duration; yields the seconds spent in
-    each, filled as they run. The originals are put back on exit."""
+    """Wrap each of PARTS where the audit looks it up with a timer for the duration; yields the
+    seconds spent in each, filled as they run. The originals are put back on exit."""
     spent = dict.fromkeys(PARTS.values(), 0.0)
-    originals = {name: getattr(node.audit.run, name) for name in PARTS}
+    originals = {(module, name): getattr(module, name) for module, name in PARTS}
 
     def timer(real, label: str):
         def timed(*a, **kw):
@@ -119,13 +120,13 @@ def instrument():
 
         return timed
 
-    for name, label in PARTS.items():
-        setattr(node.audit.run, name, timer(originals[name], label))
+    for (module, name), label in PARTS.items():
+        setattr(module, name, timer(originals[module, name], label))
     try:
         yield spent
     finally:
-        for name, real in originals.items():
-            setattr(node.audit.run, name, real)
+        for (module, name), real in originals.items():
+            setattr(module, name, real)
 
 
 def _status_mb(field: str) -> float | None:
@@ -175,7 +176,7 @@ def one_run(n: int, size: int, args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with instrument() as spent:
-        report, accepted = node.audit.run.audit_images(
+        report, accepted = node.audit.images.audit_images(
             xc,
             xt,
             xh,

@@ -36,8 +36,9 @@ from common.fileio import atomic_write_json
 from common.metrics import roc_auc
 from common.models import EmbeddingHead
 from node.cvae.embedder import build_extractor, embed_images, extractor_digest
-from node.cvae.generator import sample_cvae, sample_labels, train_cvae
+from node.cvae.generator import train_cvae
 from node.cvae.ksame import ksame_embeddings
+from node.cvae.sampling import sample_cvae, sample_labels
 
 DATASETS = ("pneumoniamnist", "breastmnist")
 KS = (2, 5, 10)

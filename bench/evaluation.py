@@ -9,7 +9,7 @@ skew with class shares per site drawn from Dirichlet(0.5)):
   (G, phi_id, phi_class, the two attackers), synthesize (PLAN candidates);
 - per site three synthetic sets: the PLAN candidates, the straight lines between the same
   number of k-same anchor pairs, and the anchors alone, each through the site's full audit
-  (node.audit.run.audit_images with its own networks and default policy): the images its per-sample
+  (node.audit.images.audit_images with its own networks and default policy): the images its per-sample
   filter accepts are what the federation trains on, whether or not the set passed the gate (a
   site whose set fails publishes nothing: `passed` per site and `published_images` say so, and
   with every set refused a row would have nothing to measure);
@@ -62,13 +62,12 @@ import yaml
 from bench._site import ROOT, SHARED_DATA, WORK, run_meta, site, site_audit, walk_both
 from bench.generator import K, features, judge, precision_recall
 from common.config import DataConfig, DownstreamConfig, SiteConfig
-from common.fileio import atomic_write_bytes, atomic_write_json
+from common.fileio import atomic_write_bytes, atomic_write_json, nan_to_none
 from common.models import DownstreamCNN, EmbeddingHead
-from node.audit.run import nan_to_none
-from node.federation.records import split_records
 from node.federation.task import epochs_for, evaluate_classifier, site_round_seed, train_classifier
 from node.plan.quality import frechet_distance
 from node.release.publish import load_accepted
+from node.routes import route as route_named
 from node.site.data import ImageSet, load_dataset
 from node.site.ingest import load_split
 from node.site.workspace import Workspace
@@ -147,7 +146,7 @@ def cvae_sites(n_sites: int, *, work: Path, overrides: dict) -> list[dict]:
         report = json.loads((run / "audit.json").read_text())
         out.append(
             {
-                **{s: split_records(ws, s, route="cvae", device="cpu") for s in ("train", "test")},
+                **{s: route_named("cvae").split_records(ws, s, device="cpu") for s in ("train", "test")},
                 "cvae": {"images": emb, "labels": labels, "report": report},
             }
         )
@@ -255,8 +254,8 @@ def downstream_rows(
     sites: list[Workspace], sets: list[dict], cvae: list[dict], *, n_classes: int, ds: DownstreamConfig, seed: int
 ) -> dict:
     """{row: {"sites": [metrics per site], "rounds": n}} for every row of ROWS, one downstream seed."""
-    real_xy = [split_records(ws, "train", route="plan", device="cpu") for ws in sites]
-    tests = [split_records(ws, "test", route="plan", device="cpu") for ws in sites]
+    real_xy = [route_named("plan").split_records(ws, "train", device="cpu") for ws in sites]
+    tests = [route_named("plan").split_records(ws, "test", device="cpu") for ws in sites]
     kw = dict(n_classes=n_classes, ds=ds, seed=seed)
 
     def pool(kind: str, of: list[dict]) -> tuple[np.ndarray, np.ndarray]:

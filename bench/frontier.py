@@ -8,7 +8,7 @@ the same number of images (--images): fewer points per path means more distinct 
 - utility on the **validation** split (the site's holdout; never the test split): a fresh
   DownstreamCNN trained on the set for --steps steps (mean over --seeds seeds), its accuracy,
   balanced accuracy and AUROC;
-- privacy: the site's full audit of the set (node.audit.run.audit_images with its own phi_id, both
+- privacy: the site's full audit of the set (node.audit.images.audit_images with its own phi_id, both
   attackers and D, the default policy): the share of candidates it keeps, the gated upper
   bounds, the verdict.
 Rows "linear_p<points>" (the straight lines between the same anchors) and "real" (the train

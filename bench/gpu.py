@@ -16,7 +16,7 @@ Parts (--parts, default all, in this order):
           weights: the profile's 2000 candidates are 167 paths of 14 points; the reference runs
           on as many of those paths as its share of the time allows and is projected to all of
           them (it is sequential over paths: its time is linear in the paths).
-  audit   node.audit.run.audit_images, the full audit (copy detector, every attack, bootstrap
+  audit   node.audit.images.audit_images, the full audit (copy detector, every attack, bootstrap
           intervals, the downstream-model attack), on phantom images with randomly initialised
           models (the timing does not depend on the weights): --audit-n candidates x --audit-n
           train images, half as many holdout images. It climbs a ladder of sizes (the target
@@ -383,7 +383,7 @@ def part_audit(args, cfg, device, clock: Clock, budget: float, ctx: dict) -> dic
         **({"measured_exponent": round(last["seconds"] * ratio**exponent, 0)} if exponent else {}),
     }
     out = {
-        "function": "node.audit.run.audit_images",
+        "function": "node.audit.images.audit_images",
         "target": {"n_candidates": target, "n_train": target, "n_holdout": h_target},
         "image_size": size,
         "models": "phi_id, attacker, attacker_wide (SmallCNN), D: randomly initialised, profile widths",

@@ -27,8 +27,8 @@ import torch
 from bench._site import ROOT, mean_std, npz_site, run_meta, walk_both
 from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
+from common.metrics import roc_auc
 from common.models import DownstreamCNN
-from node.audit.run import roc_auc
 from node.federation.task import predict_logits, train_classifier
 from node.site.ingest import load_split
 

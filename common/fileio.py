@@ -1,9 +1,11 @@
-"""Atomic writes and digests: a crash never leaves a half-written file under its final name."""
+"""Atomic writes and digests: a crash never leaves a half-written file under its final name. And
+nan_to_none, because JSON has no nan."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import threading
@@ -68,3 +70,14 @@ class Reloaded:
             if stamp != self._stamp:
                 self._value, self._stamp = self._load(self.path), stamp
             return self._value
+
+
+def nan_to_none(x):
+    """x with every float nan in its dicts and lists replaced by None (JSON has no nan)."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [nan_to_none(v) for v in x]
+    return x

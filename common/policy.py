@@ -1,6 +1,6 @@
 """The release policy as a pure function of an audit result (docs/DESIGN.md 3.5).
 
-The same function decides a site's gate (node/audit/run.py) and the coordinator's check of a
+The same function decides a site's gate (node/audit/judge.py) and the coordinator's check of a
 received bundle's signed audit against the federation's floor (server/store.py): a site that
 edits its own policy, or signs an audit made under a laxer one, is still refused upstream.
 

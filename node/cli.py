@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import typer
@@ -13,9 +12,8 @@ from common import errors
 from common.config import ConfigError, commented_yaml, profile_site_config
 from common.errors import run_cli
 from common.fileio import atomic_write_text
-from common.nodekey import generate_node_key
 from common.procs import exit_on_sigterm
-from common.signing import generate_signing_key
+from node.site.create import create_site
 from node.site.workspace import Workspace
 
 app = typer.Typer(
@@ -64,8 +62,6 @@ def init(
     if kit is not None:
         _install_kit(ws, kit)
         return
-    if ws.config_path.exists():
-        errors.fail(f"{ws.config_path} already exists; refusing to overwrite a site", errors.CONFIG)
     try:
         cfg = profile_site_config(
             profile,
@@ -77,15 +73,9 @@ def init(
             },
             coordinator={"exchange": exchange, "superlink": superlink, "supernode_port": supernode_port},
         )
-    except ValueError as e:
+        create_site(ws, cfg, ca_cert=ca_cert)
+    except (ValueError, FileExistsError) as e:
         errors.fail(e, errors.CONFIG)
-    ws.keys.mkdir(parents=True, exist_ok=True)
-    ws.keys.chmod(0o700)
-    if ca_cert is not None:
-        shutil.copyfile(ca_cert, ws.resolve(cfg.coordinator.ca_cert))
-    generate_signing_key(ws.signing_key, ws.signing_pub)
-    generate_node_key(ws.node_key, ws.node_pub)
-    atomic_write_text(ws.config_path, commented_yaml(cfg, title=f"plan-node site config for {name!r}"))
     console.print(
         f"site {name!r} initialised in {ws.root}; register {ws.signing_pub} and {ws.node_pub} at the coordinator"
     )
@@ -264,23 +254,13 @@ def dashboard(
 @app.command()
 def status(site_dir: Path = SiteDir, as_json: bool = typer.Option(False, "--json")) -> None:
     """Stages done, the last audit, published bundles, the pool and the last federation round."""
-    from node.site.status import site_status
+    from node.site.status import print_status, site_status
 
     info = site_status(_workspace(site_dir))
     if as_json:
         print(json.dumps(info, indent=2))
-        return
-    out = Console()
-    out.print(f"[bold]{info['site']}[/bold]")
-    for stage, s in info["stages"].items():
-        out.print(f"  {stage:<12} done in {s['seconds']:.1f} s")
-    out.print(f"  audit: {info['audit']}")
-    out.print(f"  published: {info['published']}")
-    out.print(f"  pool: {len(info['pool'] or [])} bundle(s)")
-    fed = info["federation"]
-    if fed:
-        shown = {k: round(v, 3) for k, v in (fed["metrics"] or {}).items() if k in ("accuracy", "auroc", "train-loss")}
-        out.print(f"  federation: run {fed['run_id']}, round {fed['round']} {fed['phase']} {shown}")
+    else:
+        print_status(info, Console())
 
 
 def main() -> None:

@@ -28,28 +28,11 @@ from common.config import PolicyConfig
 from node.audit.run import audit
 from node.cvae import stages as cvae_stages
 from node.federation.baseline import local_only
-from node.plan import synthesize as plan_synthesize
-from node.plan import train as plan_train
+from node.routes import site_route
 from node.site.ingest import ingest
 from node.site.workspace import Workspace, run_stage
 
 STAGES = ("ingest", "train", "synthesize", "audit", "local_only")
-
-
-def _route(ws: Workspace):
-    """(train, synthesize, run_id_for, model names, models synthesize reads, models audit reads) of the site's route."""
-    if ws.config().synth.route == "cvae":
-        c = cvae_stages
-        return c.train, c.synthesize, c.run_id_for, c.MODEL_NAMES, ("cvae",), ("phi_id", "phi_attack")
-    p = plan_synthesize
-    return (
-        plan_train.train,
-        p.synthesize,
-        p.run_id_for,
-        plan_train.MODEL_NAMES,
-        ("G_ema", "phi_id", "phi_class"),
-        ("phi_id", "phi_attack", "phi_attack_wide", "D"),
-    )
 
 
 def _model_files(ws: Workspace, names) -> list[Path]:
@@ -63,9 +46,10 @@ def stage_io(ws: Workspace, stage: str) -> tuple[list[Path], list[Path]]:
         cfg = ws.config().data
         src = [Path(cfg.path)] if cfg.source != "phantom" and cfg.path is not None else []
         return [ws.config_path, *src], data
-    _, _, run_id_for, names, synth_reads, audit_reads = _route(ws)
+    r = site_route(ws)
+    synth_reads = r.synth_reads
     if stage == "train":
-        return [ws.config_path, *data], _model_files(ws, names)
+        return [ws.config_path, *data], _model_files(ws, r.model_names)
     if stage == "synthesize":
         federated = ws.config().synth.route == "cvae" and ws.config().synth.cvae.federated
         if federated:
@@ -74,12 +58,12 @@ def stage_io(ws: Workspace, stage: str) -> tuple[list[Path], list[Path]]:
         known = (ws.models / f"{synth_reads[0]}.json").exists() and (
             not federated or (ws.models / f"{cvae_stages.GLOBAL_NAME}.json").exists()
         )
-        run = ws.synth / run_id_for(ws) if known else ws.synth / "unknown"
+        run = ws.synth / r.run_id_for(ws) if known else ws.synth / "unknown"
         return ins, [ws.synth / "latest.json", run / "candidates.npz", run / "synth.json"]
     if stage == "audit":
         run = ws.synth / ws.latest_run()
         return (
-            [ws.config_path, *data, *_model_files(ws, audit_reads), ws.synth / "latest.json", run / "candidates.npz"],
+            [ws.config_path, *data, *_model_files(ws, r.audit_reads), ws.synth / "latest.json", run / "candidates.npz"],
             [run / "audit.json", run / "accepted.npz"],
         )
     if stage == "local_only":
@@ -94,11 +78,11 @@ def run_one(
 
     A `policy` other than the site's (e.g. tightened by a federation floor) always reruns audit;
     `note` goes into the audit attempt (node.site.attempts)."""
-    train, synthesize = _route(ws)[:2]
+    r = site_route(ws)
     fns: dict[str, Callable[[], object]] = {
         "ingest": lambda: ingest(ws),
-        "train": lambda: train(ws),
-        "synthesize": lambda: synthesize(ws),
+        "train": lambda: r.train(ws),
+        "synthesize": lambda: r.synthesize(ws),
         "audit": lambda: audit(ws, policy=policy, note=note),
         "local_only": lambda: local_only(ws),
     }

@@ -27,7 +27,7 @@ import re
 import stat
 from concurrent import futures
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 
@@ -175,26 +175,32 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         """Cancel this call after call_timeout_s, or idle_timeout_s without progress (server/limits.py)."""
         return Watchdog(context, total_s=self.call_timeout_s, idle_s=self.idle_timeout_s)
 
-    def _admit(self, context, *, upload: bool = False) -> None:
+    def _admit(self, context, *, upload: bool = False) -> Callable[[], None]:
         """Refuse a revoked site's call, whatever it is: its certificate is listed, or every key of
-        its site is revoked; then take one of the site's call slots (server/limits.py)."""
+        its site is revoked; then take one of the site's call slots (server/limits.py), returning
+        its release."""
         if not self.mutual_tls:
-            self.slots.take(context, context.peer(), upload=upload)  # no certificate: one client per connection
-            return
+            return self.slots.take(context, context.peer(), upload=upload)  # no certificate: one client per connection
         site = peer_site(context)
         if peer_serial(context) in self.revoked_serials():
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"the client certificate of site {site!r} was revoked")
         entries = self.trust.entries(site) if site else []
         if entries and all(e.revoked_at for e in entries):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {site!r} was revoked: every key of it is")
-        self.slots.take(context, site, upload=upload)
+        return self.slots.take(context, site, upload=upload)
 
     def _event(self, kind: str, **fields) -> None:
         if self.events_path is not None:
             append_event(self.events_path, kind, **fields)
 
     def Upload(self, request_iterator, context):
-        self._admit(context, upload=True)
+        release = self._admit(context, upload=True)
+        try:
+            return self._upload(request_iterator, context)
+        finally:
+            release()  # before the reply reaches the client: its next upload may follow at once
+
+    def _upload(self, request_iterator, context):
         watchdog = self._watch(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "header":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import grpc
 
@@ -25,8 +26,10 @@ class SiteSlots:
         self._uploading: set[str] = set()
         self._lock = threading.Lock()
 
-    def take(self, context, site: str, *, upload: bool = False) -> None:
-        """Hold a slot of `site` until the call ends (released by the call's termination callback)."""
+    def take(self, context, site: str, *, upload: bool = False) -> Callable[[], None]:
+        """Hold a slot of `site` until the call ends (released by the call's termination callback).
+        Returns the release, for a handler that is done before gRPC ends the call: the callback
+        runs after the reply has reached the client, which may already be making its next call."""
         with self._lock:
             if upload and site in self._uploading:
                 busy = f"site {site!r} already has an upload in progress; one at a time"
@@ -40,14 +43,20 @@ class SiteSlots:
         if busy:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
 
-        def release() -> None:
+        held = [True]
+
+        def release() -> None:  # once, whoever calls it first
             with self._lock:
+                if not held[0]:
+                    return
+                held[0] = False
                 self._calls[site] -= 1
                 if upload:
                     self._uploading.discard(site)
 
         if not context.add_callback(release):  # the call has already ended
             release()
+        return release
 
 
 class Watchdog:

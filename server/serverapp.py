@@ -21,6 +21,7 @@ from safetensors.torch import save
 
 from common.config import CvaeConfig, FederationConfig, load_federation_config
 from common.fileio import atomic_write_bytes, atomic_write_json
+from common.messages import CvaeRound, DownstreamRound
 from common.models import CVAE, downstream_model, state_sha256
 from server.strategy import SiteRecordingFedAvg, SiteRecordingFedProx
 
@@ -88,31 +89,17 @@ def main(grid: Grid, context: Context) -> None:
         strategy = SiteRecordingFedProx(proximal_mu=ds.proximal_mu, **_node_limits(fed, out))
     else:
         strategy = SiteRecordingFedAvg(**_node_limits(fed, out))
-    # The architecture travels with every message so that a ClientApp builds the same model.
-    model_config = {
-        "n-classes": fed.n_classes,
-        "width": ds.width,
-        "image-size": fed.image_size,
-        "route": fed.route,
-        "embedding-dim": fed.extractor.dim,
-        "head-hidden": ds.head_hidden,
-    }
-    hyper = {
-        "rounds": ds.rounds,
-        "local-epochs": ds.local_epochs,
-        "min-local-steps": ds.min_local_steps,
-        "lr": ds.lr,
-        "batch-size": ds.batch_size,
-    }
-    # evaluation carries the hyperparameters too: each site trains its local-only yardstick with them
+    # The architecture travels with every message so that a ClientApp builds the same model, and
+    # evaluation carries the hyperparameters too: each site trains its local-only yardstick with them.
+    config = DownstreamRound.of(fed, train_on=train_on).to_config()
     state, record = _run(
         grid,
         strategy,
         initial=model.state_dict(),
         rounds=ds.rounds,
         timeout=fed.round_timeout_s,
-        train_config={**model_config, **hyper, "train-on": train_on},
-        evaluate_config={**model_config, **hyper},
+        train_config=config,
+        evaluate_config=config,
     )
     atomic_write_bytes(out / "model.safetensors", save(state))
     atomic_write_json(
@@ -134,15 +121,15 @@ def cvae_main(grid: Grid, fed: FederationConfig, out: Path) -> None:
     """The federated CVAE: FedAvg over the decoders, fed.cvae_rounds rounds; the sites keep their
     encoders (node.cvae.federated). Writes out/decoder.safetensors and out/results.json."""
     model = federated_cvae(fed)
-    config = {
-        "task": "cvae",
-        "rounds": fed.cvae_rounds,
-        "local-epochs": fed.cvae_local_epochs,
-        "d-in": model.d_in,
-        "n-classes": model.n_classes,
-        "hidden": model.hidden,
-        "latent": model.latent,
-    }
+    spec = CvaeRound(
+        rounds=fed.cvae_rounds,
+        local_epochs=fed.cvae_local_epochs,
+        d_in=model.d_in,
+        n_classes=model.n_classes,
+        hidden=model.hidden,
+        latent=model.latent,
+    )
+    config = spec.to_config()
     state, record = _run(
         grid,
         SiteRecordingFedAvg(**_node_limits(fed, out)),
@@ -159,7 +146,7 @@ def cvae_main(grid: Grid, fed: FederationConfig, out: Path) -> None:
             "task": "cvae",
             "rounds": fed.cvae_rounds,
             "local_epochs": fed.cvae_local_epochs,
-            "architecture": {k: config[k] for k in ("d-in", "n-classes", "hidden", "latent")},
+            "architecture": spec.arch(),
             "global_decoder_sha256": state_sha256(state),
             **record,
         },

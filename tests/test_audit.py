@@ -3,16 +3,10 @@ import pytest
 import torch
 
 from common.config import PolicyConfig
+from common.metrics import roc_auc
 from node.audit.distances import min_pixel_mse, min_sq_dist
-from node.audit.run import (
-    audit_images,
-    membership_attack,
-    nearest_record,
-    reid_rate,
-    reid_threshold,
-    roc_auc,
-    tpr_at_fpr,
-)
+from node.audit.figures import membership_attack, nearest_record, reid_rate, reid_threshold, tpr_at_fpr
+from node.audit.images import audit_images
 from node.plan.classifiers import SmallCNN
 from node.site.phantom import make_phantom
 

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from common.config import PolicyConfig
+from common.metrics import roc_auc
 from common.modelstore import ModelStoreError, resolve
 from common.policy import check_audit, evaluate
 from node.audit.attacks import bootstrap_ci, density_ratio_scores, discriminator_scores, roc_points
+from node.audit.images import audit_images
 from node.audit.lpips_matrix import build_lpips, lpips_features, lpips_nearest, lpips_pairwise, prepare
 from node.audit.report import render
-from node.audit.run import audit_images, roc_auc
 from node.plan.classifiers import SmallCNN
 from node.site.phantom import make_phantom
 

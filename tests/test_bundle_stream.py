@@ -285,13 +285,13 @@ def test_the_signed_statement_comes_first(tmp_path, key_a, members, message):
 
 
 def test_arriving_upload_reads_from_memory_and_back_from_the_file(tmp_path):
-    from server.store import _Arriving
+    from server.upload import Arriving
 
     data = bytes(range(256)) * 40  # 10240 bytes in chunks of 1000
     path = tmp_path / "upload"
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     try:
-        a = _Arriving(
+        a = Arriving(
             iter([data[i : i + 1000] for i in range(0, len(data), 1000)]),
             fd,
             name="u",

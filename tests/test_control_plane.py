@@ -24,7 +24,8 @@ from common.procs import spawn, stop
 from common.signing import load_public_key
 from deploy.local.launcher import free_ports
 from server import federation
-from server.coordinator import _register_nodes, init_coordinator, revoke_node, start_gateway
+from server.coordinator import init_coordinator, start_gateway
+from server.nodes import register_nodes, revoke_node
 from tests.helpers_federation import wait_until
 
 pytestmark = pytest.mark.slow
@@ -66,7 +67,7 @@ def plane(tmp_path_factory):
     procs, gateway = [superlink], None
     try:
         federation.wait_superlink(cd.flwr_home, superlink)
-        _register_nodes(cd, lambda _: None)
+        register_nodes(cd, lambda _: None)
         gateway = start_gateway(cd, fed)
         good, good_log = _supernode(cd, fed, tmp_path, "good", port=good_port)
         procs.append(good)

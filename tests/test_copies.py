@@ -242,7 +242,7 @@ def test_the_wide_attacker_keeps_a_heavily_noised_copy_near_its_source():
     """A network trained to know each image under the `wide` augmentation (noise up to sd 0.125 on
     [0,1]) puts a copy under noise of sd 0.12 nearest its source, closer than most real
     non-members come to any train image, and flags no more fresh images than its threshold allows."""
-    from node.audit.run import _features_fn
+    from node.audit.images import features_embedder
     from node.federation.task import train_classifier
     from node.plan.classifiers import SmallCNN
 
@@ -252,7 +252,7 @@ def test_the_wide_attacker_keeps_a_heavily_noised_copy_near_its_source():
     train_classifier(
         net, train, np.arange(len(train)), epochs=60, lr=3e-3, batch_size=32, device="cpu", seed=0, augment="wide"
     )
-    emb = {"attacker_wide": _features_fn(net, "cpu")}
+    emb = {"attacker_wide": features_embedder(net, "cpu")}
     d_nonmembers = copy_distances(nonmembers, train, embedders=emb)["attacker_wide"][0]
     thr = calibrate(d_nonmembers, fpr=0.02)
     rng = np.random.default_rng(0)

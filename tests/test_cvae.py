@@ -10,22 +10,12 @@ import pytest
 import torch
 
 from common.config import CvaeConfig
-from common.models import EmbeddingHead
-from node.cvae.generator import (
-    CVAE,
-    fit_minmax,
-    kl_standard_normal,
-    load_cvae,
-    residual_rms,
-    sample_cvae,
-    sample_labels,
-    save_cvae,
-    scale,
-    stratified_split,
-    train_cvae,
-    unscale,
-)
+from common.models import CVAE, EmbeddingHead
+from node.cvae.checkpoint import load_cvae, save_cvae
+from node.cvae.generator import kl_standard_normal, residual_rms, stratified_split, train_cvae
 from node.cvae.ksame import ksame_embeddings
+from node.cvae.sampling import sample_cvae, sample_labels
+from node.cvae.scaling import fit_minmax, scale, unscale
 
 
 def _blobs(n: int = 300, d: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,9 @@ from pydantic import ValidationError
 
 from common.config import CvaeConfig
 from node.cvae import dp as cvae_dp
-from node.cvae.generator import CvaeResult, dp_block, sample_cvae, sample_labels, train_cvae
+from node.cvae.dp import dp_block
+from node.cvae.generator import CvaeResult, train_cvae
+from node.cvae.sampling import sample_cvae, sample_labels
 
 
 def _blobs(n: int = 300, d: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

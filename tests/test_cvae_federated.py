@@ -105,7 +105,7 @@ def federated_site(tiny_workspace):
 
 def test_a_site_keeps_its_encoder_and_samples_from_the_federations_decoder(federated_site):
     from node.cvae import federated as cvae_federated
-    from node.cvae.generator import load_cvae
+    from node.cvae.checkpoint import load_cvae
     from node.stages import run_one
 
     ws = federated_site
@@ -166,7 +166,7 @@ def test_dp_federated_rounds_are_one_plan_and_the_release_reports_its_epsilon(ti
     from common.config import commented_yaml, load_site_config
     from common.fileio import atomic_write_text
     from node.cvae import federated as cvae_federated
-    from node.cvae.generator import load_cvae
+    from node.cvae.checkpoint import load_cvae
     from node.stages import run_one, run_pipeline
 
     ws = tiny_workspace

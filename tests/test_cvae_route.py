@@ -15,7 +15,7 @@ from common.bundle import build_bundle, pack_bundle
 from common.config import ExtractorConfig, PolicyConfig
 from common.models import EmbeddingHead
 from common.policy import evaluate
-from node.audit.run import audit_embeddings
+from node.audit.embeddings import audit_embeddings
 from node.federation.task import train_classifier
 from tests.helpers_exchange import PASSED_AUDIT, site_key
 

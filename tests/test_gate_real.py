@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from common.config import PolicyConfig
-from node.audit.run import audit_images
+from node.audit.images import audit_images
 from node.federation.task import train_classifier
 from node.plan.classifiers import SmallCNN
 

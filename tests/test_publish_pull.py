@@ -138,8 +138,8 @@ def test_publish_with_a_given_client(fed):
         assert [r["bundle_id"] for r in c.list()] == [bid]
 
 
-def test_clientapp_trains_on_pool_real_or_both(fed):
-    from node.federation.clientapp import _training_data
+def test_a_round_trains_on_pool_real_or_both(fed):
+    from node.federation.rounds import training_records
 
     ex, a, b = fed
     publish(a), publish(b)
@@ -152,15 +152,15 @@ def test_clientapp_trains_on_pool_real_or_both(fed):
         a.data / "splits.json", {"seed": 0, "n_classes": 2, "train": [0, 1, 2, 3], "holdout": [4], "test": [5]}
     )
 
-    pool_x, pool_y = _training_data(a, "pool")  # pulls and verifies first
+    pool_x, pool_y = training_records(a, "pool")  # pulls and verifies first
     assert len(pool_y) == 20
-    real_x, real_y = _training_data(a, "real")
+    real_x, real_y = training_records(a, "real")
     assert real_x.shape == (4, 8, 8) and real_y.tolist() == [0, 1, 0, 1]
-    both_x, both_y = _training_data(a, "pool+real")
+    both_x, both_y = training_records(a, "pool+real")
     np.testing.assert_array_equal(both_x, np.concatenate([pool_x, real_x]))
     assert both_y.tolist() == pool_y.tolist() + [0, 1, 0, 1]
     with pytest.raises(ValueError, match="'everything'"):
-        _training_data(a, "everything")
+        training_records(a, "everything")
 
 
 def test_a_listed_bundle_id_is_never_a_path(fed, tmp_path):

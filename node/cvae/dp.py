@@ -27,12 +27,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy.special import log_ndtr
 
 from common.config import CvaeConfig
+
+if TYPE_CHECKING:  # the generator imports this module
+    from node.cvae.generator import CvaeResult
 
 # The clip radius of a DP mean: RADIUS_FACTOR x a DP median of the patients' row norms. The median,
 # not a high quantile: the exponential mechanism's chance of a radius far above every norm falls as
@@ -338,4 +342,25 @@ def report(
             },
         },
         "caveats": caveats(cfg, n_val=n_val),
+    }
+
+
+def dp_block(result: CvaeResult) -> dict:
+    """The "dp" block synth.json carries into the audit: the model's info["dp"], {"enabled": False}
+    without dp. A model from before per-patient accounting says its unit is the record."""
+    dp = result.info.get("dp")
+    if isinstance(dp, dict):
+        return dp
+    if result.epsilon is None:
+        return {"enabled": False}
+    return {
+        "enabled": True,
+        "epsilon": result.epsilon,
+        "delta": result.delta,
+        "unit": "record",
+        "caveats": list(result.info.get("dp_caveats", []))
+        + [
+            "trained before per-patient accounting: epsilon is per image, not per patient, and the scaler and "
+            "the noise scale are not DP; retrain (`plan-node train --force`)"
+        ],
     }

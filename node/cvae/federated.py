@@ -30,19 +30,18 @@ from common import errors
 from common.fileio import atomic_write_json
 from common.models import CVAE, state_sha256
 from node.cvae import dp as cvae_dp
+from node.cvae.checkpoint import load_cvae, save_cvae
 from node.cvae.embeddings import split_embeddings
 from node.cvae.generator import (
     CvaeResult,
     dp_residual_rms,
     eval_loss,
-    load_cvae,
     one_hot,
     residual_rms,
-    save_cvae,
-    scale,
     stratified_split,
     train_cvae,
 )
+from node.cvae.scaling import scale
 from node.cvae.stages import GLOBAL_NAME
 from node.site.checkpoint import read_sidecar
 from node.site.device import pick_device

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from common.config import CvaeConfig
 from common.models import CVAE  # one definition, shared with the coordinator (the federated CVAE's decoder)
 from node.cvae import dp as cvae_dp
-from node.site.checkpoint import load_weights, read_sidecar, save_model
+from node.cvae.dp_sgd import make_private
+from node.cvae.scaling import fit_scaler, scale
 from node.site.progress import progress
 
 # A validation loss counts as lower only if it beats the best by this share: float noise and
@@ -43,28 +43,6 @@ _MIN_REL_IMPROVEMENT = 1e-4
 def one_hot(y: torch.Tensor, n_classes: int) -> torch.Tensor:
     """int [B] -> float32 [B,n_classes]."""
     return F.one_hot(y.long(), n_classes).float()
-
-
-# ---------------------------------------------------------------- scaling
-
-
-def fit_minmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension minimum and maximum of x [N,D]: lo [D], hi [D]."""
-    return x.min(0).values, x.max(0).values
-
-
-def _span(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    return torch.where(hi > lo, hi - lo, torch.ones_like(hi))  # a constant dimension scales to 0 and back to lo
-
-
-def scale(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """x [N,D] -> (x - lo) / (hi - lo): the fitted data in [0,1]; other data may fall outside."""
-    return (x - lo) / _span(lo, hi)
-
-
-def unscale(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """The inverse of `scale`: s [N,D] in [0,1] -> embeddings in [lo, hi]."""
-    return lo + s * _span(lo, hi)
 
 
 # ---------------------------------------------------------------- loss
@@ -200,45 +178,6 @@ def dp_residual_rms(
     return sd.to(x.device), info
 
 
-def fit_scaler(
-    x: torch.Tensor, groups: np.ndarray, cfg: CvaeConfig, plan: cvae_dp.DpPlan | None, *, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """The scaler's bounds lo [D], hi [D] for embeddings x [N,D] (patient ids groups [N]) and how
-    they were made. Without dp: the train minimum and maximum (`fit_minmax`). With dp: the public
-    cfg.dp_bounds for every dimension, or DP estimates at the plan's scaler budget
-    (node.cvae.dp.dp_bounds); the exact train extremes would put a record's value in every sample
-    clipped to them."""
-    if not cfg.dp:
-        lo, hi = fit_minmax(x)
-        return lo, hi, {"mechanism": "train minimum and maximum (no DP)"}
-    if cfg.dp_bounds is not None:
-        lo, hi = (torch.full((x.shape[1],), float(b)) for b in cfg.dp_bounds)
-        return lo, hi, {"mechanism": f"public bounds synth.cvae.dp_bounds {list(cfg.dp_bounds)}"}
-    gen = torch.Generator().manual_seed(seed + cvae_dp.SEED_OFFSET["scaler"])
-    return cvae_dp.dp_bounds(x, groups, *plan.scaler, gen)
-
-
-def dp_block(result: "CvaeResult") -> dict:
-    """The "dp" block synth.json carries into the audit: the model's info["dp"], {"enabled": False}
-    without dp. A model from before per-patient accounting says its unit is the record."""
-    dp = result.info.get("dp")
-    if isinstance(dp, dict):
-        return dp
-    if result.epsilon is None:
-        return {"enabled": False}
-    return {
-        "enabled": True,
-        "epsilon": result.epsilon,
-        "delta": result.delta,
-        "unit": "record",
-        "caveats": list(result.info.get("dp_caveats", []))
-        + [
-            "trained before per-patient accounting: epsilon is per image, not per patient, and the scaler and "
-            "the noise scale are not DP; retrain (`plan-node train --force`)"
-        ],
-    }
-
-
 def train_cvae(
     x: np.ndarray,
     y: np.ndarray,
@@ -372,62 +311,21 @@ def train_cvae(
         train_model: nn.Module = model
         criterion: nn.Module = _Criterion(cfg.beta, "mean")
         if cfg.dp:
-            from opacus import PrivacyEngine
-
-            # The accountant works per record: it is calibrated to the plan's per-record targets,
-            # which group privacy turns into the plan's per-patient DP-SGD share (node.cvae.dp).
-            rec_eps, rec_delta = plan.sgd_record
-            # PRV accountant (Opacus' default): a tighter bound than RDP, so less noise for the
-            # same budget (sigma 14.8 against 16.3 for epsilon 1 over 1,800 steps at rate 1/9). The
-            # calibration searches with the same get_epsilon that is reported, so a full run
-            # reports at most the target.
-            from opacus.accountants.utils import get_noise_multiplier
-
-            engine = PrivacyEngine(accountant="prv")
             # Calibrated for every epoch the plan may train (max_epochs, or all the federated
             # rounds' epochs), not fewer: calibrating for fewer epochs than are trained, as the
             # reference federated code does, spends more than the epsilon it claims.
             plan_epochs = dp_plan_epochs or (epochs if epochs is not None else cfg.max_epochs)
-            spent = [(float(sig), float(q), int(n)) for sig, q, n in dp_history or []]
-            sigma = (
-                spent[-1][0]
-                if spent
-                else get_noise_multiplier(
-                    target_epsilon=rec_eps,
-                    target_delta=rec_delta,
-                    sample_rate=1.0 / len(loader),
-                    epochs=plan_epochs,
-                    accountant="prv",
-                )
+            train_model, opt, criterion, loader, engine, dp_info = make_private(
+                model,
+                opt,
+                loader,
+                _Criterion(cfg.beta, "sum"),
+                cfg=cfg,
+                plan=plan,
+                plan_epochs=plan_epochs,
+                history=dp_history,
             )
-            # Ghost clipping: per-sample gradient norms of a Linear layer from its inputs' and
-            # output gradients' norms, then a second, reweighted backward pass, instead of
-            # materialising a [B, out, in] gradient per layer (which made a step ~20x slower on CPU).
-            # "sum" reduction: a Poisson-sampled batch may be empty, and the mean of nothing is nan;
-            # Adam is indifferent to the constant factor between the two.
-            train_model, opt, criterion, loader = engine.make_private(
-                module=model,
-                optimizer=opt,
-                data_loader=loader,
-                criterion=_Criterion(cfg.beta, "sum"),
-                noise_multiplier=sigma,
-                max_grad_norm=cfg.dp_max_grad_norm,
-                poisson_sampling=True,
-                grad_sample_mode="ghost",
-                loss_reduction="sum",
-            )
-            engine.accountant.history = list(spent)  # the PRV accountant composes over its whole history
-            info.update(
-                {
-                    "accountant": "prv",
-                    "noise_multiplier": float(opt.noise_multiplier),
-                    "sample_rate": 1.0 / len(loader),
-                    "max_grad_norm": cfg.dp_max_grad_norm,
-                    "target_epsilon": cfg.dp_epsilon,
-                    "calibrated_epochs": plan_epochs,
-                }
-            )
-
+            info.update(dp_info)
         history: list[dict] = []
         best_val, best_epoch, best_state, stale, steps = float("inf"), 0, None, 0, 0
         epoch = 0
@@ -460,7 +358,7 @@ def train_cvae(
 
         rec_spent = None
         if cfg.dp:
-            rec_spent = float(engine.accountant.get_epsilon(rec_delta))
+            rec_spent = float(engine.accountant.get_epsilon(plan.sgd_record[1]))
             info["dp_history"] = [[float(sig), float(q), int(n)] for sig, q, n in engine.accountant.history]
             train_model.remove_hooks()  # the bare `model` shares its parameters; drop Opacus' hooks
         if best_state is not None:
@@ -534,119 +432,4 @@ def initial_cvae(
             "scaler": scaler_info,
         },
         noise_sd=torch.zeros(xt.shape[1]),
-    )
-
-
-# ---------------------------------------------------------------- sampling
-
-
-@torch.no_grad()
-def sample_cvae(
-    result: CvaeResult, labels: np.ndarray, *, seed: int, noise: bool = True, batch_size: int = 4096
-) -> np.ndarray:
-    """Synthetic embeddings float32 [M,D] for labels int [M]: z ~ N(0,I), decoded, plus (noise)
-    N(0, result.noise_sd^2) per dimension, clipped to [0,1], unscaled. noise=False: the decoded
-    means alone."""
-    model = result.model.eval()
-    labels = np.asarray(labels).astype(np.int64)
-    if len(labels) and (labels.min() < 0 or labels.max() >= model.n_classes):
-        raise ValueError(f"labels must lie in [0, {model.n_classes})")
-    if noise and result.noise_sd is None:
-        raise ValueError("sample_cvae: noise=True, but this CVAE has no noise_sd")
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(len(labels), model.latent, generator=gen)
-    e = torch.randn(len(labels), model.d_in, generator=gen) if noise else None
-    c = one_hot(torch.from_numpy(labels), model.n_classes)
-    out = np.empty((len(labels), model.d_in), dtype=np.float32)
-    for i in range(0, len(labels), batch_size):
-        s = model.decode(z[i : i + batch_size].to(device), c[i : i + batch_size].to(device))
-        if e is not None:
-            s = (s + result.noise_sd.to(device) * e[i : i + batch_size].to(device)).clamp(0, 1)
-        out[i : i + len(s)] = unscale(s, result.lo.to(device), result.hi.to(device)).float().cpu().numpy()
-    return out
-
-
-def sample_labels(train_labels: np.ndarray, *, mode: str, target_size: int, seed: int) -> np.ndarray:
-    """Labels int64 [M] to sample, shuffled (seeded). "replicate": the train class counts
-    (M = len(train_labels)); "target": M = target_size in the train class proportions, rounded
-    by largest remainder so that the counts sum to target_size exactly."""
-    classes, counts = np.unique(np.asarray(train_labels).astype(np.int64), return_counts=True)
-    if mode == "replicate":
-        n = counts
-    elif mode == "target":
-        exact = counts / counts.sum() * target_size
-        n = np.floor(exact).astype(np.int64)
-        # the largest fractional parts get the remainder; ties go to the smaller class index
-        order = np.argsort(-(exact - n), kind="stable")
-        n[order[: target_size - int(n.sum())]] += 1
-    else:
-        raise ValueError(f"unknown sampling mode {mode!r}; expected 'replicate' or 'target'")
-    return np.random.default_rng(seed).permutation(np.repeat(classes, n))
-
-
-# ---------------------------------------------------------------- persistence
-
-
-class _Packed(nn.Module):
-    """The CVAE, its scaler and its noise scale as one state dict (model.*, lo, hi, noise_sd) for
-    node.site.checkpoint."""
-
-    def __init__(self, model: CVAE, lo: torch.Tensor, hi: torch.Tensor, noise_sd: torch.Tensor):
-        super().__init__()
-        self.model = model
-        for name, t in (("lo", lo), ("hi", hi), ("noise_sd", noise_sd)):
-            self.register_buffer(name, t.detach().float().cpu().clone())
-
-
-def save_cvae(path: Path, result: CvaeResult, *, sidecar: dict | None = None) -> None:
-    """Weights and scaler to `path` (.safetensors), architecture and training record to the JSON
-    sidecar beside it (node.site.checkpoint.save_model: atomic, sidecar last). `sidecar` adds keys."""
-    m = result.model
-    if result.noise_sd is None:
-        raise ValueError(f"{path}: refusing to save a CVAE without its noise_sd (node.cvae.generator.residual_rms)")
-    meta = {
-        "kind": "cvae",
-        "noise_sd": True,
-        "d_in": m.d_in,
-        "n_classes": m.n_classes,
-        "hidden": m.hidden,
-        "latent": m.latent,
-        "epochs_trained": result.epochs_trained,
-        "best_epoch": result.best_epoch,
-        "best_val_loss": result.best_val_loss,
-        "epsilon": result.epsilon,
-        "delta": result.delta,
-        "history": result.history,
-        "info": result.info,
-    }
-    save_model(Path(path), _Packed(m, result.lo, result.hi, result.noise_sd), sidecar={**meta, **(sidecar or {})})
-
-
-def load_cvae(path: Path, *, device: torch.device | str = "cpu") -> CvaeResult:
-    """A CvaeResult from `save_cvae`'s files, weights checked against the sidecar's sha256."""
-    side = read_sidecar(Path(path))
-    if side.get("kind") != "cvae":
-        raise ValueError(f"{path}: not a CVAE checkpoint (sidecar kind {side.get('kind')!r})")
-    if not side.get("noise_sd"):
-        raise ValueError(
-            f"{path}: a CVAE checkpoint from before the decoder's noise scale was stored; "
-            "run `plan-node train --force` to retrain it"
-        )
-    model = CVAE(side["d_in"], side["n_classes"], hidden=side["hidden"], latent=side["latent"])
-    zeros = torch.zeros(side["d_in"])
-    packed = load_weights(Path(path), _Packed(model, zeros, zeros, zeros), device=device)
-    model.eval()
-    return CvaeResult(
-        model=model,
-        lo=packed.lo,
-        hi=packed.hi,
-        epochs_trained=side["epochs_trained"],
-        best_epoch=side["best_epoch"],
-        best_val_loss=side["best_val_loss"],
-        history=side["history"],
-        epsilon=side["epsilon"],
-        delta=side["delta"],
-        info=side["info"],
-        noise_sd=packed.noise_sd,
     )

@@ -29,9 +29,12 @@ import torch
 
 from common.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 from common.models import EmbeddingHead
+from node.cvae.checkpoint import load_cvae, save_cvae
+from node.cvae.dp import dp_block
 from node.cvae.embedder import extractor_digest
 from node.cvae.embeddings import split_embeddings
-from node.cvae.generator import dp_block, initial_cvae, load_cvae, sample_cvae, sample_labels, save_cvae, train_cvae
+from node.cvae.generator import initial_cvae, train_cvae
+from node.cvae.sampling import sample_cvae, sample_labels
 from node.federation.task import evaluate_classifier, train_classifier
 from node.site.checkpoint import config_digest, load_weights, read_sidecar, save_model
 from node.site.device import pick_device

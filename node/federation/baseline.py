@@ -10,8 +10,8 @@ import torch
 from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
 from common.models import downstream_model
-from node.federation.records import split_records
 from node.federation.task import epochs_for, evaluate_classifier, train_classifier
+from node.routes import route as route_named
 from node.site.device import pick_device
 from node.site.ingest import read_splits
 from node.site.status import read_json
@@ -37,7 +37,9 @@ def local_only(ws: Workspace, *, downstream: DownstreamConfig | None = None) -> 
     ):
         return done  # trained with these hyperparameters already (the stage, or an earlier evaluation)
     device = pick_device(cfg.device)
-    (x_train, y_train), (x_test, y_test) = (split_records(ws, s, route=route, device=device) for s in ("train", "test"))
+    (x_train, y_train), (x_test, y_test) = (
+        route_named(route).split_records(ws, s, device=device) for s in ("train", "test")
+    )
     n_classes = read_splits(ws)["n_classes"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.models.seed)
@@ -65,7 +67,7 @@ def local_only(ws: Workspace, *, downstream: DownstreamConfig | None = None) -> 
         batch_size=ds.batch_size,
         device=device,
         seed=cfg.models.seed,
-        augment="light" if route == "plan" else "none",
+        augment=route_named(route).augment,
     )
     ev = evaluate_classifier(model, x_test, y_test, device=device)
     report = {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from rich.console import Console
+
 from node.site.workspace import Workspace, ledger_lines
 
 
@@ -39,3 +41,17 @@ def site_status(ws: Workspace) -> dict:
         "local_only": read_json(ws.reports / "local_only.json"),
         "federation": read_json(ws.reports / "federation.json"),  # the last round this site took part in
     }
+
+
+def print_status(info: dict, out: Console) -> None:
+    """site_status's figures, a few lines for `plan-node status`."""
+    out.print(f"[bold]{info['site']}[/bold]")
+    for stage, s in info["stages"].items():
+        out.print(f"  {stage:<12} done in {s['seconds']:.1f} s")
+    out.print(f"  audit: {info['audit']}")
+    out.print(f"  published: {info['published']}")
+    out.print(f"  pool: {len(info['pool'] or [])} bundle(s)")
+    fed = info["federation"]
+    if fed:
+        shown = {k: round(v, 3) for k, v in (fed["metrics"] or {}).items() if k in ("accuracy", "auroc", "train-loss")}
+        out.print(f"  federation: run {fed['run_id']}, round {fed['round']} {fed['phase']} {shown}")

@@ -1,0 +1,101 @@
+"""One federated round of the downstream classifier at a site, as plain functions the ClientApp's
+handlers call: what the site trains on, its local update, and its evaluation beside the
+local-only yardstick. The handlers only translate Flower messages to and from these.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from common.content import ContentSpec
+from common.messages import DownstreamRound
+from common.models import downstream_model
+from node.federation.baseline import local_only
+from node.federation.task import epochs_for, evaluate_classifier, site_round_seed, train_classifier
+from node.release.pull import load_pool_data, pull
+from node.routes import route
+from node.site.device import pick_device
+from node.site.workspace import Workspace
+
+
+def training_records(
+    ws: Workspace, train_on: str, route_name: str = "plan", spec: ContentSpec | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Records (images uint8 [N,H,W], or embeddings float32 [N,D] on the CVAE route) and labels
+    int64 [N]: the verified pool ("pool"), the site's real train split ("real"), or both
+    ("pool+real"). The pool is pulled first, so bundles pooled after this site started its
+    SuperNode are fetched and verified and every round trains on the whole verified pool (and only
+    on verified bundles); bundles that do not fit `spec` are quarantined (node.release.pull)."""
+    parts = []
+    if train_on in ("pool", "pool+real"):
+        pull(ws)
+        pool_route, data, labels = load_pool_data(ws, spec=spec, route=route_name)
+        if len(labels) == 0:
+            raise RuntimeError(f"{ws.root}: the verified pool is empty; nothing to train on")
+        if pool_route != route_name:
+            raise RuntimeError(
+                f"{ws.root}: the pool holds {pool_route!r}-route bundles, the federation trains on route {route_name!r}"
+            )
+        parts.append((data, labels))
+    if train_on in ("real", "pool+real"):
+        parts.append(route(route_name).split_records(ws, "train", device=pick_device(ws.config().device)))
+    if not parts:
+        raise ValueError(f"train-on {train_on!r}: expected pool, pool+real or real")
+    return np.concatenate([p[0] for p in parts]), np.concatenate([np.asarray(p[1], dtype=np.int64) for p in parts])
+
+
+def model_for(spec: DownstreamRound, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The downstream model the spec describes, holding `state` (the global model)."""
+    model = downstream_model(
+        spec.n_classes,
+        route=spec.route,
+        width=spec.width,
+        image_size=spec.image_size,
+        embedding_dim=spec.embedding_dim,
+        head_hidden=spec.head_hidden,
+    )
+    model.load_state_dict(state)
+    return model
+
+
+def local_update(ws: Workspace, model: torch.nn.Module, spec: DownstreamRound) -> tuple[int, float]:
+    """Train `model` in place for this round on what spec.train_on names, with this site's own
+    seed and order; FedProx's proximal term pulls towards the weights it came with. Returns
+    (records trained on, mean training loss)."""
+    data, labels = training_records(ws, spec.train_on, spec.route, spec.content())
+    if spec.route == "cvae":
+        model.fit_scaler(torch.from_numpy(data))  # from the pool: the same at every site
+    global_params = [p.detach().clone() for p in model.parameters()]
+    loss = train_classifier(
+        model,
+        data,
+        labels,
+        epochs=epochs_for(
+            len(labels), epochs=spec.local_epochs, min_steps=spec.min_local_steps, batch_size=spec.batch_size
+        ),
+        lr=spec.lr,
+        batch_size=spec.batch_size,
+        device=pick_device(ws.config().device),
+        seed=site_round_seed(ws.config().name, spec.server_round),
+        proximal_mu=spec.proximal_mu,
+        global_params=global_params,
+        augment=route(spec.route).augment,
+    )
+    return len(labels), float(loss)
+
+
+def evaluate_round(ws: Workspace, model: torch.nn.Module, spec: DownstreamRound) -> dict[str, float]:
+    """The global model on this site's real test split, and beside it the local-only yardstick
+    (the same model class and hyperparameters on this site's real data alone, trained once, then
+    read from reports/local_only.json). Every site returns the same keys (the model's classes fix
+    the recall-<c> set): Flower aggregates only replies whose metrics agree."""
+    device = pick_device(ws.config().device)
+    test_x, test_y = route(spec.route).split_records(ws, "test", device=device)
+    result = evaluate_classifier(model, test_x, test_y, device=device)
+    local = local_only(ws, downstream=spec.downstream())["test"]
+    return {
+        "num-examples": int(result.pop("n")),
+        **{k: float(v) for k, v in result.items()},
+        **{f"local-only-{k}": float(local[k]) for k in ("accuracy", "balanced-accuracy", "auroc")},
+    }

@@ -1,0 +1,110 @@
+"""The ClientApp's handlers, called as a SuperNode calls them: Flower Messages in, Messages out
+(the app dispatches by message type). Trained on the site's real split, so no exchange is needed;
+the pool side of a round is tested in tests/test_publish_pull.py."""
+
+import json
+import time
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+from common.messages import CvaeRound, DownstreamRound, spec_of
+from common.models import downstream_model
+from node.federation.clientapp import app
+from node.site.ingest import ingest
+
+
+def _spec(**kw) -> DownstreamRound:
+    base = dict(
+        route="plan",
+        n_classes=2,
+        width=4,
+        image_size=16,
+        embedding_dim=0,
+        head_hidden=0,
+        rounds=1,
+        local_epochs=1,
+        min_local_steps=0,
+        lr=1e-2,
+        batch_size=8,
+        train_on="real",
+    )
+    return DownstreamRound(**{**base, **kw})
+
+
+def _message(kind: str, spec: DownstreamRound, state: dict, server_round: int = 1) -> Message:
+    """A message as the SuperNode hands it to the ClientApp (metadata set by the SuperLink)."""
+    config = ConfigRecord({**spec.to_config(), "server-round": server_round})
+    meta = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=1,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=time.time(),
+        ttl=600.0,
+        message_type=kind,
+    )
+    return Message(RecordDict({"arrays": ArrayRecord(state), "config": config}), metadata=meta)
+
+
+@pytest.fixture
+def site(tiny_workspace):
+    ingest(tiny_workspace)
+    ctx = Context(
+        run_id=1, node_id=7, node_config={"site-dir": str(tiny_workspace.root)}, state=RecordDict(), run_config={}
+    )
+    return tiny_workspace, ctx
+
+
+def test_train_handler_returns_the_locally_trained_model(site):
+    ws, ctx = site
+    spec = _spec()
+    torch.manual_seed(0)
+    initial = downstream_model(2, route="plan", width=4, image_size=16, embedding_dim=0, head_hidden=0).state_dict()
+    reply = app(_message("train", spec, initial), ctx)
+
+    assert not reply.has_error()
+    state = reply.content["arrays"].to_torch_state_dict()
+    assert list(state) == list(initial)  # the wire format: the same keys, in the same order
+    assert any(not torch.equal(state[k], initial[k]) for k in initial)  # it trained
+    metrics = reply.content["metrics"]
+    n_train = len(json.loads((ws.data / "splits.json").read_text())["train"])
+    assert metrics["num-examples"] == n_train and metrics["train-loss"] > 0
+    assert reply.content["site"]["name"] == "tiny"
+    assert json.loads((ws.reports / "federation.json").read_text())["phase"] == "train"
+
+
+def test_evaluate_handler_reports_the_global_model_beside_local_only(site):
+    ws, ctx = site
+    torch.manual_seed(0)
+    model = downstream_model(2, route="plan", width=4, image_size=16, embedding_dim=0, head_hidden=0)
+    reply = app(_message("evaluate", _spec(), model.state_dict()), ctx)
+
+    metrics = reply.content["metrics"]
+    n_test = len(json.loads((ws.data / "splits.json").read_text())["test"])
+    assert metrics["num-examples"] == n_test
+    for key in ("accuracy", "balanced-accuracy", "auroc", "local-only-accuracy", "local-only-auroc"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert (ws.reports / "local_only.json").exists()  # the yardstick, trained once with the spec's settings
+
+
+def test_a_config_the_spec_does_not_know_is_refused_by_name():
+    config = {**_spec().to_config(), "server-round": 1, "learning-rate": 0.1}
+    with pytest.raises(ValueError, match="learning-rate"):
+        spec_of(config)
+    with pytest.raises(ValueError, match="local-epochs"):
+        spec_of({**_spec().to_config(), "local-epochs": 0})
+    with pytest.raises(ValueError, match="task 'gan'"):
+        spec_of({"task": "gan"})
+
+
+def test_specs_round_trip_through_a_config_record():
+    spec = _spec(train_on="pool+real")
+    record = ConfigRecord({**spec.to_config(), "server-round": 3, "proximal-mu": 0.5})
+    back = spec_of(record)
+    assert back == spec.model_copy(update={"server_round": 3, "proximal_mu": 0.5})
+    cvae = CvaeRound(rounds=2, local_epochs=1, d_in=8, n_classes=2, hidden=4, latent=2)
+    assert spec_of(ConfigRecord(cvae.to_config())) == cvae
