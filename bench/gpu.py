@@ -13,7 +13,7 @@ Parts (--parts, default all, in this order):
           500 steps.
   walk    node.plan.walk.plan_paths (all paths as one tensor) against bench.walk_reference.reference_walk
           (the authors' method, one path at a time) on the same device, same anchors, steps and
-          weights: the profile's 2000 candidates are 167 paths of 14 points; the reference runs
+          weights: the profile's 2000 candidates are 334 paths of 8 points; the reference runs
           on as many of those paths as its share of the time allows and is projected to all of
           them (it is sequential over paths: its time is linear in the paths).
   audit   node.audit.images.audit_images, the full audit (copy detector, every attack, bootstrap

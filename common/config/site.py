@@ -115,15 +115,23 @@ class WalkConfig(_Strict):
     """The PLAN objective (docs/DESIGN.md 3.3) and its optimiser."""
 
     method: Literal["plan", "linear"] = "plan"
-    points: int = Field(14, ge=3, description="codes per path, endpoints included; the interior ones are rendered")
+    points: int = Field(
+        8,
+        ge=3,
+        description=(
+            "codes per path, endpoints included; the interior ones are rendered. With synth.target_size fixed, fewer "
+            "points mean more distinct anchor pairs; 8 and weight_identity 3 were chosen together on the "
+            "privacy-utility frontier on validation splits (bench/frontier.py)"
+        ),
+    )
     iters: int = Field(60, ge=1)
     lr: float = Field(0.1, gt=0)
     weight_identity: float = Field(
-        10.0,
+        3.0,
         ge=0,
         description=(
-            "0.1 (the first design's) is the paper's weight for StyleGAN2's 512-dim W; on this 64-dim W it left the "
-            "independent attacker no further from the train set than the straight line (bench/path_safety.py)"
+            "the paper's 0.1 is for StyleGAN2's 512-dim W; on this 64-dim W it left the independent attacker no "
+            "further from the train set than the straight line (bench/path_safety.py)"
         ),
     )
     weight_smooth: float = Field(1.0, ge=0)
