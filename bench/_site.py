@@ -18,7 +18,8 @@ import torch
 from common.config import SiteConfig, commented_yaml
 from common.fileio import atomic_write_text
 from node.plan.candidates import anchor_pairs as anchor_pairs_of
-from node.plan.invert import project, reconstruction_mse
+from node.plan.invert import reconstruction_mse
+from node.plan.synthesize import invert
 from node.plan.train import load_model
 from node.site.checkpoint import config_digest, read_sidecar
 from node.site.data import ImageSet
@@ -82,17 +83,7 @@ def anchor_pairs(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "c
     if cache.exists():
         w = torch.from_numpy(np.load(cache))
     else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sc.seed)
-            w = project(
-                G,
-                target,
-                num_steps=sc.invert_steps,
-                lr=sc.invert_lr,
-                features=phi_class.features,
-                perceptual_weight=sc.invert_perceptual,
-                device=device,
-            )
+        w = invert(G, phi_class, target, sc, device=device)
         np.save(cache, w.numpy())
     t_inv = time.time() - t0
     mse = float(reconstruction_mse(G, w, target, device=device).mean())

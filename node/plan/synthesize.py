@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from common.config import SynthConfig
 from common.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes
 from node.plan.candidates import plan_candidates
 from node.plan.invert import project, reconstruction_mse
@@ -30,6 +31,23 @@ def run_id_for(ws: Workspace) -> str:
     """The run id the current synth config and G_ema weights give: 12 hex digits of a sha256."""
     g_side = read_sidecar(ws.models / "G_ema.safetensors")
     return sha256_bytes((config_digest(ws.config().synth) + g_side["weights_sha256"]).encode())[:12]
+
+
+def invert(G, phi_class, target: torch.Tensor, sc: SynthConfig, *, device: torch.device | str) -> torch.Tensor:
+    """Train images [N,1,H,W] in [-1,1] -> codes w [N,D]: node.plan.invert.project with the synth
+    config's steps, lr and perceptual weight (phi_class's features), seeded by synth.seed; the
+    caller's RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sc.seed)
+        return project(
+            G,
+            target,
+            num_steps=sc.invert_steps,
+            lr=sc.invert_lr,
+            features=phi_class.features,
+            perceptual_weight=sc.invert_perceptual,
+            device=device,
+        )
 
 
 def synthesize(ws: Workspace) -> str:
@@ -49,17 +67,7 @@ def synthesize(ws: Workspace) -> str:
     G, phi_id, phi_class = load_models(ws, device)
     train_set = load_split(ws, "train")
     target = to_tensor(train_set.images)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sc.seed)
-        w = project(
-            G,
-            target,
-            num_steps=sc.invert_steps,
-            lr=sc.invert_lr,
-            features=phi_class.features,
-            perceptual_weight=sc.invert_perceptual,
-            device=device,
-        )
+    w = invert(G, phi_class, target, sc, device=device)
     rec_mse = reconstruction_mse(G, w, target, device=device)
     with torch.no_grad():
         rec_class = torch.cat(
