@@ -420,10 +420,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, default=WORK, help="where the site workspaces live")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="the first data set, label skew only, 600 images, 1 seed")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "evaluation.json")
+    ap.add_argument("--out", type=Path, help="default: bench/results/evaluation.json (--quick: evaluation_quick.json)")
     args = ap.parse_args(argv)
     if args.quick:
         args.datasets, args.partitions, args.max_images, args.seeds = args.datasets[:1], ["dirichlet0.5"], 600, 1
+    if args.out is None:  # a quick run never overwrites the full table
+        args.out = ROOT / "bench" / "results" / ("evaluation_quick.json" if args.quick else "evaluation.json")
     torch.set_num_threads(args.threads)
     overrides = yaml.safe_load(args.site_yaml.read_text()) if args.site_yaml else {}
     sources = {p.stem: p for p in args.npz} or {d: SHARED_DATA / f"{d}.npz" for d in args.datasets}
