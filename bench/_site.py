@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.config import SiteConfig, commented_yaml
+from common.config import GanConfig, SiteConfig, commented_yaml
 from common.fileio import atomic_write_text
 from node.plan.candidates import anchor_pairs as anchor_pairs_of
 from node.plan.invert import reconstruction_mse
@@ -133,14 +133,17 @@ def machine() -> str:
     )
 
 
-def npz_site(dataset: str, *, max_images: int | None) -> tuple[Workspace, dict]:
+def npz_site(dataset: str, *, max_images: int | None, gan_steps: int | None = None) -> tuple[Workspace, dict]:
     """A default-config site on ../shared/data/<dataset>.npz (MedMNIST, 28x28 resized to 32x32,
-    every image its own identity), capped to `max_images` images before the patient split."""
+    every image its own identity), capped to `max_images` images before the patient split; its
+    GAN trained `gan_steps` steps instead of the default when given (a workspace of its own)."""
     path = SHARED_DATA / f"{dataset}.npz"
     if not path.exists():
         raise SystemExit(f"{path} not found: the real-data benchmarks need ../shared/data (see its README)")
-    cfg = SiteConfig(name=dataset, data={"source": "npz", "path": path, "max_images": max_images})
-    return site(f"{dataset}-{max_images or 'all'}", cfg)
+    models = {} if gan_steps is None else {"gan": {"steps": gan_steps}}
+    cfg = SiteConfig(name=dataset, data={"source": "npz", "path": path, "max_images": max_images}, models=models)
+    suffix = "" if gan_steps in (None, GanConfig().steps) else f"-g{gan_steps}"
+    return site(f"{dataset}-{max_images or 'all'}{suffix}", cfg)
 
 
 @dataclass

@@ -60,11 +60,11 @@ import torch
 import yaml
 
 from bench._site import ROOT, SHARED_DATA, WORK, run_meta, site, site_audit, walk_both
+from bench.fedsim import alone, fedavg
 from bench.generator import K, features, judge, precision_recall
 from common.config import DataConfig, DownstreamConfig, SiteConfig
 from common.fileio import atomic_write_bytes, atomic_write_json, nan_to_none
-from common.models import DownstreamCNN, EmbeddingHead
-from node.federation.task import epochs_for, evaluate_classifier, site_round_seed, train_classifier
+from node.federation.task import evaluate_classifier
 from node.plan.quality import frechet_distance
 from node.release.publish import load_accepted
 from node.routes import route as route_named
@@ -180,74 +180,6 @@ def published_sets(ws: Workspace) -> dict[str, dict]:
         report, accepted = site_audit(ws, images, labels, paths)
         out[name] = {"images": images[accepted], "labels": labels[accepted], "report": report}
     return out
-
-
-def round_epochs(n: int, ds: DownstreamConfig) -> int:
-    """A site's epochs in one round on n records, as the ClientApp sizes them."""
-    return epochs_for(n, epochs=ds.local_epochs, min_steps=ds.min_local_steps, batch_size=ds.batch_size)
-
-
-def new_model(x: np.ndarray, n_classes: int, ds: DownstreamConfig) -> torch.nn.Module:
-    """The federation's downstream model for records x: DownstreamCNN on images uint8 [N,H,W],
-    EmbeddingHead on embeddings float [N,D] (the CVAE route's)."""
-    if x.ndim == 2:
-        return EmbeddingHead(x.shape[1], n_classes, hidden=ds.head_hidden)
-    return DownstreamCNN(n_classes, width=ds.width, image_size=x.shape[-1])
-
-
-def train_local(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, ds: DownstreamConfig, **kw):
-    """train_classifier as the ClientApp calls it: on embeddings the head's scaler is fitted on
-    the records first and nothing is augmented."""
-    if x.ndim == 2:
-        model.fit_scaler(torch.from_numpy(x))
-    augment = "none" if x.ndim == 2 else "light"
-    train_classifier(
-        model, x, y, epochs=epochs, lr=ds.lr, batch_size=ds.batch_size, device="cpu", augment=augment, **kw
-    )
-
-
-def fedavg(
-    train_sets: list[tuple[np.ndarray, np.ndarray]],
-    tests: list[tuple[np.ndarray, np.ndarray]],
-    *,
-    n_classes: int,
-    ds: DownstreamConfig,
-    seed: int,
-    proximal_mu: float = 0.0,
-) -> dict:
-    """FedAvg over the sites' (records, labels [N_k]), FedProx when `proximal_mu` > 0 (the same
-    aggregation; each site's loss adds mu/2 ||w - w_global||^2, as the ClientApp does); the global
-    model after the last round evaluated on each site's test (records, labels):
-    {"sites": [metrics per site], "rounds": completed}."""
-    torch.manual_seed(seed)
-    model = new_model(tests[0][0], n_classes, ds)
-    completed = 0
-    for r in range(1, ds.rounds + 1):
-        states, weights = [], []
-        for k, (x, y) in enumerate(train_sets):
-            local = copy.deepcopy(model)
-            seed_k = site_round_seed(f"site{k}", r) + seed
-            epochs = round_epochs(len(y), ds)
-            train_local(local, x, y, epochs=epochs, ds=ds, seed=seed_k, proximal_mu=proximal_mu)
-            states.append(local.state_dict())
-            weights.append(len(y))
-        w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
-        model.load_state_dict(
-            {
-                n: (sum(wi * s[n].double() for wi, s in zip(w, states)).to(t.dtype) if t.is_floating_point() else t)
-                for n, t in states[0].items()
-            }
-        )
-        completed = r
-    return {"sites": [evaluate_classifier(model, x, y, device="cpu") for x, y in tests], "rounds": completed}
-
-
-def alone(x: np.ndarray, y: np.ndarray, *, n_classes: int, ds: DownstreamConfig, seed: int) -> torch.nn.Module:
-    """One model trained for as many epochs as a federated site trains in all its rounds."""
-    torch.manual_seed(seed)
-    model = new_model(x, n_classes, ds)
-    train_local(model, x, y, epochs=ds.rounds * round_epochs(len(y), ds), ds=ds, seed=seed)
-    return model
 
 
 def downstream_rows(

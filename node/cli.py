@@ -9,11 +9,11 @@ import typer
 from rich.console import Console
 
 from common import errors
-from common.config import ConfigError, commented_yaml, profile_site_config
+from common.config import ConfigError, commented_yaml
 from common.errors import run_cli
 from common.fileio import atomic_write_text
 from common.procs import exit_on_sigterm
-from node.site.create import create_site
+from node.site.create import create_site, site_config
 from node.site.workspace import Workspace
 
 app = typer.Typer(
@@ -60,19 +60,12 @@ def init(
     """
     ws = Workspace(site_dir)
     if kit is not None:
-        _install_kit(ws, kit)
-        return
+        return _install_kit(ws, kit)
     try:
-        cfg = profile_site_config(
-            profile,
-            name=name,
-            data={
-                "source": source,
-                "path": data_path.resolve() if data_path else None,
-                "phantom": {"seed": phantom_seed},
-            },
-            coordinator={"exchange": exchange, "superlink": superlink, "supernode_port": supernode_port},
-        )
+        cfg = site_config(
+            profile, name=name, source=source, data_path=data_path, phantom_seed=phantom_seed, exchange=exchange,
+            superlink=superlink, supernode_port=supernode_port,
+        )  # fmt: skip
         create_site(ws, cfg, ca_cert=ca_cert)
     except (ValueError, FileExistsError) as e:
         errors.fail(e, errors.CONFIG)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -11,13 +12,12 @@ from rich.console import Console
 from common import errors
 from common.config import ConfigError, FederationConfig
 from common.errors import run_cli
-from common.eventlog import append_event
-from common.nodekey import check_node_public_key
 from common.procs import exit_on_sigterm
 from common.tls import certificate_names
 from server.cli_keys import register as _register_key_commands
 from server.coordinator import CoordinatorDir, init_coordinator, run_coordinator
 from server.dashboard import serve_dashboard
+from server.nodes import register_site
 from server.status import coordinator_status, print_status
 
 app = typer.Typer(
@@ -88,22 +88,27 @@ def start(
     """Serve the exchange and the Flower SuperLink; run the federation once the pool has a quorum."""
     exit_on_sigterm()
     cd = CoordinatorDir(dir)
-    page = None
     try:
-        if dashboard_port is not None:
-            page = serve_dashboard(cd, port=dashboard_port)
-            console.print(f"dashboard: {page.url}")
-        results = run_coordinator(cd, exit_after_run=exit_after_run, say=console.print)
+        with _dashboard_beside(cd, dashboard_port):
+            results = run_coordinator(cd, exit_after_run=exit_after_run, say=console.print)
     except ConfigError as e:
         errors.fail(str(e))
-    finally:
-        if page is not None:
-            page.stop()
     if results is not None and not results.get("completed"):
-        console.print(
-            f"the federation run failed: {results.get('failure', 'it did not complete')}", style="red", markup=False
-        )
-        raise typer.Exit(errors.RUN_FAILED)
+        errors.fail(f"the federation run failed: {results.get('failure', 'it did not complete')}", errors.RUN_FAILED)
+
+
+@contextmanager
+def _dashboard_beside(cd: CoordinatorDir, port: int | None):
+    """The dashboard on 127.0.0.1:`port` for as long as the block runs (nothing when port is None)."""
+    if port is None:
+        yield
+        return
+    page = serve_dashboard(cd, port=port)
+    console.print(f"dashboard: {page.url}")
+    try:
+        yield
+    finally:
+        page.stop()
 
 
 @app.command()
@@ -136,20 +141,9 @@ def sites_add(
 ) -> None:
     """Register a site's signing key (its bundles are accepted) and its SuperNode key (it may join runs)."""
     try:
-        pem = key.read_text()
-        node_line = check_node_public_key(node_key.read_text(), source=str(node_key)) if node_key else None
-    except OSError as e:
-        errors.fail(f"{e.filename}: cannot read public key ({e.strerror})")
+        register_site(CoordinatorDir(dir), name, key=key, node_key=node_key)
     except ValueError as e:
         errors.fail(str(e))
-    cd = CoordinatorDir(dir)
-    try:
-        if node_line:
-            cd.add_node_key(name, node_line)
-        cd.trust().add(name, pem)
-    except ValueError as e:
-        errors.fail(str(e))
-    append_event(cd.events, "site_registered", site=name, supernode_key=node_line is not None)
     console.print(f"site {name!r} registered")
 
 

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import stat
 from concurrent import futures
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import grpc
 
@@ -45,10 +44,10 @@ from server.limits import SiteSlots, Watchdog
 from server.revoked import certificate_serial, revoked_serials
 from server.store import BundleRecord, BundleStore, StoreRefused
 from server.trust import TrustStore
+from server.upload import SHA256_HEX, UploadBody
 
 log = logging.getLogger(__name__)
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # List pages: ~150 bytes a bundle, so even the largest page stays far below the message cap.
 LIST_PAGE_DEFAULT, LIST_PAGE_MAX = 500, 2000
 
@@ -85,51 +84,6 @@ def peer_serial(context) -> str | None:
     """The serial (hex) of the client's TLS certificate, or None without one."""
     pems = context.auth_context().get("x509_pem_cert") or []
     return certificate_serial(pems[0]) if pems else None
-
-
-class _UploadBody:
-    """What follows an upload's header. Iterating yields its data chunks, each refused as soon as
-    it breaks a limit (`declared` and `limit`, bytes), before it is written, up to the trailer,
-    which must end the stream; sha256() is then the digest the trailer declares."""
-
-    def __init__(self, requests: Iterator[pb.UploadChunk], *, declared: int, limit: int, progress=lambda: None):
-        self._requests, self._declared, self._limit = requests, declared, limit
-        self._progress = progress
-        self._trailer: str | None = None
-
-    def __iter__(self) -> Iterator[bytes]:
-        received = 0
-        for msg in self._requests:
-            self._progress()
-            kind = msg.WhichOneof("kind")
-            if kind == "trailer":
-                self._trailer = msg.trailer.sha256
-                if next(self._requests, None) is not None:
-                    raise StoreRefused("a message after the upload trailer; the trailer must end the upload", "invalid")
-                return
-            if kind != "data":
-                raise StoreRefused(
-                    f"unexpected {kind or 'empty'} message after the upload header; expected data "
-                    f"chunks, then the trailer",
-                    "invalid",
-                )
-            data = msg.data
-            if len(data) > CHUNK_BYTES:
-                raise StoreRefused(f"data chunk of {len(data)} bytes exceeds {CHUNK_BYTES}", "invalid")
-            received += len(data)
-            if received > self._limit:
-                raise StoreRefused(f"upload exceeds the limit of {self._limit} bytes", "too_large")
-            if received > self._declared:
-                raise StoreRefused(f"upload sends more than the declared {self._declared} bytes", "invalid")
-            yield data
-
-    def sha256(self) -> str:
-        """The tar's sha256 as the trailer declares it (64 lower-case hex digits)."""
-        if self._trailer is None:
-            raise StoreRefused("the upload ended without its trailer (the tar's sha256, after the data)", "invalid")
-        if not _SHA256.match(self._trailer):
-            raise StoreRefused(f"trailer sha256 {self._trailer!r} is not 64 lower-case hex digits", "invalid")
-        return self._trailer
 
 
 class ExchangeServicer(pb_grpc.ExchangeServicer):
@@ -239,7 +193,7 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
                 f"site {h.site!r} is not registered (or its key was revoked)",
                 "untrusted",
             )
-        body = _UploadBody(request_iterator, declared=h.size, limit=self.max_bundle_bytes, progress=watchdog.touch)
+        body = UploadBody(request_iterator, declared=h.size, limit=self.max_bundle_bytes, progress=watchdog.touch)
         try:
             rec = self.store.put(body, verify=self.trust, site=h.site, size=h.size, sha256=body.sha256)
         except StoreRefused as e:
@@ -295,7 +249,7 @@ class ExchangeServicer(pb_grpc.ExchangeServicer):
         watchdog = self._watch(context)
         # Content-addressed: only names of 64 lower-case hex digits are looked up, so a request can
         # never name a path. The bytes go out as they are; the site checks them against its pin.
-        if not _SHA256.match(request.sha256):
+        if not SHA256_HEX.match(request.sha256):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"asset sha256 {request.sha256!r} is not 64 lower-case hex digits"
             )

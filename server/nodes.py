@@ -1,14 +1,33 @@
-"""SuperNode keys at the SuperLink: registering the sites' keys, and revoking one (the Fleet
-gateway stops admitting it at once; its registration leaves the SuperLink now or at the next start)."""
+"""A site's keys at the coordinator: registering its signing key and SuperNode key, the SuperNode
+keys at the SuperLink, and revoking one (the Fleet gateway stops admitting it at once; its
+registration leaves the SuperLink now or at the next start)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
+from common.eventlog import append_event
 from common.fileio import atomic_write_json
+from common.nodekey import check_node_public_key
 from server import federation
 from server.directory import CoordinatorDir
+
+
+def register_site(cd: CoordinatorDir, site: str, *, key: Path, node_key: Path | None) -> None:
+    """Register a site: its Ed25519 signing public key (PEM file `key`; its bundles are accepted)
+    and, when given, its SuperNode public key (OpenSSH file `node_key`; it may join runs). Both
+    files are read and checked before anything is written. ValueError names a bad file."""
+    try:
+        pem = key.read_text()
+        node_line = check_node_public_key(node_key.read_text(), source=str(node_key)) if node_key else None
+    except OSError as e:
+        raise ValueError(f"{e.filename}: cannot read public key ({e.strerror})") from e
+    if node_line:
+        cd.add_node_key(site, node_line)
+    cd.trust().add(site, pem)
+    append_event(cd.events, "site_registered", site=site, supernode_key=node_line is not None)
 
 
 def revoke_node(cd: CoordinatorDir, site: str) -> str | None:

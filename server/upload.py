@@ -8,9 +8,14 @@ import hashlib
 import io
 import os
 import queue
+import re
 import threading
 from collections import deque
 from typing import Iterator
+
+from common.wire import CHUNK_BYTES
+
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")  # a digest as the protocol writes it
 
 
 class StoreRefused(Exception):
@@ -181,3 +186,49 @@ class Arriving:
         """Stop the writer thread (what it has queued is written first); for cleanup, so a
         failed write is not raised here (finish raises it)."""
         self._writer.stop()
+
+
+class UploadBody:
+    """What follows an upload's header. Iterating yields its data chunks, each refused as soon as
+    it breaks a limit (`declared` and `limit`, bytes), before it is written, up to the trailer,
+    which must end the stream; sha256() is then the digest the trailer declares. `requests` are the
+    exchange's UploadChunk messages (common/exchange.proto) after the header."""
+
+    def __init__(self, requests: Iterator, *, declared: int, limit: int, progress=lambda: None):
+        self._requests, self._declared, self._limit = requests, declared, limit
+        self._progress = progress
+        self._trailer: str | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        received = 0
+        for msg in self._requests:
+            self._progress()
+            kind = msg.WhichOneof("kind")
+            if kind == "trailer":
+                self._trailer = msg.trailer.sha256
+                if next(self._requests, None) is not None:
+                    raise StoreRefused("a message after the upload trailer; the trailer must end the upload", "invalid")
+                return
+            if kind != "data":
+                raise StoreRefused(
+                    f"unexpected {kind or 'empty'} message after the upload header; expected data "
+                    f"chunks, then the trailer",
+                    "invalid",
+                )
+            data = msg.data
+            if len(data) > CHUNK_BYTES:
+                raise StoreRefused(f"data chunk of {len(data)} bytes exceeds {CHUNK_BYTES}", "invalid")
+            received += len(data)
+            if received > self._limit:
+                raise StoreRefused(f"upload exceeds the limit of {self._limit} bytes", "too_large")
+            if received > self._declared:
+                raise StoreRefused(f"upload sends more than the declared {self._declared} bytes", "invalid")
+            yield data
+
+    def sha256(self) -> str:
+        """The tar's sha256 as the trailer declares it (64 lower-case hex digits)."""
+        if self._trailer is None:
+            raise StoreRefused("the upload ended without its trailer (the tar's sha256, after the data)", "invalid")
+        if not SHA256_HEX.match(self._trailer):
+            raise StoreRefused(f"trailer sha256 {self._trailer!r} is not 64 lower-case hex digits", "invalid")
+        return self._trailer

@@ -46,3 +46,12 @@ def key_a(tmp_path):
     from tests.helpers_exchange import site_key
 
     return site_key(tmp_path / "keys", "a")
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    """The attack matrix's live federation (tests/helpers_attack.py), one per test module."""
+    from tests.helpers_attack import live_federation
+
+    with live_federation(tmp_path_factory.mktemp("attack")) as f:
+        yield f

@@ -19,8 +19,8 @@ import pytest
 from common.bundle import ATTESTATION, BundleError, verify_bundle, verify_bundle_stream, write_tagmanifest
 from common.bundle import members as bundle_members
 from server.store import BundleStore, StoreRefused
+from tests.helpers_bundle import emb_file, make_embedding_bundle, repack, resigned
 from tests.helpers_exchange import make_bundle
-from tests.test_bundle import _emb_file, _repack, _resigned, make_embedding_bundle
 
 MAX = 16 * 1024 * 1024
 
@@ -62,9 +62,9 @@ def _not_a_png(d):
 
 
 def _nan_embedding(d):
-    raw = bytearray(_emb_file(d).read_bytes())
+    raw = bytearray(emb_file(d).read_bytes())
     raw[-4:] = np.array([np.nan], "<f4").tobytes()  # the last value, [11,15]
-    _emb_file(d).write_bytes(bytes(raw))
+    emb_file(d).write_bytes(bytes(raw))
 
 
 def _manifest_edit(edit):
@@ -156,7 +156,7 @@ CASES = {
 def _case_tar(tmp_path, priv, case):
     kind, edit, resign, _ = CASES[case]
     tar = (make_bundle if kind == "images" else make_embedding_bundle)(tmp_path / "b", priv)
-    return _resigned(tar, priv, edit) if resign else _repack(tar, edit)
+    return resigned(tar, priv, edit) if resign else repack(tar, edit)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -216,7 +216,7 @@ def test_stream_path_extracts_nothing_and_returns_the_card(tmp_path, key_a, monk
     assert list((tmp_path / "spill").iterdir()) == []
     with pytest.raises(BundleError, match=r"embedding \[11,15\] is nan"):
         verify_bundle_stream(
-            _resigned(make_embedding_bundle(tmp_path / "f", priv), priv, _nan_embedding),
+            resigned(make_embedding_bundle(tmp_path / "f", priv), priv, _nan_embedding),
             {"a": [pem]},
             max_bytes=MAX,
             spill_dir=tmp_path / "spill",

@@ -17,8 +17,8 @@ from common.signing import load_private_key
 from node.release.exchange_client import ExchangeError, site_client
 from node.release.publish import publish
 from node.release.pull import load_pool_data, pull
+from tests.helpers_bundle import resigned
 from tests.helpers_exchange import PASSED_AUDIT, live_exchange, make_bundle, sample_set
-from tests.test_bundle import _resigned
 from tests.test_publish_pull import _site
 
 
@@ -64,10 +64,10 @@ CASES = {  # the test federation: 8x8 grey images, 2 classes
     "labels outside the classes": (
         lambda t, p: _bundle(t, p, images=sample_set(n=6)[0], labels=np.array([0, 1, 2, 3, 4, 1])),
         r"labels.csv: label 2 is outside this federation's 2 classes"),
-    "an RGB image": (lambda t, p: _resigned(make_bundle(t, p), p, _replace_first_png(_png("RGB", 8))),
+    "an RGB image": (lambda t, p: resigned(make_bundle(t, p), p, _replace_first_png(_png("RGB", 8))),
                      r"a PNG RGB image of 8x8 pixels"),
     "an image that does not decode": (
-        lambda t, p: _resigned(make_bundle(t, p), p, _replace_first_png(_truncated_png())),
+        lambda t, p: resigned(make_bundle(t, p), p, _replace_first_png(_truncated_png())),
         r"does not decode as an image"),
 }  # fmt: skip
 

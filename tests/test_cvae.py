@@ -12,8 +12,9 @@ import torch
 from common.config import CvaeConfig
 from common.models import CVAE, EmbeddingHead
 from node.cvae.checkpoint import load_cvae, save_cvae
-from node.cvae.generator import kl_standard_normal, residual_rms, stratified_split, train_cvae
+from node.cvae.generator import stratified_split, train_cvae
 from node.cvae.ksame import ksame_embeddings
+from node.cvae.losses import kl_standard_normal, residual_rms
 from node.cvae.sampling import sample_cvae, sample_labels
 from node.cvae.scaling import fit_minmax, scale, unscale
 

@@ -32,15 +32,8 @@ from common.models import CVAE, state_sha256
 from node.cvae import dp as cvae_dp
 from node.cvae.checkpoint import load_cvae, save_cvae
 from node.cvae.embeddings import split_embeddings
-from node.cvae.generator import (
-    CvaeResult,
-    dp_residual_rms,
-    eval_loss,
-    one_hot,
-    residual_rms,
-    stratified_split,
-    train_cvae,
-)
+from node.cvae.generator import CvaeResult, stratified_split, train_cvae
+from node.cvae.losses import dp_residual_rms, eval_loss, one_hot, residual_rms
 from node.cvae.scaling import scale
 from node.cvae.stages import GLOBAL_NAME
 from node.site.checkpoint import read_sidecar

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from node.cvae.generator import CvaeResult, one_hot
+from node.cvae.generator import CvaeResult
+from node.cvae.losses import one_hot
 from node.cvae.scaling import unscale
 
 

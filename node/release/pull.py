@@ -41,6 +41,7 @@ from common.tarscan import short
 from common.trustdoc import TrustDocumentError
 from node.release.exchange_client import ExchangeClient, ExchangeError, site_client
 from node.release.trust import accept_trust_document
+from node.routes import route as route_named
 from node.site.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -237,12 +238,11 @@ def load_pool_data(
             route, first = r, bid
         elif r != route:
             raise BundleError(
-                f"{ws.pool / bid}: holds {'images' if r == 'plan' else 'embeddings'} (route {r!r}) "
-                f"but pooled bundle {first} holds {'images' if route == 'plan' else 'embeddings'} (route {route!r}); "
-                "a pool holds one route"
+                f"{ws.pool / bid}: holds {route_named(r).records} (route {r!r}) but pooled bundle {first} "
+                f"holds {route_named(route).records} (route {route!r}); a pool holds one route"
             )
         elif x.shape[1:] != parts[0].shape[1:]:
-            if r == "plan":
+            if route_named(r).records == "images":
                 raise BundleError(
                     f"{ws.pool / bid}: images are {x.shape[1:]}, other pooled bundles {parts[0].shape[1:]}"
                 )

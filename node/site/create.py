@@ -5,11 +5,31 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from common.config import SiteConfig, commented_yaml
+from common.config import SiteConfig, commented_yaml, profile_site_config
 from common.fileio import atomic_write_text
 from common.nodekey import generate_node_key
 from common.signing import generate_signing_key
 from node.site.workspace import Workspace
+
+
+def site_config(
+    profile: str,
+    *,
+    name: str,
+    source: str,
+    data_path: Path | None,
+    phantom_seed: int,
+    exchange: str,
+    superlink: str,
+    supernode_port: int,
+) -> SiteConfig:
+    """The profile's SiteConfig with `plan-node init`'s answers filled in (ValueError names a bad one)."""
+    return profile_site_config(
+        profile,
+        name=name,
+        data={"source": source, "path": data_path.resolve() if data_path else None, "phantom": {"seed": phantom_seed}},
+        coordinator={"exchange": exchange, "superlink": superlink, "supernode_port": supernode_port},
+    )
 
 
 def create_site(ws: Workspace, cfg: SiteConfig, *, ca_cert: Path | None = None) -> None:
