@@ -21,9 +21,7 @@ site). Printed as "chosen" and stored under "_chosen". Writes bench/results/gan_
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,16 +33,17 @@ from common.fileio import atomic_write_json, sha256_file
 from node.plan.quality import frechet_distance
 from node.site.ingest import load_split
 from node.site.pixels import to_uint8
+from node.site.workspace import ledger_lines
 
 
 def train_seconds(ws) -> float:
     """Seconds the train stage took to make the models on disk, from the workspace's ledger. A
     train stage rerun for a site.yaml edit that leaves the models' config alone finds them up to
     date in a fraction of a second and writes the same outputs: the longest run wins."""
-    g_ema = str(ws.models / "G_ema.safetensors")
-    sha = sha256_file(Path(g_ema))
-    runs = [json.loads(line) for line in (ws.root / "ledger.jsonl").read_text().splitlines() if line.strip()]
-    return max(float(r["seconds"]) for r in runs if r["stage"] == "train" and r["outputs"].get(g_ema) == sha)
+    g_ema = ws.models / "G_ema.safetensors"
+    sha = sha256_file(g_ema)
+    runs = [r for r in ledger_lines(ws) if r["stage"] == "train" and r["outputs"].get(str(g_ema)) == sha]
+    return max(float(r["seconds"]) for r in runs)
 
 
 def run_site(name: str, *, gan_steps: int, max_images: int, images: int, steps: int, batch: int, seeds: int) -> dict:

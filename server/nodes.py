@@ -11,6 +11,7 @@ from pathlib import Path
 from common.eventlog import append_event
 from common.fileio import atomic_write_json
 from common.nodekey import check_node_public_key
+from common.signing import load_public_key, public_pem
 from server import federation
 from server.directory import CoordinatorDir
 
@@ -18,9 +19,10 @@ from server.directory import CoordinatorDir
 def register_site(cd: CoordinatorDir, site: str, *, key: Path, node_key: Path | None) -> None:
     """Register a site: its Ed25519 signing public key (PEM file `key`; its bundles are accepted)
     and, when given, its SuperNode public key (OpenSSH file `node_key`; it may join runs). Both
-    files are read and checked before anything is written. ValueError names a bad file."""
+    files are read and parsed before anything is written; ValueError names a bad file. A conflict
+    with what is registered (another node key, a revoked key) is found by the write that meets it."""
+    pem = public_pem(load_public_key(key))
     try:
-        pem = key.read_text()
         node_line = check_node_public_key(node_key.read_text(), source=str(node_key)) if node_key else None
     except OSError as e:
         raise ValueError(f"{e.filename}: cannot read public key ({e.strerror})") from e
