@@ -368,8 +368,8 @@ def main(argv: list[str] | None = None) -> dict:
         data = load_dataset(
             DataConfig(source="npz", path=path, max_images=args.max_images, **overrides.get("data", {}))
         )
-        res[name] = {
-            part: run_partition(
+        for part in args.partitions:
+            res.setdefault(name, {})[part] = run_partition(
                 data,
                 PARTITIONS[part],
                 work=args.work / f"eval-{name}-{part}-{args.max_images}",
@@ -378,8 +378,10 @@ def main(argv: list[str] | None = None) -> dict:
                 ds=DownstreamConfig(rounds=args.rounds, min_local_steps=args.min_local_steps),
                 judge_steps=args.judge_steps,
             )
-            for part in args.partitions
-        }
+            # each finished panel is written at once: a run cut off after an hour keeps that hour
+            atomic_write_json(
+                args.out, nan_to_none(res | {"_meta": run_meta("bench.evaluation", argv) | {"partial": True}})
+            )
     res["_meta"] = run_meta("bench.evaluation", argv)
     atomic_write_json(args.out, nan_to_none(res))
     plot(res, args.out.with_suffix(".png"))
