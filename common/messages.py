@@ -82,8 +82,7 @@ class DownstreamRound(_Spec):
 
     def downstream(self) -> DownstreamConfig:
         """The hyperparameters as the site's DownstreamConfig (for its local-only yardstick)."""
-        keys = ("width", "rounds", "local_epochs", "min_local_steps", "lr", "batch_size", "head_hidden")
-        return DownstreamConfig(**{k: getattr(self, k) for k in keys})
+        return DownstreamConfig(**{k: getattr(self, k) for k in DownstreamConfig.YARDSTICK_FIELDS})
 
     def content(self) -> ContentSpec:
         """The federation's data as this spec states it (common/content.py)."""

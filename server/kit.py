@@ -84,6 +84,8 @@ def make_kit(
         "schema": {"n_classes": fed.n_classes, "class_names": fed.class_names, "image_size": fed.image_size},
         # CVAE route: whether the CVAE is trained across the sites (decoders averaged) before synthesis
         "cvae_federated": fed.route == "cvae" and fed.cvae_federated,
+        # the downstream training: the site trains its local-only yardstick with it before joining
+        "downstream": fed.downstream.model_dump(mode="json"),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         # what the server certificate covers: the site checks its addresses against it (node/release/kit.py)
         "server_names": certificate_names((cd.tls_dir / "server.crt").read_bytes()),

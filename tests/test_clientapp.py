@@ -91,6 +91,28 @@ def test_evaluate_handler_reports_the_global_model_beside_local_only(site):
     assert (ws.reports / "local_only.json").exists()  # the yardstick, trained once with the spec's settings
 
 
+def test_evaluate_reads_the_yardstick_the_stage_trained_with_the_kits_settings(site):
+    import yaml
+
+    from node.federation.baseline import local_only
+
+    ws, ctx = site
+    spec = _spec()
+    raw = yaml.safe_load(ws.config_path.read_text())
+    raw["downstream"] = spec.downstream().model_dump(mode="json") | {"strategy": "fedprox"}  # as a kit writes it
+    ws.config_path.write_text(yaml.safe_dump(raw))
+    stage = local_only(ws)  # the node step before the SuperNode joins
+    written = (ws.reports / "local_only.json").read_bytes()
+    model = downstream_model(2, route="plan", width=4, image_size=16, embedding_dim=0, head_hidden=0)
+    reply = app(_message("evaluate", spec, model.state_dict()), ctx)
+
+    assert (ws.reports / "local_only.json").read_bytes() == written  # read, not trained again in the handler
+    assert reply.content["metrics"]["local-only-accuracy"] == pytest.approx(stage["test"]["accuracy"])
+    # a round with other hyperparameters than the kit's gets a yardstick trained with its own
+    app(_message("evaluate", _spec(lr=5e-3), model.state_dict()), ctx)
+    assert json.loads((ws.reports / "local_only.json").read_text())["downstream"]["lr"] == 5e-3
+
+
 def test_a_config_the_spec_does_not_know_is_refused_by_name():
     config = {**_spec().to_config(), "server-round": 1, "learning-rate": 0.1}
     with pytest.raises(ValueError, match="learning-rate"):

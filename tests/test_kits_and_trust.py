@@ -55,6 +55,7 @@ def test_kit_through_the_clis(tmp_path):
     # the federation's floor is stricter on the AUC, the site already stricter on re-identification
     fed_yaml = yaml.safe_load(cd.config_path.read_text())
     fed_yaml["policy"] = {"max_mia_auc": 0.6}
+    fed_yaml["downstream"] = {"rounds": 5, "lr": 0.004, "strategy": "fedprox"}
     cd.config_path.write_text(yaml.safe_dump(fed_yaml))
     site_yaml = yaml.safe_load(ws.config_path.read_text())
     site_yaml["policy"] = {"max_reid_rate": 0.05}
@@ -85,6 +86,9 @@ def test_kit_through_the_clis(tmp_path):
     cfg = ws.config()
     assert cfg.coordinator.exchange == "coord.example:50051" and cfg.name == "st-marys"
     assert cfg.policy.max_mia_auc == 0.6 and cfg.policy.max_reid_rate == 0.05  # floor applied, site's stricter kept
+    # the federation's downstream settings: the site's local-only yardstick trains with them before it joins
+    assert meta["downstream"] == cd.config().downstream.model_dump(mode="json")
+    assert (cfg.downstream.rounds, cfg.downstream.lr, cfg.downstream.strategy) == (5, 0.004, "fedprox")
     _ok(node_app, ["init", "--site-dir", site, "--kit", kit])  # installing again is harmless
 
 

@@ -4,7 +4,7 @@ the downstream training every site runs."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -44,6 +44,22 @@ class DownstreamConfig(_Strict):
             "machinery; every site also reports its local-only model (its real data alone) with each evaluation"
         ),
     )
+
+    # what shapes a site's local-only model (node.federation.baseline); the rest is the federation's business
+    YARDSTICK_FIELDS: ClassVar[tuple[str, ...]] = (
+        "width",
+        "rounds",
+        "local_epochs",
+        "min_local_steps",
+        "lr",
+        "batch_size",
+        "head_hidden",
+    )
+
+    def yardstick(self) -> DownstreamConfig:
+        """These settings with only YARDSTICK_FIELDS kept, the rest at their defaults: two configs
+        whose yardsticks are equal train the same local-only model."""
+        return DownstreamConfig(**{k: getattr(self, k) for k in self.YARDSTICK_FIELDS})
 
 
 class FederationConfig(_Strict):

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from common.config.base import ConfigError, _check_class_names, _load, _Strict, deep_merge
 from common.config.cvae import CvaeConfig, ExtractorConfig
+from common.config.federation import DownstreamConfig
 from common.config.policy import PolicyConfig
 
 
@@ -200,6 +201,13 @@ class SiteConfig(_Strict):
     synth: SynthConfig = SynthConfig()
     policy: PolicyConfig = PolicyConfig()
     coordinator: CoordinatorAddress = CoordinatorAddress()
+    downstream: DownstreamConfig = Field(
+        DownstreamConfig(),
+        description=(
+            "the federation's downstream training (from the site kit); the site trains its local-only "
+            "yardstick with these settings before it joins, and the federation's rounds use the coordinator's"
+        ),
+    )
 
 
 # Size profiles: presets that `plan-node init --profile` writes into site.yaml, where each value

@@ -20,13 +20,13 @@ from node.site.workspace import Workspace
 
 def local_only(ws: Workspace, *, downstream: DownstreamConfig | None = None) -> dict:
     """Train the downstream model (common.models.downstream_model for the site's route: a CNN on
-    images, a head on embeddings) with the federation's downstream hyperparameters (epochs =
-    rounds times a client's epochs a round on data of this size, node.federation.task.epochs_for) and write
-    reports/local_only.json {"test_accuracy", "test_loss", "test" (every metric of
-    node.federation.task.evaluate_classifier), "n_train", "n_test", ...}. Reused when it exists for the same
-    hyperparameters."""
+    images, a head on embeddings) with the federation's downstream hyperparameters (`downstream`,
+    else site.yaml's, which the site kit sets; epochs = rounds times a client's epochs a round on
+    data of this size, node.federation.task.epochs_for) and write reports/local_only.json
+    {"test_accuracy", "test_loss", "test" (every metric of node.federation.task.evaluate_classifier),
+    "n_train", "n_test", ...}. Reused when it exists for the same hyperparameters."""
     cfg = ws.config()
-    ds = downstream or DownstreamConfig()
+    ds = (downstream or cfg.downstream).yardstick()
     done = read_json(ws.reports / "local_only.json")
     route = cfg.synth.route
     if (

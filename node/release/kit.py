@@ -7,7 +7,8 @@ Then keys/ (0700) receives ca.crt, client.crt, client.key (0600) and coordinator
 paths site.yaml names; site.yaml's coordinator addresses are set from the kit, and its release
 policy is tightened to the federation's floor (PolicyConfig.stricter), so the site's gate never
 passes a bundle the coordinator would refuse, and its synth.route, synth.extractor and
-synth.cvae.federated become the federation's.
+synth.cvae.federated become the federation's, as do its downstream settings (with which the site
+trains its local-only yardstick before it joins).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
-from common.config import ExtractorConfig, PolicyConfig, commented_yaml
+from common.config import DownstreamConfig, ExtractorConfig, PolicyConfig, commented_yaml
 from common.fileio import atomic_write_bytes, atomic_write_text
 from common.keyfile import write_private_file
 from common.signing import SigningKeyError, key_id, load_public_key
@@ -100,6 +101,10 @@ def install_kit(ws: Workspace, kit_path: Path) -> dict:
         federated = bool(meta.get("cvae_federated", False)) and meta.get("route") == "cvae"
     except ValueError as e:
         raise KitError(f"{kit_path}: kit.json route or extractor: {e}") from None
+    try:  # kits made before the downstream settings were recorded leave downstream as it is
+        downstream = DownstreamConfig(**meta["downstream"]) if "downstream" in meta else None
+    except (ValueError, TypeError) as e:
+        raise KitError(f"{kit_path}: kit.json downstream: {e}") from None
     schema = meta.get("schema")  # kits made before the schema was recorded leave data.* as it is
     if schema is not None:
         try:
@@ -126,6 +131,8 @@ def install_kit(ws: Workspace, kit_path: Path) -> dict:
         cfg.policy = cfg.policy.stricter(floor)
     if schema is not None:
         cfg.data = data
+    if downstream is not None:
+        cfg.downstream = downstream
     if "route" in meta:
         cfg.synth.route, cfg.synth.extractor = meta["route"], extractor
         cfg.synth.cvae.federated = federated
