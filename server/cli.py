@@ -10,12 +10,11 @@ import typer
 from rich.console import Console
 
 from common import errors
-from common.config import ConfigError, FederationConfig
+from common.config import ConfigError
 from common.errors import run_cli
 from common.procs import exit_on_sigterm
-from common.tls import certificate_names
 from server.cli_keys import register as _register_key_commands
-from server.coordinator import CoordinatorDir, init_coordinator, run_coordinator
+from server.coordinator import CoordinatorDir, federation_for, init_coordinator, run_coordinator
 from server.dashboard import serve_dashboard
 from server.nodes import register_site
 from server.status import coordinator_status, print_status
@@ -59,22 +58,12 @@ def init(
 ) -> None:
     """Create a coordinator directory: federation.yaml, the federation CA and TLS certificate."""
     try:
-        cfg = FederationConfig(
-            name=name,
-            quorum=quorum,
-            min_nodes=min_nodes,
-            downstream={"rounds": rounds},
-            public_host=host[0] if host else None,
-            exchange_host=bind,
-            superlink_host=bind,
-        )
+        cfg = federation_for(name=name, quorum=quorum, min_nodes=min_nodes, rounds=rounds, hosts=host or [], bind=bind)
         cd = init_coordinator(dir, cfg, hosts=host or None)
     except (ValueError, FileExistsError) as e:
         errors.fail(str(e))
-    console.print(
-        f"coordinator initialised in {cd.root}; listening on {bind}; the server certificate covers "
-        f"{', '.join(certificate_names((cd.tls_dir / 'server.crt').read_bytes()))}"
-    )
+    names = ", ".join(cd.server_names())
+    console.print(f"coordinator initialised in {cd.root}; listening on {bind}; the server certificate covers {names}")
 
 
 @app.command()

@@ -46,12 +46,8 @@ def ca_init(
     for p in made:
         console.print(f"created {p}")
     if any(p.name == "server.crt" for p in made):
-        from common.tls import certificate_names
-
-        names = certificate_names((cd.tls_dir / "server.crt").read_bytes())
-        console.print(
-            f"the server certificate covers {', '.join(names)}; restart a running `plan-server start` to use it"
-        )
+        names = ", ".join(cd.server_names())
+        console.print(f"the server certificate covers {names}; restart a running `plan-server start` to use it")
     console.print("nothing to do: CA, server certificate and coordinator key exist" if not made else "done")
 
 

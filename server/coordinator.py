@@ -14,7 +14,7 @@ from common.config import FederationConfig
 from common.content import ContentSpec
 from common.procs import stop
 from server import federation
-from server.directory import CoordinatorDir, init_coordinator
+from server.directory import CoordinatorDir, federation_for, init_coordinator
 from server.exchange import serve
 from server.fleet_gateway import FleetGateway, GatewayServer, append_line, node_keys
 from server.nodes import register_nodes, revoke_node
@@ -23,7 +23,7 @@ from server.store import BundleStore
 from server.trust import TrustStore
 
 # re-exported: the coordinator's public API in one import
-__all__ = ["CoordinatorDir", "init_coordinator", "revoke_node", "run_failure", "cvae_outcome"]
+__all__ = ["CoordinatorDir", "federation_for", "init_coordinator", "revoke_node", "run_failure", "cvae_outcome"]
 
 
 def fed_store(cd: CoordinatorDir, fed: FederationConfig) -> BundleStore:

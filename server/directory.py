@@ -31,6 +31,7 @@ from pathlib import Path
 
 from common.config import FederationConfig, dump_yaml, load_federation_config
 from common.fileio import atomic_write_text
+from common.tls import certificate_names
 from server.authority import init_authority
 from server.trust import TrustStore
 
@@ -54,6 +55,10 @@ class CoordinatorDir:
     @property
     def tls_dir(self) -> Path:
         return self.root / "tls"
+
+    def server_names(self) -> list[str]:
+        """The names and addresses the server certificate (tls/server.crt) covers."""
+        return certificate_names((self.tls_dir / "server.crt").read_bytes())
 
     @property
     def coordinator_key(self) -> Path:
@@ -124,6 +129,22 @@ class CoordinatorDir:
 
     def trust(self) -> TrustStore:
         return TrustStore(self.trust_db)
+
+
+def federation_for(
+    *, name: str, quorum: int, min_nodes: int | None, rounds: int, hosts: list[str], bind: str
+) -> FederationConfig:
+    """The federation.yaml `plan-server init` writes: the exchange and the Fleet gateway listen on
+    `bind`; the first of `hosts` is the address the site kits name. ValueError on a bad value."""
+    return FederationConfig(
+        name=name,
+        quorum=quorum,
+        min_nodes=min_nodes,
+        downstream={"rounds": rounds},
+        public_host=hosts[0] if hosts else None,
+        exchange_host=bind,
+        superlink_host=bind,
+    )
 
 
 def init_coordinator(root: Path, config: FederationConfig, *, hosts: list[str] | None = None) -> CoordinatorDir:

@@ -20,7 +20,7 @@ from common.eventlog import append_event
 from common.fileio import atomic_write_bytes
 from common.signing import SigningKeyError, key_id, load_public_key
 from common.sitekit import KIT_FORMAT, KitError, write_kit
-from common.tls import address_host, certificate_names, issue_client_cert
+from common.tls import address_host, issue_client_cert
 from server.coordinator import CoordinatorDir
 from server.revoked import certificate_serial
 
@@ -88,7 +88,7 @@ def make_kit(
         "downstream": fed.downstream.model_dump(mode="json"),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         # what the server certificate covers: the site checks its addresses against it (node/release/kit.py)
-        "server_names": certificate_names((cd.tls_dir / "server.crt").read_bytes()),
+        "server_names": cd.server_names(),
     }
     _check_covered(meta["exchange"], meta["server_names"], "--exchange", cd)
     _check_covered(meta["superlink"], meta["server_names"], "--superlink", cd)
