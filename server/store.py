@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Mapping, Sequence
 
-from common.bundle import BundleError, key_vouches, verify_bundle_stream
+from common.bundle import BundleError, VerifiedBundle, key_vouches, verify_bundle_stream
 from common.config import PolicyConfig
 from common.content import ContentSpec, check_admission, check_bundle_content
 from common.policy import check_audit
@@ -219,66 +219,13 @@ class BundleStore:
                 raise StoreRefused(
                     f"bundle is signed for site {vb.site!r} but was uploaded as site {site!r}", "untrusted"
                 )
-            try:
-                check_admission(vb, route=self.route, extractor=self.extractor)
-            except BundleError as e:
-                raise StoreRefused(str(e), e.reason) from None
-            if self.content is not None:
-                try:
-                    check_bundle_content(
-                        tmp, self.content, route=vb.route, embedding_dim=vb.datacard.get("embedding_dim")
-                    )
-                except BundleError as e:
-                    raise StoreRefused(str(e), e.reason) from None
-            if self.policy is not None:
-                # the site's own gate ran under the site's policy; the floor is checked here, on
-                # the figures the site signed (common.policy, the same function as the site's gate)
-                failures = check_audit(vb.predicate.get("audit"), self.policy)
-                if failures:
-                    raise StoreRefused("signed audit fails the federation policy: " + "; ".join(failures), "policy")
+            self._admit(vb, tmp)
             with self._db() as db:
                 # BEGIN IMMEDIATE takes the write lock: replay check and insert are one step,
                 # across threads and processes.
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    if db.execute("SELECT 1 FROM bundles WHERE bundle_id = ?", (vb.bundle_id,)).fetchone():
-                        raise StoreRefused(f"bundle {vb.bundle_id} is already stored (replay)", "replay")
-                    if db.execute("SELECT 1 FROM bundles WHERE sha256 = ?", (got_sha,)).fetchone():
-                        raise StoreRefused(f"a bundle with sha256 {got_sha} is already stored (replay)", "replay")
-                    if db.execute(
-                        "SELECT 1 FROM removed WHERE bundle_id = ? OR sha256 = ?", (vb.bundle_id, got_sha)
-                    ).fetchone():
-                        raise StoreRefused(f"bundle {vb.bundle_id} was removed from the pool (replay)", "replay")
-                    if self.site_quota_bytes is not None:
-                        # in the same write transaction as the insert: concurrent uploads of one
-                        # site cannot each see room that only one of them has
-                        used = db.execute(
-                            "SELECT COALESCE(SUM(size), 0) FROM bundles WHERE site = ?", (vb.site,)
-                        ).fetchone()[0]
-                        if used + got_size > self.site_quota_bytes:
-                            raise StoreRefused(
-                                f"site {vb.site!r} stores {used} bytes; "
-                                f"this bundle's {got_size} would exceed its quota of {self.site_quota_bytes} bytes",
-                                "too_large",
-                            )
-                    if isinstance(verify, TrustStore) and not key_vouches(
-                        verify.windows(), vb.site, vb.key_id, vb.sequence
-                    ):
-                        # re-read under the index's write lock: a revocation or rotation committed
-                        # while the bundle was arriving refuses it here, and one committed after
-                        # this point removes it (it waits for this transaction: server/cli_keys.py)
-                        raise StoreRefused(
-                            f"the key {vb.key_id[:16]} of site {vb.site!r} no longer vouches for sequence "
-                            f"{vb.sequence}: revoked or rotated while the bundle was arriving",
-                            "untrusted",
-                        )
-                    last = self._last_sequence(db, vb.site)
-                    if last is not None and vb.sequence <= last:
-                        raise StoreRefused(
-                            f"sequence {vb.sequence} of site {vb.site!r} is not above its last stored "
-                            f"sequence {last} (replay)",
-                            "replay",
-                        )
+                    self._refuse_if_known(db, vb, sha256=got_sha, size=got_size, verify=verify)
                     record = BundleRecord(
                         vb.bundle_id, vb.site, vb.sequence, got_sha, got_size, vb.n_samples, time.time(), vb.key_id
                     )
@@ -303,6 +250,63 @@ class BundleStore:
         finally:
             tmp.unlink(missing_ok=True)
             shutil.rmtree(work, ignore_errors=True)
+
+    def _admit(self, vb: VerifiedBundle, tar: Path) -> None:
+        """The federation's admission rules for a verified bundle `vb` (its tar at `tar`): route and
+        extractor, the content schema, the policy floor on the audit it signed. StoreRefused if not."""
+        try:
+            check_admission(vb, route=self.route, extractor=self.extractor)
+        except BundleError as e:
+            raise StoreRefused(str(e), e.reason) from None
+        if self.content is not None:
+            try:
+                check_bundle_content(tar, self.content, route=vb.route, embedding_dim=vb.datacard.get("embedding_dim"))
+            except BundleError as e:
+                raise StoreRefused(str(e), e.reason) from None
+        if self.policy is not None:
+            # the site's own gate ran under the site's policy; the floor is checked here, on
+            # the figures the site signed (common.policy, the same function as the site's gate)
+            failures = check_audit(vb.predicate.get("audit"), self.policy)
+            if failures:
+                raise StoreRefused("signed audit fails the federation policy: " + "; ".join(failures), "policy")
+
+    def _refuse_if_known(
+        self, db: sqlite3.Connection, vb: VerifiedBundle, *, sha256: str, size: int, verify: TrustStore | Mapping
+    ) -> None:
+        """Inside the insert's write transaction: StoreRefused for a replay (bundle id, digest, a
+        removed bundle, a sequence not above the site's last), a site over its quota, or a key that
+        stopped vouching for the bundle while it arrived."""
+        if db.execute("SELECT 1 FROM bundles WHERE bundle_id = ?", (vb.bundle_id,)).fetchone():
+            raise StoreRefused(f"bundle {vb.bundle_id} is already stored (replay)", "replay")
+        if db.execute("SELECT 1 FROM bundles WHERE sha256 = ?", (sha256,)).fetchone():
+            raise StoreRefused(f"a bundle with sha256 {sha256} is already stored (replay)", "replay")
+        if db.execute("SELECT 1 FROM removed WHERE bundle_id = ? OR sha256 = ?", (vb.bundle_id, sha256)).fetchone():
+            raise StoreRefused(f"bundle {vb.bundle_id} was removed from the pool (replay)", "replay")
+        if self.site_quota_bytes is not None:
+            # in the same write transaction as the insert: concurrent uploads of one
+            # site cannot each see room that only one of them has
+            used = db.execute("SELECT COALESCE(SUM(size), 0) FROM bundles WHERE site = ?", (vb.site,)).fetchone()[0]
+            if used + size > self.site_quota_bytes:
+                raise StoreRefused(
+                    f"site {vb.site!r} stores {used} bytes; "
+                    f"this bundle's {size} would exceed its quota of {self.site_quota_bytes} bytes",
+                    "too_large",
+                )
+        if isinstance(verify, TrustStore) and not key_vouches(verify.windows(), vb.site, vb.key_id, vb.sequence):
+            # re-read under the index's write lock: a revocation or rotation committed
+            # while the bundle was arriving refuses it here, and one committed after
+            # this point removes it (it waits for this transaction: server/cli_keys.py)
+            raise StoreRefused(
+                f"the key {vb.key_id[:16]} of site {vb.site!r} no longer vouches for sequence "
+                f"{vb.sequence}: revoked or rotated while the bundle was arriving",
+                "untrusted",
+            )
+        last = self._last_sequence(db, vb.site)
+        if last is not None and vb.sequence <= last:
+            raise StoreRefused(
+                f"sequence {vb.sequence} of site {vb.site!r} is not above its last stored sequence {last} (replay)",
+                "replay",
+            )
 
     @staticmethod
     def _last_sequence(db: sqlite3.Connection, site: str) -> int | None:
