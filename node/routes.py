@@ -11,10 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from node.cvae import federated as cvae_federated
 from node.cvae import stages as cvae_stages
 from node.cvae.embeddings import split_embeddings
 from node.plan import synthesize as plan_synthesize
 from node.plan import train as plan_train
+from node.release.assets import fetch_extractor_weights
 from node.site.ingest import load_split
 from node.site.workspace import Workspace
 
@@ -26,6 +28,18 @@ def _split_images(ws: Workspace, split: str, *, device: torch.device | str) -> t
 
 def _split_embeddings(ws: Workspace, split: str, *, device: torch.device | str) -> tuple[np.ndarray, np.ndarray]:
     return split_embeddings(ws, ws.config().synth.extractor, split, device=device)
+
+
+def _fetch_extractor(ws: Workspace, *, say: Callable[[str], None]) -> None:
+    fetch_extractor_weights(ws, ws.config().synth.extractor, say=say)
+
+
+def _nothing_to_fetch(ws: Workspace, *, say: Callable[[str], None]) -> None:
+    pass
+
+
+def _never_waits(ws: Workspace) -> bool:
+    return False
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,9 @@ class Route:
     audit_reads: tuple[str, ...]  # the models the audit reads
     # (data, labels int64 [N]) of split "train", "holdout" or "test", as the downstream model sees them
     split_records: Callable[..., tuple[np.ndarray, np.ndarray]]
+    fetch_assets: Callable[..., None]  # before training: what the route needs from the coordinator
+    # True while the site must wait for a federated run before it synthesizes (plan-node start)
+    awaits_federation: Callable[[Workspace], bool]
 
 
 ROUTES = {
@@ -55,6 +72,8 @@ ROUTES = {
         synth_reads=("G_ema", "phi_id", "phi_class"),
         audit_reads=("phi_id", "phi_attack", "phi_attack_wide", "D"),
         split_records=_split_images,
+        fetch_assets=_nothing_to_fetch,
+        awaits_federation=_never_waits,
     ),
     "cvae": Route(
         name="cvae",
@@ -67,6 +86,8 @@ ROUTES = {
         synth_reads=("cvae",),
         audit_reads=("phi_id", "phi_attack"),
         split_records=_split_embeddings,
+        fetch_assets=_fetch_extractor,  # the pinned extractor's weights (arch tiny: none)
+        awaits_federation=cvae_federated.awaits_global_decoder,  # the federated CVAE's final decoder
     ),
 }
 

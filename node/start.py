@@ -15,9 +15,9 @@ from common import errors
 from common.procs import stop
 from node.doctor import check_site, exit_code
 from node.federation.supernode import start_supernode
-from node.release.assets import fetch_extractor_weights
 from node.release.publish import publish
 from node.release.pull import pull
+from node.routes import site_route
 from node.site.workspace import Workspace
 from node.stages import run_one, run_pipeline
 
@@ -28,14 +28,12 @@ def start_node(ws: Workspace, *, say: Callable[[str], None] = print) -> int:
     code = preflight(ws, say=say)
     if code:
         return code
-    cfg = ws.config()
-    if cfg.synth.route == "cvae":
-        # the pinned extractor's weights, fetched from the coordinator if missing (tiny: none)
-        fetch_extractor_weights(ws, cfg.synth.extractor, say=say)
-    if cfg.synth.route == "cvae" and cfg.synth.cvae.federated and not _has_final_global(ws):
+    cfg, route = ws.config(), site_route(ws)
+    route.fetch_assets(ws, say=say)
+    if route.awaits_federation(ws):
         run_pipeline(ws, upto="train")
         run_one(ws, "local_only")
-        say(f"{cfg.name}: local CVAE trained; synthesis waits for the federated CVAE's decoder")
+        say(f"{cfg.name}: local {route.name} models trained; synthesis waits for the federated run")
     else:
         run_pipeline(ws)
         bundle_id = publish(ws)
@@ -69,21 +67,6 @@ def preflight(ws: Workspace, *, say: Callable[[str], None] = print) -> int:
     if failures:
         say(f"{ws.root}: not started: fix the failures above (`plan-node doctor --site-dir {ws.root}` checks again)")
     return exit_code(failures)
-
-
-def _has_final_global(ws: Workspace) -> bool:
-    """True if models/ holds the federated CVAE's final decoder, grown from this site's current CVAE."""
-    from node.cvae.stages import GLOBAL_NAME
-    from node.site.checkpoint import read_sidecar
-
-    path = ws.models / f"{GLOBAL_NAME}.safetensors"
-    if not (path.with_suffix(".json").exists() and (ws.models / "cvae.json").exists()):
-        return False
-    side = read_sidecar(path)
-    return (
-        bool(side.get("final"))
-        and side.get("base_weights_sha256") == read_sidecar(ws.models / "cvae.safetensors")["weights_sha256"]
-    )
 
 
 # Flower's SuperLink counts a node online until two heartbeat intervals (2 x 30 s) after its last

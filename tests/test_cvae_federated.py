@@ -106,13 +106,15 @@ def federated_site(tiny_workspace):
 def test_a_site_keeps_its_encoder_and_samples_from_the_federations_decoder(federated_site):
     from node.cvae import federated as cvae_federated
     from node.cvae.checkpoint import load_cvae
+    from node.routes import site_route
     from node.stages import run_one
 
     ws = federated_site
     local = load_cvae(ws.models / "cvae.safetensors")
-    # synthesis waits for the federation's decoder
+    # synthesis waits for the federation's decoder; plan-node start asks the route
     with pytest.raises(FileNotFoundError, match="the federated CVAE has not finished"):
         run_one(ws, "synthesize")
+    assert site_route(ws).awaits_federation(ws)
 
     # round 1 starts from the site's own CVAE; only a decoder goes back
     server_init = CVAE(local.model.d_in, 2, hidden=local.model.hidden, latent=local.model.latent).decoder_state()
@@ -132,7 +134,9 @@ def test_a_site_keeps_its_encoder_and_samples_from_the_federations_decoder(feder
     cvae_federated.receive_global(ws, dec2, server_round=1, rounds=2)
     with pytest.raises(FileNotFoundError, match="has not finished"):
         run_one(ws, "synthesize")
+    assert site_route(ws).awaits_federation(ws)
     got = cvae_federated.receive_global(ws, dec2, server_round=2, rounds=2, flower_run_id=7)
+    assert not site_route(ws).awaits_federation(ws)  # a restarted site synthesizes and publishes first
     assert np.isfinite(got["val_loss"]) and got["global_decoder_sha256"] == state_sha256(dec2)
     glob = load_cvae(ws.models / "cvae_global.safetensors")
     assert all(torch.equal(v, dec2[k]) for k, v in glob.model.decoder_state().items())

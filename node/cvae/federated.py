@@ -52,6 +52,22 @@ class FederatedCvaeError(RuntimeError):
     exit_code = errors.CONFIG
 
 
+def awaits_global_decoder(ws: Workspace) -> bool:
+    """True when the federation trains the CVAE across sites (synth.cvae.federated) and models/
+    does not yet hold its final decoder grown from this site's current CVAE: the site trains, joins,
+    and synthesizes only once that decoder reaches it (receive_global, release)."""
+    if not ws.config().synth.cvae.federated:
+        return False
+    path = ws.models / f"{GLOBAL_NAME}.safetensors"
+    if not (path.with_suffix(".json").exists() and (ws.models / "cvae.json").exists()):
+        return True
+    side = read_sidecar(path)
+    return not (
+        bool(side.get("final"))
+        and side.get("base_weights_sha256") == read_sidecar(ws.models / "cvae.safetensors")["weights_sha256"]
+    )
+
+
 def _check(ws: Workspace, model: CVAE, arch: dict | None) -> None:
     cfg = ws.config()
     if cfg.synth.route != "cvae" or not cfg.synth.cvae.federated:
