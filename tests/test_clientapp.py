@@ -88,13 +88,18 @@ def test_evaluate_handler_reports_the_global_model_beside_local_only(site):
     assert metrics["num-examples"] == n_test
     for key in ("accuracy", "balanced-accuracy", "auroc", "local-only-accuracy", "local-only-auroc"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    assert (ws.reports / "local_only.json").exists()  # the yardstick, trained once with the spec's settings
+    # the yardstick, trained once with the round's settings (not site.yaml's) into a report of its own
+    from node.federation.baseline import report_path
+
+    report = json.loads(report_path(ws, _spec().downstream()).read_text())
+    assert report["test"]["accuracy"] == pytest.approx(metrics["local-only-accuracy"])
+    assert not (ws.reports / "local_only.json").exists()
 
 
 def test_evaluate_reads_the_yardstick_the_stage_trained_with_the_kits_settings(site):
     import yaml
 
-    from node.federation.baseline import local_only
+    from node.federation.baseline import local_only, report_path
 
     ws, ctx = site
     spec = _spec()
@@ -108,9 +113,17 @@ def test_evaluate_reads_the_yardstick_the_stage_trained_with_the_kits_settings(s
 
     assert (ws.reports / "local_only.json").read_bytes() == written  # read, not trained again in the handler
     assert reply.content["metrics"]["local-only-accuracy"] == pytest.approx(stage["test"]["accuracy"])
-    # a round with other hyperparameters than the kit's gets a yardstick trained with its own
+    # a round with other hyperparameters than the kit's gets a yardstick trained with its own, beside
     app(_message("evaluate", _spec(lr=5e-3), model.state_dict()), ctx)
-    assert json.loads((ws.reports / "local_only.json").read_text())["downstream"]["lr"] == 5e-3
+    assert (ws.reports / "local_only.json").read_bytes() == written
+    assert json.loads(report_path(ws, _spec(lr=5e-3).downstream()).read_text())["downstream"]["lr"] == 5e-3
+    # new data is a new yardstick, even with the same settings
+    raw["data"].setdefault("phantom", {})["seed"] = 11
+    ws.config_path.write_text(yaml.safe_dump(raw))
+    ingest(ws)
+    again = local_only(ws)
+    assert again["inputs"]["data_sha256"] != stage["inputs"]["data_sha256"]
+    assert (ws.reports / "local_only.json").read_bytes() != written
 
 
 def test_a_config_the_spec_does_not_know_is_refused_by_name():

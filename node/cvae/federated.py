@@ -53,9 +53,10 @@ class FederatedCvaeError(RuntimeError):
 
 
 def awaits_global_decoder(ws: Workspace) -> bool:
-    """True when the federation trains the CVAE across sites (synth.cvae.federated) and models/
-    does not yet hold its final decoder grown from this site's current CVAE: the site trains, joins,
-    and synthesizes only once that decoder reaches it (receive_global, release)."""
+    """CVAE route (node.routes): True when the federation trains the CVAE across sites
+    (synth.cvae.federated) and models/ does not yet hold its final decoder grown from this site's
+    current CVAE: the site trains, joins, and synthesizes only once that decoder reaches it
+    (receive_global, release)."""
     if not ws.config().synth.cvae.federated:
         return False
     path = ws.models / f"{GLOBAL_NAME}.safetensors"

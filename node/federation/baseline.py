@@ -3,12 +3,15 @@ and tested on its real test split, the yardstick for what the federation adds.""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 
 import torch
 
 from common.config import DownstreamConfig
-from common.fileio import atomic_write_json
+from common.fileio import atomic_write_json, sha256_file
 from common.models import downstream_model
 from node.federation.task import epochs_for, evaluate_classifier, train_classifier
 from node.routes import route as route_named
@@ -18,24 +21,42 @@ from node.site.status import read_json
 from node.site.workspace import Workspace
 
 
+def report_path(ws: Workspace, ds: DownstreamConfig) -> Path:
+    """Where the yardstick trained with `ds` (a yardstick(): DownstreamConfig.YARDSTICK_FIELDS)
+    lives: reports/local_only.json for site.yaml's settings (the kit's), else a file of its own per
+    settings, so that a federation whose settings changed after the kit does not make the stage and
+    the rounds retrain over each other's report."""
+    if ds == ws.config().downstream.yardstick():
+        return ws.reports / "local_only.json"
+    digest = hashlib.sha256(json.dumps(ds.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    return ws.reports / f"local_only-{digest[:12]}.json"
+
+
+def _inputs(ws: Workspace, ds: DownstreamConfig) -> dict:
+    """What a yardstick depends on besides the code: a report made from other inputs is trained again."""
+    cfg = ws.config()
+    return {
+        "downstream": ds.model_dump(mode="json"),
+        "route": cfg.synth.route,
+        "data_sha256": [sha256_file(ws.data / name) for name in ("dataset.npz", "splits.json")],
+        "extractor": cfg.synth.extractor.model_dump(mode="json") if cfg.synth.route == "cvae" else None,
+    }
+
+
 def local_only(ws: Workspace, *, downstream: DownstreamConfig | None = None) -> dict:
     """Train the downstream model (common.models.downstream_model for the site's route: a CNN on
     images, a head on embeddings) with the federation's downstream hyperparameters (`downstream`,
     else site.yaml's, which the site kit sets; epochs = rounds times a client's epochs a round on
-    data of this size, node.federation.task.epochs_for) and write reports/local_only.json
+    data of this size, node.federation.task.epochs_for) and write it to report_path:
     {"test_accuracy", "test_loss", "test" (every metric of node.federation.task.evaluate_classifier),
-    "n_train", "n_test", ...}. Reused when it exists for the same hyperparameters."""
+    "n_train", "n_test", ...}. Reused when it exists for the same settings, data and extractor."""
     cfg = ws.config()
     ds = (downstream or cfg.downstream).yardstick()
-    done = read_json(ws.reports / "local_only.json")
     route = cfg.synth.route
-    if (
-        done
-        and done.get("downstream") == ds.model_dump(mode="json")
-        and done.get("route", "plan") == route
-        and "test" in done
-    ):
-        return done  # trained with these hyperparameters already (the stage, or an earlier evaluation)
+    path, inputs = report_path(ws, ds), _inputs(ws, ds)
+    done = read_json(path)
+    if done and done.get("inputs") == inputs:
+        return done  # trained from these inputs already (the stage, or an earlier round)
     device = pick_device(cfg.device)
     (x_train, y_train), (x_test, y_test) = (
         route_named(route).split_records(ws, s, device=device) for s in ("train", "test")
@@ -80,7 +101,8 @@ def local_only(ws: Workspace, *, downstream: DownstreamConfig | None = None) -> 
         "epochs": epochs,
         "downstream": ds.model_dump(mode="json"),
         "route": route,
+        "inputs": inputs,
         "seconds": round(time.time() - t0, 2),
     }
-    atomic_write_json(ws.reports / "local_only.json", report)
+    atomic_write_json(path, report)
     return report

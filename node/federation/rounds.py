@@ -90,8 +90,9 @@ def evaluate_round(ws: Workspace, model: torch.nn.Module, spec: DownstreamRound)
     (the same model class and hyperparameters on this site's real data alone), read from
     reports/local_only.json: the local_only stage trained it before the SuperNode joined, with the
     settings of the site kit. Only when the federation changed its downstream settings since the
-    kit was made is it trained here, once. Every site returns the same keys (the model's classes
-    fix the recall-<c> set): Flower aggregates only replies whose metrics agree."""
+    kit was made is it trained here, once, into a report of its own (baseline.report_path). Every
+    site returns the same keys (the model's classes fix the recall-<c> set): Flower aggregates only
+    replies whose metrics agree."""
     device = pick_device(ws.config().device)
     test_x, test_y = route(spec.route).split_records(ws, "test", device=device)
     result = evaluate_classifier(model, test_x, test_y, device=device)
