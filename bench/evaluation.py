@@ -32,7 +32,8 @@ skew with class shares per site drawn from Dirichlet(0.5)):
   sd over --seeds downstream seeds), the synthetic sets' audit figures (the worst attack's MIA
   AUC upper bound, the attacker's re-identification rate upper bound; mean over sites), FD,
   precision and recall in the features of a judge network trained on each site's real train
-  split (bench.generator; mean over sites), and the distinct images published.
+  split (bench.generator; mean over sites), mmL (the audit's, where LPIPS weights are in the
+  model store), and the distinct images published.
 
 The CVAE route's sites are CVAE-route workspaces beside the PLAN ones, on the same records and
 the same patient split, trained, synthesized and audited by the node's stages (site<k>-cvae).
@@ -289,6 +290,9 @@ def run_partition(
             r |= {
                 "mia_auc_upper": _site_mean(rep.get("mia_auc_upper") for rep in reports),
                 "reid_rate": _site_mean(rep.get("reid_rate_upper") for rep in reports),
+                # the PLAN paper's mmL (mean over candidates of the LPIPS distance to the nearest
+                # train image); nan where the model store holds no LPIPS backbone weights
+                "mml": _site_mean(rep.get("mmL") for rep in reports),
                 "passed": [bool(rep["passed"]) for rep in reports],
                 "distinct_images": int(sum(len(s[kind]["images"]) for s in of)),
                 # what a site really publishes: nothing when its set fails the gate
