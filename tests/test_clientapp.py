@@ -122,7 +122,7 @@ def test_evaluate_reads_the_yardstick_the_stage_trained_with_the_kits_settings(s
     ws.config_path.write_text(yaml.safe_dump(raw))
     ingest(ws)
     again = local_only(ws)
-    assert again["inputs"]["data_sha256"] != stage["inputs"]["data_sha256"]
+    assert again["inputs"]["data"] != stage["inputs"]["data"]
     assert (ws.reports / "local_only.json").read_bytes() != written
 
 

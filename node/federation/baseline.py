@@ -3,18 +3,19 @@ and tested on its real test split, the yardstick for what the federation adds.""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from common.config import DownstreamConfig
-from common.fileio import atomic_write_json, sha256_file
+from common.fileio import atomic_write_json
 from common.models import downstream_model
+from node.cvae.embedder import extractor_digest
 from node.federation.task import epochs_for, evaluate_classifier, train_classifier
 from node.routes import route as route_named
+from node.site.attempts import data_digest
+from node.site.checkpoint import config_digest
 from node.site.device import pick_device
 from node.site.ingest import read_splits
 from node.site.status import read_json
@@ -28,8 +29,7 @@ def report_path(ws: Workspace, ds: DownstreamConfig) -> Path:
     the rounds retrain over each other's report."""
     if ds == ws.config().downstream.yardstick():
         return ws.reports / "local_only.json"
-    digest = hashlib.sha256(json.dumps(ds.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-    return ws.reports / f"local_only-{digest[:12]}.json"
+    return ws.reports / f"local_only-{config_digest(ds)[:12]}.json"
 
 
 def _inputs(ws: Workspace, ds: DownstreamConfig) -> dict:
@@ -38,8 +38,8 @@ def _inputs(ws: Workspace, ds: DownstreamConfig) -> dict:
     return {
         "downstream": ds.model_dump(mode="json"),
         "route": cfg.synth.route,
-        "data_sha256": [sha256_file(ws.data / name) for name in ("dataset.npz", "splits.json")],
-        "extractor": cfg.synth.extractor.model_dump(mode="json") if cfg.synth.route == "cvae" else None,
+        "data": data_digest(ws),
+        "extractor": extractor_digest(cfg.synth.extractor) if cfg.synth.route == "cvae" else None,
     }
 
 
