@@ -20,7 +20,8 @@ skew with class shares per site drawn from Dirichlet(0.5)):
     real_local      each site alone on its real train split, for as many epochs as all rounds
     fedavg_real     FedAvg on the sites' real train splits (classic federated learning)
     fedprox_real    the same with FedProx's proximal term (downstream.proximal_mu) in each site's training
-    central_real    one model on the union of the real train splits (the yardstick)
+    central_real    one model on the union of the real train splits (the yardstick), for as many
+                    optimiser steps as the whole federation takes (bench.fedsim.central)
     linear, plan, anchors   FedAvg, every site on the pool of all sites' published sets of that kind
     plan_pool_real  FedAvg, every site on the PLAN pool plus its own real train split
     plan_pool_real_fedprox   the same with FedProx (the pool makes the sites' data differ least)
@@ -61,7 +62,7 @@ import torch
 import yaml
 
 from bench._site import ROOT, SHARED_DATA, WORK, run_meta, site, site_audit, walk_both
-from bench.fedsim import alone, fedavg
+from bench.fedsim import alone, central, fedavg
 from bench.generator import K, features, judge, precision_recall
 from common.config import DataConfig, DownstreamConfig, SiteConfig
 from common.fileio import atomic_write_bytes, atomic_write_json, nan_to_none
@@ -197,7 +198,6 @@ def downstream_rows(
     def evaluated(model: torch.nn.Module, on: list[tuple[np.ndarray, np.ndarray]]) -> dict:
         return {"sites": [evaluate_classifier(model, x, y, device="cpu") for x, y in on], "rounds": 0}
 
-    ux, uy = np.concatenate([x for x, _ in real_xy]), np.concatenate([y for _, y in real_xy])
     out = {
         "real_local": {
             "sites": [
@@ -207,7 +207,7 @@ def downstream_rows(
         },
         "fedavg_real": fedavg(real_xy, tests, **kw),
         "fedprox_real": fedavg(real_xy, tests, **kw, proximal_mu=ds.proximal_mu),
-        "central_real": evaluated(alone(ux, uy, **kw), tests),
+        "central_real": evaluated(central(real_xy, **kw), tests),
     }
     for kind in SYNTHETIC:
         x, y = pool(kind, sets)
