@@ -14,7 +14,7 @@ import torch
 
 from common.config import DownstreamConfig
 from common.models import DownstreamCNN, EmbeddingHead
-from node.federation.task import epochs_for, evaluate_classifier, site_round_seed, train_classifier
+from node.federation.task import class_weights_for, epochs_for, evaluate_classifier, site_round_seed, train_classifier
 
 
 def round_epochs(n: int, ds: DownstreamConfig) -> int:
@@ -30,14 +30,25 @@ def new_model(x: np.ndarray, n_classes: int, ds: DownstreamConfig) -> torch.nn.M
     return DownstreamCNN(n_classes, width=ds.width, image_size=x.shape[-1])
 
 
-def train_local(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, ds: DownstreamConfig, **kw):
+def train_local(
+    model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, n_classes: int, epochs: int, ds: DownstreamConfig, **kw
+):
     """train_classifier as the ClientApp calls it: on embeddings the head's scaler is fitted on
-    the records first and nothing is augmented."""
+    the records first and nothing is augmented; the class weights ds.class_weighting names."""
     if x.ndim == 2:
         model.fit_scaler(torch.from_numpy(x))
     augment = "none" if x.ndim == 2 else "light"
     train_classifier(
-        model, x, y, epochs=epochs, lr=ds.lr, batch_size=ds.batch_size, device="cpu", augment=augment, **kw
+        model,
+        x,
+        y,
+        epochs=epochs,
+        lr=ds.lr,
+        batch_size=ds.batch_size,
+        device="cpu",
+        augment=augment,
+        class_weights=class_weights_for(y, n_classes, ds.class_weighting),
+        **kw,
     )
 
 
@@ -63,7 +74,7 @@ def fedavg(
             local = copy.deepcopy(model)
             seed_k = site_round_seed(f"site{k}", r) + seed
             epochs = round_epochs(len(y), ds)
-            train_local(local, x, y, epochs=epochs, ds=ds, seed=seed_k, proximal_mu=proximal_mu)
+            train_local(local, x, y, n_classes=n_classes, epochs=epochs, ds=ds, seed=seed_k, proximal_mu=proximal_mu)
             states.append(local.state_dict())
             weights.append(len(y))
         w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
@@ -81,7 +92,7 @@ def alone(x: np.ndarray, y: np.ndarray, *, n_classes: int, ds: DownstreamConfig,
     """One model trained for as many epochs as a federated site trains in all its rounds."""
     torch.manual_seed(seed)
     model = new_model(x, n_classes, ds)
-    train_local(model, x, y, epochs=ds.rounds * round_epochs(len(y), ds), ds=ds, seed=seed)
+    train_local(model, x, y, n_classes=n_classes, epochs=ds.rounds * round_epochs(len(y), ds), ds=ds, seed=seed)
     return model
 
 
@@ -104,5 +115,5 @@ def central(
     epochs = math.ceil(federation_steps([len(y_k) for _, y_k in train_sets], ds) / steps_per_epoch)
     torch.manual_seed(seed)
     model = new_model(x, n_classes, ds)
-    train_local(model, x, y, epochs=epochs, ds=ds, seed=seed)
+    train_local(model, x, y, n_classes=n_classes, epochs=epochs, ds=ds, seed=seed)
     return model

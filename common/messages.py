@@ -60,6 +60,7 @@ class DownstreamRound(_Spec):
     batch_size: int = Field(ge=1)
     train_on: Literal["pool", "pool+real", "real"] = "pool"
     proximal_mu: float = Field(0.0, ge=0)
+    class_weighting: Literal["none", "balanced"] = "none"
 
     @classmethod
     def of(cls, fed: FederationConfig, *, train_on: str) -> DownstreamRound:
@@ -77,6 +78,7 @@ class DownstreamRound(_Spec):
             min_local_steps=ds.min_local_steps,
             lr=ds.lr,
             batch_size=ds.batch_size,
+            class_weighting=ds.class_weighting,
             train_on=train_on,
         )
 

@@ -34,6 +34,13 @@ class DownstreamConfig(_Strict):
     head_hidden: int = Field(
         0, ge=0, description="CVAE route: the head on embeddings; 0 is a linear probe, more a one-hidden-layer MLP"
     )
+    class_weighting: Literal["none", "balanced"] = Field(
+        "none",
+        description=(
+            "the loss's weight per class: none, or balanced (each class the same total weight in a site's "
+            "training data; node.federation.task.balanced_class_weights), against a majority-class model"
+        ),
+    )
     train_on: Literal["pool", "pool+real"] = Field(
         "pool", description="what each site trains on: the verified pool, or the pool plus its own real train split"
     )
@@ -54,6 +61,7 @@ class DownstreamConfig(_Strict):
         "lr",
         "batch_size",
         "head_hidden",
+        "class_weighting",
     )
 
     def yardstick(self) -> DownstreamConfig:

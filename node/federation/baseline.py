@@ -12,7 +12,7 @@ from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
 from common.models import downstream_model
 from node.cvae.embedder import extractor_digest
-from node.federation.task import epochs_for, evaluate_classifier, train_classifier
+from node.federation.task import class_weights_for, epochs_for, evaluate_classifier, train_classifier
 from node.routes import route as route_named
 from node.site.attempts import data_digest
 from node.site.checkpoint import config_digest
@@ -89,6 +89,7 @@ def local_only(ws: Workspace, *, downstream: DownstreamConfig | None = None) -> 
         device=device,
         seed=cfg.models.seed,
         augment=route_named(route).augment,
+        class_weights=class_weights_for(y_train, n_classes, ds.class_weighting),
     )
     ev = evaluate_classifier(model, x_test, y_test, device=device)
     report = {

@@ -12,7 +12,13 @@ from common.content import ContentSpec
 from common.messages import DownstreamRound
 from common.models import downstream_model
 from node.federation.baseline import local_only
-from node.federation.task import epochs_for, evaluate_classifier, site_round_seed, train_classifier
+from node.federation.task import (
+    class_weights_for,
+    epochs_for,
+    evaluate_classifier,
+    site_round_seed,
+    train_classifier,
+)
 from node.release.pull import load_pool_data, pull
 from node.routes import route
 from node.site.device import pick_device
@@ -81,6 +87,7 @@ def local_update(ws: Workspace, model: torch.nn.Module, spec: DownstreamRound) -
         proximal_mu=spec.proximal_mu,
         global_params=global_params,
         augment=route(spec.route).augment,
+        class_weights=class_weights_for(labels, spec.n_classes, spec.class_weighting),
     )
     return len(labels), float(loss)
 
