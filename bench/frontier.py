@@ -50,15 +50,18 @@ from node.site.pixels import to_uint8
 GATED = ("mia_auc_upper", "closer_to_train_upper", "reid_rate_upper", "tpr_at_low_fpr_upper")
 
 
-def utility(images, labels, val, *, n_classes: int, steps: int, batch: int, seeds: int) -> dict:
-    """Validation metrics of a DownstreamCNN trained ~`steps` steps on uint8 images [N,H,W]."""
+def utility(images, labels, val, *, n_classes: int, steps: int, batch: int, seeds: int, augment: str = "light") -> dict:
+    """Validation metrics of a DownstreamCNN trained ~`steps` steps on uint8 images [N,H,W] with
+    `augment` (node.federation.task.AUGMENTATIONS)."""
     ds = DownstreamConfig()
     runs = []
     for seed in range(seeds):
         torch.manual_seed(seed)
         model = DownstreamCNN(n_classes, width=ds.width, image_size=images.shape[-1])
         epochs = max(1, math.ceil(steps * batch / len(images)))
-        train_classifier(model, images, labels, epochs=epochs, lr=ds.lr, batch_size=batch, device="cpu", seed=seed)
+        train_classifier(
+            model, images, labels, epochs=epochs, lr=ds.lr, batch_size=batch, device="cpu", seed=seed, augment=augment
+        )
         runs.append(evaluate_classifier(model, val.images, val.labels, device="cpu"))
     return {k: mean_std(r[k] for r in runs) for k in ("accuracy", "balanced-accuracy", "auroc")}
 
