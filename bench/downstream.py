@@ -34,7 +34,7 @@ from bench._site import ROOT, SHARED_DATA, command, machine, mean_std
 from common.config import DataConfig, DownstreamConfig
 from common.fileio import atomic_write_json
 from common.models import DownstreamCNN
-from node.federation.task import balanced_class_weights, epochs_for, evaluate_classifier, train_classifier
+from node.federation.task import class_weights_for, epochs_for, evaluate_classifier, train_classifier
 from node.site.data import load_dataset
 from node.site.splits import split_by_patient
 
@@ -63,7 +63,7 @@ def site_splits(evaluate_on: str = "test") -> dict[str, tuple[np.ndarray, np.nda
     return out
 
 
-def fit(x, y, xt, yt, *, total_steps: int | None, seed: int, balanced: bool = False) -> dict:
+def fit(x, y, xt, yt, *, total_steps: int | None, seed: int, class_weighting: str = "none") -> dict:
     ds = DownstreamConfig()
     y, yt = y.astype(np.int64), yt.astype(np.int64)
     n_classes = int(max(y.max(), yt.max())) + 1
@@ -73,9 +73,16 @@ def fit(x, y, xt, yt, *, total_steps: int | None, seed: int, balanced: bool = Fa
         epochs = epochs_for(len(y), epochs=1, min_steps=total_steps, batch_size=ds.batch_size)
     torch.manual_seed(seed)
     model = DownstreamCNN(n_classes, width=ds.width, image_size=x.shape[-1])
-    weights = balanced_class_weights(y, n_classes) if balanced else None
     train_classifier(
-        model, x, y, epochs=epochs, lr=ds.lr, batch_size=ds.batch_size, device="cpu", seed=seed, class_weights=weights
+        model,
+        x,
+        y,
+        epochs=epochs,
+        lr=ds.lr,
+        batch_size=ds.batch_size,
+        device="cpu",
+        seed=seed,
+        class_weights=class_weights_for(y, n_classes, class_weighting),
     )
     return evaluate_classifier(model, xt, yt, device="cpu")
 
@@ -90,7 +97,8 @@ def weighting(seeds: int) -> dict:
         steps = ds.rounds * ds.min_local_steps
         sites[site] = {"n_train": len(y), "n_val": len(yv), "majority": float(np.bincount(yv).max() / len(yv))}
         for name in ("plain", "balanced"):
-            runs = [fit(x, y, xv, yv, total_steps=steps, seed=s, balanced=name == "balanced") for s in range(seeds)]
+            weighting = "balanced" if name == "balanced" else "none"
+            runs = [fit(x, y, xv, yv, total_steps=steps, seed=s, class_weighting=weighting) for s in range(seeds)]
             row = {k: mean_std([r[k] for r in runs]) for k in ("accuracy", "balanced-accuracy", "auroc")}
             sites[site][name] = row
             acc, bal = row["accuracy"], row["balanced-accuracy"]
