@@ -50,20 +50,25 @@ from node.site.pixels import to_uint8
 GATED = ("mia_auc_upper", "closer_to_train_upper", "reid_rate_upper", "tpr_at_low_fpr_upper")
 
 
-def utility(images, labels, val, *, n_classes: int, steps: int, batch: int, seeds: int, augment: str = "light") -> dict:
+def utility(
+    images, labels, val, *, n_classes: int, steps: int, batch: int, seeds: int, augment: str = "light", lr=None
+) -> dict:
     """Validation metrics of a DownstreamCNN trained ~`steps` steps on uint8 images [N,H,W] with
-    `augment` (node.federation.task.AUGMENTATIONS)."""
+    `augment` (node.federation.task.AUGMENTATIONS) at Adam `lr` (default DownstreamConfig's); mean and
+    sd over `seeds`, and "runs": each seed's metrics."""
     ds = DownstreamConfig()
+    lr = ds.lr if lr is None else lr
     runs = []
     for seed in range(seeds):
         torch.manual_seed(seed)
         model = DownstreamCNN(n_classes, width=ds.width, image_size=images.shape[-1])
         epochs = max(1, math.ceil(steps * batch / len(images)))
         train_classifier(
-            model, images, labels, epochs=epochs, lr=ds.lr, batch_size=batch, device="cpu", seed=seed, augment=augment
+            model, images, labels, epochs=epochs, lr=lr, batch_size=batch, device="cpu", seed=seed, augment=augment
         )
         runs.append(evaluate_classifier(model, val.images, val.labels, device="cpu"))
-    return {k: mean_std(r[k] for r in runs) for k in ("accuracy", "balanced-accuracy", "auroc")}
+    keys = ("accuracy", "balanced-accuracy", "auroc")
+    return {**{k: mean_std(r[k] for r in runs) for k in keys}, "runs": [{k: float(r[k]) for k in keys} for r in runs]}
 
 
 def privacy(images, labels, paths, ws) -> dict:
