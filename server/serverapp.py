@@ -76,14 +76,7 @@ def main(grid: Grid, context: Context) -> None:
         return cvae_main(grid, fed, out)
     ds = fed.downstream
     train_on = str(context.run_config.get("train-on") or ds.train_on)
-    model = downstream_model(
-        fed.n_classes,
-        route=fed.route,
-        width=ds.width,
-        image_size=fed.image_size,
-        embedding_dim=fed.extractor.dim,
-        head_hidden=ds.head_hidden,
-    )
+    model = initial_downstream(fed)
     if ds.strategy == "fedprox":
         # FedProx sends `proximal-mu` in every train config; the ClientApp adds the proximal term.
         strategy = SiteRecordingFedProx(proximal_mu=ds.proximal_mu, **_node_limits(fed, out))
@@ -105,6 +98,22 @@ def main(grid: Grid, context: Context) -> None:
     atomic_write_json(
         out / "results.json", {"rounds": ds.rounds, "strategy": ds.strategy, "train_on": train_on, **record}
     )
+
+
+def initial_downstream(fed: FederationConfig) -> torch.nn.Module:
+    """The federation's downstream classifier with seeded initial weights: two runs over the same
+    pool start from the same model, so their figures differ only by what the sites did."""
+    ds = fed.downstream
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return downstream_model(
+            fed.n_classes,
+            route=fed.route,
+            width=ds.width,
+            image_size=fed.image_size,
+            embedding_dim=fed.extractor.dim,
+            head_hidden=ds.head_hidden,
+        )
 
 
 def federated_cvae(fed: FederationConfig) -> CVAE:

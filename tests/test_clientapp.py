@@ -143,3 +143,18 @@ def test_specs_round_trip_through_a_config_record():
     assert back == spec.model_copy(update={"server_round": 3, "proximal_mu": 0.5})
     cvae = CvaeRound(rounds=2, local_epochs=1, d_in=8, n_classes=2, hidden=4, latent=2)
     assert spec_of(ConfigRecord(cvae.to_config())) == cvae
+
+
+def test_the_federations_initial_model_is_seeded_and_leaves_the_global_rng_alone():
+    from common.config import FederationConfig
+    from common.models import state_sha256
+    from server.serverapp import initial_downstream
+
+    fed = FederationConfig(n_classes=3)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    first = initial_downstream(fed).state_dict()
+    assert torch.equal(torch.rand(1), before)  # the caller's random stream is untouched
+    assert state_sha256(initial_downstream(fed).state_dict()) == state_sha256(first)
+    assert first["head.weight"].shape == (3, 4 * fed.downstream.width)
