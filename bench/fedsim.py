@@ -43,7 +43,7 @@ def train_local(
         x,
         y,
         epochs=epochs,
-        lr=ds.lr,
+        lr=ds.lr_for("cvae" if x.ndim == 2 else "plan"),
         batch_size=ds.batch_size,
         device="cpu",
         augment=augment,

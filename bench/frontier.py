@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from bench._site import ROOT, anchor_pairs, mean_std, npz_site, run_meta, site_audit, walk_pairs
+from bench.fedsim import new_model
 from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
-from common.models import DownstreamCNN
 from node.federation.task import evaluate_classifier, train_classifier
 from node.plan.walk import linear_paths
 from node.site.ingest import load_split
@@ -53,15 +53,21 @@ GATED = ("mia_auc_upper", "closer_to_train_upper", "reid_rate_upper", "tpr_at_lo
 def utility(
     images, labels, val, *, n_classes: int, steps: int, batch: int, seeds: int, augment: str = "light", lr=None
 ) -> dict:
-    """Validation metrics of a DownstreamCNN trained ~`steps` steps on uint8 images [N,H,W] with
-    `augment` (node.federation.task.AUGMENTATIONS) at Adam `lr` (default DownstreamConfig's); mean and
-    sd over `seeds`, and "runs": each seed's metrics."""
+    """Validation metrics (on `val`'s .images and .labels) of the federation's downstream model trained
+    ~`steps` steps at Adam `lr` (default DownstreamConfig's): a DownstreamCNN on uint8 images [N,H,W]
+    with `augment` (node.federation.task.AUGMENTATIONS), or an EmbeddingHead on embeddings float [N,D]
+    (scaled by their own mean and sd, unaugmented). Mean and sd over `seeds`, and "runs": each seed's
+    metrics."""
     ds = DownstreamConfig()
     lr = ds.lr if lr is None else lr
+    if images.ndim == 2:
+        augment = "none"
     runs = []
     for seed in range(seeds):
         torch.manual_seed(seed)
-        model = DownstreamCNN(n_classes, width=ds.width, image_size=images.shape[-1])
+        model = new_model(images, n_classes, ds)
+        if images.ndim == 2:
+            model.fit_scaler(torch.from_numpy(images))
         epochs = max(1, math.ceil(steps * batch / len(images)))
         train_classifier(
             model, images, labels, epochs=epochs, lr=lr, batch_size=batch, device="cpu", seed=seed, augment=augment

@@ -57,6 +57,7 @@ class DownstreamRound(_Spec):
     local_epochs: int = Field(ge=1)
     min_local_steps: int = Field(ge=0)
     lr: float = Field(gt=0)
+    head_lr: float = Field(gt=0)
     batch_size: int = Field(ge=1)
     train_on: Literal["pool", "pool+real", "real"] = "pool"
     proximal_mu: float = Field(0.0, ge=0)
@@ -77,6 +78,7 @@ class DownstreamRound(_Spec):
             local_epochs=ds.local_epochs,
             min_local_steps=ds.min_local_steps,
             lr=ds.lr,
+            head_lr=ds.head_lr,
             batch_size=ds.batch_size,
             class_weighting=ds.class_weighting,
             train_on=train_on,

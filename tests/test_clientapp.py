@@ -27,6 +27,7 @@ def _spec(**kw) -> DownstreamRound:
         local_epochs=1,
         min_local_steps=0,
         lr=1e-2,
+        head_lr=1e-2,
         batch_size=8,
         train_on="real",
     )
@@ -75,6 +76,22 @@ def test_train_handler_returns_the_locally_trained_model(site):
     assert metrics["num-examples"] == n_train and metrics["train-loss"] > 0
     assert reply.content["site"]["name"] == "tiny"
     assert json.loads((ws.reports / "federation.json").read_text())["phase"] == "train"
+
+
+def test_each_route_trains_at_its_own_step_size(site):
+    """The PLAN route's CNN trains at lr; head_lr (the CVAE route's head) does not touch it."""
+    _, ctx = site
+    torch.manual_seed(0)
+    initial = downstream_model(2, route="plan", width=4, image_size=16, embedding_dim=0, head_hidden=0).state_dict()
+
+    def trained(**kw):
+        return app(_message("train", _spec(**kw), initial), ctx).content["arrays"].to_torch_state_dict()
+
+    base, other_head, other_lr = trained(), trained(head_lr=1.0), trained(lr=1e-4)
+    assert all(torch.equal(base[k], other_head[k]) for k in base)
+    assert any(not torch.equal(base[k], other_lr[k]) for k in base)
+    spec = _spec(route="cvae", lr=1e-2, head_lr=3e-3)
+    assert spec.downstream().lr_for("cvae") == 3e-3 and spec.downstream().lr_for("plan") == 1e-2
 
 
 def test_evaluate_handler_reports_the_global_model_beside_local_only(site):

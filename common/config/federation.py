@@ -35,6 +35,11 @@ class DownstreamConfig(_Strict):
             "could stay at chance for the whole schedule"
         ),
     )
+    head_lr: float = Field(
+        2.5e-4,
+        gt=0,
+        description="CVAE route: Adam's step size for the head on embeddings (lr is the image CNN's)",
+    )
     batch_size: int = Field(16, ge=1, description="180 train images: 64 gave too few steps in 6 epochs to learn")
     strategy: Literal["fedavg", "fedprox"] = "fedavg"
     proximal_mu: float = Field(0.01, ge=0, description="FedProx only: weight of (mu/2)||w - w_global||^2")
@@ -66,10 +71,16 @@ class DownstreamConfig(_Strict):
         "local_epochs",
         "min_local_steps",
         "lr",
+        "head_lr",
         "batch_size",
         "head_hidden",
         "class_weighting",
     )
+
+    def lr_for(self, route: str) -> float:
+        """Adam's step size for the downstream model of `route`: head_lr for the CVAE route's head on
+        embeddings, lr for the PLAN route's CNN on images."""
+        return self.head_lr if route == "cvae" else self.lr
 
     def yardstick(self) -> DownstreamConfig:
         """These settings with only YARDSTICK_FIELDS kept, the rest at their defaults: two configs

@@ -84,7 +84,7 @@ def local_only(ws: Workspace, *, downstream: DownstreamConfig | None = None) -> 
         x_train,
         y_train,
         epochs=epochs,
-        lr=ds.lr,
+        lr=ds.lr_for(route),
         batch_size=ds.batch_size,
         device=device,
         seed=cfg.models.seed,

@@ -80,7 +80,7 @@ def local_update(ws: Workspace, model: torch.nn.Module, spec: DownstreamRound) -
         epochs=epochs_for(
             len(labels), epochs=spec.local_epochs, min_steps=spec.min_local_steps, batch_size=spec.batch_size
         ),
-        lr=spec.lr,
+        lr=spec.downstream().lr_for(spec.route),
         batch_size=spec.batch_size,
         device=pick_device(ws.config().device),
         seed=site_round_seed(ws.config().name, spec.server_round),
