@@ -26,7 +26,13 @@ and 10 beside frontier.json's rows at the default 1, same sites and anchors; amo
 weights whose PLAN sets pass the gate on every data set keeping at least 80%, the highest mean
 validation balanced accuracy; within 0.01 of it, the default 1, then the smaller weight.
 
+The identity weight below 3 (session 10, at the downstream lr 2.5e-4, written before its run): the
+same rule over 8 points and weights 0.3, 1, 3 and 10, all rerun now so that the rows share one
+downstream rate (frontier.json's were trained at 2e-3). The walk's default moves only if the rule
+picks another weight.
+
     python -m bench.frontier --threads 2
+    python -m bench.frontier --threads 2 --points 8 --weights 0.3 1 3 10 --out bench/results/frontier_lr.json
 """
 
 from __future__ import annotations
