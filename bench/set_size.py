@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from bench._site import ROOT, anchor_pairs, npz_site, run_meta, walk_pairs
+from bench.fedsim import federation_steps
 from bench.frontier import privacy, utility
 from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
@@ -38,13 +39,6 @@ from node.plan.candidates import render
 from node.site.ingest import load_split
 
 DEFAULT = 240  # synth.target_size when the rule was written
-
-
-def federation_steps(n: int, ds: DownstreamConfig) -> int:
-    """Optimiser steps a site takes over the whole run on n records (node.federation.task.epochs_for)."""
-    steps_per_epoch = math.ceil(n / ds.batch_size)
-    epochs = max(ds.local_epochs, math.ceil(ds.min_local_steps / steps_per_epoch))
-    return ds.rounds * epochs * steps_per_epoch
 
 
 def run_dataset(name: str, *, sizes: list[int], max_images: int, seeds: int) -> dict:
@@ -61,7 +55,7 @@ def run_dataset(name: str, *, sizes: list[int], max_images: int, seeds: int) -> 
         images = render(a.G, res.paths[:, 1:-1].reshape(-1, res.paths.shape[-1]), device="cpu")
         labels = a.labels.numpy().repeat(wc.points - 2)
         path_id = np.arange(len(a.start)).repeat(wc.points - 2)
-        steps = federation_steps(len(images), ds)
+        steps = federation_steps([len(images)], ds)  # one site's whole run on a set this size
         n_classes = int(max(val.labels.max(), labels.max()) + 1)
         out[str(size)] = {
             "n_images": int(len(images)),
