@@ -8,7 +8,7 @@ that no spec declares, or a value of the wrong type, is refused with the key's n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -60,12 +60,15 @@ class DownstreamRound(_Spec):
     head_lr: float = Field(gt=0)
     batch_size: int = Field(ge=1)
     train_on: Literal["pool", "pool+real", "real"] = "pool"
+    # the bundle ids the coordinator had pooled when it submitted the run, comma-separated: every
+    # site trains on exactly these, which `plan-node start` pulled and verified beside the SuperNode
+    pool: str = Field("", pattern=r"^([0-9a-f]{32}(,[0-9a-f]{32})*)?$")
     proximal_mu: float = Field(0.0, ge=0)
     class_weighting: Literal["none", "balanced"] = "none"
 
     @classmethod
-    def of(cls, fed: FederationConfig, *, train_on: str) -> DownstreamRound:
-        """The spec the coordinator sends for federation `fed`."""
+    def of(cls, fed: FederationConfig, *, train_on: str, pool: Sequence[str] = ()) -> DownstreamRound:
+        """The spec the coordinator sends for federation `fed`, training on the bundles `pool`."""
         ds = fed.downstream
         return cls(
             route=fed.route,
@@ -82,7 +85,12 @@ class DownstreamRound(_Spec):
             batch_size=ds.batch_size,
             class_weighting=ds.class_weighting,
             train_on=train_on,
+            pool=",".join(sorted(pool)) if train_on != "real" else "",
         )
+
+    def pool_ids(self) -> list[str] | None:
+        """The run's pool as bundle ids; None when the spec names none (train on the whole verified pool)."""
+        return self.pool.split(",") if self.pool else None
 
     def downstream(self) -> DownstreamConfig:
         """The hyperparameters as the site's DownstreamConfig (for its local-only yardstick)."""

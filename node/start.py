@@ -1,4 +1,6 @@
-"""`plan-node start`: every stage not yet done, publish, pull and verify the pool, then the SuperNode.
+"""`plan-node start`: every stage not yet done, publish, pull and verify the pool, then the SuperNode,
+pulling the pool again every coordinator.pull_every_s while it runs: the ClientApp's rounds only
+read the verified pool (node/federation/rounds.py), they never reach the network.
 
 With synth.cvae.federated (the federation trains the CVAE across sites) only ingest, train and
 local_only run before the SuperNode joins: the site synthesizes, audits and publishes once the
@@ -12,9 +14,11 @@ import time
 from typing import Callable
 
 from common import errors
+from common.bundle import BundleError
 from common.procs import stop
 from node.doctor import check_site, exit_code
 from node.federation.supernode import start_supernode
+from node.release.exchange_client import ExchangeError
 from node.release.publish import publish
 from node.release.pull import pull
 from node.routes import site_route
@@ -84,7 +88,7 @@ def _join(ws: Workspace, *, say: Callable[[str], None]) -> int:
         offset = log.stat().st_size if log.exists() else 0
         supernode = start_supernode(ws, log=log)
         try:
-            code = supernode.wait()
+            code = _serve(ws, supernode, say=say)
         finally:
             stop(supernode)
         with open(log, "rb") as f:
@@ -102,3 +106,25 @@ def _join(ws: Workspace, *, say: Callable[[str], None]) -> int:
             f"still count as online); retrying in {JOIN_RETRY_EVERY_S} s"
         )
         time.sleep(JOIN_RETRY_EVERY_S)
+
+
+def _serve(ws: Workspace, supernode, *, say: Callable[[str], None]) -> int:
+    """Wait for the SuperNode to exit, pulling the pool every coordinator.pull_every_s meanwhile;
+    returns its exit code. A failed pull is reported once (until its reason changes) and tried
+    again: the coordinator may be restarting, and the rounds wait for the bundles they name."""
+    every = ws.config().coordinator.pull_every_s
+    next_pull, last_error = time.monotonic() + every, None
+    while (code := supernode.poll()) is None:
+        if time.monotonic() >= next_pull:
+            try:
+                pulled, error = pull(ws), None
+                if pulled:
+                    say(f"{ws.config().name}: pool: {len(pulled)} new verified bundle(s)")
+            except (ExchangeError, BundleError, OSError) as e:
+                error = f"{type(e).__name__}: {e}"
+                if error != last_error:
+                    say(f"{ws.config().name}: pulling the pool failed (trying again every {every:g} s): {error}")
+            last_error = error
+            next_pull = time.monotonic() + every
+        time.sleep(0.2)
+    return code

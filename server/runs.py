@@ -73,15 +73,19 @@ def _submit_and_wait(
     label: str,
     train_on: str | None = None,
     task: str | None = None,
+    pool: list[str] | None = None,
 ) -> dict:
     """One Flower run of the ServerApp writing to `out`; its results.json with run id, status and failures.
-    task "cvae": the federated CVAE's run (fed.cvae_rounds rounds) instead of the downstream classifier's."""
+    task "cvae": the federated CVAE's run (fed.cvae_rounds rounds) instead of the downstream classifier's.
+    `pool`: the bundle ids every site trains on."""
     out.mkdir(parents=True, exist_ok=True)
     run_config = {"federation-config": str(cd.config_path.resolve()), "out-dir": str(out.resolve())}
     if train_on is not None:
         run_config["train-on"] = train_on
     if task is not None:
         run_config["task"] = task
+    if pool:
+        run_config["pool"] = ",".join(pool)
     n_rounds = fed.cvae_rounds if task == "cvae" else fed.downstream.rounds
     run_id = federation.submit_run(
         cd.flwr_home, run_config=run_config, key=cd.coordinator_key, signatures=cd.fab_signatures
@@ -209,8 +213,12 @@ def run_once(
     """The downstream run (and its baselines) into `out` (default runs/<stamp>); `cvae`: the results
     of the federated CVAE run before it (in out/cvae), summarised into these results."""
     out = out or cd.runs / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    results = _submit_and_wait(cd, fed, out, say, label=f"downstream on {fed.downstream.train_on}")
+    # the run names its pool: bundles pooled while it runs wait for the next run, and a site that
+    # has not verified one of these refuses to train rather than train on a part of the pool
+    bundles = sorted(r.bundle_id for r in store.list())
+    results = _submit_and_wait(cd, fed, out, say, label=f"downstream on {fed.downstream.train_on}", pool=bundles)
     results["pool"] = sorted(store.sites_with_bundles())
+    results["pool_bundles"] = bundles
     if cvae is not None:
         results["cvae_federated"] = _cvae_summary(cvae, out / "cvae", cd.runs)
     real = None

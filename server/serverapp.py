@@ -4,7 +4,8 @@
 Run config (set by server.federation.submit_run): `federation-config`, the absolute path of the
 coordinator's federation.yaml; `out-dir`, where the final model and results go; optionally
 `train-on` ("pool", "pool+real" or "real"; default: the federation's downstream.train_on), which
-the coordinator sets to "real" for the FedAvg-on-real-data baseline; optionally `task`: "cvae"
+the coordinator sets to "real" for the FedAvg-on-real-data baseline; `pool`, the comma-separated
+ids of the bundles the sites train on (the coordinator's pool when it submitted the run); optionally `task`: "cvae"
 runs the federated CVAE instead (FederationConfig.cvae_federated): FedAvg over the CVAE's decoder
 only, cvae_rounds rounds of cvae_local_epochs local epochs, before the pool is made.
 """
@@ -84,7 +85,8 @@ def main(grid: Grid, context: Context) -> None:
         strategy = SiteRecordingFedAvg(**_node_limits(fed, out))
     # The architecture travels with every message so that a ClientApp builds the same model, and
     # evaluation carries the hyperparameters too: each site trains its local-only yardstick with them.
-    config = DownstreamRound.of(fed, train_on=train_on).to_config()
+    pool = [bid for bid in str(context.run_config.get("pool", "")).split(",") if bid]
+    config = DownstreamRound.of(fed, train_on=train_on, pool=pool).to_config()
     state, record = _run(
         grid,
         strategy,

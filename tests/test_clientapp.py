@@ -162,6 +162,20 @@ def test_specs_round_trip_through_a_config_record():
     assert spec_of(ConfigRecord(cvae.to_config())) == cvae
 
 
+def test_the_run_names_its_pool_and_a_malformed_pool_is_refused():
+    from common.config import FederationConfig
+
+    ids = ["b" * 32, "a" * 32]
+    spec = DownstreamRound.of(FederationConfig(n_classes=2), train_on="pool", pool=ids)
+    assert spec.pool_ids() == sorted(ids)
+    assert spec_of(ConfigRecord({**spec.to_config(), "server-round": 1})).pool_ids() == sorted(ids)
+    # training on real data names no pool; a run that names none trains on the whole verified pool
+    assert DownstreamRound.of(FederationConfig(n_classes=2), train_on="real", pool=ids).pool_ids() is None
+    assert _spec(train_on="pool").pool_ids() is None
+    with pytest.raises(ValueError, match="pool"):
+        spec_of({**spec.to_config(), "pool": "../../etc/passwd"})
+
+
 def test_the_federations_initial_model_is_seeded_and_leaves_the_global_rng_alone():
     from common.config import FederationConfig
     from common.models import state_sha256

@@ -152,7 +152,10 @@ def test_a_round_trains_on_pool_real_or_both(fed):
         a.data / "splits.json", {"seed": 0, "n_classes": 2, "train": [0, 1, 2, 3], "holdout": [4], "test": [5]}
     )
 
-    pool_x, pool_y = training_records(a, "pool")  # pulls and verifies first
+    with pytest.raises(RuntimeError, match="pool is empty"):  # a round never pulls: `plan-node start` does
+        training_records(a, "pool", wait_s=0)
+    pull(a)
+    pool_x, pool_y = training_records(a, "pool")
     assert len(pool_y) == 20
     real_x, real_y = training_records(a, "real")
     assert real_x.shape == (4, 8, 8) and real_y.tolist() == [0, 1, 0, 1]
@@ -161,6 +164,45 @@ def test_a_round_trains_on_pool_real_or_both(fed):
     assert both_y.tolist() == pool_y.tolist() + [0, 1, 0, 1]
     with pytest.raises(ValueError, match="'everything'"):
         training_records(a, "everything")
+
+
+def test_a_round_trains_on_exactly_the_bundles_its_run_names(fed):
+    from node.federation.rounds import training_records
+    from node.release.pull import PoolIncomplete
+
+    ex, a, b = fed
+    id_a = publish(a)
+    pull(a)
+    id_b = publish(b)  # pooled after a's last pull
+    only_a = training_records(a, "pool", bundles=[id_a])[1]
+    assert len(only_a) == 10
+    # a bundle the run names but this site has not verified: refused after the wait, named
+    with pytest.raises(PoolIncomplete, match=f"{id_b}: not pulled yet") as e:
+        training_records(a, "pool", bundles=[id_a, id_b], wait_s=0.5)
+    assert e.value.missing == [id_b]
+    pull(a)
+    assert len(training_records(a, "pool", bundles=[id_a, id_b])[1]) == 20
+    assert len(training_records(a, "pool", bundles=[id_b])[1]) == 10  # and nothing it does not name
+
+
+def test_the_node_pulls_beside_its_supernode(fed, tmp_path):
+    """`plan-node start` keeps the pool in step while the SuperNode runs (the rounds only read it);
+    the SuperNode here is a plain process that lives for a few seconds: the loop is under test."""
+    import subprocess
+    import sys
+
+    from node.start import _serve
+
+    ex, a, b = fed
+    cfg = yaml.safe_load(a.config_path.read_text())
+    cfg["coordinator"]["pull_every_s"] = 0.5
+    a.config_path.write_text(yaml.safe_dump(cfg))
+    id_b = publish(b)
+    said = []
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(4); raise SystemExit(3)"])
+    assert _serve(a, stand_in, say=said.append) == 3  # the SuperNode's exit code
+    assert id_b in json.loads((a.pool / "index.json").read_text())
+    assert any("1 new verified bundle" in m for m in said), said
 
 
 def test_a_listed_bundle_id_is_never_a_path(fed, tmp_path):

@@ -185,6 +185,9 @@ class CoordinatorAddress(_Strict):
     )
     supernode_port: int = Field(9094, ge=1, le=65535, description="local port this site's SuperNode binds")
     timeout_s: float = Field(60, gt=0, description="seconds per exchange call (upload, list, download)")
+    pull_every_s: float = Field(
+        10, gt=0, description="seconds between pulls of the pool while `plan-node start` runs the SuperNode"
+    )
     max_bundle_bytes: int = Field(
         512 * 1024 * 1024, ge=1024, description="larger bundles are not downloaded or extracted"
     )

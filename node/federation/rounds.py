@@ -5,6 +5,8 @@ local-only yardstick. The handlers only translate Flower messages to and from th
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -19,24 +21,37 @@ from node.federation.task import (
     site_round_seed,
     train_classifier,
 )
-from node.release.pull import load_pool_data, pull
+from node.release.pull import PoolIncomplete, load_pool_data
 from node.routes import route
 from node.site.device import pick_device
 from node.site.workspace import Workspace
 
+# `plan-node start` pulls every coordinator.pull_every_s (node/start.py): a round gives it a few turns
+POOL_WAIT_TURNS = 6
+POOL_POLL_S = 1.0
+
 
 def training_records(
-    ws: Workspace, train_on: str, route_name: str = "plan", spec: ContentSpec | None = None
+    ws: Workspace,
+    train_on: str,
+    route_name: str = "plan",
+    spec: ContentSpec | None = None,
+    *,
+    bundles: list[str] | None = None,
+    wait_s: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Records (images uint8 [N,H,W], or embeddings float32 [N,D] on the CVAE route) and labels
     int64 [N]: the verified pool ("pool"), the site's real train split ("real"), or both
-    ("pool+real"). The pool is pulled first, so bundles pooled after this site started its
-    SuperNode are fetched and verified and every round trains on the whole verified pool (and only
-    on verified bundles); bundles that do not fit `spec` are quarantined (node.release.pull)."""
+    ("pool+real"). The pool is the run's `bundles` (every verified bundle when None). This site
+    pulls and verifies them beside its SuperNode (`plan-node start`, node/start.py), not here: a
+    bundle pooled just before the run may still be on its way, so a round waits up to `wait_s`
+    seconds (default: POOL_WAIT_TURNS pulls) for it, then refuses (PoolIncomplete) rather than
+    train on part of the pool. Bundles that do not fit `spec` are quarantined (node.release.pull)."""
+    if wait_s is None:
+        wait_s = POOL_WAIT_TURNS * ws.config().coordinator.pull_every_s
     parts = []
     if train_on in ("pool", "pool+real"):
-        pull(ws)
-        pool_route, data, labels = load_pool_data(ws, spec=spec, route=route_name)
+        pool_route, data, labels = _verified_pool(ws, spec, route_name, bundles, wait_s=wait_s)
         if len(labels) == 0:
             raise RuntimeError(f"{ws.root}: the verified pool is empty; nothing to train on")
         if pool_route != route_name:
@@ -49,6 +64,17 @@ def training_records(
     if not parts:
         raise ValueError(f"train-on {train_on!r}: expected pool, pool+real or real")
     return np.concatenate([p[0] for p in parts]), np.concatenate([np.asarray(p[1], dtype=np.int64) for p in parts])
+
+
+def _verified_pool(ws: Workspace, spec, route_name: str, bundles: list[str] | None, *, wait_s: float):
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return load_pool_data(ws, spec=spec, route=route_name, bundles=bundles)
+        except PoolIncomplete:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(POOL_POLL_S)
 
 
 def model_for(spec: DownstreamRound, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -69,7 +95,7 @@ def local_update(ws: Workspace, model: torch.nn.Module, spec: DownstreamRound) -
     """Train `model` in place for this round on what spec.train_on names, with this site's own
     seed and order; FedProx's proximal term pulls towards the weights it came with. Returns
     (records trained on, mean training loss)."""
-    data, labels = training_records(ws, spec.train_on, spec.route, spec.content())
+    data, labels = training_records(ws, spec.train_on, spec.route, spec.content(), bundles=spec.pool_ids())
     if spec.route == "cvae":
         model.fit_scaler(torch.from_numpy(data))  # from the pool: the same at every site
     global_params = [p.detach().clone() for p in model.parameters()]

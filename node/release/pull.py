@@ -7,7 +7,9 @@ Writes (workspace-relative):
     pool/trust.json          the newest trust document this site accepted (node/release/trust.py)
     pool/quarantine/<id>/    pooled bundles whose signing key is no longer trusted, out of training
     pool/quarantine.json     {bundle_id: {site, reason, at}}
-Temporary files live in pool/.incoming/ and are removed.
+Temporary files live in pool/.incoming/ and are removed. pool/.lock serialises the processes that
+touch the pool: `plan-node start`'s sync (pull) and the ClientApp's rounds (load_pool_data), which
+quarantine bundles that do not fit the federation.
 
 Each bundle is checked with common.bundle.verify_bundle against the trust store the coordinator
 publishes, signed with the coordinator's key (common.trustdoc; its public key came in the site
@@ -23,11 +25,14 @@ refuses a pool that mixes them, naming the bundle that does not fit.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +50,19 @@ from node.routes import route as route_named
 from node.site.workspace import Workspace
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def pool_lock(ws: Workspace) -> Iterator[None]:
+    """Hold pool/.lock exclusively (blocking): the pool's index is read, changed and written whole
+    by one process at a time."""
+    ws.pool.mkdir(parents=True, exist_ok=True)
+    with open(ws.pool / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _read_index(path: Path) -> dict:
@@ -133,46 +151,47 @@ def pull(ws: Workspace, *, client: ExchangeClient | None = None) -> list[str]:
 
     Raises ExchangeError if the coordinator cannot be reached (listing or keys).
     """
-    cfg = ws.config()
     own = client is None
     if own:
         client = site_client(ws)
     try:
         keys, listing = _signed_state(ws, client)
-        quarantine_untrusted(ws, keys)
-        ws.pool.mkdir(parents=True, exist_ok=True)
-        index_path, rejected_path = ws.pool / "index.json", ws.pool / "rejected.json"
-        index, rejected = _read_index(index_path), _read_index(rejected_path)
-        new: list[str] = []
-        for rec in listing:
-            bid = rec["bundle_id"]
-            if not BUNDLE_ID.fullmatch(bid):  # a listing, even signed, never names a path
-                log.warning("the coordinator lists a bundle id %r that is not 32 hex digits; skipped", short(bid))
-                continue
-            if bid in index and (ws.pool / bid).is_dir():
-                continue
-            try:
-                index[bid] = _pull_one(ws, client, rec, keys, cfg.coordinator.max_bundle_bytes)
-            except (BundleError, ExchangeError) as e:
-                log.warning("bundle %s of site %r rejected: %s", bid, rec["site"], e)
-                rejected[bid] = {
-                    "site": rec["site"],
-                    "reason": str(e),
-                    "at": dt.datetime.now(dt.timezone.utc).isoformat(),
-                }
-                atomic_write_json(rejected_path, rejected)
-                continue
-            rejected.pop(bid, None)
-            atomic_write_json(index_path, index)  # after each bundle: a crash loses no finished work
-            new.append(bid)
-            log.info("pooled bundle %s of site %r (%d samples)", bid, index[bid]["site"], index[bid]["n_samples"])
-        if rejected_path.exists() or rejected:
-            atomic_write_json(rejected_path, rejected)
-        return new
+        with pool_lock(ws):
+            return _pull_listed(ws, client, keys, listing)
     finally:
         if own:
             client.close()
         shutil.rmtree(ws.pool / ".incoming", ignore_errors=True)
+
+
+def _pull_listed(ws: Workspace, client: ExchangeClient, keys: dict, listing: list[dict]) -> list[str]:
+    """pull's work once the coordinator's signed state is in hand; the caller holds pool_lock."""
+    max_bytes = ws.config().coordinator.max_bundle_bytes
+    quarantine_untrusted(ws, keys)
+    index_path, rejected_path = ws.pool / "index.json", ws.pool / "rejected.json"
+    index, rejected = _read_index(index_path), _read_index(rejected_path)
+    new: list[str] = []
+    for rec in listing:
+        bid = rec["bundle_id"]
+        if not BUNDLE_ID.fullmatch(bid):  # a listing, even signed, never names a path
+            log.warning("the coordinator lists a bundle id %r that is not 32 hex digits; skipped", short(bid))
+            continue
+        if bid in index and (ws.pool / bid).is_dir():
+            continue
+        try:
+            index[bid] = _pull_one(ws, client, rec, keys, max_bytes)
+        except (BundleError, ExchangeError) as e:
+            log.warning("bundle %s of site %r rejected: %s", bid, rec["site"], e)
+            rejected[bid] = {"site": rec["site"], "reason": str(e), "at": dt.datetime.now(dt.timezone.utc).isoformat()}
+            atomic_write_json(rejected_path, rejected)
+            continue
+        rejected.pop(bid, None)
+        atomic_write_json(index_path, index)  # after each bundle: a crash loses no finished work
+        new.append(bid)
+        log.info("pooled bundle %s of site %r (%d samples)", bid, index[bid]["site"], index[bid]["n_samples"])
+    if rejected_path.exists() or rejected:
+        atomic_write_json(rejected_path, rejected)
+    return new
 
 
 def quarantine_untrusted(ws: Workspace, keys: dict[str, list[dict]]) -> list[str]:
@@ -206,14 +225,26 @@ def quarantine(ws: Workspace, bid: str, reason: str) -> None:
     log.warning("bundle %s of site %r quarantined: %s", bid, entry.get("site"), reason)
 
 
-def load_pool_data(
-    ws: Workspace, *, spec: ContentSpec | None = None, route: str | None = None
-) -> tuple[str | None, np.ndarray, np.ndarray]:
-    """(route, data, labels int64 [N]): every verified bundle in pool/index.json, own site
-    included, in bundle-id order. route "plan": data is images uint8 [N,H,W]; "cvae": embeddings
-    float32 [N,D]. (None, uint8 [0,0,0], int64 [0]) when the pool is empty.
+class PoolIncomplete(BundleError):
+    """A run names bundles that this site's verified pool does not hold (yet)."""
 
-    With the federation's `spec` and `route` (a round of the federation: node/federation/clientapp.py), a
+    def __init__(self, ws: Workspace, missing: Sequence[str]):
+        known = {**_read_index(ws.pool / "rejected.json"), **_read_index(ws.pool / "quarantine.json")}
+        why = "; ".join(f"{bid}: {known[bid]['reason'] if bid in known else 'not pulled yet'}" for bid in missing)
+        super().__init__(f"{ws.pool}: the run trains on {len(missing)} bundle(s) this site has not verified: {why}")
+        self.missing = list(missing)
+
+
+def load_pool_data(
+    ws: Workspace, *, spec: ContentSpec | None = None, route: str | None = None, bundles: Sequence[str] | None = None
+) -> tuple[str | None, np.ndarray, np.ndarray]:
+    """(route, data, labels int64 [N]): the verified bundles in pool/index.json, own site
+    included, in bundle-id order: every one, or exactly `bundles` (a run's pool,
+    common.messages.DownstreamRound.pool; PoolIncomplete names those not in the verified pool).
+    route "plan": data is images uint8 [N,H,W]; "cvae": embeddings float32 [N,D].
+    (None, uint8 [0,0,0], int64 [0]) when the pool is empty.
+
+    With the federation's `spec` and `route` (a round of the federation: node/federation/rounds.py), a
     bundle that does not fit them (another route, image size or embedding length, a label outside
     the classes) is quarantined (pool/quarantine/) and the rest is loaded: one poison bundle does
     not fail every round.
@@ -223,10 +254,22 @@ def load_pool_data(
     feature extractors are not comparable, even when their dimensions happen to agree; the
     federation pins one, docs/DESIGN.md 3.7).
     """
-    index = _read_index(ws.pool / "index.json")
-    expected_route = route
+    with pool_lock(ws):
+        index = _read_index(ws.pool / "index.json")
+        if bundles is not None:
+            missing = sorted(set(bundles) - set(index))
+            if missing:
+                raise PoolIncomplete(ws, missing)
+        chosen = sorted(index if bundles is None else set(bundles))
+        return _load_bundles(ws, chosen, spec=spec, expected_route=route)
+
+
+def _load_bundles(
+    ws: Workspace, bids: list[str], *, spec: ContentSpec | None, expected_route: str | None
+) -> tuple[str | None, np.ndarray, np.ndarray]:
+    """load_pool_data's work; the caller holds pool_lock."""
     route, first, parts, labels = None, None, [], []
-    for bid in sorted(index):
+    for bid in bids:
         r, x, y = load_bundle_data(ws.pool / bid)
         if spec is not None:
             try:
