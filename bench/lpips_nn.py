@@ -26,6 +26,7 @@ import torch
 
 from bench._site import ROOT, command, machine
 from common.fileio import atomic_write_json
+from node.audit.distances import cpu_bf16_is_fast, nearest_sq, nearest_sq_screened
 from node.audit.lpips_matrix import build_lpips, lpips_features, lpips_nearest, prepare
 from node.site.phantom import make_phantom
 
@@ -68,9 +69,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     # the limit: every image through the network once (what lpips_nearest does before its products)
     t0 = time.perf_counter()
-    lpips_features(model, prepare(query))
-    lpips_features(model, prepare(ref))
+    qf = lpips_features(model, prepare(query))
+    rf = lpips_features(model, prepare(ref))
     seconds_features = time.perf_counter() - t0
+
+    # the products alone, both ways, on those features (lpips_nearest screens where bfloat16 is native)
+    t0 = time.perf_counter()
+    d32, j32 = nearest_sq(qf, rf)
+    seconds_products_float32 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    d16, j16 = nearest_sq_screened(qf, rf)
+    seconds_products_screened = time.perf_counter() - t0
+    screened_agrees = bool(torch.equal(j32, j16)) and float((d32 - d16).abs().max()) < 1e-5
 
     # the package: a random sample of pairs, one call per pair, then in batches of pairs
     n_pairs = max(args.pairs, args.batched_pairs)
@@ -100,6 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds_matrix": round(seconds_matrix, 2),
         "seconds_features_alone": round(seconds_features, 2),
         "ratio_to_limit": round(seconds_matrix / seconds_features, 3),
+        "bf16_screen_used": cpu_bf16_is_fast(),
+        "seconds_products_float32": round(seconds_products_float32, 2),
+        "seconds_products_screened": round(seconds_products_screened, 2),
+        "screened_agrees_with_float32": screened_agrees,
         "seconds_per_pair": per_pair_1,
         "seconds_pairwise_estimated": round(per_pair_1 * nm, 1),
         "speedup": round(per_pair_1 * nm / seconds_matrix, 1),
@@ -129,8 +143,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{label:<44}{seconds:>12.1f}{speedup:>10}x")
     print(f"{'matrix path (node.audit.lpips_matrix)':<44}{res['seconds_matrix']:>12.2f}{1:>10}x")
     print(f"{'limit: the N+M feature passes alone':<44}{res['seconds_features_alone']:>12.2f}")
+    print(f"{'  products alone, float32':<44}{res['seconds_products_float32']:>12.2f}")
+    print(f"{'  products alone, bfloat16-screened':<44}{res['seconds_products_screened']:>12.2f}")
     print(
-        f"{args.n_query} x {args.n_ref}: matrix path {res['ratio_to_limit']}x the limit; max |error| {max_abs_err:.2e}"
+        f"{args.n_query} x {args.n_ref}: matrix path {res['ratio_to_limit']}x the limit "
+        f"(bfloat16 screen {'on' if res['bf16_screen_used'] else 'off: not native here'}); "
+        f"max |error| {max_abs_err:.2e}; screened = float32: {screened_agrees}"
     )
     return res
 

@@ -4,7 +4,7 @@ import torch
 
 from common.config import PolicyConfig
 from common.metrics import roc_auc
-from node.audit.distances import min_pixel_mse, min_sq_dist
+from node.audit.distances import min_pixel_mse, min_sq_dist, nearest_sq_screened
 from node.audit.figures import membership_attack, nearest_record, reid_rate, reid_threshold, tpr_at_fpr
 from node.audit.images import audit_images
 from node.plan.classifiers import SmallCNN
@@ -38,6 +38,33 @@ def test_nearest_neighbours_match_brute_force():
     assert torch.allclose(m, full.min(1).values) and torch.equal(j, full.argmin(1))
     x = rng.integers(0, 255, (4, 6, 6), dtype=np.uint8)
     assert np.allclose(min_pixel_mse(x, x), 0)
+
+
+def test_bf16_screened_nearest_neighbours_are_exact():
+    """The bfloat16 screen drops only pairs its error bound proves farther: the answer is the float64
+    brute force's, on features shaped like LPIPS rows (a large shared mean, small spread, D ~ 4k),
+    with near-copies a bfloat16 product alone cannot tell apart, ties, and chunks of 7 rows."""
+    g = torch.Generator().manual_seed(0)
+    shared = torch.rand(4096, generator=g)
+    r = shared + 0.01 * torch.randn(60, 4096, generator=g)
+    q = torch.cat(
+        [
+            r[:20] + 1e-5 * torch.randn(20, 4096, generator=g),  # near-copies: gaps far under bfloat16's rounding
+            shared + 0.01 * torch.randn(20, 4096, generator=g),  # fresh rows
+            r[30:33],  # exact copies
+        ]
+    )
+    # a tie (row 30 twice; the first index wins, as with min()), and for each near-copy a second
+    # reference closer to it than bfloat16's rounding of the products can resolve
+    r = torch.cat([r, r[30:31], r[:20] + 5e-4 * torch.randn(20, 4096, generator=g)])
+    full = ((q[:, None].double() - r[None].double()) ** 2).sum(-1)
+    d, j = nearest_sq_screened(q, r, chunk=7)
+    assert torch.equal(j, full.argmin(1))
+    assert torch.allclose(d.double(), full.min(1).values, atol=1e-5)
+    # the screen is doing the work: a bfloat16 product alone picks a wrong neighbour for some near-copy
+    mu = r.mean(0)
+    rough = -2 * ((q - mu).bfloat16() @ (r - mu).bfloat16().T).float() + (r - mu).square().sum(1)[None]
+    assert (rough[:20].argmin(1) != full[:20].argmin(1)).any()
 
 
 def test_nearest_record_and_membership_figures():

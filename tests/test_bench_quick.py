@@ -27,6 +27,7 @@ def test_lpips_benchmark_is_exact_and_reports_both_baselines_and_the_limit(tmp_p
     assert res["seconds_per_pair_batched"][str(res["best_batch"])] == min(res["seconds_per_pair_batched"].values())
     assert res["seconds_features_alone"] > 0 and res["ratio_to_limit"] > 0
     assert res["speedup_vs_batched"] > 0
+    assert res["screened_agrees_with_float32"]  # the bfloat16 screen changes no neighbour
 
 
 @pytest.mark.slow
