@@ -261,3 +261,28 @@ def test_the_wide_attacker_keeps_a_heavily_noised_copy_near_its_source():
     d, nearest = copy_distances(noisy, train, embedders=emb)["attacker_wide"]
     assert (nearest == src).mean() >= 0.75 and (d < np.median(d_nonmembers)).mean() >= 0.75, (nearest, d, thr)
     assert (copy_distances(fresh, train, embedders=emb)["attacker_wide"][0] >= thr).mean() >= 0.9
+
+
+@pytest.mark.parametrize("embedder", ["lpips", "cnn"])
+def test_the_bfloat16_screen_changes_no_copy_distance(monkeypatch, embedder):
+    """The copy detector screens its products in bfloat16 where the CPU has them natively: every
+    space's copy distances and nearest train images are those of the float32 products."""
+    import node.audit.copies as copies
+    from node.audit.images import features_embedder, lpips_embedder
+    from node.audit.lpips_matrix import build_lpips
+    from node.plan.classifiers import SmallCNN
+
+    train, query = textures(40, seed=1), textures(6, seed=4)
+    query = np.concatenate([query, _shift(train[3], 1, 2)[None], train[5:6, :, ::-1]])  # two near-copies
+    torch.manual_seed(0)
+    net = build_lpips("alex", random_backbone=True) if embedder == "lpips" else SmallCNN(4, width=8, image_size=32)
+    emb = {embedder: lpips_embedder(net) if embedder == "lpips" else features_embedder(net, "cpu")}
+    runs = {}
+    for screen in (True, False):
+        monkeypatch.setattr(copies, "cpu_bf16_is_fast", lambda screen=screen: screen)
+        runs[screen] = copy_distances(query, train, embedders=emb, chunk=3)
+    assert set(runs[True]) == set(PIXEL_VIEWS) | {embedder}
+    for k, (d, j) in runs[False].items():
+        assert np.array_equal(runs[True][k][1], j), k
+        # atol: the float32 expansion's own rounding (a few 1e-5); centred, the screen's is smaller
+        assert np.allclose(runs[True][k][0], d, rtol=1e-4, atol=5e-5), k
