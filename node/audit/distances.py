@@ -52,6 +52,12 @@ def nearest_sq(q: torch.Tensor, r: torch.Tensor, *, chunk: int = 512) -> tuple[t
     return torch.cat(mins), torch.cat(args)
 
 
+# Narrower rows are faster in float32 alone: the screen's elementwise work on the [chunk,M] matrix
+# outweighs what bfloat16 saves in the products (a sweep of D on the development VM: 2.7x slower at
+# D = 256, even at ~2k, 1.2x faster at 4k with half the rows lacking a clear nearest neighbour).
+SCREEN_MIN_DIM = 4096
+
+
 def cpu_bf16_is_fast() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (AVX-512 BF16 or AMX: 2.2x float32 on
     the development VM); elsewhere bfloat16 products are emulated and slower than float32."""
@@ -105,6 +111,10 @@ def nearest_sq_screened(
         # the products' bound, and the float32 rounding of the sums around them
         err = (2 * c) * an[:, None] * rn[None] + 2.0**-20 * (aa[:, None] + rr[None])
         keep = d - err <= (d + err).min(1, keepdim=True).values  # every row keeps its own minimum
+        # a survivor's product costs ~14x its share of a dense one: a row where many survive (no
+        # clear nearest, as in isotropic high-dimensional noise) gets its whole row in float32
+        dense = keep.sum(1) > len(rc) // 16
+        keep[dense] = False
         dots = _sampled_products(keep, a, rc)
         rows = torch.repeat_interleave(torch.arange(len(a)), dots.crow_indices().diff())
         cols = dots.col_indices()
@@ -112,6 +122,9 @@ def nearest_sq_screened(
         best = torch.full((len(a),), float("inf")).scatter_reduce_(0, rows, exact, "amin")
         hit = exact == best[rows]  # the first survivor at the minimum, as min() would pick it
         first = torch.full((len(a),), len(rc), dtype=torch.long).scatter_reduce_(0, rows[hit], cols[hit], "amin")
+        if dense.any():
+            full = torch.addmm(rr[None], a[dense], rc.T, alpha=-2.0).add_(aa[dense, None]).clamp_min_(0)
+            best[dense], first[dense] = full.min(1)
         if (first == len(rc)).any():  # only a row whose distances are all NaN keeps no survivor
             raise ValueError(f"non-finite feature rows among queries {i}..{i + len(a) - 1}: no nearest neighbour")
         mins.append(best)
