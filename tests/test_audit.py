@@ -50,7 +50,7 @@ def test_bf16_screened_nearest_neighbours_are_exact():
     q = torch.cat(
         [
             r[:20] + 1e-5 * torch.randn(20, 4096, generator=g),  # near-copies: gaps far under bfloat16's rounding
-            shared + 0.01 * torch.randn(20, 4096, generator=g),  # fresh rows
+            shared + 0.01 * torch.randn(20, 4096, generator=g),  # fresh rows, no clear nearest: whole rows in float32
             r[30:33],  # exact copies
         ]
     )

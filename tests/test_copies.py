@@ -261,3 +261,26 @@ def test_the_wide_attacker_keeps_a_heavily_noised_copy_near_its_source():
     d, nearest = copy_distances(noisy, train, embedders=emb)["attacker_wide"]
     assert (nearest == src).mean() >= 0.75 and (d < np.median(d_nonmembers)).mean() >= 0.75, (nearest, d, thr)
     assert (copy_distances(fresh, train, embedders=emb)["attacker_wide"][0] >= thr).mean() >= 0.9
+
+
+def test_the_bfloat16_screen_changes_no_copy_distance(monkeypatch):
+    """The copy detector screens the products of its wide spaces (LPIPS) in bfloat16 where the CPU
+    has them natively: every space's copy distances and nearest train images are those of the
+    float32 products."""
+    import node.audit.copies as copies
+    from node.audit.images import lpips_embedder
+    from node.audit.lpips_matrix import build_lpips
+
+    train, query = textures(40, seed=1), textures(6, seed=4)
+    query = np.concatenate([query, _shift(train[3], 1, 2)[None], train[5:6, :, ::-1]])  # two near-copies
+    torch.manual_seed(0)
+    emb = {"lpips": lpips_embedder(build_lpips("alex", random_backbone=True))}
+    runs = {}
+    for screen in (True, False):
+        monkeypatch.setattr(copies, "cpu_bf16_is_fast", lambda screen=screen: screen)
+        runs[screen] = copy_distances(query, train, embedders=emb, chunk=3)
+    assert set(runs[True]) == set(PIXEL_VIEWS) | {"lpips"}
+    for k, (d, j) in runs[False].items():
+        assert np.array_equal(runs[True][k][1], j), k
+        # atol: the float32 expansion's own rounding (a few 1e-5); centred, the screen's is smaller
+        assert np.allclose(runs[True][k][0], d, rtol=1e-4, atol=5e-5), k
