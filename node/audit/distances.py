@@ -61,7 +61,9 @@ SCREEN_MIN_DIM = 4096
 def cpu_bf16_is_fast() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (AVX-512 BF16 or AMX: 2.2x float32 on
     the development VM); elsewhere bfloat16 products are emulated and slower than float32."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    # private probes of torch.cpu (2.x); a torch without them gets the float32 path
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(p()) for p in probes if p is not None)
 
 
 @dataclass(frozen=True)
