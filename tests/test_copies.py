@@ -267,7 +267,7 @@ def test_the_bfloat16_screen_changes_no_copy_distance(monkeypatch):
     """The copy detector screens the products of its wide spaces (LPIPS) in bfloat16 where the CPU
     has them natively: every space's copy distances and nearest train images are those of the
     float32 products."""
-    import node.audit.copies as copies
+    import node.audit.distances as distances
     from node.audit.images import lpips_embedder
     from node.audit.lpips_matrix import build_lpips
 
@@ -277,7 +277,7 @@ def test_the_bfloat16_screen_changes_no_copy_distance(monkeypatch):
     emb = {"lpips": lpips_embedder(build_lpips("alex", random_backbone=True))}
     runs = {}
     for screen in (True, False):
-        monkeypatch.setattr(copies, "cpu_bf16_is_fast", lambda screen=screen: screen)
+        monkeypatch.setattr(distances, "cpu_bf16_is_fast", lambda screen=screen: screen)
         runs[screen] = copy_distances(query, train, embedders=emb, chunk=3)
     assert set(runs[True]) == set(PIXEL_VIEWS) | {"lpips"}
     for k, (d, j) in runs[False].items():

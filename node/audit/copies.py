@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from node.audit.distances import SCREEN_MIN_DIM, ScreenRefs, cpu_bf16_is_fast, nearest_sq, nearest_sq_screened
+from node.audit.distances import ScreenRefs, nearest_sq_fast, search_refs
 from node.site.pixels import to_tensor
 
 # view -> Gaussian blur sigma in pixels. A blur of sigma s keeps about 1 / (4 pi s^2) of the power of
@@ -239,17 +239,12 @@ def copy_distances(
     margin = crop_margin(family, t_small.shape[-1])
     best: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    # wide spaces (LPIPS) get the same nearest neighbours through a bfloat16 screen where the CPU
-    # multiplies bfloat16 natively; the references are prepared for it once
-    screen = torch.device(device).type == "cpu" and cpu_bf16_is_fast()
-
     def keep(k: str, i: int, v: torch.Tensor, ref: torch.Tensor | ScreenRefs, T: int) -> None:
-        nearest = nearest_sq_screened if isinstance(ref, ScreenRefs) else nearest_sq
         if k in PIXEL_VIEWS:  # 2 - 2 cos': the unit-norm reference against the noise-corrected query
-            d, j = nearest(v, ref, chunk=4096)
+            d, j = nearest_sq_fast(v, ref, chunk=4096)
             d = (d.double() - v.square().sum(1).double() + 1).clamp_min(0)
         else:  # float32 expansion: its rounding (a few 1e-5 of the distances) is far under any threshold
-            d, j = nearest(v, ref, chunk=512)
+            d, j = nearest_sq_fast(v, ref, chunk=512)
             d = d.double()
         n = len(v) // T
         d, t_best = d.reshape(n, T).min(1)
@@ -261,7 +256,7 @@ def copy_distances(
         gains = {k: view_noise_gain(side, margin=margin, sigma=sigma) for k, sigma in PIXEL_VIEWS.items()}
         refs = {k: pixel_view(t_small, margin=margin, sigma=sigma) for k, sigma in PIXEL_VIEWS.items()}
         refs.update({k: f(t).float() for k, f in embedders.items()})
-        refs = {k: ScreenRefs.of(r) if screen and r.shape[1] >= SCREEN_MIN_DIM else r for k, r in refs.items()}
+        refs = {k: search_refs(r) for k, r in refs.items()}  # wide spaces (LPIPS): prepared once for the screen
         best.update({k: (np.full(len(query), np.inf), np.zeros(len(query), dtype=np.int64)) for k in refs})
         for i in range(0, len(query), chunk):
             x = to_tensor(query[i : i + chunk], device)

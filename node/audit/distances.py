@@ -53,7 +53,7 @@ def nearest_sq(q: torch.Tensor, r: torch.Tensor, *, chunk: int = 512) -> tuple[t
 
 
 # Narrower rows are faster in float32 alone: the screen's elementwise work on the [chunk,M] matrix
-# outweighs what bfloat16 saves in the products (a sweep of D on the development VM: 2.7x slower at
+# outweighs what bfloat16 saves in the products (a sweep of D on the development VM: 2.8x slower at
 # D = 256, even at ~2k, 1.2x faster at 4k with half the rows lacking a clear nearest neighbour).
 SCREEN_MIN_DIM = 4096
 
@@ -83,6 +83,26 @@ class ScreenRefs:
         mean = r.mean(0)
         rows = r - mean
         return cls(mean, rows, torch.linalg.vector_norm(rows, dim=1), rows.bfloat16())
+
+
+def search_refs(r: torch.Tensor) -> torch.Tensor | ScreenRefs:
+    """Reference rows r [M,D] as the fastest exact search wants them: prepared for the bfloat16
+    screen (ScreenRefs) where it pays (rows on a CPU with native bfloat16, at least SCREEN_MIN_DIM
+    wide), else r itself. Prepare once, search many times with nearest_sq_fast."""
+    if r.device.type == "cpu" and r.shape[1] >= SCREEN_MIN_DIM and cpu_bf16_is_fast():
+        return ScreenRefs.of(r)
+    return r
+
+
+def nearest_sq_fast(
+    q: torch.Tensor, r: torch.Tensor | ScreenRefs, *, chunk: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """nearest_sq's answer by the faster of its two exact paths (search_refs decides; pass r
+    through it once when searching the same references many times)."""
+    ref = r if isinstance(r, ScreenRefs) else search_refs(r)
+    if isinstance(ref, ScreenRefs):
+        return nearest_sq_screened(q, ref, chunk=chunk)
+    return nearest_sq(q, ref, chunk=chunk)
 
 
 def nearest_sq_screened(

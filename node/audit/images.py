@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from common.config import PolicyConfig
 from node.audit.copies import PIXEL_VIEW_SIZE, calibrate, copy_distances, embed_warp_family, warp_family
-from node.audit.distances import embed, min_sq_dist, pixels01
+from node.audit.distances import embed, min_sq_dist, nearest_sq_fast, pixels01
 from node.audit.figures import space_fn
 from node.audit.judge import (
     HALVES_SEED,
@@ -31,7 +31,7 @@ from node.audit.judge import (
     patient_ids,
     top_prob,
 )
-from node.audit.lpips_matrix import MIN_SIDE, lpips_feature_nearest, lpips_features, lpips_nearest, prepare
+from node.audit.lpips_matrix import MIN_SIDE, lpips_features, lpips_nearest, prepare
 from node.audit.release_filter import distinct, holdout_halves
 from node.plan.classifiers import SmallCNN
 
@@ -45,13 +45,12 @@ def lpips_space(model, images: tuple[np.ndarray, np.ndarray, np.ndarray], *, max
     by = dict(zip("sth", images))
     cached = sum(len(v) for v in images) <= max_cached
     feats = {k: lpips_features(model, prepare(v)) for k, v in by.items()} if cached else {}
-    nearest = lpips_feature_nearest()
 
     def nn(a, b, ia, ib):
         if len(ia) == 0:
             return np.zeros(0), np.zeros(0, dtype=int)
         if cached:
-            d, j = nearest(feats[a][torch.from_numpy(ia)], feats[b][torch.from_numpy(ib)])
+            d, j = nearest_sq_fast(feats[a][torch.from_numpy(ia)], feats[b][torch.from_numpy(ib)])
             return d.double().numpy(), j.numpy()
         return lpips_nearest(model, by[a][ia], by[b][ib])
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.modelstore import resolve
-from node.audit.distances import cpu_bf16_is_fast, nearest_sq, nearest_sq_screened
+from node.audit.distances import nearest_sq_fast
 
 # torchvision's published files; torchvision names each by the first 8 hex digits of its sha256,
 # which is all that is pinned here (the full digests were not obtainable offline).
@@ -112,12 +112,6 @@ def lpips_features(model, x: torch.Tensor, *, batch_size: int = 128) -> torch.Te
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def lpips_feature_nearest():
-    """nearest_sq for LPIPS feature rows on the CPU: screened by bfloat16 products where the CPU has
-    them natively (the same answer; the products are most of the matrix path's time at D ~ 32k)."""
-    return nearest_sq_screened if cpu_bf16_is_fast() else nearest_sq
-
-
 @torch.no_grad()
 def lpips_nearest(
     model, query: np.ndarray, ref: np.ndarray, *, ref_block: int = 4096, chunk: int = 512, batch_size: int = 128
@@ -131,12 +125,11 @@ def lpips_nearest(
     if len(ref) == 0:
         raise ValueError("nearest neighbour in an empty set")
     qf = lpips_features(model, prepare(query), batch_size=batch_size)
-    nearest = lpips_feature_nearest()
     best = torch.full((len(query),), float("inf"))
     arg = torch.zeros(len(query), dtype=torch.long)
     for j in range(0, len(ref), ref_block):
         rf = lpips_features(model, prepare(ref[j : j + ref_block]), batch_size=batch_size)
-        m, k = nearest(qf, rf, chunk=chunk)
+        m, k = nearest_sq_fast(qf, rf, chunk=chunk)
         better = m < best
         best[better], arg[better] = m[better], k[better] + j
     return best.double().numpy(), arg.numpy()
