@@ -23,7 +23,8 @@ skew with class shares per site drawn from Dirichlet(0.5)):
     central_real    one model on the union of the real train splits (the yardstick), for as many
                     optimiser steps as the whole federation takes (bench.fedsim.central)
     linear, plan, anchors   FedAvg, every site on the pool of all sites' published sets of that kind
-    plan_pool_real  FedAvg, every site on the PLAN pool plus its own real train split
+    plan_pool_real  FedAvg, every site on the PLAN pool plus its own real train split, repeated to
+                    downstream.real_share of the records (node.federation.task.with_real_share)
     plan_pool_real_fedprox   the same with FedProx (the pool makes the sites' data differ least)
     cvae_real       the CVAE route's yardstick: FedAvg of the embedding head on the sites' real
                     train embeddings (the federation's pinned extractor, default "tiny")
@@ -66,7 +67,7 @@ from bench.fedsim import alone, central, fedavg
 from bench.generator import K, features, judge, precision_recall
 from common.config import DataConfig, DownstreamConfig, SiteConfig
 from common.fileio import atomic_write_bytes, atomic_write_json, nan_to_none
-from node.federation.task import evaluate_classifier
+from node.federation.task import evaluate_classifier, with_real_share
 from node.plan.quality import frechet_distance
 from node.release.publish import load_accepted
 from node.routes import route as route_named
@@ -213,7 +214,7 @@ def downstream_rows(
         x, y = pool(kind, sets)
         out[kind] = fedavg([(x, y)] * len(sites), tests, **kw) if len(y) else {"skipped": "no image passed the audit"}
     px, py = pool("plan", sets)
-    pool_real = [(np.concatenate([px, x]), np.concatenate([py, y])) for x, y in real_xy]
+    pool_real = [with_real_share((px, py), xy, real_share=ds.real_share) for xy in real_xy]
     out["plan_pool_real"] = fedavg(pool_real, tests, **kw)
     out["plan_pool_real_fedprox"] = fedavg(pool_real, tests, **kw, proximal_mu=ds.proximal_mu)
     # the CVAE route: the same sites' records as embeddings, tested on the same test splits

@@ -60,6 +60,7 @@ class DownstreamRound(_Spec):
     head_lr: float = Field(gt=0)
     batch_size: int = Field(ge=1)
     train_on: Literal["pool", "pool+real", "real"] = "pool"
+    real_share: float = Field(0.0, ge=0, lt=1)  # pool+real only: DownstreamConfig.real_share
     # the bundle ids the coordinator had pooled when it submitted the run, comma-separated: every
     # site trains on exactly these, which `plan-node start` pulled and verified beside the SuperNode
     pool: str = Field("", pattern=r"^([0-9a-f]{32}(,[0-9a-f]{32})*)?$")
@@ -85,6 +86,7 @@ class DownstreamRound(_Spec):
             batch_size=ds.batch_size,
             class_weighting=ds.class_weighting,
             train_on=train_on,
+            real_share=ds.real_share,
             pool=",".join(sorted(pool)) if train_on != "real" else "",
         )
 

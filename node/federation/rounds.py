@@ -20,6 +20,7 @@ from node.federation.task import (
     evaluate_classifier,
     site_round_seed,
     train_classifier,
+    with_real_share,
 )
 from node.release.pull import PoolIncomplete, load_pool_data
 from node.routes import route
@@ -39,17 +40,21 @@ def training_records(
     *,
     bundles: list[str] | None = None,
     wait_s: float | None = None,
+    real_share: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Records (images uint8 [N,H,W], or embeddings float32 [N,D] on the CVAE route) and labels
     int64 [N]: the verified pool ("pool"), the site's real train split ("real"), or both
-    ("pool+real"). The pool is the run's `bundles` (every verified bundle when None). This site
-    pulls and verifies them beside its SuperNode (`plan-node start`, node/start.py), not here: a
-    bundle pooled just before the run may still be on its way, so a round waits up to `wait_s`
-    seconds (default: POOL_WAIT_TURNS pulls) for it, then refuses (PoolIncomplete) rather than
-    train on part of the pool. Bundles that do not fit `spec` are quarantined (node.release.pull)."""
+    ("pool+real", the real records repeated to at least `real_share` of all: with_real_share). The
+    pool is the run's `bundles` (every verified bundle when None). This site pulls and verifies them
+    beside its SuperNode (`plan-node start`, node/start.py), not here: a bundle pooled just before
+    the run may still be on its way, so a round waits up to `wait_s` seconds (default:
+    POOL_WAIT_TURNS pulls) for it, then refuses (PoolIncomplete) rather than train on part of the
+    pool. Bundles that do not fit `spec` are quarantined (node.release.pull)."""
+    if train_on not in ("pool", "pool+real", "real"):
+        raise ValueError(f"train-on {train_on!r}: expected pool, pool+real or real")
     if wait_s is None:
         wait_s = POOL_WAIT_TURNS * ws.config().coordinator.pull_every_s
-    parts = []
+    pool = real = None
     if train_on in ("pool", "pool+real"):
         pool_route, data, labels = _verified_pool(ws, spec, route_name, bundles, wait_s=wait_s)
         if len(labels) == 0:
@@ -58,12 +63,13 @@ def training_records(
             raise RuntimeError(
                 f"{ws.root}: the pool holds {pool_route!r}-route bundles, the federation trains on route {route_name!r}"
             )
-        parts.append((data, labels))
+        pool = data, np.asarray(labels, dtype=np.int64)
     if train_on in ("real", "pool+real"):
-        parts.append(route(route_name).split_records(ws, "train", device=pick_device(ws.config().device)))
-    if not parts:
-        raise ValueError(f"train-on {train_on!r}: expected pool, pool+real or real")
-    return np.concatenate([p[0] for p in parts]), np.concatenate([np.asarray(p[1], dtype=np.int64) for p in parts])
+        data, labels = route(route_name).split_records(ws, "train", device=pick_device(ws.config().device))
+        real = data, np.asarray(labels, dtype=np.int64)
+    if pool is not None and real is not None:
+        return with_real_share(pool, real, real_share=real_share)
+    return pool if real is None else real
 
 
 def _verified_pool(ws: Workspace, spec, route_name: str, bundles: list[str] | None, *, wait_s: float):
@@ -95,7 +101,9 @@ def local_update(ws: Workspace, model: torch.nn.Module, spec: DownstreamRound) -
     """Train `model` in place for this round on what spec.train_on names, with this site's own
     seed and order; FedProx's proximal term pulls towards the weights it came with. Returns
     (records trained on, mean training loss)."""
-    data, labels = training_records(ws, spec.train_on, spec.route, spec.content(), bundles=spec.pool_ids())
+    data, labels = training_records(
+        ws, spec.train_on, spec.route, spec.content(), bundles=spec.pool_ids(), real_share=spec.real_share
+    )
     if spec.route == "cvae":
         model.fit_scaler(torch.from_numpy(data))  # from the pool: the same at every site
     global_params = [p.detach().clone() for p in model.parameters()]

@@ -139,6 +139,20 @@ def class_weights_for(labels: np.ndarray, n_classes: int, weighting: str) -> tor
     return balanced_class_weights(labels, n_classes) if weighting == "balanced" else None
 
 
+def with_real_share(
+    pool: tuple[np.ndarray, np.ndarray], real: tuple[np.ndarray, np.ndarray], *, real_share: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pool's (records [P,...], labels [P]) and a site's real ones ([R,...], [R]) as one
+    training set in which the real records, repeated whole r times, make at least `real_share` of
+    it (r >= 1; 0: each record once). In an epoch over pool and real alike, a site whose pool
+    outnumbers its own images would see them less often than it does training on them alone."""
+    (px, py), (rx, ry) = pool, real
+    repeat = 1
+    if real_share > 0 and len(ry):
+        repeat = max(1, math.ceil(real_share / (1 - real_share) * len(py) / len(ry) - 1e-9))
+    return np.concatenate([px, *[rx] * repeat]), np.concatenate([py, *[ry] * repeat])
+
+
 def site_round_seed(site: str, server_round: int) -> int:
     """The training seed for one site in one round. Each site draws its own order and augmentations:
     with one seed for all, sites holding the same pool would send identical updates and FedAvg would
