@@ -162,6 +162,16 @@ def test_specs_round_trip_through_a_config_record():
     assert spec_of(ConfigRecord(cvae.to_config())) == cvae
 
 
+def test_the_federations_real_share_reaches_every_site_in_the_spec():
+    from common.config import FederationConfig
+
+    fed = FederationConfig.model_validate({"n_classes": 2, "downstream": {"real_share": 0.25}})
+    spec = DownstreamRound.of(fed, train_on="pool+real")
+    assert spec_of(ConfigRecord({**spec.to_config(), "server-round": 1})).real_share == 0.25
+    with pytest.raises(ValueError, match="real-share"):
+        spec_of({**spec.to_config(), "real-share": 1.0})  # all real is train_on "real", not a share
+
+
 def test_the_run_names_its_pool_and_a_malformed_pool_is_refused():
     from common.config import FederationConfig
 

@@ -162,6 +162,10 @@ def test_a_round_trains_on_pool_real_or_both(fed):
     both_x, both_y = training_records(a, "pool+real")
     np.testing.assert_array_equal(both_x, np.concatenate([pool_x, real_x]))
     assert both_y.tolist() == pool_y.tolist() + [0, 1, 0, 1]
+    # 20 pool images against 4 real ones: a share of a half repeats the real ones 5 times
+    half_x, half_y = training_records(a, "pool+real", real_share=0.5)
+    np.testing.assert_array_equal(half_x, np.concatenate([pool_x, *[real_x] * 5]))
+    assert half_y.tolist() == pool_y.tolist() + [0, 1, 0, 1] * 5
     with pytest.raises(ValueError, match="'everything'"):
         training_records(a, "everything")
 

@@ -10,6 +10,7 @@ from node.federation.task import (
     evaluate_classifier,
     site_round_seed,
     train_classifier,
+    with_real_share,
 )
 from node.plan.classifiers import SmallCNN
 
@@ -157,3 +158,15 @@ def test_balanced_weights_recall_a_minority_class_the_plain_loss_gives_up():
         )
         recall[name] = evaluate_classifier(m, x, y, device="cpu")["recall-1"]
     assert recall["balanced"] > recall["none"] + 0.3, recall
+
+
+def test_real_share_repeats_the_real_records_whole_to_at_least_the_share():
+    pool = (np.zeros((7, 4, 4), np.uint8), np.zeros(7, np.int64))
+    real = (np.arange(3 * 16, dtype=np.uint8).reshape(3, 4, 4), np.array([1, 2, 1]))
+    x, y = with_real_share(pool, real, real_share=0.0)  # each record once
+    assert len(y) == 10 and y[7:].tolist() == [1, 2, 1]
+    for share, repeat in ((0.3, 1), (0.5, 3), (0.75, 7)):
+        x, y = with_real_share(pool, real, real_share=share)
+        assert len(y) == 7 + 3 * repeat and (y > 0).mean() >= share
+        np.testing.assert_array_equal(x[7:], np.concatenate([real[0]] * repeat))  # records and labels stay paired
+        assert y[7:].tolist() == [1, 2, 1] * repeat

@@ -60,13 +60,13 @@ class DownstreamConfig(_Strict):
         "pool", description="what each site trains on: the verified pool, or the pool plus its own real train split"
     )
     real_share: float = Field(
-        0.5,
+        2 / 3,
         ge=0,
         lt=1,
         description=(
             "pool+real only: at least this share of a site's training records are its own real train images, "
             "reached by repeating them whole (each repeat augmented afresh); 0: each image once, so the pool "
-            "outnumbers them. Chosen on the sites' validation splits by bench/pool_real.py"
+            "outnumbers them. Chosen on the sites' validation splits by bench/pool_real.py (of 0, 1/3, 1/2, 2/3)"
         ),
     )
     baselines: bool = Field(
