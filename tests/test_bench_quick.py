@@ -45,3 +45,18 @@ def test_walk_benchmark_runs_both_methods_on_a_trained_site(tmp_path):
     ref, node = res["final_loss_reference_node_objective"], res["final_loss_batched_own_objective"]
     assert abs(ref - node) <= 0.02 * abs(node)
     assert res["final_loss_reference_own_objective"] > 0
+
+
+def test_pool_real_rule_takes_the_best_weakest_site_and_the_smallest_share_within_the_tie():
+    from bench.pool_real import choose
+
+    # {panel: {share: [[accuracy per site] per seed]}}: the rule looks only at each run's weakest site
+    panels = {
+        "a": {"0.0": [[0.9, 0.70, 0.9]], "0.5": [[0.6, 0.80, 0.9]], "0.75": [[0.9, 0.803, 0.9]]},
+        "b": {"0.0": [[0.50, 0.9, 0.9]], "0.5": [[0.60, 0.9, 0.9]], "0.75": [[0.60, 0.9, 0.9]]},
+    }
+    verdict = choose(panels, [0.0, 0.5, 0.75])
+    assert verdict["weakest_site_accuracy"] == pytest.approx({0.0: 0.6, 0.5: 0.6, 0.75: 0.7015})
+    assert verdict["real_share"] == 0.75
+    panels["a"]["0.5"] = [[0.9, 0.80, 0.9]]  # now 0.5 is within 0.005 of 0.75's figure: the fewer repeats win
+    assert choose(panels, [0.0, 0.5, 0.75])["real_share"] == 0.5
