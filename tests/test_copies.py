@@ -284,3 +284,24 @@ def test_the_bfloat16_screen_changes_no_copy_distance(monkeypatch):
         assert np.array_equal(runs[True][k][1], j), k
         # atol: the float32 expansion's own rounding (a few 1e-5); centred, the screen's is smaller
         assert np.allclose(runs[True][k][0], d, rtol=1e-4, atol=5e-5), k
+
+
+def test_the_projected_bound_changes_no_pixel_copy_distance(monkeypatch):
+    """On a CPU the pixel views search through the projected lower bound (node.audit.projected):
+    every copy distance and nearest train image is that of taking every product."""
+    import node.audit.copies as copies
+
+    train, query = textures(60, seed=1), textures(10, seed=4)
+    edits = [_shift(train[3], 1, 2), train[5, :, ::-1], EDITS["rotation"](train[8], None), train[9], train[9] // 2]
+    query = np.concatenate([query, np.stack(edits)])
+    pruned = copy_distances(query, train, chunk=4)
+
+    class Dense:  # references as plain rows: copy_distances then takes every product
+        of = staticmethod(lambda r: r)
+
+    monkeypatch.setattr(copies, "ProjectedRefs", Dense)
+    dense = copy_distances(query, train, chunk=4)
+    for k, (d, j) in dense.items():
+        assert np.array_equal(pruned[k][1], j), k
+        assert np.allclose(pruned[k][0], d, rtol=1e-5, atol=2e-6), k
+    assert (dense["pixel"][1][10:14] == [3, 5, 8, 9]).all()  # the edits' sources, found by both

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from node.audit.distances import ScreenRefs, nearest_sq_fast, search_refs
+from node.audit.projected import ProjectedRefs, nearest_in_groups
 from node.site.pixels import to_tensor
 
 # view -> Gaussian blur sigma in pixels. A blur of sigma s keeps about 1 / (4 pi s^2) of the power of
@@ -239,24 +240,26 @@ def copy_distances(
     margin = crop_margin(family, t_small.shape[-1])
     best: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def keep(k: str, i: int, v: torch.Tensor, ref: torch.Tensor | ScreenRefs, T: int) -> None:
-        if k in PIXEL_VIEWS:  # 2 - 2 cos': the unit-norm reference against the noise-corrected query
-            d, j = nearest_sq_fast(v, ref, chunk=4096)
-            d = (d.double() - v.square().sum(1).double() + 1).clamp_min(0)
+    def keep(k: str, i: int, v: torch.Tensor, ref: torch.Tensor | ScreenRefs | ProjectedRefs, T: int) -> None:
+        # pixel views: 2 - 2 cos', the unit-norm reference against the noise-corrected query
+        offset = 1 - v.square().sum(1).double() if k in PIXEL_VIEWS else None
+        if isinstance(ref, ProjectedRefs):  # the nearest over the image's warps at once, most pairs ruled out
+            d, _, j = nearest_in_groups(v, ref, group=T, offset=offset)
         else:  # float32 expansion: its rounding (a few 1e-5 of the distances) is far under any threshold
-            d, j = nearest_sq_fast(v, ref, chunk=512)
-            d = d.double()
-        n = len(v) // T
-        d, t_best = d.reshape(n, T).min(1)
-        j = j.reshape(n, T).gather(1, t_best[:, None])[:, 0]
-        best[k][0][i : i + n], best[k][1][i : i + n] = d.cpu().numpy(), j.cpu().numpy()
+            d, j = nearest_sq_fast(v, ref, chunk=4096 if offset is not None else 512)
+            d = d.double() + (0 if offset is None else offset)
+            d, t_best = d.reshape(len(v) // T, T).min(1)
+            j = j.reshape(len(v) // T, T).gather(1, t_best[:, None])[:, 0]
+        d = d.clamp_min(0)
+        best[k][0][i : i + len(d)], best[k][1][i : i + len(d)] = d.cpu().numpy(), j.cpu().numpy()
 
     with torch.no_grad():
         side = t_small.shape[-1]
         gains = {k: view_noise_gain(side, margin=margin, sigma=sigma) for k, sigma in PIXEL_VIEWS.items()}
-        refs = {k: pixel_view(t_small, margin=margin, sigma=sigma) for k, sigma in PIXEL_VIEWS.items()}
-        refs.update({k: f(t).float() for k, f in embedders.items()})
-        refs = {k: search_refs(r) for k, r in refs.items()}  # wide spaces (LPIPS): prepared once for the screen
+        refs: dict = {k: pixel_view(t_small, margin=margin, sigma=sigma) for k, sigma in PIXEL_VIEWS.items()}
+        if t.device.type == "cpu":  # the bound's per-image work suits a CPU; a GPU takes every product
+            refs = {k: ProjectedRefs.of(r) for k, r in refs.items()}
+        refs.update({k: search_refs(f(t).float()) for k, f in embedders.items()})  # LPIPS: prepared for the screen
         best.update({k: (np.full(len(query), np.inf), np.zeros(len(query), dtype=np.int64)) for k in refs})
         for i in range(0, len(query), chunk):
             x = to_tensor(query[i : i + chunk], device)
