@@ -35,10 +35,10 @@ class ProjectedRefs:
 
     rows: torch.Tensor  # [M,D] float32, as given
     sq: torch.Tensor  # [M] float32, |r|^2 of the rows as given
-    mean: torch.Tensor  # [D] float64
-    basis: torch.Tensor  # [k,D] float64, orthonormal
+    mean: torch.Tensor  # [D] float32
+    basis: torch.Tensor  # [k,D] float32, orthonormal
     low: torch.Tensor  # [M,k+1] float32, [P(r - mean), rho(r - mean)]
-    low_sq: torch.Tensor  # [M] float32, |r - mean|^2
+    low_sq: torch.Tensor  # [M] float32, |low|^2
 
     @classmethod
     def of(cls, r: torch.Tensor, *, k: int = 16) -> ProjectedRefs:
@@ -46,21 +46,20 @@ class ProjectedRefs:
         if len(r) == 0:
             raise ValueError("nearest neighbour in an empty set")
         r = r.float()
-        mean = r.double().mean(0)
-        centred = r.double() - mean
+        centred = r.double() - r.double().mean(0)
         _, vecs = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
-        basis = vecs[:, -min(k, r.shape[1]) :].T.contiguous()
-        low, low_sq = _lift(centred, basis)
-        return cls(r, r.square().sum(1), mean, basis, low, low_sq)
+        mean, basis = r.double().mean(0).float(), vecs[:, -min(k, r.shape[1]) :].T.float().contiguous()
+        low = _lift(r, mean, basis)
+        return cls(r, r.square().sum(1), mean, basis, low, low.square().sum(1))
 
 
-def _lift(centred: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centred rows float64 [N,D] -> ([Px, rho(x)] float32 [N,k+1], |x|^2 float32 [N]); in float64
-    first, since rho is a difference of near-equal squares when the projection holds most of x."""
-    p = centred @ basis.T
-    sq = centred.square().sum(1)
-    rho = (sq - p.square().sum(1)).clamp_min(0).sqrt()
-    return torch.cat([p, rho[:, None]], 1).float(), sq.float()
+def _lift(x: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Rows x [N,D] -> [P(x - mean), |residual|] [N,k+1]. The residual is taken explicitly, not as
+    sqrt(|x|^2 - |Px|^2), which loses all its digits when the projection holds nearly all of x."""
+    c = x - mean
+    p = c @ basis.T
+    rho = torch.linalg.vector_norm(c - p @ basis, dim=1)
+    return torch.cat([p, rho[:, None]], 1)
 
 
 def nearest_in_groups(
@@ -83,7 +82,8 @@ def nearest_in_groups(
     if G * group != len(q):
         raise ValueError(f"{len(q)} query rows are not groups of {group}")
     off = torch.zeros(len(q), dtype=torch.float64) if offset is None else offset.double()
-    low_q, low_sq_q = _lift(q.double() - refs.mean, refs.basis)
+    low_q = _lift(q, refs.mean, refs.basis)
+    low_sq_q = low_q.square().sum(1)
     # the bound in the offset's terms as one product: |r|^2 - 2 [low_q, -shift/2] . [low_r, 1]
     shift = (low_sq_q.double() + off).float()
     a = torch.cat([low_q, -shift[:, None] / 2], 1)
@@ -96,13 +96,14 @@ def nearest_in_groups(
         for c in range(0, len(b), ref_chunk):
             lb = torch.addmm(refs.low_sq[None, c : c + ref_chunk], rows, b[c : c + ref_chunk].T, alpha=-2.0)
             bound[g : g + step, c : c + ref_chunk] = lb.view(-1, group, lb.shape[1]).amin(1)
-    # float32 rounding of a D-wide product and of the (k+1)-wide bound, worst case, and of the offset
-    scale = float(q.square().sum(1).max() + refs.sq.max() + low_sq_q.max() + refs.low_sq.max())
-    margin = 4 * (D + 2) * 2.0**-24 * scale + 2.0**-20 * float(off.abs().max())
+    # float32 rounding, worst case: of the D-wide products (the exact distances, the projection and
+    # the residual) and of the (k+1)-wide bound, on rows of these norms; and of the offset
+    q_sq = q.square().sum(1)
+    scale = float(q_sq.max() + refs.sq.max() + low_sq_q.max() + refs.low_sq.max())
+    margin = 16 * (D + len(refs.basis) + 2) * 2.0**-24 * scale + 2.0**-20 * float(off.abs().max())
     first = bound.topk(min(candidates, bound.shape[1]), dim=1, largest=False).indices
     cut = (_exact(q, off, refs, first, group).amin((1, 2)) + margin).float()
     keep = bound <= cut[:, None]
-    q_sq = q.square().sum(1)
     d, t, j = (torch.empty(G, dtype=torch.float64), torch.empty(G, dtype=torch.long), torch.empty(G, dtype=torch.long))
     for g in range(G):
         rows = slice(g * group, (g + 1) * group)
