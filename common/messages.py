@@ -60,7 +60,7 @@ class DownstreamRound(_Spec):
     head_lr: float = Field(gt=0)
     batch_size: int = Field(ge=1)
     train_on: Literal["pool", "pool+real", "real"] = "pool"
-    real_share: float = Field(0.0, ge=0, lt=1)  # pool+real only: DownstreamConfig.real_share
+    real_share: float = Field(ge=0, lt=1)  # used by pool+real only: DownstreamConfig.real_share
     # the bundle ids the coordinator had pooled when it submitted the run, comma-separated: every
     # site trains on exactly these, which `plan-node start` pulled and verified beside the SuperNode
     pool: str = Field("", pattern=r"^([0-9a-f]{32}(,[0-9a-f]{32})*)?$")

@@ -30,6 +30,7 @@ def _spec(**kw) -> DownstreamRound:
         head_lr=1e-2,
         batch_size=8,
         train_on="real",
+        real_share=0.0,
     )
     return DownstreamRound(**{**base, **kw})
 
@@ -170,6 +171,9 @@ def test_the_federations_real_share_reaches_every_site_in_the_spec():
     assert spec_of(ConfigRecord({**spec.to_config(), "server-round": 1})).real_share == 0.25
     with pytest.raises(ValueError, match="real-share"):
         spec_of({**spec.to_config(), "real-share": 1.0})  # all real is train_on "real", not a share
+    without = {k: v for k, v in spec.to_config().items() if k != "real-share"}
+    with pytest.raises(ValueError, match="real-share: Field required"):
+        spec_of(without)  # one default, the federation's: a site never falls back on a share of its own
 
 
 def test_the_run_names_its_pool_and_a_malformed_pool_is_refused():

@@ -159,7 +159,9 @@ def test_a_round_trains_on_pool_real_or_both(fed):
     assert len(pool_y) == 20
     real_x, real_y = training_records(a, "real")
     assert real_x.shape == (4, 8, 8) and real_y.tolist() == [0, 1, 0, 1]
-    both_x, both_y = training_records(a, "pool+real")
+    with pytest.raises(ValueError, match="needs real_share"):
+        training_records(a, "pool+real")
+    both_x, both_y = training_records(a, "pool+real", real_share=0.0)
     np.testing.assert_array_equal(both_x, np.concatenate([pool_x, real_x]))
     assert both_y.tolist() == pool_y.tolist() + [0, 1, 0, 1]
     # 20 pool images against 4 real ones: a share of a half repeats the real ones 5 times

@@ -40,7 +40,7 @@ def training_records(
     *,
     bundles: list[str] | None = None,
     wait_s: float | None = None,
-    real_share: float = 0.0,
+    real_share: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Records (images uint8 [N,H,W], or embeddings float32 [N,D] on the CVAE route) and labels
     int64 [N]: the verified pool ("pool"), the site's real train split ("real"), or both
@@ -52,6 +52,8 @@ def training_records(
     pool. Bundles that do not fit `spec` are quarantined (node.release.pull)."""
     if train_on not in ("pool", "pool+real", "real"):
         raise ValueError(f"train-on {train_on!r}: expected pool, pool+real or real")
+    if train_on == "pool+real" and real_share is None:
+        raise ValueError("train-on pool+real needs real_share (the federation's downstream.real_share)")
     if wait_s is None:
         wait_s = POOL_WAIT_TURNS * ws.config().coordinator.pull_every_s
     pool = real = None
