@@ -48,9 +48,10 @@ class ProjectedRefs:
         if len(r) == 0:
             raise ValueError("nearest neighbour in an empty set")
         r = r.float()
-        centred = r.double() - r.double().mean(0)
+        mean = r.double().mean(0)
+        centred = r.double() - mean
         _, vecs = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
-        mean, basis = r.double().mean(0).float(), vecs[:, -min(k, r.shape[1]) :].T.float().contiguous()
+        mean, basis = mean.float(), vecs[:, -min(k, r.shape[1]) :].T.float().contiguous()
         low = _lift(r, mean, basis)
         return cls(r, r.square().sum(1), mean, basis, low, low.square().sum(1))
 
@@ -104,7 +105,7 @@ def nearest_in_groups(
     scale = float(q_sq.max() + refs.sq.max() + low_sq_q.max() + refs.low_sq.max())
     margin = 16 * (D + len(refs.basis) + 2) * 2.0**-24 * scale + 2.0**-20 * float(off.abs().max())
     first = bound.topk(min(candidates, bound.shape[1]), dim=1, largest=False).indices
-    cut = (_exact(q, off, refs, first, group).amin((1, 2)) + margin).float()
+    cut = (_exact(q, q_sq, off, refs, first, group).amin((1, 2)) + margin).float()
     keep = bound <= cut[:, None]
     d, t, j = (torch.empty(G, dtype=torch.float64), torch.empty(G, dtype=torch.long), torch.empty(G, dtype=torch.long))
     for g in range(G):
@@ -123,10 +124,12 @@ def nearest_in_groups(
     return d, t, j
 
 
-def _exact(q: torch.Tensor, off: torch.Tensor, refs: ProjectedRefs, cols: torch.Tensor, group: int) -> torch.Tensor:
-    """|q_t - r_j|^2 + offset_t for every row of each group and the references cols [G,c]: float64 [G,group,c]."""
+def _exact(
+    q: torch.Tensor, q_sq: torch.Tensor, off: torch.Tensor, refs: ProjectedRefs, cols: torch.Tensor, group: int
+) -> torch.Tensor:
+    """|q_t - r_j|^2 + offset_t for every row of each group (q [G*group,D], q_sq = |q|^2 [G*group])
+    and the references cols [G,c]: float64 [G,group,c]."""
     G = len(cols)
-    qg = q.view(G, group, -1)
-    dots = torch.bmm(qg, refs.rows[cols].transpose(1, 2))  # [G,group,c]
-    sq = dots.mul_(-2.0).add_(refs.sq[cols][:, None, :]).add_(qg.square().sum(2)[:, :, None]).clamp_min_(0)
+    dots = torch.bmm(q.view(G, group, -1), refs.rows[cols].transpose(1, 2))  # [G,group,c]
+    sq = dots.mul_(-2.0).add_(refs.sq[cols][:, None, :]).add_(q_sq.view(G, group, 1)).clamp_min_(0)
     return sq.double() + off.view(G, group, 1)
