@@ -14,7 +14,8 @@ Each (N, side) runs in its own process, so its peak memory is its own, under a w
 skipped when the growth measured so far projects it past the limit. The time is split into the
 copy detector (node.audit.copies.copy_distances, calibration half and candidates) and the other parts
 of the audit, each timed by wrapping the function where the audit looks it up. Writes
-bench/results/audit_scale.json (--quick: audit_scale_quick.json).
+bench/results/audit_scale.json (--quick: audit_scale_quick.json); a run at an (N, side) already in
+the file replaces it, the others stay, each with the command that produced it.
 
     .venv/bin/python -m bench.audit_scale                 # N 1000 5000 20000 at 32 and 64 px
     .venv/bin/python -m bench.audit_scale --quick         # N 60 and 120 at 32 px, 20 resamples
@@ -257,6 +258,14 @@ def child(n: int, size: int, args: argparse.Namespace) -> dict:
     return run
 
 
+def merge_runs(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """The runs of the result file after this invocation: the new ones, and the earlier ones at an
+    (n, image_size) not run now (a run of one size keeps the others' figures). By side, then n."""
+    ran = {(r["n"], r["image_size"]) for r in new}
+    kept = [r for r in earlier if (r["n"], r["image_size"]) not in ran]
+    return sorted(kept + new, key=lambda r: (r["image_size"], r["n"]))
+
+
 def growth(runs: list[dict]) -> dict:
     """Per side, the exponent b of seconds ~ n^b between consecutive timed sizes, in all and per part."""
     out = {}
@@ -343,6 +352,11 @@ def main(argv: list[str] | None = None) -> dict | None:
             else:
                 done.append((n, run["seconds_process"]))
 
+    this_command = command("bench.audit_scale", argv)
+    for run in runs:
+        run["command"] = this_command
+    earlier = json.loads(out_path.read_text())["runs"] if out_path.exists() else []
+    runs = merge_runs(earlier, runs)
     res = {
         "runs": runs,
         "growth": growth(runs),
@@ -355,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             "max_seconds": args.max_seconds,
             "device": args.device,
         },
-        "command": command("bench.audit_scale", argv),
+        "command": this_command,
         "machine": machine(),
         "load_average_at_end": list(os.getloadavg()),
     }

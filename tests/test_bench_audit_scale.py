@@ -38,3 +38,14 @@ def test_projection_from_the_growth_so_far():
     assert audit_scale.projected([], 1000) is None
     assert audit_scale.projected([(100, 2.0)], 200) == pytest.approx(8.0)  # n^2 from one point
     assert audit_scale.projected([(100, 2.0), (200, 4.0)], 800) == pytest.approx(16.0)  # n^1 measured
+
+
+def test_a_run_replaces_its_own_size_and_keeps_the_others():
+    earlier = [{"n": 1000, "image_size": 32, "seconds": 9.0}, {"n": 2000, "image_size": 32, "seconds": 30.0}]
+    new = [{"n": 1000, "image_size": 32, "seconds": 7.0}, {"n": 1000, "image_size": 64, "seconds": 20.0}]
+    merged = audit_scale.merge_runs(earlier, new)
+    assert [(r["n"], r["image_size"], r["seconds"]) for r in merged] == [
+        (1000, 32, 7.0),
+        (2000, 32, 30.0),
+        (1000, 64, 20.0),
+    ]
