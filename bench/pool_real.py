@@ -11,7 +11,9 @@ splits alone is measured beside it, for reference only.
 The rule, fixed before any run: the share with the highest validation accuracy at the weakest
 site (the lowest of the three), averaged over panels and seeds; within 0.005 of it, the smallest
 such share (the fewest repeats). The weakest site is what the issue's target names: sharing pays
-when the site that gains least still gains. Writes bench/results/pool_real.json.
+when the site that gains least still gains. Writes bench/results/pool_real.json; a run merges
+into it (a share measured before and not run now is kept), and the rule is applied to every share
+the file holds for the panels run.
 
     python -m bench.pool_real --threads 2
 """
@@ -19,6 +21,7 @@ when the site that gains least still gains. Writes bench/results/pool_real.json.
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import torch
@@ -54,6 +57,17 @@ def panel(name: str, alpha: float | None, *, work, max_images: int, shares: list
     return out
 
 
+def merge_panels(earlier: dict, new: dict) -> dict:
+    """The panels run now, each with its new shares' figures and the earlier ones at shares not run
+    now (a run that extends the grid keeps what was measured before; the runs are deterministic)."""
+    return {key: {**earlier.get(key, {}), **p} for key, p in new.items()}
+
+
+def shares_in(panels: dict) -> list[float]:
+    """The shares measured in every panel, ascending."""
+    return sorted(set.intersection(*({float(k) for k in p if k != "real"} for p in panels.values())))
+
+
 def choose(panels: dict, shares: list[float]) -> dict:
     """The module docstring's rule: {share: mean weakest-site accuracy}, the chosen share."""
     weakest = {s: float(np.mean([min(a) for p in panels.values() for a in p[str(s)]])) for s in shares}
@@ -83,14 +97,18 @@ def main(argv: list[str] | None = None) -> dict:
         for name in args.datasets
         for part in args.partitions
     }
-    verdict = choose(panels, args.shares)
-    print(f"{'panel':<30}{'FedAvg real':>12}" + "".join(f"{f'share {s:.2f}':>12}" for s in args.shares))
+    out_path = ROOT / "bench" / "results" / "pool_real.json"
+    if out_path.exists():
+        panels = merge_panels(json.loads(out_path.read_text())["panels"], panels)
+    shares = shares_in(panels)
+    verdict = choose(panels, shares)
+    print(f"{'panel':<30}{'FedAvg real':>12}" + "".join(f"{f'share {s:.2f}':>12}" for s in shares))
     for key, p in panels.items():
-        cells = "".join(f"{np.mean([min(a) for a in p[str(s)]]):>12.3f}" for s in args.shares)
+        cells = "".join(f"{np.mean([min(a) for a in p[str(s)]]):>12.3f}" for s in shares)
         print(f"{key:<30}{np.mean([min(a) for a in p['real']]):>12.3f}{cells}   (weakest site, validation)")
     print(f"chosen real_share: {verdict['real_share']:.3f}")
     res = {"panels": panels, "verdict": verdict, "_meta": run_meta("bench.pool_real", argv)}
-    atomic_write_json(ROOT / "bench" / "results" / "pool_real.json", res)
+    atomic_write_json(out_path, res)
     return res
 
 

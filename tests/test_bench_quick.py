@@ -60,3 +60,14 @@ def test_pool_real_rule_takes_the_best_weakest_site_and_the_smallest_share_withi
     assert verdict["real_share"] == 0.75
     panels["a"]["0.5"] = [[0.9, 0.80, 0.9]]  # now 0.5 is within 0.005 of 0.75's figure: the fewer repeats win
     assert choose(panels, [0.0, 0.5, 0.75])["real_share"] == 0.5
+
+
+def test_pool_real_runs_extend_the_grid_and_the_rule_sees_every_share_measured_in_every_panel():
+    from bench.pool_real import merge_panels, shares_in
+
+    earlier = {"a": {"real": [[0.8]], "0.0": [[0.7]], "0.5": [[0.75]]}, "b": {"real": [[0.6]], "0.0": [[0.5]]}}
+    new = {"a": {"real": [[0.8]], "0.5": [[0.76]], "0.75": [[0.78]]}}
+    merged = merge_panels(earlier, new)
+    assert merged == {"a": {"real": [[0.8]], "0.0": [[0.7]], "0.5": [[0.76]], "0.75": [[0.78]]}}  # b not run now
+    assert shares_in(merged) == [0.0, 0.5, 0.75]
+    assert shares_in({**merged, "c": {"real": [[0.5]], "0.5": [[0.6]]}}) == [0.5]
