@@ -46,6 +46,7 @@ bench/results/evaluation.json ({DATASET: {PARTITION: {ROW: {...}}}}) and evaluat
     python -m bench.evaluation --threads 2
     python -m bench.evaluation --quick          # one data set, label skew only, 1 seed: < 15 min
     python -m bench.evaluation --npz my.npz --site-yaml tiny.yaml --partitions iid --seeds 1
+    python -m bench.evaluation --rows plan_pool_real   # rerun rows, merged into the table
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ import torch
 import yaml
 
 from bench._site import ROOT, SHARED_DATA, WORK, run_meta, site, site_audit, walk_both
-from bench.fedsim import alone, central, fedavg
+from bench.fedsim import alone, central, fedavg, partition
 from bench.generator import K, features, judge, precision_recall
-from common.config import DataConfig, DownstreamConfig, SiteConfig
+from common.config import DataConfig, DownstreamConfig, SiteConfig, deep_merge
 from common.fileio import atomic_write_bytes, atomic_write_json, nan_to_none
 from node.federation.task import evaluate_classifier, with_real_share
 from node.plan.quality import frechet_distance
@@ -94,25 +95,6 @@ PARTITIONS = {"iid": None, "dirichlet0.5": 0.5}
 METRICS = {"accuracy": "accuracy", "balanced_accuracy": "balanced-accuracy", "auroc": "auroc"}
 
 
-def partition(labels: np.ndarray, *, n_sites: int, alpha: float | None, seed: int) -> list[np.ndarray]:
-    """Indices [n_k] of each site's records. alpha None: a random equal split; else each class's
-    records are dealt to the sites in shares drawn from Dirichlet(alpha), redrawn until every site
-    holds at least half its equal share of the records (a site with a handful cannot train a GAN)."""
-    rng = np.random.default_rng(seed)
-    if alpha is None:
-        return [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), n_sites)]
-    for _ in range(1000):
-        parts: list[list[int]] = [[] for _ in range(n_sites)]
-        for c in np.unique(labels):
-            idx = rng.permutation(np.flatnonzero(labels == c))
-            cuts = (np.cumsum(rng.dirichlet([alpha] * n_sites))[:-1] * len(idx)).astype(int)
-            for k, chunk in enumerate(np.split(idx, cuts)):
-                parts[k] += chunk.tolist()
-        if min(len(p) for p in parts) >= len(labels) / n_sites / 2:
-            return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
-    raise ValueError(f"no Dirichlet({alpha}) split of {len(labels)} records gives every one of {n_sites} sites enough")
-
-
 def build_sites(data: ImageSet, parts: list[np.ndarray], *, work: Path, overrides: dict) -> list[Workspace]:
     """One node workspace per part, ingested, trained and synthesized (node stages, reused when
     up to date). Each site's records are written as its own .npz beside its workspace."""
@@ -125,7 +107,7 @@ def build_sites(data: ImageSet, parts: list[np.ndarray], *, work: Path, override
         if not npz.exists() or npz.read_bytes() != buf.getvalue():
             npz.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(npz, buf.getvalue())
-        raw = _merge({"name": name, "data": {"source": "npz", "path": str(npz)}}, overrides)
+        raw = deep_merge({"name": name, "data": {"source": "npz", "path": str(npz)}}, overrides)
         ws, _ = site(name, SiteConfig.model_validate(raw), root=work)
         run_one(ws, "synthesize")
         out.append(ws)
@@ -140,8 +122,8 @@ def cvae_sites(n_sites: int, *, work: Path, overrides: dict) -> list[dict]:
     out = []
     for k in range(n_sites):
         name = f"site{k}-cvae"
-        raw = _merge({"name": name, "data": {"source": "npz", "path": str(work / f"site{k}.npz")}}, overrides)
-        ws, _ = site(name, SiteConfig.model_validate(_merge(raw, {"synth": {"route": "cvae"}})), root=work)
+        raw = deep_merge({"name": name, "data": {"source": "npz", "path": str(work / f"site{k}.npz")}}, overrides)
+        ws, _ = site(name, SiteConfig.model_validate(deep_merge(raw, {"synth": {"route": "cvae"}})), root=work)
         run_one(ws, "synthesize")
         run_one(ws, "audit")
         run = ws.synth / ws.latest_run()
@@ -153,13 +135,6 @@ def cvae_sites(n_sites: int, *, work: Path, overrides: dict) -> list[dict]:
                 "cvae": {"images": emb, "labels": labels, "report": report},
             }
         )
-    return out
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -186,43 +161,46 @@ def published_sets(ws: Workspace) -> dict[str, dict]:
 
 
 def downstream_rows(
-    sites: list[Workspace], sets: list[dict], cvae: list[dict], *, n_classes: int, ds: DownstreamConfig, seed: int
+    sites: list[Workspace],
+    sets: list[dict],
+    cvae: list[dict],
+    *,
+    n_classes: int,
+    ds: DownstreamConfig,
+    seed: int,
+    rows: tuple[str, ...] = ROWS,
 ) -> dict:
-    """{row: {"sites": [metrics per site], "rounds": n}} for every row of ROWS, one downstream seed."""
+    """{row: {"sites": [metrics per site], "rounds": n}} for each of `rows`, one downstream seed."""
     real_xy = [route_named("plan").split_records(ws, "train", device="cpu") for ws in sites]
     tests = [route_named("plan").split_records(ws, "test", device="cpu") for ws in sites]
+    emb_tests = [c["test"] for c in cvae]  # the CVAE route: the same sites' records as embeddings
     kw = dict(n_classes=n_classes, ds=ds, seed=seed)
 
     def pool(kind: str, of: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         return np.concatenate([s[kind]["images"] for s in of]), np.concatenate([s[kind]["labels"] for s in of])
 
-    def evaluated(model: torch.nn.Module, on: list[tuple[np.ndarray, np.ndarray]]) -> dict:
-        return {"sites": [evaluate_classifier(model, x, y, device="cpu") for x, y in on], "rounds": 0}
+    def pooled(kind: str, of: list[dict], on: list) -> dict:
+        x, y = pool(kind, of)
+        return fedavg([(x, y)] * len(sites), on, **kw) if len(y) else {"skipped": "nothing passed the audit"}
 
-    out = {
-        "real_local": {
-            "sites": [
-                evaluate_classifier(alone(x, y, **kw), tx, ty, device="cpu") for (x, y), (tx, ty) in zip(real_xy, tests)
-            ],
-            "rounds": 0,
-        },
-        "fedavg_real": fedavg(real_xy, tests, **kw),
-        "fedprox_real": fedavg(real_xy, tests, **kw, proximal_mu=ds.proximal_mu),
-        "central_real": evaluated(central(real_xy, **kw), tests),
+    def pool_real() -> list[tuple[np.ndarray, np.ndarray]]:
+        return [with_real_share(pool("plan", sets), xy, real_share=ds.real_share) for xy in real_xy]
+
+    def evaluated(models: list[torch.nn.Module]) -> dict:
+        return {"sites": [evaluate_classifier(m, x, y, device="cpu") for m, (x, y) in zip(models, tests)], "rounds": 0}
+
+    run = {
+        "real_local": lambda: evaluated([alone(x, y, **kw) for x, y in real_xy]),
+        "fedavg_real": lambda: fedavg(real_xy, tests, **kw),
+        "fedprox_real": lambda: fedavg(real_xy, tests, **kw, proximal_mu=ds.proximal_mu),
+        "central_real": lambda: evaluated([central(real_xy, **kw)] * len(sites)),
+        **{kind: (lambda kind=kind: pooled(kind, sets, tests)) for kind in SYNTHETIC},
+        "plan_pool_real": lambda: fedavg(pool_real(), tests, **kw),
+        "plan_pool_real_fedprox": lambda: fedavg(pool_real(), tests, **kw, proximal_mu=ds.proximal_mu),
+        "cvae_real": lambda: fedavg([c["train"] for c in cvae], emb_tests, **kw),
+        "cvae": lambda: pooled("cvae", cvae, emb_tests),
     }
-    for kind in SYNTHETIC:
-        x, y = pool(kind, sets)
-        out[kind] = fedavg([(x, y)] * len(sites), tests, **kw) if len(y) else {"skipped": "no image passed the audit"}
-    px, py = pool("plan", sets)
-    pool_real = [with_real_share((px, py), xy, real_share=ds.real_share) for xy in real_xy]
-    out["plan_pool_real"] = fedavg(pool_real, tests, **kw)
-    out["plan_pool_real_fedprox"] = fedavg(pool_real, tests, **kw, proximal_mu=ds.proximal_mu)
-    # the CVAE route: the same sites' records as embeddings, tested on the same test splits
-    emb_tests = [c["test"] for c in cvae]
-    out["cvae_real"] = fedavg([c["train"] for c in cvae], emb_tests, **kw)
-    cx, cy = pool("cvae", cvae)
-    out["cvae"] = fedavg([(cx, cy)] * len(sites), emb_tests, **kw) if len(cy) else {"skipped": "nothing passed"}
-    return out
+    return {row: run[row]() for row in rows}
 
 
 def mean_sd(xs) -> dict:
@@ -260,23 +238,29 @@ def run_partition(
     seeds: int,
     ds: DownstreamConfig,
     judge_steps: int,
+    rows: tuple[str, ...] = ROWS,
 ) -> dict:
+    """The panel's table (each of `rows`) and its setup; the synthetic sets, their quality and the
+    CVAE sites are made only when a row needs them."""
     seconds = {}
     t0 = time.time()
     parts = partition(data.labels, n_sites=3, alpha=alpha, seed=0)
     sites = build_sites(data, parts, work=work, overrides=overrides)
     n_classes = int(data.labels.max()) + 1
     seconds["sites"], t0 = round(time.time() - t0, 1), time.time()
-    sets = [published_sets(ws) for ws in sites]
-    seconds["audits"], t0 = round(time.time() - t0, 1), time.time()
-    cvae = cvae_sites(len(sites), work=work, overrides=overrides)
-    seconds["cvae_sites"], t0 = round(time.time() - t0, 1), time.time()
-    q = quality(sites, sets, n_classes=n_classes, steps=judge_steps, seed=7)
-    seconds["quality"], t0 = round(time.time() - t0, 1), time.time()
-    runs = [downstream_rows(sites, sets, cvae, n_classes=n_classes, ds=ds, seed=s) for s in range(seeds)]
+    sets, q, cvae = [], {}, []
+    if set(rows) & {*SYNTHETIC, "plan_pool_real", "plan_pool_real_fedprox"}:
+        sets = [published_sets(ws) for ws in sites]
+        seconds["audits"], t0 = round(time.time() - t0, 1), time.time()
+        q = quality(sites, sets, n_classes=n_classes, steps=judge_steps, seed=7)
+        seconds["quality"], t0 = round(time.time() - t0, 1), time.time()
+    if set(rows) & {"cvae", "cvae_real"}:
+        cvae = cvae_sites(len(sites), work=work, overrides=overrides)
+        seconds["cvae_sites"], t0 = round(time.time() - t0, 1), time.time()
+    runs = [downstream_rows(sites, sets, cvae, n_classes=n_classes, ds=ds, seed=s, rows=rows) for s in range(seeds)]
     seconds["downstream"] = round(time.time() - t0, 1)
     out = {}
-    for row in ROWS:
+    for row in rows:
         if "skipped" in runs[0][row]:
             out[row] = {"skipped": runs[0][row]["skipped"]}
             continue
@@ -306,9 +290,26 @@ def run_partition(
         "site_class_counts": [np.bincount(data.labels[p], minlength=n_classes).tolist() for p in parts],
         "n_test": [int(len(load_split(ws, "test"))) for ws in sites],
         "seeds": seeds,
+        "rows": list(rows),
         "downstream": ds.model_dump(mode="json"),
         "seconds": seconds,
     }
+    return out
+
+
+def merge_tables(earlier: dict, new: dict) -> dict:
+    """A run of some rows merged into the earlier table: in each panel it ran, its rows and setup
+    replace the earlier ones (the earlier setup kept under "earlier"), every other row stays; the
+    earlier run's _meta is kept under the new one's "earlier"."""
+    out = copy.deepcopy(earlier)
+    for name, panels in new.items():
+        if name == "_meta":
+            out["_meta"] = panels | ({"earlier": earlier["_meta"]} if "_meta" in earlier else {})
+            continue
+        for part, table in panels.items():
+            before = out.setdefault(name, {}).get(part, {})
+            setup = table["setup"] | ({"earlier": before["setup"]} if "setup" in before else {})
+            out[name][part] = before | table | {"setup": setup}
     return out
 
 
@@ -358,6 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="the first data set, label skew only, 600 images, 1 seed")
     ap.add_argument("--out", type=Path, help="default: bench/results/evaluation.json (--quick: evaluation_quick.json)")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="rerun only these (merged into --out)")
     args = ap.parse_args(argv)
     if args.quick:
         args.datasets, args.partitions, args.max_images, args.seeds = args.datasets[:1], ["dirichlet0.5"], 600, 1
@@ -366,6 +368,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     overrides = yaml.safe_load(args.site_yaml.read_text()) if args.site_yaml else {}
     sources = {p.stem: p for p in args.npz} or {d: SHARED_DATA / f"{d}.npz" for d in args.datasets}
+    rows = tuple(r for r in ROWS if r in args.rows)
+    earlier = json.loads(args.out.read_text()) if rows != ROWS and args.out.exists() else {}
     res: dict = {}
     for name, path in sources.items():
         if not path.exists():
@@ -382,19 +386,19 @@ def main(argv: list[str] | None = None) -> dict:
                 seeds=args.seeds,
                 ds=DownstreamConfig(rounds=args.rounds, min_local_steps=args.min_local_steps),
                 judge_steps=args.judge_steps,
+                rows=rows,
             )
             # each finished panel is written at once: a run cut off after an hour keeps that hour
-            atomic_write_json(
-                args.out, nan_to_none(res | {"_meta": run_meta("bench.evaluation", argv) | {"partial": True}})
-            )
-    res["_meta"] = run_meta("bench.evaluation", argv)
+            meta = run_meta("bench.evaluation", argv) | {"partial": True}
+            atomic_write_json(args.out, nan_to_none(merge_tables(earlier, res | {"_meta": meta})))
+    res = merge_tables(earlier, res | {"_meta": run_meta("bench.evaluation", argv)})
     atomic_write_json(args.out, nan_to_none(res))
     plot(res, args.out.with_suffix(".png"))
     head = f"{'accuracy':>15}{'bal. acc.':>15}{'AUROC':>15}{'MIA up':>8}{'images':>8}"
     print(f"{'data set':<16}{'partition':<14}{'row':<24}{head}")
     for name in sources:
         for part in args.partitions:
-            for row in ROWS:
+            for row in rows:
                 v = res[name][part][row]
                 if "skipped" in v:
                     print(f"{name:<16}{part:<14}{row:<24}skipped: {v['skipped']}")

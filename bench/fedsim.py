@@ -1,7 +1,8 @@
 """The federation's downstream training simulated in one process, as the ClientApp and the
 ServerApp do it: each site its own seed and order (node.federation.task.site_round_seed), local
 epochs sized by node.federation.task.epochs_for, FedAvg as the mean of the sites' weights by record
-count, FedProx's proximal term when asked. Used by bench.evaluation's rows.
+count, FedProx's proximal term when asked; and the records dealt to the sites (`partition`).
+Used by bench.evaluation's rows and bench.pool_real.
 """
 
 from __future__ import annotations
@@ -117,3 +118,22 @@ def central(
     model = new_model(x, n_classes, ds)
     train_local(model, x, y, n_classes=n_classes, epochs=epochs, ds=ds, seed=seed)
     return model
+
+
+def partition(labels: np.ndarray, *, n_sites: int, alpha: float | None, seed: int) -> list[np.ndarray]:
+    """Indices [n_k] of each site's records. alpha None: a random equal split; else each class's
+    records are dealt to the sites in shares drawn from Dirichlet(alpha), redrawn until every site
+    holds at least half its equal share of the records (a site with a handful cannot train a GAN)."""
+    rng = np.random.default_rng(seed)
+    if alpha is None:
+        return [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), n_sites)]
+    for _ in range(1000):
+        parts: list[list[int]] = [[] for _ in range(n_sites)]
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * n_sites))[:-1] * len(idx)).astype(int)
+            for k, chunk in enumerate(np.split(idx, cuts)):
+                parts[k] += chunk.tolist()
+        if min(len(p) for p in parts) >= len(labels) / n_sites / 2:
+            return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+    raise ValueError(f"no Dirichlet({alpha}) split of {len(labels)} records gives every one of {n_sites} sites enough")

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from bench._site import ROOT, SHARED_DATA, WORK, run_meta
-from bench.evaluation import PARTITIONS, build_sites, partition, published_sets
-from bench.fedsim import fedavg
+from bench.evaluation import PARTITIONS, build_sites, published_sets
+from bench.fedsim import fedavg, partition
 from common.config import DataConfig, DownstreamConfig
 from common.fileio import atomic_write_json
 from node.federation.task import with_real_share

@@ -71,3 +71,19 @@ def test_pool_real_runs_extend_the_grid_and_the_rule_sees_every_share_measured_i
     assert merged == {"a": {"real": [[0.8]], "0.0": [[0.7]], "0.5": [[0.76]], "0.75": [[0.78]]}}  # b not run now
     assert shares_in(merged) == [0.0, 0.5, 0.75]
     assert shares_in({**merged, "c": {"real": [[0.5]], "0.5": [[0.6]]}}) == [0.5]
+
+
+def test_evaluation_rows_rerun_replace_their_rows_and_keep_the_rest():
+    from bench.evaluation import merge_tables
+
+    earlier = {
+        "d": {"iid": {"a": 1, "b": 2, "setup": {"rows": ["a", "b"]}}, "dir": {"a": 5, "setup": {}}},
+        "_meta": {"command": "first"},
+    }
+    new = {"d": {"iid": {"b": 3, "setup": {"rows": ["b"]}}}, "_meta": {"command": "second"}}
+    merged = merge_tables(earlier, new)
+    assert merged["d"]["iid"] == {"a": 1, "b": 3, "setup": {"rows": ["b"], "earlier": {"rows": ["a", "b"]}}}
+    assert merged["d"]["dir"] == earlier["d"]["dir"]
+    assert merged["_meta"] == {"command": "second", "earlier": {"command": "first"}}
+    assert earlier["d"]["iid"]["b"] == 2  # the earlier table is not modified
+    assert merge_tables({}, new)["d"]["iid"] == new["d"]["iid"]

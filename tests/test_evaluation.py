@@ -52,3 +52,12 @@ def test_the_quick_evaluation_runs_every_round_on_a_three_class_data_set(tmp_pat
     # the site alone learns its own skewed classes: far above chance (1/3) at its own test split
     assert table["real_local"]["accuracy"]["mean"] > 0.5
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # rerunning one row merges it into the table: the same figures (deterministic), every other row kept
+    evaluation.main([*args, "--out", str(out), "--rows", "plan_pool_real"])
+    again = json.loads(out.read_text())
+    table2 = again["three"]["dirichlet0.5"]
+    assert {k: v for k, v in table2.items() if k != "setup"} == {k: v for k, v in table.items() if k != "setup"}
+    assert table2["setup"]["rows"] == ["plan_pool_real"] and table2["setup"]["earlier"] == setup
+    assert "cvae_sites" not in table2["setup"]["seconds"]  # the CVAE sites are not needed for that row
+    assert again["_meta"]["earlier"]["command"].endswith(" ".join([*args, "--out", str(out)]))
