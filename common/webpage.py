@@ -188,7 +188,7 @@ class PageServer:
             limit_concurrency=64,
         )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name=f"dashboard:{port}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"dashboard:{port}", daemon=True)
         self._thread.start()
         deadline = time.time() + timeout
         while not self._server.started:
@@ -198,6 +198,12 @@ class PageServer:
         scheme = "https" if tls_cert else "http"
         shown = f"[{host}]" if ":" in host else host
         self.url = f"{scheme}://{shown}:{self.port}/"
+
+    def _run(self) -> None:
+        try:
+            self._server.run()
+        except SystemExit:  # uvicorn could not start (it logs why); __init__ raises the ConfigError
+            pass
 
     @property
     def port(self) -> int:

@@ -114,6 +114,7 @@ def test_the_token_file_must_be_private_and_long_enough(tmp_path):
         read_token(short)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # and the thread ends quietly
 def test_a_port_in_use_is_a_clear_error(page_files):
     first = PageServer(PageApp(files=page_files, state=dict), host="127.0.0.1", port=0)
     try:
