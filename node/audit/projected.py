@@ -53,8 +53,9 @@ class ProjectedRefs:
         if len(r) == 0:
             raise ValueError("nearest neighbour in an empty set")
         r = r.float()
-        mean = r.double().mean(0)
-        centred = r.double() - mean
+        r64 = r.double()
+        mean = r64.mean(0)
+        centred = r64 - mean
         _, vecs = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
         mean, basis = mean.float(), vecs[:, -min(k, r.shape[1]) :].T.float().contiguous()
         low = _lift(r, mean, basis)
