@@ -122,11 +122,21 @@ class CvaeRound(_Spec):
         return {"d-in": self.d_in, "n-classes": self.n_classes, "hidden": self.hidden, "latent": self.latent}
 
 
-def spec_of(config: Mapping) -> DownstreamRound | CvaeRound:
+class CvaeRelease(_Spec):
+    """After the federated CVAE's last round: synthesize, audit and publish from its final
+    decoder, named by sha256 so that a site never releases from another run's decoder."""
+
+    task: Literal["cvae-release"] = "cvae-release"
+    rounds: int = Field(ge=1)
+    global_decoder_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+_SPECS = {"downstream": DownstreamRound, "cvae": CvaeRound, "cvae-release": CvaeRelease}
+
+
+def spec_of(config: Mapping) -> DownstreamRound | CvaeRound | CvaeRelease:
     """The spec a received ConfigRecord carries, by its "task" key."""
     task = config.get("task", "downstream")
-    if task == "cvae":
-        return CvaeRound.from_config(config)
-    if task == "downstream":
-        return DownstreamRound.from_config(config)
-    raise ValueError(f"message config: task {task!r}; expected 'downstream' or 'cvae'")
+    if task not in _SPECS:
+        raise ValueError(f"message config: task {task!r}; expected one of {', '.join(map(repr, _SPECS))}")
+    return _SPECS[task].from_config(config)

@@ -170,14 +170,19 @@ def cvae_outcome(results: dict, out: Path) -> list[str]:
             "no site has the federation's final decoder to sample from, so no bundle can follow; "
             f"see {out / 'results.json'} and the sites' logs"
         )
-    per_site = results.get("per_site", {})
-    final = per_site[max(per_site, key=int)].get("evaluate", {}) if per_site else {}
     said = {
         1.0: "published its bundle",
         0.0: "published nothing: its audit did not pass",
         -1.0: "failed to synthesize, audit or publish (see its reports/cvae_federated.json)",
     }
-    return [f"  {site}: {said.get(m.get('released'), 'sent no release result')}" for site, m in sorted(final.items())]
+
+    def line(site: str, m: dict) -> str:
+        return f"  {site}: {said[m['released']] if 'released' in m else m.get('error', 'sent no release result')}"
+
+    release = results.get("release") or {}
+    if not release:
+        return [f"  no site sent a release result (see {out / 'results.json'} and the sites' logs)"]
+    return [line(site, m) for site, m in sorted(release.items())]
 
 
 def _cvae_summary(results: dict, out: Path, runs: Path) -> dict:
@@ -193,6 +198,7 @@ def _cvae_summary(results: dict, out: Path, runs: Path) -> dict:
         "degraded",
         "errors",
         "missed",
+        "release",
     )
     return {
         **{k: results[k] for k in keep if k in results},

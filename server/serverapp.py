@@ -7,7 +7,8 @@ coordinator's federation.yaml; `out-dir`, where the final model and results go; 
 the coordinator sets to "real" for the FedAvg-on-real-data baseline; `pool`, the comma-separated
 ids of the bundles the sites train on (the coordinator's pool when it submitted the run); optionally `task`: "cvae"
 runs the federated CVAE instead (FederationConfig.cvae_federated): FedAvg over the CVAE's decoder
-only, cvae_rounds rounds of cvae_local_epochs local epochs, before the pool is made.
+only, cvae_rounds rounds of cvae_local_epochs local epochs, then one "query.release" message to
+every node (each synthesizes, audits and publishes from the final decoder), before the pool is made.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save
 
 from common.config import CvaeConfig, FederationConfig, load_federation_config
 from common.fileio import atomic_write_bytes, atomic_write_json
-from common.messages import CvaeRound, DownstreamRound
+from common.messages import CvaeRelease, CvaeRound, DownstreamRound
 from common.models import CVAE, downstream_model, state_sha256
-from server.strategy import SiteRecordingFedAvg, SiteRecordingFedProx
+from server.strategy import SiteRecordingFedAvg, SiteRecordingFedProx, site_replies
 
 app = ServerApp()
 
@@ -130,7 +131,8 @@ def federated_cvae(fed: FederationConfig) -> CVAE:
 
 def cvae_main(grid: Grid, fed: FederationConfig, out: Path) -> None:
     """The federated CVAE: FedAvg over the decoders, fed.cvae_rounds rounds; the sites keep their
-    encoders (node.cvae.federated). Writes out/decoder.safetensors and out/results.json."""
+    encoders (node.cvae.federated); then, after a completed run, each node's release (send_release).
+    Writes out/decoder.safetensors and out/results.json (its "release": each site's outcome)."""
     model = federated_cvae(fed)
     spec = CvaeRound(
         rounds=fed.cvae_rounds,
@@ -151,6 +153,10 @@ def cvae_main(grid: Grid, fed: FederationConfig, out: Path) -> None:
         evaluate_config=config,
     )
     atomic_write_bytes(out / "decoder.safetensors", save(state))
+    sha = state_sha256(state)
+    if record["completed"]:
+        release = CvaeRelease(rounds=fed.cvae_rounds, global_decoder_sha256=sha)
+        record["release"] = send_release(grid, release, timeout=fed.round_timeout_s)
     atomic_write_json(
         out / "results.json",
         {
@@ -158,7 +164,24 @@ def cvae_main(grid: Grid, fed: FederationConfig, out: Path) -> None:
             "rounds": fed.cvae_rounds,
             "local_epochs": fed.cvae_local_epochs,
             "architecture": spec.arch(),
-            "global_decoder_sha256": state_sha256(state),
+            "global_decoder_sha256": sha,
             **record,
         },
     )
+
+
+def send_release(grid: Grid, release: CvaeRelease, *, timeout: float) -> dict[str, dict]:
+    """Ask every node to synthesize, audit and publish from the run's final decoder ("query.release").
+    Returns {site: {"released": 1.0 / 0.0 / -1.0} or {"error": reason}}; a node that does not
+    answer within `timeout` seconds is there as node-<id> with the error saying so."""
+    nodes = set(grid.get_node_ids())
+    messages = [
+        Message(RecordDict({"config": ConfigRecord(release.to_config())}), dst_node_id=n, message_type="query.release")
+        for n in sorted(nodes)
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    sites = site_replies(replies, nodes)
+    answered = {m.metadata.src_node_id for m in replies}
+    for n in sorted(nodes - answered):
+        sites.setdefault(f"node-{n}", {"error": f"no reply to query.release within {timeout:g} s"})
+    return sites

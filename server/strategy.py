@@ -18,6 +18,24 @@ def _site_name(msg: Message) -> str:
     return str(site["name"]) if site is not None and "name" in site else f"node-{msg.metadata.src_node_id}"
 
 
+def site_replies(replies: list[Message], sent: set[int]) -> dict[str, dict]:
+    """{site: its reply's metrics, or {"error": reason}} for the replies to messages sent to the
+    node ids `sent`; a messaged node that sent nothing is absent."""
+    # The SuperLink answers for a node that went offline with an error from itself (not from
+    # the node): such errors belong to the messaged nodes that sent nothing.
+    answered = {m.metadata.src_node_id for m in replies if m.metadata.src_node_id in sent}
+    silent = sorted(sent - answered)
+    sites: dict[str, dict] = {}
+    for msg in replies:
+        if msg.has_error():
+            node = msg.metadata.src_node_id if msg.metadata.src_node_id in sent or not silent else silent.pop(0)
+            sites[f"node-{node}"] = {"error": msg.error.reason}
+        else:
+            metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
+            sites[_site_name(msg)] = {k: float(v) for k, v in metrics.items()}
+    return sites
+
+
 class SiteRecording:
     """Mixin for a FedAvg-family strategy: `self.per_site[round][phase][site]` holds each reply's
     metrics or its error (Flower itself logs an error reply and goes on)."""
@@ -44,18 +62,7 @@ class SiteRecording:
 
     def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
         sites = self.per_site.setdefault(server_round, {}).setdefault(phase, {})
-        sent = self._sent.get((server_round, phase), set())
-        # The SuperLink answers for a node that went offline with an error from itself (not from
-        # the node): such errors belong to the messaged nodes that sent nothing.
-        answered = {m.metadata.src_node_id for m in replies if m.metadata.src_node_id in sent}
-        silent = sorted(sent - answered)
-        for msg in replies:
-            if msg.has_error():
-                node = msg.metadata.src_node_id if msg.metadata.src_node_id in sent or not silent else silent.pop(0)
-                sites[f"node-{node}"] = {"error": msg.error.reason}
-            else:
-                metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
-                sites[_site_name(msg)] = {k: float(v) for k, v in metrics.items()}
+        sites.update(site_replies(replies, self._sent.get((server_round, phase), set())))
         if self.progress_path is not None:
             atomic_write_json(
                 self.progress_path, {"round": server_round, "phase": phase, "sites": sites, "updated_at": time.time()}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
-from common.messages import CvaeRound, DownstreamRound, spec_of
+from common.messages import CvaeRelease, CvaeRound, DownstreamRound, spec_of
 from common.models import downstream_model
 from node.federation.clientapp import app
 from node.site.ingest import ingest
@@ -161,6 +161,12 @@ def test_specs_round_trip_through_a_config_record():
     assert back == spec.model_copy(update={"server_round": 3, "proximal_mu": 0.5})
     cvae = CvaeRound(rounds=2, local_epochs=1, d_in=8, n_classes=2, hidden=4, latent=2)
     assert spec_of(ConfigRecord(cvae.to_config())) == cvae
+    release = CvaeRelease(rounds=2, global_decoder_sha256="ab" * 32)
+    assert spec_of(ConfigRecord(release.to_config())) == release
+    with pytest.raises(ValueError, match="global-decoder-sha256"):
+        spec_of({**release.to_config(), "global-decoder-sha256": "not a digest"})
+    with pytest.raises(ValueError, match="task 'mystery'; expected one of 'downstream', 'cvae', 'cvae-release'"):
+        spec_of({"task": "mystery"})
 
 
 def test_the_federations_real_share_reaches_every_site_in_the_spec():

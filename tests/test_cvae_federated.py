@@ -221,14 +221,62 @@ def test_the_coordinator_stops_when_the_cvae_run_did_not_complete_and_reports_ea
         cvae_outcome(failed, tmp_path / "cvae")
     done = {
         "completed": True,
-        "per_site": {
-            "1": {"evaluate": {"site-a": {"released": 0.0}}},
-            "2": {"evaluate": {"site-a": {"released": 1.0}, "site-b": {"released": 0.0}, "site-c": {"released": -1.0}}},
+        "release": {
+            "site-a": {"released": 1.0},
+            "site-b": {"released": 0.0},
+            "site-c": {"released": -1.0},
+            "node-9": {"error": "no reply to query.release within 60 s"},
         },
     }
     lines = cvae_outcome(done, tmp_path / "cvae")
     assert lines == [
+        "  node-9: no reply to query.release within 60 s",
         "  site-a: published its bundle",
         "  site-b: published nothing: its audit did not pass",
         "  site-c: failed to synthesize, audit or publish (see its reports/cvae_federated.json)",
     ]
+    assert "no site sent a release result" in cvae_outcome({"completed": True}, tmp_path / "cvae")[0]
+
+
+def _query_release(ws, release) -> float:
+    """What the ClientApp answers to the ServerApp's query.release, as a SuperNode hands it over."""
+    import time
+
+    from flwr.app import ConfigRecord, Context, Message, Metadata
+
+    from node.federation.clientapp import app
+
+    meta = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=1,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type="query.release",
+    )
+    msg = Message(RecordDict({"config": ConfigRecord(release.to_config())}), metadata=meta)
+    ctx = Context(run_id=1, node_id=7, node_config={"site-dir": str(ws.root)}, state=RecordDict(), run_config={})
+    reply = app(msg, ctx)
+    assert reply.content["site"]["name"] == ws.config().name
+    return reply.content["metrics"]["released"]
+
+
+def test_the_release_query_publishes_only_from_the_runs_final_decoder(federated_site):
+    from common.messages import CvaeRelease
+    from node.cvae import federated as cvae_federated
+    from node.cvae.checkpoint import load_cvae
+
+    ws = federated_site
+    decoder = load_cvae(ws.models / "cvae.safetensors").model.decoder_state()
+    sha = state_sha256(decoder)
+    cvae_federated.receive_global(ws, decoder, server_round=2, rounds=2)
+    assert _query_release(ws, CvaeRelease(rounds=2, global_decoder_sha256="0" * 64)) == -1.0
+    report = json.loads((ws.reports / "cvae_federated.json").read_text())
+    assert f"holds the federation's decoder {sha}, not the run's final decoder {'0' * 64}" in report["error"]
+    assert not (ws.synth / "latest.json").exists()  # nothing synthesized from another run's decoder
+    assert _query_release(ws, CvaeRelease(rounds=2, global_decoder_sha256=sha)) in (0.0, 1.0)
+    assert (ws.synth / "latest.json").exists()
+    assert json.loads((ws.reports / "cvae_federated.json").read_text())["error"] is None

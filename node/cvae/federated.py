@@ -12,8 +12,9 @@ receive_global  evaluate handler: the federation's decoder, with this site's enc
                 decoder; with dp a DP estimate at the plan's noise-scale share), saved as
                 models/cvae_global (+ sidecar naming the decoder's sha256 and whether it is the
                 run's final one); its loss on the site's validation split.
-release         after the final round's decoder arrived: synthesize -> audit -> publish, as
-                `plan-node start` does on the local route; errors are logged and returned, never raised.
+release         query handler "release", sent once the run is over: synthesize -> audit -> publish
+                from the final decoder (checked against the run's sha256), as `plan-node start`
+                does on the local route; errors are logged and returned, never raised.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from node.cvae.embeddings import split_embeddings
 from node.cvae.generator import CvaeResult, stratified_split, train_cvae
 from node.cvae.losses import dp_residual_rms, eval_loss, one_hot, residual_rms
 from node.cvae.scaling import scale
-from node.cvae.stages import GLOBAL_NAME
+from node.cvae.stages import GLOBAL_NAME, synth_model
 from node.site.checkpoint import read_sidecar
 from node.site.device import pick_device
 from node.site.ingest import load_split, read_splits
@@ -261,15 +262,23 @@ def receive_global(
     return {"val_loss": val, "n_val": n_val, "global_decoder_sha256": sha}
 
 
-def release(ws: Workspace) -> dict:
-    """synthesize -> audit -> publish from the federation's decoder. Returns {"released": 1.0
-    (published), 0.0 (audit did not pass) or -1.0 (failed), "bundle_id", "error"}; also written to
-    reports/cvae_federated.json. Never raises: the SuperNode must stay up for the downstream run."""
+def release(ws: Workspace, *, decoder_sha256: str | None = None) -> dict:
+    """synthesize -> audit -> publish from the federation's final decoder; with `decoder_sha256`,
+    only when models/cvae_global holds that decoder (the run's, as the coordinator aggregated it).
+    Returns {"released": 1.0 (published), 0.0 (audit did not pass) or -1.0 (failed), "bundle_id",
+    "error"}; also written to reports/cvae_federated.json. Never raises: the SuperNode must stay up
+    for the downstream run."""
     from node.release.publish import publish
     from node.stages import run_one
 
     out: dict = {"released": -1.0, "bundle_id": None, "error": None}
     try:
+        held = read_sidecar(ws.models / f"{synth_model(ws)}.safetensors").get("global_decoder_sha256")
+        if decoder_sha256 is not None and held != decoder_sha256:
+            raise ValueError(
+                f"{ws.models / GLOBAL_NAME}.safetensors holds the federation's decoder {held}, "
+                f"not the run's final decoder {decoder_sha256}: nothing released from it"
+            )
         for stage in ("synthesize", "audit"):
             run_one(ws, stage)
         bundle_id = publish(ws)

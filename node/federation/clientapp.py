@@ -2,7 +2,8 @@
 (common.messages), call node.federation.rounds or node.cvae.federated, and pack the reply.
 
 Two kinds of run reach it: the downstream classifier (every run), and, before it when the
-federation trains the CVAE across sites (task "cvae"), the federated CVAE.
+federation trains the CVAE across sites (task "cvae"), the federated CVAE, whose run ends with a
+"query.release" message: synthesize, audit and publish from the final decoder.
 
 The SuperNode is started with `--node-config 'site-dir="/abs/site"'`; everything the handlers
 read (verified pool, real test split) lives in that workspace.
@@ -18,7 +19,7 @@ from flwr.clientapp import ClientApp
 
 from common.eventlog import append_event
 from common.fileio import atomic_write_json
-from common.messages import CvaeRound, spec_of
+from common.messages import CvaeRelease, CvaeRound, spec_of
 from node.cvae import federated as cvae_federated
 from node.federation.rounds import evaluate_round, local_update, model_for
 from node.site.workspace import Workspace
@@ -67,8 +68,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     ws, spec = _workspace(context), spec_of(msg.content["config"])
     state = msg.content["arrays"].to_torch_state_dict()
     if isinstance(spec, CvaeRound):
-        # keep the global decoder (models/cvae_global) and report its validation loss; after the
-        # final round's, synthesize, audit and publish from it (failures reported, not raised)
+        # keep the global decoder (models/cvae_global) and report its validation loss
         got = cvae_federated.receive_global(
             ws,
             state,
@@ -78,9 +78,16 @@ def evaluate(msg: Message, context: Context) -> Message:
             arch=spec.arch(),
         )
         metrics = {"num-examples": max(1, got["n_val"]), "val-loss": float(got["val_loss"])}
-        if spec.server_round >= spec.rounds:
-            # every site sends the same keys in a round (Flower aggregates only agreeing MetricRecords)
-            metrics["released"] = float(cvae_federated.release(ws)["released"])
         return _reply(msg, ws, spec.server_round, {"metrics": MetricRecord(metrics)})
     metrics = evaluate_round(ws, model_for(spec, state), spec)
     return _reply(msg, ws, spec.server_round, {"metrics": MetricRecord(metrics)})
+
+
+@app.query("release")
+def release(msg: Message, context: Context) -> Message:
+    ws, spec = _workspace(context), spec_of(msg.content["config"])
+    if not isinstance(spec, CvaeRelease):
+        raise ValueError(f"query.release: task {spec.task!r}; expected 'cvae-release'")
+    out = cvae_federated.release(ws, decoder_sha256=spec.global_decoder_sha256)
+    # the outcome only: the reason for a failure stays in the site's reports/cvae_federated.json
+    return _reply(msg, ws, spec.rounds, {"metrics": MetricRecord({"released": out["released"]})})
