@@ -202,6 +202,41 @@ def test_lpips_space_in_the_audit(clinic, lpips_random):
 # ---------------------------------------------------------------- pieces
 
 
+def test_lpips_space_gives_the_same_answers_with_and_without_its_feature_cache(clinic, lpips_random):
+    from node.audit.images import lpips_space
+
+    xs, xt, xh = clinic["f"][0][:12], clinic["t"][0][:10], clinic["h"][0][:8]
+    cached = lpips_space(lpips_random, (xs, xt, xh))  # a few images: always within a third of the RAM
+    recomputed = lpips_space(lpips_random, (xs, xt, xh), max_bytes=0)  # every query runs lpips_nearest
+    for a, b, ia, ib in (("s", "t", [0, 3, 5], np.arange(10)), ("h", "s", np.arange(8), [1, 2, 11])):
+        (d1, j1), (d2, j2) = cached(a, b, np.array(ia), np.array(ib)), recomputed(a, b, np.array(ia), np.array(ib))
+        assert np.array_equal(j1, j2) and np.abs(d1 - d2).max() < 1e-4 and d1.min() > 0
+
+
+def test_remembered_rows_are_searched_once_and_answer_as_a_fresh_search():
+    from node.audit.figures import memo_rows, space_fn
+
+    rng = np.random.default_rng(0)
+    feats = tuple(torch.from_numpy(rng.normal(size=(n, 6)).astype(np.float32)) for n in (30, 20, 10))
+    plain, asked = space_fn(feats), []
+
+    def counted(a, b, ia, ib):
+        asked.append((a, b, len(ia)))
+        return plain(a, b, ia, ib)
+
+    nn = memo_rows(counted)
+    ib = np.arange(0, 20, 2)
+    for ia in (np.array([3, 7, 1]), np.array([29, 1, 3, 0, 7]), np.arange(30)[::-1].copy(), np.array([5, 5, 2])):
+        d, j = nn("s", "t", ia, ib)
+        d0, j0 = plain("s", "t", ia, ib)
+        assert np.array_equal(d, d0) and np.array_equal(j, j0) and d.dtype == d0.dtype
+    # 3 rows, then the 2 new ones, then the 25 left; the last query was all known
+    assert asked == [("s", "t", 3), ("s", "t", 2), ("s", "t", 25)]
+    nn("s", "t", np.array([3]), np.arange(20))  # other references: searched afresh
+    nn("t", "s", np.array([3]), ib)  # another direction too
+    assert asked[3:] == [("s", "t", 1), ("t", "s", 1)]
+
+
 def test_density_ratio_detects_a_set_concentrated_on_members():
     rng = np.random.default_rng(0)
     t, h, ref = rng.normal(size=(150, 5)), rng.normal(size=(150, 5)), rng.normal(size=(150, 5))

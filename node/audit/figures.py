@@ -94,6 +94,38 @@ def space_fn(feats: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, scale: f
     return nn
 
 
+def memo_rows(nn):
+    """`nn` (see space_fn) that keeps its answers per (a, b, ib) and query row: asked again for
+    the same references, it searches only the rows it has not answered yet. The audit asks for the
+    accepted candidates and then for every distinct one, so the second search covers only the
+    rejected rows."""
+    known: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # key -> (answered, d, j), by row of a
+
+    def remembered(a, b, ia, ib):
+        ia = np.asarray(ia)
+        key = (a, b, np.asarray(ib).tobytes())
+        if len(ia) == 0:
+            return nn(a, b, ia, ib)
+        if key in known:
+            done, d, j = known[key]
+            n = max(len(done), int(ia.max()) + 1)
+            done, d, j = (np.concatenate([x, np.zeros(n - len(x), x.dtype)]) for x in (done, d, j))
+            new = np.unique(ia[~done[ia]])
+            if len(new):
+                d[new], j[new] = nn(a, b, new, ib)
+        else:
+            new = np.unique(ia)
+            got_d, got_j = nn(a, b, new, ib)
+            n = int(new[-1]) + 1
+            done, d, j = np.zeros(n, bool), np.zeros(n, got_d.dtype), np.zeros(n, got_j.dtype)
+            d[new], j[new] = got_d, got_j
+        done[new] = True
+        known[key] = (done, d, j)
+        return d[ia], j[ia]
+
+    return remembered
+
+
 def auc_block(
     pos: np.ndarray,
     neg: np.ndarray,

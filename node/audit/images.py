@@ -12,6 +12,7 @@ space.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -38,12 +39,23 @@ from node.plan.classifiers import SmallCNN
 log = logging.getLogger(__name__)
 
 
-def lpips_space(model, images: tuple[np.ndarray, np.ndarray, np.ndarray], *, max_cached: int = 8192):
-    """Nearest-neighbour function of the LPIPS space (node.audit.lpips_matrix). Up to `max_cached`
-    images in all (~1 GB of AlexNet features at 64x64), each image's features are computed once
-    and kept; beyond, every query runs lpips_nearest, whose reference blocks bound the memory."""
+def physical_memory_bytes() -> int:
+    """This machine's RAM in bytes (POSIX sysconf)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def lpips_space(model, images: tuple[np.ndarray, np.ndarray, np.ndarray], *, max_bytes: int | None = None):
+    """Nearest-neighbour function of the LPIPS space (node.audit.lpips_matrix). When the features of
+    every image fit in `max_bytes` (default: a third of this machine's RAM; 127 KB an image at
+    64x64, so 6.4 GB for 20,000 candidates, 20,000 train and 10,000 holdout images), each image's
+    features are computed once and kept; beyond, every query runs lpips_nearest, whose reference
+    blocks bound the memory but which recomputes the features of both sides each time."""
     by = dict(zip("sth", images))
-    cached = sum(len(v) for v in images) <= max_cached
+    if max_bytes is None:
+        max_bytes = physical_memory_bytes() // 3
+    n = sum(len(v) for v in images)
+    row_bytes = 4 * lpips_features(model, prepare(images[1][:1])).shape[1]  # a train image: never empty
+    cached = n * row_bytes <= max_bytes
     feats = {k: lpips_features(model, prepare(v)) for k, v in by.items()} if cached else {}
 
     def nn(a, b, ia, ib):

@@ -22,6 +22,7 @@ from node.audit.figures import (
     auc_block,
     balanced_sample,
     max_or_nan,
+    memo_rows,
     reid_block,
     reid_rate,
     reid_threshold,
@@ -256,8 +257,9 @@ def judge(
         "seed": a.seed,
     }
     t_bal = balanced_sample(r.train_ids, r.eval_ids, seed=a.seed)
-    figs_acc = set_figures(ev.spaces, t_bal, acc_idx, details=details, **kw)
-    figs_all = set_figures(ev.spaces, t_bal, all_idx, **{**kw, "n_boot": 0}) if S else figs_acc
+    spaces = {name: memo_rows(nn) for name, nn in ev.spaces.items()}  # the accepted rows are searched once
+    figs_acc = set_figures(spaces, t_bal, acc_idx, details=details, **kw)
+    figs_all = set_figures(spaces, t_bal, all_idx, **{**kw, "n_boot": 0}) if S else figs_acc
     attacks = set_attacks(ev, r, acc_idx, a)
     reid = {
         "phi_id": reid_block(ev.id_score[f.accepted], ev.id_eval, r.eval_ids, n_boot=a.n_boot, seed=a.seed),
