@@ -217,6 +217,8 @@ def one_run(n: int, size: int, args: argparse.Namespace) -> dict:
         "accepted_mask_length": int(len(accepted)),
         "n_accepted": report["n_accepted"],
         "passed": report["passed"],
+        # every top-level figure of the report: two runs of the same audit compare on these
+        "figures": {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
         "lpips": lpips_model is not None,
     }
     if args.device.startswith("cuda"):
