@@ -36,6 +36,7 @@ from common.bundle import BundleError, VerifiedBundle, key_vouches, verify_bundl
 from common.config import PolicyConfig
 from common.content import ContentSpec, check_admission, check_bundle_content
 from common.policy import check_audit
+from server.transaction import write_transaction
 from server.trust import TrustStore
 from server.upload import Arriving, StoreRefused
 
@@ -333,26 +334,20 @@ class BundleStore:
         """
         keys = [*key_ids, ""]
         marks = ",".join("?" * len(keys))
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                gone = [
-                    BundleRecord(*r)
-                    for r in db.execute(
-                        f"SELECT {_COLUMNS} FROM bundles WHERE site = ? AND key_id IN ({marks})", (site, *keys)
-                    )
-                ]
-                now = time.time()
-                for r in gone:
-                    db.execute(
-                        "INSERT OR REPLACE INTO removed VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (r.bundle_id, r.site, r.sequence, r.sha256, r.key_id, now, reason),
-                    )
-                    db.execute("DELETE FROM bundles WHERE bundle_id = ?", (r.bundle_id,))
-                db.execute("COMMIT")
-            finally:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
+        with self._db() as db, write_transaction(db):
+            gone = [
+                BundleRecord(*r)
+                for r in db.execute(
+                    f"SELECT {_COLUMNS} FROM bundles WHERE site = ? AND key_id IN ({marks})", (site, *keys)
+                )
+            ]
+            now = time.time()
+            for r in gone:
+                db.execute(
+                    "INSERT OR REPLACE INTO removed VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (r.bundle_id, r.site, r.sequence, r.sha256, r.key_id, now, reason),
+                )
+                db.execute("DELETE FROM bundles WHERE bundle_id = ?", (r.bundle_id,))
         for r in gone:
             (self.objects / f"{r.sha256}.tar").unlink(missing_ok=True)
         return gone

@@ -34,6 +34,7 @@ from typing import Iterator
 
 from common import errors
 from common.signing import SigningKeyError, key_id, load_public_key, public_pem
+from server.transaction import write_transaction
 
 _SITE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SCHEMA = """
@@ -135,23 +136,22 @@ class TrustStore:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "sites" not in tables:
             return
-        db.execute("BEGIN IMMEDIATE")
-        for site, pem, added in db.execute("SELECT site, pem, added_at FROM sites").fetchall():
-            db.execute(
-                "INSERT OR IGNORE INTO keys VALUES (?, ?, ?, ?, 0, NULL, NULL, NULL)",
-                (site, key_id(load_public_key(pem.encode())), pem, added),
-            )
-        if "revoked" in tables:
-            for site, pem, added, revoked in db.execute(
-                "SELECT site, pem, added_at, revoked_at FROM revoked"
-            ).fetchall():
+        with write_transaction(db):
+            for site, pem, added in db.execute("SELECT site, pem, added_at FROM sites").fetchall():
                 db.execute(
-                    "INSERT OR IGNORE INTO keys VALUES (?, ?, ?, ?, 0, NULL, NULL, ?)",
-                    (site, key_id(load_public_key(pem.encode())), pem, added, revoked),
+                    "INSERT OR IGNORE INTO keys VALUES (?, ?, ?, ?, 0, NULL, NULL, NULL)",
+                    (site, key_id(load_public_key(pem.encode())), pem, added),
                 )
-            db.execute("DROP TABLE revoked")
-        db.execute("DROP TABLE sites")
-        db.execute("COMMIT")
+            if "revoked" in tables:
+                for site, pem, added, revoked in db.execute(
+                    "SELECT site, pem, added_at, revoked_at FROM revoked"
+                ).fetchall():
+                    db.execute(
+                        "INSERT OR IGNORE INTO keys VALUES (?, ?, ?, ?, 0, NULL, NULL, ?)",
+                        (site, key_id(load_public_key(pem.encode())), pem, added, revoked),
+                    )
+                db.execute("DROP TABLE revoked")
+            db.execute("DROP TABLE sites")
 
     @staticmethod
     def _current(db: sqlite3.Connection, site: str) -> tuple | None:
@@ -168,26 +168,20 @@ class TrustStore:
         a revoked key is never accepted again.
         """
         pem, kid = _normalise(site, public_key_pem)
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                current = self._current(db, site)
-                if current is not None and current[0] == kid:
-                    return kid
-                if current is not None:
-                    raise TrustError(
-                        f"site {site!r} is already registered with key {current[0][:16]}; "
-                        f"use `plan-server sites rotate` to replace it"
-                    )
-                self._refuse_known(db, site, kid)
-                # After revocations, the new key must not vouch for sequences the old ones used.
-                floor = db.execute("SELECT MAX(valid_until) FROM keys WHERE site = ?", (site,)).fetchone()[0] or 0
-                db.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, NULL, NULL, NULL)", (site, kid, pem, _now(), floor))
-                self._bump(db)
-                db.execute("COMMIT")
-            finally:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
+        with self._db() as db, write_transaction(db):
+            current = self._current(db, site)
+            if current is not None and current[0] == kid:
+                return kid
+            if current is not None:
+                raise TrustError(
+                    f"site {site!r} is already registered with key {current[0][:16]}; "
+                    f"use `plan-server sites rotate` to replace it"
+                )
+            self._refuse_known(db, site, kid)
+            # After revocations, the new key must not vouch for sequences the old ones used.
+            floor = db.execute("SELECT MAX(valid_until) FROM keys WHERE site = ?", (site,)).fetchone()[0] or 0
+            db.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, NULL, NULL, NULL)", (site, kid, pem, _now(), floor))
+            self._bump(db)
         return kid
 
     @staticmethod
@@ -213,27 +207,21 @@ class TrustStore:
         if not isinstance(last_sequence, int) or last_sequence < 0:
             raise TrustError(f"last_sequence must be a non-negative integer, got {last_sequence!r}")
         pem, kid = _normalise(site, new_public_key_pem)
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                current = self._current(db, site)
-                if current is None:
-                    raise TrustError(f"site {site!r} has no current key to rotate; use `plan-server sites add`")
-                if current[0] == kid:
-                    raise TrustError(f"site {site!r}: the new key is the current key {kid[:16]}")
-                self._refuse_known(db, site, kid)
-                db.execute(
-                    "UPDATE keys SET valid_until = ?, retired_at = ? WHERE site = ? AND key_id = ?",
-                    (last_sequence, _now(), site, current[0]),
-                )
-                db.execute(
-                    "INSERT INTO keys VALUES (?, ?, ?, ?, ?, NULL, NULL, NULL)", (site, kid, pem, _now(), last_sequence)
-                )
-                self._bump(db)
-                db.execute("COMMIT")
-            finally:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
+        with self._db() as db, write_transaction(db):
+            current = self._current(db, site)
+            if current is None:
+                raise TrustError(f"site {site!r} has no current key to rotate; use `plan-server sites add`")
+            if current[0] == kid:
+                raise TrustError(f"site {site!r}: the new key is the current key {kid[:16]}")
+            self._refuse_known(db, site, kid)
+            db.execute(
+                "UPDATE keys SET valid_until = ?, retired_at = ? WHERE site = ? AND key_id = ?",
+                (last_sequence, _now(), site, current[0]),
+            )
+            db.execute(
+                "INSERT INTO keys VALUES (?, ?, ?, ?, ?, NULL, NULL, NULL)", (site, kid, pem, _now(), last_sequence)
+            )
+            self._bump(db)
         return kid
 
     def revoke(self, site: str, key_id_prefix: str | None = None) -> list[str]:
@@ -241,31 +229,21 @@ class TrustStore:
 
         Returns the full ids of the keys revoked now. Their bundles are no longer valid anywhere.
         """
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = [
-                    r[0] for r in db.execute("SELECT key_id FROM keys WHERE site = ? AND revoked_at IS NULL", (site,))
-                ]
-                if not rows:
-                    raise TrustError(f"site {site!r} is not registered (or every key of it is already revoked)")
-                if key_id_prefix is not None:
-                    if len(key_id_prefix) < 8:
-                        raise TrustError(f"key id {key_id_prefix!r}: give at least 8 hex digits")
-                    rows = [k for k in rows if k.startswith(key_id_prefix)]
-                    if len(rows) != 1:
-                        raise TrustError(
-                            f"key id {key_id_prefix!r} matches {len(rows)} unrevoked keys of site {site!r}"
-                        )
-                now = _now()
-                db.executemany(
-                    "UPDATE keys SET revoked_at = ? WHERE site = ? AND key_id = ?", [(now, site, k) for k in rows]
-                )
-                self._bump(db)
-                db.execute("COMMIT")
-            finally:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
+        with self._db() as db, write_transaction(db):
+            rows = [r[0] for r in db.execute("SELECT key_id FROM keys WHERE site = ? AND revoked_at IS NULL", (site,))]
+            if not rows:
+                raise TrustError(f"site {site!r} is not registered (or every key of it is already revoked)")
+            if key_id_prefix is not None:
+                if len(key_id_prefix) < 8:
+                    raise TrustError(f"key id {key_id_prefix!r}: give at least 8 hex digits")
+                rows = [k for k in rows if k.startswith(key_id_prefix)]
+                if len(rows) != 1:
+                    raise TrustError(f"key id {key_id_prefix!r} matches {len(rows)} unrevoked keys of site {site!r}")
+            now = _now()
+            db.executemany(
+                "UPDATE keys SET revoked_at = ? WHERE site = ? AND key_id = ?", [(now, site, k) for k in rows]
+            )
+            self._bump(db)
         return rows
 
     # ------------------------------------------------------------ queries
