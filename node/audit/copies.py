@@ -129,12 +129,10 @@ def _blur_matrix(n: int, sigma: float, dtype: torch.dtype) -> torch.Tensor:
     r = min(max(1, int(math.ceil(3 * sigma))), n - 1)
     k = torch.exp(-(torch.arange(-r, r + 1, dtype=torch.float64) ** 2) / (2 * sigma * sigma))
     k = k / k.sum()
-    m = torch.zeros(n, n, dtype=torch.float64)
-    for i in range(n):
-        for o in range(-r, r + 1):
-            j = abs(i + o)  # reflect at 0: -1 -> 1
-            j = 2 * (n - 1) - j if j > n - 1 else j  # and at n-1: n -> n-2
-            m[i, j] += k[o + r]
+    i = torch.arange(n).repeat_interleave(2 * r + 1)  # [n(2r+1)]: output pixel i, tap o, in that order
+    j = (i + torch.arange(-r, r + 1).repeat(n)).abs()  # reflect at 0: -1 -> 1
+    j = torch.where(j > n - 1, 2 * (n - 1) - j, j)  # and at n-1: n -> n-2
+    m = torch.zeros(n, n, dtype=torch.float64).index_put_((i, j), k.repeat(n), accumulate=True)
     return m.to(dtype)
 
 
