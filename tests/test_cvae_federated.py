@@ -280,3 +280,30 @@ def test_the_release_query_publishes_only_from_the_runs_final_decoder(federated_
     assert _query_release(ws, CvaeRelease(rounds=2, global_decoder_sha256=sha)) in (0.0, 1.0)
     assert (ws.synth / "latest.json").exists()
     assert json.loads((ws.reports / "cvae_federated.json").read_text())["error"] is None
+
+
+def test_the_release_is_asked_of_every_node_and_a_silent_one_is_named(monkeypatch):
+    from flwr.app import ConfigRecord, Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from common.messages import CvaeRelease, spec_of
+    from server.serverapp import send_release
+
+    class Grid:  # the two calls send_release makes of Flower's Grid; node 2 never answers
+        def get_node_ids(self):
+            return [1, 2]
+
+        def send_and_receive(self, messages, *, timeout):
+            self.sent = list(messages)
+            first = self.sent[0]
+            site, released = ConfigRecord({"name": "site-a"}), MetricRecord({"released": 1.0})
+            return [Message(RecordDict({"site": site, "metrics": released}), reply_to=first)]
+
+    for field in ("_run_id", "_node_id", "_task_id"):  # what a ServerApp process has set when it builds messages
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    grid, release = Grid(), CvaeRelease(rounds=2, global_decoder_sha256="cd" * 32)
+    out = send_release(grid, release, timeout=60)
+    assert out == {"site-a": {"released": 1.0}, "node-2": {"error": "no reply to query.release within 60 s"}}
+    assert [m.metadata.dst_node_id for m in grid.sent] == [1, 2]
+    assert all(m.metadata.message_type == "query.release" for m in grid.sent)
+    assert spec_of(grid.sent[1].content["config"]) == release
