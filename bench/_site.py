@@ -64,9 +64,9 @@ class Anchors:
     seconds_invert: float
 
 
-def anchor_pairs(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "cpu") -> Anchors:
+def anchor_pairs(ws: Workspace, *, n_pairs: int, seed: int = 0, k: int | None = None, device: str = "cpu") -> Anchors:
     """Invert the train split (synth config's steps and lr), k-same per class over patients
-    (synth.k), and `n_pairs` within-class anchor pairs split over classes by their size, every
+    (`k`, default synth.k), and `n_pairs` within-class anchor pairs split over classes by their size, every
     unordered pair once before any repeats (node.plan.candidates.anchor_pairs)."""
     cfg = ws.config()
     sc = cfg.synth
@@ -87,7 +87,8 @@ def anchor_pairs(ws: Workspace, *, n_pairs: int, seed: int = 0, device: str = "c
         np.save(cache, w.numpy())
     t_inv = time.time() - t0
     mse = float(reconstruction_mse(G, w, target, device=device).mean())
-    p = anchor_pairs_of(w, train.labels, train.patient_ids, k=sc.k, n_paths=n_pairs, rng=np.random.default_rng(seed))
+    k = sc.k if k is None else k
+    p = anchor_pairs_of(w, train.labels, train.patient_ids, k=k, n_paths=n_pairs, rng=np.random.default_rng(seed))
     return Anchors(
         G,
         phi_id,

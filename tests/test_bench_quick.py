@@ -87,3 +87,23 @@ def test_evaluation_rows_rerun_replace_their_rows_and_keep_the_rest():
     assert merged["_meta"] == {"command": "second", "earlier": {"command": "first"}}
     assert earlier["d"]["iid"]["b"] == 2  # the earlier table is not modified
     assert merge_tables({}, new)["d"]["iid"] == new["d"]["iid"]
+
+
+def test_ksame_rule_skips_sets_the_gate_stops_and_prefers_the_larger_k_within_the_tie():
+    from bench.ksame import choose
+
+    def row(bal, passed=True, kept=0.9):
+        return {"utility": {"balanced-accuracy": {"mean": bal}}, "privacy": {"passed": passed, "kept_share": kept}}
+
+    res = {
+        "a": {"plan_k3": row(0.90), "plan_k5": row(0.80), "plan_k8": row(0.95, kept=0.7)},
+        "b": {"plan_k3": row(0.70), "plan_k5": row(0.795), "plan_k8": row(0.90)},
+    }
+    verdict = choose(res, ["a", "b"], [3, 5, 8])
+    assert verdict["eligible"] == pytest.approx({"3": 0.80, "5": 0.7975})  # k 8 kept too little on "a"
+    assert verdict["k"] == 5  # within 0.01 of k 3's 0.80: the larger k
+    res["b"]["plan_k3"] = row(0.75)
+    assert choose(res, ["a", "b"], [3, 5, 8])["k"] == 3
+    res["a"]["plan_k3"]["privacy"]["passed"] = False
+    res["a"]["plan_k5"]["privacy"]["passed"] = False
+    assert choose(res, ["a", "b"], [3, 5, 8]) == {"k": None, "balanced_accuracy": None, "eligible": {}}
