@@ -56,6 +56,11 @@ from node.site.pixels import to_uint8
 GATED = ("mia_auc_upper", "closer_to_train_upper", "reid_rate_upper", "tpr_at_low_fpr_upper")
 
 
+def num_or_nan(x) -> float:
+    """A figure for the printed table: nan where the report has none (0.0 is a figure)."""
+    return float("nan") if x is None else x
+
+
 def utility(
     images, labels, val, *, n_classes: int, steps: int, batch: int, seeds: int, augment: str = "light", lr=None
 ) -> dict:
@@ -184,8 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(
                 f"{n:<16}{s:<14}{v.get('pairs', ''):>6}{u['balanced-accuracy']['mean']:>16.3f}"
                 f"{u['auroc']['mean']:>13.3f}{p.get('kept_share', float('nan')):>7.2f}"
-                f"{p.get('mia_auc_upper') or float('nan'):>8.3f}"
-                f"{p.get('closer_to_train_upper') or float('nan'):>10.3f}{str(p.get('passed', '-')):>9}"
+                f"{num_or_nan(p.get('mia_auc_upper')):>8.3f}"
+                f"{num_or_nan(p.get('closer_to_train_upper')):>10.3f}{str(p.get('passed', '-')):>9}"
             )
     print(f"chosen: {res['_chosen']}")
     return res

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from bench._site import ROOT, anchor_pairs, npz_site, run_meta, walk_pairs
-from bench.frontier import privacy, utility
+from bench.frontier import num_or_nan, privacy, utility
 from common.fileio import atomic_write_json
 from node.plan.walk import linear_paths
 from node.site.ingest import load_split
@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(
                 f"{n:<16}{s:<12}{v.get('anchors', ''):>8}{v.get('pairs', ''):>6}"
                 f"{u['balanced-accuracy']['mean']:>16.3f}{u['auroc']['mean']:>13.3f}"
-                f"{p.get('kept_share', float('nan')):>7.2f}{p.get('mia_auc_upper') or float('nan'):>8.3f}"
-                f"{p.get('reid_rate_upper') or float('nan'):>9.3f}"
-                f"{p.get('closer_to_train_upper') or float('nan'):>10.3f}{str(p.get('passed', '-')):>9}"
+                f"{p.get('kept_share', float('nan')):>7.2f}{num_or_nan(p.get('mia_auc_upper')):>8.3f}"
+                f"{num_or_nan(p.get('reid_rate_upper')):>9.3f}"
+                f"{num_or_nan(p.get('closer_to_train_upper')):>10.3f}{str(p.get('passed', '-')):>9}"
             )
     print(f"chosen: {res['_chosen']}")
     return res
