@@ -61,6 +61,25 @@ def num_or_nan(x) -> float:
     return float("nan") if x is None else x
 
 
+def print_table(res: dict, datasets) -> None:
+    """One line per data set and set: its anchors and pairs where recorded, validation utility, the
+    audit's kept share, gated upper bounds and verdict."""
+    print(f"{'data set':<16}{'set':<14}{'anchors':>8}{'pairs':>6}{'bal. acc (val)':>16}{'AUROC (val)':>13}"
+          f"{'kept':>7}{'MIA up':>8}{'re-id up':>9}{'closer up':>10}{'verdict':>9}")  # fmt: skip
+    for n in datasets:
+        for s, v in res[n].items():
+            if s == "setup":
+                continue
+            u, p = v["utility"], v.get("privacy", {})
+            print(
+                f"{n:<16}{s:<14}{v.get('anchors', ''):>8}{v.get('pairs', ''):>6}"
+                f"{u['balanced-accuracy']['mean']:>16.3f}{u['auroc']['mean']:>13.3f}"
+                f"{p.get('kept_share', float('nan')):>7.2f}{num_or_nan(p.get('mia_auc_upper')):>8.3f}"
+                f"{num_or_nan(p.get('reid_rate_upper')):>9.3f}"
+                f"{num_or_nan(p.get('closer_to_train_upper')):>10.3f}{str(p.get('passed', '-')):>9}"
+            )
+
+
 def utility(
     images, labels, val, *, n_classes: int, steps: int, batch: int, seeds: int, augment: str = "light", lr=None
 ) -> dict:
@@ -179,19 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     res["_chosen"] = choose(res, args.datasets, args.points, args.weights)
     res["_meta"] = run_meta("bench.frontier", argv)
     atomic_write_json(args.out, res)
-    print(f"{'data set':<16}{'set':<14}{'pairs':>6}{'bal. acc (val)':>16}{'AUROC (val)':>13}{'kept':>7}"
-          f"{'MIA up':>8}{'closer up':>10}{'verdict':>9}")  # fmt: skip
-    for n in args.datasets:
-        for s, v in res[n].items():
-            if s == "setup":
-                continue
-            u, p = v["utility"], v.get("privacy", {})
-            print(
-                f"{n:<16}{s:<14}{v.get('pairs', ''):>6}{u['balanced-accuracy']['mean']:>16.3f}"
-                f"{u['auroc']['mean']:>13.3f}{p.get('kept_share', float('nan')):>7.2f}"
-                f"{num_or_nan(p.get('mia_auc_upper')):>8.3f}"
-                f"{num_or_nan(p.get('closer_to_train_upper')):>10.3f}{str(p.get('passed', '-')):>9}"
-            )
+    print_table(res, args.datasets)
     print(f"chosen: {res['_chosen']}")
     return res
 

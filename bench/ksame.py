@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from bench._site import ROOT, anchor_pairs, npz_site, run_meta, walk_pairs
-from bench.frontier import num_or_nan, privacy, utility
+from bench.frontier import print_table, privacy, utility
 from common.fileio import atomic_write_json
 from node.plan.walk import linear_paths
 from node.site.ingest import load_split
@@ -117,20 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     res["_chosen"] = choose(res, args.datasets, args.ks)
     res["_meta"] = run_meta("bench.ksame", argv)
     atomic_write_json(args.out, res)
-    print(f"{'data set':<16}{'set':<12}{'anchors':>8}{'pairs':>6}{'bal. acc (val)':>16}{'AUROC (val)':>13}"
-          f"{'kept':>7}{'MIA up':>8}{'re-id up':>9}{'closer up':>10}{'verdict':>9}")  # fmt: skip
-    for n in args.datasets:
-        for s, v in res[n].items():
-            if s == "setup":
-                continue
-            u, p = v["utility"], v.get("privacy", {})
-            print(
-                f"{n:<16}{s:<12}{v.get('anchors', ''):>8}{v.get('pairs', ''):>6}"
-                f"{u['balanced-accuracy']['mean']:>16.3f}{u['auroc']['mean']:>13.3f}"
-                f"{p.get('kept_share', float('nan')):>7.2f}{num_or_nan(p.get('mia_auc_upper')):>8.3f}"
-                f"{num_or_nan(p.get('reid_rate_upper')):>9.3f}"
-                f"{num_or_nan(p.get('closer_to_train_upper')):>10.3f}{str(p.get('passed', '-')):>9}"
-            )
+    print_table(res, args.datasets)
     print(f"chosen: {res['_chosen']}")
     return res
 
