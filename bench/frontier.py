@@ -49,9 +49,9 @@ from bench.fedsim import new_model
 from common.config import DownstreamConfig
 from common.fileio import atomic_write_json
 from node.federation.task import evaluate_classifier, train_classifier
+from node.plan.candidates import render
 from node.plan.walk import linear_paths
 from node.site.ingest import load_split
-from node.site.pixels import to_uint8
 
 GATED = ("mia_auc_upper", "closer_to_train_upper", "reid_rate_upper", "tpr_at_low_fpr_upper")
 
@@ -59,6 +59,19 @@ GATED = ("mia_auc_upper", "closer_to_train_upper", "reid_rate_upper", "tpr_at_lo
 def num_or_nan(x) -> float:
     """A figure for the printed table: nan where the report has none (0.0 is a figure)."""
     return float("nan") if x is None else x
+
+
+def render_interior(G, paths: torch.Tensor) -> np.ndarray:
+    """Paths [P,T,D] -> uint8 [P*(T-2),H,W]: their interior points, rendered as a release would."""
+    return render(G, paths[:, 1:-1].reshape(-1, paths.shape[-1]), device="cpu")
+
+
+def eligible_mean(rows) -> float | None:
+    """The rules' test: the mean validation balanced accuracy of one setting's PLAN rows (one per data
+    set), or None when any of them fails the gate or keeps under 80% of its candidates."""
+    if all(r["privacy"]["passed"] and r["privacy"]["kept_share"] >= 0.8 for r in rows):
+        return float(np.mean([r["utility"]["balanced-accuracy"]["mean"] for r in rows]))
+    return None
 
 
 def print_table(res: dict, datasets) -> None:
@@ -136,11 +149,6 @@ def run_dataset(
         path_y = a.labels.numpy().repeat(T - 2)
         path_id = np.arange(P).repeat(T - 2)
 
-        @torch.no_grad()
-        def render(codes: torch.Tensor, a=a) -> np.ndarray:  # [P,T,D] -> uint8 [P*(T-2),H,W], interior points
-            flat = codes[:, 1:-1].reshape(-1, codes.shape[-1])
-            return np.concatenate([to_uint8(a.G.synthesis(flat[i : i + 512])) for i in range(0, len(flat), 512)])
-
         def row(images: np.ndarray, path_y=path_y, path_id=path_id, **extra) -> dict:
             return {
                 **extra,
@@ -149,13 +157,13 @@ def run_dataset(
                 "privacy": privacy(images, path_y, path_id, ws),
             }
 
-        out[f"linear_p{T}"] = row(render(linear_paths(a.start, a.end, points=T)), points=T, pairs=P)
+        out[f"linear_p{T}"] = row(render_interior(a.G, linear_paths(a.start, a.end, points=T)), points=T, pairs=P)
         for w in weights:
             t_walk = time.time()
             res = walk_pairs(a, wc, weight_identity=w, points=T)
             key = f"plan_p{T}_w{w:g}"
             out[key] = row(
-                render(res.paths),
+                render_interior(a.G, res.paths),
                 points=T,
                 pairs=P,
                 weight_identity=w,
@@ -208,9 +216,9 @@ def choose(res: dict, datasets, points, weights) -> dict:
     eligible = {}
     for T in points:
         for w in weights:
-            rows = [res[n][f"plan_p{T}_w{w:g}"] for n in datasets]
-            if all(r["privacy"]["passed"] and r["privacy"]["kept_share"] >= 0.8 for r in rows):
-                eligible[(T, w)] = float(np.mean([r["utility"]["balanced-accuracy"]["mean"] for r in rows]))
+            mean = eligible_mean([res[n][f"plan_p{T}_w{w:g}"] for n in datasets])
+            if mean is not None:
+                eligible[(T, w)] = mean
     if not eligible:
         return {"points": None, "weight_identity": None, "balanced_accuracy": None, "eligible": {}}
     best = max(eligible.values())

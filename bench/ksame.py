@@ -30,18 +30,17 @@ import numpy as np
 import torch
 
 from bench._site import ROOT, anchor_pairs, npz_site, run_meta, walk_pairs
-from bench.frontier import print_table, privacy, utility
+from bench.frontier import eligible_mean, print_table, privacy, render_interior, utility
 from common.fileio import atomic_write_json
 from node.plan.walk import linear_paths
 from node.site.ingest import load_split
-from node.site.pixels import to_uint8
 
 
 def run_dataset(name: str, *, ks, images: int, max_images: int, steps: int, batch: int, seeds: int) -> dict:
     t0 = time.time()
     ws, _ = npz_site(name, max_images=max_images)
-    wc = ws.config().synth.walk
-    T = wc.points
+    sc = ws.config().synth
+    wc, T = sc.walk, sc.walk.points
     train, val = load_split(ws, "train"), load_split(ws, "holdout")
     n_classes = int(max(val.labels.max(), train.labels.max()) + 1)
     measure = dict(n_classes=n_classes, steps=steps, batch=batch, seeds=seeds)
@@ -50,11 +49,6 @@ def run_dataset(name: str, *, ks, images: int, max_images: int, steps: int, batc
         a = anchor_pairs(ws, n_pairs=images // (T - 2), k=k)
         path_y = a.labels.numpy().repeat(T - 2)
         path_id = np.arange(len(a.start)).repeat(T - 2)
-
-        @torch.no_grad()
-        def render(codes: torch.Tensor, a=a) -> np.ndarray:  # [P,T,D] -> uint8 [P*(T-2),H,W], interior points
-            flat = codes[:, 1:-1].reshape(-1, codes.shape[-1])
-            return np.concatenate([to_uint8(a.G.synthesis(flat[i : i + 512])) for i in range(0, len(flat), 512)])
 
         def row(imgs: np.ndarray, a=a, k=k, path_y=path_y, path_id=path_id) -> dict:
             return {
@@ -66,14 +60,14 @@ def run_dataset(name: str, *, ks, images: int, max_images: int, steps: int, batc
                 "privacy": privacy(imgs, path_y, path_id, ws),
             }
 
-        out[f"linear_k{k}"] = row(render(linear_paths(a.start, a.end, points=T)))
-        out[f"plan_k{k}"] = row(render(walk_pairs(a, wc).paths))
+        out[f"linear_k{k}"] = row(render_interior(a.G, linear_paths(a.start, a.end, points=T)))
+        out[f"plan_k{k}"] = row(render_interior(a.G, walk_pairs(a, wc).paths))
         print(f"{name} k={k}: linear {out[f'linear_k{k}']}\n  plan {out[f'plan_k{k}']}", flush=True)
     out["setup"] = {
         "images_per_set": images,
         "points": T,
         "weight_identity": wc.weight_identity,
-        "default_k": ws.config().synth.k,
+        "default_k": sc.k,
         "n_train": out["real"]["n_images"],
         "n_validation": int(len(val)),
         "steps": steps,
@@ -87,9 +81,9 @@ def choose(res: dict, datasets, ks) -> dict:
     """The module docstring's rule: {"k", "balanced_accuracy", "eligible": {k: mean balanced accuracy}}."""
     eligible = {}
     for k in ks:
-        rows = [res[n][f"plan_k{k}"] for n in datasets]
-        if all(r["privacy"]["passed"] and r["privacy"]["kept_share"] >= 0.8 for r in rows):
-            eligible[k] = float(np.mean([r["utility"]["balanced-accuracy"]["mean"] for r in rows]))
+        mean = eligible_mean([res[n][f"plan_k{k}"] for n in datasets])
+        if mean is not None:
+            eligible[k] = mean
     if not eligible:
         return {"k": None, "balanced_accuracy": None, "eligible": {}}
     best = max(eligible.values())
