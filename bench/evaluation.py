@@ -114,6 +114,17 @@ def build_sites(data: ImageSet, parts: list[np.ndarray], *, work: Path, override
     return out
 
 
+def table_sites(dataset: str, partition_name: str, *, max_images: int = 1200, work: Path = WORK) -> list[Workspace]:
+    """The three PLAN-route sites of the table's panel (`dataset` in ../shared/data, `partition_name`
+    one of PARTITIONS, default config), built or reused exactly as run_partition builds them."""
+    path = SHARED_DATA / f"{dataset}.npz"
+    if not path.exists():
+        raise SystemExit(f"{path}: not found (the MedMNIST benchmarks need ../shared/data; see its README)")
+    data = load_dataset(DataConfig(source="npz", path=path, max_images=max_images))
+    parts = partition(data.labels, n_sites=3, alpha=PARTITIONS[partition_name], seed=0)
+    return build_sites(data, parts, work=work / f"eval-{dataset}-{partition_name}-{max_images}", overrides={})
+
+
 def cvae_sites(n_sites: int, *, work: Path, overrides: dict) -> list[dict]:
     """Beside each PLAN site, a CVAE-route workspace on the same .npz (so the same patient split):
     trained (the pinned extractor's embeddings, the CVAE, the re-identification heads), synthesized

@@ -66,10 +66,15 @@ def render_interior(G, paths: torch.Tensor) -> np.ndarray:
     return render(G, paths[:, 1:-1].reshape(-1, paths.shape[-1]), device="cpu")
 
 
+def publishes(row) -> bool:
+    """The rules' privacy test of one set: it passes the site's gate keeping at least 80% of its candidates."""
+    return bool(row["privacy"]["passed"] and row["privacy"]["kept_share"] >= 0.8)
+
+
 def eligible_mean(rows) -> float | None:
-    """The rules' test: the mean validation balanced accuracy of one setting's PLAN rows (one per data
-    set), or None when any of them fails the gate or keeps under 80% of its candidates."""
-    if all(r["privacy"]["passed"] and r["privacy"]["kept_share"] >= 0.8 for r in rows):
+    """The mean validation balanced accuracy of one setting's PLAN rows (one per data set), or None
+    when any of them does not publish."""
+    if all(publishes(r) for r in rows):
         return float(np.mean([r["utility"]["balanced-accuracy"]["mean"] for r in rows]))
     return None
 

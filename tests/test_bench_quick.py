@@ -89,7 +89,7 @@ def test_evaluation_rows_rerun_replace_their_rows_and_keep_the_rest():
     assert merge_tables({}, new)["d"]["iid"] == new["d"]["iid"]
 
 
-def test_ksame_rule_skips_sets_the_gate_stops_and_prefers_the_larger_k_within_the_tie():
+def test_ksame_rule_keeps_the_k_that_publish_on_most_sites_and_prefers_the_larger_k_within_the_tie():
     from bench.ksame import choose
 
     def row(bal, passed=True, kept=0.9):
@@ -101,9 +101,16 @@ def test_ksame_rule_skips_sets_the_gate_stops_and_prefers_the_larger_k_within_th
     }
     verdict = choose(res, ["a", "b"], [3, 5, 8])
     assert verdict["eligible"] == pytest.approx({"3": 0.80, "5": 0.7975})  # k 8 kept too little on "a"
+    assert verdict["publishing"] == {"3": 2, "5": 2, "8": 1}
     assert verdict["k"] == 5  # within 0.01 of k 3's 0.80: the larger k
     res["b"]["plan_k3"] = row(0.75)
     assert choose(res, ["a", "b"], [3, 5, 8])["k"] == 3
+    # where no k publishes everywhere, those publishing on the most sites compete (small sites)
     res["a"]["plan_k3"]["privacy"]["passed"] = False
+    verdict = choose(res, ["a", "b"], [3, 5, 8])
+    assert verdict["eligible"] == pytest.approx({"5": 0.7975}) and verdict["k"] == 5
     res["a"]["plan_k5"]["privacy"]["passed"] = False
-    assert choose(res, ["a", "b"], [3, 5, 8]) == {"k": None, "balanced_accuracy": None, "eligible": {}}
+    assert choose(res, ["a", "b"], [3, 5, 8])["k"] == 8  # 1 site each: the best of the three, 0.925
+    for k in (3, 5, 8):
+        res["b"][f"plan_k{k}"]["privacy"]["passed"] = False
+    assert choose(res, ["a", "b"], [3, 5, 8])["k"] is None  # nothing publishes: no evidence for any k
