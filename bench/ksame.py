@@ -7,7 +7,8 @@ blurrier ones. For each site and each k in --ks: k-same anchors over the same in
 the straight lines between the same anchors), interior images rendered as a release would. Then,
 as in bench/frontier.py: utility on the **validation** split (the site's holdout; never the test
 split; a fresh DownstreamCNN, --steps steps, mean over --seeds seeds) and the site's full audit of
-the set. Writes bench/results/ksame.json.
+the set. Per site, the same audit of its test split as candidates (real images no model saw; not
+used to choose) shows whether any set could pass at that size. Writes bench/results/ksame.json.
 
 The sites (--sites):
 - default: one default-config site per data set at --max-images images (bench._site.npz_site);
@@ -79,7 +80,13 @@ def run_site(ws: Workspace, *, ks, images: int, steps: int, batch: int, seeds: i
             out[f"linear_k{k}"] = row(render_interior(a.G, linear_paths(a.start, a.end, points=T)))
         out[f"plan_k{k}"] = row(render_interior(a.G, walk_pairs(a, wc).paths))
         print(f"{ws.root.name} k={k}: plan {out[f'plan_k{k}']}", flush=True)
+    # the gate's floor at this site's size: real images no model saw (the test split, audit only;
+    # nothing is chosen on it) pass or fail as the most private set imaginable would
+    test = load_split(ws, "test")
+    fresh = privacy(test.images, test.labels, None, ws)
+    print(f"{ws.root.name} real unseen images: {fresh}", flush=True)
     out["setup"] = {
+        "fresh_nonmembers": fresh,
         "workspace": str(ws.root.relative_to(ROOT)) if ws.root.is_relative_to(ROOT) else str(ws.root),
         "images_per_set": images,
         "points": T,
