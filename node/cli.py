@@ -145,19 +145,9 @@ def audit(
 ) -> None:
     """Membership and re-identification audit of the candidates; the release gate."""
     ws = _pipeline(site_dir, "audit", force, note)
-    from node.site.status import site_status
+    from node.site.status import print_audit
 
-    print(json.dumps(site_status(ws)["audit"], indent=2))
-    run = ws.latest_run()
-    full = json.loads((ws.synth / run / "audit.json").read_text())
-    for c in full.get("checks", []):
-        if not c.get("passed"):
-            console.print(f"gate: {c.get('message') or c.get('name')}", style="red", markup=False)
-    if not (full.get("lpips") or {}).get("available", True):
-        console.print(f"LPIPS not computed: {full['lpips'].get('reason')}", style="yellow", markup=False)
-    keep = "shows real images" if full.get("route", "plan") == "plan" else "describes real records"
-    console.print(f"report: {ws.reports / f'audit-{run}.html'} ({keep}: keep it at the site)")
-    if not full.get("passed"):
+    if not print_audit(ws, console):
         raise typer.Exit(errors.GATE)
 
 

@@ -1,10 +1,14 @@
 """The node's ML stages end to end on a tiny phantom workspace."""
 
+import io
 import json
 
 import numpy as np
+from rich.console import Console
 
+from node.audit.run import control_message
 from node.plan.train import load_models
+from node.site.status import print_audit
 from node.stages import STAGES, run_pipeline
 
 
@@ -34,6 +38,7 @@ def test_tiny_pipeline_writes_outputs_and_skips_on_rerun(tiny_workspace):
     # the verdict is the checks' verdict, and a set that passed holds at least min_accepted images
     assert report["passed"] is all(c["passed"] for c in report["checks"]) and report["checks"]
     assert not report["passed"] or report["n_accepted"] >= report["policy"]["min_accepted"]
+    assert ("control" in report) is not report["passed"]  # real unseen images are audited only on a failure
     with np.load(run / "accepted.npz", allow_pickle=False) as z:
         assert len(z["images"]) == report["n_accepted"]
     assert json.loads((ws.reports / "local_only.json").read_text())["n_test"] > 0
@@ -53,3 +58,21 @@ def test_tiny_pipeline_writes_outputs_and_skips_on_rerun(tiny_workspace):
     assert run_pipeline(ws, upto="audit")["audit"] is True
     assert (ws.models / "G_ema.safetensors").read_bytes() == weights
     assert json.loads((run / "audit.json").read_text())["policy"]["min_accepted"] == 2
+
+    # a gate nothing can pass: the control (real test images through the same audit) fails too, and says so
+    ws.config_path.write_text(
+        ws.config_path.read_text().replace("policy: {min_accepted: 2}", "policy: {min_accepted: 2, max_mia_auc: 0.0}")
+    )
+    run_pipeline(ws, upto="audit")
+    report = json.loads((run / "audit.json").read_text())
+    control = report["control"]
+    assert not report["passed"] and not control["passed"] and "mia_auc_upper" in control["failed"]
+    n_test = len(json.loads((ws.data / "splits.json").read_text())["test"])
+    assert control["n"] == min(n_test, n_candidates) and 0 <= control["kept_share"] <= 1
+    assert "fail the same gate too (mia_auc_upper" in control_message(report)
+    assert "the synthetic set is what failed" in control_message({"control": {**control, "passed": True}})
+    assert control_message({"passed": True}) is None
+    out = Console(file=io.StringIO(), width=400)
+    assert print_audit(ws, out) is False  # what `plan-node audit` prints before it exits with the gate's code
+    shown = out.file.getvalue()
+    assert "gate: " in shown and "real unseen records fail the same gate too" in shown

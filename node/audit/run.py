@@ -55,6 +55,41 @@ def _load_lpips(ws: Workspace):
         return None, str(e)
 
 
+CONTROL_FIGURES = ("mia_auc_upper", "mia_auc_two_sided_upper", "reid_rate_upper", "closer_to_train_upper")
+
+
+def control(audit_set, x: np.ndarray, labels: np.ndarray, *, n: int, seed: int) -> dict:
+    """The same audit of up to `n` of the site's real test records x [N,...] (no model saw them),
+    run when a candidate set fails. Real unseen records are as private as a release can be: when
+    they fail too, the site's holdout is too small for the gate to tell private data from leaking;
+    when they pass, the failure is the synthetic set's. `audit_set(x, labels, paths, details)` is
+    the audit the candidates had. Nothing here is published or counted as an attempt."""
+    pick = np.sort(np.random.default_rng(seed).permutation(len(x))[:n])
+    report, accepted = audit_set(x[pick], labels[pick], None, None)
+    return {
+        "what": "the site's real test records (no model saw them) through the same audit",
+        "n": int(len(pick)),
+        "passed": bool(report["passed"]),
+        "failed": [c["name"] for c in report["checks"] if not c["passed"]],
+        "kept_share": float(accepted.mean()) if len(pick) else float("nan"),
+        **{k: report.get(k) for k in CONTROL_FIGURES},
+    }
+
+
+def control_message(report: dict) -> str | None:
+    """One line for the site on a failed audit's control (see `control`), or None without one."""
+    c = report.get("control")
+    if not c:
+        return None
+    if c["passed"]:
+        return f"control: {c['n']} real unseen records pass the same gate, so the synthetic set is what failed"
+    return (
+        f"control: {c['n']} real unseen records fail the same gate too ({', '.join(c['failed'])}): at this "
+        "holdout size the gate cannot tell private data from leaking; more holdout patients (split.holdout) "
+        "narrow its bounds"
+    )
+
+
 def audit(ws: Workspace, *, policy: PolicyConfig | None = None, note: str | None = None) -> dict:
     """Audit synth/<latest run>/candidates.npz (images, or embeddings on the CVAE route); write
     audit.json and accepted.npz beside it, and the site-only HTML report
@@ -84,49 +119,64 @@ def audit(ws: Workspace, *, policy: PolicyConfig | None = None, note: str | None
         seed=cfg.synth.seed,
         train_ids=train.patient_ids,
         holdout_ids=holdout.patient_ids,
-        candidate_labels=cand["labels"],
         dp_epsilon=synth_info.get("dp_epsilon"),
-        details=details,
     )
     if "embeddings" in cand:
         from node.cvae.embeddings import split_embeddings
         from node.cvae.stages import load_reid
 
-        (t_emb, t_y), (h_emb, h_y) = (
-            split_embeddings(ws, cfg.synth.extractor, s, device=device) for s in ("train", "holdout")
+        (t_emb, t_y), (h_emb, h_y), unseen = (
+            split_embeddings(ws, cfg.synth.extractor, s, device=device) for s in ("train", "holdout", "test")
         )
-        report, accepted = audit_embeddings(
-            cand["embeddings"],
-            t_emb,
-            h_emb,
-            phi_id=load_reid(ws, "phi_id", device),
-            attacker=load_reid(ws, "phi_attack", device),
-            train_labels=t_y,
-            holdout_labels=h_y,
-            **common,
-        )
-        shown = None  # nothing to show as pictures: the report has the figures and histograms
+        nets = dict(phi_id=load_reid(ws, "phi_id", device), attacker=load_reid(ws, "phi_attack", device))
+
+        def audit_set(x, labels, paths, details):
+            return audit_embeddings(
+                x,
+                t_emb,
+                h_emb,
+                **nets,
+                train_labels=t_y,
+                holdout_labels=h_y,
+                candidate_labels=labels,
+                details=details,
+                **common,
+            )
+
+        key, shown = "embeddings", None  # nothing to show as pictures: the report has the figures and histograms
     else:
         lpips_model, lpips_reason = _load_lpips(ws)
         if lpips_model is not None:
             lpips_model.to(device)
-        D = load_model(ws, "D", device) if (ws.models / "D.safetensors").exists() else None
-        report, accepted = audit_images(
-            cand["images"],
-            train.images,
-            holdout.images,
+        nets = dict(
             phi_id=load_model(ws, "phi_id", device),
             attacker=load_model(ws, "phi_attack", device),
             attacker_wide=load_model(ws, "phi_attack_wide", device),
-            train_labels=train.labels,
-            holdout_labels=holdout.labels,
-            paths=cand.get("path"),
-            discriminator=D,
+            discriminator=load_model(ws, "D", device) if (ws.models / "D.safetensors").exists() else None,
             lpips_model=lpips_model,
             lpips_reason=lpips_reason,
-            **common,
         )
-        shown = (cand["images"], train.images)
+        test = load_split(ws, "test")
+        unseen = (test.images, test.labels)
+
+        def audit_set(x, labels, paths, details):
+            return audit_images(
+                x,
+                train.images,
+                holdout.images,
+                **nets,
+                train_labels=train.labels,
+                holdout_labels=holdout.labels,
+                candidate_labels=labels,
+                paths=paths,
+                details=details,
+                **common,
+            )
+
+        key, shown = "images", (cand["images"], train.images)
+    report, accepted = audit_set(cand[key], cand["labels"], cand.get("path"), details)
+    if not report["passed"]:
+        report["control"] = control(audit_set, *unseen, n=len(cand[key]), seed=cfg.synth.seed)
     # the synthesis's differential-privacy claim and its caveats (CVAE route) go into the signed audit
     report = nan_to_none({"run_id": run_id, "attempt": attempt, **report, "dp": synth_info.get("dp")})
     buf = io.BytesIO()

@@ -55,3 +55,24 @@ def print_status(info: dict, out: Console) -> None:
     if fed:
         shown = {k: round(v, 3) for k, v in (fed["metrics"] or {}).items() if k in ("accuracy", "auroc", "train-loss")}
         out.print(f"  federation: run {fed['run_id']}, round {fed['round']} {fed['phase']} {shown}")
+
+
+def print_audit(ws: Workspace, out: Console) -> bool:
+    """The latest audit for `plan-node audit`: its headline figures, each failed check, the control's
+    verdict on a failed set (node.audit.run.control_message), where the site-only report is.
+    Returns whether the set passed."""
+    from node.audit.run import control_message
+
+    print(json.dumps(site_status(ws)["audit"], indent=2))
+    run = ws.latest_run()
+    full = json.loads((ws.synth / run / "audit.json").read_text())
+    for c in full.get("checks", []):
+        if not c.get("passed"):
+            out.print(f"gate: {c.get('message') or c.get('name')}", style="red", markup=False)
+    if line := control_message(full):
+        out.print(line, style="yellow", markup=False)
+    if not (full.get("lpips") or {}).get("available", True):
+        out.print(f"LPIPS not computed: {full['lpips'].get('reason')}", style="yellow", markup=False)
+    keep = "shows real images" if full.get("route", "plan") == "plan" else "describes real records"
+    out.print(f"report: {ws.reports / f'audit-{run}.html'} ({keep}: keep it at the site)")
+    return bool(full.get("passed"))
