@@ -13,7 +13,7 @@ from pathlib import Path
 
 from common.eventlog import read_events
 from common.webpage import PageApp, PageServer, text_reply
-from node.site.status import read_json, site_status
+from node.site.status import control_message, read_json, site_status
 from node.site.workspace import Workspace, ledger_lines
 
 PAGE = Path(__file__).resolve().parent / "dashboard_page"
@@ -42,6 +42,7 @@ def site_state(ws: Workspace) -> dict:
                     **{k: a.get(k) for k in keep},
                     "attempt": a.get("attempt"),
                     "failed": [c["name"] for c in a.get("checks", []) if not c.get("passed")],
+                    "control": control_message(a),
                 }
             )
     return {

@@ -53,6 +53,14 @@ def test_a_fresh_site_page_answers_and_serves_only_its_stored_reports(tiny_works
     try:
         state = _json(page.url + "api/state")
         assert state["reports"] == ["audit-0123456789ab.html"] and state["audits"] == [] and state["rounds"] == []
+        # a failed audit shows its control's verdict (node.audit.run.control)
+        control = {"n": 24, "passed": False, "failed": ["reid_rate_upper"]}
+        failed = {"passed": False, "checks": [{"name": "reid_rate_upper", "passed": False}], "control": control}
+        (ws.synth / "0123456789ab").mkdir(parents=True)
+        (ws.synth / "0123456789ab" / "audit.json").write_text(json.dumps(failed))
+        (audit,) = _json(page.url + "api/state")["audits"]
+        assert audit["failed"] == ["reid_rate_upper"]
+        assert audit["control"].startswith("control: 24 real unseen records fail the same gate too (reid_rate_upper)")
         with urllib.request.urlopen(page.url + "report?name=audit-0123456789ab.html", timeout=10) as r:
             assert r.read() == b"<p>report</p>" and "script-src" not in r.headers["content-security-policy"]
         for name in ("notes.html", "../site.yaml", "audit-0123456789ab.html/../../site.yaml"):

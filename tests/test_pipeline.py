@@ -6,9 +6,8 @@ import json
 import numpy as np
 from rich.console import Console
 
-from node.audit.run import control_message
 from node.plan.train import load_models
-from node.site.status import print_audit
+from node.site.status import control_message, print_audit
 from node.stages import STAGES, run_pipeline
 
 

@@ -76,20 +76,6 @@ def control(audit_set, x: np.ndarray, labels: np.ndarray, *, n: int, seed: int) 
     }
 
 
-def control_message(report: dict) -> str | None:
-    """One line for the site on a failed audit's control (see `control`), or None without one."""
-    c = report.get("control")
-    if not c:
-        return None
-    if c["passed"]:
-        return f"control: {c['n']} real unseen records pass the same gate, so the synthetic set is what failed"
-    return (
-        f"control: {c['n']} real unseen records fail the same gate too ({', '.join(c['failed'])}): at this "
-        "holdout size the gate cannot tell private data from leaking; more holdout patients (split.holdout) "
-        "narrow its bounds"
-    )
-
-
 def audit(ws: Workspace, *, policy: PolicyConfig | None = None, note: str | None = None) -> dict:
     """Audit synth/<latest run>/candidates.npz (images, or embeddings on the CVAE route); write
     audit.json and accepted.npz beside it, and the site-only HTML report

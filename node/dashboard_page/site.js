@@ -23,7 +23,7 @@ function renderStages(st) {
 function renderAudits(state) {
   const rows = state.audits.map((a) => el("tr", { "data-run": a.run_id },
     el("td", {}, a.run_id),
-    el("td", { class: a.passed ? "pass" : "fail" }, a.passed ? "passed" : `failed: ${a.failed.join(", ")}`),
+    el("td", { class: a.passed ? "pass" : "fail" }, a.passed ? "passed" : `failed: ${a.failed.join(", ")}` + (a.control ? `; ${a.control}` : "")),
     el("td", {}, a.attempt ? `${a.attempt.number ?? "–"} (${a.attempt.failed_before ?? 0} failed before)` : "–"),
     el("td", {}, a.n_candidates ?? "–"), el("td", {}, a.n_accepted ?? "–"), el("td", {}, a.n_paths ?? "–"),
     el("td", {}, fmt(a.mia_auc_upper)), el("td", {}, fmt(a.reid_rate_upper)),

@@ -20,6 +20,20 @@ def latest_audit(ws: Workspace) -> dict | None:
     return read_json(ws.synth / latest["run_id"] / "audit.json") if latest else None
 
 
+def control_message(report: dict) -> str | None:
+    """One line for the site on a failed audit's control (node.audit.run.control), or None without one."""
+    c = report.get("control")
+    if not c:
+        return None
+    if c["passed"]:
+        return f"control: {c['n']} real unseen records pass the same gate, so the synthetic set is what failed"
+    return (
+        f"control: {c['n']} real unseen records fail the same gate too ({', '.join(c['failed'])}): at this "
+        "holdout size the gate cannot tell private data from leaking; more holdout patients (split.holdout) "
+        "narrow its bounds"
+    )
+
+
 def site_status(ws: Workspace) -> dict:
     stages = {
         entry["stage"]: {"seconds": entry["seconds"], "finished": entry["started"] + entry["seconds"]}
@@ -61,8 +75,6 @@ def print_audit(ws: Workspace, out: Console) -> bool:
     """The latest audit for `plan-node audit`: its headline figures, each failed check, the control's
     verdict on a failed set (node.audit.run.control_message), where the site-only report is.
     Returns whether the set passed."""
-    from node.audit.run import control_message
-
     print(json.dumps(site_status(ws)["audit"], indent=2))
     run = ws.latest_run()
     full = json.loads((ws.synth / run / "audit.json").read_text())
