@@ -75,3 +75,5 @@ def test_tiny_pipeline_writes_outputs_and_skips_on_rerun(tiny_workspace):
     assert print_audit(ws, out) is False  # what `plan-node audit` prints before it exits with the gate's code
     shown = out.file.getvalue()
     assert "gate: " in shown and "real unseen records fail the same gate too" in shown
+    page = (ws.reports / f"audit-{ws.latest_run()}.html").read_text()
+    assert "<p class=warn>control: " in page  # the data-protection officer's report says it too

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from common.fileio import atomic_write_text
+from node.site.status import control_message
 
 _COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
 
@@ -194,6 +195,8 @@ def render(report: dict, details: dict, *, images: tuple[np.ndarray, np.ndarray]
         for k, n in (drop.get("copy") or {}).items()
     )
     # a backslash at the end of a line inside these templates joins it to the next: no newline in the HTML
+    control = control_message(report)
+    control_html = f"<p class=warn>{html.escape(control)}</p>\n" if control else ""
     filter_html = f"""<h2>Per-sample filter</h2><p>{report.get("n_distinct")} distinct of \
 {report.get("n_candidates")} candidates
 ({drop.get("duplicate")} duplicates removed); \
@@ -228,7 +231,7 @@ figure img{{display:inline-block;margin:1px}} \
 .warn{{color:#a60}}</style></head><body>
 <h1>Privacy audit of synthetic run {html.escape(str(report.get("run_id")))}</h1>
 <p class=verdict>{"PASSED: the accepted set may be published" if passed else "FAILED: nothing is published"}</p>
-<p>{report.get("n_accepted")} of {report.get("n_candidates")} candidates accepted \
+{control_html}<p>{report.get("n_accepted")} of {report.get("n_candidates")} candidates accepted \
 (dropped: {html.escape(str(report.get("dropped")))});
 train {report.get("n_train")} records, holdout evaluation half {report.get("n_holdout_evaluation")} records. \
 95% bootstrap intervals in

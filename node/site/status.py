@@ -73,7 +73,7 @@ def print_status(info: dict, out: Console) -> None:
 
 def print_audit(ws: Workspace, out: Console) -> bool:
     """The latest audit for `plan-node audit`: its headline figures, each failed check, the control's
-    verdict on a failed set (node.audit.run.control_message), where the site-only report is.
+    verdict on a failed set (control_message), where the site-only report is.
     Returns whether the set passed."""
     print(json.dumps(site_status(ws)["audit"], indent=2))
     run = ws.latest_run()
