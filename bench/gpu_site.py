@@ -48,7 +48,8 @@ def _site_config(args, device: torch.device, budget: float, ctx: dict):
         n_patients = 60
         cut = {
             "models": {"gan": {"steps": 10}, "classifier": {"epochs": 2, "id_epochs": 2}},
-            "synth": {"invert_steps": 5, "target_size": 48, "walk": {"iters": 5}},
+            # 60 patients leave ~15 train patients a class: under two anchors a class at the default k
+            "synth": {"k": 3, "invert_steps": 5, "target_size": 48, "walk": {"iters": 5}},
         }
     else:
         n_patients = 300

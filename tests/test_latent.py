@@ -1,6 +1,7 @@
 """Inversion, k-same and the walk."""
 
 import numpy as np
+import pytest
 import torch
 
 from node.plan.classifiers import SmallCNN
@@ -72,3 +73,18 @@ def test_plan_walk_keeps_endpoints_and_lowers_the_loss():
         weight_class=1.0,
     )
     assert torch.allclose(line_loss, res.initial_loss)
+
+
+def test_anchor_pairs_skip_a_class_short_of_two_anchors_and_name_the_fix_when_none_has_two():
+    from node.plan.candidates import anchor_pairs
+
+    # class 0: 7 patients, class 1: 3 patients, two images each
+    patients = np.repeat(np.arange(10), 2)
+    labels = (patients >= 7).astype(int)
+    w = torch.randn(len(patients), 4, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    pairs = anchor_pairs(w, labels, patients.astype(str), k=3, n_paths=4, rng=rng)
+    assert pairs.anchors_per_class == {0: 2, 1: 1} and pairs.classes_skipped == [1]
+    assert (pairs.labels == 0).all() and len(pairs.start) >= 1
+    with pytest.raises(ValueError, match=r"synth.k = 4\); that needs at least 8 .*\(the largest has 7\): add patients"):
+        anchor_pairs(w, labels, patients.astype(str), k=4, n_paths=4, rng=rng)

@@ -81,9 +81,10 @@ def anchor_pairs(
     classes = np.unique(labels)
     counts = np.array([(labels == c).sum() for c in classes])
     starts, ends, pair_y, all_a, all_y = [], [], [], [], []
-    per_class, skipped = {}, []
+    per_class, skipped, most_patients = {}, [], 0
     for c, n_c in zip(classes, paths_per_class(counts, n_paths)):
         pc = patient_codes(w.numpy(), patient_ids, labels == c)
+        most_patients = max(most_patients, len(pc))
         a = torch.from_numpy(anchors(pc, ksame_clusters(pc, k))).float()
         per_class[int(c)] = len(a)
         all_a.append(a)
@@ -96,7 +97,10 @@ def anchor_pairs(
         ends.append(a[pairs[:, 1]])
         pair_y.append(torch.full((len(pairs),), int(c), dtype=torch.long))
     if not starts:
-        raise ValueError(f"no class has two k-same anchors (k={k}); need at least {2 * k} train patients of one class")
+        raise ValueError(
+            f"no class has two k-same anchors (synth.k = {k}); that needs at least {2 * k} train patients of one "
+            f"class (the largest has {most_patients}): add patients or lower synth.k"
+        )
     cat = torch.cat
     return AnchorPairs(cat(starts), cat(ends), cat(pair_y), cat(all_a), cat(all_y), per_class, skipped)
 
