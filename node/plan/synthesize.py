@@ -10,6 +10,7 @@ config and the G_ema weights, so a rerun with both unchanged reuses the run.
 from __future__ import annotations
 
 import io
+import logging
 import time
 
 import numpy as np
@@ -25,6 +26,8 @@ from node.site.device import pick_device
 from node.site.ingest import load_split
 from node.site.pixels import to_tensor
 from node.site.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 
 def run_id_for(ws: Workspace) -> str:
@@ -94,6 +97,9 @@ def synthesize(ws: Workspace) -> str:
         device=device,
     )
     t_walk = time.time() - t1
+    for y in c.pairs.classes_skipped:
+        # k-same will not make an anchor of fewer than k patients: a small class gets no synthetic images
+        log.warning("class %d has under %d train patients (2 x synth.k): no synthetic images of it", y, 2 * sc.k)
 
     buf = io.BytesIO()
     np.savez(buf, images=c.images, labels=c.labels, path=c.path)
