@@ -95,9 +95,11 @@ PARTITIONS = {"iid": None, "dirichlet0.5": 0.5}
 METRICS = {"accuracy": "accuracy", "balanced_accuracy": "balanced-accuracy", "auroc": "auroc"}
 
 
-def build_sites(data: ImageSet, parts: list[np.ndarray], *, work: Path, overrides: dict) -> list[Workspace]:
-    """One node workspace per part, ingested, trained and synthesized (node stages, reused when
-    up to date). Each site's records are written as its own .npz beside its workspace."""
+def build_sites(
+    data: ImageSet, parts: list[np.ndarray], *, work: Path, overrides: dict, stage: str = "synthesize"
+) -> list[Workspace]:
+    """One node workspace per part, ingested and run up to `stage` (node stages, reused when up to
+    date). Each site's records are written as its own .npz beside its workspace."""
     out = []
     for k, idx in enumerate(parts):
         name = f"site{k}"
@@ -109,20 +111,31 @@ def build_sites(data: ImageSet, parts: list[np.ndarray], *, work: Path, override
             atomic_write_bytes(npz, buf.getvalue())
         raw = deep_merge({"name": name, "data": {"source": "npz", "path": str(npz)}}, overrides)
         ws, _ = site(name, SiteConfig.model_validate(raw), root=work)
-        run_one(ws, "synthesize")
+        run_one(ws, stage)
         out.append(ws)
     return out
 
 
-def table_sites(dataset: str, partition_name: str, *, max_images: int = 1200, work: Path = WORK) -> list[Workspace]:
+def table_sites(
+    dataset: str,
+    partition_name: str,
+    *,
+    max_images: int = 1200,
+    work: Path = WORK,
+    overrides: dict | None = None,
+    stage: str = "synthesize",
+) -> list[Workspace]:
     """The three PLAN-route sites of the table's panel (`dataset` in ../shared/data, `partition_name`
-    one of PARTITIONS, default config), built or reused exactly as run_partition builds them."""
+    one of PARTITIONS), built or reused exactly as run_partition builds them: the default config,
+    or that config with `overrides` (then give them a `work` of their own)."""
     path = SHARED_DATA / f"{dataset}.npz"
     if not path.exists():
         raise SystemExit(f"{path}: not found (the MedMNIST benchmarks need ../shared/data; see its README)")
     data = load_dataset(DataConfig(source="npz", path=path, max_images=max_images))
     parts = partition(data.labels, n_sites=3, alpha=PARTITIONS[partition_name], seed=0)
-    return build_sites(data, parts, work=work / f"eval-{dataset}-{partition_name}-{max_images}", overrides={})
+    return build_sites(
+        data, parts, work=work / f"eval-{dataset}-{partition_name}-{max_images}", overrides=overrides or {}, stage=stage
+    )
 
 
 def cvae_sites(n_sites: int, *, work: Path, overrides: dict) -> list[dict]:

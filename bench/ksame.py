@@ -58,8 +58,11 @@ from node.site.ingest import load_split
 from node.site.workspace import Workspace
 
 
-def run_site(ws: Workspace, *, ks, images: int, steps: int, batch: int, seeds: int, plan_only: bool) -> dict:
-    """{"real": ..., "plan_k<k>": ..., ["linear_k<k>": ...,] "setup": ...} for one trained site."""
+def run_site(
+    ws: Workspace, *, ks, images: int, steps: int, batch: int, seeds: int, plan_only: bool, audit_test: bool = True
+) -> dict:
+    """{"real": ..., "plan_k<k>": ..., ["linear_k<k>": ...,] "setup": ...} for one trained site;
+    audit_test False skips the audit of the test split (setup's fresh_nonmembers is then None)."""
     t0 = time.time()
     sc = ws.config().synth
     wc, T = sc.walk, sc.walk.points
@@ -88,9 +91,11 @@ def run_site(ws: Workspace, *, ks, images: int, steps: int, batch: int, seeds: i
         print(f"{ws.root.name} k={k}: plan {out[f'plan_k{k}']}", flush=True)
     # the gate's floor at this site's size: real images no model saw (the test split, audit only;
     # nothing is chosen on it) pass or fail as the most private set imaginable would
-    test = load_split(ws, "test")
-    fresh = privacy(test.images, test.labels, None, ws)
-    print(f"{ws.root.name} real unseen images: {fresh}", flush=True)
+    fresh = None
+    if audit_test:
+        test = load_split(ws, "test")
+        fresh = privacy(test.images, test.labels, None, ws)
+        print(f"{ws.root.name} real unseen images: {fresh}", flush=True)
     out["setup"] = {
         "fresh_nonmembers": fresh,
         "workspace": str(ws.root.relative_to(ROOT)) if ws.root.is_relative_to(ROOT) else str(ws.root),

@@ -1,7 +1,7 @@
 import torch
 
 from node.plan.gan import Discriminator, Generator, minibatch_stddev
-from node.plan.gan_training import train_gan
+from node.plan.gan_training import class_balanced_weights, train_gan
 
 KW = dict(z_dim=8, w_dim=8, mapping_layers=2, image_size=16, channels=32)
 
@@ -27,7 +27,7 @@ def test_modulation_is_per_sample():
     assert torch.allclose(both[1:], G.synthesis(w[1:]), atol=1e-5)  # a sample does not depend on its batch mates
 
 
-def _train(steps, state_path, key="k", on_checkpoint=None):
+def _train(steps, state_path, key="k", on_checkpoint=None, sample_weights=None):
     torch.manual_seed(0)
     G, D = Generator(**KW), Discriminator(image_size=16, channels=32)
     real = torch.rand(12, 1, 16, 16) * 2 - 1
@@ -46,6 +46,7 @@ def _train(steps, state_path, key="k", on_checkpoint=None):
         seed=0,
         device=torch.device("cpu"),
         on_checkpoint=on_checkpoint,
+        sample_weights=sample_weights,
     )
 
 
@@ -75,3 +76,21 @@ def test_quality_is_measured_at_every_checkpoint_and_kept_across_a_resume(tmp_pa
     res = _train(6, tmp_path / "q.safetensors", on_checkpoint=mean_pixel)
     assert [q["step"] for q in res.quality] == [2, 4, 6]
     assert len({q["mean"] for q in res.quality}) == 3  # G_ema changed between checkpoints
+
+
+def test_class_balanced_weights_give_every_class_the_same_total():
+    w = class_balanced_weights([0, 0, 0, 1, 2, 2])
+    assert torch.allclose(w, torch.tensor([1 / 3, 1 / 3, 1 / 3, 1, 1 / 2, 1 / 2]))
+    totals = [w[torch.tensor([0, 0, 0, 1, 2, 2]) == c].sum() for c in range(3)]
+    assert torch.allclose(torch.stack(totals), torch.ones(3))
+
+
+def test_sample_weights_decide_what_d_sees():
+    uniform = _train(2, None)
+    # all the weight on one image: D sees another batch, so the models differ from uniform sampling
+    only_first = torch.zeros(12)
+    only_first[0] = 1.0
+    skewed = _train(2, None, sample_weights=only_first)
+    assert any(not torch.equal(a, b) for a, b in zip(uniform.D.state_dict().values(), skewed.D.state_dict().values()))
+    again = _train(2, None, sample_weights=only_first)  # and the draw is seeded like the uniform one
+    assert all(torch.equal(a, b) for a, b in zip(skewed.D.state_dict().values(), again.D.state_dict().values()))

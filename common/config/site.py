@@ -78,6 +78,13 @@ class GanConfig(_Strict):
     r1_gamma: float = Field(0.1, ge=0)
     ema_beta: float = Field(0.99, ge=0, lt=1)
     checkpoint_every: int = Field(500, ge=1)
+    sampling: Literal["uniform", "balanced"] = Field(
+        "uniform",
+        description=(
+            "how D's real batches draw the train images: uniformly, or balanced (every class the same share), so "
+            "that an unconditional G renders a minority class as well as the majority"
+        ),
+    )
 
 
 class ClassifierConfig(_Strict):

@@ -38,6 +38,17 @@ def diff_augment(x: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor
     return torch.where(keep[:, None], x, torch.full_like(x, -1.0))
 
 
+def class_balanced_weights(labels) -> torch.Tensor:
+    """labels int [N] -> weights float [N] that give every class present the same total weight.
+
+    An unconditional GAN learns the classes in the proportions D sees them: at a site whose
+    minority class is a fifth of its images, G renders that class poorly, and the minority's
+    inverted codes and k-same anchors drift towards the majority's look."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    counts = torch.bincount(labels).double()
+    return (1.0 / counts[labels]).float()
+
+
 @dataclass
 class GanResult:
     G: Generator
@@ -66,8 +77,12 @@ def train_gan(
     seed: int,
     device: torch.device,
     on_checkpoint: Callable[[Generator], dict] | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> GanResult:
     """Train G and D on real [N,1,H,W] in [-1,1] for `steps` steps.
+
+    D's real batches draw images uniformly, or, with `sample_weights` [N] (non-negative, any
+    scale), in proportion to them and with replacement (class_balanced_weights).
 
     Every `checkpoint_every` steps the whole training state (G, G_ema, D and both Adam states)
     goes to `state_path`; a state with the same `state_key` (the config and data digest) found
@@ -112,7 +127,10 @@ def train_gan(
     with progress("train GAN", total=steps, completed=start) as update:
         for step in range(start, steps):
             g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            idx = torch.randint(0, len(real), (batch_size,), generator=g).to(device)
+            if sample_weights is None:
+                idx = torch.randint(0, len(real), (batch_size,), generator=g).to(device)
+            else:
+                idx = torch.multinomial(sample_weights, batch_size, replacement=True, generator=g).to(device)
             z = torch.randn(batch_size, G.z_dim, generator=g).to(device)
 
             # generator: non-saturating logistic loss

@@ -15,7 +15,7 @@ from common.fileio import sha256_file
 from node.federation.task import evaluate_classifier, train_classifier
 from node.plan.classifiers import SmallCNN
 from node.plan.gan import Discriminator, Generator
-from node.plan.gan_training import train_gan
+from node.plan.gan_training import class_balanced_weights, train_gan
 from node.plan.quality import generator_quality
 from node.site.checkpoint import config_digest, load_weights, read_sidecar, save_model
 from node.site.device import pick_device
@@ -145,6 +145,7 @@ def train(ws: Workspace) -> None:
         seed=mc.seed,
         device=device,
         on_checkpoint=lambda G_ema: generator_quality(G_ema, phi_class, real, n=n_quality, seed=mc.seed, device=device),
+        sample_weights=class_balanced_weights(train_set.labels) if gc.sampling == "balanced" else None,
     )
     gan_metrics = {
         "loss_G": res.loss_G,
