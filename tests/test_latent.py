@@ -88,3 +88,17 @@ def test_anchor_pairs_skip_a_class_short_of_two_anchors_and_name_the_fix_when_no
     assert (pairs.labels == 0).all() and len(pairs.start) >= 1
     with pytest.raises(ValueError, match=r"synth.k = 4\); that needs at least 8 .*\(the largest has 7\): add patients"):
         anchor_pairs(w, labels, patients.astype(str), k=4, n_paths=4, rng=rng)
+
+
+def test_a_class_too_rare_for_a_path_gets_none_and_is_not_called_short_of_anchors():
+    from node.plan.candidates import anchor_pairs, choose_pairs
+
+    assert choose_pairs(5, 0, rng=np.random.default_rng(0)).shape == (0, 2)
+    # class 1 holds 6 of 66 patients: 2 anchors at k 3, but 1 path in 40 falls to it by its share of
+    # the images at most, and with 4 paths none does
+    patients = np.arange(66)
+    labels = (patients >= 60).astype(int)
+    w = torch.randn(len(patients), 4, generator=torch.Generator().manual_seed(0))
+    pairs = anchor_pairs(w, labels, patients.astype(str), k=3, n_paths=4, rng=np.random.default_rng(0))
+    assert pairs.anchors_per_class == {0: 20, 1: 2} and pairs.classes_skipped == []
+    assert len(pairs.start) == 4 and (pairs.labels == 0).all()

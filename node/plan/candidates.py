@@ -25,7 +25,7 @@ from node.site.pixels import to_uint8
 def choose_pairs(n_anchors: int, n_paths: int, *, rng: np.random.Generator) -> np.ndarray:
     """n_paths (start, end) index pairs [n_paths,2] among n_anchors, start != end: every
     unordered pair once, in random order, before any pair repeats."""
-    if n_anchors < 2:
+    if n_anchors < 2 or n_paths < 1:
         return np.zeros((0, 2), dtype=np.int64)
     i, j = np.triu_indices(n_anchors, k=1)
     pairs = np.stack([i, j], 1)
@@ -89,10 +89,10 @@ def anchor_pairs(
         per_class[int(c)] = len(a)
         all_a.append(a)
         all_y.append(torch.full((len(a),), int(c), dtype=torch.long))
-        pairs = choose_pairs(len(a), int(n_c), rng=rng)
-        if len(pairs) == 0:
+        if len(a) < 2:
             skipped.append(int(c))
             continue
+        pairs = choose_pairs(len(a), int(n_c), rng=rng)
         starts.append(a[pairs[:, 0]])
         ends.append(a[pairs[:, 1]])
         pair_y.append(torch.full((len(pairs),), int(c), dtype=torch.long))

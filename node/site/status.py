@@ -34,6 +34,12 @@ def control_message(report: dict) -> str | None:
     )
 
 
+def audit_headline(audit: dict) -> dict:
+    """The figures of an audit report that `plan-node status` and `audit` lead with."""
+    keys = ("passed", "mia_auc", "mia_auc_upper", "reid_rate", "n_candidates", "n_accepted", "attempt")
+    return {k: audit.get(k) for k in keys}
+
+
 def site_status(ws: Workspace) -> dict:
     stages = {
         entry["stage"]: {"seconds": entry["seconds"], "finished": entry["started"] + entry["seconds"]}
@@ -44,12 +50,7 @@ def site_status(ws: Workspace) -> dict:
     return {
         "site": ws.config().name,
         "stages": stages,
-        "audit": {
-            k: audit.get(k)
-            for k in ("passed", "mia_auc", "mia_auc_upper", "reid_rate", "n_candidates", "n_accepted", "attempt")
-        }
-        if audit
-        else None,
+        "audit": audit_headline(audit) if audit else None,
         "published": read_json(ws.bundles / "published.json"),
         "pool": read_json(ws.pool / "index.json"),
         "local_only": read_json(ws.reports / "local_only.json"),
@@ -75,9 +76,9 @@ def print_audit(ws: Workspace, out: Console) -> bool:
     """The latest audit for `plan-node audit`: its headline figures, each failed check, the control's
     verdict on a failed set (control_message), where the site-only report is.
     Returns whether the set passed."""
-    print(json.dumps(site_status(ws)["audit"], indent=2))
     run = ws.latest_run()
     full = json.loads((ws.synth / run / "audit.json").read_text())
+    print(json.dumps(audit_headline(full), indent=2))
     for c in full.get("checks", []):
         if not c.get("passed"):
             out.print(f"gate: {c.get('message') or c.get('name')}", style="red", markup=False)
