@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from common.config import GanConfig, SiteConfig, commented_yaml
-from common.fileio import atomic_write_text
+from common.fileio import atomic_write_text, sha256_bytes
 from node.plan.candidates import anchor_pairs as anchor_pairs_of
 from node.plan.invert import reconstruction_mse
 from node.plan.synthesize import invert
@@ -64,21 +64,34 @@ class Anchors:
     seconds_invert: float
 
 
-def anchor_pairs(ws: Workspace, *, n_pairs: int, seed: int = 0, k: int | None = None, device: str = "cpu") -> Anchors:
+def anchor_pairs(
+    ws: Workspace,
+    *,
+    n_pairs: int,
+    seed: int = 0,
+    k: int | None = None,
+    phi_class: torch.nn.Module | None = None,
+    device: str = "cpu",
+) -> Anchors:
     """Invert the train split (synth config's steps and lr), k-same per class over patients
     (`k`, default synth.k), and `n_pairs` within-class anchor pairs split over classes by their size, every
-    unordered pair once before any repeats (node.plan.candidates.anchor_pairs)."""
+    unordered pair once before any repeats (node.plan.candidates.anchor_pairs). `phi_class`: another
+    class network than the site's, for the inversion's class features and in the returned Anchors."""
     cfg = ws.config()
     sc = cfg.synth
-    G, phi_id, phi_class, phi_attack = (
+    G, phi_id, site_phi_class, phi_attack = (
         load_model(ws, n, device) for n in ("G_ema", "phi_id", "phi_class", "phi_attack")
     )
+    other = phi_class is not None
+    phi_class = phi_class if other else site_phi_class
     train = load_split(ws, "train")
     target = to_tensor(train.images)
     t0 = time.time()
     # inversion is the slow part of the set-up: cache it per G_ema weights and inversion settings
     weights_sha = read_sidecar(ws.models / "G_ema.safetensors")["weights_sha256"][:16]
     key = f"{weights_sha}-{sc.invert_steps}-{sc.invert_lr}-{sc.invert_perceptual}-{sc.seed}"
+    if other:
+        key += "-phi" + sha256_bytes(b"".join(v.numpy().tobytes() for v in phi_class.state_dict().values()))[:12]
     cache = ws.root / f"bench_w_{key}.npy"
     if cache.exists():
         w = torch.from_numpy(np.load(cache))

@@ -57,19 +57,20 @@ def anchor_agreement(ws: Workspace, net, *, k: int) -> dict[str, float]:
     return {str(int(c)): float((pred[y == c] == c).mean()) for c in np.unique(y)}
 
 
-def choose(rows: dict) -> dict:
-    """The module docstring's rule over {site: {"uniform": plan row, "balanced": plan row}}."""
+def choose(rows: dict, *, base: str, new: str) -> dict:
+    """The module docstring's rule over {site: {base: plan row, new: plan row}}: {base: {"publishing",
+    "balanced_accuracy"}, new: {...}, "adopt": whether `new` wins}."""
     out = {}
-    for s in ("uniform", "balanced"):
+    for s in (base, new):
         out[s] = {
             "publishing": sum(publishes(r[s]) for r in rows.values()),
             "balanced_accuracy": float(np.mean([r[s]["utility"]["balanced-accuracy"]["mean"] for r in rows.values()])),
         }
     adopt = (
-        out["balanced"]["publishing"] >= out["uniform"]["publishing"]
-        and out["balanced"]["balanced_accuracy"] >= out["uniform"]["balanced_accuracy"] + 0.01
+        out[new]["publishing"] >= out[base]["publishing"]
+        and out[new]["balanced_accuracy"] >= out[base]["balanced_accuracy"] + 0.01
     )
-    return {**out, "sampling": "balanced" if adopt else "uniform"}
+    return {**out, "adopt": adopt}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{publishes(r['uniform'])} / {publishes(r['balanced'])}; anchors agree {r['anchor_agreement']}",
                     flush=True,
                 )
-    res["_chosen"] = choose({s: r for s, r in res.items() if not s.startswith("_")})
+    res["_chosen"] = choose({s: r for s, r in res.items() if not s.startswith("_")}, base="uniform", new="balanced")
     res["_meta"] = run_meta("bench.gan_balance", argv)
     atomic_write_json(args.out, res)
     print(f"chosen: {res['_chosen']}")

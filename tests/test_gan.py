@@ -1,7 +1,7 @@
 import torch
 
 from node.plan.gan import Discriminator, Generator, minibatch_stddev
-from node.plan.gan_training import class_balanced_weights, train_gan
+from node.plan.gan_training import train_gan
 
 KW = dict(z_dim=8, w_dim=8, mapping_layers=2, image_size=16, channels=32)
 
@@ -76,13 +76,6 @@ def test_quality_is_measured_at_every_checkpoint_and_kept_across_a_resume(tmp_pa
     res = _train(6, tmp_path / "q.safetensors", on_checkpoint=mean_pixel)
     assert [q["step"] for q in res.quality] == [2, 4, 6]
     assert len({q["mean"] for q in res.quality}) == 3  # G_ema changed between checkpoints
-
-
-def test_class_balanced_weights_give_every_class_the_same_total():
-    w = class_balanced_weights([0, 0, 0, 1, 2, 2])
-    assert torch.allclose(w, torch.tensor([1 / 3, 1 / 3, 1 / 3, 1, 1 / 2, 1 / 2]))
-    totals = [w[torch.tensor([0, 0, 0, 1, 2, 2]) == c].sum() for c in range(3)]
-    assert torch.allclose(torch.stack(totals), torch.ones(3))
 
 
 def test_sample_weights_decide_what_d_sees():

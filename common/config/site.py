@@ -103,6 +103,13 @@ class ClassifierConfig(_Strict):
     )
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
+    class_weighting: Literal["none", "balanced"] = Field(
+        "none",
+        description=(
+            "phi_class's loss per class: none, or balanced (every class the same total weight), so that the walk's "
+            "class term and the inversion's class features know a minority class"
+        ),
+    )
     id_augment: Literal["light", "strong"] = Field(
         "strong",
         description=(

@@ -38,17 +38,6 @@ def diff_augment(x: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor
     return torch.where(keep[:, None], x, torch.full_like(x, -1.0))
 
 
-def class_balanced_weights(labels) -> torch.Tensor:
-    """labels int [N] -> weights float [N] that give every class present the same total weight.
-
-    An unconditional GAN learns the classes in the proportions D sees them: at a site whose
-    minority class is a fifth of its images, G renders that class poorly, and the minority's
-    inverted codes and k-same anchors drift towards the majority's look."""
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    counts = torch.bincount(labels).double()
-    return (1.0 / counts[labels]).float()
-
-
 @dataclass
 class GanResult:
     G: Generator
@@ -82,7 +71,9 @@ def train_gan(
     """Train G and D on real [N,1,H,W] in [-1,1] for `steps` steps.
 
     D's real batches draw images uniformly, or, with `sample_weights` [N] (non-negative, any
-    scale), in proportion to them and with replacement (class_balanced_weights).
+    scale), in proportion to them and with replacement: an unconditional G learns the classes in
+    the proportions D sees them, so weights that balance the classes let it render a minority class
+    as well as the majority.
 
     Every `checkpoint_every` steps the whole training state (G, G_ema, D and both Adam states)
     goes to `state_path`; a state with the same `state_key` (the config and data digest) found

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from common.fileio import sha256_file
-from node.federation.task import evaluate_classifier, train_classifier
+from node.federation.task import balanced_class_weights, evaluate_classifier, train_classifier
 from node.plan.classifiers import SmallCNN
 from node.plan.gan import Discriminator, Generator
-from node.plan.gan_training import class_balanced_weights, train_gan
+from node.plan.gan_training import train_gan
 from node.plan.quality import generator_quality
 from node.site.checkpoint import config_digest, load_weights, read_sidecar, save_model
 from node.site.device import pick_device
@@ -50,8 +50,19 @@ def new_gan(gc, *, image_size: int, seed: int) -> tuple[Generator, Discriminator
     return _seeded(seed, lambda: Generator(**g)), _seeded(seed + 1, lambda: Discriminator(**d))
 
 
-def _train_classifier_model(
-    n_out: int, images, labels, *, width: int, image_size: int, cc, epochs: int, augment: str, seed: int, device
+def train_small_cnn(
+    n_out: int,
+    images,
+    labels,
+    *,
+    width: int,
+    image_size: int,
+    cc,
+    epochs: int,
+    augment: str,
+    seed: int,
+    device,
+    class_weights: torch.Tensor | None = None,
 ) -> tuple[SmallCNN, dict]:
     kwargs = {"n_out": n_out, "width": width, "image_size": image_size}
     model = _seeded(seed, lambda: SmallCNN(n_out, width=width, image_size=image_size))
@@ -65,6 +76,7 @@ def _train_classifier_model(
         device=device,
         seed=seed,
         augment=augment,
+        class_weights=class_weights,
     )
     ev = evaluate_classifier(model, images, labels, device=device)
     return model, {
@@ -104,8 +116,12 @@ def train(ws: Workspace) -> None:
         # (node.federation.task "wide"): its features are one more copy-detection space (docs/DESIGN.md 3.5)
         ("phi_attack_wide", len(identities), id_labels, cc.attacker_width, cc.id_epochs, "wide", mc.seed + 5),
     )
+    # phi_class may weigh its classes alike: trained plainly at a site whose minority is a fifth of its
+    # images it can learn little but the majority, and then the walk's class term and the inversion's
+    # class features say little about the minority
+    class_weights = balanced_class_weights(train_set.labels, n_classes) if cc.class_weighting == "balanced" else None
     for name, n_out, labels, width, epochs, augment, seed in jobs:
-        model, info = _train_classifier_model(
+        model, info = train_small_cnn(
             n_out,
             train_set.images,
             labels,
@@ -116,6 +132,7 @@ def train(ws: Workspace) -> None:
             augment=augment,
             seed=seed,
             device=device,
+            class_weights=class_weights if name == "phi_class" else None,
         )
         extra = {"identities": identities.tolist()} if name != "phi_class" else {}
         save_model(
@@ -126,7 +143,7 @@ def train(ws: Workspace) -> None:
         if name == "phi_class":
             phi_class = model
 
-    real = to_tensor(train_set.images)
+    real, real_y = to_tensor(train_set.images), torch.as_tensor(train_set.labels, dtype=torch.long)
     n_quality = max(256, len(train_set))
     g_kwargs, d_kwargs = gan_kwargs(gc, image_size=image_size)
     G, D = new_gan(gc, image_size=image_size, seed=mc.seed)
@@ -145,7 +162,7 @@ def train(ws: Workspace) -> None:
         seed=mc.seed,
         device=device,
         on_checkpoint=lambda G_ema: generator_quality(G_ema, phi_class, real, n=n_quality, seed=mc.seed, device=device),
-        sample_weights=class_balanced_weights(train_set.labels) if gc.sampling == "balanced" else None,
+        sample_weights=None if gc.sampling == "uniform" else balanced_class_weights(real_y, n_classes)[real_y],
     )
     gan_metrics = {
         "loss_G": res.loss_G,
