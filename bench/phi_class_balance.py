@@ -7,13 +7,14 @@ term (CE of phi_class on each path image) and the inversion's class features (in
 are then no guide for the minority's paths.
 
 `models.classifier.class_weighting: balanced` trains phi_class with every class the same total
-weight (node.federation.task.balanced_class_weights). This trains that phi_class beside each of the
-twelve table sites' own models (the same cached sites, G and networks as bench.ksame's k-8 rows in
-bench/results/ksame_table.json and ksame_table_dirichlet.json; the same seed, epochs and width; only
-the weighting differs), inverts the train split with it, and runs exactly what bench.ksame ran at
-k 8 (the same anchor-pair draw, the site's walk with the new phi_class, 240 images): the PLAN
-set's validation utility (the holdout split; 300 steps at batch 32, 3 seeds) and the site's full
-audit. Beside it, not used to choose: each phi_class's recall of every class on the validation split.
+weight (node.federation.task.balanced_class_weights). bench/gan_balance.py moved the GAN to balanced
+sampling first, so this runs on top of that: beside each of the twelve table sites it trained
+(bench/work/gan-balanced; balanced G, plain phi_class; the same seed, epochs and width), it trains a
+balanced phi_class, inverts the train split with it, and runs exactly what bench.gan_balance ran at
+k 8 (the same anchor-pair draw, the site's walk with the new phi_class, 240 images; its "balanced"
+rows in bench/results/gan_balance.json are the baseline): the PLAN set's validation utility (the
+holdout split; 300 steps at batch 32, 3 seeds) and the site's full audit. Beside it, not used to
+choose: each phi_class's recall of every class on the validation split.
 
 The rule, fixed before the run (the same as bench/gan_balance.py's): balanced becomes the default
 when its PLAN sets publish (pass the gate keeping at least 80% of the candidates) on at least as
@@ -72,18 +73,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "breastmnist"])
     ap.add_argument("--partitions", nargs="+", default=list(BASELINES), choices=list(BASELINES))
-    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--k", type=int, default=8, help="the baseline's k (bench.gan_balance ran k 8)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "phi_class_balance.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     res: dict = {}
     for part in args.partitions:
-        base = json.loads((ROOT / "bench" / "results" / BASELINES[part]).read_text())
+        base = json.loads((ROOT / "bench" / "results" / "gan_balance.json").read_text())
         for name in args.datasets:
             for i in range(3):
                 key = f"{name}/site{i}"
-                ws = Workspace(WORK / f"eval-{name}-{part}-1200" / f"site{i}")
+                ws = Workspace(WORK / "gan-balanced" / f"eval-{name}-{part}-1200" / f"site{i}")
                 train, val = load_split(ws, "train"), load_split(ws, "holdout")
                 n_classes = int(max(val.labels.max(), train.labels.max()) + 1)
                 phi = balanced_phi_class(ws, train, n_classes)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
                 path_y, path_id = a.labels.numpy().repeat(T - 2), np.arange(len(a.start)).repeat(T - 2)
                 imgs = render_interior(a.G, walk_pairs(a, ws.config().synth.walk).paths)
                 res[f"{part}/{key}"] = {
-                    "none": base[key][f"plan_k{args.k}"],
+                    "none": base[f"{part}/{key}"]["balanced"],
                     "balanced": {
                         "k": args.k,
                         "anchors": int(len(a.anchor_codes)),
