@@ -49,12 +49,17 @@ OVERRIDES = {"models": {"gan": {"sampling": "balanced"}}}
 
 
 @torch.no_grad()
+def per_class_recall(net, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """{class: share of `images` (uint8 [N,H,W]) of that class that `net` gives their own class}."""
+    pred = net(to_tensor(images)).argmax(1).numpy()
+    return {str(int(c)): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
+
+
+@torch.no_grad()
 def anchor_agreement(ws: Workspace, net, *, k: int) -> dict[str, float]:
-    """{class: share of the site's k-same anchors (rendered) that `net` gives their own class}."""
+    """per_class_recall of `net` on the site's k-same anchors, rendered."""
     a = anchor_pairs(ws, n_pairs=1, k=k)
-    pred = net(to_tensor(render(a.G, a.anchor_codes, device="cpu"))).argmax(1).numpy()
-    y = a.anchor_labels.numpy()
-    return {str(int(c)): float((pred[y == c] == c).mean()) for c in np.unique(y)}
+    return per_class_recall(net, render(a.G, a.anchor_codes, device="cpu"), a.anchor_labels.numpy())
 
 
 def choose(rows: dict, *, base: str, new: str) -> dict:

@@ -34,12 +34,11 @@ import torch
 
 from bench._site import ROOT, WORK, anchor_pairs, run_meta, walk_pairs
 from bench.frontier import privacy, publishes, render_interior, utility
-from bench.gan_balance import BASELINES, choose
+from bench.gan_balance import BASELINES, choose, per_class_recall
 from common.fileio import atomic_write_json
 from node.federation.task import balanced_class_weights
 from node.plan.train import load_model, train_small_cnn
 from node.site.ingest import load_split
-from node.site.pixels import to_tensor
 from node.site.workspace import Workspace
 
 
@@ -61,12 +60,6 @@ def balanced_phi_class(ws: Workspace, train, n_classes: int):
         class_weights=balanced_class_weights(train.labels, n_classes),
     )
     return model.eval()
-
-
-@torch.no_grad()
-def recall(net, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    pred = net(to_tensor(images)).argmax(1).numpy()
-    return {str(int(c)): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -103,8 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "privacy": privacy(imgs, path_y, path_id, ws),
                     },
                     "phi_class_recall": {
-                        "none": recall(load_model(ws, "phi_class", "cpu"), val.images, val.labels),
-                        "balanced": recall(phi, val.images, val.labels),
+                        "none": per_class_recall(load_model(ws, "phi_class", "cpu"), val.images, val.labels),
+                        "balanced": per_class_recall(phi, val.images, val.labels),
                     },
                 }
                 r = res[f"{part}/{key}"]
