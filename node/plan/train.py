@@ -64,6 +64,9 @@ def train_small_cnn(
     device,
     class_weights: torch.Tensor | None = None,
 ) -> tuple[SmallCNN, dict]:
+    """A seeded SmallCNN trained on images uint8 [N,H,W] for labels int [N] (n_out classes or
+    identities) with the classifier config `cc`'s lr and batch size; `class_weights` [n_out] weigh
+    the loss per class. Returns (model, {"kwargs", "metrics"}) for its sidecar."""
     kwargs = {"n_out": n_out, "width": width, "image_size": image_size}
     model = _seeded(seed, lambda: SmallCNN(n_out, width=width, image_size=image_size))
     loss = train_classifier(
