@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     res: dict = {}
+    base = json.loads((ROOT / "bench" / "results" / "gan_balance.json").read_text())
     for part in args.partitions:
-        base = json.loads((ROOT / "bench" / "results" / "gan_balance.json").read_text())
         for name in args.datasets:
             for i in range(3):
                 key = f"{name}/site{i}"
