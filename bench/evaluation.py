@@ -385,6 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, help="default: bench/results/evaluation.json (--quick: evaluation_quick.json)")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="rerun only these (merged into --out)")
     args = ap.parse_args(argv)
+    args.work = args.work.resolve()  # a site's config names its .npz by this path, read from the site's own folder
     if args.quick:
         args.datasets, args.partitions, args.max_images, args.seeds = args.datasets[:1], ["dirichlet0.5"], 600, 1
     if args.out is None:  # a quick run never overwrites the full table
