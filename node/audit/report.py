@@ -101,10 +101,7 @@ def png_data_uri(img: np.ndarray, *, scale: int = 3) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def render(report: dict, details: dict, *, images: tuple[np.ndarray, np.ndarray] | None) -> str:
-    """The report as one HTML string. `images`: (candidates uint8 [S,H,W], train [N,H,W]) for the
-    closest-pair grids; None for embeddings, which have no picture."""
-    passed = report.get("passed")
+def _gate_rows(report: dict) -> str:
     rows = []
     for c in report.get("checks", []):
         ok = c["passed"]
@@ -113,9 +110,11 @@ def render(report: dict, details: dict, *, images: tuple[np.ndarray, np.ndarray]
             f"<td>{c['kind']} {_fmt(c['threshold'], 4)}</td><td>{'pass' if ok else 'FAIL'}</td>"
             f"<td>{html.escape(c.get('message') or '')}</td></tr>"
         )
-    att_rows = []
-    for space, m in (report.get("membership") or {}).items():
-        att_rows.append((f"black-box nearest neighbour ({space})", m))
+    return "".join(rows)
+
+
+def _attack_rows(report: dict) -> str:
+    att_rows = [(f"black-box nearest neighbour ({space})", m) for space, m in (report.get("membership") or {}).items()]
     for name, a in (report.get("attacks") or {}).items():
         label = {
             "density_ratio": "density ratio, DOMIAS (attacker embedding)",
@@ -123,26 +122,34 @@ def render(report: dict, details: dict, *, images: tuple[np.ndarray, np.ndarray]
             "discriminator": "GAN discriminator, LOGAN (white-box, not gated)",
         }.get(name, name)
         att_rows.append((label, a))
-    att_html = "".join(
+    return "".join(
         f"<tr><td>{html.escape(lbl)}</td><td>{_fmt(m.get('auc'))}{_ci(m.get('auc_ci'))}"
         f"{' (degenerate: all scores equal)' if m.get('degenerate') else ''}</td>"
         f"<td>{_fmt(m.get('tpr_at_1pct_fpr'))}{_ci(m.get('tpr_at_1pct_fpr_ci'))}</td>"
         f"<td>{_fmt(m.get('tpr_at_0.1pct_fpr'))}{_ci(m.get('tpr_at_0.1pct_fpr_ci'))}</td></tr>"
         for lbl, m in att_rows
     )
-    nr_html = "".join(
+
+
+def _nearest_rows(report: dict) -> str:
+    return "".join(
         f"<tr><td>{html.escape(space)}</td><td>{_fmt(n.get('closer_to_train'))}{_ci(n.get('closer_to_train_ci'))}</td>"
         f"<td>{_fmt(n.get('mean_min_train'))}{_ci(n.get('mean_min_train_ci'))}</td><td>{_fmt(n.get('min_train'))}</td>"
         f"<td>{_fmt(n.get('mean_min_holdout'))}</td></tr>"
         for space, n in (report.get("nearest_record") or {}).items()
     )
-    reid_html = "".join(
+
+
+def _reid_rows(report: dict) -> str:
+    return "".join(
         f"<tr><td>{html.escape(k)}</td><td>{_fmt(r.get('rate'))}{_ci(r.get('rate_ci'))}</td>"
         f"<td>{_fmt(r.get('threshold'))}</td></tr>"
         for k, r in (report.get("reid") or {}).items()
     )
-    curves = {f"bb {k}": m.get("roc", {}) for k, m in (report.get("membership") or {}).items()}
-    curves.update({k: a.get("roc", {}) for k, a in (report.get("attacks") or {}).items()})
+
+
+def _distance_figures(details: dict, images: tuple[np.ndarray, np.ndarray] | None) -> tuple[str, str]:
+    """(the distance histograms of every space, the closest-pairs section; "" without images)."""
     hists, grids = [], []
     for space, d in details.items():
         if not isinstance(d, dict) or "d_s_train" not in d:
@@ -167,26 +174,29 @@ def render(report: dict, details: dict, *, images: tuple[np.ndarray, np.ndarray]
                 for s, t, dist in d["closest"]
             )
             grids.append(f"<h3>{html.escape(space)}</h3><div class=grid>{cells}</div>")
+    if not grids:
+        return "".join(hists), ""
     closest = (
-        (
-            "<h2>Closest released / train pairs</h2>"
-            "<p>Each pair: released sample (left), its nearest train image (right).</p>" + "".join(grids)
-        )
-        if grids
-        else ""
+        "<h2>Closest released / train pairs</h2>"
+        "<p>Each pair: released sample (left), its nearest train image (right).</p>" + "".join(grids)
     )
+    return "".join(hists), closest
+
+
+def _attempt(report: dict) -> str:
     att = report.get("attempt") or {}
-    attempt_html = (
-        (
-            f"<p>Attempt {att.get('number')} on this training data; {att.get('failed_before')} earlier attempt(s) "
-            f"failed (policy allows {att.get('max_attempts')} before a new seed and a note are needed); "
-            f"synthesis seed {att.get('seed')}"
-            + (f"; note: {html.escape(str(att['note']))}" if att.get("note") else "")
-            + ".</p>"
-        )
-        if att
-        else ""
+    if not att:
+        return ""
+    return (
+        f"<p>Attempt {att.get('number')} on this training data; {att.get('failed_before')} earlier attempt(s) "
+        f"failed (policy allows {att.get('max_attempts')} before a new seed and a note are needed); "
+        f"synthesis seed {att.get('seed')}"
+        + (f"; note: {html.escape(str(att['note']))}" if att.get("note") else "")
+        + ".</p>"
     )
+
+
+def _filter_section(report: dict) -> str:
     cal = report.get("calibration") or {}
     drop = report.get("dropped") or {}
     filt_rows = "".join(
@@ -195,9 +205,7 @@ def render(report: dict, details: dict, *, images: tuple[np.ndarray, np.ndarray]
         for k, n in (drop.get("copy") or {}).items()
     )
     # a backslash at the end of a line inside these templates joins it to the next: no newline in the HTML
-    control = control_message(report)
-    control_html = f"<p class=warn>{html.escape(control)}</p>\n" if control else ""
-    filter_html = f"""<h2>Per-sample filter</h2><p>{report.get("n_distinct")} distinct of \
+    return f"""<h2>Per-sample filter</h2><p>{report.get("n_distinct")} distinct of \
 {report.get("n_candidates")} candidates
 ({drop.get("duplicate")} duplicates removed); \
 {report.get("n_accepted")} accepted from {report.get("n_paths")} paths. Thresholds come
@@ -214,6 +222,17 @@ image as a copy (near-duplicates across patients in the data).</p>
 <tr><td>re-identified by the attacker</td><td>{drop.get("reidentified_attacker")}</td>\
 <td>{_fmt(cal.get("reid_threshold_attacker"), 4)}</td><td></td></tr>
 </table>"""
+
+
+def render(report: dict, details: dict, *, images: tuple[np.ndarray, np.ndarray] | None) -> str:
+    """The report as one HTML string. `images`: (candidates uint8 [S,H,W], train [N,H,W]) for the
+    closest-pair grids; None for embeddings, which have no picture."""
+    passed = report.get("passed")
+    curves = {f"bb {k}": m.get("roc", {}) for k, m in (report.get("membership") or {}).items()}
+    curves.update({k: a.get("roc", {}) for k, a in (report.get("attacks") or {}).items()})
+    hists, closest = _distance_figures(details, images)
+    control = control_message(report)
+    control_html = f"<p class=warn>{html.escape(control)}</p>\n" if control else ""
     lp = report.get("lpips") or {}
     lp_note = (
         ""
@@ -238,21 +257,21 @@ train {report.get("n_train")} records, holdout evaluation half {report.get("n_ho
 brackets ({html.escape(str((report.get("bootstrap") or {}).get("unit")))}); \
 the gate judges each estimate at its unfavourable end.
 This report shows real patient images: it must stay at the site.</p>
-{attempt_html}{lp_note}
+{_attempt(report)}{lp_note}
 <h2>Release gate</h2><table><tr><th>check</th><th>value</th><th>policy</th><th></th><th>by how much</th></tr>\
-{"".join(rows)}</table>
-{filter_html}
+{_gate_rows(report)}</table>
+{_filter_section(report)}
 <h2>Membership attacks on the released set</h2><p>AUC 0.5 is ideal (the attacker guesses).</p>
-<table><tr><th>attack</th><th>AUC</th><th>TPR at 1% FPR</th><th>TPR at 0.1% FPR</th></tr>{att_html}</table>
+<table><tr><th>attack</th><th>AUC</th><th>TPR at 1% FPR</th><th>TPR at 0.1% FPR</th></tr>{_attack_rows(report)}</table>
 {svg_roc(curves)}
 <h2>Nearest records</h2><p>Share of released samples nearer a train than a holdout record (0.5 is ideal), \
 mean and smallest distance to train.</p>
 <table><tr><th>space</th><th>closer to train</th><th>mean min to train</th><th>min to train</th>\
-<th>mean min to holdout</th></tr>{nr_html}</table>
-{"".join(hists)}
+<th>mean min to holdout</th></tr>{_nearest_rows(report)}</table>
+{hists}
 <h2>Re-identification</h2><p>Share of released samples whose top identity probability exceeds the 95th percentile \
 on holdout images (0.05 is what unrelated images score).</p>
-<table><tr><th>network</th><th>re-id rate</th><th>threshold</th></tr>{reid_html}</table>
+<table><tr><th>network</th><th>re-id rate</th><th>threshold</th></tr>{_reid_rows(report)}</table>
 {closest}
 </body></html>"""
 
