@@ -109,6 +109,93 @@ def _batch(b: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return b  # `_Rows.__getitems__` already returns the batch
 
 
+def _checked(
+    x: np.ndarray, y: np.ndarray, groups: np.ndarray | None, *, n_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x float32 [N,D], y int64 [N] in [0, n_classes) and patient ids [N] (None: one per record),
+    or a ValueError that says which of them is off."""
+    x = np.asarray(x, dtype=np.float32)
+    y = np.asarray(y).astype(np.int64)
+    if x.ndim != 2 or y.shape != (len(x),):
+        raise ValueError(f"expected x [N,D] and y [N], got {x.shape} and {y.shape}")
+    if len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"labels must lie in [0, {n_classes}), got {y.min()}..{y.max()}")
+    groups = np.arange(len(x)) if groups is None else np.asarray(groups)
+    if groups.shape != (len(x),):
+        raise ValueError(f"expected one patient id per record, got groups {groups.shape} for x {x.shape}")
+    return x, y, groups
+
+
+def _new_model(d_in: int, n_classes: int, *, cfg: CvaeConfig, init: CVAE | None, device: torch.device) -> CVAE:
+    """A fresh CVAE from the global RNG, or a copy of `init` (which must fit d_in and n_classes)."""
+    if init is None:
+        return CVAE(d_in, n_classes, hidden=cfg.hidden, latent=cfg.latent_dim).to(device)
+    if (init.d_in, init.n_classes) != (d_in, n_classes):
+        raise ValueError(
+            f"init CVAE is for D={init.d_in}, {init.n_classes} classes; the data has D={d_in}, {n_classes} classes"
+        )
+    return copy.deepcopy(init).to(device).train()  # Opacus wraps only a model in training mode
+
+
+@dataclass
+class _Fit:
+    history: list[dict]  # per epoch: epoch, train_loss, val_loss (None without a validation split)
+    best_val: float  # inf when nothing was compared
+    best_epoch: int  # 0 when nothing was compared
+    best_state: dict | None  # the best epoch's weights; None when nothing was compared
+    steps: int  # optimiser steps taken
+    epochs: int  # epochs run
+
+
+def _run_epochs(
+    train_model: nn.Module,
+    model: CVAE,
+    opt: torch.optim.Optimizer,
+    criterion: nn.Module,
+    loader: DataLoader,
+    *,
+    n_epochs: int,
+    beta: float,
+    val: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    patience: int | None,
+    device: torch.device,
+) -> _Fit:
+    """Up to n_epochs epochs of `train_model` (the model, or Opacus' wrapper of it) over `loader`.
+    val: (scaled records [V,D], one-hot classes [V,C], fixed noise [V,latent]) whose loss `model` is
+    scored on after each epoch; with `patience`, training stops once that many epochs in a row have
+    not improved on the best, whose weights are kept in the result (the caller restores them)."""
+    fit = _Fit(history=[], best_val=float("inf"), best_epoch=0, best_state=None, steps=0, epochs=0)
+    stale = 0
+    with progress("train CVAE", total=n_epochs) as update:
+        for epoch in range(1, n_epochs + 1):
+            fit.epochs = epoch
+            train_model.train()
+            total, n = 0.0, 0
+            for xb, cb in loader:
+                xb, cb = xb.to(device), cb.to(device)
+                recon, mu, logvar = train_model(xb, cb)
+                loss = criterion(recon, xb, mu, logvar)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                fit.steps += 1
+                with torch.no_grad():
+                    total, n = total + float(cvae_loss(recon, xb, mu, logvar, beta=beta).sum()), n + len(xb)
+            val_loss = eval_loss(model, *val, beta) if val is not None else None
+            fit.history.append({"epoch": epoch, "train_loss": total / max(1, n), "val_loss": val_loss})
+            update(1, info=f"loss {fit.history[-1]['train_loss']:.4f}")
+            if val_loss is None or patience is None:  # no validation split, or a fixed number of epochs
+                continue
+            if val_loss < fit.best_val - _MIN_REL_IMPROVEMENT * abs(fit.best_val) or fit.best_state is None:
+                fit.best_val, fit.best_epoch, stale = val_loss, epoch, 0
+                fit.best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+                if stale >= patience:
+                    break
+    return fit
+
+
 def train_cvae(
     x: np.ndarray,
     y: np.ndarray,
@@ -167,15 +254,7 @@ def train_cvae(
     """
     if not cfg.dp and (dp_plan_epochs is not None or dp_history):
         raise ValueError("train_cvae: dp_plan_epochs and dp_history are for training with dp")
-    x = np.asarray(x, dtype=np.float32)
-    y = np.asarray(y).astype(np.int64)
-    if x.ndim != 2 or y.shape != (len(x),):
-        raise ValueError(f"expected x [N,D] and y [N], got {x.shape} and {y.shape}")
-    if len(y) and (y.min() < 0 or y.max() >= n_classes):
-        raise ValueError(f"labels must lie in [0, {n_classes}), got {y.min()}..{y.max()}")
-    groups = np.arange(len(x)) if groups is None else np.asarray(groups)
-    if groups.shape != (len(x),):
-        raise ValueError(f"expected one patient id per record, got groups {groups.shape} for x {x.shape}")
+    x, y, groups = _checked(x, y, groups, n_classes=n_classes)
     device = torch.device(device)
     use_val = not cfg.dp or cfg.dp_early_stopping
     n_epochs = cfg.max_epochs if epochs is None else int(epochs)
@@ -207,15 +286,7 @@ def train_cvae(
         for msg in ("Secure RNG turned off", "Optimal order is the largest alpha", "Full backward hook is firing"):
             warnings.filterwarnings("ignore", message=msg)
         torch.manual_seed(seed)
-        if init is not None:
-            if (init.d_in, init.n_classes) != (x.shape[1], n_classes):
-                raise ValueError(
-                    f"init CVAE is for D={init.d_in}, {init.n_classes} classes; "
-                    f"the data has D={x.shape[1]}, {n_classes} classes"
-                )
-            model = copy.deepcopy(init).to(device).train()  # Opacus wraps only a model in training mode
-        else:
-            model = CVAE(x.shape[1], n_classes, hidden=cfg.hidden, latent=cfg.latent_dim).to(device)
+        model = _new_model(x.shape[1], n_classes, cfg=cfg, init=init, device=device)
         latent = model.latent
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         batch_size = cfg.batch_size or min(512, max(16, len(tr) // 8))
@@ -257,46 +328,26 @@ def train_cvae(
                 history=dp_history,
             )
             info.update(dp_info)
-        history: list[dict] = []
-        best_val, best_epoch, best_state, stale, steps = float("inf"), 0, None, 0, 0
-        epoch = 0
-        with progress("train CVAE", total=n_epochs) as update:
-            for epoch in range(1, n_epochs + 1):
-                train_model.train()
-                total, n = 0.0, 0
-                for xb, cb in loader:
-                    xb, cb = xb.to(device), cb.to(device)
-                    recon, mu, logvar = train_model(xb, cb)
-                    loss = criterion(recon, xb, mu, logvar)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    steps += 1
-                    with torch.no_grad():
-                        total, n = total + float(cvae_loss(recon, xb, mu, logvar, beta=cfg.beta).sum()), n + len(xb)
-                val = eval_loss(model, x_val, c_val, eps_val, cfg.beta) if use_val else None
-                history.append({"epoch": epoch, "train_loss": total / max(1, n), "val_loss": val})
-                update(1, info=f"loss {history[-1]['train_loss']:.4f}")
-                if val is None or epochs is not None:  # no validation split, or a fixed number of epochs
-                    continue
-                if val < best_val - _MIN_REL_IMPROVEMENT * abs(best_val) or best_state is None:
-                    best_val, best_epoch, stale = val, epoch, 0
-                    best_state = copy.deepcopy(model.state_dict())
-                else:
-                    stale += 1
-                    if stale >= cfg.patience:
-                        break
-
+        fit = _run_epochs(
+            train_model,
+            model,
+            opt,
+            criterion,
+            loader,
+            n_epochs=n_epochs,
+            beta=cfg.beta,
+            val=(x_val, c_val, eps_val) if use_val else None,
+            patience=cfg.patience if epochs is None else None,
+            device=device,
+        )
         rec_spent = None
         if cfg.dp:
             rec_spent = float(engine.accountant.get_epsilon(plan.sgd_record[1]))
             info["dp_history"] = [[float(sig), float(q), int(n)] for sig, q, n in engine.accountant.history]
             train_model.remove_hooks()  # the bare `model` shares its parameters; drop Opacus' hooks
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        else:
-            best_epoch = epoch
-    info["steps"] = steps
+        if fit.best_state is not None:
+            model.load_state_dict(fit.best_state)
+    info["steps"] = fit.steps
     model.eval()
     epsilon = delta = None
     if cfg.dp:
@@ -319,10 +370,10 @@ def train_cvae(
         model=model,
         lo=lo.to(device),
         hi=hi.to(device),
-        epochs_trained=epoch,
-        best_epoch=best_epoch,
-        best_val_loss=(best_val if epochs is None else history[-1]["val_loss"]) if use_val else None,
-        history=history,
+        epochs_trained=fit.epochs,
+        best_epoch=fit.best_epoch if fit.best_state is not None else fit.epochs,
+        best_val_loss=(fit.best_val if epochs is None else fit.history[-1]["val_loss"]) if use_val else None,
+        history=fit.history,
         epsilon=epsilon,
         delta=delta,
         info=info,
