@@ -187,6 +187,7 @@ def walk_pairs(a: Anchors, wc, *, weight_identity: float | None = None, points: 
         weight_identity=wc.weight_identity if weight_identity is None else weight_identity,
         weight_smooth=wc.weight_smooth,
         weight_class=wc.weight_class,
+        class_shift=wc.class_shift,
         device=device,
     )
 

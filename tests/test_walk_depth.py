@@ -7,7 +7,7 @@ from bench.walk_reference import reference_objective, reference_walk
 from node.plan.classifiers import SmallCNN
 from node.plan.gan import Generator
 from node.plan.quality import frechet_distance, generator_quality
-from node.plan.walk import linear_paths, path_loss, plan_paths
+from node.plan.walk import linear_paths, path_loss, plan_paths, shifted_views
 
 
 @pytest.fixture(autouse=True)
@@ -104,3 +104,37 @@ def test_generator_quality_reports_balance_and_distance():
     assert len(q["class_balance"]) == 2 and abs(sum(q["class_balance"]) - 1) < 1e-3
     assert q["fd_phi_class"] >= 0 and q["n_generated"] == 64
     assert q == generator_quality(G, phi_class, real, n=64, seed=0, device="cpu")  # deterministic per seed
+
+
+def test_shifted_views_move_the_image_by_whole_pixels():
+    img = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).reshape(2, 1, 6, 6)
+    views = shifted_views(img, 2)
+    assert views.shape == (10, 1, 6, 6)
+    assert torch.equal(views[:2], img)
+    right, left, down, up = (views[2 * v : 2 * v + 2] for v in range(1, 5))
+    assert torch.equal(right[..., 2:], img[..., :-2]) and torch.equal(right[..., 0], img[..., 0])
+    assert torch.equal(left[..., :-2], img[..., 2:])
+    assert torch.equal(down[..., 2:, :], img[..., :-2, :]) and torch.equal(up[..., :-2, :], img[..., 2:, :])
+    assert shifted_views(img, 0) is img
+
+
+def test_class_shift_averages_the_class_term_over_the_shifted_views():
+    G, phi_id, phi_class = _models()
+    paths = linear_paths(torch.randn(2, 8), torch.randn(2, 8), points=5)
+    labels = torch.tensor([0, 1])
+    w = dict(weight_identity=1.0, weight_smooth=1.0, weight_class=1.0)
+    with torch.no_grad():
+        plain, t0 = path_loss(G, phi_id, phi_class, paths, labels, **w)
+        shifted, t2 = path_loss(G, phi_id, phi_class, paths, labels, class_shift=0.25, **w)  # 2 of 8 px
+        views = shifted_views(G.synthesis(paths[:, 1:-1].reshape(-1, 8)), 2).reshape(5, 2, 3, 1, 8, 8)
+        by_hand = torch.stack(
+            [
+                torch.nn.functional.cross_entropy(phi_class(views[v, p]), labels[p].repeat(3))
+                for v in range(5)
+                for p in range(2)
+            ]
+        ).reshape(5, 2)
+    assert torch.allclose(t2["class"], by_hand.mean(0), atol=1e-6)
+    assert torch.allclose(t2["identity"], t0["identity"]) and torch.allclose(t2["smooth"], t0["smooth"])
+    assert not torch.allclose(t2["class"], t0["class"])
+    assert torch.allclose(shifted - plain, t2["class"] - t0["class"], atol=1e-6)

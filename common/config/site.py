@@ -156,6 +156,16 @@ class WalkConfig(_Strict):
     )
     weight_smooth: float = Field(1.0, ge=0)
     weight_class: float = Field(1.0, ge=0)
+    class_shift: float = Field(
+        0.0,
+        ge=0,
+        le=0.25,
+        description=(
+            "a share of the image side: the class term averages phi_class's loss over each image and its copies "
+            "moved this far right, left, down and up (whole pixels), so the walk cannot keep a path in its class "
+            "with a pattern only phi_class reads; 0: the image alone"
+        ),
+    )
 
 
 class SynthConfig(_Strict):

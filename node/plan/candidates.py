@@ -159,6 +159,7 @@ def plan_candidates(
             weight_identity=walk.weight_identity,
             weight_smooth=walk.weight_smooth,
             weight_class=walk.weight_class,
+            class_shift=walk.class_shift,
             device=device,
         )
         paths = res.paths

@@ -28,6 +28,18 @@ class WalkResult:
     iters: int  # optimiser steps taken
 
 
+def shifted_views(img: torch.Tensor, shift: int) -> torch.Tensor:
+    """img [B,C,H,W] -> [5B,C,H,W]: the images, then the same moved `shift` pixels right, left,
+    down and up (the border repeated into the gap), view by view; shift 0 -> img itself."""
+    if shift == 0:
+        return img
+    H, W = img.shape[-2:]
+    s = shift
+    padded = F.pad(img, (s, s, s, s), mode="replicate")
+    corners = [(s, s), (s, 0), (s, 2 * s), (0, s), (2 * s, s)]  # (top, left) of each crop
+    return torch.cat([padded[..., t : t + H, c : c + W] for t, c in corners])
+
+
 def path_loss(
     G,
     phi_id,
@@ -38,13 +50,17 @@ def path_loss(
     weight_identity: float,
     weight_smooth: float,
     weight_class: float,
+    class_shift: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The PLAN objective per path; paths [P,T,D], labels [P] -> (loss [P], terms).
 
     identity: mean over the T-2 interior points of KL(uniform || softmax(phi_id(G(w)))), i.e.
       -log(C) - mean_c log p_c; 0 when phi_id cannot tell which train patient it is.
     smooth:   sum over the T-1 steps of ||w_{t+1} - w_t||^2 (endpoints included).
-    class:    mean over the interior points of CE(phi_class(G(w)), y).
+    class:    mean over the interior points of CE(phi_class(G(w)), y); with class_shift > 0 (a share of
+      the image side), the mean over the image and its four copies moved that far right, left, down
+      and up (`shifted_views`, whole pixels), so that the walk cannot satisfy it with a pattern only
+      phi_class reads.
     Endpoints are fixed anchors, so their image terms are constants and left out.
     """
     P, T, D = paths.shape
@@ -52,7 +68,10 @@ def path_loss(
     img = G.synthesis(interior)
     logp_id = F.log_softmax(phi_id(img), dim=1)  # [P*(T-2), C_id]
     identity = (-torch.log(torch.tensor(float(logp_id.shape[1]))) - logp_id.mean(1)).reshape(P, T - 2).mean(1)
-    cls = F.cross_entropy(phi_class(img), labels.repeat_interleave(T - 2), reduction="none").reshape(P, T - 2).mean(1)
+    views = shifted_views(img, round(class_shift * img.shape[-1]))  # [V*P*(T-2),1,H,W]
+    n_views = len(views) // len(img)
+    y = labels.repeat_interleave(T - 2).repeat(n_views)
+    cls = F.cross_entropy(phi_class(views), y, reduction="none").reshape(n_views, P, T - 2).mean(dim=(0, 2))
     smooth = (paths[:, 1:] - paths[:, :-1]).square().sum(dim=(1, 2))
     loss = weight_identity * identity + weight_smooth * smooth + weight_class * cls
     return loss, {"identity": identity.detach(), "smooth": smooth.detach(), "class": cls.detach()}
@@ -76,6 +95,7 @@ def plan_paths(
     weight_identity: float = _WALK["weight_identity"].default,
     weight_smooth: float = _WALK["weight_smooth"].default,
     weight_class: float = _WALK["weight_class"].default,
+    class_shift: int = _WALK["class_shift"].default,
     patience: int | None = 20,
     min_improvement: float = 1e-4,
     keep_best: bool = True,
@@ -101,7 +121,12 @@ def plan_paths(
     line = linear_paths(start, end, points=points)
     interior = line[:, 1:-1].clone().requires_grad_(True)
     opt = torch.optim.Adam([interior], lr=lr)
-    weights = {"weight_identity": weight_identity, "weight_smooth": weight_smooth, "weight_class": weight_class}
+    weights = {
+        "weight_identity": weight_identity,
+        "weight_smooth": weight_smooth,
+        "weight_class": weight_class,
+        "class_shift": class_shift,
+    }
 
     def assemble() -> torch.Tensor:
         return torch.cat([start[:, None], interior, end[:, None]], dim=1)
