@@ -47,6 +47,12 @@ bench/results/evaluation.json ({DATASET: {PARTITION: {ROW: {...}}}}) and evaluat
     python -m bench.evaluation --quick          # one data set, label skew only, 1 seed: < 15 min
     python -m bench.evaluation --npz my.npz --site-yaml tiny.yaml --partitions iid --seeds 1
     python -m bench.evaluation --rows plan_pool_real   # rerun rows, merged into the table
+    python -m bench.evaluation --score-on holdout --site-yaml change.yaml --work bench/work/change
+
+--score-on holdout scores every row on each site's holdout split instead of its test split (and
+writes evaluation_validation.json): the table's own shape, federation and pooled sets included, on
+the split the node's audit and the validation benches already use, so that a default can be chosen
+on a measure shaped like the table without looking at its test figures.
 """
 
 from __future__ import annotations
@@ -138,10 +144,10 @@ def table_sites(
     )
 
 
-def cvae_sites(n_sites: int, *, work: Path, overrides: dict) -> list[dict]:
+def cvae_sites(n_sites: int, *, work: Path, overrides: dict, score_on: str = "test") -> list[dict]:
     """Beside each PLAN site, a CVAE-route workspace on the same .npz (so the same patient split):
     trained (the pinned extractor's embeddings, the CVAE, the re-identification heads), synthesized
-    and audited by the node's own stages. Per site {"train", "test": (embeddings, labels), "cvae":
+    and audited by the node's own stages. Per site {"train", score_on: (embeddings, labels), "cvae":
     {"images": the accepted embeddings [M,D], "labels", "report": the audit}}."""
     out = []
     for k in range(n_sites):
@@ -155,7 +161,7 @@ def cvae_sites(n_sites: int, *, work: Path, overrides: dict) -> list[dict]:
         report = json.loads((run / "audit.json").read_text())
         out.append(
             {
-                **{s: route_named("cvae").split_records(ws, s, device="cpu") for s in ("train", "test")},
+                **{s: route_named("cvae").split_records(ws, s, device="cpu") for s in ("train", score_on)},
                 "cvae": {"images": emb, "labels": labels, "report": report},
             }
         )
@@ -193,11 +199,13 @@ def downstream_rows(
     ds: DownstreamConfig,
     seed: int,
     rows: tuple[str, ...] = ROWS,
+    score_on: str = "test",
 ) -> dict:
-    """{row: {"sites": [metrics per site], "rounds": n}} for each of `rows`, one downstream seed."""
+    """{row: {"sites": [metrics per site], "rounds": n}} for each of `rows`, one downstream seed,
+    scored on each site's `score_on` split ("test" or "holdout")."""
     real_xy = [route_named("plan").split_records(ws, "train", device="cpu") for ws in sites]
-    tests = [route_named("plan").split_records(ws, "test", device="cpu") for ws in sites]
-    emb_tests = [c["test"] for c in cvae]  # the CVAE route: the same sites' records as embeddings
+    tests = [route_named("plan").split_records(ws, score_on, device="cpu") for ws in sites]
+    emb_tests = [c[score_on] for c in cvae]  # the CVAE route: the same sites' records as embeddings
     kw = dict(n_classes=n_classes, ds=ds, seed=seed)
 
     def pool(kind: str, of: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -263,9 +271,10 @@ def run_partition(
     ds: DownstreamConfig,
     judge_steps: int,
     rows: tuple[str, ...] = ROWS,
+    score_on: str = "test",
 ) -> dict:
-    """The panel's table (each of `rows`) and its setup; the synthetic sets, their quality and the
-    CVAE sites are made only when a row needs them."""
+    """The panel's table (each of `rows`, scored on the sites' `score_on` splits) and its setup; the
+    synthetic sets, their quality and the CVAE sites are made only when a row needs them."""
     seconds = {}
     t0 = time.time()
     parts = partition(data.labels, n_sites=3, alpha=alpha, seed=0)
@@ -279,9 +288,12 @@ def run_partition(
         q = quality(sites, sets, n_classes=n_classes, steps=judge_steps, seed=7)
         seconds["quality"], t0 = round(time.time() - t0, 1), time.time()
     if set(rows) & {"cvae", "cvae_real"}:
-        cvae = cvae_sites(len(sites), work=work, overrides=overrides)
+        cvae = cvae_sites(len(sites), work=work, overrides=overrides, score_on=score_on)
         seconds["cvae_sites"], t0 = round(time.time() - t0, 1), time.time()
-    runs = [downstream_rows(sites, sets, cvae, n_classes=n_classes, ds=ds, seed=s, rows=rows) for s in range(seeds)]
+    runs = [
+        downstream_rows(sites, sets, cvae, n_classes=n_classes, ds=ds, seed=s, rows=rows, score_on=score_on)
+        for s in range(seeds)
+    ]
     seconds["downstream"] = round(time.time() - t0, 1)
     out = {}
     for row in rows:
@@ -313,6 +325,8 @@ def run_partition(
         "site_sizes": [int(len(p)) for p in parts],
         "site_class_counts": [np.bincount(data.labels[p], minlength=n_classes).tolist() for p in parts],
         "n_test": [int(len(load_split(ws, "test"))) for ws in sites],
+        "scored_on": score_on,
+        "n_scored": [int(len(load_split(ws, score_on))) for ws in sites],
         "seeds": seeds,
         "rows": list(rows),
         "downstream": ds.model_dump(mode="json"),
@@ -353,7 +367,7 @@ def plot(res: dict, path: Path) -> None:
     panels = [(d, p) for d, v in res.items() if not d.startswith("_") for p in v]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
     for ax, (d, p) in zip(axes[0], panels):
-        rows = [r for r in ROWS if "accuracy" in res[d][p][r]]
+        rows = [r for r in ROWS if "accuracy" in res[d][p].get(r, {})]  # a --rows run may hold only some
         acc = [res[d][p][r]["accuracy"] for r in rows]
         ax.bar(range(len(rows)), [a["mean"] for a in acc], yerr=[a["sd"] for a in acc], color="#4a7ab5")
         ax.set_xticks(range(len(rows)), rows, rotation=45, ha="right", fontsize=8)
@@ -382,14 +396,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, default=WORK, help="where the site workspaces live")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="the first data set, label skew only, 600 images, 1 seed")
-    ap.add_argument("--out", type=Path, help="default: bench/results/evaluation.json (--quick: evaluation_quick.json)")
+    ap.add_argument(
+        "--score-on",
+        choices=("test", "holdout"),
+        default="test",
+        help="each site's split the rows are scored on; holdout: the validation table (see above)",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="default: bench/results/evaluation.json (--quick: evaluation_quick.json; --score-on holdout: "
+        "evaluation_validation.json, evaluation_quick_validation.json)",
+    )
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="rerun only these (merged into --out)")
     args = ap.parse_args(argv)
     args.work = args.work.resolve()  # a site's config names its .npz by this path, read from the site's own folder
     if args.quick:
         args.datasets, args.partitions, args.max_images, args.seeds = args.datasets[:1], ["dirichlet0.5"], 600, 1
-    if args.out is None:  # a quick run never overwrites the full table
-        args.out = ROOT / "bench" / "results" / ("evaluation_quick.json" if args.quick else "evaluation.json")
+    if args.out is None:  # a quick or validation run never overwrites the full table
+        stem = "evaluation_quick" if args.quick else "evaluation"
+        stem += "_validation" if args.score_on == "holdout" else ""
+        args.out = ROOT / "bench" / "results" / f"{stem}.json"
     torch.set_num_threads(args.threads)
     overrides = yaml.safe_load(args.site_yaml.read_text()) if args.site_yaml else {}
     sources = {p.stem: p for p in args.npz} or {d: SHARED_DATA / f"{d}.npz" for d in args.datasets}
@@ -412,6 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
                 ds=DownstreamConfig(rounds=args.rounds, min_local_steps=args.min_local_steps),
                 judge_steps=args.judge_steps,
                 rows=rows,
+                score_on=args.score_on,
             )
             # each finished panel is written at once: a run cut off after an hour keeps that hour
             meta = run_meta("bench.evaluation", argv) | {"partial": True}

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from bench import evaluation
+from node.site.ingest import load_split
 from node.site.phantom import make_phantom
+from node.site.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 
@@ -65,3 +67,13 @@ def test_the_quick_evaluation_runs_every_round_on_a_three_class_data_set(tmp_pat
     assert table2["setup"]["rows"] == ["plan_pool_real"] and table2["setup"]["earlier"] == setup
     assert "cvae_sites" not in table2["setup"]["seconds"]  # the CVAE sites are not needed for that row
     assert again["_meta"]["earlier"]["command"].endswith(" ".join([*args, "--out", str(out)]))
+
+    # the validation table: the same rows, scored on each site's holdout split, in a file of its own
+    val_out = tmp_path / "evaluation_validation.json"
+    evaluation.main([*args, "--out", str(val_out), "--rows", "real_local", "fedavg_real", "--score-on", "holdout"])
+    val = json.loads(val_out.read_text())["three"]["dirichlet0.5"]
+    assert val["setup"]["scored_on"] == "holdout" and table["setup"]["scored_on"] == "test"
+    sites = [Workspace(tmp_path / "work" / "eval-three-dirichlet0.5-600" / f"site{k}") for k in range(3)]
+    assert val["setup"]["n_scored"] == [len(load_split(ws, "holdout")) for ws in sites]
+    assert table["setup"]["n_scored"] == setup["n_test"] == [len(load_split(ws, "test")) for ws in sites]
+    assert set(val) == {"real_local", "fedavg_real", "setup"} and val["fedavg_real"]["rounds_completed"] == [2]
