@@ -204,8 +204,8 @@ def downstream_rows(
     """{row: {"sites": [metrics per site], "rounds": n}} for each of `rows`, one downstream seed,
     scored on each site's `score_on` split ("test" or "holdout")."""
     real_xy = [route_named("plan").split_records(ws, "train", device="cpu") for ws in sites]
-    tests = [route_named("plan").split_records(ws, score_on, device="cpu") for ws in sites]
-    emb_tests = [c[score_on] for c in cvae]  # the CVAE route: the same sites' records as embeddings
+    scored = [route_named("plan").split_records(ws, score_on, device="cpu") for ws in sites]
+    emb_scored = [c[score_on] for c in cvae]  # the CVAE route: the same sites' records as embeddings
     kw = dict(n_classes=n_classes, ds=ds, seed=seed)
 
     def pool(kind: str, of: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -219,18 +219,18 @@ def downstream_rows(
         return [with_real_share(pool("plan", sets), xy, real_share=ds.real_share) for xy in real_xy]
 
     def evaluated(models: list[torch.nn.Module]) -> dict:
-        return {"sites": [evaluate_classifier(m, x, y, device="cpu") for m, (x, y) in zip(models, tests)], "rounds": 0}
+        return {"sites": [evaluate_classifier(m, x, y, device="cpu") for m, (x, y) in zip(models, scored)], "rounds": 0}
 
     run = {
         "real_local": lambda: evaluated([alone(x, y, **kw) for x, y in real_xy]),
-        "fedavg_real": lambda: fedavg(real_xy, tests, **kw),
-        "fedprox_real": lambda: fedavg(real_xy, tests, **kw, proximal_mu=ds.proximal_mu),
+        "fedavg_real": lambda: fedavg(real_xy, scored, **kw),
+        "fedprox_real": lambda: fedavg(real_xy, scored, **kw, proximal_mu=ds.proximal_mu),
         "central_real": lambda: evaluated([central(real_xy, **kw)] * len(sites)),
-        **{kind: (lambda kind=kind: pooled(kind, sets, tests)) for kind in SYNTHETIC},
-        "plan_pool_real": lambda: fedavg(pool_real(), tests, **kw),
-        "plan_pool_real_fedprox": lambda: fedavg(pool_real(), tests, **kw, proximal_mu=ds.proximal_mu),
-        "cvae_real": lambda: fedavg([c["train"] for c in cvae], emb_tests, **kw),
-        "cvae": lambda: pooled("cvae", cvae, emb_tests),
+        **{kind: (lambda kind=kind: pooled(kind, sets, scored)) for kind in SYNTHETIC},
+        "plan_pool_real": lambda: fedavg(pool_real(), scored, **kw),
+        "plan_pool_real_fedprox": lambda: fedavg(pool_real(), scored, **kw, proximal_mu=ds.proximal_mu),
+        "cvae_real": lambda: fedavg([c["train"] for c in cvae], emb_scored, **kw),
+        "cvae": lambda: pooled("cvae", cvae, emb_scored),
     }
     return {row: run[row]() for row in rows}
 

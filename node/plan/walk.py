@@ -95,7 +95,7 @@ def plan_paths(
     weight_identity: float = _WALK["weight_identity"].default,
     weight_smooth: float = _WALK["weight_smooth"].default,
     weight_class: float = _WALK["weight_class"].default,
-    class_shift: int = _WALK["class_shift"].default,
+    class_shift: float = _WALK["class_shift"].default,
     patience: int | None = 20,
     min_improvement: float = 1e-4,
     keep_best: bool = True,
