@@ -20,7 +20,8 @@ Dirichlet(0.5), both data sets, every site's published sets pooled and federated
 scoring on its own holdout split; rows linear, plan, anchors; 3 seeds) runs on the sites in
 `--work` as the defaults built them (bench.evaluation's own run leaves them there), and on a copy
 of those sites whose walk has class_shift 1/16: the trained models are shared, only synthesis
-and what follows differ.
+and what follows differ. Since session 20 it is bench.arms with these two arms (the rule below is
+bench.arms's own; the copy's folder is now `<work>-shift1_16`).
 
 The rule, fixed before the run: class_shift 1/16 becomes the default when, over the four panels,
 the PLAN row's mean accuracy is at least 0.01 above class_shift 0's, its mean balanced accuracy is
@@ -33,70 +34,18 @@ upper bound nor its mean re-identification upper bound is more than 0.01 above t
 
 from __future__ import annotations
 
-import argparse
-import shutil
-from pathlib import Path
+from bench import arms
+from bench._site import ROOT
 
-import numpy as np
-import yaml
-
-from bench import evaluation
-from bench._site import ROOT, WORK, run_meta
-from common.fileio import atomic_write_json, atomic_write_text
-
-ARMS = {"shift0": 0.0, "shift1_16": 1 / 16}
-
-
-def rule(tables: dict) -> dict:
-    """The module docstring's rule over {arm: bench.evaluation table}: per arm the means over the
-    panels of the PLAN row's figures, and "adopt"."""
-    out: dict = {}
-    for arm, table in tables.items():
-        plan = [panel["plan"] for name, d in table.items() if not name.startswith("_") for panel in d.values()]
-        out[arm] = {
-            "accuracy": float(np.mean([r["accuracy"]["mean"] for r in plan])),
-            "balanced_accuracy": float(np.mean([r["balanced_accuracy"]["mean"] for r in plan])),
-            "sites_passed": int(sum(sum(r["passed"]) for r in plan)),
-            "mia_auc_upper": float(np.mean([r["mia_auc_upper"] for r in plan])),
-            "reid_rate": float(np.mean([r["reid_rate"] for r in plan])),
-        }
-    base, new = out["shift0"], out["shift1_16"]
-    out["adopt"] = (
-        new["accuracy"] >= base["accuracy"] + 0.01
-        and new["balanced_accuracy"] >= base["balanced_accuracy"]
-        and new["sites_passed"] >= base["sites_passed"]
-        and new["mia_auc_upper"] <= base["mia_auc_upper"] + 0.01
-        and new["reid_rate"] <= base["reid_rate"] + 0.01
-    )
-    return out
+ARMS = ["--arm", "shift0", "--arm", "shift1_16", f"synth.walk.class_shift={1 / 16}"]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "breastmnist"])
-    ap.add_argument("--partitions", nargs="+", default=list(evaluation.PARTITIONS))
-    ap.add_argument("--work", type=Path, default=WORK, help="the default sites' folder (bench.evaluation's --work)")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "walk_class_shift.json")
-    args = ap.parse_args(argv)
-    work = args.work.resolve()
-    shifted = work.parent / f"{work.name}-class-shift"
-    if not shifted.exists():
-        shutil.copytree(work, shifted)  # the trained models are reused: only synthesis depends on the walk
-    site_yaml = shifted / "class_shift.yaml"
-    atomic_write_text(site_yaml, yaml.safe_dump({"synth": {"walk": {"class_shift": ARMS["shift1_16"]}}}))
-    common = ["--score-on", "holdout", "--rows", *evaluation.SYNTHETIC, "--seeds", str(args.seeds)]
-    common += ["--datasets", *args.datasets, "--partitions", *args.partitions, "--threads", str(args.threads)]
-    tables = {}
-    for arm, folder, extra in (("shift0", work, []), ("shift1_16", shifted, ["--site-yaml", str(site_yaml)])):
-        out = args.out.with_name(f"{args.out.stem}_{arm}.json")
-        tables[arm] = evaluation.main([*common, "--work", str(folder), *extra, "--out", str(out)])
-    res = {"_chosen": rule(tables), "_meta": run_meta("bench.walk_class_shift", argv)}
-    atomic_write_json(args.out, res)
-    print(f"chosen: {res['_chosen']}")
-    return res
+    out = ["--out", str(ROOT / "bench" / "results" / "walk_class_shift.json")]
+    return arms.main([*ARMS, *out, *(argv or [])])
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from bench import evaluation
+from bench import arms, evaluation
 from node.site.ingest import load_split
 from node.site.phantom import make_phantom
 from node.site.workspace import Workspace
@@ -77,3 +77,20 @@ def test_the_quick_evaluation_runs_every_round_on_a_three_class_data_set(tmp_pat
     assert val["setup"]["n_scored"] == [len(load_split(ws, "holdout")) for ws in sites]
     assert table["setup"]["n_scored"] == setup["n_test"] == [len(load_split(ws, "test")) for ws in sites]
     assert set(val) == {"real_local", "fedavg_real", "setup"} and val["fedavg_real"]["rounds_completed"] == [2]
+
+    # bench.arms on the same sites: the baseline scores them as they stand, the arm a copy whose walk
+    # differs; the copy keeps the trained models and only the arm's site config carries its override
+    arms_out = tmp_path / "arms.json"
+    arm_args = ["--npz", str(tmp_path / "three.npz"), "--quick", "--rounds", "2", "--min-local-steps", "10"]
+    arm_args += ["--judge-steps", "20", "--site-yaml", str(tmp_path / "site.yaml"), "--work", str(tmp_path / "work")]
+    g_before = (sites[0].models / "G_ema.safetensors").read_bytes()
+    arm_args += ["--arm", "base", "--arm", "shift", "synth.walk.class_shift=0.25", "--out", str(arms_out)]
+    chosen = arms.main(arm_args)
+    assert chosen["_chosen"]["chosen"] in ("base", "shift") and set(chosen["_chosen"]["beats_baseline"]) == {"shift"}
+    copy = Workspace(tmp_path / "work-shift" / "eval-three-dirichlet0.5-600" / "site0")
+    assert copy.config().synth.walk.class_shift == 0.25 and sites[0].config().synth.walk.class_shift == 0
+    assert (copy.models / "G_ema.safetensors").read_bytes() == g_before  # the walk changed, not the GAN
+    for arm in ("base", "shift"):
+        t = json.loads((tmp_path / f"arms_{arm}.json").read_text())["three"]["dirichlet0.5"]
+        assert t["setup"]["scored_on"] == "holdout" and set(t) == {"linear", "plan", "anchors", "setup"}
+        assert chosen["_chosen"]["figures"][arm]["accuracy"] == pytest.approx(t["plan"]["accuracy"]["mean"])
