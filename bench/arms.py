@@ -2,11 +2,12 @@
 
 Each arm is a name and dotted overrides of the site's config (`synth.k=3`,
 `synth.walk.class_shift=0.0625`; values read as YAML). Every arm runs bench.evaluation's validation
-table (`--score-on holdout --rows linear plan anchors`: three sites per panel, iid and
-Dirichlet(0.5), every site's published sets pooled and federated, each site scored on its own
-holdout split, 3 downstream seeds), never the test split. The first arm is the baseline and runs
-on the sites in --work as they stand (bench.evaluation's own run leaves the defaults' sites there);
-every other arm runs on a copy `<work>-<arm>` with its overrides merged into every site's config.
+table (`--score-on holdout --rows central_real linear plan anchors`: three sites per panel, iid
+and Dirichlet(0.5), every site's published sets pooled and federated, each site scored on its own
+holdout split, 3 downstream seeds; centralised real data as the yardstick on the same split), never
+the test split. The first arm is the baseline and runs on the sites in --work as they stand
+(bench.evaluation's own run leaves the defaults' sites there); every other arm runs on a copy
+`<work>-<arm>` with its overrides merged into every site's config.
 A copy keeps the trained models, and the node's stages redo only what the overrides invalidate:
 an arm on the walk retrains nothing, one on the GAN retrains the GAN.
 
@@ -42,6 +43,7 @@ from common.config.base import deep_merge
 from common.fileio import atomic_write_json, atomic_write_text
 
 ROW = "plan"  # the row the rule reads: the PLAN route's published sets
+ROWS = ("central_real", *evaluation.SYNTHETIC)  # what each arm's table holds: the yardstick and the sets
 
 
 def overrides(pairs: list[str]) -> dict:
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         table_out = args.out.with_name(f"{args.out.stem}_{name}.json")
         tables[name] = evaluation.main(
             [
-                *["--score-on", "holdout", "--rows", *evaluation.SYNTHETIC],
+                *["--score-on", "holdout", "--rows", *ROWS],
                 *passed_on,
                 *["--work", str(folder), "--site-yaml", str(site_yaml), "--out", str(table_out)],
             ]

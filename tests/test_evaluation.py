@@ -92,5 +92,5 @@ def test_the_quick_evaluation_runs_every_round_on_a_three_class_data_set(tmp_pat
     assert (copy.models / "G_ema.safetensors").read_bytes() == g_before  # the walk changed, not the GAN
     for arm in ("base", "shift"):
         t = json.loads((tmp_path / f"arms_{arm}.json").read_text())["three"]["dirichlet0.5"]
-        assert t["setup"]["scored_on"] == "holdout" and set(t) == {"linear", "plan", "anchors", "setup"}
+        assert t["setup"]["scored_on"] == "holdout" and set(t) == {*arms.ROWS, "setup"}
         assert chosen["_chosen"]["figures"][arm]["accuracy"] == pytest.approx(t["plan"]["accuracy"]["mean"])
