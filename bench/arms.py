@@ -68,12 +68,15 @@ def figures(table: dict) -> dict:
     rows = [panel[ROW] for name, d in table.items() if not name.startswith("_") for panel in d.values()]
     ran = [r for r in rows if "skipped" not in r]
 
+    def mean_all(key: str) -> float:
+        return float(np.mean([0.0 if "skipped" in r else r[key]["mean"] for r in rows]))
+
     def mean_ran(key: str) -> float | None:
         return float(np.mean([r[key] for r in ran])) if ran else None
 
     return {
-        "accuracy": float(np.mean([0.0 if "skipped" in r else r["accuracy"]["mean"] for r in rows])),
-        "balanced_accuracy": float(np.mean([0.0 if "skipped" in r else r["balanced_accuracy"]["mean"] for r in rows])),
+        "accuracy": mean_all("accuracy"),
+        "balanced_accuracy": mean_all("balanced_accuracy"),
         "sites_passed": int(sum(sum(r["passed"]) for r in ran)),
         "mia_auc_upper": mean_ran("mia_auc_upper"),
         "reid_rate": mean_ran("reid_rate"),
