@@ -17,11 +17,12 @@ How it is measured: on the table's own shape, not on one site's set alone (twice
 and session 18's class balance, gains measured per site on validation did not carry to the
 table). bench.evaluation's validation table (`--score-on holdout`: three sites per panel, iid and
 Dirichlet(0.5), both data sets, every site's published sets pooled and federated, each site
-scoring on its own holdout split; rows linear, plan, anchors, and since bench.arms central_real; 3 seeds) runs on the sites in
-`--work` as the defaults built them (bench.evaluation's own run leaves them there), and on a copy
-of those sites whose walk has class_shift 1/16: the trained models are shared, only synthesis
-and what follows differ. Since session 20 it is bench.arms with these two arms (the rule below is
-bench.arms's own; the copy's folder is now `<work>-shift1_16`).
+scoring on its own holdout split; rows linear, plan, anchors, and since bench.arms central_real;
+3 seeds) runs on the sites in `--work` as the defaults built them (bench.evaluation's own run
+leaves them there), and on a copy of those sites whose walk has class_shift 1/16: the trained
+models are shared, only synthesis and what follows differ. Since session 20 it is bench.arms
+with these two arms (the rule below is bench.arms's own; the copy's folder is now
+`<work>-shift1_16`).
 
 The rule, fixed before the run: class_shift 1/16 becomes the default when, over the four panels,
 the PLAN row's mean accuracy is at least 0.01 above class_shift 0's, its mean balanced accuracy is
